@@ -1,0 +1,402 @@
+//! Configuration: TOML sections, `SPILLWAY__SECTION__KEY` environment overrides, `validate()`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// The whole configuration file. Unknown keys are errors, so typos do not pass silently.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub state: StateConfig,
+    #[serde(default)]
+    pub routing: RoutingConfig,
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
+    #[serde(default)]
+    pub backends: Vec<BackendConfig>,
+    #[serde(default)]
+    pub consumers: Vec<ConsumerConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Data plane: the OpenAI / Azure OpenAI API, `/healthz`, `/readyz`.
+    pub listen: SocketAddr,
+    /// Operators only (metrics, admin API); loopback by default.
+    pub admin_listen: SocketAddr,
+    /// Largest request body accepted, in bytes (413 above it).
+    pub max_body_bytes: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            max_body_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// No URL: embedded in-process state.
+    pub redis_url: Option<String>,
+    pub key_prefix: String,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: None,
+            key_prefix: "spillway".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Upstream attempts per request; default: every pool member once.
+    pub max_attempts: Option<u32>,
+    /// Backoff after a failure whose response names no retry time.
+    pub default_backoff_ms: u64,
+    /// Upper bound on any backoff, whatever an upstream asks for.
+    pub max_backoff_ms: u64,
+    /// TCP + TLS connect timeout per attempt.
+    pub connect_timeout_ms: u64,
+    /// Time allowed per attempt until the first byte of the response body.
+    pub attempt_timeout_ms: u64,
+    /// Time allowed for all attempts of one request together (until the first byte).
+    pub request_timeout_ms: u64,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: None,
+            default_backoff_ms: 10_000,
+            max_backoff_ms: 300_000,
+            connect_timeout_ms: 5_000,
+            attempt_timeout_ms: 120_000,
+            request_timeout_ms: 300_000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// OTLP/HTTP traces endpoint, e.g. `http://127.0.0.1:4318/v1/traces`.
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` is used when this is unset.
+    pub otlp_endpoint: Option<String>,
+    /// `json` for one JSON object per log line; anything else is human-readable text.
+    pub log_format: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub id: String,
+    pub url: String,
+    #[serde(default)]
+    pub region: Option<String>,
+    #[serde(default = "one")]
+    pub priority: u32,
+    #[serde(default = "one")]
+    pub weight: u32,
+    #[serde(default)]
+    pub auth: BackendAuthConfig,
+    /// Pool name → this backend's deployment name.
+    #[serde(default)]
+    pub deployments: BTreeMap<String, String>,
+    /// Token and request budgets per minute (used by the fleet-state budgets).
+    #[serde(default)]
+    pub tpm: Option<u64>,
+    #[serde(default)]
+    pub rpm: Option<u64>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// How the gateway authenticates to a backend. The client's own key is never forwarded.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum BackendAuthConfig {
+    /// `api-key` header, value read from the environment variable `env`.
+    ApiKey { env: String },
+    /// No credential (simulators, private gateways).
+    #[default]
+    None,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerConfig {
+    pub name: String,
+    /// Environment variable holding this consumer's key.
+    pub key_env: String,
+}
+
+/// One thing wrong with a configuration, with the key it is about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub key: String,
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.problem)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("invalid configuration:\n{}", list(.0))]
+    Invalid(Vec<ConfigProblem>),
+}
+
+fn list(problems: &[ConfigProblem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  - {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl Config {
+    /// Read `path` (TOML) if given, then overlay `SPILLWAY__SECTION__KEY` variables.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = path {
+            builder = builder.add_source(
+                config::File::from(path)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        let env = config::Environment::with_prefix("SPILLWAY")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true);
+        Ok(builder.add_source(env).build()?.try_deserialize()?)
+    }
+
+    /// Parse TOML text (tests, the demo) with the same rules as a file.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Ok(config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()?
+            .try_deserialize()?)
+    }
+
+    /// Everything that can be checked without touching the network.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut bad = |key: String, problem: String| problems.push(ConfigProblem { key, problem });
+
+        if self.server.max_body_bytes == 0 {
+            bad(
+                "server.max_body_bytes".into(),
+                "must be greater than 0".into(),
+            );
+        }
+        if self.state.key_prefix.is_empty() || self.state.key_prefix.contains(['{', '}', ' ']) {
+            bad(
+                "state.key_prefix".into(),
+                "must be non-empty without braces or spaces".into(),
+            );
+        }
+        let r = &self.routing;
+        if r.max_attempts == Some(0) {
+            bad("routing.max_attempts".into(), "must be at least 1".into());
+        }
+        for (key, value) in [
+            ("routing.connect_timeout_ms", r.connect_timeout_ms),
+            ("routing.attempt_timeout_ms", r.attempt_timeout_ms),
+            ("routing.request_timeout_ms", r.request_timeout_ms),
+            ("routing.max_backoff_ms", r.max_backoff_ms),
+        ] {
+            if value == 0 {
+                bad(key.into(), "must be greater than 0".into());
+            }
+        }
+        if self.backends.is_empty() {
+            bad(
+                "backends".into(),
+                "no backends configured: add at least one [[backends]] table".into(),
+            );
+        }
+
+        let mut ids = BTreeSet::new();
+        for (i, b) in self.backends.iter().enumerate() {
+            let at = |field: &str| format!("backends[{i}].{field}");
+            if b.id.is_empty()
+                || !b
+                    .id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                bad(
+                    at("id"),
+                    format!(
+                        "{:?} must be non-empty and use only letters, digits, '-', '_', '.'",
+                        b.id
+                    ),
+                );
+            } else if !ids.insert(b.id.as_str()) {
+                bad(at("id"), format!("{:?} is used by another backend", b.id));
+            }
+            match reqwest::Url::parse(&b.url) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+                Ok(_) => bad(
+                    at("url"),
+                    format!("{:?} must be an http(s) URL with a host", b.url),
+                ),
+                Err(e) => bad(at("url"), format!("{:?} is not a URL: {e}", b.url)),
+            }
+            if b.priority == 0 {
+                bad(
+                    at("priority"),
+                    "must be at least 1 (1 is tried first)".into(),
+                );
+            }
+            if b.weight == 0 {
+                bad(at("weight"), "must be at least 1".into());
+            }
+            if b.deployments.is_empty() {
+                bad(
+                    at("deployments"),
+                    "maps no pool to a deployment; this backend would never be used".into(),
+                );
+            }
+            for (pool, deployment) in &b.deployments {
+                if pool.is_empty()
+                    || pool.contains(['/', '{', '}'])
+                    || deployment.is_empty()
+                    || deployment.contains('/')
+                {
+                    bad(
+                        at(&format!("deployments.{pool}")),
+                        "pool and deployment names must be non-empty, without '/' or braces".into(),
+                    );
+                }
+            }
+            if let BackendAuthConfig::ApiKey { env } = &b.auth {
+                check_env(&mut bad, at("auth.env"), env);
+            }
+        }
+
+        let mut names = BTreeSet::new();
+        for (i, c) in self.consumers.iter().enumerate() {
+            if c.name.is_empty() || !names.insert(c.name.as_str()) {
+                bad(
+                    format!("consumers[{i}].name"),
+                    format!("{:?} must be non-empty and unique", c.name),
+                );
+            }
+            check_env(&mut bad, format!("consumers[{i}].key_env"), &c.key_env);
+        }
+
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+}
+
+fn check_env(bad: &mut impl FnMut(String, String), key: String, var: &str) {
+    match std::env::var(var) {
+        Ok(v) if !v.is_empty() => {}
+        Ok(_) => bad(key, format!("environment variable {var} is empty")),
+        Err(_) => bad(key, format!("environment variable {var} is not set")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [[backends]]
+        id = "ptu-eastus"
+        url = "http://127.0.0.1:1"
+        deployments = { "gpt-4o" = "gpt-4o-ptu" }
+    "#;
+
+    fn problems(text: &str) -> Vec<ConfigProblem> {
+        match Config::from_toml(text).unwrap().validate() {
+            Err(ConfigError::Invalid(p)) => p,
+            other => panic!("expected problems, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let cfg = Config::from_toml(MINIMAL).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(cfg.server.max_body_bytes, 16 * 1024 * 1024);
+        assert_eq!(cfg.routing.default_backoff_ms, 10_000);
+        assert_eq!(cfg.backends[0].priority, 1);
+        assert!(matches!(cfg.backends[0].auth, BackendAuthConfig::None));
+    }
+
+    #[test]
+    fn problems_name_the_key() {
+        let p = problems(
+            r#"
+            [[backends]]
+            id = "a"
+            url = "ftp://x"
+            priority = 0
+            deployments = { "gpt-4o" = "d" }
+            [[backends]]
+            id = "a"
+            url = "http://127.0.0.1:1"
+            auth = { type = "api-key", env = "SPILLWAY_TEST_SURELY_UNSET_VAR" }
+            deployments = { "gpt-4o" = "d" }
+        "#,
+        );
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "backends[0].url",
+                "backends[0].priority",
+                "backends[1].id",
+                "backends[1].auth.env"
+            ]
+        );
+        assert!(
+            p[3].problem
+                .contains("SPILLWAY_TEST_SURELY_UNSET_VAR is not set")
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let err = Config::from_toml("[server]\nlisen = \"127.0.0.1:1\"\n").unwrap_err();
+        assert!(err.to_string().contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn no_backends_is_a_problem() {
+        assert_eq!(problems("")[0].key, "backends");
+    }
+}

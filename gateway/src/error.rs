@@ -1,0 +1,113 @@
+//! `GatewayError`: every error Spillway itself answers, and the only place that turns one
+//! into HTTP (Azure OpenAI's `{"error":{"code","message"}}` shape).
+
+use std::time::Duration;
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error(
+        "Access denied due to a missing or invalid key. Send your Spillway key in the 'api-key' header or as 'Authorization: Bearer <key>'."
+    )]
+    Unauthorized,
+    #[error("The API deployment '{0}' does not exist on this gateway.")]
+    UnknownPool(String),
+    #[error("Resource not found.")]
+    NotFound,
+    #[error("Request body is larger than the {limit_bytes}-byte limit of this gateway.")]
+    BodyTooLarge { limit_bytes: usize },
+    #[error("Every deployment of '{pool}' is rate limited. Please retry after {} seconds.", retry_seconds(*.retry_after))]
+    Throttled { pool: String, retry_after: Duration },
+    #[error("No deployment of '{pool}' is available. Please retry after {} seconds.", retry_seconds(*.retry_after))]
+    Unavailable { pool: String, retry_after: Duration },
+    #[error("All upstream attempts failed: {0}")]
+    BadGateway(String),
+    #[error("Upstream did not answer in time: {0}")]
+    GatewayTimeout(String),
+    #[error("Fleet state is unavailable.")]
+    State(#[from] spillway_shared::StateError),
+}
+
+impl GatewayError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::UnknownPool(_) | Self::NotFound => StatusCode::NOT_FOUND,
+            Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unavailable { .. } | Self::State(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            Self::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// Machine-readable code; Azure's own codes where clients already know them.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::BadRequest(_) => "invalid_request",
+            Self::Unauthorized => "401",
+            Self::UnknownPool(_) => "DeploymentNotFound",
+            Self::NotFound => "404",
+            Self::BodyTooLarge { .. } => "request_too_large",
+            Self::Throttled { .. } => "429",
+            Self::Unavailable { .. } => "no_backend_available",
+            Self::BadGateway(_) => "bad_gateway",
+            Self::GatewayTimeout(_) => "gateway_timeout",
+            Self::State(_) => "state_unavailable",
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Throttled { retry_after, .. } | Self::Unavailable { retry_after, .. } => {
+                Some(*retry_after)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Whole seconds for `retry-after`, rounded up and at least 1 so clients do wait.
+pub fn retry_seconds(d: Duration) -> u64 {
+    d.as_millis().div_ceil(1000).max(1) as u64
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({
+            "error": { "code": self.code(), "message": self.to_string() }
+        });
+        let mut response = (self.status(), axum::Json(body)).into_response();
+        if let Some(after) = self.retry_after() {
+            let headers = response.headers_mut();
+            headers.insert("retry-after", HeaderValue::from(retry_seconds(after)));
+            headers.insert(
+                "retry-after-ms",
+                HeaderValue::from(after.as_millis().max(1) as u64),
+            );
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttled_sets_both_retry_headers_rounding_seconds_up() {
+        let err = GatewayError::Throttled {
+            pool: "gpt-4o".into(),
+            retry_after: Duration::from_millis(2_300),
+        };
+        let response = err.into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()["retry-after"], "3");
+        assert_eq!(response.headers()["retry-after-ms"], "2300");
+    }
+}

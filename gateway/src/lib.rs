@@ -1,0 +1,18 @@
+//! Spillway gateway: many stateless replicas in front of many Azure OpenAI deployments,
+//! sharing one view of the fleet, answering as one never-throttled endpoint.
+
+pub mod app;
+pub mod config;
+pub mod consumers;
+pub mod credentials;
+pub mod demo;
+pub mod error;
+pub mod headers;
+pub mod proxy;
+pub mod secret;
+pub mod server;
+pub mod sim;
+pub mod table;
+pub mod telemetry;
+
+pub use app::{Gateway, app};

@@ -1,0 +1,97 @@
+//! `spillway`: parse the command line, load configuration, start telemetry, run a command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use spillway_gateway::config::Config;
+use spillway_gateway::{demo, server, sim, telemetry};
+
+#[derive(Parser)]
+#[command(
+    name = "spillway",
+    version,
+    about = "One never-throttled endpoint in front of many Azure OpenAI deployments"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default command).
+    Serve {
+        /// TOML configuration file; every key can be overridden by SPILLWAY__SECTION__KEY.
+        #[arg(long, env = "SPILLWAY_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration and print the resolved routing table.
+    CheckConfig {
+        #[arg(long, env = "SPILLWAY_CONFIG")]
+        config: PathBuf,
+    },
+    /// Run simulated Azure OpenAI deployments on loopback.
+    Sim {
+        /// Simulator TOML; without it, two PTU and two PAYG resources are started.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// The one-command showcase: simulated deployments, a gateway fleet and a load ramp.
+    Demo {
+        #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        #[arg(long, default_value_t = 3)]
+        replicas: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Serve {
+        config: std::env::var_os("SPILLWAY_CONFIG").map(PathBuf::from),
+    });
+    match run(command).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
+    match command {
+        Command::Serve { config } => {
+            let config = Config::load(config.as_deref())?;
+            let telemetry = telemetry::init(&config.telemetry)?;
+            let result = server::serve(config).await;
+            telemetry.shutdown().await;
+            result
+        }
+        Command::CheckConfig { config } => {
+            let config = Config::load(Some(&config))?;
+            let fleet = server::fleet_state(&config)?;
+            let gateway = spillway_gateway::Gateway::from_config(&config, fleet)?;
+            print!("{}", gateway.table.render());
+            println!("configuration OK");
+            Ok(())
+        }
+        Command::Sim { config } => {
+            let _telemetry = telemetry::init(&Default::default())?;
+            let config = match config {
+                Some(path) => sim::SimConfig::load(&path)?,
+                None => sim::SimConfig::example_fleet(),
+            };
+            let handle = sim::start(config).await?;
+            print!("{}", handle.describe());
+            server::shutdown_signal().await;
+            Ok(())
+        }
+        Command::Demo { duration, replicas } => {
+            demo::run(demo::DemoOptions { duration, replicas }).await
+        }
+    }
+}

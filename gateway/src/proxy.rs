@@ -1,0 +1,206 @@
+//! The request's life, phase by phase: admit → (select → forward → classify)* → relay.
+//! This is the only place that loops over attempts.
+
+mod admit;
+mod classify;
+mod forward;
+mod relay;
+mod select;
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime};
+
+use axum::http::HeaderValue;
+use axum::response::{IntoResponse, Response};
+use spillway_shared::{Admission, BackendId, Backoff, BackoffReason};
+use tokio::time::Instant;
+use tracing::{Instrument, info_span, warn};
+
+pub use admit::Inbound;
+use admit::{ProxyRequest, admit};
+use classify::{BackoffPolicy, Verdict, classify_response, classify_transport_failure};
+
+use crate::app::Gateway;
+use crate::error::GatewayError;
+
+/// What survives across attempts of one request (pingora's per-request context).
+#[derive(Default)]
+struct Attempts {
+    count: u32,
+    last_backend: Option<BackendId>,
+    failures: Vec<Failure>,
+}
+
+struct Failure {
+    backend: BackendId,
+    reason: BackoffReason,
+    detail: String,
+}
+
+/// Serve one data-plane request; every response carries `x-spillway-backend` and
+/// `x-spillway-attempts`.
+pub async fn handle(gateway: &Gateway, inbound: Inbound) -> Response {
+    let span = info_span!(
+        "proxy",
+        pool = tracing::field::Empty,
+        consumer = tracing::field::Empty,
+        stream = tracing::field::Empty,
+        backend = tracing::field::Empty,
+        attempts = tracing::field::Empty,
+        status = tracing::field::Empty,
+    );
+    let mut attempts = Attempts::default();
+    let result = async {
+        let request = admit(gateway, inbound).await?;
+        let span = tracing::Span::current();
+        span.record("pool", request.pool.name.as_str());
+        span.record("stream", request.stream);
+        if let Some(consumer) = &request.consumer {
+            span.record("consumer", consumer.as_str());
+        }
+        route(gateway, &request, &mut attempts).await
+    }
+    .instrument(span.clone())
+    .await;
+
+    let mut response = result.unwrap_or_else(IntoResponse::into_response);
+    let backend = attempts
+        .last_backend
+        .as_ref()
+        .map_or("none", BackendId::as_str);
+    span.record("backend", backend);
+    span.record("attempts", attempts.count);
+    span.record("status", response.status().as_u16());
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(backend) {
+        headers.insert("x-spillway-backend", value);
+    }
+    headers.insert("x-spillway-attempts", HeaderValue::from(attempts.count));
+    response
+}
+
+/// Try members until one answers with something to deliver, within the attempt and time
+/// budgets. Failed members are put in backoff in the shared state before moving on.
+async fn route(
+    gateway: &Gateway,
+    request: &ProxyRequest,
+    attempts: &mut Attempts,
+) -> Result<Response, GatewayError> {
+    let routing = &gateway.routing;
+    let pool = &request.pool;
+    let policy = BackoffPolicy {
+        default: Duration::from_millis(routing.default_backoff_ms),
+        max: Duration::from_millis(routing.max_backoff_ms),
+    };
+    let max_attempts = routing
+        .max_attempts
+        .map_or(pool.members.len(), |n| n as usize)
+        .min(pool.members.len());
+    let deadline = Instant::now() + Duration::from_millis(routing.request_timeout_ms);
+    let mut tried = HashSet::new();
+
+    while (attempts.count as usize) < max_attempts {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(GatewayError::GatewayTimeout(format!(
+                "request timeout of {} ms reached after {} attempts",
+                routing.request_timeout_ms, attempts.count
+            )));
+        }
+        let order = select::candidate_order(&pool.members, &tried, &mut rand::rng());
+        let backend = match gateway.fleet.acquire(&pool.name, &order).await? {
+            Admission::Admitted { backend } => backend,
+            Admission::Exhausted { .. } => break,
+        };
+        let Some(member) = pool.member(&backend) else {
+            break; // a store returning a non-candidate is a bug; never loop on it
+        };
+        tried.insert(backend.clone());
+        attempts.count += 1;
+        attempts.last_backend = Some(backend.clone());
+
+        let timeout = remaining.min(Duration::from_millis(routing.attempt_timeout_ms));
+        let (backoff, detail) = match forward::send(&gateway.http, member, request, timeout).await {
+            Ok(upstream) => match classify_response(
+                upstream.status,
+                &upstream.headers,
+                SystemTime::now(),
+                policy,
+            ) {
+                Verdict::Deliver => return Ok(relay::to_client(upstream)),
+                Verdict::Retry(backoff) => (backoff, format!("HTTP {}", upstream.status)),
+            },
+            Err(failure) => (
+                classify_transport_failure(failure.timed_out, policy),
+                failure.detail,
+            ),
+        };
+        warn!(
+            backend = %backend,
+            reason = %backoff.reason,
+            backoff_ms = backoff.duration.as_millis() as u64,
+            %detail,
+            "upstream attempt failed; backing off and trying the next member"
+        );
+        gateway.fleet.backoff(&pool.name, &backend, backoff).await?;
+        attempts.failures.push(Failure {
+            backend,
+            reason: backoff.reason,
+            detail,
+        });
+    }
+    Err(exhausted(gateway, request, attempts).await?)
+}
+
+/// The error for a request no member would take: 429 when throttling is why, 502/504 when
+/// this request's attempts failed, 503 when every member is held back by earlier failures.
+async fn exhausted(
+    gateway: &Gateway,
+    request: &ProxyRequest,
+    attempts: &Attempts,
+) -> Result<GatewayError, GatewayError> {
+    let pool = &request.pool;
+    let snapshot = gateway
+        .fleet
+        .snapshot(&pool.name, &pool.member_ids())
+        .await?;
+    let retry_after = snapshot.earliest_available().max(Duration::from_millis(1));
+    let backoff_reasons = snapshot
+        .members
+        .iter()
+        .filter_map(|m| m.backoff)
+        .map(|b: Backoff| b.reason);
+    let name = pool.name.to_string();
+
+    let throttled = attempts
+        .failures
+        .iter()
+        .any(|f| f.reason == BackoffReason::Throttled)
+        || (attempts.failures.is_empty()
+            && backoff_reasons
+                .clone()
+                .any(|r| r == BackoffReason::Throttled));
+    if throttled {
+        return Ok(GatewayError::Throttled {
+            pool: name,
+            retry_after,
+        });
+    }
+    let Some(last) = attempts.failures.last() else {
+        return Ok(GatewayError::Unavailable {
+            pool: name,
+            retry_after,
+        });
+    };
+    let summary = attempts
+        .failures
+        .iter()
+        .map(|f| format!("{}: {}", f.backend, f.detail))
+        .collect::<Vec<_>>()
+        .join("; ");
+    Ok(if last.reason == BackoffReason::Timeout {
+        GatewayError::GatewayTimeout(summary)
+    } else {
+        GatewayError::BadGateway(summary)
+    })
+}

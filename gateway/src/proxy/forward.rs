@@ -1,0 +1,119 @@
+//! One upstream attempt: build the request for a member, add its credential, wait for the
+//! response head and (for successes) its first body chunk.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use axum::http::{HeaderMap, StatusCode};
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt, stream};
+use serde_json::Value;
+
+use super::admit::{ProxyRequest, Route};
+use crate::table::Member;
+
+pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>;
+
+/// A response head from upstream with its body still streaming.
+pub struct Upstream {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: BodyStream,
+}
+
+/// The attempt got no usable response.
+#[derive(Debug)]
+pub struct TransportFailure {
+    pub timed_out: bool,
+    pub detail: String,
+}
+
+/// Send `request` to `member`. Success responses are committed only once their first body
+/// chunk has arrived, so a backend that fails before sending anything can still be retried.
+pub async fn send(
+    http: &reqwest::Client,
+    member: &Member,
+    request: &ProxyRequest,
+    timeout: Duration,
+) -> Result<Upstream, TransportFailure> {
+    let attempt = async {
+        let response = build(http, member, request).send().await?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let mut body: BodyStream = Box::pin(response.bytes_stream());
+        if status.is_success() {
+            if let Some(first) = body.next().await {
+                let first = first?;
+                body = Box::pin(stream::once(async { Ok(first) }).chain(body));
+            }
+        }
+        Ok::<_, reqwest::Error>(Upstream {
+            status,
+            headers,
+            body,
+        })
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(Ok(upstream)) => Ok(upstream),
+        Ok(Err(e)) => Err(TransportFailure {
+            timed_out: e.is_timeout(),
+            detail: describe(&e),
+        }),
+        Err(_) => Err(TransportFailure {
+            timed_out: true,
+            detail: format!("no response within {} ms", timeout.as_millis()),
+        }),
+    }
+}
+
+fn build(
+    http: &reqwest::Client,
+    member: &Member,
+    request: &ProxyRequest,
+) -> reqwest::RequestBuilder {
+    let base = &member.backend.base_url;
+    let (mut url, body) = match &request.route {
+        Route::Deployment { operation } => (
+            format!(
+                "{base}/openai/deployments/{}/{operation}",
+                member.deployment
+            ),
+            request.body.clone(),
+        ),
+        Route::V1 { operation, body } => {
+            let mut body = body.clone();
+            body.insert("model".into(), Value::String(member.deployment.clone()));
+            let bytes = serde_json::to_vec(&body).expect("a JSON map always serializes");
+            (format!("{base}/openai/v1/{operation}"), Bytes::from(bytes))
+        }
+    };
+    if let Some(query) = &request.query {
+        url.push('?');
+        url.push_str(query);
+    }
+    let builder = http.post(url).headers(request.headers.clone()).body(body);
+    member.backend.credential.apply(builder)
+}
+
+/// Error text for logs and client messages: the kind of failure, never a credential.
+fn describe(e: &reqwest::Error) -> String {
+    let kind = if e.is_connect() {
+        "connection failed"
+    } else if e.is_timeout() {
+        "timed out"
+    } else if e.is_body() || e.is_decode() {
+        "response body failed"
+    } else {
+        "request failed"
+    };
+    let mut source = std::error::Error::source(e);
+    let mut root = None;
+    while let Some(s) = source {
+        root = Some(s.to_string());
+        source = s.source();
+    }
+    match root {
+        Some(root) => format!("{kind}: {root}"),
+        None => kind.to_string(),
+    }
+}

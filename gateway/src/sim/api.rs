@@ -1,0 +1,579 @@
+//! The simulated Azure OpenAI HTTP API of one resource: chat completions (JSON and SSE),
+//! completions, embeddings, quota headers and 429s, plus `/sim/stats` and `/sim/faults`.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use futures_util::StreamExt;
+use rand::Rng;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::config::DeploymentKind;
+use super::deployment::{Deployment, DeploymentStats, Faults, ForcedResponse};
+use super::limiter::Decision;
+use super::text;
+
+pub struct ResourceState {
+    pub name: String,
+    pub api_key: Option<String>,
+    pub deployments: BTreeMap<String, Arc<Deployment>>,
+    next_id: AtomicU64,
+}
+
+impl ResourceState {
+    pub fn new(
+        name: &str,
+        api_key: Option<String>,
+        deployments: BTreeMap<String, Arc<Deployment>>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            api_key,
+            deployments,
+            next_id: AtomicU64::new(1),
+        }
+    }
+}
+
+pub fn router(state: Arc<ResourceState>) -> Router {
+    Router::new()
+        .route(
+            "/openai/deployments/{deployment}/{*operation}",
+            post(by_path),
+        )
+        .route("/openai/v1/{*operation}", post(by_model))
+        .route("/sim/stats", get(stats))
+        .route("/sim/faults", post(set_faults))
+        .fallback(|| async { azure_error(StatusCode::NOT_FOUND, "404", "Resource not found") })
+        .with_state(state)
+}
+
+fn azure_error(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        Json(json!({ "error": { "code": code, "message": message } })),
+    )
+        .into_response()
+}
+
+fn authorized(state: &ResourceState, headers: &HeaderMap) -> bool {
+    let Some(expected) = &state.api_key else {
+        return true;
+    };
+    let api_key = headers.get("api-key").and_then(|v| v.to_str().ok());
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    api_key.or(bearer) == Some(expected.as_str())
+}
+
+fn unauthorized() -> Response {
+    azure_error(
+        StatusCode::UNAUTHORIZED,
+        "401",
+        "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a valid key for an active subscription and use a correct regional API endpoint for your resource.",
+    )
+}
+
+async fn by_path(
+    State(state): State<Arc<ResourceState>>,
+    Path((deployment, operation)): Path<(String, String)>,
+    Query(query): Query<BTreeMap<String, String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    let Some(api_version) = query.get("api-version") else {
+        return azure_error(StatusCode::NOT_FOUND, "404", "Resource not found");
+    };
+    serve(&state, &deployment, &operation, api_version, body).await
+}
+
+async fn by_model(
+    State(state): State<Arc<ResourceState>>,
+    Path(operation): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if !authorized(&state, &headers) {
+        return unauthorized();
+    }
+    let model = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v.get("model").and_then(Value::as_str).map(str::to_owned));
+    match model {
+        Some(model) => serve(&state, &model, &operation, "v1", body).await,
+        None => bad_request("'model' is a required property"),
+    }
+}
+
+fn bad_request(message: &str) -> Response {
+    // Azure's 400s carry OpenAI's fields: type, param, code (often null).
+    let body = json!({ "error": { "message": message, "type": "invalid_request_error", "param": null, "code": null } });
+    (StatusCode::BAD_REQUEST, Json(body)).into_response()
+}
+
+async fn serve(
+    state: &ResourceState,
+    name: &str,
+    operation: &str,
+    api_version: &str,
+    body: Bytes,
+) -> Response {
+    let Some(deployment) = state.deployments.get(name).cloned() else {
+        return azure_error(
+            StatusCode::NOT_FOUND,
+            "DeploymentNotFound",
+            "The API deployment for this resource does not exist. If you created the deployment within the last 5 minutes, please wait a moment and try again.",
+        );
+    };
+    let request: Value = match serde_json::from_slice(&body) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => return bad_request("We could not parse the JSON body of your request."),
+    };
+    deployment.record(|s| s.requests += 1);
+
+    if let Some(forced) = deployment.take_forced() {
+        deployment.record(|s| s.forced += 1);
+        return forced_response(&forced);
+    }
+    if rand::rng().random_bool(deployment.faults().error_rate.clamp(0.0, 1.0)) {
+        deployment.record(|s| s.failed += 1);
+        return azure_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalServerError",
+            "The server had an error while processing your request. Sorry about that!",
+        );
+    }
+
+    let id = state.next_id.fetch_add(1, Ordering::Relaxed);
+    match operation {
+        "chat/completions" => chat(&deployment, &request, api_version, id).await,
+        "completions" => completions(&deployment, &request, api_version, id).await,
+        "embeddings" => embeddings(&deployment, &request, api_version).await,
+        _ => azure_error(StatusCode::NOT_FOUND, "404", "Resource not found"),
+    }
+}
+
+fn forced_response(forced: &ForcedResponse) -> Response {
+    let status = StatusCode::from_u16(forced.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let code = forced
+        .code
+        .clone()
+        .unwrap_or_else(|| status.as_u16().to_string());
+    let message = format!("Simulated {} response.", status.as_u16());
+    let mut response = azure_error(status, &code, &message);
+    let headers = response.headers_mut();
+    if let Some(ms) = forced.retry_after_ms {
+        headers.insert("retry-after-ms", HeaderValue::from(ms));
+    }
+    if let Some(s) = forced.retry_after_s {
+        headers.insert("retry-after", HeaderValue::from(s));
+    }
+    response
+}
+
+/// Charge the request's estimate against the quota; `Err` is the 429 to send.
+fn charge(
+    deployment: &Deployment,
+    estimate: u64,
+    operation: &str,
+    api_version: &str,
+) -> Result<HeaderMap, Response> {
+    let decision = deployment.admit(estimate);
+    let (remaining_tokens, remaining_requests) = match decision {
+        Decision::Admit {
+            remaining_tokens,
+            remaining_requests,
+        }
+        | Decision::Reject {
+            remaining_tokens,
+            remaining_requests,
+            ..
+        } => (remaining_tokens, remaining_requests),
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        "x-ratelimit-remaining-requests",
+        HeaderValue::from(remaining_requests),
+    );
+    headers.insert(
+        "x-ratelimit-remaining-tokens",
+        HeaderValue::from(remaining_tokens),
+    );
+    if deployment.spec.kind == DeploymentKind::Ptu {
+        let percent = format!("{:.1}%", deployment.utilization() * 100.0);
+        headers.insert(
+            "azure-openai-deployment-utilization",
+            HeaderValue::from_str(&percent).expect("ascii"),
+        );
+    }
+    let Decision::Reject { retry_after, .. } = decision else {
+        return Ok(headers);
+    };
+
+    deployment.record(|s| s.throttled += 1);
+    let seconds = retry_after.as_millis().div_ceil(1000).max(1) as u64;
+    let message = format!(
+        "Requests to the {operation} Operation under Azure OpenAI API version {api_version} have exceeded token rate limit of your current OpenAI S0 pricing tier. Please retry after {seconds} seconds. Please go here: https://aka.ms/oai/quotaincrease if you would like to further increase the default rate limit."
+    );
+    let mut response = azure_error(StatusCode::TOO_MANY_REQUESTS, "429", &message);
+    headers.insert("retry-after", HeaderValue::from(seconds));
+    headers.insert(
+        "retry-after-ms",
+        HeaderValue::from(retry_after.as_millis().max(1) as u64),
+    );
+    response.headers_mut().extend(headers);
+    Err(response)
+}
+
+fn created() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Tokens to generate: the deployment's reply length, cut by `max_tokens` /
+/// `max_completion_tokens`; true when the cut applied (`finish_reason: length`).
+fn output_tokens(deployment: &Deployment, request: &Value) -> (u32, bool) {
+    let cap = ["max_completion_tokens", "max_tokens"]
+        .iter()
+        .find_map(|k| request.get(*k).and_then(Value::as_u64))
+        .map(|n| n.min(u32::MAX as u64) as u32);
+    match cap {
+        Some(cap) if cap < deployment.spec.output_tokens => (cap, true),
+        _ => (deployment.spec.output_tokens, false),
+    }
+}
+
+fn usage(prompt: u64, completion: u64) -> Value {
+    json!({ "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion })
+}
+
+fn record_served(deployment: &Deployment, prompt: u64, completion: u64) {
+    deployment.record(|s: &mut DeploymentStats| {
+        s.succeeded += 1;
+        s.prompt_tokens += prompt;
+        s.completion_tokens += completion;
+        s.total_tokens += prompt + completion;
+    });
+}
+
+fn filter_results() -> Value {
+    json!([{ "prompt_index": 0, "content_filter_results": {
+        "hate": {"filtered": false, "severity": "safe"}, "self_harm": {"filtered": false, "severity": "safe"},
+        "sexual": {"filtered": false, "severity": "safe"}, "violence": {"filtered": false, "severity": "safe"} } }])
+}
+
+async fn chat(
+    deployment: &Arc<Deployment>,
+    request: &Value,
+    api_version: &str,
+    id: u64,
+) -> Response {
+    let Some(messages) = request.get("messages").and_then(Value::as_array) else {
+        return bad_request("'messages' is a required property");
+    };
+    let prompt = text::chat_prompt_tokens(messages);
+    let (n, cut) = output_tokens(deployment, request);
+    let headers = match charge(
+        deployment,
+        prompt + u64::from(n),
+        "ChatCompletions_Create",
+        api_version,
+    ) {
+        Ok(h) => h,
+        Err(throttled) => return throttled,
+    };
+    let finish_reason = if cut { "length" } else { "stop" };
+    let pieces = text::reply_pieces(n);
+    let id = format!("chatcmpl-sim{id:08}");
+
+    tokio::time::sleep(deployment.latency(deployment.spec.ttft_ms)).await;
+    if request.get("stream").and_then(Value::as_bool) == Some(true) {
+        let include_usage = request
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            == Some(true);
+        let stream = ChatStream {
+            deployment: deployment.clone(),
+            id,
+            prompt,
+            pieces,
+            finish_reason,
+            include_usage,
+        };
+        return with_headers(stream.into_response(), headers);
+    }
+
+    for _ in 0..n {
+        tokio::time::sleep(deployment.latency(deployment.spec.ms_per_token)).await;
+    }
+    record_served(deployment, prompt, u64::from(n));
+    let body = json!({
+        "id": id, "object": "chat.completion", "created": created(), "model": deployment.spec.model,
+        "system_fingerprint": "fp_spillway_sim", "prompt_filter_results": filter_results(),
+        "choices": [{ "index": 0, "finish_reason": finish_reason, "logprobs": null,
+            "message": { "role": "assistant", "content": pieces.concat(), "refusal": null } }],
+        "usage": usage(prompt, u64::from(n)),
+    });
+    with_headers(Json(body).into_response(), headers)
+}
+
+fn with_headers(mut response: Response, headers: HeaderMap) -> Response {
+    response.headers_mut().extend(headers);
+    response
+}
+
+/// A chat completion streamed as Azure does: a prompt-filter event, a role event, one event
+/// per token, a finish event, an optional usage event, then `[DONE]`.
+struct ChatStream {
+    deployment: Arc<Deployment>,
+    id: String,
+    prompt: u64,
+    pieces: Vec<&'static str>,
+    finish_reason: &'static str,
+    include_usage: bool,
+}
+
+impl ChatStream {
+    fn chunk(&self, choices: Value) -> String {
+        let chunk = json!({ "id": self.id, "object": "chat.completion.chunk", "created": created(),
+            "model": self.deployment.spec.model, "system_fingerprint": "fp_spillway_sim", "choices": choices });
+        format!("data: {chunk}\n\n")
+    }
+
+    fn into_response(self) -> Response {
+        let (tx, rx) = mpsc::channel::<Bytes>(4);
+        self.deployment.record(|s| s.streams_started += 1);
+        tokio::spawn(self.produce(tx));
+        let body = Body::from_stream(ReceiverStream::new(rx).map(Ok::<_, Infallible>));
+        let mut response = Response::new(body);
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        response
+            .headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        response
+    }
+
+    async fn produce(self, tx: mpsc::Sender<Bytes>) {
+        let deployment = self.deployment.clone();
+        let mut faults = deployment.watch_faults();
+        let mut sent_tokens = 0u64;
+        let mut events = vec![
+            format!("data: {}\n\n", json!({ "id": "", "object": "", "created": 0, "model": "", "choices": [], "prompt_filter_results": filter_results() })),
+            self.chunk(json!([{ "index": 0, "delta": { "role": "assistant", "content": "" }, "finish_reason": null }])),
+        ];
+        let first_token = events.len();
+        for piece in &self.pieces {
+            events.push(self.chunk(
+                json!([{ "index": 0, "delta": { "content": piece }, "finish_reason": null }]),
+            ));
+        }
+        events.push(
+            self.chunk(json!([{ "index": 0, "delta": {}, "finish_reason": self.finish_reason }])),
+        );
+        if self.include_usage {
+            let completion = self.pieces.len() as u64;
+            let mut chunk = json!({ "id": self.id, "object": "chat.completion.chunk", "created": created(),
+                "model": deployment.spec.model, "choices": [], "usage": usage(self.prompt, completion) });
+            chunk["system_fingerprint"] = json!("fp_spillway_sim");
+            events.push(format!("data: {chunk}\n\n"));
+        }
+        events.push("data: [DONE]\n\n".into());
+
+        for (i, event) in events.into_iter().enumerate() {
+            let is_token = i >= first_token && i < first_token + self.pieces.len();
+            let delay = if is_token {
+                deployment.latency(deployment.spec.ms_per_token)
+            } else {
+                Duration::ZERO
+            };
+            let gone = tokio::select! {
+                _ = tx.closed() => true,
+                stalled = wait_while_stalled(&mut faults, i as u32, delay) => stalled.is_err(),
+            };
+            if gone || tx.send(Bytes::from(event)).await.is_err() {
+                deployment.record(|s| {
+                    s.streams_cancelled += 1;
+                    s.prompt_tokens += self.prompt;
+                    s.completion_tokens += sent_tokens;
+                    s.total_tokens += self.prompt + sent_tokens;
+                });
+                return;
+            }
+            if is_token {
+                sent_tokens += 1;
+            }
+        }
+        record_served(&deployment, self.prompt, sent_tokens);
+        deployment.record(|s| s.streams_completed += 1);
+    }
+}
+
+/// Sleep `delay`, then hold while a `stall_after_chunks` fault covers event `index`.
+async fn wait_while_stalled(
+    faults: &mut tokio::sync::watch::Receiver<Faults>,
+    index: u32,
+    delay: Duration,
+) -> Result<(), tokio::sync::watch::error::RecvError> {
+    tokio::time::sleep(delay).await;
+    faults
+        .wait_for(|f| f.stall_after_chunks.is_none_or(|after| index < after))
+        .await
+        .map(|_| ())
+}
+
+async fn completions(
+    deployment: &Arc<Deployment>,
+    request: &Value,
+    api_version: &str,
+    id: u64,
+) -> Response {
+    let Some(prompt_value) = request.get("prompt") else {
+        return bad_request("'prompt' is a required property");
+    };
+    let prompt = text::input_tokens(prompt_value);
+    let (n, cut) = output_tokens(deployment, request);
+    let headers = match charge(
+        deployment,
+        prompt + u64::from(n),
+        "Completions_Create",
+        api_version,
+    ) {
+        Ok(h) => h,
+        Err(throttled) => return throttled,
+    };
+    tokio::time::sleep(
+        deployment.latency(deployment.spec.ttft_ms + deployment.spec.ms_per_token * u64::from(n)),
+    )
+    .await;
+    record_served(deployment, prompt, u64::from(n));
+    let body = json!({
+        "id": format!("cmpl-sim{id:08}"), "object": "text_completion", "created": created(),
+        "model": deployment.spec.model,
+        "choices": [{ "text": text::reply_pieces(n).concat(), "index": 0, "logprobs": null,
+            "finish_reason": if cut { "length" } else { "stop" } }],
+        "usage": usage(prompt, u64::from(n)),
+    });
+    with_headers(Json(body).into_response(), headers)
+}
+
+async fn embeddings(deployment: &Arc<Deployment>, request: &Value, api_version: &str) -> Response {
+    let inputs: Vec<Value> = match request.get("input") {
+        Some(Value::Array(items)) if !items.is_empty() && !items.iter().all(Value::is_number) => {
+            items.clone()
+        }
+        Some(v @ (Value::String(_) | Value::Array(_))) => vec![v.clone()],
+        _ => return bad_request("'input' is a required property"),
+    };
+    let prompt: u64 = inputs.iter().map(text::input_tokens).sum();
+    let headers = match charge(deployment, prompt, "Embeddings_Create", api_version) {
+        Ok(h) => h,
+        Err(throttled) => return throttled,
+    };
+    tokio::time::sleep(deployment.latency(deployment.spec.ttft_ms)).await;
+    let base64 = request.get("encoding_format").and_then(Value::as_str) == Some("base64");
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(index, input)| {
+            let vector = embedding_of(&input.to_string(), deployment.spec.embedding_dims);
+            let embedding = if base64 {
+                let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(vector)
+            };
+            json!({ "object": "embedding", "index": index, "embedding": embedding })
+        })
+        .collect();
+    record_served(deployment, prompt, 0);
+    let body = json!({ "object": "list", "data": data, "model": deployment.spec.model,
+        "usage": { "prompt_tokens": prompt, "total_tokens": prompt } });
+    with_headers(Json(body).into_response(), headers)
+}
+
+/// A deterministic unit vector derived from the text (same text, same vector).
+fn embedding_of(text: &str, dims: usize) -> Vec<f32> {
+    let mut seed = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let raw: Vec<f32> = (0..dims)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % 2_000) as f32 / 1_000.0 - 1.0
+        })
+        .collect();
+    let norm = raw
+        .iter()
+        .map(|x| x * x)
+        .sum::<f32>()
+        .sqrt()
+        .max(f32::EPSILON);
+    raw.into_iter().map(|x| x / norm).collect()
+}
+
+async fn stats(State(state): State<Arc<ResourceState>>) -> Json<Value> {
+    let deployments: BTreeMap<&str, DeploymentStats> = state
+        .deployments
+        .iter()
+        .map(|(name, d)| (name.as_str(), d.stats()))
+        .collect();
+    Json(json!({ "resource": state.name, "deployments": deployments }))
+}
+
+/// `POST /sim/faults` body: `{"deployment": "gpt-4o", "faults": {"error_rate": 1.0}}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FaultsRequest {
+    /// Deployment to change; every deployment of the resource when absent.
+    #[serde(default)]
+    deployment: Option<String>,
+    faults: Faults,
+}
+
+async fn set_faults(State(state): State<Arc<ResourceState>>, body: Bytes) -> Response {
+    let request: FaultsRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return bad_request(&format!("invalid faults: {e}")),
+    };
+    let targets: Vec<&Arc<Deployment>> = match &request.deployment {
+        Some(name) => match state.deployments.get(name) {
+            Some(d) => vec![d],
+            None => {
+                return azure_error(
+                    StatusCode::NOT_FOUND,
+                    "DeploymentNotFound",
+                    "no such simulated deployment",
+                );
+            }
+        },
+        None => state.deployments.values().collect(),
+    };
+    for deployment in targets {
+        deployment.set_faults(request.faults.clone());
+    }
+    StatusCode::NO_CONTENT.into_response()
+}

@@ -1,0 +1,163 @@
+//! One simulated deployment's live state: quota window, injected faults, counters.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::config::DeploymentSpec;
+use super::limiter::{Decision, Window};
+
+/// Faults changeable at run time (`POST /sim/faults` or [`super::SimHandle::set_faults`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Faults {
+    /// Share of requests (0..=1) answered with 500.
+    pub error_rate: f64,
+    /// Latency multiplier; 0 or 1 means normal speed.
+    pub slowdown: f64,
+    /// Streams pause after this many SSE events until the fault is cleared.
+    pub stall_after_chunks: Option<u32>,
+    /// Answer requests with this response instead of serving them.
+    pub respond_with: Option<ForcedResponse>,
+}
+
+/// A canned answer: e.g. 429 with `retry-after-ms: 3000` for the next 1 request.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ForcedResponse {
+    pub status: u16,
+    pub retry_after_ms: Option<u64>,
+    pub retry_after_s: Option<u64>,
+    /// Error code in the body (default: the status number).
+    pub code: Option<String>,
+    /// How many requests get it; `None` means every request until cleared.
+    pub times: Option<u32>,
+}
+
+/// What a deployment really received and served.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentStats {
+    /// Requests that reached the deployment (after auth), whatever their outcome.
+    pub requests: u64,
+    /// Requests served with 200.
+    pub succeeded: u64,
+    /// 429s served by the quota.
+    pub throttled: u64,
+    /// 5xx served by the `error_rate` fault.
+    pub failed: u64,
+    /// Responses served by `respond_with`.
+    pub forced: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+    pub streams_started: u64,
+    pub streams_completed: u64,
+    /// Streams whose client went away before `[DONE]`.
+    pub streams_cancelled: u64,
+}
+
+pub struct Deployment {
+    pub spec: DeploymentSpec,
+    window: Mutex<Window>,
+    faults: watch::Sender<Faults>,
+    stats: Mutex<DeploymentStats>,
+    changed: watch::Sender<u64>,
+}
+
+impl Deployment {
+    pub fn new(spec: DeploymentSpec, changed: watch::Sender<u64>) -> Self {
+        let window = Window::new(
+            Duration::from_millis(spec.window_ms),
+            spec.tpm,
+            spec.rpm_limit(),
+        );
+        Self {
+            spec,
+            window: Mutex::new(window),
+            faults: watch::Sender::new(Faults::default()),
+            stats: Mutex::new(DeploymentStats::default()),
+            changed,
+        }
+    }
+
+    pub fn record(&self, update: impl FnOnce(&mut DeploymentStats)) {
+        update(&mut self.stats.lock().expect("sim stats lock"));
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    pub fn stats(&self) -> DeploymentStats {
+        self.stats.lock().expect("sim stats lock").clone()
+    }
+
+    pub fn faults(&self) -> Faults {
+        self.faults.borrow().clone()
+    }
+
+    pub fn set_faults(&self, faults: Faults) {
+        self.faults.send_replace(faults);
+    }
+
+    pub fn watch_faults(&self) -> watch::Receiver<Faults> {
+        self.faults.subscribe()
+    }
+
+    /// The forced response for this request, if any, counting down `times`.
+    pub fn take_forced(&self) -> Option<ForcedResponse> {
+        let mut taken = None;
+        self.faults.send_if_modified(|f| {
+            let Some(forced) = f.respond_with.as_mut() else {
+                return false;
+            };
+            taken = Some(forced.clone());
+            match forced.times.as_mut() {
+                Some(0) => {
+                    taken = None;
+                    f.respond_with = None;
+                    true
+                }
+                Some(n) => {
+                    *n -= 1;
+                    if *n == 0 {
+                        f.respond_with = None;
+                    }
+                    true
+                }
+                None => false,
+            }
+        });
+        taken
+    }
+
+    pub fn admit(&self, tokens: u64) -> Decision {
+        self.window
+            .lock()
+            .expect("sim window lock")
+            .try_admit(Instant::now(), tokens)
+    }
+
+    pub fn utilization(&self) -> f64 {
+        self.window
+            .lock()
+            .expect("sim window lock")
+            .utilization(Instant::now())
+    }
+
+    /// `base_ms` scaled by the slowdown fault and jittered.
+    pub fn latency(&self, base_ms: u64) -> Duration {
+        let slowdown = match self.faults.borrow().slowdown {
+            s if s > 0.0 => s,
+            _ => 1.0,
+        };
+        let jitter = self.spec.jitter.clamp(0.0, 1.0);
+        let factor = if jitter > 0.0 {
+            rand::rng().random_range(1.0 - jitter..=1.0 + jitter)
+        } else {
+            1.0
+        };
+        Duration::from_secs_f64(base_ms as f64 / 1000.0 * slowdown * factor)
+    }
+}

@@ -1,0 +1,124 @@
+//! The resolved routing table: pool → tiers (by priority) → members (backend + deployment).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use spillway_shared::{BackendId, PoolName};
+
+use crate::config::Config;
+use crate::credentials::BackendCredential;
+
+/// One Azure OpenAI resource the gateway may send traffic to.
+#[derive(Debug)]
+pub struct Backend {
+    pub id: BackendId,
+    /// Base URL without a trailing slash, e.g. `https://contoso.openai.azure.com`.
+    pub base_url: String,
+    pub region: Option<String>,
+    pub priority: u32,
+    pub weight: u32,
+    pub credential: BackendCredential,
+}
+
+/// A backend serving a pool under its own deployment name.
+#[derive(Clone, Debug)]
+pub struct Member {
+    pub backend: Arc<Backend>,
+    pub deployment: String,
+}
+
+#[derive(Debug)]
+pub struct Pool {
+    pub name: PoolName,
+    /// Sorted by priority, then backend id.
+    pub members: Vec<Member>,
+}
+
+impl Pool {
+    pub fn member(&self, id: &BackendId) -> Option<&Member> {
+        self.members.iter().find(|m| &m.backend.id == id)
+    }
+
+    pub fn member_ids(&self) -> Vec<BackendId> {
+        self.members.iter().map(|m| m.backend.id.clone()).collect()
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct RoutingTable {
+    pools: BTreeMap<String, Arc<Pool>>,
+}
+
+impl RoutingTable {
+    /// Build from a validated configuration and the backends' resolved credentials
+    /// (in the order of `config.backends`).
+    pub fn build(config: &Config, credentials: Vec<BackendCredential>) -> Self {
+        let mut pools: BTreeMap<String, Vec<Member>> = BTreeMap::new();
+        for (b, credential) in config.backends.iter().zip(credentials) {
+            let backend = Arc::new(Backend {
+                id: BackendId::new(&b.id),
+                base_url: b.url.trim_end_matches('/').to_string(),
+                region: b.region.clone(),
+                priority: b.priority,
+                weight: b.weight,
+                credential,
+            });
+            for (pool, deployment) in &b.deployments {
+                pools.entry(pool.clone()).or_default().push(Member {
+                    backend: backend.clone(),
+                    deployment: deployment.clone(),
+                });
+            }
+        }
+        let pools = pools
+            .into_iter()
+            .map(|(name, mut members)| {
+                members.sort_by(|a, b| {
+                    (a.backend.priority, &a.backend.id).cmp(&(b.backend.priority, &b.backend.id))
+                });
+                let pool = Pool {
+                    name: PoolName::new(&name),
+                    members,
+                };
+                (name, Arc::new(pool))
+            })
+            .collect();
+        Self { pools }
+    }
+
+    pub fn pool(&self, name: &str) -> Option<&Arc<Pool>> {
+        self.pools.get(name)
+    }
+
+    pub fn pools(&self) -> impl Iterator<Item = &Arc<Pool>> {
+        self.pools.values()
+    }
+
+    /// Human-readable table for `spillway check-config`.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for pool in self.pools() {
+            let _ = writeln!(out, "pool {}", pool.name);
+            let mut tier = None;
+            for m in &pool.members {
+                let b = &m.backend;
+                if tier != Some(b.priority) {
+                    tier = Some(b.priority);
+                    let _ = writeln!(out, "  tier {}", b.priority);
+                }
+                let _ = writeln!(
+                    out,
+                    "    {:<24} deployment={:<20} weight={:<3} region={:<16} auth={} url={}",
+                    b.id,
+                    m.deployment,
+                    b.weight,
+                    b.region.as_deref().unwrap_or("-"),
+                    b.credential.kind(),
+                    b.base_url
+                );
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,27 @@
+//! Spillway fleet state: what every gateway replica must agree on.
+//!
+//! Routing code talks only to the [`FleetState`] trait. Each implementation keeps, per
+//! *deployment* (a pool member: one backend serving one pool), a backoff deadline and
+//! its reason. Deadlines are handed over as durations ("back off for 3 s"), never as
+//! wall-clock instants, so the store, not the replica, owns the clock: replicas' clocks
+//! differ, and the Redis store (next) takes time from Redis itself.
+//!
+//! Implementations:
+//! - [`EmbeddedState`]: in-process, the default with no Redis configured.
+//!
+//! Key schema (shared by every store that has keys; `prefix` is `state.key_prefix`):
+//!
+//! | key                                    | value                          |
+//! |----------------------------------------|--------------------------------|
+//! | `{prefix}:{<pool>}:backoff:<backend>`  | hash `until_ms`, `reason`      |
+//!
+//! The pool is a Redis Cluster hash tag so one script touches one slot.
+
+mod memory;
+mod store;
+
+pub use memory::EmbeddedState;
+pub use store::{
+    Admission, BackendId, Backoff, BackoffReason, FleetState, MemberSnapshot, PoolName,
+    PoolSnapshot, StateError,
+};

@@ -1,0 +1,170 @@
+//! Test harness: simulated Azure OpenAI resources and gateway replicas on loopback port 0.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use spillway_gateway::config::Config;
+use spillway_gateway::sim::{
+    self, DeploymentKind, DeploymentSpec, ResourceSpec, SimConfig, SimHandle,
+};
+use spillway_gateway::{Gateway, app};
+use spillway_shared::{EmbeddedState, FleetState};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+pub use spillway_gateway::sim::{Faults, ForcedResponse};
+
+/// Generous bound for awaited events; tests wait for the event, this only stops a hang.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A simulated deployment that answers at once (no latency, no jitter).
+pub fn instant_deployment(name: &str, kind: DeploymentKind, tpm: u64) -> DeploymentSpec {
+    DeploymentSpec {
+        ttft_ms: 0,
+        ms_per_token: 0,
+        jitter: 0.0,
+        ..DeploymentSpec::new(name, kind, tpm)
+    }
+}
+
+/// A resource on a free loopback port serving the given deployments.
+pub fn resource(name: &str, deployments: Vec<DeploymentSpec>) -> ResourceSpec {
+    ResourceSpec {
+        name: name.into(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        api_key: None,
+        region: None,
+        deployments,
+    }
+}
+
+pub async fn start_sim(resources: Vec<ResourceSpec>) -> SimHandle {
+    sim::start(SimConfig { resources })
+        .await
+        .expect("simulator starts")
+}
+
+/// The usual two-tier pool `gpt-4o`: resource `ptu` (priority 1) and `payg` (priority 2),
+/// each with one instant deployment named `gpt-4o`.
+pub async fn ptu_and_payg() -> SimHandle {
+    start_sim(vec![
+        resource(
+            "ptu",
+            vec![instant_deployment("gpt-4o", DeploymentKind::Ptu, 1_000_000)],
+        ),
+        resource(
+            "payg",
+            vec![instant_deployment(
+                "gpt-4o",
+                DeploymentKind::Payg,
+                1_000_000,
+            )],
+        ),
+    ])
+    .await
+}
+
+/// `[[backends]]` table for a simulated resource serving pool `gpt-4o` as deployment `gpt-4o`.
+pub fn backend(sim: &SimHandle, id: &str, priority: u32) -> String {
+    backend_at(id, &sim.url(id), priority)
+}
+
+pub fn backend_at(id: &str, url: &str, priority: u32) -> String {
+    format!(
+        "[[backends]]\nid = \"{id}\"\nurl = \"{url}\"\npriority = {priority}\ndeployments = {{ \"gpt-4o\" = \"gpt-4o\" }}\n"
+    )
+}
+
+/// A gateway replica serving on a free loopback port.
+pub struct Replica {
+    pub url: String,
+    pub gateway: Arc<Gateway>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub async fn start_gateway(config_toml: &str, fleet: Arc<dyn FleetState>) -> Replica {
+    let config = Config::from_toml(config_toml).expect("test configuration parses");
+    let gateway =
+        Arc::new(Gateway::from_config(&config, fleet).expect("test configuration is valid"));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let router = app(gateway.clone());
+    let task = tokio::spawn(async move {
+        axum::serve(listener, router).await.unwrap();
+    });
+    Replica { url, gateway, task }
+}
+
+/// One replica on its own embedded state.
+pub async fn start_single(config_toml: &str) -> Replica {
+    start_gateway(config_toml, Arc::new(EmbeddedState::new())).await
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+pub fn chat_body(stream: bool) -> Value {
+    json!({ "messages": [{ "role": "user", "content": "Hello there" }], "max_tokens": 8, "stream": stream })
+}
+
+/// `POST /openai/deployments/{pool}/chat/completions` as the Azure SDKs send it.
+pub async fn chat(replica: &Replica, pool: &str, body: &Value) -> reqwest::Response {
+    client()
+        .post(format!(
+            "{}/openai/deployments/{pool}/chat/completions?api-version=2024-10-21",
+            replica.url
+        ))
+        .json(body)
+        .send()
+        .await
+        .expect("gateway answers")
+}
+
+pub fn header<'a>(response: &'a reqwest::Response, name: &str) -> &'a str {
+    response
+        .headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+/// Force the next `times` requests (None: all) of a deployment to get `status`.
+pub fn force(
+    sim: &SimHandle,
+    resource: &str,
+    status: u16,
+    retry_after_ms: Option<u64>,
+    retry_after_s: Option<u64>,
+    times: Option<u32>,
+) {
+    sim.set_faults(
+        resource,
+        "gpt-4o",
+        Faults {
+            respond_with: Some(ForcedResponse {
+                status,
+                retry_after_ms,
+                retry_after_s,
+                code: None,
+                times,
+            }),
+            ..Faults::default()
+        },
+    );
+}
+
+/// A loopback address with nothing listening (bound, then released).
+pub async fn closed_port_url() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    format!("http://{addr}")
+}
