@@ -174,6 +174,7 @@ impl SimHandle {
                 deployments.join(", ")
             );
         }
+        out.push_str("\n# sim ready\n");
         out
     }
 }

@@ -132,7 +132,7 @@ mod tests {
     use super::*;
 
     fn ids(names: &[&str]) -> Vec<BackendId> {
-        names.iter().map(|n| BackendId::new(n)).collect()
+        names.iter().map(BackendId::new).collect()
     }
 
     fn throttle(ms: u64) -> Backoff {

@@ -63,39 +63,42 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
     };
-    if let Some(ms) = get("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
-        if ms > 0.0 && ms.is_finite() {
-            return Some(Duration::from_secs_f64(ms / 1000.0));
-        }
-    }
-    if let Some(value) = get("retry-after") {
-        if let Ok(secs) = value.parse::<f64>() {
-            if secs > 0.0 && secs.is_finite() {
-                return Some(Duration::from_secs_f64(secs));
-            }
-        } else if let Ok(at) = httpdate::parse_http_date(value) {
-            if let Ok(d) = at.duration_since(now) {
-                if !d.is_zero() {
-                    return Some(d);
-                }
-            }
-        }
-    }
-    [
-        "x-ratelimit-reset-requests",
-        "x-ratelimit-reset-tokens",
-        "x-rate-limit-reset-tokens",
-    ]
-    .into_iter()
-    .filter_map(get)
-    .find_map(parse_reset)
+    let retry_after_ms = || {
+        get("retry-after-ms")
+            .and_then(|v| v.parse::<f64>().ok())
+            .and_then(|ms| positive_seconds(ms / 1000.0))
+    };
+    let retry_after = || {
+        get("retry-after").and_then(|v| match v.parse::<f64>() {
+            Ok(seconds) => positive_seconds(seconds),
+            Err(_) => httpdate::parse_http_date(v)
+                .ok()
+                .and_then(|at| at.duration_since(now).ok())
+                .filter(|d| !d.is_zero()),
+        })
+    };
+    let reset = || {
+        [
+            "x-ratelimit-reset-requests",
+            "x-ratelimit-reset-tokens",
+            "x-rate-limit-reset-tokens",
+        ]
+        .into_iter()
+        .filter_map(get)
+        .find_map(parse_reset)
+    };
+    retry_after_ms().or_else(retry_after).or_else(reset)
+}
+
+fn positive_seconds(seconds: f64) -> Option<Duration> {
+    (seconds > 0.0 && seconds.is_finite()).then(|| Duration::from_secs_f64(seconds))
 }
 
 /// `x-ratelimit-reset-*` values: plain seconds (`6`, `0.5`) or OpenAI durations
 /// (`6s`, `250ms`, `1m30s`, `2h`).
 fn parse_reset(value: &str) -> Option<Duration> {
-    if let Ok(secs) = value.parse::<f64>() {
-        return (secs > 0.0 && secs.is_finite()).then(|| Duration::from_secs_f64(secs));
+    if let Ok(seconds) = value.parse::<f64>() {
+        return positive_seconds(seconds);
     }
     let mut total = 0.0;
     let mut rest = value;
@@ -116,7 +119,7 @@ fn parse_reset(value: &str) -> Option<Duration> {
         total += number * scale;
         rest = &rest[unit_len..];
     }
-    (total > 0.0).then(|| Duration::from_secs_f64(total))
+    positive_seconds(total)
 }
 
 #[cfg(test)]

@@ -41,11 +41,11 @@ pub async fn send(
         let status = response.status();
         let headers = response.headers().clone();
         let mut body: BodyStream = Box::pin(response.bytes_stream());
-        if status.is_success() {
-            if let Some(first) = body.next().await {
-                let first = first?;
-                body = Box::pin(stream::once(async { Ok(first) }).chain(body));
-            }
+        if status.is_success()
+            && let Some(first) = body.next().await
+        {
+            let first = first?;
+            body = Box::pin(stream::once(async { Ok(first) }).chain(body));
         }
         Ok::<_, reqwest::Error>(Upstream {
             status,

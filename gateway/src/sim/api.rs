@@ -189,13 +189,15 @@ fn forced_response(forced: &ForcedResponse) -> Response {
     response
 }
 
-/// Charge the request's estimate against the quota; `Err` is the 429 to send.
-fn charge(
-    deployment: &Deployment,
-    estimate: u64,
-    operation: &str,
-    api_version: &str,
-) -> Result<HeaderMap, Response> {
+/// Outcome of charging a request's estimate against the quota.
+enum Charge {
+    /// Serve it, with these quota headers.
+    Admitted(HeaderMap),
+    /// The 429 to send instead.
+    Throttled(Response),
+}
+
+fn charge(deployment: &Deployment, estimate: u64, operation: &str, api_version: &str) -> Charge {
     let decision = deployment.admit(estimate);
     let (remaining_tokens, remaining_requests) = match decision {
         Decision::Admit {
@@ -225,7 +227,7 @@ fn charge(
         );
     }
     let Decision::Reject { retry_after, .. } = decision else {
-        return Ok(headers);
+        return Charge::Admitted(headers);
     };
 
     deployment.record(|s| s.throttled += 1);
@@ -240,7 +242,7 @@ fn charge(
         HeaderValue::from(retry_after.as_millis().max(1) as u64),
     );
     response.headers_mut().extend(headers);
-    Err(response)
+    Charge::Throttled(response)
 }
 
 fn created() -> u64 {
@@ -298,8 +300,8 @@ async fn chat(
         "ChatCompletions_Create",
         api_version,
     ) {
-        Ok(h) => h,
-        Err(throttled) => return throttled,
+        Charge::Admitted(h) => h,
+        Charge::Throttled(response) => return response,
     };
     let finish_reason = if cut { "length" } else { "stop" };
     let pieces = text::reply_pieces(n);
@@ -460,8 +462,8 @@ async fn completions(
         "Completions_Create",
         api_version,
     ) {
-        Ok(h) => h,
-        Err(throttled) => return throttled,
+        Charge::Admitted(h) => h,
+        Charge::Throttled(response) => return response,
     };
     tokio::time::sleep(
         deployment.latency(deployment.spec.ttft_ms + deployment.spec.ms_per_token * u64::from(n)),
@@ -488,8 +490,8 @@ async fn embeddings(deployment: &Arc<Deployment>, request: &Value, api_version: 
     };
     let prompt: u64 = inputs.iter().map(text::input_tokens).sum();
     let headers = match charge(deployment, prompt, "Embeddings_Create", api_version) {
-        Ok(h) => h,
-        Err(throttled) => return throttled,
+        Charge::Admitted(h) => h,
+        Charge::Throttled(response) => return response,
     };
     tokio::time::sleep(deployment.latency(deployment.spec.ttft_ms)).await;
     let base64 = request.get("encoding_format").and_then(Value::as_str) == Some("base64");

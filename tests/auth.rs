@@ -1,0 +1,103 @@
+//! Keys: clients authenticate with their own key, which is never forwarded; each backend gets
+//! the gateway's credential for it. Its own test binary because it sets environment variables.
+
+use std::sync::Once;
+
+use serde_json::Value;
+use spillway_gateway::sim::{DeploymentKind, ResourceSpec};
+use spillway_tests::*;
+
+const CLIENT_KEY: &str = "client-key-123";
+const BACKEND_KEY: &str = "backend-key-456";
+
+fn set_keys() {
+    static ONCE: Once = Once::new();
+    // SAFETY: set once, before any test in this binary reads the environment.
+    ONCE.call_once(|| unsafe {
+        std::env::set_var("SPILLWAY_TEST_CLIENT_KEY", CLIENT_KEY);
+        std::env::set_var("SPILLWAY_TEST_BACKEND_KEY", BACKEND_KEY);
+        std::env::set_var("SPILLWAY_TEST_WRONG_BACKEND_KEY", "not-the-key");
+    });
+}
+
+fn keyed(name: &str) -> ResourceSpec {
+    ResourceSpec {
+        api_key: Some(BACKEND_KEY.into()),
+        ..resource(
+            name,
+            vec![instant_deployment("gpt-4o", DeploymentKind::Ptu, 1_000_000)],
+        )
+    }
+}
+
+fn keyed_backend(
+    sim: &spillway_gateway::sim::SimHandle,
+    id: &str,
+    priority: u32,
+    env: &str,
+) -> String {
+    backend(sim, id, priority).replace(
+        "deployments =",
+        &format!("auth = {{ type = \"api-key\", env = \"{env}\" }}\ndeployments ="),
+    )
+}
+
+const CONSUMER: &str =
+    "[[consumers]]\nname = \"chat-app\"\nkey_env = \"SPILLWAY_TEST_CLIENT_KEY\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_need_a_valid_key_and_the_backend_gets_its_own() {
+    set_keys();
+    let sim = start_sim(vec![keyed("ptu")]).await;
+    let gw = start_single(&(keyed_backend(&sim, "ptu", 1, "SPILLWAY_TEST_BACKEND_KEY") + CONSUMER))
+        .await;
+    let url = format!(
+        "{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+        gw.url
+    );
+    let body = chat_body(false);
+
+    for request in [
+        client().post(&url),
+        client().post(&url).header("api-key", "wrong"),
+    ] {
+        let r = request.json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 401);
+        let err: Value = r.json().await.unwrap();
+        assert_eq!(err["error"]["code"], "401");
+    }
+    assert_eq!(sim.stats("ptu", "gpt-4o").requests, 0);
+
+    // The simulator only accepts BACKEND_KEY: success means the client key was replaced.
+    let r = client()
+        .post(&url)
+        .header("api-key", CLIENT_KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = client()
+        .post(&url)
+        .bearer_auth(CLIENT_KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(sim.stats("ptu", "gpt-4o").succeeded, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_rejecting_the_gateway_credential_is_failed_over() {
+    set_keys();
+    let sim = start_sim(vec![keyed("ptu"), keyed("payg")]).await;
+    let config = keyed_backend(&sim, "ptu", 1, "SPILLWAY_TEST_WRONG_BACKEND_KEY")
+        + &keyed_backend(&sim, "payg", 2, "SPILLWAY_TEST_BACKEND_KEY");
+    let gw = start_single(&config).await;
+
+    let r = chat(&gw, "gpt-4o", &chat_body(false)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-spillway-backend"), "payg");
+    assert_eq!(header(&r, "x-spillway-attempts"), "2");
+}

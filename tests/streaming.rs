@@ -1,0 +1,175 @@
+//! Streaming: SSE relayed chunk by chunk, failover before the first byte, and a client that
+//! goes away cancels the upstream stream.
+
+use futures_util::StreamExt;
+use serde_json::Value;
+use spillway_gateway::sim::{DeploymentKind, DeploymentSpec};
+use spillway_tests::*;
+
+/// Read SSE events from a response until `done` returns true for one; returns all read.
+async fn read_events_until(
+    body: &mut (impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+    buffer: &mut String,
+    mut done: impl FnMut(&str) -> bool,
+) -> Vec<String> {
+    let mut events = Vec::new();
+    loop {
+        while let Some(end) = buffer.find("\n\n") {
+            let event = buffer[..end].to_string();
+            buffer.drain(..end + 2);
+            let stop = done(&event);
+            events.push(event);
+            if stop {
+                return events;
+            }
+        }
+        let chunk = tokio::time::timeout(EVENT_TIMEOUT, body.next())
+            .await
+            .expect("next chunk arrives")
+            .expect("stream not ended")
+            .expect("chunk ok");
+        buffer.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+}
+
+fn is_content(event: &str) -> bool {
+    event
+        .strip_prefix("data: ")
+        .and_then(|json| serde_json::from_str::<Value>(json).ok())
+        .and_then(|v| {
+            v.pointer("/choices/0/delta/content")
+                .and_then(Value::as_str)
+                .map(|s| !s.is_empty())
+        })
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_chunk_reaches_the_client_before_the_upstream_stream_ends() {
+    let sim = ptu_and_payg().await;
+    let gw = start_single(&backend(&sim, "ptu", 1)).await;
+    // The upstream holds its stream open after three events (filter, role, first token).
+    sim.set_faults(
+        "ptu",
+        "gpt-4o",
+        Faults {
+            stall_after_chunks: Some(3),
+            ..Faults::default()
+        },
+    );
+
+    let r = chat(&gw, "gpt-4o", &chat_body(true)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "content-type"), "text/event-stream");
+    assert_eq!(header(&r, "x-spillway-backend"), "ptu");
+    let mut body = r.bytes_stream();
+    let mut buffer = String::new();
+    let first = read_events_until(&mut body, &mut buffer, is_content).await;
+    assert_eq!(first.len(), 3);
+
+    let stats = sim.stats("ptu", "gpt-4o");
+    assert_eq!(
+        (stats.streams_started, stats.streams_completed),
+        (1, 0),
+        "upstream still streaming"
+    );
+
+    sim.set_faults("ptu", "gpt-4o", Faults::default());
+    let rest = read_events_until(&mut body, &mut buffer, |e| e == "data: [DONE]").await;
+    let tokens = first.iter().chain(&rest).filter(|e| is_content(e)).count();
+    assert_eq!(tokens, 8, "every token of max_tokens = 8 arrives");
+    assert!(
+        sim.wait_until(EVENT_TIMEOUT, |s| s
+            .stats("ptu", "gpt-4o")
+            .streams_completed
+            == 1)
+            .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_cancels_the_upstream_stream() {
+    // A long, steady stream: 4,000 tokens at 5 ms each would take 20 s to finish.
+    let long = DeploymentSpec {
+        ttft_ms: 0,
+        ms_per_token: 5,
+        jitter: 0.0,
+        output_tokens: 4_000,
+        ..DeploymentSpec::new("gpt-4o", DeploymentKind::Ptu, 10_000_000)
+    };
+    let sim = start_sim(vec![resource("ptu", vec![long])]).await;
+    let gw = start_single(&backend(&sim, "ptu", 1)).await;
+
+    let mut body = chat_body(true);
+    body["max_tokens"] = 5_000.into();
+    let r = chat(&gw, "gpt-4o", &body).await;
+    let mut stream = r.bytes_stream();
+    let mut buffer = String::new();
+    read_events_until(&mut stream, &mut buffer, is_content).await;
+    drop(stream);
+
+    let cancelled = sim
+        .wait_until(EVENT_TIMEOUT, |s| {
+            s.stats("ptu", "gpt-4o").streams_cancelled == 1
+        })
+        .await;
+    assert!(
+        cancelled,
+        "upstream saw the cancellation: {:?}",
+        sim.stats("ptu", "gpt-4o")
+    );
+    assert_eq!(sim.stats("ptu", "gpt-4o").streams_completed, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_fails_over_when_the_first_member_throttles() {
+    let sim = ptu_and_payg().await;
+    let gw = start_single(&(backend(&sim, "ptu", 1) + &backend(&sim, "payg", 2))).await;
+    force(&sim, "ptu", 429, Some(2_000), None, Some(1));
+
+    let r = chat(&gw, "gpt-4o", &chat_body(true)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-spillway-backend"), "payg");
+    assert_eq!(header(&r, "x-spillway-attempts"), "2");
+    let text = r.text().await.unwrap();
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert_eq!(sim.stats("payg", "gpt-4o").streams_completed, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relayed_stream_carries_the_upstream_events_unchanged() {
+    let sim = ptu_and_payg().await;
+    let gw = start_single(&backend(&sim, "ptu", 1)).await;
+    let via_gateway = chat(&gw, "gpt-4o", &chat_body(true))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let direct = client()
+        .post(format!(
+            "{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+            sim.url("ptu")
+        ))
+        .json(&chat_body(true))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // Ids and timestamps differ per response; everything else must match event for event.
+    let normalize = |s: &str| -> Vec<Value> {
+        s.split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .map(|d| match serde_json::from_str::<Value>(d) {
+                Ok(mut v) => {
+                    v["id"] = Value::Null;
+                    v["created"] = Value::Null;
+                    v
+                }
+                Err(_) => Value::String(d.to_string()),
+            })
+            .collect()
+    };
+    assert_eq!(normalize(&via_gateway), normalize(&direct));
+}
