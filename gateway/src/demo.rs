@@ -1,8 +1,171 @@
-//! `spillway demo` (placeholder replaced below).
+//! `spillway demo`: simulated PTU and PAYG deployments, a fleet of gateway replicas sharing
+//! one state store, and a load ramp past PTU capacity, reported second by second.
+
+mod load;
+mod report;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use spillway_shared::{EmbeddedState, FleetState};
+use tokio::net::TcpListener;
+
+use crate::app::{Gateway, app};
+use crate::config::Config;
+use crate::sim::{self, DeploymentKind, DeploymentSpec, ResourceSpec, SimConfig, SimHandle};
+use load::{LoadPlan, Outcomes};
+use report::{BackendRow, Report};
+
 pub struct DemoOptions {
-    pub duration: std::time::Duration,
+    pub duration: Duration,
     pub replicas: usize,
 }
-pub async fn run(_o: DemoOptions) -> Result<(), Box<dyn std::error::Error>> {
+
+/// Budgets are per 10-second window in the demo (a minute in Azure) so that a short run
+/// shows PTU filling, PAYG taking the overflow, and PTU refilling.
+const WINDOW_MS: u64 = 10_000;
+const PTU_TOKENS_PER_WINDOW: u64 = 6_000;
+const PAYG_TOKENS_PER_WINDOW: u64 = 400_000;
+const MAX_WORKERS: usize = 24;
+
+/// (resource, region, kind, tokens per window)
+const FLEET: [(&str, &str, DeploymentKind, u64); 4] = [
+    (
+        "ptu-eastus",
+        "eastus",
+        DeploymentKind::Ptu,
+        PTU_TOKENS_PER_WINDOW,
+    ),
+    (
+        "ptu-swedencentral",
+        "swedencentral",
+        DeploymentKind::Ptu,
+        PTU_TOKENS_PER_WINDOW,
+    ),
+    (
+        "payg-eastus2",
+        "eastus2",
+        DeploymentKind::Payg,
+        PAYG_TOKENS_PER_WINDOW,
+    ),
+    (
+        "payg-westus",
+        "westus",
+        DeploymentKind::Payg,
+        PAYG_TOKENS_PER_WINDOW,
+    ),
+];
+
+pub async fn run(options: DemoOptions) -> Result<(), Box<dyn std::error::Error>> {
+    if options.replicas == 0 {
+        return Err("--replicas must be at least 1".into());
+    }
+    let sim = sim::start(demo_sim()).await?;
+    let fleet: Arc<dyn FleetState> = Arc::new(EmbeddedState::new());
+    let config = Config::from_toml(&gateway_config(&sim))?;
+    let mut replicas = Vec::new();
+    for _ in 0..options.replicas {
+        replicas.push(start_replica(&config, fleet.clone()).await?);
+    }
+
+    println!(
+        "spillway demo: {} gateway replicas sharing embedded state, 2 PTU + 2 PAYG simulated deployments",
+        options.replicas
+    );
+    println!(
+        "PTU budget {PTU_TOKENS_PER_WINDOW} tokens per {}s window each; load ramps from 1 to {MAX_WORKERS} clients over {}s\n",
+        WINDOW_MS / 1000,
+        options.duration.as_secs()
+    );
+
+    let outcomes = Arc::new(Outcomes::default());
+    let plan = LoadPlan {
+        duration: options.duration,
+        max_workers: MAX_WORKERS,
+        gateways: replicas.iter().map(|r| r.url.clone()).collect(),
+    };
+    let load = tokio::spawn(load::run(plan, outcomes.clone()));
+
+    let mut report = Report::new(
+        FLEET
+            .iter()
+            .map(|(name, _, kind, _)| (name.to_string(), *kind))
+            .collect(),
+    );
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let seconds = options.duration.as_secs().max(1);
+    for second in 1..=seconds {
+        tick.tick().await;
+        report.second(second, outcomes.snapshot(), backend_rows(&sim));
+    }
+    load.await?;
+    report.summary(outcomes.snapshot(), backend_rows(&sim));
     Ok(())
+}
+
+fn demo_sim() -> SimConfig {
+    let resources = FLEET
+        .iter()
+        .map(|(name, region, kind, tokens)| ResourceSpec {
+            name: name.to_string(),
+            listen: "127.0.0.1:0".parse().expect("literal address"),
+            api_key: None,
+            region: Some(region.to_string()),
+            deployments: vec![DeploymentSpec {
+                window_ms: WINDOW_MS,
+                ttft_ms: 40,
+                ms_per_token: 4,
+                jitter: 0.2,
+                output_tokens: 60,
+                ..DeploymentSpec::new("gpt-4o", *kind, *tokens)
+            }],
+        })
+        .collect();
+    SimConfig { resources }
+}
+
+fn gateway_config(sim: &SimHandle) -> String {
+    FLEET
+        .iter()
+        .map(|(name, region, kind, _)| {
+            let priority = if *kind == DeploymentKind::Ptu { 1 } else { 2 };
+            format!(
+                "[[backends]]\nid = \"{name}\"\nurl = \"{}\"\nregion = \"{region}\"\npriority = {priority}\ndeployments = {{ \"gpt-4o\" = \"gpt-4o\" }}\n",
+                sim.url(name)
+            )
+        })
+        .collect()
+}
+
+struct Replica {
+    url: String,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+async fn start_replica(
+    config: &Config,
+    fleet: Arc<dyn FleetState>,
+) -> Result<Replica, Box<dyn std::error::Error>> {
+    let gateway = Arc::new(Gateway::from_config(config, fleet)?);
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app(gateway)).await;
+    });
+    Ok(Replica { url, _task: task })
+}
+
+fn backend_rows(sim: &SimHandle) -> Vec<BackendRow> {
+    FLEET
+        .iter()
+        .map(|(name, _, _, _)| {
+            let s = sim.stats(name, "gpt-4o");
+            BackendRow {
+                requests: s.requests,
+                tokens: s.total_tokens,
+                throttled: s.throttled + s.forced,
+            }
+        })
+        .collect()
 }

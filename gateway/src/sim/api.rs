@@ -211,10 +211,12 @@ fn charge(deployment: &Deployment, estimate: u64, operation: &str, api_version: 
         } => (remaining_tokens, remaining_requests),
     };
     let mut headers = HeaderMap::new();
-    headers.insert(
-        "x-ratelimit-remaining-requests",
-        HeaderValue::from(remaining_requests),
-    );
+    if let Some(requests) = remaining_requests {
+        headers.insert(
+            "x-ratelimit-remaining-requests",
+            HeaderValue::from(requests),
+        );
+    }
     headers.insert(
         "x-ratelimit-remaining-tokens",
         HeaderValue::from(remaining_tokens),

@@ -1,4 +1,4 @@
-//! One simulated deployment's live state: quota window, injected faults, counters.
+//! One simulated deployment's live state: quota, injected faults, counters.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::config::DeploymentSpec;
-use super::limiter::{Decision, Window};
+use super::config::{DeploymentKind, DeploymentSpec};
+use super::limiter::{Decision, LeakyBucket, Window};
 
 /// Faults changeable at run time (`POST /sim/faults` or [`super::SimHandle::set_faults`]).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -60,9 +60,15 @@ pub struct DeploymentStats {
     pub streams_cancelled: u64,
 }
 
+/// PAYG deployments count a sliding window; PTU ones fill a leaky bucket.
+enum Quota {
+    Window(Window),
+    Bucket(LeakyBucket),
+}
+
 pub struct Deployment {
     pub spec: DeploymentSpec,
-    window: Mutex<Window>,
+    quota: Mutex<Quota>,
     faults: watch::Sender<Faults>,
     stats: Mutex<DeploymentStats>,
     changed: watch::Sender<u64>,
@@ -70,14 +76,14 @@ pub struct Deployment {
 
 impl Deployment {
     pub fn new(spec: DeploymentSpec, changed: watch::Sender<u64>) -> Self {
-        let window = Window::new(
-            Duration::from_millis(spec.window_ms),
-            spec.tpm,
-            spec.rpm_limit(),
-        );
+        let period = Duration::from_millis(spec.window_ms);
+        let quota = match spec.kind {
+            DeploymentKind::Payg => Quota::Window(Window::new(period, spec.tpm, spec.rpm_limit())),
+            DeploymentKind::Ptu => Quota::Bucket(LeakyBucket::new(period, spec.tpm)),
+        };
         Self {
             spec,
-            window: Mutex::new(window),
+            quota: Mutex::new(quota),
             faults: watch::Sender::new(Faults::default()),
             stats: Mutex::new(DeploymentStats::default()),
             changed,
@@ -133,17 +139,17 @@ impl Deployment {
     }
 
     pub fn admit(&self, tokens: u64) -> Decision {
-        self.window
-            .lock()
-            .expect("sim window lock")
-            .try_admit(Instant::now(), tokens)
+        match &mut *self.quota.lock().expect("sim quota lock") {
+            Quota::Window(w) => w.try_admit(Instant::now(), tokens),
+            Quota::Bucket(b) => b.try_admit(Instant::now(), tokens),
+        }
     }
 
     pub fn utilization(&self) -> f64 {
-        self.window
-            .lock()
-            .expect("sim window lock")
-            .utilization(Instant::now())
+        match &mut *self.quota.lock().expect("sim quota lock") {
+            Quota::Window(w) => w.utilization(Instant::now()),
+            Quota::Bucket(b) => b.utilization(Instant::now()),
+        }
     }
 
     /// `base_ms` scaled by the slowdown fault and jittered.
