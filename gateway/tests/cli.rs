@@ -1,0 +1,123 @@
+//! The `spillway` binary: configuration checking, start-up errors, and the demo's exit code.
+
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// A fresh directory per call: tests run in parallel.
+fn scratch_dir() -> std::path::PathBuf {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    std::env::temp_dir().join(format!("spillway-cli-{}-{n}", std::process::id()))
+}
+
+fn spillway(args: &[&str], config: Option<&str>) -> Output {
+    let dir = scratch_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_spillway"));
+    command
+        .args(args)
+        .env_remove("SPILLWAY_CONFIG")
+        .env("RUST_LOG", "warn");
+    if let Some(text) = config {
+        let path = dir.join("spillway.toml");
+        std::fs::write(&path, text).unwrap();
+        command.arg("--config").arg(path);
+    }
+    command.output().expect("spillway runs")
+}
+
+const VALID: &str = r#"
+[[backends]]
+id = "ptu-eastus"
+url = "https://contoso-ptu-eastus.openai.azure.com"
+region = "eastus"
+priority = 1
+deployments = { "gpt-4o" = "gpt-4o-ptu", "text-embedding-3-small" = "emb" }
+
+[[backends]]
+id = "payg-westus"
+url = "https://contoso-payg-westus.openai.azure.com"
+priority = 2
+deployments = { "gpt-4o" = "gpt-4o" }
+"#;
+
+#[test]
+fn check_config_prints_pools_tiers_and_backends() {
+    let out = spillway(&["check-config"], Some(VALID));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gpt = stdout.find("pool gpt-4o").expect("gpt-4o pool listed");
+    let tier1 = stdout[gpt..].find("tier 1").unwrap();
+    let tier2 = stdout[gpt..].find("tier 2").unwrap();
+    assert!(tier1 < tier2, "{stdout}");
+    assert!(stdout.contains("deployment=gpt-4o-ptu"));
+    assert!(stdout.contains("pool text-embedding-3-small"));
+}
+
+#[test]
+fn check_config_names_the_bad_key_and_fails() {
+    let broken = VALID.replace("priority = 2", "priority = 0");
+    let out = spillway(&["check-config"], Some(&broken));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("backends[1].priority"), "{stderr}");
+}
+
+#[test]
+fn serve_refuses_to_start_on_an_invalid_configuration() {
+    let out = spillway(&["serve"], Some("[server]\nlisten = \"not-an-address\"\n"));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("listen"), "{stderr}");
+}
+
+#[test]
+fn environment_overrides_a_key() {
+    let dir = scratch_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("spillway.toml");
+    std::fs::write(&path, VALID).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_spillway"))
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .env("SPILLWAY__ROUTING__MAX_ATTEMPTS", "0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the override reached validation");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("routing.max_attempts"));
+}
+
+#[test]
+fn the_demo_runs_and_reports_that_no_client_saw_a_429() {
+    let out = spillway(&["demo", "--duration", "3s", "--replicas", "2"], None);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("t=  1s"), "{stdout}");
+    let clients = stdout
+        .lines()
+        .find(|l| l.starts_with("Clients:"))
+        .expect("summary line");
+    assert!(clients.contains(" 0 saw 429, 0 errors"), "{clients}");
+}
+
+#[test]
+fn the_shipped_compose_configurations_are_valid() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/");
+    let out = Command::new(env!("CARGO_BIN_EXE_spillway"))
+        .args(["check-config", "--config", &format!("{root}spillway.toml")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sim =
+        spillway_gateway::sim::SimConfig::load(std::path::Path::new(&format!("{root}sim.toml")))
+            .unwrap();
+    assert_eq!(sim.resources.len(), 2);
+}
