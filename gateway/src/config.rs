@@ -136,6 +136,12 @@ fn one() -> u32 {
 pub enum BackendAuthConfig {
     /// `api-key` header, value read from the environment variable `env`.
     ApiKey { env: String },
+    /// Entra ID token from the managed identity (user-assigned with `client_id`),
+    /// scope `https://cognitiveservices.azure.com/.default`.
+    ManagedIdentity {
+        #[serde(default)]
+        client_id: Option<String>,
+    },
     /// No credential (simulators, private gateways).
     #[default]
     None,

@@ -131,7 +131,7 @@ async fn route(
                 Verdict::Retry(backoff) => (backoff, format!("HTTP {}", upstream.status)),
             },
             Err(failure) => (
-                classify_transport_failure(failure.timed_out, policy),
+                classify_transport_failure(failure.kind, policy),
                 failure.detail,
             ),
         };

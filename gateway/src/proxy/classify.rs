@@ -6,6 +6,8 @@ use std::time::{Duration, SystemTime};
 use axum::http::{HeaderMap, StatusCode};
 use spillway_shared::{Backoff, BackoffReason};
 
+use super::forward::FailureKind;
+
 /// What to do with an upstream answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -41,15 +43,16 @@ pub fn classify_response(
     Verdict::Retry(Backoff { duration, reason })
 }
 
-/// A transport failure (refused, reset, timed out): back off for the default time.
-pub fn classify_transport_failure(timed_out: bool, policy: BackoffPolicy) -> Backoff {
+/// A failure with no response (refused, timed out, no credential): the default backoff.
+pub fn classify_transport_failure(kind: FailureKind, policy: BackoffPolicy) -> Backoff {
+    let reason = match kind {
+        FailureKind::Connection => BackoffReason::Unreachable,
+        FailureKind::Timeout => BackoffReason::Timeout,
+        FailureKind::Credential => BackoffReason::AuthRejected,
+    };
     Backoff {
         duration: policy.default,
-        reason: if timed_out {
-            BackoffReason::Timeout
-        } else {
-            BackoffReason::Unreachable
-        },
+        reason,
     }
 }
 

@@ -24,8 +24,18 @@ pub struct Upstream {
 /// The attempt got no usable response.
 #[derive(Debug)]
 pub struct TransportFailure {
-    pub timed_out: bool,
+    pub kind: FailureKind,
     pub detail: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureKind {
+    /// Refused, reset, TLS or protocol failure.
+    Connection,
+    /// Nothing within the attempt's time.
+    Timeout,
+    /// No credential could be had for the backend (token endpoint down).
+    Credential,
 }
 
 /// Send `request` to `member`. Success responses are committed only once their first body
@@ -37,30 +47,40 @@ pub async fn send(
     timeout: Duration,
 ) -> Result<Upstream, TransportFailure> {
     let attempt = async {
-        let response = build(http, member, request).send().await?;
+        let credential =
+            member
+                .backend
+                .credential
+                .header()
+                .await
+                .map_err(|detail| TransportFailure {
+                    kind: FailureKind::Credential,
+                    detail,
+                })?;
+        let mut builder = build(http, member, request);
+        if let Some((name, value)) = credential {
+            builder = builder.header(name, value);
+        }
+        let response = builder.send().await.map_err(transport)?;
         let status = response.status();
         let headers = response.headers().clone();
         let mut body: BodyStream = Box::pin(response.bytes_stream());
         if status.is_success()
             && let Some(first) = body.next().await
         {
-            let first = first?;
+            let first = first.map_err(transport)?;
             body = Box::pin(stream::once(async { Ok(first) }).chain(body));
         }
-        Ok::<_, reqwest::Error>(Upstream {
+        Ok(Upstream {
             status,
             headers,
             body,
         })
     };
     match tokio::time::timeout(timeout, attempt).await {
-        Ok(Ok(upstream)) => Ok(upstream),
-        Ok(Err(e)) => Err(TransportFailure {
-            timed_out: e.is_timeout(),
-            detail: describe(&e),
-        }),
+        Ok(result) => result,
         Err(_) => Err(TransportFailure {
-            timed_out: true,
+            kind: FailureKind::Timeout,
             detail: format!("no response within {} ms", timeout.as_millis()),
         }),
     }
@@ -91,8 +111,19 @@ fn build(
         url.push('?');
         url.push_str(query);
     }
-    let builder = http.post(url).headers(request.headers.clone()).body(body);
-    member.backend.credential.apply(builder)
+    http.post(url).headers(request.headers.clone()).body(body)
+}
+
+fn transport(e: reqwest::Error) -> TransportFailure {
+    let kind = if e.is_timeout() {
+        FailureKind::Timeout
+    } else {
+        FailureKind::Connection
+    };
+    TransportFailure {
+        kind,
+        detail: describe(&e),
+    }
 }
 
 /// Error text for logs and client messages: the kind of failure, never a credential.
