@@ -69,8 +69,8 @@ pub async fn handle(gateway: &Gateway, inbound: Inbound) -> Response {
         .as_ref()
         .map_or("none", BackendId::as_str);
     span.record("backend", backend);
-    span.record("attempts", attempts.count);
-    span.record("status", response.status().as_u16());
+    span.record("attempts", i64::from(attempts.count));
+    span.record("status", i64::from(response.status().as_u16()));
     let headers = response.headers_mut();
     if let Ok(value) = HeaderValue::from_str(backend) {
         headers.insert("x-spillway-backend", value);
