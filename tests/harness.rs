@@ -161,6 +161,18 @@ pub fn force(
     );
 }
 
+/// Make every request to a resource's `gpt-4o` deployment fail with 500.
+pub fn fail_every_request(sim: &SimHandle, resource: &str) {
+    sim.set_faults(
+        resource,
+        "gpt-4o",
+        Faults {
+            error_rate: 1.0,
+            ..Faults::default()
+        },
+    );
+}
+
 /// A loopback address with nothing listening (bound, then released).
 pub async fn closed_port_url() -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -77,14 +77,7 @@ async fn a_429_without_retry_after_ms_uses_retry_after_seconds() {
 async fn a_5xx_fails_over_to_the_next_member() {
     let sim = ptu_and_payg().await;
     let gw = start_single(&(backend(&sim, "ptu", 1) + &backend(&sim, "payg", 2))).await;
-    sim.set_faults(
-        "ptu",
-        "gpt-4o",
-        Faults {
-            error_rate: 1.0,
-            ..Faults::default()
-        },
-    );
+    fail_every_request(&sim, "ptu");
 
     let r = chat(&gw, "gpt-4o", &chat_body(false)).await;
     assert_eq!(r.status(), 200);
@@ -176,14 +169,7 @@ async fn every_attempt_failing_gives_502_naming_each_failure() {
     let sim = ptu_and_payg().await;
     let gw = start_single(&(backend(&sim, "ptu", 1) + &backend(&sim, "payg", 2))).await;
     for r in ["ptu", "payg"] {
-        sim.set_faults(
-            r,
-            "gpt-4o",
-            Faults {
-                error_rate: 1.0,
-                ..Faults::default()
-            },
-        );
+        fail_every_request(&sim, r);
     }
     let r = chat(&gw, "gpt-4o", &chat_body(false)).await;
     assert_eq!(r.status(), 502);
@@ -253,14 +239,7 @@ async fn max_attempts_bounds_the_retries() {
     ])
     .await;
     for r in ["a", "b", "c"] {
-        sim.set_faults(
-            r,
-            "gpt-4o",
-            Faults {
-                error_rate: 1.0,
-                ..Faults::default()
-            },
-        );
+        fail_every_request(&sim, r);
     }
     let config = backend(&sim, "a", 1)
         + &backend(&sim, "b", 1)
