@@ -9,7 +9,7 @@ use spillway_gateway::sim::{
     self, DeploymentKind, DeploymentSpec, ResourceSpec, SimConfig, SimHandle,
 };
 use spillway_gateway::{Gateway, app};
-use spillway_shared::{EmbeddedState, FleetState};
+use spillway_shared::FleetState;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -102,9 +102,11 @@ pub async fn start_gateway(config_toml: &str, fleet: Arc<dyn FleetState>) -> Rep
     Replica { url, gateway, task }
 }
 
-/// One replica on its own embedded state.
+/// One replica on the state store its configuration names (embedded by default).
 pub async fn start_single(config_toml: &str) -> Replica {
-    start_gateway(config_toml, Arc::new(EmbeddedState::new())).await
+    let config = Config::from_toml(config_toml).expect("test configuration parses");
+    let fleet = spillway_gateway::server::fleet_state(&config).expect("state store starts");
+    start_gateway(config_toml, fleet).await
 }
 
 pub fn client() -> reqwest::Client {
@@ -179,4 +181,81 @@ pub async fn closed_port_url() -> String {
     let addr = listener.local_addr().unwrap();
     drop(listener);
     format!("http://{addr}")
+}
+
+/// A store that tells when requests settle, so tests await the event instead of polling.
+pub struct ObservedState {
+    pub inner: Arc<dyn FleetState>,
+    settled: tokio::sync::watch::Sender<u64>,
+}
+
+impl ObservedState {
+    pub fn new(inner: Arc<dyn FleetState>) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            settled: tokio::sync::watch::Sender::new(0),
+        })
+    }
+
+    /// Wait until `n` settlements in all have happened.
+    pub async fn settled(&self, n: u64) {
+        let mut rx = self.settled.subscribe();
+        tokio::time::timeout(EVENT_TIMEOUT, rx.wait_for(|&count| count >= n))
+            .await
+            .expect("settlements happen")
+            .expect("sender alive");
+    }
+}
+
+#[async_trait::async_trait]
+impl FleetState for ObservedState {
+    async fn acquire(
+        &self,
+        pool: &spillway_shared::PoolName,
+        candidates: &[spillway_shared::Candidate],
+        tokens: u64,
+    ) -> Result<spillway_shared::Admission, spillway_shared::StateError> {
+        self.inner.acquire(pool, candidates, tokens).await
+    }
+    async fn settle(
+        &self,
+        pool: &spillway_shared::PoolName,
+        backend: &spillway_shared::BackendId,
+        receipt: spillway_shared::Receipt,
+    ) -> Result<(), spillway_shared::StateError> {
+        let result = self.inner.settle(pool, backend, receipt).await;
+        self.settled.send_modify(|n| *n += 1);
+        result
+    }
+    async fn backoff(
+        &self,
+        pool: &spillway_shared::PoolName,
+        backend: &spillway_shared::BackendId,
+        backoff: spillway_shared::Backoff,
+    ) -> Result<(), spillway_shared::StateError> {
+        self.inner.backoff(pool, backend, backoff).await
+    }
+    async fn snapshot(
+        &self,
+        pool: &spillway_shared::PoolName,
+        members: &[spillway_shared::Candidate],
+    ) -> Result<spillway_shared::PoolSnapshot, spillway_shared::StateError> {
+        self.inner.snapshot(pool, members).await
+    }
+    async fn ping(&self) -> Result<(), spillway_shared::StateError> {
+        self.inner.ping().await
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// Tokens and requests the fleet state has charged to `backend` in pool `gpt-4o`.
+pub async fn charged(fleet: &dyn FleetState, backend: &str) -> (u64, u64) {
+    let candidate = spillway_shared::Candidate::unlimited(spillway_shared::BackendId::new(backend));
+    let snap = fleet
+        .snapshot(&spillway_shared::PoolName::new("gpt-4o"), &[candidate])
+        .await
+        .unwrap();
+    (snap.members[0].tokens_used, snap.members[0].requests_used)
 }

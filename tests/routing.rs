@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use spillway_shared::{BackendId, BackoffReason, PoolName};
+use spillway_shared::{BackendId, BackoffReason, Candidate, PoolName};
 use spillway_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -25,7 +25,10 @@ async fn backoff_of(gw: &Replica, backend: &str) -> Option<spillway_shared::Back
     let snap = gw
         .gateway
         .fleet
-        .snapshot(&PoolName::new("gpt-4o"), &[BackendId::new(backend)])
+        .snapshot(
+            &PoolName::new("gpt-4o"),
+            &[Candidate::unlimited(BackendId::new(backend))],
+        )
         .await
         .unwrap();
     snap.members[0].backoff

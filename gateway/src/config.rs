@@ -49,9 +49,20 @@ impl Default for ServerConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StateConfig {
-    /// No URL: embedded in-process state.
+    /// No URL: embedded in-process state. `redis://`, `rediss://` (TLS), with a password as
+    /// `rediss://:password@host:6380`; a cluster as `redis-cluster://host:port?node=host:port`.
     pub redis_url: Option<String>,
+    /// Every Redis key starts with this.
     pub key_prefix: String,
+    /// Budget window (`tpm`, `rpm` are per this window); tests shorten it.
+    pub window_ms: u64,
+    /// The budget window is counted in this many buckets.
+    pub window_buckets: u32,
+    /// Latency samples are kept for this long.
+    pub latency_window_ms: u64,
+    /// A Redis call slower than this is abandoned and the replica decides with its embedded
+    /// state for that request (degraded) until Redis answers in time again.
+    pub redis_timeout_ms: u64,
 }
 
 impl Default for StateConfig {
@@ -59,6 +70,21 @@ impl Default for StateConfig {
         Self {
             redis_url: None,
             key_prefix: "spillway".into(),
+            window_ms: 60_000,
+            window_buckets: 60,
+            latency_window_ms: 300_000,
+            redis_timeout_ms: 10,
+        }
+    }
+}
+
+impl StateConfig {
+    pub fn windows(&self) -> spillway_shared::Windows {
+        spillway_shared::Windows {
+            budget: std::time::Duration::from_millis(self.window_ms),
+            budget_buckets: self.window_buckets,
+            latency: std::time::Duration::from_millis(self.latency_window_ms),
+            latency_slots: 5,
         }
     }
 }
@@ -78,6 +104,8 @@ pub struct RoutingConfig {
     pub attempt_timeout_ms: u64,
     /// Time allowed for all attempts of one request together (until the first byte).
     pub request_timeout_ms: u64,
+    /// Output tokens charged up front for a request that sets no `max_tokens`.
+    pub default_max_tokens: u64,
 }
 
 impl Default for RoutingConfig {
@@ -89,6 +117,7 @@ impl Default for RoutingConfig {
             connect_timeout_ms: 5_000,
             attempt_timeout_ms: 120_000,
             request_timeout_ms: 300_000,
+            default_max_tokens: 256,
         }
     }
 }
@@ -227,6 +256,26 @@ impl Config {
                 "must be non-empty without braces or spaces".into(),
             );
         }
+        let st = &self.state;
+        if st.window_ms == 0 || st.window_buckets == 0 || st.window_buckets as u64 > st.window_ms {
+            bad(
+                "state.window_ms".into(),
+                "window_ms and window_buckets must be positive, with at least 1 ms per bucket"
+                    .into(),
+            );
+        }
+        if st.latency_window_ms < 5 {
+            bad(
+                "state.latency_window_ms".into(),
+                "must be at least 5".into(),
+            );
+        }
+        if st.redis_timeout_ms == 0 {
+            bad(
+                "state.redis_timeout_ms".into(),
+                "must be greater than 0".into(),
+            );
+        }
         let r = &self.routing;
         if r.max_attempts == Some(0) {
             bad("routing.max_attempts".into(), "must be at least 1".into());
@@ -279,6 +328,18 @@ impl Config {
                 bad(
                     at("priority"),
                     "must be at least 1 (1 is tried first)".into(),
+                );
+            }
+            if b.tpm == Some(0) {
+                bad(
+                    at("tpm"),
+                    "must be at least 1 (leave it out for no budget)".into(),
+                );
+            }
+            if b.rpm == Some(0) {
+                bad(
+                    at("rpm"),
+                    "must be at least 1 (leave it out for no budget)".into(),
                 );
             }
             if b.weight == 0 {

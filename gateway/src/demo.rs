@@ -61,7 +61,7 @@ pub async fn run(options: DemoOptions) -> Result<(), Box<dyn std::error::Error>>
         return Err("--replicas must be at least 1".into());
     }
     let sim = sim::start(demo_sim()).await?;
-    let fleet: Arc<dyn FleetState> = Arc::new(EmbeddedState::new());
+    let fleet: Arc<dyn FleetState> = Arc::new(EmbeddedState::default());
     let config = Config::from_toml(&gateway_config(&sim))?;
     let mut replicas = Vec::new();
     for _ in 0..options.replicas {

@@ -14,5 +14,6 @@ pub mod server;
 pub mod sim;
 pub mod table;
 pub mod telemetry;
+pub mod tokens;
 
 pub use app::{Gateway, app};

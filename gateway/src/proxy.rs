@@ -6,13 +6,15 @@ mod classify;
 mod forward;
 mod relay;
 mod select;
+mod usage;
 
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
 
+use axum::http::HeaderMap;
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
-use spillway_shared::{Admission, BackendId, Backoff, BackoffReason};
+use spillway_shared::{Admission, BackendId, BackoffReason, Candidate, Receipt, UpstreamHints};
 use tokio::time::Instant;
 use tracing::{Instrument, info_span, warn};
 
@@ -98,6 +100,7 @@ async fn route(
         .min(pool.members.len());
     let deadline = Instant::now() + Duration::from_millis(routing.request_timeout_ms);
     let mut tried = HashSet::new();
+    let mut refusal = None;
 
     while (attempts.count as usize) < max_attempts {
         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -108,9 +111,30 @@ async fn route(
             )));
         }
         let order = select::candidate_order(&pool.members, &tried, &mut rand::rng());
-        let backend = match gateway.fleet.acquire(&pool.name, &order).await? {
-            Admission::Admitted { backend } => backend,
-            Admission::Exhausted { .. } => break,
+        let candidates: Vec<Candidate> = order
+            .iter()
+            .filter_map(|id| pool.member(id))
+            .map(|m| m.candidate())
+            .collect();
+        let (backend, reservation) = match gateway
+            .fleet
+            .acquire(&pool.name, &candidates, request.estimate.total)
+            .await?
+        {
+            Admission::Admitted {
+                backend,
+                reservation,
+            } => (backend, reservation),
+            Admission::Exhausted {
+                retry_after,
+                throttled,
+            } => {
+                refusal = Some(Refusal {
+                    retry_after,
+                    throttled,
+                });
+                break;
+            }
         };
         let Some(member) = pool.member(&backend) else {
             break; // a store returning a non-candidate is a bug; never loop on it
@@ -120,21 +144,38 @@ async fn route(
         attempts.last_backend = Some(backend.clone());
 
         let timeout = remaining.min(Duration::from_millis(routing.attempt_timeout_ms));
-        let (backoff, detail) = match forward::send(&gateway.http, member, request, timeout).await {
-            Ok(upstream) => match classify_response(
-                upstream.status,
-                &upstream.headers,
-                SystemTime::now(),
-                policy,
-            ) {
-                Verdict::Deliver => return Ok(relay::to_client(upstream)),
-                Verdict::Retry(backoff) => (backoff, format!("HTTP {}", upstream.status)),
-            },
-            Err(failure) => (
-                classify_transport_failure(failure.kind, policy),
-                failure.detail,
-            ),
-        };
+        let (backoff, hints, detail) =
+            match forward::send(&gateway.http, member, request, timeout).await {
+                Ok(upstream) => {
+                    let hints = upstream_hints(&upstream.headers);
+                    match classify_response(
+                        upstream.status,
+                        &upstream.headers,
+                        SystemTime::now(),
+                        policy,
+                    ) {
+                        Verdict::Deliver => {
+                            let settlement = relay::Settlement {
+                                fleet: gateway.fleet.clone(),
+                                pool: pool.name.clone(),
+                                backend,
+                                reservation,
+                                estimate: request.estimate,
+                                hints,
+                            };
+                            return Ok(relay::to_client(upstream, settlement));
+                        }
+                        Verdict::Retry(backoff) => {
+                            (backoff, hints, format!("HTTP {}", upstream.status))
+                        }
+                    }
+                }
+                Err(failure) => (
+                    classify_transport_failure(failure.kind, policy),
+                    UpstreamHints::default(),
+                    failure.detail,
+                ),
+            };
         warn!(
             backend = %backend,
             reason = %backoff.reason,
@@ -142,44 +183,53 @@ async fn route(
             %detail,
             "upstream attempt failed; backing off and trying the next member"
         );
-        gateway.fleet.backoff(&pool.name, &backend, backoff).await?;
+        // One round trip: release the reservation and start the backoff.
+        let receipt = Receipt {
+            reservation,
+            tokens: 0,
+            latency: None,
+            hints,
+            backoff: Some(backoff),
+        };
+        gateway.fleet.settle(&pool.name, &backend, receipt).await?;
         attempts.failures.push(Failure {
             backend,
             reason: backoff.reason,
             detail,
         });
     }
-    Err(exhausted(gateway, request, attempts).await?)
+    Err(exhausted(gateway, request, attempts, refusal).await?)
 }
 
-/// The error for a request no member would take: 429 when throttling is why, 502/504 when
-/// this request's attempts failed, 503 when every member is held back by earlier failures.
+/// The error for a request no member would take: 429 when throttling or budgets are why
+/// (with the time the first member frees up), 502/504 when this request's attempts failed,
+/// 503 when every member is held back by earlier failures.
 async fn exhausted(
     gateway: &Gateway,
     request: &ProxyRequest,
     attempts: &Attempts,
+    refusal: Option<Refusal>,
 ) -> Result<GatewayError, GatewayError> {
     let pool = &request.pool;
     let snapshot = gateway
         .fleet
-        .snapshot(&pool.name, &pool.member_ids())
+        .snapshot(&pool.name, &pool.candidates())
         .await?;
-    let retry_after = snapshot.earliest_available().max(Duration::from_millis(1));
-    let backoff_reasons = snapshot
+    let retry_after = snapshot
         .members
         .iter()
-        .filter_map(|m| m.backoff)
-        .map(|b: Backoff| b.reason);
+        .filter_map(|m| m.backoff.map(|b| b.duration))
+        .chain(refusal.map(|r| r.retry_after))
+        .min()
+        .unwrap_or(Duration::from_secs(1))
+        .max(Duration::from_millis(1));
     let name = pool.name.to_string();
 
     let throttled = attempts
         .failures
         .iter()
         .any(|f| f.reason == BackoffReason::Throttled)
-        || (attempts.failures.is_empty()
-            && backoff_reasons
-                .clone()
-                .any(|r| r == BackoffReason::Throttled));
+        || refusal.is_some_and(|r| r.throttled);
     if throttled {
         return Ok(GatewayError::Throttled {
             pool: name,
@@ -203,4 +253,27 @@ async fn exhausted(
     } else {
         GatewayError::BadGateway(summary)
     })
+}
+
+/// Why the fleet state admitted none of the remaining candidates.
+#[derive(Clone, Copy, Debug)]
+struct Refusal {
+    retry_after: Duration,
+    throttled: bool,
+}
+
+/// Capacity hints on an upstream response: remaining tokens and PTU utilization ("87.5%").
+fn upstream_hints(headers: &HeaderMap) -> UpstreamHints {
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    UpstreamHints {
+        remaining_tokens: get("x-ratelimit-remaining-tokens").and_then(|v| v.parse().ok()),
+        utilization: get("azure-openai-deployment-utilization")
+            .and_then(|v| v.trim_end_matches('%').trim().parse::<f64>().ok())
+            .map(|percent| percent / 100.0),
+    }
 }

@@ -12,7 +12,7 @@ use crate::config::{Config, ConfigError, ConfigProblem};
 /// The fleet-state store the configuration asks for.
 pub fn fleet_state(config: &Config) -> Result<Arc<dyn FleetState>, ConfigError> {
     match &config.state.redis_url {
-        None => Ok(Arc::new(EmbeddedState::new())),
+        None => Ok(Arc::new(EmbeddedState::new(config.state.windows()))),
         Some(_) => Err(ConfigError::Invalid(vec![ConfigProblem {
             key: "state.redis_url".into(),
             problem:

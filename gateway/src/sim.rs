@@ -19,7 +19,6 @@ use tokio::task::JoinHandle;
 
 pub use config::{DeploymentKind, DeploymentSpec, ResourceSpec, SimConfig};
 pub use deployment::{DeploymentStats, Faults, ForcedResponse};
-pub use text::chat_prompt_tokens;
 
 use api::ResourceState;
 use deployment::Deployment;

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use spillway_shared::{BackendId, PoolName};
+use spillway_shared::{BackendId, Candidate, PoolName};
 
 use crate::config::Config;
 use crate::credentials::BackendCredential;
@@ -19,6 +19,9 @@ pub struct Backend {
     pub priority: u32,
     pub weight: u32,
     pub credential: BackendCredential,
+    /// Budget per deployment per window (`state.window_ms`, a minute by default).
+    pub tpm: Option<u64>,
+    pub rpm: Option<u64>,
 }
 
 /// A backend serving a pool under its own deployment name.
@@ -26,6 +29,17 @@ pub struct Backend {
 pub struct Member {
     pub backend: Arc<Backend>,
     pub deployment: String,
+}
+
+impl Member {
+    /// This member as offered to the fleet state, with its budget.
+    pub fn candidate(&self) -> Candidate {
+        Candidate {
+            backend: self.backend.id.clone(),
+            tokens_per_window: self.backend.tpm,
+            requests_per_window: self.backend.rpm,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -40,8 +54,8 @@ impl Pool {
         self.members.iter().find(|m| &m.backend.id == id)
     }
 
-    pub fn member_ids(&self) -> Vec<BackendId> {
-        self.members.iter().map(|m| m.backend.id.clone()).collect()
+    pub fn candidates(&self) -> Vec<Candidate> {
+        self.members.iter().map(Member::candidate).collect()
     }
 }
 
@@ -63,6 +77,8 @@ impl RoutingTable {
                 priority: b.priority,
                 weight: b.weight,
                 credential,
+                tpm: b.tpm,
+                rpm: b.rpm,
             });
             for (pool, deployment) in &b.deployments {
                 pools.entry(pool.clone()).or_default().push(Member {
@@ -109,11 +125,13 @@ impl RoutingTable {
                 }
                 let _ = writeln!(
                     out,
-                    "    {:<24} deployment={:<20} weight={:<3} region={:<16} auth={} url={}",
+                    "    {:<24} deployment={:<20} weight={:<3} region={:<16} tpm={:<8} rpm={:<6} auth={} url={}",
                     b.id,
                     m.deployment,
                     b.weight,
                     b.region.as_deref().unwrap_or("-"),
+                    b.tpm.map_or("-".into(), |v| v.to_string()),
+                    b.rpm.map_or("-".into(), |v| v.to_string()),
                     b.credential.kind(),
                     b.base_url
                 );

@@ -17,11 +17,15 @@
 //!
 //! The pool is a Redis Cluster hash tag so one script touches one slot.
 
+#[doc(hidden)]
+pub mod contract;
 mod memory;
 mod store;
+mod window;
 
-pub use memory::EmbeddedState;
+pub use memory::{EmbeddedState, ms_per_output_token};
 pub use store::{
-    Admission, BackendId, Backoff, BackoffReason, FleetState, MemberSnapshot, PoolName,
-    PoolSnapshot, StateError,
+    Admission, BackendId, Backoff, BackoffReason, Candidate, FleetState, Histogram,
+    LATENCY_BOUNDS_MS, LatencyHistograms, LatencySample, MemberSnapshot, PoolName, PoolSnapshot,
+    Receipt, Reservation, StateError, UpstreamHints, Windows,
 };

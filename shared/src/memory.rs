@@ -1,50 +1,107 @@
-//! `EmbeddedState`: the in-process store, the default when no Redis is configured.
+//! `EmbeddedState`: the in-process store, the default when no Redis is configured, and the
+//! fallback while Redis is unreachable.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
 use tokio::time::Instant;
 
 use crate::store::{
-    Admission, BackendId, Backoff, BackoffReason, FleetState, MemberSnapshot, PoolName,
-    PoolSnapshot, StateError,
+    Admission, BackendId, Backoff, BackoffReason, Candidate, FleetState, LatencyHistograms,
+    MemberSnapshot, PoolName, PoolSnapshot, Receipt, StateError, UpstreamHints, Windows,
 };
+use crate::window::Usage;
 
-/// Fleet state held in this process. Share one `Arc<EmbeddedState>` between replicas that
-/// run in one process (the demo) and they agree exactly as a Redis-backed fleet would.
-#[derive(Debug, Default)]
+/// Fleet state held in this process. Replicas in one process that share one
+/// `Arc<EmbeddedState>` (the demo) agree exactly as a Redis-backed fleet would.
+#[derive(Debug)]
 pub struct EmbeddedState {
-    // std Mutex: critical sections are a few map operations and never await.
-    backoffs: Mutex<HashMap<(PoolName, BackendId), Deadline>>,
+    windows: Windows,
+    epoch: Instant,
+    // std Mutex: critical sections are map operations and never await.
+    members: Mutex<HashMap<(PoolName, BackendId), Member>>,
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Deadline {
-    until: Instant,
-    reason: BackoffReason,
+#[derive(Debug, Default)]
+struct Member {
+    /// Backoff deadline (store clock, ms) and reason.
+    backoff: Option<(u64, BackoffReason)>,
+    usage: Usage,
+    /// Latency slot start (ms) → histograms.
+    latency: BTreeMap<u64, LatencyHistograms>,
+    hints: UpstreamHints,
+}
+
+impl Default for EmbeddedState {
+    fn default() -> Self {
+        Self::new(Windows::default())
+    }
 }
 
 impl EmbeddedState {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(windows: Windows) -> Self {
+        Self {
+            windows,
+            epoch: Instant::now(),
+            members: Mutex::new(HashMap::new()),
+        }
     }
 
-    fn remaining(&self, pool: &PoolName, backend: &BackendId, now: Instant) -> Option<Backoff> {
-        let mut map = self.backoffs.lock().expect("embedded state lock poisoned");
-        let key = (pool.clone(), backend.clone());
-        match map.get(&key) {
-            Some(d) if d.until > now => Some(Backoff {
-                duration: d.until - now,
-                reason: d.reason,
+    fn now_ms(&self) -> u64 {
+        // Offset so bucket arithmetic never sees times before a window's start.
+        (Instant::now() - self.epoch).as_millis() as u64 + self.windows.budget.as_millis() as u64
+    }
+
+    fn with_member<T>(
+        &self,
+        pool: &PoolName,
+        backend: &BackendId,
+        f: impl FnOnce(&mut Member) -> T,
+    ) -> T {
+        let mut members = self.members.lock().expect("embedded state lock poisoned");
+        f(members.entry((pool.clone(), backend.clone())).or_default())
+    }
+}
+
+impl Member {
+    fn remaining_backoff(&mut self, now_ms: u64) -> Option<Backoff> {
+        match self.backoff {
+            Some((until, reason)) if until > now_ms => Some(Backoff {
+                duration: std::time::Duration::from_millis(until - now_ms),
+                reason,
             }),
-            Some(_) => {
-                // Expired marks are cleared on read so the map never outgrows the fleet.
-                map.remove(&key);
+            _ => {
+                self.backoff = None;
                 None
             }
-            None => None,
         }
+    }
+
+    fn set_backoff(&mut self, now_ms: u64, backoff: Backoff) {
+        let until = now_ms + backoff.duration.as_millis() as u64;
+        if self.backoff.is_none_or(|(current, _)| until >= current) {
+            self.backoff = Some((until, backoff.reason));
+        }
+    }
+
+    fn latency(&mut self, now_ms: u64, w: &Windows) -> LatencyHistograms {
+        let (slot, window) = (w.slot_ms(), w.latency.as_millis() as u64);
+        self.latency
+            .retain(|start, _| start + slot + window > now_ms);
+        let mut sum = LatencyHistograms::default();
+        for h in self.latency.values() {
+            for (total, part) in [
+                (&mut sum.ttfb_ms, &h.ttfb_ms),
+                (&mut sum.total_ms, &h.total_ms),
+                (&mut sum.ms_per_output_token, &h.ms_per_output_token),
+            ] {
+                for (t, p) in total.counts.iter_mut().zip(part.counts) {
+                    *t += p;
+                }
+            }
+        }
+        sum
     }
 }
 
@@ -53,30 +110,79 @@ impl FleetState for EmbeddedState {
     async fn acquire(
         &self,
         pool: &PoolName,
-        candidates: &[BackendId],
+        candidates: &[Candidate],
+        estimated_tokens: u64,
     ) -> Result<Admission, StateError> {
-        let now = Instant::now();
-        let mut earliest: Option<Backoff> = None;
+        let now = self.now_ms();
+        let mut members = self.members.lock().expect("embedded state lock poisoned");
+        let mut earliest: Option<std::time::Duration> = None;
         let mut throttled = false;
-        for backend in candidates {
-            match self.remaining(pool, backend, now) {
-                None => {
-                    return Ok(Admission::Admitted {
-                        backend: backend.clone(),
-                    });
-                }
+        for c in candidates {
+            let member = members
+                .entry((pool.clone(), c.backend.clone()))
+                .or_default();
+            let wait = match member.remaining_backoff(now) {
                 Some(b) => {
                     throttled |= b.reason == BackoffReason::Throttled;
-                    if earliest.is_none_or(|e| b.duration < e.duration) {
-                        earliest = Some(b);
-                    }
+                    b.duration
                 }
-            }
+                None => match member.usage.try_reserve(
+                    now,
+                    &self.windows,
+                    estimated_tokens,
+                    c.tokens_per_window,
+                    c.requests_per_window,
+                ) {
+                    Ok(reservation) => {
+                        return Ok(Admission::Admitted {
+                            backend: c.backend.clone(),
+                            reservation,
+                        });
+                    }
+                    Err(wait) => {
+                        throttled = true;
+                        wait
+                    }
+                },
+            };
+            earliest = Some(earliest.map_or(wait, |e| e.min(wait)));
         }
         Ok(Admission::Exhausted {
-            retry_after: earliest.map(|b| b.duration).unwrap_or_default(),
+            retry_after: earliest.unwrap_or_default(),
             throttled,
         })
+    }
+
+    async fn settle(
+        &self,
+        pool: &PoolName,
+        backend: &BackendId,
+        receipt: Receipt,
+    ) -> Result<(), StateError> {
+        let now = self.now_ms();
+        let w = self.windows;
+        self.with_member(pool, backend, |m| {
+            m.usage.settle(receipt.reservation, receipt.tokens);
+            if let Some(sample) = receipt.latency {
+                let slot = now - now % w.slot_ms();
+                let h = m.latency.entry(slot).or_default();
+                h.ttfb_ms.record(sample.ttfb.as_millis() as u64);
+                h.total_ms.record(sample.total.as_millis() as u64);
+                if let Some(per_token) = ms_per_output_token(&sample) {
+                    h.ms_per_output_token.record(per_token);
+                }
+            }
+            if receipt.hints.remaining_tokens.is_some() {
+                m.hints.remaining_tokens = receipt.hints.remaining_tokens;
+            }
+            if receipt.hints.utilization.is_some() {
+                m.hints.utilization = receipt.hints.utilization;
+            }
+            if let Some(backoff) = receipt.backoff {
+                m.set_backoff(now, backoff);
+            }
+        });
+        Ok(())
     }
 
     async fn backoff(
@@ -85,44 +191,55 @@ impl FleetState for EmbeddedState {
         backend: &BackendId,
         backoff: Backoff,
     ) -> Result<(), StateError> {
-        let until = Instant::now() + backoff.duration;
-        let mut map = self.backoffs.lock().expect("embedded state lock poisoned");
-        let entry = map
-            .entry((pool.clone(), backend.clone()))
-            .or_insert(Deadline {
-                until,
-                reason: backoff.reason,
-            });
-        if until >= entry.until {
-            *entry = Deadline {
-                until,
-                reason: backoff.reason,
-            };
-        }
+        let now = self.now_ms();
+        self.with_member(pool, backend, |m| m.set_backoff(now, backoff));
         Ok(())
     }
 
     async fn snapshot(
         &self,
         pool: &PoolName,
-        members: &[BackendId],
+        members: &[Candidate],
     ) -> Result<PoolSnapshot, StateError> {
-        let now = Instant::now();
+        let now = self.now_ms();
+        let w = self.windows;
+        let members = members
+            .iter()
+            .map(|c| {
+                self.with_member(pool, &c.backend, |m| {
+                    m.usage.prune(now, &w);
+                    let (tokens_used, requests_used) = m.usage.totals();
+                    MemberSnapshot {
+                        backend: c.backend.clone(),
+                        backoff: m.remaining_backoff(now),
+                        tokens_used,
+                        requests_used,
+                        hints: m.hints,
+                        latency: m.latency(now, &w),
+                    }
+                })
+            })
+            .collect();
         Ok(PoolSnapshot {
             pool: pool.clone(),
-            members: members
-                .iter()
-                .map(|backend| MemberSnapshot {
-                    backend: backend.clone(),
-                    backoff: self.remaining(pool, backend, now),
-                })
-                .collect(),
+            members,
         })
     }
 
     async fn ping(&self) -> Result<(), StateError> {
         Ok(())
     }
+
+    fn describe(&self) -> String {
+        "embedded".into()
+    }
+}
+
+/// Time per output token after the first byte; `None` without output tokens.
+pub fn ms_per_output_token(sample: &crate::store::LatencySample) -> Option<u64> {
+    (sample.output_tokens > 0).then(|| {
+        (sample.total.saturating_sub(sample.ttfb).as_millis() as u64) / sample.output_tokens
+    })
 }
 
 #[cfg(test)]
@@ -130,99 +247,58 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::store::{Admission, Backoff};
 
-    fn ids(names: &[&str]) -> Vec<BackendId> {
-        names.iter().map(BackendId::new).collect()
-    }
-
-    fn throttle(ms: u64) -> Backoff {
-        Backoff {
-            duration: Duration::from_millis(ms),
+    #[tokio::test(start_paused = true)]
+    async fn a_backoff_ends_at_its_deadline() {
+        let store = EmbeddedState::default();
+        let (pool, c) = (
+            PoolName::new("p"),
+            [Candidate::unlimited(BackendId::new("a"))],
+        );
+        let b = Backoff {
+            duration: Duration::from_millis(3_000),
             reason: BackoffReason::Throttled,
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn acquire_skips_members_in_backoff_until_their_deadline() {
-        let state = EmbeddedState::new();
-        let pool = PoolName::new("gpt-4o");
-        let candidates = ids(&["a", "b"]);
-        state
-            .backoff(&pool, &candidates[0], throttle(3_000))
-            .await
-            .unwrap();
-
-        let admitted = state.acquire(&pool, &candidates).await.unwrap();
-        assert_eq!(
-            admitted,
-            Admission::Admitted {
-                backend: candidates[1].clone()
-            }
-        );
-
-        tokio::time::advance(Duration::from_millis(3_001)).await;
-        let admitted = state.acquire(&pool, &candidates).await.unwrap();
-        assert_eq!(
-            admitted,
-            Admission::Admitted {
-                backend: candidates[0].clone()
-            }
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn exhausted_reports_the_earliest_deadline() {
-        let state = EmbeddedState::new();
-        let pool = PoolName::new("gpt-4o");
-        let candidates = ids(&["a", "b"]);
-        state
-            .backoff(&pool, &candidates[0], throttle(5_000))
-            .await
-            .unwrap();
-        let failure = Backoff {
-            duration: Duration::from_millis(2_000),
-            reason: BackoffReason::ServerError,
         };
-        state.backoff(&pool, &candidates[1], failure).await.unwrap();
-
-        let answer = state.acquire(&pool, &candidates).await.unwrap();
-        assert_eq!(
-            answer,
-            Admission::Exhausted {
-                retry_after: Duration::from_millis(2_000),
-                throttled: true
-            }
-        );
+        store.backoff(&pool, &c[0].backend, b).await.unwrap();
+        tokio::time::advance(Duration::from_millis(2_999)).await;
+        assert!(matches!(
+            store.acquire(&pool, &c, 1).await.unwrap(),
+            Admission::Exhausted { .. }
+        ));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(matches!(
+            store.acquire(&pool, &c, 1).await.unwrap(),
+            Admission::Admitted { .. }
+        ));
     }
 
     #[tokio::test(start_paused = true)]
-    async fn backoff_keeps_the_later_deadline() {
-        let state = EmbeddedState::new();
-        let pool = PoolName::new("gpt-4o");
-        let a = BackendId::new("a");
-        state.backoff(&pool, &a, throttle(5_000)).await.unwrap();
-        state.backoff(&pool, &a, throttle(1_000)).await.unwrap();
-
-        let snap = state
-            .snapshot(&pool, std::slice::from_ref(&a))
-            .await
-            .unwrap();
-        assert_eq!(snap.members[0].backoff, Some(throttle(5_000)));
-        assert_eq!(snap.earliest_available(), Duration::from_millis(5_000));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn pools_are_independent() {
-        let state = EmbeddedState::new();
-        let a = BackendId::new("a");
-        state
-            .backoff(&PoolName::new("gpt-4o"), &a, throttle(5_000))
-            .await
-            .unwrap();
-        let other = state
-            .acquire(&PoolName::new("emb"), std::slice::from_ref(&a))
-            .await
-            .unwrap();
-        assert_eq!(other, Admission::Admitted { backend: a });
+    async fn a_full_budget_admits_again_when_the_window_rolls_over() {
+        let windows = Windows {
+            budget: Duration::from_millis(1_000),
+            budget_buckets: 10,
+            ..Windows::default()
+        };
+        let store = EmbeddedState::new(windows);
+        let pool = PoolName::new("p");
+        let c = [Candidate {
+            backend: BackendId::new("a"),
+            tokens_per_window: Some(100),
+            requests_per_window: None,
+        }];
+        assert!(matches!(
+            store.acquire(&pool, &c, 100).await.unwrap(),
+            Admission::Admitted { .. }
+        ));
+        let Admission::Exhausted { retry_after, .. } = store.acquire(&pool, &c, 1).await.unwrap()
+        else {
+            panic!("the budget is full");
+        };
+        tokio::time::advance(retry_after).await;
+        assert!(matches!(
+            store.acquire(&pool, &c, 100).await.unwrap(),
+            Admission::Admitted { .. }
+        ));
     }
 }

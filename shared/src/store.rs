@@ -91,29 +91,158 @@ pub struct Backoff {
     pub reason: BackoffReason,
 }
 
+/// A pool member offered to [`FleetState::acquire`], with its budget per window.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    pub backend: BackendId,
+    /// Tokens per budget window (TPM with the default one-minute window); `None`: unlimited.
+    pub tokens_per_window: Option<u64>,
+    /// Requests per budget window; `None`: unlimited.
+    pub requests_per_window: Option<u64>,
+}
+
+impl Candidate {
+    pub fn unlimited(backend: BackendId) -> Self {
+        Self {
+            backend,
+            tokens_per_window: None,
+            requests_per_window: None,
+        }
+    }
+}
+
+/// Tokens and a request charged to a member's window by `acquire`, to be settled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reservation {
+    /// Start of the window bucket charged, in the store's clock (milliseconds).
+    pub bucket_ms: u64,
+    /// Tokens charged (the estimate).
+    pub tokens: u64,
+}
+
 /// Answer to [`FleetState::acquire`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Admission {
-    /// Send the request to this backend.
-    Admitted { backend: BackendId },
+    /// Send the request to this backend; its estimate is reserved.
+    Admitted {
+        backend: BackendId,
+        reservation: Reservation,
+    },
     /// No candidate admits now; the earliest one will in `retry_after`.
     Exhausted {
         retry_after: Duration,
-        /// True when at least one candidate is held back by a 429 (not a failure).
+        /// True when a candidate is held back by a 429 or by its budget (not a failure).
         throttled: bool,
     },
 }
 
+/// Latency of one completed response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LatencySample {
+    /// Time to the first byte of the response body.
+    pub ttfb: Duration,
+    /// Time to the last byte.
+    pub total: Duration,
+    /// Output tokens, to derive time per output token; 0 when unknown.
+    pub output_tokens: u64,
+}
+
+/// What the upstream said about its own capacity.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct UpstreamHints {
+    /// `x-ratelimit-remaining-tokens`.
+    pub remaining_tokens: Option<u64>,
+    /// `azure-openai-deployment-utilization`, as a share (0.95 = 95 %).
+    pub utilization: Option<f64>,
+}
+
+/// What became of an admitted request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Receipt {
+    pub reservation: Reservation,
+    /// Tokens really used (from `usage`); replaces the reservation's estimate.
+    pub tokens: u64,
+    pub latency: Option<LatencySample>,
+    pub hints: UpstreamHints,
+    /// Hold the member back, in the same round trip (the attempt failed).
+    pub backoff: Option<Backoff>,
+}
+
+/// Latency histogram bucket bounds: powers of two from 1 ms to 65,536 ms, then overflow.
+pub const LATENCY_BOUNDS_MS: [u64; 17] = {
+    let mut bounds = [0u64; 17];
+    let mut i = 0;
+    while i < 17 {
+        bounds[i] = 1 << i;
+        i += 1;
+    }
+    bounds
+};
+
+/// Counts per latency bucket: `counts[i]` samples were `<= LATENCY_BOUNDS_MS[i]`
+/// (the last slot counts everything larger).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Histogram {
+    pub counts: [u64; LATENCY_BOUNDS_MS.len() + 1],
+}
+
+impl Histogram {
+    pub fn bucket_of(ms: u64) -> usize {
+        LATENCY_BOUNDS_MS
+            .iter()
+            .position(|&b| ms <= b)
+            .unwrap_or(LATENCY_BOUNDS_MS.len())
+    }
+
+    pub fn record(&mut self, ms: u64) {
+        self.counts[Self::bucket_of(ms)] += 1;
+    }
+
+    pub fn samples(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// Upper bound of the bucket holding quantile `q` (0..=1); `None` without samples.
+    pub fn quantile_ms(&self, q: f64) -> Option<u64> {
+        let total = self.samples();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (i, count) in self.counts.iter().enumerate() {
+            seen += count;
+            if seen >= rank {
+                return Some(LATENCY_BOUNDS_MS.get(i).copied().unwrap_or(u64::MAX));
+            }
+        }
+        None
+    }
+}
+
+/// Latency of a member over the latency window.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LatencyHistograms {
+    pub ttfb_ms: Histogram,
+    pub total_ms: Histogram,
+    pub ms_per_output_token: Histogram,
+}
+
 /// What a store knows about one pool member right now.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct MemberSnapshot {
     pub backend: BackendId,
     /// Remaining backoff and its reason; `None` when the member is usable.
     pub backoff: Option<Backoff>,
+    /// Tokens and requests charged in the current budget window.
+    pub tokens_used: u64,
+    pub requests_used: u64,
+    pub hints: UpstreamHints,
+    pub latency: LatencyHistograms,
 }
 
 /// Everything a router or operator needs about a pool, in one call.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct PoolSnapshot {
     pub pool: PoolName,
     pub members: Vec<MemberSnapshot>,
@@ -130,21 +259,67 @@ impl PoolSnapshot {
     }
 }
 
+/// Time shape shared by every store: the budget window and the latency window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Windows {
+    /// Budget window (a minute for TPM/RPM); tests shorten it.
+    pub budget: Duration,
+    /// The budget window is counted in this many buckets; a bucket leaves the window whole.
+    pub budget_buckets: u32,
+    /// Latency samples are kept this long.
+    pub latency: Duration,
+    /// ... in this many slots.
+    pub latency_slots: u32,
+}
+
+impl Default for Windows {
+    fn default() -> Self {
+        Self {
+            budget: Duration::from_secs(60),
+            budget_buckets: 60,
+            latency: Duration::from_secs(300),
+            latency_slots: 5,
+        }
+    }
+}
+
+impl Windows {
+    pub fn bucket_ms(&self) -> u64 {
+        (self.budget.as_millis() as u64 / u64::from(self.budget_buckets.max(1))).max(1)
+    }
+
+    pub fn slot_ms(&self) -> u64 {
+        (self.latency.as_millis() as u64 / u64::from(self.latency_slots.max(1))).max(1)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("fleet state store unavailable: {0}")]
     Unavailable(String),
+    #[error("fleet state store answered something unexpected: {0}")]
+    Protocol(String),
 }
 
 /// The shared view of the world. Every operation is atomic in its store.
 #[async_trait]
 pub trait FleetState: Send + Sync + 'static {
-    /// Return the first of `candidates` (in preference order) that may take a request now.
+    /// The first of `candidates` (in preference order) not in backoff and with budget left
+    /// for `estimated_tokens` and one request; that estimate is reserved on it.
     async fn acquire(
         &self,
         pool: &PoolName,
-        candidates: &[BackendId],
+        candidates: &[Candidate],
+        estimated_tokens: u64,
     ) -> Result<Admission, StateError>;
+
+    /// Replace a reservation by the real outcome; record latency and hints; optionally back off.
+    async fn settle(
+        &self,
+        pool: &PoolName,
+        backend: &BackendId,
+        receipt: Receipt,
+    ) -> Result<(), StateError>;
 
     /// Hold `backend` back in `pool` for the given time, keeping a later existing deadline.
     async fn backoff(
@@ -158,9 +333,12 @@ pub trait FleetState: Send + Sync + 'static {
     async fn snapshot(
         &self,
         pool: &PoolName,
-        members: &[BackendId],
+        members: &[Candidate],
     ) -> Result<PoolSnapshot, StateError>;
 
     /// Cheap liveness check for `/readyz`.
     async fn ping(&self) -> Result<(), StateError>;
+
+    /// A word for operators: `embedded`, `redis`, `redis (degraded: embedded fallback)`.
+    fn describe(&self) -> String;
 }

@@ -12,6 +12,7 @@ use crate::app::Gateway;
 use crate::error::GatewayError;
 use crate::headers::upstream_request_headers;
 use crate::table::Pool;
+use crate::tokens;
 
 /// How the client addressed the pool, which decides the upstream path.
 #[derive(Clone, Debug)]
@@ -45,7 +46,15 @@ pub struct ProxyRequest {
     pub headers: HeaderMap,
     pub body: Bytes,
     pub stream: bool,
+    /// Tokens charged against budgets before sending: prompt plus the output cap.
+    pub estimate: TokenEstimate,
     pub consumer: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenEstimate {
+    pub prompt: u64,
+    pub total: u64,
 }
 
 pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, GatewayError> {
@@ -65,6 +74,20 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
         .and_then(|j| j.get("stream"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
+
+    let total = tokens::estimate(
+        &inbound.operation,
+        json.as_ref(),
+        body.len(),
+        gateway.routing.default_max_tokens,
+    );
+    let output_cap = json.as_ref().map_or(0, |j| {
+        tokens::max_output_tokens(j, gateway.routing.default_max_tokens)
+    });
+    let estimate = TokenEstimate {
+        prompt: total.saturating_sub(output_cap),
+        total,
+    };
 
     let (pool, route) = match pool {
         Some(pool) => (
@@ -101,6 +124,7 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
         headers: upstream_request_headers(&inbound.headers),
         body,
         stream,
+        estimate,
         consumer,
     })
 }

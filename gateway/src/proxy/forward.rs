@@ -19,6 +19,10 @@ pub struct Upstream {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: BodyStream,
+    /// When the attempt started, and how long until the first body byte (or the head,
+    /// for answers that are not successes).
+    pub started: tokio::time::Instant,
+    pub ttfb: Duration,
 }
 
 /// The attempt got no usable response.
@@ -46,6 +50,7 @@ pub async fn send(
     request: &ProxyRequest,
     timeout: Duration,
 ) -> Result<Upstream, TransportFailure> {
+    let started = tokio::time::Instant::now();
     let attempt = async {
         let credential =
             member
@@ -75,6 +80,8 @@ pub async fn send(
             status,
             headers,
             body,
+            started,
+            ttfb: started.elapsed(),
         })
     };
     match tokio::time::timeout(timeout, attempt).await {

@@ -54,6 +54,8 @@ mod tests {
                 priority,
                 weight,
                 credential: BackendCredential::None,
+                tpm: None,
+                rpm: None,
             }),
             deployment: "d".into(),
         }

@@ -25,6 +25,7 @@ use super::config::DeploymentKind;
 use super::deployment::{Deployment, DeploymentStats, Faults, ForcedResponse};
 use super::limiter::Decision;
 use super::text;
+use crate::tokens;
 
 pub struct ResourceState {
     pub name: String,
@@ -294,7 +295,7 @@ async fn chat(
     let Some(messages) = request.get("messages").and_then(Value::as_array) else {
         return bad_request("'messages' is a required property");
     };
-    let prompt = text::chat_prompt_tokens(messages);
+    let prompt = tokens::chat_prompt_tokens(messages);
     let (n, cut) = output_tokens(deployment, request);
     let headers = match charge(
         deployment,
@@ -456,7 +457,7 @@ async fn completions(
     let Some(prompt_value) = request.get("prompt") else {
         return bad_request("'prompt' is a required property");
     };
-    let prompt = text::input_tokens(prompt_value);
+    let prompt = tokens::input_tokens(prompt_value);
     let (n, cut) = output_tokens(deployment, request);
     let headers = match charge(
         deployment,
@@ -490,7 +491,7 @@ async fn embeddings(deployment: &Arc<Deployment>, request: &Value, api_version: 
         Some(v @ (Value::String(_) | Value::Array(_))) => vec![v.clone()],
         _ => return bad_request("'input' is a required property"),
     };
-    let prompt: u64 = inputs.iter().map(text::input_tokens).sum();
+    let prompt: u64 = inputs.iter().map(tokens::input_tokens).sum();
     let headers = match charge(deployment, prompt, "Embeddings_Create", api_version) {
         Charge::Admitted(h) => h,
         Charge::Throttled(response) => return response,

@@ -1,0 +1,295 @@
+//! The behaviour every `FleetState` store must show, as one suite instantiated per store with
+//! [`fleet_state_contract!`](crate::fleet_state_contract). Checks do not wait for time to
+//! pass (time-driven rules have their own tests per store); each uses its own pool.
+
+use std::time::Duration;
+
+use crate::store::{
+    Admission, BackendId, Backoff, BackoffReason, Candidate, FleetState, LatencySample, PoolName,
+    Receipt, UpstreamHints,
+};
+
+fn pool(name: &str) -> PoolName {
+    // Unique per run so a shared Redis never sees one run's keys in another.
+    PoolName::new(format!("{name}-{}-{}", std::process::id(), rand_suffix()))
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    u64::from(nanos) ^ NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+fn open(name: &str) -> Candidate {
+    Candidate::unlimited(BackendId::new(name))
+}
+
+fn budget(name: &str, tokens: u64, requests: Option<u64>) -> Candidate {
+    Candidate {
+        backend: BackendId::new(name),
+        tokens_per_window: Some(tokens),
+        requests_per_window: requests,
+    }
+}
+
+fn throttle(ms: u64) -> Backoff {
+    Backoff {
+        duration: Duration::from_millis(ms),
+        reason: BackoffReason::Throttled,
+    }
+}
+
+async fn admitted(
+    store: &dyn FleetState,
+    pool: &PoolName,
+    candidates: &[Candidate],
+    tokens: u64,
+) -> Option<(BackendId, crate::Reservation)> {
+    match store
+        .acquire(pool, candidates, tokens)
+        .await
+        .expect("acquire")
+    {
+        Admission::Admitted {
+            backend,
+            reservation,
+        } => Some((backend, reservation)),
+        Admission::Exhausted { .. } => None,
+    }
+}
+
+fn receipt(reservation: crate::Reservation, tokens: u64) -> Receipt {
+    Receipt {
+        reservation,
+        tokens,
+        latency: None,
+        hints: UpstreamHints::default(),
+        backoff: None,
+    }
+}
+
+pub async fn acquire_takes_the_first_candidate_not_in_backoff(store: &dyn FleetState) {
+    let p = pool("order");
+    let c = [open("a"), open("b")];
+    assert_eq!(admitted(store, &p, &c, 10).await.unwrap().0.as_str(), "a");
+    store
+        .backoff(&p, &c[0].backend, throttle(30_000))
+        .await
+        .unwrap();
+    assert_eq!(admitted(store, &p, &c, 10).await.unwrap().0.as_str(), "b");
+}
+
+pub async fn exhausted_reports_the_earliest_deadline_and_why(store: &dyn FleetState) {
+    let p = pool("exhausted");
+    let c = [open("a"), open("b")];
+    store
+        .backoff(&p, &c[0].backend, throttle(50_000))
+        .await
+        .unwrap();
+    let failure = Backoff {
+        duration: Duration::from_millis(20_000),
+        reason: BackoffReason::ServerError,
+    };
+    store.backoff(&p, &c[1].backend, failure).await.unwrap();
+    match store.acquire(&p, &c, 1).await.unwrap() {
+        Admission::Exhausted {
+            retry_after,
+            throttled,
+        } => {
+            assert!(
+                retry_after <= Duration::from_millis(20_000)
+                    && retry_after > Duration::from_millis(15_000),
+                "{retry_after:?}"
+            );
+            assert!(throttled);
+        }
+        other => panic!("expected exhausted, got {other:?}"),
+    }
+}
+
+pub async fn backoff_keeps_the_later_deadline(store: &dyn FleetState) {
+    let p = pool("later");
+    let c = [open("a")];
+    store
+        .backoff(&p, &c[0].backend, throttle(50_000))
+        .await
+        .unwrap();
+    store
+        .backoff(
+            &p,
+            &c[0].backend,
+            Backoff {
+                duration: Duration::from_millis(1_000),
+                reason: BackoffReason::Timeout,
+            },
+        )
+        .await
+        .unwrap();
+    let snap = store.snapshot(&p, &c).await.unwrap();
+    let b = snap.members[0].backoff.expect("in backoff");
+    assert_eq!(b.reason, BackoffReason::Throttled);
+    assert!(b.duration > Duration::from_millis(45_000), "{b:?}");
+}
+
+pub async fn budgets_admit_up_to_the_limit_then_refuse_as_throttled(store: &dyn FleetState) {
+    let p = pool("budget");
+    let c = [budget("ptu", 100, None), open("payg")];
+    assert_eq!(admitted(store, &p, &c, 60).await.unwrap().0.as_str(), "ptu");
+    assert_eq!(admitted(store, &p, &c, 40).await.unwrap().0.as_str(), "ptu");
+    assert_eq!(
+        admitted(store, &p, &c, 1).await.unwrap().0.as_str(),
+        "payg",
+        "ptu is full"
+    );
+    match store.acquire(&p, &c[..1], 1).await.unwrap() {
+        Admission::Exhausted {
+            retry_after,
+            throttled,
+        } => {
+            assert!(throttled, "an exhausted budget counts as throttling");
+            assert!(retry_after > Duration::ZERO);
+        }
+        other => panic!("expected exhausted, got {other:?}"),
+    }
+    let snap = store.snapshot(&p, &c).await.unwrap();
+    assert_eq!(
+        (snap.members[0].tokens_used, snap.members[0].requests_used),
+        (100, 2)
+    );
+}
+
+pub async fn settle_replaces_the_estimate_with_real_usage(store: &dyn FleetState) {
+    let p = pool("settle");
+    let c = [budget("ptu", 100, None)];
+    let (backend, reservation) = admitted(store, &p, &c, 90).await.unwrap();
+    assert!(admitted(store, &p, &c, 20).await.is_none());
+    store
+        .settle(&p, &backend, receipt(reservation, 30))
+        .await
+        .unwrap();
+    assert!(
+        admitted(store, &p, &c, 20).await.is_some(),
+        "the unused estimate was released"
+    );
+    let snap = store.snapshot(&p, &c).await.unwrap();
+    assert_eq!(snap.members[0].tokens_used, 50);
+}
+
+pub async fn requests_per_window_are_bounded(store: &dyn FleetState) {
+    let p = pool("rpm");
+    let c = [budget("a", 1_000_000, Some(2))];
+    assert!(
+        admitted(store, &p, &c, 0).await.is_some(),
+        "zero-token requests still count"
+    );
+    assert!(admitted(store, &p, &c, 0).await.is_some());
+    assert!(admitted(store, &p, &c, 0).await.is_none());
+}
+
+pub async fn an_oversized_request_is_admitted_into_an_empty_window_only(store: &dyn FleetState) {
+    let p = pool("oversized");
+    let c = [budget("a", 100, None)];
+    assert!(admitted(store, &p, &c, 500).await.is_some());
+    assert!(admitted(store, &p, &c, 500).await.is_none());
+}
+
+pub async fn settle_without_acquire_changes_no_budget(store: &dyn FleetState) {
+    let p = pool("stray");
+    let c = [budget("a", 100, None)];
+    let stray = crate::Reservation {
+        bucket_ms: 12_345,
+        tokens: 50,
+    };
+    store
+        .settle(&p, &c[0].backend, receipt(stray, 80))
+        .await
+        .unwrap();
+    let snap = store.snapshot(&p, &c).await.unwrap();
+    assert_eq!(
+        (snap.members[0].tokens_used, snap.members[0].requests_used),
+        (0, 0)
+    );
+}
+
+pub async fn settle_records_latency_hints_and_backoff_in_one_call(store: &dyn FleetState) {
+    let p = pool("receipt");
+    let c = [open("a")];
+    let (backend, reservation) = admitted(store, &p, &c, 10).await.unwrap();
+    let sample = LatencySample {
+        ttfb: Duration::from_millis(90),
+        total: Duration::from_millis(490),
+        output_tokens: 20,
+    };
+    let hints = UpstreamHints {
+        remaining_tokens: Some(1234),
+        utilization: Some(0.875),
+    };
+    let r = Receipt {
+        reservation,
+        tokens: 12,
+        latency: Some(sample),
+        hints,
+        backoff: Some(throttle(40_000)),
+    };
+    store.settle(&p, &backend, r).await.unwrap();
+    let snap = store.snapshot(&p, &c).await.unwrap();
+    let m = &snap.members[0];
+    assert_eq!(m.hints, hints);
+    assert_eq!(m.tokens_used, 12);
+    assert_eq!(m.backoff.map(|b| b.reason), Some(BackoffReason::Throttled));
+    assert_eq!(m.latency.ttfb_ms.samples(), 1);
+    assert_eq!(m.latency.ttfb_ms.quantile_ms(0.5), Some(128));
+    assert_eq!(m.latency.total_ms.quantile_ms(0.5), Some(512));
+    assert_eq!(
+        m.latency.ms_per_output_token.quantile_ms(0.5),
+        Some(32),
+        "(490-90)/20 = 20 ms"
+    );
+}
+
+pub async fn pools_and_unknown_backends_are_independent(store: &dyn FleetState) {
+    let (p1, p2) = (pool("one"), pool("two"));
+    let c = [open("a")];
+    store
+        .backoff(&p1, &c[0].backend, throttle(30_000))
+        .await
+        .unwrap();
+    assert!(admitted(store, &p2, &c, 1).await.is_some());
+    assert!(
+        admitted(store, &p1, &[open("never-seen")], 1)
+            .await
+            .is_some()
+    );
+}
+
+/// One `#[tokio::test]` per contract check, each on a store built by `$make` (an async
+/// expression yielding something that derefs to `dyn FleetState`).
+#[macro_export]
+macro_rules! fleet_state_contract {
+    ($make:expr) => {
+        $crate::fleet_state_contract!(@tests $make;
+            acquire_takes_the_first_candidate_not_in_backoff,
+            exhausted_reports_the_earliest_deadline_and_why,
+            backoff_keeps_the_later_deadline,
+            budgets_admit_up_to_the_limit_then_refuse_as_throttled,
+            settle_replaces_the_estimate_with_real_usage,
+            requests_per_window_are_bounded,
+            an_oversized_request_is_admitted_into_an_empty_window_only,
+            settle_without_acquire_changes_no_budget,
+            settle_records_latency_hints_and_backoff_in_one_call,
+            pools_and_unknown_backends_are_independent,
+        );
+    };
+    (@tests $make:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let store = $make.await;
+                $crate::contract::$name(&*store).await;
+            }
+        )*
+    };
+}

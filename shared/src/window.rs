@@ -1,0 +1,140 @@
+//! Budget arithmetic shared by the stores (the Lua scripts implement the same rules):
+//! a window is counted in buckets; a bucket counts while any part of it is inside the window,
+//! so what is counted never falls short of what a sliding window holds.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::store::{Reservation, Windows};
+
+/// Tokens and requests charged to one member, per bucket start (ms).
+#[derive(Clone, Debug, Default)]
+pub struct Usage {
+    buckets: BTreeMap<u64, (u64, u64)>,
+}
+
+/// Whether `tokens` more (and one request) fit on top of `used`. A request larger than the
+/// whole budget is admitted into an empty window, else it could never be served.
+pub fn fits(
+    used_tokens: u64,
+    used_requests: u64,
+    tokens: u64,
+    tpm: Option<u64>,
+    rpm: Option<u64>,
+) -> bool {
+    let tokens_ok = tpm.is_none_or(|limit| used_tokens + tokens <= limit || used_tokens == 0);
+    let requests_ok = rpm.is_none_or(|limit| used_requests < limit);
+    tokens_ok && requests_ok
+}
+
+impl Usage {
+    /// Drop buckets wholly outside the window ending at `now_ms`.
+    pub fn prune(&mut self, now_ms: u64, w: &Windows) {
+        let (bucket, window) = (w.bucket_ms(), w.budget.as_millis() as u64);
+        self.buckets
+            .retain(|start, _| start + bucket + window > now_ms);
+    }
+
+    pub fn totals(&self) -> (u64, u64) {
+        self.buckets
+            .values()
+            .fold((0, 0), |(t, r), (bt, br)| (t + bt, r + br))
+    }
+
+    /// Reserve `tokens` and one request in the current bucket, or say how long until they fit.
+    pub fn try_reserve(
+        &mut self,
+        now_ms: u64,
+        w: &Windows,
+        tokens: u64,
+        tpm: Option<u64>,
+        rpm: Option<u64>,
+    ) -> Result<Reservation, Duration> {
+        self.prune(now_ms, w);
+        let (mut used_tokens, mut used_requests) = self.totals();
+        if fits(used_tokens, used_requests, tokens, tpm, rpm) {
+            let bucket_ms = now_ms - now_ms % w.bucket_ms();
+            let entry = self.buckets.entry(bucket_ms).or_default();
+            entry.0 += tokens;
+            entry.1 += 1;
+            return Ok(Reservation { bucket_ms, tokens });
+        }
+        let (bucket, window) = (w.bucket_ms(), w.budget.as_millis() as u64);
+        for (start, (t, r)) in &self.buckets {
+            used_tokens -= t;
+            used_requests -= r;
+            if fits(used_tokens, used_requests, tokens, tpm, rpm) {
+                return Err(Duration::from_millis(
+                    (start + bucket + window).saturating_sub(now_ms).max(1),
+                ));
+            }
+        }
+        Err(w.budget)
+    }
+
+    /// Replace a reservation's estimate by the real count, if its bucket is still counted.
+    pub fn settle(&mut self, reservation: Reservation, tokens: u64) {
+        if let Some(entry) = self.buckets.get_mut(&reservation.bucket_ms) {
+            entry.0 = (entry.0 + tokens).saturating_sub(reservation.tokens);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn windows() -> Windows {
+        Windows {
+            budget: Duration::from_millis(1_000),
+            budget_buckets: 10,
+            ..Windows::default()
+        }
+    }
+
+    #[test]
+    fn a_bucket_leaves_the_window_whole_after_it_ends() {
+        let w = windows();
+        let mut u = Usage::default();
+        u.try_reserve(1_050, &w, 100, Some(100), None).unwrap();
+        // The bucket [1000, 1100) is counted until 1100 + 1000.
+        assert_eq!(
+            u.try_reserve(2_099, &w, 1, Some(100), None),
+            Err(Duration::from_millis(1))
+        );
+        assert!(u.try_reserve(2_100, &w, 100, Some(100), None).is_ok());
+    }
+
+    #[test]
+    fn wait_is_until_enough_old_buckets_leave() {
+        let w = windows();
+        let mut u = Usage::default();
+        u.try_reserve(0, &w, 40, Some(100), None).unwrap();
+        u.try_reserve(500, &w, 40, Some(100), None).unwrap();
+        // 80 used; 50 more fits once the first bucket [0,100) leaves at 1100.
+        assert_eq!(
+            u.try_reserve(600, &w, 50, Some(100), None),
+            Err(Duration::from_millis(500))
+        );
+    }
+
+    #[test]
+    fn settle_replaces_the_estimate_and_ignores_gone_buckets() {
+        let w = windows();
+        let mut u = Usage::default();
+        let r = u.try_reserve(0, &w, 50, Some(100), None).unwrap();
+        u.settle(r, 20);
+        assert_eq!(u.totals(), (20, 1));
+        u.prune(5_000, &w);
+        u.settle(r, 20);
+        assert_eq!(u.totals(), (0, 0));
+    }
+
+    #[test]
+    fn oversized_requests_fit_only_an_empty_window_and_requests_are_bounded() {
+        assert!(fits(0, 0, 500, Some(100), None));
+        assert!(!fits(1, 0, 500, Some(100), None));
+        assert!(fits(0, 1, 0, None, Some(2)));
+        assert!(!fits(0, 2, 0, None, Some(2)));
+    }
+}
