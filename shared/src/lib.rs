@@ -19,9 +19,16 @@
 
 #[doc(hidden)]
 pub mod contract;
+mod fallback;
+mod keys;
 mod memory;
+mod redis;
 mod store;
 mod window;
+
+pub use fallback::FallbackState;
+pub use keys::{KeySchema, MemberKeys};
+pub use redis::RedisState;
 
 pub use memory::{EmbeddedState, ms_per_output_token};
 pub use store::{

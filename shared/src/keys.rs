@@ -1,0 +1,54 @@
+//! Every Redis key Spillway uses, built here. The pool is the Redis Cluster hash tag, so
+//! every key one script touches lives in one slot.
+
+use crate::store::{BackendId, PoolName};
+
+#[derive(Clone, Debug)]
+pub struct KeySchema {
+    prefix: String,
+}
+
+/// The four keys of one pool member, in the order the scripts take them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberKeys {
+    pub backoff: String,
+    pub usage: String,
+    pub latency: String,
+    pub hints: String,
+}
+
+impl KeySchema {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    fn key(&self, pool: &PoolName, kind: &str, backend: &BackendId) -> String {
+        format!("{}:{{{}}}:{kind}:{}", self.prefix, pool, backend)
+    }
+
+    pub fn member(&self, pool: &PoolName, backend: &BackendId) -> MemberKeys {
+        MemberKeys {
+            backoff: self.key(pool, "backoff", backend),
+            usage: self.key(pool, "usage", backend),
+            latency: self.key(pool, "latency", backend),
+            hints: self.key(pool, "hints", backend),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_readable_and_hash_tagged_by_pool() {
+        let keys = KeySchema::new("spillway")
+            .member(&PoolName::new("gpt-4o"), &BackendId::new("ptu-eastus"));
+        assert_eq!(keys.backoff, "spillway:{gpt-4o}:backoff:ptu-eastus");
+        assert_eq!(keys.usage, "spillway:{gpt-4o}:usage:ptu-eastus");
+        assert_eq!(keys.latency, "spillway:{gpt-4o}:latency:ptu-eastus");
+        assert_eq!(keys.hints, "spillway:{gpt-4o}:hints:ptu-eastus");
+    }
+}

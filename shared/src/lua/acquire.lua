@@ -1,0 +1,108 @@
+-- acquire: the first candidate not in backoff and with budget left; its estimate is reserved.
+--
+-- KEYS, two per candidate i, in preference order (all share the pool's hash tag):
+--   KEYS[2i-1]  {prefix}:{pool}:backoff:<backend>  hash until_ms, reason
+--   KEYS[2i]    {prefix}:{pool}:usage:<backend>    hash tokens:<bucket_start_ms>, requests:<bucket_start_ms>
+-- ARGV[1]  estimated tokens of the request (whole number >= 0)
+-- ARGV[2]  budget bucket length, ms          ARGV[3]  budget window length, ms
+-- ARGV[4]  "" to take the time from Redis TIME; a time in ms only in tests
+-- ARGV[3+2i], ARGV[4+2i]  token and request budget per window of candidate i; -1: none
+-- Returns {1, i, bucket_start_ms}      candidate i admits; the estimate and one request are
+--                                      charged to its bucket starting at bucket_start_ms
+--         {0, wait_ms, throttled}      none admits; the earliest may in wait_ms; throttled is
+--                                      1 when a 429 backoff or a budget is why
+-- Errors  "ERR spillway: ..." on malformed arguments.
+--
+-- A bucket counts while any part of it is inside the window (start + bucket > now - window),
+-- so counted usage never falls below what a sliding window holds.
+
+local estimate = tonumber(ARGV[1])
+local bucket = tonumber(ARGV[2])
+local window = tonumber(ARGV[3])
+if estimate == nil or estimate < 0 or estimate ~= math.floor(estimate) then
+  return redis.error_reply('ERR spillway: estimated tokens must be a whole number >= 0')
+end
+if bucket == nil or bucket < 1 or window == nil or window < 1 then
+  return redis.error_reply('ERR spillway: bucket and window lengths must be >= 1 ms')
+end
+if #KEYS == 0 or #KEYS % 2 ~= 0 or #ARGV ~= 4 + #KEYS then
+  return redis.error_reply('ERR spillway: expected 2 keys and 2 budgets per candidate')
+end
+
+local now
+if ARGV[4] ~= '' then
+  now = tonumber(ARGV[4])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function fits(used_tokens, used_requests, tpm, rpm)
+  local tokens_ok = tpm < 0 or used_tokens + estimate <= tpm or used_tokens == 0
+  local requests_ok = rpm < 0 or used_requests < rpm
+  return tokens_ok and requests_ok
+end
+
+local earliest = -1
+local throttled = 0
+
+for i = 1, #KEYS / 2 do
+  local backoff_key, usage_key = KEYS[2 * i - 1], KEYS[2 * i]
+  local tpm, rpm = tonumber(ARGV[3 + 2 * i]), tonumber(ARGV[4 + 2 * i])
+  local wait
+  local backoff = redis.call('HMGET', backoff_key, 'until_ms', 'reason')
+  local until_ms = tonumber(backoff[1])
+  if until_ms ~= nil and until_ms > now then
+    wait = until_ms - now
+    if backoff[2] == 'throttled' then throttled = 1 end
+  else
+    -- Usage in the window, dropping buckets that have left it.
+    local starts, tokens, requests = {}, {}, {}
+    local used_tokens, used_requests = 0, 0
+    local raw = redis.call('HGETALL', usage_key)
+    for j = 1, #raw, 2 do
+      local kind, start = string.match(raw[j], '^(%a+):(%d+)$')
+      start = tonumber(start)
+      if start ~= nil then
+        if start + bucket + window <= now then
+          redis.call('HDEL', usage_key, raw[j])
+        else
+          if tokens[start] == nil then
+            tokens[start], requests[start] = 0, 0
+            starts[#starts + 1] = start
+          end
+          local value = tonumber(raw[j + 1]) or 0
+          if kind == 'tokens' then
+            tokens[start] = value
+            used_tokens = used_tokens + value
+          elseif kind == 'requests' then
+            requests[start] = value
+            used_requests = used_requests + value
+          end
+        end
+      end
+    end
+    if fits(used_tokens, used_requests, tpm, rpm) then
+      local start = now - (now % bucket)
+      local field = string.format('%d', start)
+      redis.call('HINCRBY', usage_key, 'tokens:' .. field, estimate)
+      redis.call('HINCRBY', usage_key, 'requests:' .. field, 1)
+      redis.call('PEXPIRE', usage_key, 2 * (window + bucket))
+      return {1, i, start}
+    end
+    throttled = 1
+    table.sort(starts)
+    wait = window
+    for _, start in ipairs(starts) do
+      used_tokens = used_tokens - tokens[start]
+      used_requests = used_requests - requests[start]
+      if fits(used_tokens, used_requests, tpm, rpm) then
+        wait = math.max(start + bucket + window - now, 1)
+        break
+      end
+    end
+  end
+  if earliest < 0 or wait < earliest then earliest = wait end
+end
+
+return {0, math.max(earliest, 0), throttled}

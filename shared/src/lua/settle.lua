@@ -1,0 +1,92 @@
+-- settle: what became of an admitted request, in one round trip; also the backoff operation.
+--
+-- KEYS[1]  {prefix}:{pool}:backoff:<backend>  hash until_ms, reason, set_ms
+-- KEYS[2]  {prefix}:{pool}:usage:<backend>    hash tokens:<bucket_start_ms>, requests:<bucket_start_ms>
+-- KEYS[3]  {prefix}:{pool}:latency:<backend>  hash <metric>:<slot_start_ms>:le_<bound ms>|le_inf -> count,
+--                                              and slot (the newest slot seen)
+-- KEYS[4]  {prefix}:{pool}:hints:<backend>    hash remaining_tokens, utilization, updated_ms
+-- ARGV[1]  reservation bucket start, ms ("" when settling no reservation)
+-- ARGV[2]  tokens reserved   ARGV[3]  tokens really used
+-- ARGV[4..6]  histogram labels for ttfb_ms, total_ms, ms_per_output_token ("" to record none)
+-- ARGV[7]  x-ratelimit-remaining-tokens ("" none)   ARGV[8]  utilization share ("" none)
+-- ARGV[9]  backoff length, ms ("" none)             ARGV[10] backoff reason
+-- ARGV[11] latency slot length, ms                  ARGV[12] latency window, ms
+-- ARGV[13] "" to take the time from Redis TIME; a time in ms only in tests
+-- Returns 1. Errors "ERR spillway: ..." on malformed arguments.
+--
+-- A reservation whose bucket has left the window (or never existed) changes nothing: its
+-- charge already expired with the bucket.
+
+if #KEYS ~= 4 or #ARGV ~= 13 then
+  return redis.error_reply('ERR spillway: settle takes 4 keys and 13 arguments')
+end
+local now
+if ARGV[13] ~= '' then
+  now = tonumber(ARGV[13])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local backoff_key, usage_key, latency_key, hints_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+
+-- Replace the estimate with the real count.
+if ARGV[1] ~= '' then
+  local reserved, used = tonumber(ARGV[2]), tonumber(ARGV[3])
+  if reserved == nil or used == nil or reserved < 0 or used < 0 then
+    return redis.error_reply('ERR spillway: token counts must be numbers >= 0')
+  end
+  local field = 'tokens:' .. ARGV[1]
+  if redis.call('HEXISTS', usage_key, field) == 1 then
+    if redis.call('HINCRBY', usage_key, field, used - reserved) < 0 then
+      redis.call('HSET', usage_key, field, 0)
+    end
+  end
+end
+
+-- Latency histograms, per slot; slots older than the window are dropped when a new one opens.
+local slot_length, latency_window = tonumber(ARGV[11]), tonumber(ARGV[12])
+if ARGV[4] ~= '' or ARGV[5] ~= '' or ARGV[6] ~= '' then
+  local slot = string.format('%d', now - (now % slot_length))
+  if redis.call('HGET', latency_key, 'slot') ~= slot then
+    local fields = redis.call('HKEYS', latency_key)
+    for _, f in ipairs(fields) do
+      local start = tonumber(string.match(f, '^[%a_]+:(%d+):'))
+      if start ~= nil and start + slot_length + latency_window <= now then
+        redis.call('HDEL', latency_key, f)
+      end
+    end
+    redis.call('HSET', latency_key, 'slot', slot)
+  end
+  local metrics = {'ttfb_ms', 'total_ms', 'ms_per_output_token'}
+  for k = 1, 3 do
+    if ARGV[3 + k] ~= '' then
+      redis.call('HINCRBY', latency_key, metrics[k] .. ':' .. slot .. ':' .. ARGV[3 + k], 1)
+    end
+  end
+  redis.call('PEXPIRE', latency_key, 2 * (latency_window + slot_length))
+end
+
+-- Capacity hints from the upstream's last answer.
+if ARGV[7] ~= '' or ARGV[8] ~= '' then
+  if ARGV[7] ~= '' then redis.call('HSET', hints_key, 'remaining_tokens', ARGV[7]) end
+  if ARGV[8] ~= '' then redis.call('HSET', hints_key, 'utilization', ARGV[8]) end
+  redis.call('HSET', hints_key, 'updated_ms', string.format('%d', now))
+  redis.call('PEXPIRE', hints_key, 2 * (latency_window + slot_length))
+end
+
+-- Backoff: the deadline becomes max(current, now + length).
+if ARGV[9] ~= '' then
+  local length = tonumber(ARGV[9])
+  if length == nil or length < 0 then
+    return redis.error_reply('ERR spillway: backoff length must be a number >= 0')
+  end
+  local deadline = now + length
+  local current = tonumber(redis.call('HGET', backoff_key, 'until_ms'))
+  if current == nil or current <= now or deadline >= current then
+    redis.call('HSET', backoff_key, 'until_ms', string.format('%d', deadline), 'reason', ARGV[10],
+      'set_ms', string.format('%d', now))
+    redis.call('PEXPIRE', backoff_key, math.max(length, 1))
+  end
+end
+
+return 1

@@ -1,0 +1,407 @@
+//! `RedisState`: the fleet state in Redis (single node, Cluster, TLS), every read-modify-write
+//! in a Lua script run by EVALSHA (re-loaded on NOSCRIPT), with time taken from Redis.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use fred::prelude::*;
+use fred::types::scripts::Script;
+
+use crate::keys::{KeySchema, MemberKeys};
+use crate::memory::ms_per_output_token;
+use crate::store::{
+    Admission, BackendId, Backoff, BackoffReason, Candidate, FleetState, Histogram,
+    LATENCY_BOUNDS_MS, LatencyHistograms, MemberSnapshot, PoolName, PoolSnapshot, Receipt,
+    Reservation, StateError, UpstreamHints, Windows,
+};
+
+pub struct RedisState {
+    client: Client,
+    keys: KeySchema,
+    windows: Windows,
+    acquire: Script,
+    settle: Script,
+    snapshot: Script,
+    /// Tests pin the scripts' clock; 0 in service (Redis `TIME`).
+    clock_ms: std::sync::atomic::AtomicU64,
+}
+
+fn unavailable(e: fred::error::Error) -> StateError {
+    StateError::Unavailable(e.to_string())
+}
+
+impl RedisState {
+    /// Build a client for `url` and start connecting; returns at once. Commands issued while
+    /// disconnected fail after `command_timeout` (callers add their own tighter budget).
+    pub fn new(
+        url: &str,
+        key_prefix: &str,
+        windows: Windows,
+        command_timeout: Duration,
+    ) -> Result<Self, StateError> {
+        let config = Config::from_url(url)
+            .map_err(|e| StateError::Unavailable(format!("state.redis_url: {e}")))?;
+        let client = Builder::from_config(config)
+            .with_connection_config(|c| {
+                c.connection_timeout = Duration::from_secs(2);
+                c.internal_command_timeout = Duration::from_secs(2);
+                c.max_command_attempts = 1;
+            })
+            .with_performance_config(|p| p.default_command_timeout = command_timeout)
+            // Reconnect forever, quickly: Redis restarting or failing over is routine.
+            .set_policy(ReconnectPolicy::new_constant(0, 250))
+            .build()
+            .map_err(unavailable)?;
+        client.connect();
+        Ok(Self {
+            client,
+            keys: KeySchema::new(key_prefix),
+            windows,
+            acquire: Script::from_lua(include_str!("lua/acquire.lua")),
+            settle: Script::from_lua(include_str!("lua/settle.lua")),
+            snapshot: Script::from_lua(include_str!("lua/snapshot.lua")),
+            clock_ms: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// Wait for the first connection, and load the scripts (on every primary of a cluster).
+    pub async fn ready(&self, within: Duration) -> Result<(), StateError> {
+        tokio::time::timeout(within, async {
+            self.client.wait_for_connect().await.map_err(unavailable)?;
+            for script in [&self.acquire, &self.settle, &self.snapshot] {
+                script.load(&self.client).await.map_err(unavailable)?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|_| {
+            StateError::Unavailable(format!("no connection within {} ms", within.as_millis()))
+        })?
+    }
+
+    /// Pin the scripts' clock to `now_ms` (tests of window arithmetic only); 0 unpins.
+    #[doc(hidden)]
+    pub fn set_clock_ms(&self, now_ms: u64) {
+        self.clock_ms
+            .store(now_ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn clock(&self) -> String {
+        match self.clock_ms.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => String::new(),
+            ms => ms.to_string(),
+        }
+    }
+
+    fn member_keys(&self, pool: &PoolName, backend: &BackendId) -> MemberKeys {
+        self.keys.member(pool, backend)
+    }
+
+    async fn run(
+        &self,
+        script: &Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<Value, StateError> {
+        script
+            .evalsha_with_reload(&self.client, keys, args)
+            .await
+            .map_err(|e| {
+                if e.details().contains("spillway:") {
+                    StateError::Protocol(e.to_string())
+                } else {
+                    unavailable(e)
+                }
+            })
+    }
+
+    /// The raw `acquire` script, for script-level tests.
+    #[doc(hidden)]
+    pub async fn eval_acquire(
+        &self,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<Value, StateError> {
+        self.run(&self.acquire, keys, args).await
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+}
+
+fn int(value: &Value) -> Result<i64, StateError> {
+    match value {
+        Value::Integer(n) => Ok(*n),
+        Value::String(s) => s
+            .parse()
+            .map_err(|_| StateError::Protocol(format!("not a number: {s}"))),
+        Value::Bytes(b) => std::str::from_utf8(b)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| StateError::Protocol("not a number".into())),
+        other => Err(StateError::Protocol(format!(
+            "expected a number, got {other:?}"
+        ))),
+    }
+}
+
+fn text(value: &Value) -> String {
+    value.as_string().unwrap_or_default()
+}
+
+fn array(value: Value) -> Result<Vec<Value>, StateError> {
+    match value {
+        Value::Array(items) => Ok(items),
+        other => Err(StateError::Protocol(format!(
+            "expected an array, got {other:?}"
+        ))),
+    }
+}
+
+fn label(ms: u64) -> String {
+    match LATENCY_BOUNDS_MS.get(Histogram::bucket_of(ms)) {
+        Some(bound) => format!("le_{bound}"),
+        None => "le_inf".into(),
+    }
+}
+
+fn bucket_of_label(label: &str) -> Option<usize> {
+    let bound = label.strip_prefix("le_")?;
+    if bound == "inf" {
+        return Some(LATENCY_BOUNDS_MS.len());
+    }
+    let bound: u64 = bound.parse().ok()?;
+    LATENCY_BOUNDS_MS.iter().position(|&b| b == bound)
+}
+
+#[async_trait]
+impl FleetState for RedisState {
+    async fn acquire(
+        &self,
+        pool: &PoolName,
+        candidates: &[Candidate],
+        estimated_tokens: u64,
+    ) -> Result<Admission, StateError> {
+        if candidates.is_empty() {
+            return Ok(Admission::Exhausted {
+                retry_after: Duration::ZERO,
+                throttled: false,
+            });
+        }
+        let mut keys = Vec::with_capacity(candidates.len() * 2);
+        let mut args = vec![
+            estimated_tokens.to_string(),
+            self.windows.bucket_ms().to_string(),
+            (self.windows.budget.as_millis() as u64).to_string(),
+            self.clock(),
+        ];
+        for c in candidates {
+            let k = self.member_keys(pool, &c.backend);
+            keys.extend([k.backoff, k.usage]);
+            args.push(c.tokens_per_window.map_or("-1".into(), |v| v.to_string()));
+            args.push(c.requests_per_window.map_or("-1".into(), |v| v.to_string()));
+        }
+        let reply = array(self.run(&self.acquire, keys, args).await?)?;
+        let [flag, a, b] = reply.as_slice() else {
+            return Err(StateError::Protocol(format!("acquire returned {reply:?}")));
+        };
+        if int(flag)? == 1 {
+            let index = int(a)? as usize;
+            let candidate = candidates
+                .get(index.wrapping_sub(1))
+                .ok_or_else(|| StateError::Protocol(format!("acquire chose candidate {index}")))?;
+            let reservation = Reservation {
+                bucket_ms: int(b)? as u64,
+                tokens: estimated_tokens,
+            };
+            Ok(Admission::Admitted {
+                backend: candidate.backend.clone(),
+                reservation,
+            })
+        } else {
+            Ok(Admission::Exhausted {
+                retry_after: Duration::from_millis(int(a)?.max(0) as u64),
+                throttled: int(b)? == 1,
+            })
+        }
+    }
+
+    async fn settle(
+        &self,
+        pool: &PoolName,
+        backend: &BackendId,
+        receipt: Receipt,
+    ) -> Result<(), StateError> {
+        let k = self.member_keys(pool, backend);
+        let (ttfb, total, per_token) = match &receipt.latency {
+            Some(s) => (
+                label(s.ttfb.as_millis() as u64),
+                label(s.total.as_millis() as u64),
+                ms_per_output_token(s).map(label).unwrap_or_default(),
+            ),
+            None => Default::default(),
+        };
+        let (backoff_ms, reason) = match receipt.backoff {
+            Some(b) => (
+                (b.duration.as_millis() as u64).to_string(),
+                b.reason.as_str().to_string(),
+            ),
+            None => Default::default(),
+        };
+        let args = vec![
+            receipt.reservation.bucket_ms.to_string(),
+            receipt.reservation.tokens.to_string(),
+            receipt.tokens.to_string(),
+            ttfb,
+            total,
+            per_token,
+            receipt
+                .hints
+                .remaining_tokens
+                .map(|v| v.to_string())
+                .unwrap_or_default(),
+            receipt
+                .hints
+                .utilization
+                .map(|v| v.to_string())
+                .unwrap_or_default(),
+            backoff_ms,
+            reason,
+            self.windows.slot_ms().to_string(),
+            (self.windows.latency.as_millis() as u64).to_string(),
+            self.clock(),
+        ];
+        self.run(
+            &self.settle,
+            vec![k.backoff, k.usage, k.latency, k.hints],
+            args,
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn backoff(
+        &self,
+        pool: &PoolName,
+        backend: &BackendId,
+        backoff: Backoff,
+    ) -> Result<(), StateError> {
+        let k = self.member_keys(pool, backend);
+        let mut args = vec![String::new(); 13];
+        args[8] = (backoff.duration.as_millis() as u64).to_string();
+        args[9] = backoff.reason.as_str().to_string();
+        args[10] = self.windows.slot_ms().to_string();
+        args[11] = (self.windows.latency.as_millis() as u64).to_string();
+        args[12] = self.clock();
+        self.run(
+            &self.settle,
+            vec![k.backoff, k.usage, k.latency, k.hints],
+            args,
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn snapshot(
+        &self,
+        pool: &PoolName,
+        members: &[Candidate],
+    ) -> Result<PoolSnapshot, StateError> {
+        if members.is_empty() {
+            return Ok(PoolSnapshot {
+                pool: pool.clone(),
+                members: Vec::new(),
+            });
+        }
+        let keys = members
+            .iter()
+            .flat_map(|c| {
+                let k = self.member_keys(pool, &c.backend);
+                [k.backoff, k.usage, k.latency, k.hints]
+            })
+            .collect();
+        let args = vec![
+            self.windows.bucket_ms().to_string(),
+            (self.windows.budget.as_millis() as u64).to_string(),
+            self.windows.slot_ms().to_string(),
+            (self.windows.latency.as_millis() as u64).to_string(),
+            self.clock(),
+        ];
+        let reply = array(self.run(&self.snapshot, keys, args).await?)?;
+        if reply.len() != members.len() {
+            return Err(StateError::Protocol(format!(
+                "snapshot returned {} members",
+                reply.len()
+            )));
+        }
+        let members = members
+            .iter()
+            .zip(reply)
+            .map(|(c, entry)| parse_member(c, entry))
+            .collect::<Result<_, _>>()?;
+        Ok(PoolSnapshot {
+            pool: pool.clone(),
+            members,
+        })
+    }
+
+    async fn ping(&self) -> Result<(), StateError> {
+        self.client.ping::<()>(None).await.map_err(unavailable)
+    }
+
+    fn describe(&self) -> String {
+        "redis".into()
+    }
+}
+
+fn parse_member(candidate: &Candidate, entry: Value) -> Result<MemberSnapshot, StateError> {
+    let fields = array(entry)?;
+    let [
+        remaining,
+        reason,
+        tokens,
+        requests,
+        remaining_tokens,
+        utilization,
+        latency,
+    ] = <[Value; 7]>::try_from(fields)
+        .map_err(|f| StateError::Protocol(format!("snapshot entry has {} fields", f.len())))?;
+    let remaining = int(&remaining)?;
+    let backoff = (remaining > 0).then(|| Backoff {
+        duration: Duration::from_millis(remaining as u64),
+        reason: BackoffReason::parse(&text(&reason)).unwrap_or(BackoffReason::ServerError),
+    });
+    let mut histograms = LatencyHistograms::default();
+    let latency = array(latency)?;
+    for pair in latency.chunks(2) {
+        let [field, count] = pair else { continue };
+        let field = text(field);
+        let mut parts = field.splitn(3, ':');
+        let (Some(metric), Some(_slot), Some(bucket)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let Some(index) = bucket_of_label(bucket) else {
+            continue;
+        };
+        let histogram = match metric {
+            "ttfb_ms" => &mut histograms.ttfb_ms,
+            "total_ms" => &mut histograms.total_ms,
+            "ms_per_output_token" => &mut histograms.ms_per_output_token,
+            _ => continue,
+        };
+        histogram.counts[index] += int(count)?.max(0) as u64;
+    }
+    Ok(MemberSnapshot {
+        backend: candidate.backend.clone(),
+        backoff,
+        tokens_used: int(&tokens)?.max(0) as u64,
+        requests_used: int(&requests)?.max(0) as u64,
+        hints: UpstreamHints {
+            remaining_tokens: text(&remaining_tokens).parse().ok(),
+            utilization: text(&utilization).parse().ok(),
+        },
+        latency: histograms,
+    })
+}

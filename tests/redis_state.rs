@@ -1,0 +1,207 @@
+//! The Redis store against a real `redis-server`: the same contract suite as the embedded
+//! store, and the Lua scripts' own edge cases on a pinned clock.
+
+use std::ops::Deref;
+use std::time::Duration;
+
+use spillway_shared::{
+    Admission, BackendId, Candidate, FleetState, PoolName, RedisState, StateError, Windows,
+};
+use spillway_tests::redis_server::RedisServer;
+
+/// A store with its own server, which lives as long as the store.
+pub struct Served {
+    store: RedisState,
+    pub server: RedisServer,
+}
+
+impl Deref for Served {
+    type Target = RedisState;
+    fn deref(&self) -> &RedisState {
+        &self.store
+    }
+}
+
+async fn served(windows: Windows) -> Served {
+    let server = RedisServer::start();
+    let store = RedisState::new(
+        &server.url(),
+        "spillway-test",
+        windows,
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    store.ready(Duration::from_secs(10)).await.unwrap();
+    Served { store, server }
+}
+
+async fn redis() -> Served {
+    served(Windows::default()).await
+}
+
+spillway_shared::fleet_state_contract!(redis());
+
+fn small_windows() -> Windows {
+    Windows {
+        budget: Duration::from_millis(1_000),
+        budget_buckets: 10,
+        ..Windows::default()
+    }
+}
+
+fn capped(tokens: u64) -> [Candidate; 1] {
+    [Candidate {
+        backend: BackendId::new("ptu"),
+        tokens_per_window: Some(tokens),
+        requests_per_window: None,
+    }]
+}
+
+async fn admits(store: &RedisState, pool: &PoolName, c: &[Candidate], tokens: u64) -> bool {
+    matches!(
+        store.acquire(pool, c, tokens).await.unwrap(),
+        Admission::Admitted { .. }
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_leaves_the_window_exactly_at_its_end_plus_the_window() {
+    let store = served(small_windows()).await;
+    let pool = PoolName::new("rollover");
+    let t0 = 1_700_000_000_050; // inside the bucket [..._000, ..._100)
+    store.set_clock_ms(t0);
+    assert!(admits(&store, &pool, &capped(100), 100).await);
+    store.set_clock_ms(1_700_000_001_099);
+    match store.acquire(&pool, &capped(100), 1).await.unwrap() {
+        Admission::Exhausted {
+            retry_after,
+            throttled,
+        } => {
+            assert_eq!(
+                retry_after,
+                Duration::from_millis(1),
+                "the bucket leaves at ..._1_100"
+            );
+            assert!(throttled);
+        }
+        other => panic!("{other:?}"),
+    }
+    store.set_clock_ms(1_700_000_001_100);
+    assert!(
+        admits(&store, &pool, &capped(100), 100).await,
+        "window rolled over"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_at_a_bucket_boundary_is_charged_to_the_new_bucket() {
+    let store = served(small_windows()).await;
+    let pool = PoolName::new("boundary");
+    store.set_clock_ms(1_700_000_000_100);
+    let Admission::Admitted { reservation, .. } =
+        store.acquire(&pool, &capped(100), 10).await.unwrap()
+    else {
+        panic!("admitted");
+    };
+    assert_eq!(reservation.bucket_ms, 1_700_000_000_100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_arguments_are_rejected_by_the_script() {
+    let store = served(small_windows()).await;
+    let keys = vec![
+        "spillway-test:{p}:backoff:a".to_string(),
+        "spillway-test:{p}:usage:a".to_string(),
+    ];
+    for tokens in ["-5", "1.5", "many"] {
+        let args = vec![
+            tokens.into(),
+            "100".into(),
+            "1000".into(),
+            String::new(),
+            "-1".into(),
+            "-1".into(),
+        ];
+        let err = store.eval_acquire(keys.clone(), args).await.unwrap_err();
+        assert!(
+            matches!(err, StateError::Protocol(ref m) if m.contains("whole number")),
+            "{tokens}: {err}"
+        );
+    }
+    let zero = vec![
+        "0".into(),
+        "100".into(),
+        "1000".into(),
+        String::new(),
+        "-1".into(),
+        "-1".into(),
+    ];
+    assert!(
+        store.eval_acquire(keys, zero).await.is_ok(),
+        "zero tokens is a valid request"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_are_reloaded_after_redis_forgets_them() {
+    let store = redis().await;
+    let pool = PoolName::new("noscript");
+    use fred::prelude::*;
+    let _: () = store.client().script_flush(false).await.unwrap();
+    assert!(
+        admits(
+            &store,
+            &pool,
+            &[Candidate::unlimited(BackendId::new("a"))],
+            1
+        )
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_readable_with_plain_commands() {
+    use fred::prelude::*;
+    let store = redis().await;
+    let pool = PoolName::new("gpt-4o");
+    store.set_clock_ms(1_700_000_000_000);
+    assert!(admits(&store, &pool, &capped(1_000), 42).await);
+    let backoff = spillway_shared::Backoff {
+        duration: Duration::from_secs(30),
+        reason: spillway_shared::BackoffReason::Throttled,
+    };
+    store
+        .backoff(&pool, &BackendId::new("ptu"), backoff)
+        .await
+        .unwrap();
+
+    let usage: std::collections::HashMap<String, String> = store
+        .client()
+        .hgetall("spillway-test:{gpt-4o}:usage:ptu")
+        .await
+        .unwrap();
+    assert_eq!(
+        usage.get("tokens:1700000000000").map(String::as_str),
+        Some("42")
+    );
+    assert_eq!(
+        usage.get("requests:1700000000000").map(String::as_str),
+        Some("1")
+    );
+    let backoff: std::collections::HashMap<String, String> = store
+        .client()
+        .hgetall("spillway-test:{gpt-4o}:backoff:ptu")
+        .await
+        .unwrap();
+    assert_eq!(backoff.get("reason").map(String::as_str), Some("throttled"));
+    assert_eq!(
+        backoff.get("until_ms").map(String::as_str),
+        Some("1700000030000")
+    );
+    let ttl: i64 = store
+        .client()
+        .pttl("spillway-test:{gpt-4o}:usage:ptu")
+        .await
+        .unwrap();
+    assert!(ttl > 0, "usage keys expire by themselves");
+}
