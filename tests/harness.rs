@@ -261,3 +261,59 @@ pub async fn charged(fleet: &dyn FleetState, backend: &str) -> (u64, u64) {
         .unwrap();
     (snap.members[0].tokens_used, snap.members[0].requests_used)
 }
+
+/// A replica on Redis (with its embedded fallback), as `spillway serve` builds it.
+pub async fn start_on_redis(config_toml: &str) -> (Replica, Arc<spillway_shared::FallbackState>) {
+    let config = Config::from_toml(config_toml).expect("test configuration parses");
+    let url = config
+        .state
+        .redis_url
+        .clone()
+        .expect("the configuration names Redis");
+    let fleet = spillway_gateway::server::redis_fleet(&config, &url).expect("Redis store builds");
+    (start_gateway(config_toml, fleet.clone()).await, fleet)
+}
+
+/// A `[state]` section for Redis at `url`, with a key prefix of its own.
+pub fn redis_section(url: &str, extra: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!(
+        "[state]\nredis_url = \"{url}\"\nkey_prefix = \"t{}-{n}\"\n{extra}",
+        std::process::id()
+    )
+}
+
+/// Send `count` chat requests, `concurrency` at a time, spread over `replicas`; returns the
+/// statuses in completion order.
+pub async fn offer_load(replicas: &[&Replica], count: usize, concurrency: usize) -> Vec<u16> {
+    use futures_util::StreamExt;
+    let http = client();
+    let urls: Vec<String> = replicas
+        .iter()
+        .map(|r| {
+            format!(
+                "{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+                r.url
+            )
+        })
+        .collect();
+    futures_util::stream::iter(0..count)
+        .map(|i| {
+            let (http, url) = (http.clone(), urls[i % urls.len()].clone());
+            async move {
+                let r = http
+                    .post(url)
+                    .json(&chat_body(false))
+                    .send()
+                    .await
+                    .expect("gateway answers");
+                let status = r.status().as_u16();
+                r.bytes().await.expect("body");
+                status
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await
+}

@@ -81,7 +81,11 @@ pub fn app(gateway: Arc<Gateway>) -> Router {
 
 async fn readyz(State(gateway): State<Arc<Gateway>>) -> Response {
     match gateway.fleet.ping().await {
-        Ok(()) => (StatusCode::OK, "ready").into_response(),
+        Ok(()) => (
+            StatusCode::OK,
+            format!("ready (state: {})", gateway.fleet.describe()),
+        )
+            .into_response(),
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     }
 }

@@ -12,6 +12,7 @@ pub mod proxy;
 pub mod secret;
 pub mod server;
 pub mod sim;
+pub mod state_table;
 pub mod table;
 pub mod telemetry;
 pub mod tokens;

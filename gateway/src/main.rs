@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use spillway_gateway::config::Config;
-use spillway_gateway::{demo, server, sim, telemetry};
+use std::sync::Arc;
+
+use spillway_gateway::{demo, server, sim, state_table, telemetry};
+use spillway_shared::EmbeddedState;
 
 #[derive(Parser)]
 #[command(
@@ -29,6 +32,11 @@ enum Command {
     },
     /// Validate a configuration and print the resolved routing table.
     CheckConfig {
+        #[arg(long, env = "SPILLWAY_CONFIG")]
+        config: PathBuf,
+    },
+    /// Print the shared fleet state (backoffs, budgets, latency) from Redis, for operators.
+    State {
         #[arg(long, env = "SPILLWAY_CONFIG")]
         config: PathBuf,
     },
@@ -73,10 +81,26 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
         }
         Command::CheckConfig { config } => {
             let config = Config::load(Some(&config))?;
-            let fleet = server::fleet_state(&config)?;
+            // Validation only: no connection to the state store.
+            let fleet = Arc::new(EmbeddedState::new(config.state.windows()));
             let gateway = spillway_gateway::Gateway::from_config(&config, fleet)?;
             print!("{}", gateway.table.render());
             println!("configuration OK");
+            Ok(())
+        }
+        Command::State { config } => {
+            let config = Config::load(Some(&config))?;
+            let Some(url) = config.state.redis_url.clone() else {
+                return Err("state.redis_url is not set: with the embedded store each replica keeps its own state, and there is no shared state to read".into());
+            };
+            let redis = server::redis_state(&config, &url)?;
+            redis.ready(Duration::from_secs(5)).await?;
+            let redis = Arc::new(redis);
+            let gateway = spillway_gateway::Gateway::from_config(&config, redis.clone())?;
+            print!(
+                "{}",
+                state_table::render(&gateway.table, &*redis, config.state.window_ms).await?
+            );
             Ok(())
         }
         Command::Sim { config } => {

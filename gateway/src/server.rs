@@ -2,23 +2,56 @@
 
 use std::sync::Arc;
 
-use spillway_shared::{EmbeddedState, FleetState};
+use std::time::Duration;
+
+use spillway_shared::{EmbeddedState, FallbackState, FleetState, RedisState};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::app::{Gateway, app};
 use crate::config::{Config, ConfigError, ConfigProblem};
 
-/// The fleet-state store the configuration asks for.
+/// The fleet-state store the configuration asks for: embedded, or Redis with the embedded
+/// store as its fallback. Must run inside the runtime (Redis connects in the background).
 pub fn fleet_state(config: &Config) -> Result<Arc<dyn FleetState>, ConfigError> {
-    match &config.state.redis_url {
-        None => Ok(Arc::new(EmbeddedState::new(config.state.windows()))),
-        Some(_) => Err(ConfigError::Invalid(vec![ConfigProblem {
+    let Some(url) = &config.state.redis_url else {
+        return Ok(Arc::new(EmbeddedState::new(config.state.windows())));
+    };
+    Ok(redis_fleet(config, url)?)
+}
+
+/// Redis with this replica's embedded state as the fallback.
+pub fn redis_fleet(config: &Config, url: &str) -> Result<Arc<FallbackState>, ConfigError> {
+    let state = &config.state;
+    let redis = redis_state(config, url)?;
+    info!(redis = %redacted(url), "fleet state in Redis, with embedded fallback");
+    Ok(FallbackState::new(
+        redis,
+        EmbeddedState::new(state.windows()),
+        Duration::from_millis(state.redis_timeout_ms),
+    ))
+}
+
+/// A Redis store for `url` (no fallback): `spillway state` reads with it.
+pub fn redis_state(config: &Config, url: &str) -> Result<RedisState, ConfigError> {
+    RedisState::new(url, &config.state.key_prefix, config.state.windows(), Duration::from_secs(2)).map_err(|_| {
+        ConfigError::Invalid(vec![ConfigProblem {
             key: "state.redis_url".into(),
-            problem:
-                "the Redis store is not in this build yet; remove the key to use the embedded store"
-                    .into(),
-        }])),
+            problem: format!(
+                "{} is not a usable Redis URL (redis://, rediss://, redis-cluster://host:port?node=host:port)",
+                redacted(url)
+            ),
+        }])
+    })
+}
+
+/// The URL without its password, for logs and errors.
+pub fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://[redacted]@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_string(),
     }
 }
 
@@ -31,7 +64,13 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let listener = TcpListener::bind(config.server.listen)
         .await
         .map_err(|e| format!("server.listen: cannot bind {}: {e}", config.server.listen))?;
-    info!(listen = %listener.local_addr()?, pools = gateway.table.pools().count(), "spillway serving");
+    crate::tokens::warm_up();
+    info!(
+        listen = %listener.local_addr()?,
+        pools = gateway.table.pools().count(),
+        state = %gateway.fleet.describe(),
+        "spillway serving"
+    );
     axum::serve(listener, app(Arc::new(gateway)))
         .with_graceful_shutdown(shutdown_signal())
         .await?;
@@ -56,4 +95,19 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_are_redacted_from_redis_urls() {
+        assert_eq!(
+            super::redacted("rediss://:s3cret@cache.redis.azure.net:6380"),
+            "rediss://[redacted]@cache.redis.azure.net:6380"
+        );
+        assert_eq!(
+            super::redacted("redis://127.0.0.1:6379"),
+            "redis://127.0.0.1:6379"
+        );
+    }
 }

@@ -1,0 +1,79 @@
+//! `spillway state`: the fleet table operators read (per pool and backend: tier, region,
+//! backoff and why, usage against budget, latency), from the shared state.
+
+use std::fmt::Write as _;
+
+use spillway_shared::{FleetState, Histogram, MemberSnapshot, StateError};
+
+use crate::table::RoutingTable;
+
+pub async fn render(
+    table: &RoutingTable,
+    fleet: &dyn FleetState,
+    window_ms: u64,
+) -> Result<String, StateError> {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "fleet state: {} (budget window {} s)",
+        fleet.describe(),
+        window_ms / 1000
+    );
+    for pool in table.pools() {
+        let snapshot = fleet.snapshot(&pool.name, &pool.candidates()).await?;
+        let _ = writeln!(out, "\npool {}", pool.name);
+        let _ = writeln!(
+            out,
+            "  {:<22} {:>4} {:<14} {:<22} {:>17} {:>13} {:>15} {:>15} {:>6}",
+            "backend",
+            "tier",
+            "region",
+            "backoff",
+            "tokens/budget",
+            "req/budget",
+            "ttfb p50/p95",
+            "total p50/p95",
+            "util"
+        );
+        for (member, state) in pool.members.iter().zip(&snapshot.members) {
+            let b = &member.backend;
+            let _ = writeln!(
+                out,
+                "  {:<22} {:>4} {:<14} {:<22} {:>17} {:>13} {:>15} {:>15} {:>6}",
+                b.id.as_str(),
+                b.priority,
+                b.region.as_deref().unwrap_or("-"),
+                backoff(state),
+                used(state.tokens_used, b.tpm),
+                used(state.requests_used, b.rpm),
+                quantiles(&state.latency.ttfb_ms),
+                quantiles(&state.latency.total_ms),
+                state
+                    .hints
+                    .utilization
+                    .map_or("-".into(), |u| format!("{:.0}%", u * 100.0)),
+            );
+        }
+    }
+    Ok(out)
+}
+
+fn backoff(m: &MemberSnapshot) -> String {
+    m.backoff.map_or("-".into(), |b| {
+        format!("{:.1}s {}", b.duration.as_secs_f64(), b.reason)
+    })
+}
+
+fn used(n: u64, budget: Option<u64>) -> String {
+    match budget {
+        Some(budget) => format!("{n}/{budget}"),
+        None => format!("{n}/-"),
+    }
+}
+
+fn quantiles(h: &Histogram) -> String {
+    match (h.quantile_ms(0.5), h.quantile_ms(0.95)) {
+        (Some(p50), Some(p95)) => format!("≤{p50}/≤{p95} ms"),
+        _ => "-".into(),
+    }
+}

@@ -1,0 +1,200 @@
+//! A fleet of replicas deciding as one through Redis: shared backoff, shared budgets (and the
+//! overshoot without sharing), Redis dying under load, and a Redis Cluster.
+
+use std::time::Duration;
+
+use spillway_shared::{BackendId, Candidate, FleetState, PoolName};
+use spillway_tests::redis_server::{RedisCluster, RedisServer};
+use spillway_tests::*;
+
+/// Every request is charged and uses 9 prompt + 8 output tokens.
+const TOKENS_PER_REQUEST: u64 = 17;
+/// The PTU budget: 100 requests' worth.
+const PTU_TPM: u64 = 100 * TOKENS_PER_REQUEST;
+
+fn two_tiers(sim: &spillway_gateway::sim::SimHandle, ptu_tpm: Option<u64>) -> String {
+    let ptu = backend(sim, "ptu", 1);
+    let ptu = match ptu_tpm {
+        Some(tpm) => ptu.replace("id = \"ptu\"\n", &format!("id = \"ptu\"\ntpm = {tpm}\n")),
+        None => ptu,
+    };
+    ptu + &backend(sim, "payg", 2)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_seen_by_one_replica_holds_back_the_whole_fleet() {
+    let redis = RedisServer::start();
+    let sim = ptu_and_payg().await;
+    let config = two_tiers(&sim, None) + &redis_section(&redis.url(), "redis_timeout_ms = 1000\n");
+    let (a, _) = start_on_redis(&config).await;
+    let (b, _) = start_on_redis(&config).await;
+    let (c, fleet) = start_on_redis(&config).await;
+
+    force(&sim, "ptu", 429, Some(3_000), Some(3), Some(1));
+    let r = chat(&a, "gpt-4o", &chat_body(false)).await;
+    assert_eq!(
+        (r.status().as_u16(), header(&r, "x-spillway-backend")),
+        (200, "payg")
+    );
+
+    for replica in [&b, &c, &b, &c, &b, &c] {
+        let r = chat(replica, "gpt-4o", &chat_body(false)).await;
+        assert_eq!(
+            header(&r, "x-spillway-backend"),
+            "payg",
+            "B and C honour A's backoff"
+        );
+    }
+    assert_eq!(
+        sim.stats("ptu", "gpt-4o").requests,
+        1,
+        "PTU got nothing after its 429"
+    );
+
+    // After the shared deadline, B and C use the PTU again.
+    let pool = PoolName::new("gpt-4o");
+    let snapshot = fleet
+        .snapshot(&pool, &[Candidate::unlimited(BackendId::new("ptu"))])
+        .await
+        .unwrap();
+    let remaining = snapshot.members[0]
+        .backoff
+        .expect("shared backoff")
+        .duration;
+    tokio::time::sleep(remaining + Duration::from_millis(20)).await; // a deadline, not an event
+    for replica in [&b, &c] {
+        let r = chat(replica, "gpt-4o", &chat_body(false)).await;
+        assert_eq!(header(&r, "x-spillway-backend"), "ptu");
+    }
+    assert!(!fleet.is_degraded());
+}
+
+/// Offer three replicas twice the PTU budget; returns (tokens the PTU served, client 429s).
+async fn twice_the_budget(
+    replicas: &[&Replica],
+    sim: &spillway_gateway::sim::SimHandle,
+) -> (u64, usize) {
+    let statuses = offer_load(replicas, 200, 12).await;
+    let throttled = statuses.iter().filter(|&&s| s == 429).count();
+    assert!(
+        statuses.iter().all(|&s| s == 200 || s == 429),
+        "{statuses:?}"
+    );
+    assert_eq!(
+        sim.stats("ptu", "gpt-4o").throttled,
+        0,
+        "the simulator's own limit never binds"
+    );
+    (sim.stats("ptu", "gpt-4o").total_tokens, throttled)
+}
+
+fn assert_within_budget(ptu_tokens: u64) {
+    let (low, high) = (PTU_TPM as f64 * 0.95, PTU_TPM as f64 * 1.02);
+    assert!(
+        (low..=high).contains(&(ptu_tokens as f64)),
+        "PTU served {ptu_tokens} tokens for a budget of {PTU_TPM}"
+    );
+}
+
+// The window is 20 s; the load completes within it, so one window's admissions are measured.
+const WINDOW: &str = "window_ms = 20000\nwindow_buckets = 20\nredis_timeout_ms = 1000\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_on_redis_fill_the_ptu_budget_exactly_once() {
+    let redis = RedisServer::start();
+    let sim = ptu_and_payg().await;
+    let config = two_tiers(&sim, Some(PTU_TPM)) + &redis_section(&redis.url(), WINDOW);
+    let (a, fa) = start_on_redis(&config).await;
+    let (b, fb) = start_on_redis(&config).await;
+    let (c, fc) = start_on_redis(&config).await;
+
+    let (ptu_tokens, client_429s) = twice_the_budget(&[&a, &b, &c], &sim).await;
+    assert_within_budget(ptu_tokens);
+    assert_eq!(client_429s, 0, "PAYG had room");
+    assert_eq!(
+        sim.stats("payg", "gpt-4o").succeeded + sim.stats("ptu", "gpt-4o").succeeded,
+        200
+    );
+    for fleet in [fa, fb, fc] {
+        assert_eq!(fleet.fallback_calls(), 0, "every decision was shared");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_shared_state_each_replica_spends_the_budget_again() {
+    let sim = ptu_and_payg().await;
+    let config = two_tiers(&sim, Some(PTU_TPM))
+        + "[state]\n"
+        + WINDOW.replace("redis_timeout_ms = 1000\n", "").as_str();
+    let (a, b, c) = (
+        start_single(&config).await,
+        start_single(&config).await,
+        start_single(&config).await,
+    );
+
+    let (ptu_tokens, _) = twice_the_budget(&[&a, &b, &c], &sim).await;
+    assert!(
+        ptu_tokens as f64 > PTU_TPM as f64 * 1.5,
+        "three embedded stores admit up to 3x the budget: PTU served {ptu_tokens} for {PTU_TPM}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_budget_holds_on_a_three_master_cluster() {
+    let cluster = RedisCluster::start();
+    let sim = ptu_and_payg().await;
+    let config = two_tiers(&sim, Some(PTU_TPM)) + &redis_section(&cluster.url(), WINDOW);
+    let (a, fa) = start_on_redis(&config).await;
+    let (b, _) = start_on_redis(&config).await;
+    let (c, _) = start_on_redis(&config).await;
+
+    let (ptu_tokens, client_429s) = twice_the_budget(&[&a, &b, &c], &sim).await;
+    assert_within_budget(ptu_tokens);
+    assert_eq!(client_429s, 0);
+    assert_eq!(fa.fallback_calls(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_dying_under_load_fails_no_request_and_the_fleet_returns_to_it() {
+    let mut redis = RedisServer::start();
+    let sim = ptu_and_payg().await;
+    let config = two_tiers(&sim, None) + &redis_section(&redis.url(), "redis_timeout_ms = 200\n");
+    let (a, fa) = start_on_redis(&config).await;
+    let (b, fb) = start_on_redis(&config).await;
+    let (c, fc) = start_on_redis(&config).await;
+    let replicas = [&a, &b, &c];
+    let fleets = [&fa, &fb, &fc];
+
+    assert!(offer_load(&replicas, 30, 6).await.iter().all(|&s| s == 200));
+    redis.kill();
+    assert!(
+        offer_load(&replicas, 60, 6).await.iter().all(|&s| s == 200),
+        "no request fails while Redis is down"
+    );
+    for fleet in fleets {
+        tokio::time::timeout(EVENT_TIMEOUT, fleet.wait_degraded())
+            .await
+            .expect("each replica noticed");
+    }
+    redis.restart();
+    for fleet in fleets {
+        tokio::time::timeout(EVENT_TIMEOUT, fleet.wait_shared())
+            .await
+            .expect("each replica is back on Redis");
+    }
+    let before = fleets.map(|f| f.fallback_calls());
+    assert!(offer_load(&replicas, 30, 6).await.iter().all(|&s| s == 200));
+    assert_eq!(
+        fleets.map(|f| f.fallback_calls()),
+        before,
+        "decisions are shared again"
+    );
+
+    // The restarted (empty) Redis holds what the fleet did since.
+    let pool = PoolName::new("gpt-4o");
+    let snap = fa
+        .snapshot(&pool, &[Candidate::unlimited(BackendId::new("ptu"))])
+        .await
+        .unwrap();
+    assert_eq!(snap.members[0].requests_used, 30);
+}
