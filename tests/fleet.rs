@@ -198,3 +198,53 @@ async fn redis_dying_under_load_fails_no_request_and_the_fleet_returns_to_it() {
         .unwrap();
     assert_eq!(snap.members[0].requests_used, 30);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_read_the_fleet_table_from_redis() {
+    let redis = RedisServer::start();
+    let sim = ptu_and_payg().await;
+    let config_text =
+        two_tiers(&sim, Some(PTU_TPM)) + &redis_section(&redis.url(), "redis_timeout_ms = 1000\n");
+    let config = spillway_gateway::config::Config::from_toml(&config_text).unwrap();
+    let fleet = spillway_gateway::server::redis_fleet(&config, &redis.url()).unwrap();
+    let observed = ObservedState::new(fleet);
+    let gw = start_gateway(&config_text, observed.clone()).await;
+    force(&sim, "payg", 503, None, None, None);
+    for n in 1..=3 {
+        chat(&gw, "gpt-4o", &chat_body(false))
+            .await
+            .bytes()
+            .await
+            .unwrap();
+        observed.settled(n).await;
+    }
+    // PAYG is put in backoff through the settle of a failed attempt.
+    sim.set_faults(
+        "ptu",
+        "gpt-4o",
+        Faults {
+            error_rate: 1.0,
+            ..Faults::default()
+        },
+    );
+    let r = chat(&gw, "gpt-4o", &chat_body(false)).await;
+    assert_eq!(r.status(), 502);
+
+    // A separate reader, as `spillway state` is.
+    let reader = spillway_gateway::server::redis_state(&config, &redis.url()).unwrap();
+    reader.ready(Duration::from_secs(5)).await.unwrap();
+    let table = spillway_gateway::state_table::render(&gw.gateway.table, &reader, 20_000)
+        .await
+        .unwrap();
+    let ptu = table
+        .lines()
+        .find(|l| l.trim_start().starts_with("ptu "))
+        .expect("ptu row");
+    assert!(ptu.contains(&format!("51/{PTU_TPM}")), "{table}");
+    assert!(ptu.contains("server_error"), "{table}");
+    let payg = table
+        .lines()
+        .find(|l| l.trim_start().starts_with("payg "))
+        .expect("payg row");
+    assert!(payg.contains("server_error"), "{table}");
+}

@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 
 use crate::app::{Gateway, app};
 use crate::config::Config;
+use crate::server;
 use crate::sim::{self, DeploymentKind, DeploymentSpec, ResourceSpec, SimConfig, SimHandle};
 use load::{LoadPlan, Outcomes};
 use report::{BackendRow, Report};
@@ -19,6 +20,8 @@ use report::{BackendRow, Report};
 pub struct DemoOptions {
     pub duration: Duration,
     pub replicas: usize,
+    /// Share state through this Redis instead of one in-process store.
+    pub redis: Option<String>,
 }
 
 /// Budgets are per 10-second window in the demo (a minute in Azure) so that a short run
@@ -61,15 +64,24 @@ pub async fn run(options: DemoOptions) -> Result<(), Box<dyn std::error::Error>>
         return Err("--replicas must be at least 1".into());
     }
     let sim = sim::start(demo_sim()).await?;
-    let fleet: Arc<dyn FleetState> = Arc::new(EmbeddedState::default());
-    let config = Config::from_toml(&gateway_config(&sim))?;
+    let config = Config::from_toml(&gateway_config(&sim, options.redis.as_deref()))?;
+    let embedded: Arc<dyn FleetState> = Arc::new(EmbeddedState::new(config.state.windows()));
     let mut replicas = Vec::new();
     for _ in 0..options.replicas {
-        replicas.push(start_replica(&config, fleet.clone()).await?);
+        // Each replica has its own Redis client, as separate processes would.
+        let fleet = match &options.redis {
+            Some(url) => server::redis_fleet(&config, url)? as Arc<dyn FleetState>,
+            None => embedded.clone(),
+        };
+        replicas.push(start_replica(&config, fleet).await?);
     }
 
+    let shared = match &options.redis {
+        Some(url) => format!("Redis at {}", server::redacted(url)),
+        None => "one embedded state store".into(),
+    };
     println!(
-        "spillway demo: {} gateway replicas sharing embedded state, 2 PTU + 2 PAYG simulated deployments",
+        "spillway demo: {} gateway replicas sharing {shared}, 2 PTU + 2 PAYG simulated deployments",
         options.replicas
     );
     println!(
@@ -101,6 +113,12 @@ pub async fn run(options: DemoOptions) -> Result<(), Box<dyn std::error::Error>>
     }
     load.await?;
     report.summary(outcomes.snapshot(), backend_rows(&sim));
+    if options.redis.is_some() {
+        println!(
+            "\nShared state stays in Redis for a while: redis-cli --scan --pattern 'spillway:*'"
+        );
+        println!("  e.g. redis-cli HGETALL 'spillway:{{gpt-4o}}:usage:ptu-eastus'");
+    }
     Ok(())
 }
 
@@ -125,17 +143,25 @@ fn demo_sim() -> SimConfig {
     SimConfig { resources }
 }
 
-fn gateway_config(sim: &SimHandle) -> String {
-    FLEET
-        .iter()
-        .map(|(name, region, kind, _)| {
-            let priority = if *kind == DeploymentKind::Ptu { 1 } else { 2 };
-            format!(
-                "[[backends]]\nid = \"{name}\"\nurl = \"{}\"\nregion = \"{region}\"\npriority = {priority}\ndeployments = {{ \"gpt-4o\" = \"gpt-4o\" }}\n",
-                sim.url(name)
-            )
-        })
-        .collect()
+/// PTU backends carry a budget equal to their capacity, so the fleet spills to PAYG before a
+/// PTU has to answer 429; the budget window matches the simulator's.
+fn gateway_config(sim: &SimHandle, redis: Option<&str>) -> String {
+    let mut config =
+        format!("[state]\nwindow_ms = {WINDOW_MS}\nwindow_buckets = 20\nredis_timeout_ms = 50\n");
+    if let Some(url) = redis {
+        config += &format!("redis_url = \"{url}\"\n");
+    }
+    for (name, region, kind, tokens) in FLEET {
+        let (priority, budget) = match kind {
+            DeploymentKind::Ptu => (1, format!("tpm = {tokens}\n")),
+            DeploymentKind::Payg => (2, String::new()),
+        };
+        config += &format!(
+            "[[backends]]\nid = \"{name}\"\nurl = \"{}\"\nregion = \"{region}\"\npriority = {priority}\n{budget}deployments = {{ \"gpt-4o\" = \"gpt-4o\" }}\n",
+            sim.url(name)
+        );
+    }
+    config
 }
 
 struct Replica {

@@ -52,6 +52,9 @@ enum Command {
         duration: Duration,
         #[arg(long, default_value_t = 3)]
         replicas: usize,
+        /// Share the fleet state through this Redis (e.g. redis://127.0.0.1:6379).
+        #[arg(long)]
+        redis: Option<String>,
     },
 }
 
@@ -114,8 +117,17 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             server::shutdown_signal().await;
             Ok(())
         }
-        Command::Demo { duration, replicas } => {
-            demo::run(demo::DemoOptions { duration, replicas }).await
+        Command::Demo {
+            duration,
+            replicas,
+            redis,
+        } => {
+            demo::run(demo::DemoOptions {
+                duration,
+                replicas,
+                redis,
+            })
+            .await
         }
     }
 }

@@ -121,3 +121,11 @@ fn the_shipped_compose_configurations_are_valid() {
             .unwrap();
     assert_eq!(sim.resources.len(), 2);
 }
+
+#[test]
+fn state_explains_that_embedded_state_is_not_shared() {
+    let out = spillway(&["state"], Some(VALID));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("state.redis_url is not set"), "{stderr}");
+}

@@ -1,21 +1,35 @@
 //! Spillway fleet state: what every gateway replica must agree on.
 //!
-//! Routing code talks only to the [`FleetState`] trait. Each implementation keeps, per
-//! *deployment* (a pool member: one backend serving one pool), a backoff deadline and
-//! its reason. Deadlines are handed over as durations ("back off for 3 s"), never as
-//! wall-clock instants, so the store, not the replica, owns the clock: replicas' clocks
-//! differ, and the Redis store (next) takes time from Redis itself.
+//! Routing code talks only to the [`FleetState`] trait:
+//! - `acquire`: the first candidate (in preference order) not in backoff and with budget left
+//!   in its window for the request's estimated tokens and one request; the estimate is
+//!   reserved on it;
+//! - `settle`: replace the reservation by the real token count, record latency and the
+//!   upstream's capacity hints, and (for a failed attempt) start a backoff, in one round trip;
+//! - `backoff`: a deadline of max(current, now + length), with its reason;
+//! - `snapshot`: everything about some pool members, in one call.
 //!
-//! Implementations:
-//! - [`EmbeddedState`]: in-process, the default with no Redis configured.
+//! Time belongs to the store, never to a replica (their clocks differ): deadlines cross the
+//! trait as durations, and the Redis scripts read Redis `TIME`.
 //!
-//! Key schema (shared by every store that has keys; `prefix` is `state.key_prefix`):
+//! Stores: [`EmbeddedState`] (in-process, the default), [`RedisState`] (Lua scripts run by
+//! EVALSHA), and [`FallbackState`] (Redis, falling back to an embedded store per replica while
+//! Redis is unreachable or slow). [`contract`] is the one test suite every store passes.
 //!
-//! | key                                    | value                          |
-//! |----------------------------------------|--------------------------------|
-//! | `{prefix}:{<pool>}:backoff:<backend>`  | hash `until_ms`, `reason`      |
+//! # Redis key schema
 //!
-//! The pool is a Redis Cluster hash tag so one script touches one slot.
+//! `prefix` is `state.key_prefix` (default `spillway`); the pool is a Redis Cluster hash tag,
+//! so every key a script touches is in one slot. Values are plain numbers.
+//!
+//! | key                                  | type | fields                                                             | expires |
+//! |--------------------------------------|------|--------------------------------------------------------------------|---------|
+//! | `{prefix}:{<pool>}:backoff:<backend>` | hash | `until_ms`, `reason`, `set_ms`                                     | at the deadline |
+//! | `{prefix}:{<pool>}:usage:<backend>`   | hash | `tokens:<bucket_start_ms>`, `requests:<bucket_start_ms>`           | 2 windows after the last request |
+//! | `{prefix}:{<pool>}:latency:<backend>` | hash | `<metric>:<slot_start_ms>:le_<ms>` counts (`ttfb_ms`, `total_ms`, `ms_per_output_token`), `slot` | 2 latency windows |
+//! | `{prefix}:{<pool>}:hints:<backend>`   | hash | `remaining_tokens`, `utilization` (share, 0.95 = 95 %), `updated_ms` | 2 latency windows |
+//!
+//! Times are Redis `TIME` in Unix milliseconds. A reservation never settled (a replica died)
+//! stays charged at its estimate until its bucket leaves the window.
 
 #[doc(hidden)]
 pub mod contract;

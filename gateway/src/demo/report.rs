@@ -112,7 +112,7 @@ impl Report {
         );
         match self.first_spill {
             Some((second, ptu_429s)) => println!(
-                "PTU filled first: PAYG took its first request at t={second}s, once PTU had started to answer 429 ({ptu_429s} by then)"
+                "PTU filled first: PAYG took its first request at t={second}s, once the PTU budgets were spent (PTU had answered {ptu_429s} 429s by then)"
             ),
             None => println!(
                 "PTU filled first: the load never exceeded PTU capacity, so PAYG stayed idle"
