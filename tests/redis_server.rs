@@ -70,8 +70,13 @@ fn spawn(port: u16, dir: &PathBuf, extra: &[&str]) -> Child {
 
 impl RedisServer {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Start with extra `redis-server` arguments (e.g. `--requirepass`).
+    pub fn start_with(args: &[&str]) -> Self {
         let (port, dir) = (free_port(), scratch_dir());
-        let child = spawn(port, &dir, &[]);
+        let child = spawn(port, &dir, args);
         Self {
             port,
             dir,

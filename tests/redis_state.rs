@@ -205,3 +205,44 @@ async fn keys_are_readable_with_plain_commands() {
         .unwrap();
     assert!(ttl > 0, "usage keys expire by themselves");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_protected_redis_is_used_with_the_password_from_the_url() {
+    let server = RedisServer::start_with(&["--requirepass", "s3cret-pw"]);
+    let url = format!("redis://:s3cret-pw@127.0.0.1:{}", server.port);
+    let store = RedisState::new(
+        &url,
+        "spillway-test",
+        Windows::default(),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    store.ready(Duration::from_secs(10)).await.unwrap();
+    assert!(
+        admits(
+            &store,
+            &PoolName::new("auth"),
+            &[Candidate::unlimited(BackendId::new("a"))],
+            1
+        )
+        .await
+    );
+
+    let wrong = format!("redis://:wrong-pw@127.0.0.1:{}", server.port);
+    let store = RedisState::new(
+        &wrong,
+        "spillway-test",
+        Windows::default(),
+        Duration::from_millis(500),
+    )
+    .unwrap();
+    let err = store
+        .ready(Duration::from_secs(2))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        !err.contains("wrong-pw") && !err.contains("s3cret-pw"),
+        "{err}"
+    );
+}
