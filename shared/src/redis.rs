@@ -115,6 +115,58 @@ impl RedisState {
             })
     }
 
+    fn settle_keys(&self, pool: &PoolName, backend: &BackendId) -> Vec<String> {
+        let k = self.member_keys(pool, backend);
+        vec![k.backoff, k.usage, k.latency, k.hints]
+    }
+
+    /// ARGV of `settle.lua`; without a receipt only the backoff is applied (`backoff`).
+    fn settle_args(&self, receipt: Option<&Receipt>, backoff: Option<Backoff>) -> Vec<String> {
+        let none = String::new;
+        let (bucket, reserved, used) = match receipt {
+            Some(r) => (
+                r.reservation.bucket_ms.to_string(),
+                r.reservation.tokens.to_string(),
+                r.tokens.to_string(),
+            ),
+            None => (none(), none(), none()),
+        };
+        let (ttfb, total, per_token) = match receipt.and_then(|r| r.latency.as_ref()) {
+            Some(s) => (
+                label(s.ttfb.as_millis() as u64),
+                label(s.total.as_millis() as u64),
+                ms_per_output_token(s).map(label).unwrap_or_default(),
+            ),
+            None => (none(), none(), none()),
+        };
+        let hints = receipt.map(|r| r.hints).unwrap_or_default();
+        let (backoff_ms, reason) = match backoff {
+            Some(b) => (
+                (b.duration.as_millis() as u64).to_string(),
+                b.reason.as_str().to_string(),
+            ),
+            None => (none(), none()),
+        };
+        vec![
+            bucket,
+            reserved,
+            used,
+            ttfb,
+            total,
+            per_token,
+            hints
+                .remaining_tokens
+                .map(|v| v.to_string())
+                .unwrap_or_default(),
+            hints.utilization.map(|v| v.to_string()).unwrap_or_default(),
+            backoff_ms,
+            reason,
+            self.windows.slot_ms().to_string(),
+            (self.windows.latency.as_millis() as u64).to_string(),
+            self.clock(),
+        ]
+    }
+
     /// The raw `acquire` script, for script-level tests.
     #[doc(hidden)]
     pub async fn eval_acquire(
@@ -233,51 +285,9 @@ impl FleetState for RedisState {
         backend: &BackendId,
         receipt: Receipt,
     ) -> Result<(), StateError> {
-        let k = self.member_keys(pool, backend);
-        let (ttfb, total, per_token) = match &receipt.latency {
-            Some(s) => (
-                label(s.ttfb.as_millis() as u64),
-                label(s.total.as_millis() as u64),
-                ms_per_output_token(s).map(label).unwrap_or_default(),
-            ),
-            None => Default::default(),
-        };
-        let (backoff_ms, reason) = match receipt.backoff {
-            Some(b) => (
-                (b.duration.as_millis() as u64).to_string(),
-                b.reason.as_str().to_string(),
-            ),
-            None => Default::default(),
-        };
-        let args = vec![
-            receipt.reservation.bucket_ms.to_string(),
-            receipt.reservation.tokens.to_string(),
-            receipt.tokens.to_string(),
-            ttfb,
-            total,
-            per_token,
-            receipt
-                .hints
-                .remaining_tokens
-                .map(|v| v.to_string())
-                .unwrap_or_default(),
-            receipt
-                .hints
-                .utilization
-                .map(|v| v.to_string())
-                .unwrap_or_default(),
-            backoff_ms,
-            reason,
-            self.windows.slot_ms().to_string(),
-            (self.windows.latency.as_millis() as u64).to_string(),
-            self.clock(),
-        ];
-        self.run(
-            &self.settle,
-            vec![k.backoff, k.usage, k.latency, k.hints],
-            args,
-        )
-        .await?;
+        let args = self.settle_args(Some(&receipt), receipt.backoff);
+        self.run(&self.settle, self.settle_keys(pool, backend), args)
+            .await?;
         Ok(())
     }
 
@@ -287,19 +297,9 @@ impl FleetState for RedisState {
         backend: &BackendId,
         backoff: Backoff,
     ) -> Result<(), StateError> {
-        let k = self.member_keys(pool, backend);
-        let mut args = vec![String::new(); 13];
-        args[8] = (backoff.duration.as_millis() as u64).to_string();
-        args[9] = backoff.reason.as_str().to_string();
-        args[10] = self.windows.slot_ms().to_string();
-        args[11] = (self.windows.latency.as_millis() as u64).to_string();
-        args[12] = self.clock();
-        self.run(
-            &self.settle,
-            vec![k.backoff, k.usage, k.latency, k.hints],
-            args,
-        )
-        .await?;
+        let args = self.settle_args(None, Some(backoff));
+        self.run(&self.settle, self.settle_keys(pool, backend), args)
+            .await?;
         Ok(())
     }
 
