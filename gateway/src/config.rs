@@ -23,6 +23,24 @@ pub struct Config {
     pub backends: Vec<BackendConfig>,
     #[serde(default)]
     pub consumers: Vec<ConsumerConfig>,
+    /// Per-pool settings, by pool name: `[pools.gpt-4o]`.
+    #[serde(default)]
+    pub pools: BTreeMap<String, PoolConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Tokenizer of the model behind the pool, for estimates.
+    pub encoding: crate::tokens::Encoding,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            encoding: crate::tokens::Encoding::O200kBase,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -365,6 +383,22 @@ impl Config {
             }
             if let BackendAuthConfig::ApiKey { env } = &b.auth {
                 check_env(&mut bad, at("auth.env"), env);
+            }
+        }
+
+        let pools: BTreeSet<&str> = self
+            .backends
+            .iter()
+            .flat_map(|b| b.deployments.keys())
+            .map(String::as_str)
+            .collect();
+        for name in self.pools.keys() {
+            if !pools.contains(name.as_str()) {
+                bad(
+                    format!("pools.{name}"),
+                    "no backend serves this pool (check the name against backends' deployments)"
+                        .into(),
+                );
             }
         }
 

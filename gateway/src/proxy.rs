@@ -163,7 +163,7 @@ async fn route(
                                 estimate: request.estimate,
                                 hints,
                             };
-                            return Ok(relay::to_client(upstream, settlement));
+                            return Ok(relay::to_client(upstream, settlement, request.strip_usage));
                         }
                         Verdict::Retry(backoff) => {
                             (backoff, hints, format!("HTTP {}", upstream.status))

@@ -45,6 +45,7 @@ impl Member {
 #[derive(Debug)]
 pub struct Pool {
     pub name: PoolName,
+    pub encoding: crate::tokens::Encoding,
     /// Sorted by priority, then backend id.
     pub members: Vec<Member>,
 }
@@ -93,8 +94,10 @@ impl RoutingTable {
                 members.sort_by(|a, b| {
                     (a.backend.priority, &a.backend.id).cmp(&(b.backend.priority, &b.backend.id))
                 });
+                let settings = config.pools.get(&name).cloned().unwrap_or_default();
                 let pool = Pool {
                     name: PoolName::new(&name),
+                    encoding: settings.encoding,
                     members,
                 };
                 (name, Arc::new(pool))

@@ -239,6 +239,11 @@ pub async fn settle_records_latency_hints_and_backoff_in_one_call(store: &dyn Fl
     let m = &snap.members[0];
     assert_eq!(m.hints, hints);
     assert_eq!(m.tokens_used, 12);
+    assert_eq!(
+        (m.estimated_tokens, m.actual_tokens),
+        (10, 12),
+        "estimation error is reported"
+    );
     assert_eq!(m.backoff.map(|b| b.reason), Some(BackoffReason::Throttled));
     assert_eq!(m.latency.ttfb_ms.samples(), 1);
     assert_eq!(m.latency.ttfb_ms.quantile_ms(0.5), Some(128));

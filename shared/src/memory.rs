@@ -31,6 +31,8 @@ struct Member {
     /// Latency slot start (ms) → histograms.
     latency: BTreeMap<u64, LatencyHistograms>,
     hints: UpstreamHints,
+    estimated_tokens: u64,
+    actual_tokens: u64,
 }
 
 impl Default for EmbeddedState {
@@ -163,6 +165,10 @@ impl FleetState for EmbeddedState {
         let w = self.windows;
         self.with_member(pool, backend, |m| {
             m.usage.settle(receipt.reservation, receipt.tokens);
+            if receipt.latency.is_some() {
+                m.estimated_tokens += receipt.reservation.tokens;
+                m.actual_tokens += receipt.tokens;
+            }
             if let Some(sample) = receipt.latency {
                 let slot = now - now % w.slot_ms();
                 let h = m.latency.entry(slot).or_default();
@@ -216,6 +222,8 @@ impl FleetState for EmbeddedState {
                         requests_used,
                         hints: m.hints,
                         latency: m.latency(now, &w),
+                        estimated_tokens: m.estimated_tokens,
+                        actual_tokens: m.actual_tokens,
                     }
                 })
             })

@@ -365,7 +365,9 @@ fn parse_member(candidate: &Candidate, entry: Value) -> Result<MemberSnapshot, S
         remaining_tokens,
         utilization,
         latency,
-    ] = <[Value; 7]>::try_from(fields)
+        estimated,
+        actual,
+    ] = <[Value; 9]>::try_from(fields)
         .map_err(|f| StateError::Protocol(format!("snapshot entry has {} fields", f.len())))?;
     let remaining = int(&remaining)?;
     let backoff = (remaining > 0).then(|| Backoff {
@@ -403,5 +405,7 @@ fn parse_member(candidate: &Candidate, entry: Value) -> Result<MemberSnapshot, S
             utilization: text(&utilization).parse().ok(),
         },
         latency: histograms,
+        estimated_tokens: int(&estimated)?.max(0) as u64,
+        actual_tokens: int(&actual)?.max(0) as u64,
     })
 }

@@ -239,6 +239,9 @@ pub struct MemberSnapshot {
     pub requests_used: u64,
     pub hints: UpstreamHints,
     pub latency: LatencyHistograms,
+    /// Estimated and real tokens of completed requests, summed (estimation error = the gap).
+    pub estimated_tokens: u64,
+    pub actual_tokens: u64,
 }
 
 /// Everything a router or operator needs about a pool, in one call.

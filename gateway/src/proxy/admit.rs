@@ -46,6 +46,8 @@ pub struct ProxyRequest {
     pub headers: HeaderMap,
     pub body: Bytes,
     pub stream: bool,
+    /// The gateway asked upstream for the stream's usage chunk, which the client must not see.
+    pub strip_usage: bool,
     /// Tokens charged against budgets before sending: prompt plus the output cap.
     pub estimate: TokenEstimate,
     pub consumer: Option<String>,
@@ -62,59 +64,75 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
         .consumers
         .authenticate(&inbound.headers)?
         .map(str::to_owned);
-    let pool = match &inbound.pool {
-        Some(name) => Some(lookup(gateway, name)?),
-        None => None,
+    // The deployments route names its pool in the path: unknown pools fail before the body is read.
+    let named_pool = inbound
+        .pool
+        .as_deref()
+        .map(|name| lookup(gateway, name))
+        .transpose()?;
+
+    let mut body = read_body(&inbound.headers, inbound.body, gateway.max_body_bytes).await?;
+    let mut json = parse_json(&inbound.headers, &body)?;
+    let pool = match named_pool {
+        Some(pool) => pool,
+        None => {
+            let model = json.as_ref().ok_or_else(|| {
+                GatewayError::BadRequest(
+                    "This endpoint takes a JSON body with a 'model' field.".into(),
+                )
+            })?;
+            let model = model.get("model").and_then(Value::as_str).ok_or_else(|| {
+                GatewayError::BadRequest(
+                    "Missing required field 'model' (the deployment to use).".into(),
+                )
+            })?;
+            lookup(gateway, model)?
+        }
     };
 
-    let body = read_body(&inbound.headers, inbound.body, gateway.max_body_bytes).await?;
-    let json = parse_json(&inbound.headers, &body)?;
     let stream = json
         .as_ref()
         .and_then(|j| j.get("stream"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
-
+    let default_cap = gateway.routing.default_max_tokens;
     let total = tokens::estimate(
+        pool.encoding,
         &inbound.operation,
         json.as_ref(),
         body.len(),
-        gateway.routing.default_max_tokens,
+        default_cap,
     );
-    let output_cap = json.as_ref().map_or(0, |j| {
-        tokens::max_output_tokens(j, gateway.routing.default_max_tokens)
-    });
+    let output_cap = json
+        .as_ref()
+        .map_or(0, |j| tokens::max_output_tokens(j, default_cap));
     let estimate = TokenEstimate {
         prompt: total.saturating_sub(output_cap),
         total,
     };
 
-    let (pool, route) = match pool {
-        Some(pool) => (
-            pool,
+    // A stream only reports its usage when asked: ask upstream, and hide the answer from a
+    // client that did not ask, so it gets exactly the stream it requested.
+    let strip_usage = match json.as_mut() {
+        Some(j) if stream && inbound.operation.starts_with("chat/completions") => {
+            request_stream_usage(j)
+        }
+        _ => false,
+    };
+    let route = match (inbound.pool.is_some(), json) {
+        (true, json) => {
+            if let (true, Some(j)) = (strip_usage, &json) {
+                body = Bytes::from(serde_json::to_vec(j).expect("a JSON map always serializes"));
+            }
             Route::Deployment {
                 operation: inbound.operation,
-            },
-        ),
-        None => {
-            let body = json.ok_or_else(|| {
-                GatewayError::BadRequest(
-                    "This endpoint takes a JSON body with a 'model' field.".into(),
-                )
-            })?;
-            let model = body.get("model").and_then(Value::as_str).ok_or_else(|| {
-                GatewayError::BadRequest(
-                    "Missing required field 'model' (the deployment to use).".into(),
-                )
-            })?;
-            (
-                lookup(gateway, model)?,
-                Route::V1 {
-                    operation: inbound.operation,
-                    body,
-                },
-            )
+            }
         }
+        (false, Some(j)) => Route::V1 {
+            operation: inbound.operation,
+            body: j,
+        },
+        (false, None) => unreachable!("the v1 route resolved its pool from the JSON body"),
     };
 
     Ok(ProxyRequest {
@@ -124,9 +142,33 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
         headers: upstream_request_headers(&inbound.headers),
         body,
         stream,
+        strip_usage,
         estimate,
         consumer,
     })
+}
+
+/// Set `stream_options.include_usage`; true when the client had not asked for it.
+fn request_stream_usage(body: &mut Map<String, Value>) -> bool {
+    let asked = body
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        == Some(true);
+    if asked {
+        return false;
+    }
+    let options = body
+        .entry("stream_options")
+        .or_insert_with(|| Value::Object(Map::new()));
+    match options {
+        Value::Object(options) => {
+            options.insert("include_usage".into(), Value::Bool(true));
+            true
+        }
+        // A malformed stream_options is the upstream's to reject, unchanged.
+        _ => false,
+    }
 }
 
 fn lookup(gateway: &Gateway, name: &str) -> Result<Arc<Pool>, GatewayError> {

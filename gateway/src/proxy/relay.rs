@@ -31,7 +31,7 @@ pub struct Settlement {
     pub hints: UpstreamHints,
 }
 
-pub fn to_client(upstream: Upstream, settlement: Settlement) -> Response {
+pub fn to_client(upstream: Upstream, settlement: Settlement, strip_usage: bool) -> Response {
     let sse = upstream
         .headers
         .get(header::CONTENT_TYPE)
@@ -39,15 +39,21 @@ pub fn to_client(upstream: Upstream, settlement: Settlement) -> Response {
         .is_some_and(|v| v.starts_with("text/event-stream"));
     let metered = Metered {
         inner: upstream.body,
-        meter: UsageMeter::new(sse),
+        meter: UsageMeter::new(sse, strip_usage),
         success: upstream.status.is_success(),
         started: upstream.started,
         ttfb: upstream.ttfb,
         settlement: Some(settlement),
+        ended: false,
     };
+    let mut headers = client_response_headers(&upstream.headers);
+    if sse && strip_usage {
+        // Events are removed, so the upstream's length no longer holds (streams rarely send one).
+        headers.remove(header::CONTENT_LENGTH);
+    }
     let mut response = Response::new(Body::from_stream(metered));
     *response.status_mut() = upstream.status;
-    *response.headers_mut() = client_response_headers(&upstream.headers);
+    *response.headers_mut() = headers;
     response
 }
 
@@ -58,26 +64,38 @@ struct Metered {
     started: tokio::time::Instant,
     ttfb: std::time::Duration,
     settlement: Option<Settlement>,
+    ended: bool,
 }
 
 impl Stream for Metered {
     type Item = Result<Bytes, std::io::Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        match self.inner.as_mut().poll_next(cx) {
-            Poll::Ready(Some(Ok(chunk))) => {
-                self.meter.observe(&chunk);
-                Poll::Ready(Some(Ok(chunk)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                self.settle();
-                Poll::Ready(Some(Err(std::io::Error::other(e))))
-            }
-            Poll::Ready(None) => {
-                self.settle();
-                Poll::Ready(None)
-            }
-            Poll::Pending => Poll::Pending,
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        loop {
+            return match self.inner.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    let out = self.meter.relay(chunk);
+                    if out.is_empty() {
+                        continue; // the whole chunk was held or removed: read on
+                    }
+                    Poll::Ready(Some(Ok(out)))
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    self.ended = true;
+                    self.settle();
+                    Poll::Ready(Some(Err(std::io::Error::other(e))))
+                }
+                Poll::Ready(None) => {
+                    self.ended = true;
+                    let rest = self.meter.flush();
+                    self.settle();
+                    Poll::Ready((!rest.is_empty()).then_some(Ok(rest)))
+                }
+                Poll::Pending => Poll::Pending,
+            };
         }
     }
 }

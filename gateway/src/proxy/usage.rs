@@ -1,6 +1,7 @@
 //! Reading what a response really used: `usage` from a JSON body or from an SSE stream's
 //! usage chunk, and the content deltas of a stream that carries no usage. Pure: fed bytes.
 
+use bytes::Bytes;
 use serde_json::Value;
 
 /// Bodies larger than this are not kept for parsing; their estimate stands.
@@ -16,6 +17,8 @@ pub struct Usage {
 #[derive(Debug, Default)]
 pub struct UsageMeter {
     sse: bool,
+    /// Remove the usage the gateway asked for (the usage-only event, `"usage":null` fields).
+    strip: bool,
     /// SSE: bytes of the event being received; JSON: the body so far.
     pending: Vec<u8>,
     overflow: bool,
@@ -24,14 +27,42 @@ pub struct UsageMeter {
 }
 
 impl UsageMeter {
-    pub fn new(sse: bool) -> Self {
+    pub fn new(sse: bool, strip: bool) -> Self {
         Self {
             sse,
+            strip: sse && strip,
             ..Self::default()
         }
     }
 
-    pub fn observe(&mut self, chunk: &[u8]) {
+    /// Take upstream bytes; return the bytes to send to the client now. Unless stripping,
+    /// that is the chunk itself; when stripping, whole events minus what was added.
+    pub fn relay(&mut self, chunk: Bytes) -> Bytes {
+        if !self.strip {
+            self.observe(&chunk);
+            return chunk;
+        }
+        self.pending.extend_from_slice(&chunk);
+        let mut out = Vec::with_capacity(chunk.len());
+        while let Some(end) = find(&self.pending, b"\n\n") {
+            let event: Vec<u8> = self.pending.drain(..end + 2).collect();
+            if !self.observe_event(&event) {
+                out.extend_from_slice(&without_null_usage(&event));
+            }
+        }
+        Bytes::from(out)
+    }
+
+    /// Bytes still held when the upstream ends (an unterminated event), sent as they are.
+    pub fn flush(&mut self) -> Bytes {
+        if self.strip {
+            Bytes::from(std::mem::take(&mut self.pending))
+        } else {
+            Bytes::new()
+        }
+    }
+
+    fn observe(&mut self, chunk: &[u8]) {
         if self.overflow {
             return;
         }
@@ -48,10 +79,12 @@ impl UsageMeter {
         }
     }
 
-    fn observe_event(&mut self, event: &[u8]) {
+    /// Read usage and content from one SSE event; true when it is a usage-only event.
+    fn observe_event(&mut self, event: &[u8]) -> bool {
         let Ok(text) = std::str::from_utf8(event) else {
-            return;
+            return false;
         };
+        let mut usage_only = false;
         for data in text
             .lines()
             .filter_map(|l| l.strip_prefix("data:"))
@@ -63,10 +96,12 @@ impl UsageMeter {
             let Ok(value) = serde_json::from_str::<Value>(data) else {
                 continue;
             };
+            let choices = value.get("choices").and_then(Value::as_array);
             if let Some(usage) = parse_usage(&value) {
                 self.usage = Some(usage);
+                usage_only = choices.is_none_or(|c| c.is_empty());
             }
-            if let Some(choices) = value.get("choices").and_then(Value::as_array) {
+            if let Some(choices) = choices {
                 self.content_deltas += choices
                     .iter()
                     .filter(|c| {
@@ -77,6 +112,7 @@ impl UsageMeter {
                     .count() as u64;
             }
         }
+        usage_only
     }
 
     /// The usage the response reported, if any.
@@ -94,6 +130,18 @@ impl UsageMeter {
     pub fn content_deltas(&self) -> u64 {
         self.content_deltas
     }
+}
+
+/// The event without the `"usage":null` field that asking for usage adds to every chunk.
+fn without_null_usage(event: &[u8]) -> Vec<u8> {
+    for field in [&b",\"usage\":null"[..], &b"\"usage\":null,"[..]] {
+        if let Some(at) = find(event, field) {
+            let mut out = event[..at].to_vec();
+            out.extend_from_slice(&event[at + field.len()..]);
+            return out;
+        }
+    }
+    event.to_vec()
 }
 
 fn parse_usage(value: &Value) -> Option<Usage> {
@@ -119,9 +167,11 @@ mod tests {
 
     #[test]
     fn json_body_usage_is_read_at_the_end() {
-        let mut m = UsageMeter::new(false);
-        m.observe(br#"{"usage":{"prompt_tokens":9,"#);
-        m.observe(br#""completion_tokens":5,"total_tokens":14}}"#);
+        let mut m = UsageMeter::new(false, false);
+        m.relay(Bytes::from_static(br#"{"usage":{"prompt_tokens":9,"#));
+        m.relay(Bytes::from_static(
+            br#""completion_tokens":5,"total_tokens":14}}"#,
+        ));
         assert_eq!(
             m.finish(),
             Some(Usage {
@@ -134,19 +184,43 @@ mod tests {
 
     #[test]
     fn sse_usage_chunk_and_deltas_are_read_across_chunk_boundaries() {
-        let mut m = UsageMeter::new(true);
-        m.observe(b"data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n");
-        m.observe(b"\ndata: {\"choices\":[{\"delta\":{\"content\":\"\"}}]}\n\n");
-        m.observe(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1,\"total_tokens\":4}}\n\ndata: [DONE]\n\n");
+        let mut m = UsageMeter::new(true, false);
+        m.relay(Bytes::from_static(
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n",
+        ));
+        m.relay(Bytes::from_static(
+            b"\ndata: {\"choices\":[{\"delta\":{\"content\":\"\"}}]}\n\n",
+        ));
+        m.relay(Bytes::from_static(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1,\"total_tokens\":4}}\n\ndata: [DONE]\n\n"));
         assert_eq!(m.content_deltas(), 1);
         assert_eq!(m.finish().map(|u| u.total_tokens), Some(4));
     }
 
     #[test]
     fn a_stream_without_usage_reports_none() {
-        let mut m = UsageMeter::new(true);
-        m.observe(b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: [DONE]\n\n");
+        let mut m = UsageMeter::new(true, false);
+        m.relay(Bytes::from_static(
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\ndata: [DONE]\n\n",
+        ));
         assert_eq!(m.finish(), None);
         assert_eq!(m.content_deltas(), 1);
+    }
+
+    #[test]
+    fn stripping_removes_exactly_what_asking_for_usage_added() {
+        let mut m = UsageMeter::new(true, true);
+        let content = "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n";
+        let with_null = "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n";
+        let usage = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1,\"total_tokens\":4}}\n\n";
+        let upstream = format!("{with_null}{usage}data: [DONE]\n\n");
+        let (a, b) = upstream.as_bytes().split_at(20);
+        let mut out = m.relay(Bytes::copy_from_slice(a)).to_vec();
+        out.extend_from_slice(&m.relay(Bytes::copy_from_slice(b)));
+        out.extend_from_slice(&m.flush());
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!("{content}data: [DONE]\n\n")
+        );
+        assert_eq!(m.finish().map(|u| u.total_tokens), Some(4));
     }
 }

@@ -359,8 +359,12 @@ struct ChatStream {
 
 impl ChatStream {
     fn chunk(&self, choices: Value) -> String {
-        let chunk = json!({ "id": self.id, "object": "chat.completion.chunk", "created": created(),
+        let mut chunk = json!({ "id": self.id, "object": "chat.completion.chunk", "created": created(),
             "model": self.deployment.spec.model, "system_fingerprint": "fp_spillway_sim", "choices": choices });
+        // With include_usage, every chunk but the last carries `"usage": null` (as OpenAI documents).
+        if self.include_usage {
+            chunk["usage"] = Value::Null;
+        }
         format!("data: {chunk}\n\n")
     }
 

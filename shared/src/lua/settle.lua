@@ -4,7 +4,8 @@
 -- KEYS[2]  {prefix}:{pool}:usage:<backend>    hash tokens:<bucket_start_ms>, requests:<bucket_start_ms>
 -- KEYS[3]  {prefix}:{pool}:latency:<backend>  hash <metric>:<slot_start_ms>:le_<bound ms>|le_inf -> count,
 --                                              and slot (the newest slot seen)
--- KEYS[4]  {prefix}:{pool}:hints:<backend>    hash remaining_tokens, utilization, updated_ms
+-- KEYS[4]  {prefix}:{pool}:hints:<backend>    hash remaining_tokens, utilization, updated_ms,
+--                                              estimated_tokens, actual_tokens (completed requests)
 -- ARGV[1]  reservation bucket start, ms ("" when settling no reservation)
 -- ARGV[2]  tokens reserved   ARGV[3]  tokens really used
 -- ARGV[4..6]  histogram labels for ttfb_ms, total_ms, ms_per_output_token ("" to record none)
@@ -64,6 +65,12 @@ if ARGV[4] ~= '' or ARGV[5] ~= '' or ARGV[6] ~= '' then
     end
   end
   redis.call('PEXPIRE', latency_key, 2 * (latency_window + slot_length))
+  -- A latency sample means the request completed: count its estimate against its usage.
+  if ARGV[1] ~= '' then
+    redis.call('HINCRBY', hints_key, 'estimated_tokens', tonumber(ARGV[2]))
+    redis.call('HINCRBY', hints_key, 'actual_tokens', tonumber(ARGV[3]))
+    redis.call('PEXPIRE', hints_key, 2 * (latency_window + slot_length))
+  end
 end
 
 -- Capacity hints from the upstream's last answer.

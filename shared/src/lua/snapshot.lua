@@ -6,7 +6,8 @@
 -- ARGV[5]  "" to take the time from Redis TIME; a time in ms only in tests
 -- Returns one entry per member:
 --   {backoff_remaining_ms (0: none), reason, tokens_used, requests_used,
---    remaining_tokens ("": none), utilization ("": none), {field, count, field, count, ...}}
+--    remaining_tokens ("": none), utilization ("": none), {field, count, field, count, ...},
+--    estimated_tokens, actual_tokens}
 -- where the last list holds the latency histogram fields of slots still in the window.
 
 if #KEYS == 0 or #KEYS % 4 ~= 0 or #ARGV ~= 5 then
@@ -44,7 +45,7 @@ for i = 1, #KEYS / 4 do
     end
   end
 
-  local hints = redis.call('HMGET', hints_key, 'remaining_tokens', 'utilization')
+  local hints = redis.call('HMGET', hints_key, 'remaining_tokens', 'utilization', 'estimated_tokens', 'actual_tokens')
 
   local latency = {}
   local fields = redis.call('HGETALL', latency_key)
@@ -56,6 +57,7 @@ for i = 1, #KEYS / 4 do
     end
   end
 
-  out[i] = {remaining, reason, tokens, requests, hints[1] or '', hints[2] or '', latency}
+  out[i] = {remaining, reason, tokens, requests, hints[1] or '', hints[2] or '', latency,
+    tonumber(hints[3]) or 0, tonumber(hints[4]) or 0}
 end
 return out

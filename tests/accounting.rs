@@ -1,0 +1,179 @@
+//! Token accounting: estimates match the service's prompt counts, streams are settled with
+//! their exact usage (asked for upstream when the client did not ask, and hidden from it), and
+//! a stream cut off mid-way is settled with what was relayed.
+
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use serde_json::json;
+use spillway_gateway::sim::{DeploymentKind, DeploymentSpec};
+use spillway_shared::{BackendId, Candidate, EmbeddedState, FleetState, PoolName};
+use spillway_tests::*;
+
+async fn member(fleet: &dyn FleetState, backend: &str) -> spillway_shared::MemberSnapshot {
+    let c = [Candidate::unlimited(BackendId::new(backend))];
+    fleet
+        .snapshot(&PoolName::new("gpt-4o"), &c)
+        .await
+        .unwrap()
+        .members
+        .remove(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_tokens_equal_the_tokens_served_for_every_kind_of_request() {
+    let sim = ptu_and_payg().await;
+    let fleet = ObservedState::new(Arc::new(EmbeddedState::default()));
+    let gw = start_gateway(&backend(&sim, "ptu", 1), fleet.clone()).await;
+
+    let mut asked = chat_body(true);
+    asked["stream_options"] = json!({ "include_usage": true });
+    let mut n = 0;
+    for body in [chat_body(false), chat_body(true), asked] {
+        for _ in 0..3 {
+            chat(&gw, "gpt-4o", &body).await.bytes().await.unwrap();
+            n += 1;
+            fleet.settled(n).await;
+        }
+    }
+    let served = sim.stats("ptu", "gpt-4o");
+    let state = member(&*fleet.inner, "ptu").await;
+    assert_eq!(served.succeeded, 9);
+    assert_eq!(
+        state.tokens_used, served.total_tokens,
+        "settled == served, streams included"
+    );
+    assert_eq!(state.actual_tokens, served.total_tokens);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn estimates_match_the_service_prompt_counts_exactly() {
+    let sim = ptu_and_payg().await;
+    let fleet = ObservedState::new(Arc::new(EmbeddedState::default()));
+    let gw = start_gateway(&backend(&sim, "ptu", 1), fleet.clone()).await;
+    let conversations = [
+        json!([{ "role": "user", "content": "Hello there" }]),
+        json!([{ "role": "system", "content": "You are terse." }, { "role": "user", "content": "Why is the sky blue?" }]),
+        json!([{ "role": "user", "name": "ada", "content": "Ünïcödé, emoji 🚀 and\nnew lines" },
+               { "role": "assistant", "content": "Noted." }, { "role": "user", "content": "" }]),
+    ];
+    for (i, messages) in conversations.iter().enumerate() {
+        // max_tokens below the simulator's reply length: output is exactly max_tokens.
+        let body = json!({ "messages": messages, "max_tokens": 5 });
+        chat(&gw, "gpt-4o", &body).await.bytes().await.unwrap();
+        fleet.settled(i as u64 + 1).await;
+    }
+    let state = member(&*fleet.inner, "ptu").await;
+    assert_eq!(
+        state.estimated_tokens, state.actual_tokens,
+        "no estimation error on plain chat"
+    );
+    assert_eq!(state.actual_tokens, sim.stats("ptu", "gpt-4o").total_tokens);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_gets_exactly_the_stream_it_asked_for() {
+    // Two identical fresh deployments: one behind the gateway, one asked directly.
+    let sim = start_sim(vec![
+        resource(
+            "ptu",
+            vec![instant_deployment("gpt-4o", DeploymentKind::Ptu, 1_000_000)],
+        ),
+        resource(
+            "direct",
+            vec![instant_deployment("gpt-4o", DeploymentKind::Ptu, 1_000_000)],
+        ),
+    ])
+    .await;
+    let gw = start_single(&backend(&sim, "ptu", 1)).await;
+    let via_gateway = chat(&gw, "gpt-4o", &chat_body(true))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let direct = client()
+        .post(format!(
+            "{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+            sim.url("direct")
+        ))
+        .json(&chat_body(true))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // Only the wall-clock `created` second may differ between two responses.
+    let created = |s: &str| {
+        s.split("\"created\":")
+            .enumerate()
+            .map(|(i, part)| {
+                if i == 0 {
+                    part.to_string()
+                } else {
+                    part.trim_start_matches(|c: char| c.is_ascii_digit())
+                        .to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\"created\":_")
+    };
+    assert!(
+        !via_gateway.contains("usage"),
+        "no usage chunk nor usage:null reached the client"
+    );
+    assert_eq!(created(&via_gateway), created(&direct));
+    let upstream_asked = sim.stats("ptu", "gpt-4o");
+    assert_eq!(upstream_asked.streams_completed, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_off_midway_is_settled_with_what_was_relayed() {
+    let long = DeploymentSpec {
+        ttft_ms: 0,
+        ms_per_token: 5,
+        jitter: 0.0,
+        output_tokens: 4_000,
+        ..DeploymentSpec::new("gpt-4o", DeploymentKind::Ptu, 10_000_000)
+    };
+    let sim = start_sim(vec![resource("ptu", vec![long])]).await;
+    let fleet = ObservedState::new(Arc::new(EmbeddedState::default()));
+    let gw = start_gateway(&backend(&sim, "ptu", 1), fleet.clone()).await;
+
+    let mut body = chat_body(true);
+    body["max_tokens"] = 5_000.into();
+    let mut stream = chat(&gw, "gpt-4o", &body).await.bytes_stream();
+    let mut seen = 0;
+    let mut text = String::new();
+    while seen < 20 {
+        let chunk = stream.next().await.unwrap().unwrap();
+        text.push_str(std::str::from_utf8(&chunk).unwrap());
+        seen = text.matches("\"content\":\"").count().saturating_sub(1); // the role event has content ""
+    }
+    drop(stream);
+    fleet.settled(1).await;
+
+    let state = member(&*fleet.inner, "ptu").await;
+    assert!(
+        sim.wait_until(EVENT_TIMEOUT, |s| s
+            .stats("ptu", "gpt-4o")
+            .streams_cancelled
+            == 1)
+            .await
+    );
+    let served = sim.stats("ptu", "gpt-4o");
+    let prompt = served.prompt_tokens;
+    assert!(
+        state.tokens_used >= prompt + seen as u64,
+        "at least what the client saw: {} < {}",
+        state.tokens_used,
+        prompt + seen as u64
+    );
+    assert!(
+        state.tokens_used <= served.total_tokens,
+        "at most what upstream sent: {} > {}",
+        state.tokens_used,
+        served.total_tokens
+    );
+    assert!(state.tokens_used < prompt + 5_000, "not the whole estimate");
+}
