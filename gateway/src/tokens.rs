@@ -203,7 +203,7 @@ mod tests {
 
     #[test]
     fn encodings_differ_and_images_and_tools_are_counted() {
-        let text = "Spillway routes tokens: PTU first, PAYG after.";
+        let text = "Привет, как дела? これは日本語のテキストです。";
         assert_ne!(
             Encoding::O200kBase.count(text),
             Encoding::Cl100kBase.count(text)
