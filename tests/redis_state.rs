@@ -54,6 +54,7 @@ fn capped(tokens: u64) -> [Candidate; 1] {
         backend: BackendId::new("ptu"),
         tokens_per_window: Some(tokens),
         requests_per_window: None,
+        spill_utilization: None,
     }]
 }
 
@@ -109,36 +110,38 @@ async fn a_request_at_a_bucket_boundary_is_charged_to_the_new_bucket() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_arguments_are_rejected_by_the_script() {
     let store = served(small_windows()).await;
-    let keys = vec![
-        "spillway-test:{p}:backoff:a".to_string(),
-        "spillway-test:{p}:usage:a".to_string(),
-    ];
+    let keys: Vec<String> = ["backoff", "usage", "hints"]
+        .iter()
+        .map(|k| format!("spillway-test:{{p}}:{k}:a"))
+        .collect();
+    // estimate, bucket ms, window ms, clock, hint ttl ms; then token, request and spill limits.
+    let args = |tokens: &str| -> Vec<String> {
+        [tokens, "100", "1000", "", "1000", "-1", "-1", "-1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
     for tokens in ["-5", "1.5", "many"] {
-        let args = vec![
-            tokens.into(),
-            "100".into(),
-            "1000".into(),
-            String::new(),
-            "-1".into(),
-            "-1".into(),
-        ];
-        let err = store.eval_acquire(keys.clone(), args).await.unwrap_err();
+        let err = store
+            .eval_acquire(keys.clone(), args(tokens))
+            .await
+            .unwrap_err();
         assert!(
             matches!(err, StateError::Protocol(ref m) if m.contains("whole number")),
             "{tokens}: {err}"
         );
     }
-    let zero = vec![
-        "0".into(),
-        "100".into(),
-        "1000".into(),
-        String::new(),
-        "-1".into(),
-        "-1".into(),
-    ];
     assert!(
-        store.eval_acquire(keys, zero).await.is_ok(),
+        store.eval_acquire(keys.clone(), args("0")).await.is_ok(),
         "zero tokens is a valid request"
+    );
+    let err = store
+        .eval_acquire(keys[..2].to_vec(), args("1"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, StateError::Protocol(ref m) if m.contains("3 keys")),
+        "{err}"
     );
 }
 

@@ -15,6 +15,7 @@ use crate::config::{Config, ConfigError, ConfigProblem, RoutingConfig};
 use crate::consumers::Consumers;
 use crate::credentials::BackendCredential;
 use crate::error::GatewayError;
+use crate::fleet_view::FleetView;
 use crate::proxy::{self, Inbound};
 use crate::table::RoutingTable;
 
@@ -26,6 +27,10 @@ pub struct Gateway {
     pub consumers: Consumers,
     pub routing: RoutingConfig,
     pub max_body_bytes: usize,
+    /// This replica's region (wins ties).
+    pub region: Option<String>,
+    /// Recent fleet latency and budgets, for scoring members.
+    pub view: Arc<FleetView>,
 }
 
 impl Gateway {
@@ -63,6 +68,8 @@ impl Gateway {
             consumers,
             routing: config.routing.clone(),
             max_body_bytes: config.server.max_body_bytes,
+            region: config.server.region.clone(),
+            view: FleetView::new(Duration::from_millis(config.routing.view_refresh_ms)),
         })
     }
 }

@@ -33,12 +33,19 @@ pub struct Config {
 pub struct PoolConfig {
     /// Tokenizer of the model behind the pool, for estimates.
     pub encoding: crate::tokens::Encoding,
+    /// A member reporting this utilization or more (PTU's
+    /// `azure-openai-deployment-utilization`) is skipped before it starts answering 429.
+    pub spill_utilization: f64,
+    /// When set, requests to this pool only ever go to members in these regions.
+    pub regions: Option<Vec<String>>,
 }
 
 impl Default for PoolConfig {
     fn default() -> Self {
         Self {
             encoding: crate::tokens::Encoding::O200kBase,
+            spill_utilization: 0.95,
+            regions: None,
         }
     }
 }
@@ -52,6 +59,8 @@ pub struct ServerConfig {
     pub admin_listen: SocketAddr,
     /// Largest request body accepted, in bytes (413 above it).
     pub max_body_bytes: usize,
+    /// This replica's region: its members win ties.
+    pub region: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -60,6 +69,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             max_body_bytes: 16 * 1024 * 1024,
+            region: None,
         }
     }
 }
@@ -96,13 +106,16 @@ impl Default for StateConfig {
     }
 }
 
-impl StateConfig {
+impl Config {
+    /// The time shapes every fleet-state store is built with.
     pub fn windows(&self) -> spillway_shared::Windows {
+        let ms = std::time::Duration::from_millis;
         spillway_shared::Windows {
-            budget: std::time::Duration::from_millis(self.window_ms),
-            budget_buckets: self.window_buckets,
-            latency: std::time::Duration::from_millis(self.latency_window_ms),
+            budget: ms(self.state.window_ms),
+            budget_buckets: self.state.window_buckets,
+            latency: ms(self.state.latency_window_ms),
             latency_slots: 5,
+            hint_ttl: ms(self.routing.hint_ttl_ms),
         }
     }
 }
@@ -124,6 +137,13 @@ pub struct RoutingConfig {
     pub request_timeout_ms: u64,
     /// Output tokens charged up front for a request that sets no `max_tokens`.
     pub default_max_tokens: u64,
+    /// An upstream's capacity hints (utilization, remaining tokens) are trusted this long;
+    /// a member skipped on a hint is tried again after it.
+    pub hint_ttl_ms: u64,
+    /// Share of picks inside a tier made at random, so a recovered member is measured again.
+    pub explore_share: f64,
+    /// A replica refreshes its copy of the fleet's latency and budgets this often (scoring).
+    pub view_refresh_ms: u64,
 }
 
 impl Default for RoutingConfig {
@@ -136,6 +156,9 @@ impl Default for RoutingConfig {
             attempt_timeout_ms: 120_000,
             request_timeout_ms: 300_000,
             default_max_tokens: 256,
+            hint_ttl_ms: 1_000,
+            explore_share: 0.05,
+            view_refresh_ms: 500,
         }
     }
 }
@@ -200,6 +223,10 @@ pub struct ConsumerConfig {
     pub name: String,
     /// Environment variable holding this consumer's key.
     pub key_env: String,
+    /// When set, this consumer's requests only ever go to members in these regions
+    /// (data residency), even when that means a 429.
+    #[serde(default)]
+    pub regions: Option<Vec<String>>,
 }
 
 /// One thing wrong with a configuration, with the key it is about.
@@ -286,6 +313,24 @@ impl Config {
             bad(
                 "state.latency_window_ms".into(),
                 "must be at least 5".into(),
+            );
+        }
+        if !(0.0..=1.0).contains(&self.routing.explore_share) {
+            bad(
+                "routing.explore_share".into(),
+                "must be a share from 0 to 1".into(),
+            );
+        }
+        if self.routing.view_refresh_ms == 0 {
+            bad(
+                "routing.view_refresh_ms".into(),
+                "must be greater than 0".into(),
+            );
+        }
+        if self.routing.hint_ttl_ms == 0 {
+            bad(
+                "routing.hint_ttl_ms".into(),
+                "must be greater than 0".into(),
             );
         }
         if st.redis_timeout_ms == 0 {
@@ -392,7 +437,13 @@ impl Config {
             .flat_map(|b| b.deployments.keys())
             .map(String::as_str)
             .collect();
-        for name in self.pools.keys() {
+        for (name, pool) in &self.pools {
+            if !(pool.spill_utilization > 0.0 && pool.spill_utilization <= 1.0) {
+                bad(
+                    format!("pools.{name}.spill_utilization"),
+                    "must be a share above 0 and at most 1 (0.95 = 95 %)".into(),
+                );
+            }
             if !pools.contains(name.as_str()) {
                 bad(
                     format!("pools.{name}"),

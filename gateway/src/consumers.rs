@@ -10,7 +10,15 @@ use crate::secret::Secret;
 /// The configured consumers. With none, access is open (a warning is logged at start).
 #[derive(Debug, Default)]
 pub struct Consumers {
-    keys: Vec<(String, Secret)>,
+    keys: Vec<(Consumer, Secret)>,
+}
+
+/// Who sent a request, and where its requests may go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Consumer {
+    pub name: String,
+    /// Data residency: only members in these regions.
+    pub regions: Option<Vec<String>>,
 }
 
 impl Consumers {
@@ -19,7 +27,15 @@ impl Consumers {
             .iter()
             .map(|c| {
                 std::env::var(&c.key_env)
-                    .map(|k| (c.name.clone(), Secret::new(k)))
+                    .map(|k| {
+                        (
+                            Consumer {
+                                name: c.name.clone(),
+                                regions: c.regions.clone(),
+                            },
+                            Secret::new(k),
+                        )
+                    })
                     .map_err(|_| format!("environment variable {} is not set", c.key_env))
             })
             .collect::<Result<_, _>>()?;
@@ -30,17 +46,17 @@ impl Consumers {
         self.keys.is_empty()
     }
 
-    /// The consumer's name, `None` when access is open, or 401.
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Option<&str>, GatewayError> {
+    /// The consumer, `None` when access is open, or 401.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Option<&Consumer>, GatewayError> {
         if self.is_open() {
             return Ok(None);
         }
         let presented = client_key(headers).ok_or(GatewayError::Unauthorized)?;
         // Compare against every key in constant time so timing reveals nothing.
         let mut found = None;
-        for (name, key) in &self.keys {
+        for (consumer, key) in &self.keys {
             if bool::from(presented.as_bytes().ct_eq(key.expose().as_bytes())) {
-                found = Some(name.as_str());
+                found = Some(consumer);
             }
         }
         found.map(Some).ok_or(GatewayError::Unauthorized)
@@ -67,10 +83,14 @@ mod tests {
     use super::*;
 
     fn consumers() -> Consumers {
+        let named = |name: &str| Consumer {
+            name: name.into(),
+            regions: None,
+        };
         Consumers {
             keys: vec![
-                ("chat-app".into(), Secret::new("k1")),
-                ("batch".into(), Secret::new("k2")),
+                (named("chat-app"), Secret::new("k1")),
+                (named("batch"), Secret::new("k2")),
             ],
         }
     }
@@ -88,12 +108,15 @@ mod tests {
     fn accepts_api_key_and_bearer() {
         let c = consumers();
         assert_eq!(
-            c.authenticate(&headers("api-key", "k1")).unwrap(),
+            c.authenticate(&headers("api-key", "k1"))
+                .unwrap()
+                .map(|c| c.name.as_str()),
             Some("chat-app")
         );
         assert_eq!(
             c.authenticate(&headers("authorization", "Bearer k2"))
-                .unwrap(),
+                .unwrap()
+                .map(|c| c.name.as_str()),
             Some("batch")
         );
     }

@@ -65,7 +65,7 @@ pub async fn run(options: DemoOptions) -> Result<(), Box<dyn std::error::Error>>
     }
     let sim = sim::start(demo_sim()).await?;
     let config = Config::from_toml(&gateway_config(&sim, options.redis.as_deref()))?;
-    let embedded: Arc<dyn FleetState> = Arc::new(EmbeddedState::new(config.state.windows()));
+    let embedded: Arc<dyn FleetState> = Arc::new(EmbeddedState::new(config.windows()));
     let mut replicas = Vec::new();
     for _ in 0..options.replicas {
         // Each replica has its own Redis client, as separate processes would.

@@ -18,6 +18,8 @@ pub enum GatewayError {
     UnknownPool(String),
     #[error("Resource not found.")]
     NotFound,
+    #[error("No deployment of '{pool}' is in a region this request may use (data residency).")]
+    NoMemberInRegions { pool: String },
     #[error("Request body is larger than the {limit_bytes}-byte limit of this gateway.")]
     BodyTooLarge { limit_bytes: usize },
     #[error("Every deployment of '{pool}' is rate limited. Please retry after {} seconds.", retry_seconds(*.retry_after))]
@@ -37,6 +39,7 @@ impl GatewayError {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::NoMemberInRegions { .. } => StatusCode::FORBIDDEN,
             Self::UnknownPool(_) | Self::NotFound => StatusCode::NOT_FOUND,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -51,6 +54,7 @@ impl GatewayError {
         match self {
             Self::BadRequest(_) => "invalid_request",
             Self::Unauthorized => "401",
+            Self::NoMemberInRegions { .. } => "region_not_allowed",
             Self::UnknownPool(_) => "DeploymentNotFound",
             Self::NotFound => "404",
             Self::BodyTooLarge { .. } => "request_too_large",

@@ -7,6 +7,7 @@ pub mod consumers;
 pub mod credentials;
 pub mod demo;
 pub mod error;
+pub mod fleet_view;
 pub mod headers;
 pub mod proxy;
 pub mod secret;

@@ -85,7 +85,7 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
         Command::CheckConfig { config } => {
             let config = Config::load(Some(&config))?;
             // Validation only: no connection to the state store.
-            let fleet = Arc::new(EmbeddedState::new(config.state.windows()));
+            let fleet = Arc::new(EmbeddedState::new(config.windows()));
             let gateway = spillway_gateway::Gateway::from_config(&config, fleet)?;
             print!("{}", gateway.table.render());
             println!("configuration OK");

@@ -24,6 +24,7 @@ use classify::{BackoffPolicy, Verdict, classify_response, classify_transport_fai
 
 use crate::app::Gateway;
 use crate::error::GatewayError;
+use crate::table::Member;
 
 /// What survives across attempts of one request (pingora's per-request context).
 #[derive(Default)]
@@ -58,7 +59,7 @@ pub async fn handle(gateway: &Gateway, inbound: Inbound) -> Response {
         span.record("pool", request.pool.name.as_str());
         span.record("stream", request.stream);
         if let Some(consumer) = &request.consumer {
-            span.record("consumer", consumer.as_str());
+            span.record("consumer", consumer.name.as_str());
         }
         route(gateway, &request, &mut attempts).await
     }
@@ -94,10 +95,23 @@ async fn route(
         default: Duration::from_millis(routing.default_backoff_ms),
         max: Duration::from_millis(routing.max_backoff_ms),
     };
+    // Data residency: members outside the allowed regions are never candidates.
+    let members: Vec<&Member> = pool.members_in(request.regions.as_deref()).collect();
+    if members.is_empty() {
+        return Err(GatewayError::NoMemberInRegions {
+            pool: pool.name.to_string(),
+        });
+    }
     let max_attempts = routing
         .max_attempts
-        .map_or(pool.members.len(), |n| n as usize)
-        .min(pool.members.len());
+        .map_or(members.len(), |n| n as usize)
+        .min(members.len());
+    let view = gateway.view.get(&gateway.fleet, pool);
+    let preferences = select::Preferences {
+        own_region: gateway.region.clone(),
+        explore_share: routing.explore_share,
+        expected_output_tokens: request.estimate.total - request.estimate.prompt,
+    };
     let deadline = Instant::now() + Duration::from_millis(routing.request_timeout_ms);
     let mut tried = HashSet::new();
     let mut refusal = None;
@@ -110,12 +124,9 @@ async fn route(
                 routing.request_timeout_ms, attempts.count
             )));
         }
-        let order = select::candidate_order(&pool.members, &tried, &mut rand::rng());
-        let candidates: Vec<Candidate> = order
-            .iter()
-            .filter_map(|id| pool.member(id))
-            .map(|m| m.candidate())
-            .collect();
+        let order =
+            select::candidate_order(&members, &tried, &view, &preferences, &mut rand::rng());
+        let candidates: Vec<Candidate> = order.iter().map(|m| pool.candidate(m)).collect();
         let (backend, reservation) = match gateway
             .fleet
             .acquire(&pool.name, &candidates, request.estimate.total)
@@ -198,7 +209,7 @@ async fn route(
             detail,
         });
     }
-    Err(exhausted(gateway, request, attempts, refusal).await?)
+    Err(exhausted(gateway, request, &members, attempts, refusal).await?)
 }
 
 /// The error for a request no member would take: 429 when throttling or budgets are why
@@ -207,14 +218,13 @@ async fn route(
 async fn exhausted(
     gateway: &Gateway,
     request: &ProxyRequest,
+    members: &[&Member],
     attempts: &Attempts,
     refusal: Option<Refusal>,
 ) -> Result<GatewayError, GatewayError> {
     let pool = &request.pool;
-    let snapshot = gateway
-        .fleet
-        .snapshot(&pool.name, &pool.candidates())
-        .await?;
+    let candidates: Vec<Candidate> = members.iter().map(|m| pool.candidate(m)).collect();
+    let snapshot = gateway.fleet.snapshot(&pool.name, &candidates).await?;
     let retry_after = snapshot
         .members
         .iter()

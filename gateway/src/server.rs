@@ -15,7 +15,7 @@ use crate::config::{Config, ConfigError, ConfigProblem};
 /// store as its fallback. Must run inside the runtime (Redis connects in the background).
 pub fn fleet_state(config: &Config) -> Result<Arc<dyn FleetState>, ConfigError> {
     let Some(url) = &config.state.redis_url else {
-        return Ok(Arc::new(EmbeddedState::new(config.state.windows())));
+        return Ok(Arc::new(EmbeddedState::new(config.windows())));
     };
     Ok(redis_fleet(config, url)?)
 }
@@ -27,14 +27,14 @@ pub fn redis_fleet(config: &Config, url: &str) -> Result<Arc<FallbackState>, Con
     info!(redis = %redacted(url), "fleet state in Redis, with embedded fallback");
     Ok(FallbackState::new(
         redis,
-        EmbeddedState::new(state.windows()),
+        EmbeddedState::new(config.windows()),
         Duration::from_millis(state.redis_timeout_ms),
     ))
 }
 
 /// A Redis store for `url` (no fallback): `spillway state` reads with it.
 pub fn redis_state(config: &Config, url: &str) -> Result<RedisState, ConfigError> {
-    RedisState::new(url, &config.state.key_prefix, config.state.windows(), Duration::from_secs(2)).map_err(|_| {
+    RedisState::new(url, &config.state.key_prefix, config.windows(), Duration::from_secs(2)).map_err(|_| {
         ConfigError::Invalid(vec![ConfigProblem {
             key: "state.redis_url".into(),
             problem: format!(

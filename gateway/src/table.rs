@@ -31,21 +31,14 @@ pub struct Member {
     pub deployment: String,
 }
 
-impl Member {
-    /// This member as offered to the fleet state, with its budget.
-    pub fn candidate(&self) -> Candidate {
-        Candidate {
-            backend: self.backend.id.clone(),
-            tokens_per_window: self.backend.tpm,
-            requests_per_window: self.backend.rpm,
-        }
-    }
-}
-
 #[derive(Debug)]
 pub struct Pool {
     pub name: PoolName,
     pub encoding: crate::tokens::Encoding,
+    /// Members reporting this utilization or more are skipped (proactive spill-over).
+    pub spill_utilization: f64,
+    /// Requests to this pool only go to members in these regions.
+    pub regions: Option<Vec<String>>,
     /// Sorted by priority, then backend id.
     pub members: Vec<Member>,
 }
@@ -55,8 +48,34 @@ impl Pool {
         self.members.iter().find(|m| &m.backend.id == id)
     }
 
+    /// A member as offered to the fleet state: its budget and this pool's spill threshold.
+    pub fn candidate(&self, member: &Member) -> Candidate {
+        Candidate {
+            backend: member.backend.id.clone(),
+            tokens_per_window: member.backend.tpm,
+            requests_per_window: member.backend.rpm,
+            spill_utilization: Some(self.spill_utilization),
+        }
+    }
+
     pub fn candidates(&self) -> Vec<Candidate> {
-        self.members.iter().map(Member::candidate).collect()
+        self.members.iter().map(|m| self.candidate(m)).collect()
+    }
+
+    /// Members a request may use: in `regions` when given (data residency). A member with
+    /// no configured region is never assumed to be inside a restriction.
+    pub fn members_in<'a>(
+        &'a self,
+        regions: Option<&'a [String]>,
+    ) -> impl Iterator<Item = &'a Member> {
+        self.members.iter().filter(move |m| match regions {
+            None => true,
+            Some(allowed) => m
+                .backend
+                .region
+                .as_ref()
+                .is_some_and(|r| allowed.contains(r)),
+        })
     }
 }
 
@@ -98,6 +117,8 @@ impl RoutingTable {
                 let pool = Pool {
                     name: PoolName::new(&name),
                     encoding: settings.encoding,
+                    spill_utilization: settings.spill_utilization,
+                    regions: settings.regions,
                     members,
                 };
                 (name, Arc::new(pool))

@@ -32,6 +32,7 @@ fn budget(name: &str, tokens: u64, requests: Option<u64>) -> Candidate {
         backend: BackendId::new(name),
         tokens_per_window: Some(tokens),
         requests_per_window: requests,
+        spill_utilization: None,
     }
 }
 
@@ -270,6 +271,67 @@ pub async fn pools_and_unknown_backends_are_independent(store: &dyn FleetState) 
     );
 }
 
+pub async fn a_fresh_hint_of_high_utilization_or_too_few_tokens_skips_a_member(
+    store: &dyn FleetState,
+) {
+    let p = pool("hints");
+    let ptu = Candidate {
+        spill_utilization: Some(0.95),
+        ..open("ptu")
+    };
+    let c = [ptu, open("payg")];
+    let (backend, reservation) = admitted(store, &p, &c, 10).await.unwrap();
+    assert_eq!(backend.as_str(), "ptu");
+    let hot = UpstreamHints {
+        remaining_tokens: Some(50_000),
+        utilization: Some(0.97),
+    };
+    store
+        .settle(
+            &p,
+            &backend,
+            Receipt {
+                hints: hot,
+                ..receipt(reservation, 10)
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        admitted(store, &p, &c, 10).await.unwrap().0.as_str(),
+        "payg",
+        "97% >= 95%: spill early"
+    );
+
+    let p = pool("hints-low");
+    let (backend, reservation) = admitted(store, &p, &c, 10).await.unwrap();
+    let low = UpstreamHints {
+        remaining_tokens: Some(100),
+        utilization: Some(0.5),
+    };
+    store
+        .settle(
+            &p,
+            &backend,
+            Receipt {
+                hints: low,
+                ..receipt(reservation, 10)
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        admitted(store, &p, &c, 99).await.unwrap().0.as_str(),
+        "ptu",
+        "99 tokens fit in 100"
+    );
+    assert_eq!(
+        admitted(store, &p, &c, 101).await.unwrap().0.as_str(),
+        "payg",
+        "101 do not"
+    );
+}
+
 /// One `#[tokio::test]` per contract check, each on a store built by `$make` (an async
 /// expression yielding something that derefs to `dyn FleetState`).
 #[macro_export]
@@ -286,6 +348,7 @@ macro_rules! fleet_state_contract {
             settle_without_acquire_changes_no_budget,
             settle_records_latency_hints_and_backoff_in_one_call,
             pools_and_unknown_backends_are_independent,
+            a_fresh_hint_of_high_utilization_or_too_few_tokens_skips_a_member,
         );
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {

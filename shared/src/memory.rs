@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::time::Instant;
@@ -31,6 +32,8 @@ struct Member {
     /// Latency slot start (ms) → histograms.
     latency: BTreeMap<u64, LatencyHistograms>,
     hints: UpstreamHints,
+    /// When the hints were last set (store clock, ms).
+    hints_ms: Option<u64>,
     estimated_tokens: u64,
     actual_tokens: u64,
 }
@@ -80,6 +83,20 @@ impl Member {
         }
     }
 
+    /// How long a fresh capacity hint says this member has no room for `tokens`, if it does.
+    fn hinted_full(
+        &self,
+        now_ms: u64,
+        ttl_ms: u64,
+        tokens: u64,
+        spill: Option<f64>,
+    ) -> Option<Duration> {
+        let updated = self.hints_ms.filter(|at| at + ttl_ms > now_ms)?;
+        let low = self.hints.remaining_tokens.is_some_and(|r| r < tokens);
+        let hot = matches!((spill, self.hints.utilization), (Some(limit), Some(u)) if u >= limit);
+        (low || hot).then(|| Duration::from_millis((updated + ttl_ms - now_ms).max(1)))
+    }
+
     fn set_backoff(&mut self, now_ms: u64, backoff: Backoff) {
         let until = now_ms + backoff.duration.as_millis() as u64;
         if self.backoff.is_none_or(|(current, _)| until >= current) {
@@ -123,18 +140,21 @@ impl FleetState for EmbeddedState {
             let member = members
                 .entry((pool.clone(), c.backend.clone()))
                 .or_default();
-            let wait = match member.remaining_backoff(now) {
-                Some(b) => {
-                    throttled |= b.reason == BackoffReason::Throttled;
-                    b.duration
-                }
-                None => match member.usage.try_reserve(
-                    now,
-                    &self.windows,
-                    estimated_tokens,
-                    c.tokens_per_window,
-                    c.requests_per_window,
-                ) {
+            let hint_ttl = self.windows.hint_ttl.as_millis() as u64;
+            let wait = if let Some(b) = member.remaining_backoff(now) {
+                throttled |= b.reason == BackoffReason::Throttled;
+                b.duration
+            } else if let Some(wait) =
+                member.hinted_full(now, hint_ttl, estimated_tokens, c.spill_utilization)
+            {
+                throttled = true;
+                wait
+            } else {
+                let (tpm, rpm) = (c.tokens_per_window, c.requests_per_window);
+                match member
+                    .usage
+                    .try_reserve(now, &self.windows, estimated_tokens, tpm, rpm)
+                {
                     Ok(reservation) => {
                         return Ok(Admission::Admitted {
                             backend: c.backend.clone(),
@@ -145,7 +165,7 @@ impl FleetState for EmbeddedState {
                         throttled = true;
                         wait
                     }
-                },
+                }
             };
             earliest = Some(earliest.map_or(wait, |e| e.min(wait)));
         }
@@ -177,6 +197,9 @@ impl FleetState for EmbeddedState {
                 if let Some(per_token) = ms_per_output_token(&sample) {
                     h.ms_per_output_token.record(per_token);
                 }
+            }
+            if receipt.hints.remaining_tokens.is_some() || receipt.hints.utilization.is_some() {
+                m.hints_ms = Some(now);
             }
             if receipt.hints.remaining_tokens.is_some() {
                 m.hints.remaining_tokens = receipt.hints.remaining_tokens;
@@ -294,6 +317,7 @@ mod tests {
             backend: BackendId::new("a"),
             tokens_per_window: Some(100),
             requests_per_window: None,
+            spill_utilization: None,
         }];
         assert!(matches!(
             store.acquire(&pool, &c, 100).await.unwrap(),

@@ -241,18 +241,21 @@ impl FleetState for RedisState {
                 throttled: false,
             });
         }
-        let mut keys = Vec::with_capacity(candidates.len() * 2);
+        let mut keys = Vec::with_capacity(candidates.len() * 3);
         let mut args = vec![
             estimated_tokens.to_string(),
             self.windows.bucket_ms().to_string(),
             (self.windows.budget.as_millis() as u64).to_string(),
             self.clock(),
+            (self.windows.hint_ttl.as_millis() as u64).to_string(),
         ];
+        let limit = |v: Option<u64>| v.map_or("-1".into(), |v| v.to_string());
         for c in candidates {
             let k = self.member_keys(pool, &c.backend);
-            keys.extend([k.backoff, k.usage]);
-            args.push(c.tokens_per_window.map_or("-1".into(), |v| v.to_string()));
-            args.push(c.requests_per_window.map_or("-1".into(), |v| v.to_string()));
+            keys.extend([k.backoff, k.usage, k.hints]);
+            args.push(limit(c.tokens_per_window));
+            args.push(limit(c.requests_per_window));
+            args.push(c.spill_utilization.map_or("-1".into(), |v| v.to_string()));
         }
         let reply = array(self.run(&self.acquire, keys, args).await?)?;
         let [flag, a, b] = reply.as_slice() else {

@@ -92,13 +92,15 @@ pub struct Backoff {
 }
 
 /// A pool member offered to [`FleetState::acquire`], with its budget per window.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Candidate {
     pub backend: BackendId,
     /// Tokens per budget window (TPM with the default one-minute window); `None`: unlimited.
     pub tokens_per_window: Option<u64>,
     /// Requests per budget window; `None`: unlimited.
     pub requests_per_window: Option<u64>,
+    /// Skip it while a fresh hint says its utilization is at or above this share.
+    pub spill_utilization: Option<f64>,
 }
 
 impl Candidate {
@@ -107,6 +109,7 @@ impl Candidate {
             backend,
             tokens_per_window: None,
             requests_per_window: None,
+            spill_utilization: None,
         }
     }
 }
@@ -273,6 +276,8 @@ pub struct Windows {
     pub latency: Duration,
     /// ... in this many slots.
     pub latency_slots: u32,
+    /// An upstream's capacity hints (utilization, remaining tokens) are trusted this long.
+    pub hint_ttl: Duration,
 }
 
 impl Default for Windows {
@@ -282,6 +287,7 @@ impl Default for Windows {
             budget_buckets: 60,
             latency: Duration::from_secs(300),
             latency_slots: 5,
+            hint_ttl: Duration::from_secs(1),
         }
     }
 }

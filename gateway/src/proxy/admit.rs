@@ -9,6 +9,7 @@ use bytes::Bytes;
 use serde_json::{Map, Value};
 
 use crate::app::Gateway;
+use crate::consumers::Consumer;
 use crate::error::GatewayError;
 use crate::headers::upstream_request_headers;
 use crate::table::Pool;
@@ -50,7 +51,9 @@ pub struct ProxyRequest {
     pub strip_usage: bool,
     /// Tokens charged against budgets before sending: prompt plus the output cap.
     pub estimate: TokenEstimate,
-    pub consumer: Option<String>,
+    pub consumer: Option<Consumer>,
+    /// Regions the request may be served from (pool ∩ consumer); `None`: anywhere.
+    pub regions: Option<Vec<String>>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -60,10 +63,7 @@ pub struct TokenEstimate {
 }
 
 pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, GatewayError> {
-    let consumer = gateway
-        .consumers
-        .authenticate(&inbound.headers)?
-        .map(str::to_owned);
+    let consumer = gateway.consumers.authenticate(&inbound.headers)?.cloned();
     // The deployments route names its pool in the path: unknown pools fail before the body is read.
     let named_pool = inbound
         .pool
@@ -135,7 +135,12 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
         (false, None) => unreachable!("the v1 route resolved its pool from the JSON body"),
     };
 
+    let regions = allowed_regions(
+        pool.regions.as_deref(),
+        consumer.as_ref().and_then(|c| c.regions.as_deref()),
+    );
     Ok(ProxyRequest {
+        regions,
         pool,
         route,
         query: inbound.query,
@@ -146,6 +151,15 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
         estimate,
         consumer,
     })
+}
+
+/// Where a request may go: inside both the pool's and the consumer's regions, when set.
+fn allowed_regions(pool: Option<&[String]>, consumer: Option<&[String]>) -> Option<Vec<String>> {
+    match (pool, consumer) {
+        (None, None) => None,
+        (Some(only), None) | (None, Some(only)) => Some(only.to_vec()),
+        (Some(a), Some(b)) => Some(a.iter().filter(|r| b.contains(r)).cloned().collect()),
+    }
 }
 
 /// Set `stream_options.include_usage`; true when the client had not asked for it.

@@ -1,20 +1,25 @@
 -- acquire: the first candidate not in backoff and with budget left; its estimate is reserved.
 --
--- KEYS, two per candidate i, in preference order (all share the pool's hash tag):
---   KEYS[2i-1]  {prefix}:{pool}:backoff:<backend>  hash until_ms, reason
---   KEYS[2i]    {prefix}:{pool}:usage:<backend>    hash tokens:<bucket_start_ms>, requests:<bucket_start_ms>
+-- KEYS, three per candidate i, in preference order (all share the pool's hash tag):
+--   KEYS[3i-2]  {prefix}:{pool}:backoff:<backend>  hash until_ms, reason
+--   KEYS[3i-1]  {prefix}:{pool}:usage:<backend>    hash tokens:<bucket_start_ms>, requests:<bucket_start_ms>
+--   KEYS[3i]    {prefix}:{pool}:hints:<backend>    hash remaining_tokens, utilization, updated_ms
 -- ARGV[1]  estimated tokens of the request (whole number >= 0)
 -- ARGV[2]  budget bucket length, ms          ARGV[3]  budget window length, ms
 -- ARGV[4]  "" to take the time from Redis TIME; a time in ms only in tests
--- ARGV[3+2i], ARGV[4+2i]  token and request budget per window of candidate i; -1: none
+-- ARGV[5]  how long an upstream's capacity hints stay trusted, ms
+-- ARGV[3+3i], ARGV[4+3i], ARGV[5+3i]  candidate i's token and request budget per window,
+--          and the utilization (share) above which it is skipped; -1: none
 -- Returns {1, i, bucket_start_ms}      candidate i admits; the estimate and one request are
 --                                      charged to its bucket starting at bucket_start_ms
 --         {0, wait_ms, throttled}      none admits; the earliest may in wait_ms; throttled is
---                                      1 when a 429 backoff or a budget is why
+--                                      1 when a 429 backoff, a budget or a capacity hint is why
 -- Errors  "ERR spillway: ..." on malformed arguments.
 --
 -- A bucket counts while any part of it is inside the window (start + bucket > now - window),
--- so counted usage never falls below what a sliding window holds.
+-- so counted usage never falls below what a sliding window holds. A fresh hint that the
+-- upstream is above its spill utilization, or has fewer tokens left than this request needs,
+-- skips the candidate before it starts answering 429 (proactive spill-over).
 
 local estimate = tonumber(ARGV[1])
 local bucket = tonumber(ARGV[2])
@@ -25,9 +30,10 @@ end
 if bucket == nil or bucket < 1 or window == nil or window < 1 then
   return redis.error_reply('ERR spillway: bucket and window lengths must be >= 1 ms')
 end
-if #KEYS == 0 or #KEYS % 2 ~= 0 or #ARGV ~= 4 + #KEYS then
-  return redis.error_reply('ERR spillway: expected 2 keys and 2 budgets per candidate')
+if #KEYS == 0 or #KEYS % 3 ~= 0 or #ARGV ~= 5 + #KEYS then
+  return redis.error_reply('ERR spillway: expected 3 keys and 3 limits per candidate')
 end
+local hint_ttl = tonumber(ARGV[5]) or 0
 
 local now
 if ARGV[4] ~= '' then
@@ -46,15 +52,32 @@ end
 local earliest = -1
 local throttled = 0
 
-for i = 1, #KEYS / 2 do
-  local backoff_key, usage_key = KEYS[2 * i - 1], KEYS[2 * i]
-  local tpm, rpm = tonumber(ARGV[3 + 2 * i]), tonumber(ARGV[4 + 2 * i])
+-- How long a fresh hint says this candidate has no room, or nil.
+local function hinted_full(hints_key, spill)
+  local h = redis.call('HMGET', hints_key, 'remaining_tokens', 'utilization', 'updated_ms')
+  local updated = tonumber(h[3])
+  if updated == nil or updated + hint_ttl <= now then return nil end
+  local remaining, utilization = tonumber(h[1]), tonumber(h[2])
+  if (remaining ~= nil and remaining < estimate) or (spill >= 0 and utilization ~= nil and utilization >= spill) then
+    return math.max(updated + hint_ttl - now, 1)
+  end
+  return nil
+end
+
+for i = 1, #KEYS / 3 do
+  local backoff_key, usage_key, hints_key = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
+  local tpm, rpm, spill = tonumber(ARGV[3 + 3 * i]), tonumber(ARGV[4 + 3 * i]), tonumber(ARGV[5 + 3 * i])
   local wait
   local backoff = redis.call('HMGET', backoff_key, 'until_ms', 'reason')
   local until_ms = tonumber(backoff[1])
+  local full = nil
+  if until_ms == nil or until_ms <= now then full = hinted_full(hints_key, spill) end
   if until_ms ~= nil and until_ms > now then
     wait = until_ms - now
     if backoff[2] == 'throttled' then throttled = 1 end
+  elseif full ~= nil then
+    wait = full
+    throttled = 1
   else
     -- Usage in the window, dropping buckets that have left it.
     local starts, tokens, requests = {}, {}, {}
