@@ -114,9 +114,10 @@ async fn malformed_arguments_are_rejected_by_the_script() {
         .iter()
         .map(|k| format!("spillway-test:{{p}}:{k}:a"))
         .collect();
-    // estimate, bucket ms, window ms, clock, hint ttl ms; then token, request and spill limits.
+    // estimate, bucket ms, window ms, clock, hint ttl ms, probe ms; then token, request and
+    // spill limits.
     let args = |tokens: &str| -> Vec<String> {
-        [tokens, "100", "1000", "", "1000", "-1", "-1", "-1"]
+        [tokens, "100", "1000", "", "1000", "5000", "-1", "-1", "-1"]
             .iter()
             .map(|s| s.to_string())
             .collect()
@@ -248,4 +249,37 @@ async fn a_password_protected_redis_is_used_with_the_password_from_the_url() {
         !err.contains("wrong-pw") && !err.contains("s3cret-pw"),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_cool_down_one_request_probes_and_the_rest_wait_for_it() {
+    let store = redis().await;
+    let pool = PoolName::new("probe");
+    let c = [Candidate::unlimited(BackendId::new("a"))];
+    store.set_clock_ms(1_700_000_000_000);
+    let Admission::Admitted {
+        backend,
+        reservation,
+    } = store.acquire(&pool, &c, 1).await.unwrap()
+    else {
+        panic!("admitted");
+    };
+    let fail = spillway_shared::Backoff {
+        duration: Duration::from_millis(1_000),
+        reason: spillway_shared::BackoffReason::ServerError,
+    };
+    let receipt = spillway_shared::Receipt {
+        reservation,
+        tokens: 0,
+        latency: None,
+        hints: spillway_shared::UpstreamHints::default(),
+        backoff: Some(fail),
+    };
+    store.settle(&pool, &backend, receipt).await.unwrap();
+    store.set_clock_ms(1_700_000_001_000);
+    assert!(admits(&store, &pool, &c, 1).await, "the probe");
+    match store.acquire(&pool, &c, 1).await.unwrap() {
+        Admission::Exhausted { retry_after, .. } => assert_eq!(retry_after, Duration::from_secs(5)),
+        other => panic!("others wait for the probe: {other:?}"),
+    }
 }

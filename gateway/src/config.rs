@@ -116,6 +116,9 @@ impl Config {
             latency: ms(self.state.latency_window_ms),
             latency_slots: 5,
             hint_ttl: ms(self.routing.hint_ttl_ms),
+            breaker_failures: self.routing.breaker_failures,
+            breaker_probe: ms(self.routing.breaker_probe_ms),
+            breaker_max: ms(self.routing.max_backoff_ms),
         }
     }
 }
@@ -144,6 +147,12 @@ pub struct RoutingConfig {
     pub explore_share: f64,
     /// A replica refreshes its copy of the fleet's latency and budgets this often (scoring).
     pub view_refresh_ms: u64,
+    /// Circuit breaker, shared by the fleet: consecutive failures (5xx, connection errors,
+    /// timeouts, stalls; not 429) that open it. Each opening lasts the failure's backoff
+    /// doubled per consecutive opening, up to `max_backoff_ms`.
+    pub breaker_failures: u32,
+    /// After a cool-down one request probes the member; others wait this long for it.
+    pub breaker_probe_ms: u64,
 }
 
 impl Default for RoutingConfig {
@@ -159,6 +168,8 @@ impl Default for RoutingConfig {
             hint_ttl_ms: 1_000,
             explore_share: 0.05,
             view_refresh_ms: 500,
+            breaker_failures: 1,
+            breaker_probe_ms: 5_000,
         }
     }
 }
@@ -319,6 +330,12 @@ impl Config {
             bad(
                 "routing.explore_share".into(),
                 "must be a share from 0 to 1".into(),
+            );
+        }
+        if self.routing.breaker_failures == 0 {
+            bad(
+                "routing.breaker_failures".into(),
+                "must be at least 1".into(),
             );
         }
         if self.routing.view_refresh_ms == 0 {

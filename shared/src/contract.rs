@@ -332,6 +332,69 @@ pub async fn a_fresh_hint_of_high_utilization_or_too_few_tokens_skips_a_member(
     );
 }
 
+fn failed(reservation: crate::Reservation, ms: u64) -> Receipt {
+    let b = Backoff {
+        duration: Duration::from_millis(ms),
+        reason: BackoffReason::ServerError,
+    };
+    Receipt {
+        backoff: Some(b),
+        ..receipt(reservation, 0)
+    }
+}
+
+fn completed(reservation: crate::Reservation) -> Receipt {
+    let sample = LatencySample {
+        ttfb: Duration::from_millis(5),
+        total: Duration::from_millis(9),
+        output_tokens: 1,
+    };
+    Receipt {
+        latency: Some(sample),
+        ..receipt(reservation, 1)
+    }
+}
+
+pub async fn consecutive_failures_open_the_breaker_for_ever_longer(store: &dyn FleetState) {
+    // Default breaker: opens on the first failure, cool-down doubling per opening.
+    let p = pool("breaker");
+    let c = [open("a")];
+    let (a, r) = admitted(store, &p, &c, 1).await.unwrap();
+    store.settle(&p, &a, failed(r, 10_000)).await.unwrap();
+    let first = store.snapshot(&p, &c).await.unwrap().members[0]
+        .backoff
+        .expect("open");
+    assert_eq!(first.reason, BackoffReason::ServerError);
+    assert!(
+        first.duration <= Duration::from_millis(10_000)
+            && first.duration > Duration::from_millis(9_000),
+        "{first:?}"
+    );
+    // A second consecutive failure (its probe) opens it for twice as long.
+    store.settle(&p, &a, failed(r, 10_000)).await.unwrap();
+    let second = store.snapshot(&p, &c).await.unwrap().members[0]
+        .backoff
+        .expect("reopened");
+    assert!(
+        second.duration > Duration::from_millis(19_000),
+        "{second:?}"
+    );
+}
+
+pub async fn a_success_closes_the_breaker(store: &dyn FleetState) {
+    let p = pool("breaker-close");
+    let c = [open("a")];
+    let (a, r) = admitted(store, &p, &c, 1).await.unwrap();
+    store.settle(&p, &a, failed(r, 10_000)).await.unwrap();
+    store.settle(&p, &a, completed(r)).await.unwrap();
+    // Closed: the next failure opens it for the base time again, not doubled.
+    store.settle(&p, &a, failed(r, 10_000)).await.unwrap();
+    let b = store.snapshot(&p, &c).await.unwrap().members[0]
+        .backoff
+        .expect("open");
+    assert!(b.duration <= Duration::from_millis(10_000), "{b:?}");
+}
+
 /// One `#[tokio::test]` per contract check, each on a store built by `$make` (an async
 /// expression yielding something that derefs to `dyn FleetState`).
 #[macro_export]
@@ -349,6 +412,8 @@ macro_rules! fleet_state_contract {
             settle_records_latency_hints_and_backoff_in_one_call,
             pools_and_unknown_backends_are_independent,
             a_fresh_hint_of_high_utilization_or_too_few_tokens_skips_a_member,
+            consecutive_failures_open_the_breaker_for_ever_longer,
+            a_success_closes_the_breaker,
         );
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {

@@ -36,6 +36,9 @@ struct Member {
     hints_ms: Option<u64>,
     estimated_tokens: u64,
     actual_tokens: u64,
+    /// Circuit breaker: consecutive failures, and consecutive openings (cool-downs double).
+    failures: u32,
+    opened: u32,
 }
 
 impl Default for EmbeddedState {
@@ -99,8 +102,46 @@ impl Member {
 
     fn set_backoff(&mut self, now_ms: u64, backoff: Backoff) {
         let until = now_ms + backoff.duration.as_millis() as u64;
-        if self.backoff.is_none_or(|(current, _)| until >= current) {
+        let replace = match self.backoff {
+            None => true,
+            // A failed probe reopens the breaker whatever the probe's own deadline.
+            Some((current, reason)) => until >= current || reason == BackoffReason::Probing,
+        };
+        if replace {
             self.backoff = Some((until, backoff.reason));
+        }
+    }
+
+    /// A failed attempt: throttling backs off as asked; other failures count toward the
+    /// breaker, which opens at the threshold with a cool-down doubling per opening.
+    fn fail(&mut self, now_ms: u64, backoff: Backoff, w: &Windows) {
+        if backoff.reason == BackoffReason::Throttled {
+            return self.set_backoff(now_ms, backoff);
+        }
+        self.failures += 1;
+        if self.failures < w.breaker_failures {
+            return;
+        }
+        let cooldown = backoff
+            .duration
+            .saturating_mul(1 << self.opened.min(20))
+            .min(w.breaker_max);
+        self.opened += 1;
+        self.set_backoff(
+            now_ms,
+            Backoff {
+                duration: cooldown,
+                ..backoff
+            },
+        );
+    }
+
+    /// A completed request closes the breaker.
+    fn succeed(&mut self) {
+        self.failures = 0;
+        self.opened = 0;
+        if matches!(self.backoff, Some((_, BackoffReason::Probing))) {
+            self.backoff = None;
         }
     }
 
@@ -156,6 +197,14 @@ impl FleetState for EmbeddedState {
                     .try_reserve(now, &self.windows, estimated_tokens, tpm, rpm)
                 {
                     Ok(reservation) => {
+                        if member.opened > 0 {
+                            // Half-open: this request probes; the others wait for its outcome.
+                            let probe = Backoff {
+                                duration: self.windows.breaker_probe,
+                                reason: BackoffReason::Probing,
+                            };
+                            member.set_backoff(now, probe);
+                        }
                         return Ok(Admission::Admitted {
                             backend: c.backend.clone(),
                             reservation,
@@ -207,8 +256,10 @@ impl FleetState for EmbeddedState {
             if receipt.hints.utilization.is_some() {
                 m.hints.utilization = receipt.hints.utilization;
             }
-            if let Some(backoff) = receipt.backoff {
-                m.set_backoff(now, backoff);
+            match receipt.backoff {
+                Some(backoff) => m.fail(now, backoff, &w),
+                None if receipt.latency.is_some() => m.succeed(),
+                None => {}
             }
         });
         Ok(())
@@ -332,5 +383,48 @@ mod tests {
             store.acquire(&pool, &c, 100).await.unwrap(),
             Admission::Admitted { .. }
         ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_cool_down_one_request_probes_and_the_rest_wait_for_it() {
+        let store = EmbeddedState::default();
+        let (pool, c) = (
+            PoolName::new("p"),
+            [Candidate::unlimited(BackendId::new("a"))],
+        );
+        let Admission::Admitted {
+            backend,
+            reservation,
+        } = store.acquire(&pool, &c, 1).await.unwrap()
+        else {
+            panic!("admitted");
+        };
+        let fail = Backoff {
+            duration: Duration::from_millis(1_000),
+            reason: BackoffReason::ServerError,
+        };
+        let receipt = Receipt {
+            reservation,
+            tokens: 0,
+            latency: None,
+            hints: UpstreamHints::default(),
+            backoff: Some(fail),
+        };
+        store.settle(&pool, &backend, receipt).await.unwrap();
+        tokio::time::advance(Duration::from_millis(1_000)).await;
+
+        assert!(
+            matches!(
+                store.acquire(&pool, &c, 1).await.unwrap(),
+                Admission::Admitted { .. }
+            ),
+            "the probe"
+        );
+        match store.acquire(&pool, &c, 1).await.unwrap() {
+            Admission::Exhausted { retry_after, .. } => {
+                assert_eq!(retry_after, Duration::from_secs(5))
+            }
+            other => panic!("others wait for the probe: {other:?}"),
+        }
     }
 }

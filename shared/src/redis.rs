@@ -120,7 +120,8 @@ impl RedisState {
         vec![k.backoff, k.usage, k.latency, k.hints]
     }
 
-    /// ARGV of `settle.lua`; without a receipt only the backoff is applied (`backoff`).
+    /// ARGV of `settle.lua`; without a receipt only the backoff is applied, with no breaker
+    /// (`backoff`).
     fn settle_args(&self, receipt: Option<&Receipt>, backoff: Option<Backoff>) -> Vec<String> {
         let none = String::new;
         let (bucket, reserved, used) = match receipt {
@@ -164,6 +165,12 @@ impl RedisState {
             self.windows.slot_ms().to_string(),
             (self.windows.latency.as_millis() as u64).to_string(),
             self.clock(),
+            if receipt.is_some() {
+                self.windows.breaker_failures.to_string()
+            } else {
+                "0".into()
+            },
+            (self.windows.breaker_max.as_millis() as u64).to_string(),
         ]
     }
 
@@ -248,6 +255,7 @@ impl FleetState for RedisState {
             (self.windows.budget.as_millis() as u64).to_string(),
             self.clock(),
             (self.windows.hint_ttl.as_millis() as u64).to_string(),
+            (self.windows.breaker_probe.as_millis() as u64).to_string(),
         ];
         let limit = |v: Option<u64>| v.map_or("-1".into(), |v| v.to_string());
         for c in candidates {

@@ -52,6 +52,8 @@ pub enum BackoffReason {
     Unreachable,
     /// No response within the attempt timeout.
     Timeout,
+    /// The breaker let one request through to probe a recovered member; others wait.
+    Probing,
 }
 
 impl BackoffReason {
@@ -62,6 +64,7 @@ impl BackoffReason {
             Self::AuthRejected => "auth_rejected",
             Self::Unreachable => "unreachable",
             Self::Timeout => "timeout",
+            Self::Probing => "probing",
         }
     }
 
@@ -72,6 +75,7 @@ impl BackoffReason {
             Self::AuthRejected,
             Self::Unreachable,
             Self::Timeout,
+            Self::Probing,
         ]
         .into_iter()
         .find(|r| r.as_str() == text)
@@ -278,6 +282,12 @@ pub struct Windows {
     pub latency_slots: u32,
     /// An upstream's capacity hints (utilization, remaining tokens) are trusted this long.
     pub hint_ttl: Duration,
+    /// Circuit breaker: consecutive failures (not throttling) that open it.
+    pub breaker_failures: u32,
+    /// After a cool-down, one request probes; others wait this long for its outcome.
+    pub breaker_probe: Duration,
+    /// Cool-downs double with each consecutive opening, up to this.
+    pub breaker_max: Duration,
 }
 
 impl Default for Windows {
@@ -288,6 +298,9 @@ impl Default for Windows {
             latency: Duration::from_secs(300),
             latency_slots: 5,
             hint_ttl: Duration::from_secs(1),
+            breaker_failures: 1,
+            breaker_probe: Duration::from_secs(5),
+            breaker_max: Duration::from_secs(300),
         }
     }
 }

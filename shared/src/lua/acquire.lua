@@ -1,14 +1,16 @@
 -- acquire: the first candidate not in backoff and with budget left; its estimate is reserved.
 --
 -- KEYS, three per candidate i, in preference order (all share the pool's hash tag):
---   KEYS[3i-2]  {prefix}:{pool}:backoff:<backend>  hash until_ms, reason
+--   KEYS[3i-2]  {prefix}:{pool}:backoff:<backend>  hash until_ms, reason, failures, opened
 --   KEYS[3i-1]  {prefix}:{pool}:usage:<backend>    hash tokens:<bucket_start_ms>, requests:<bucket_start_ms>
 --   KEYS[3i]    {prefix}:{pool}:hints:<backend>    hash remaining_tokens, utilization, updated_ms
 -- ARGV[1]  estimated tokens of the request (whole number >= 0)
 -- ARGV[2]  budget bucket length, ms          ARGV[3]  budget window length, ms
 -- ARGV[4]  "" to take the time from Redis TIME; a time in ms only in tests
 -- ARGV[5]  how long an upstream's capacity hints stay trusted, ms
--- ARGV[3+3i], ARGV[4+3i], ARGV[5+3i]  candidate i's token and request budget per window,
+-- ARGV[6]  circuit breaker probe: after a cool-down one request is admitted and the others
+--          are held back this long (ms) while it probes
+-- ARGV[4+3i], ARGV[5+3i], ARGV[6+3i]  candidate i's token and request budget per window,
 --          and the utilization (share) above which it is skipped; -1: none
 -- Returns {1, i, bucket_start_ms}      candidate i admits; the estimate and one request are
 --                                      charged to its bucket starting at bucket_start_ms
@@ -30,10 +32,11 @@ end
 if bucket == nil or bucket < 1 or window == nil or window < 1 then
   return redis.error_reply('ERR spillway: bucket and window lengths must be >= 1 ms')
 end
-if #KEYS == 0 or #KEYS % 3 ~= 0 or #ARGV ~= 5 + #KEYS then
+if #KEYS == 0 or #KEYS % 3 ~= 0 or #ARGV ~= 6 + #KEYS then
   return redis.error_reply('ERR spillway: expected 3 keys and 3 limits per candidate')
 end
 local hint_ttl = tonumber(ARGV[5]) or 0
+local probe = tonumber(ARGV[6]) or 0
 
 local now
 if ARGV[4] ~= '' then
@@ -66,9 +69,9 @@ end
 
 for i = 1, #KEYS / 3 do
   local backoff_key, usage_key, hints_key = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
-  local tpm, rpm, spill = tonumber(ARGV[3 + 3 * i]), tonumber(ARGV[4 + 3 * i]), tonumber(ARGV[5 + 3 * i])
+  local tpm, rpm, spill = tonumber(ARGV[4 + 3 * i]), tonumber(ARGV[5 + 3 * i]), tonumber(ARGV[6 + 3 * i])
   local wait
-  local backoff = redis.call('HMGET', backoff_key, 'until_ms', 'reason')
+  local backoff = redis.call('HMGET', backoff_key, 'until_ms', 'reason', 'opened')
   local until_ms = tonumber(backoff[1])
   local full = nil
   if until_ms == nil or until_ms <= now then full = hinted_full(hints_key, spill) end
@@ -111,6 +114,11 @@ for i = 1, #KEYS / 3 do
       redis.call('HINCRBY', usage_key, 'tokens:' .. field, estimate)
       redis.call('HINCRBY', usage_key, 'requests:' .. field, 1)
       redis.call('PEXPIRE', usage_key, 2 * (window + bucket))
+      if (tonumber(backoff[3]) or 0) > 0 then
+        -- Half-open breaker: this request probes; the others wait for its outcome.
+        redis.call('HSET', backoff_key, 'until_ms', string.format('%d', now + probe), 'reason', 'probing')
+        redis.call('PEXPIRE', backoff_key, math.max(redis.call('PTTL', backoff_key), probe))
+      end
       return {1, i, start}
     end
     throttled = 1

@@ -1,6 +1,6 @@
 -- settle: what became of an admitted request, in one round trip; also the backoff operation.
 --
--- KEYS[1]  {prefix}:{pool}:backoff:<backend>  hash until_ms, reason, set_ms
+-- KEYS[1]  {prefix}:{pool}:backoff:<backend>  hash until_ms, reason, set_ms, failures, opened
 -- KEYS[2]  {prefix}:{pool}:usage:<backend>    hash tokens:<bucket_start_ms>, requests:<bucket_start_ms>
 -- KEYS[3]  {prefix}:{pool}:latency:<backend>  hash <metric>:<slot_start_ms>:le_<bound ms>|le_inf -> count,
 --                                              and slot (the newest slot seen)
@@ -13,14 +13,21 @@
 -- ARGV[9]  backoff length, ms ("" none)             ARGV[10] backoff reason
 -- ARGV[11] latency slot length, ms                  ARGV[12] latency window, ms
 -- ARGV[13] "" to take the time from Redis TIME; a time in ms only in tests
+-- ARGV[14] circuit breaker: consecutive failures that open it (0: a plain backoff, no breaker)
+-- ARGV[15] longest breaker cool-down, ms
 -- Returns 1. Errors "ERR spillway: ..." on malformed arguments.
+--
+-- Breaker: a failure that is not throttling counts toward `failures`; at the threshold the
+-- member is held back for the given length doubled per consecutive opening (`opened`),
+-- capped. A completed request (latency, no backoff) resets both and ends a probe.
 --
 -- A reservation whose bucket has left the window (or never existed) changes nothing: its
 -- charge already expired with the bucket.
 
-if #KEYS ~= 4 or #ARGV ~= 13 then
-  return redis.error_reply('ERR spillway: settle takes 4 keys and 13 arguments')
+if #KEYS ~= 4 or #ARGV ~= 15 then
+  return redis.error_reply('ERR spillway: settle takes 4 keys and 15 arguments')
 end
+local threshold, max_cooldown = tonumber(ARGV[14]) or 0, tonumber(ARGV[15]) or 0
 local now
 if ARGV[13] ~= '' then
   now = tonumber(ARGV[13])
@@ -81,18 +88,38 @@ if ARGV[7] ~= '' or ARGV[8] ~= '' then
   redis.call('PEXPIRE', hints_key, 2 * (latency_window + slot_length))
 end
 
--- Backoff: the deadline becomes max(current, now + length).
+-- Backoff: the deadline becomes max(current, now + length); a failed probe always reopens.
 if ARGV[9] ~= '' then
-  local length = tonumber(ARGV[9])
+  local length, reason = tonumber(ARGV[9]), ARGV[10]
   if length == nil or length < 0 then
     return redis.error_reply('ERR spillway: backoff length must be a number >= 0')
   end
-  local deadline = now + length
-  local current = tonumber(redis.call('HGET', backoff_key, 'until_ms'))
-  if current == nil or current <= now or deadline >= current then
-    redis.call('HSET', backoff_key, 'until_ms', string.format('%d', deadline), 'reason', ARGV[10],
-      'set_ms', string.format('%d', now))
-    redis.call('PEXPIRE', backoff_key, math.max(length, 1))
+  if threshold > 0 and reason ~= 'throttled' then
+    local failures = redis.call('HINCRBY', backoff_key, 'failures', 1)
+    if failures < threshold then
+      length = nil
+    else
+      local opened = tonumber(redis.call('HGET', backoff_key, 'opened')) or 0
+      length = math.min(length * math.pow(2, math.min(opened, 20)), math.max(max_cooldown, 1))
+      redis.call('HINCRBY', backoff_key, 'opened', 1)
+    end
+  end
+  if length ~= nil then
+    local deadline = now + length
+    local current = redis.call('HMGET', backoff_key, 'until_ms', 'reason')
+    local until_ms = tonumber(current[1])
+    if until_ms == nil or until_ms <= now or deadline >= until_ms or current[2] == 'probing' then
+      redis.call('HSET', backoff_key, 'until_ms', string.format('%d', deadline), 'reason', reason,
+        'set_ms', string.format('%d', now))
+    end
+  end
+  -- The breaker's counts outlive the deadline by the longest cool-down.
+  redis.call('PEXPIRE', backoff_key, math.max((length or 0) + max_cooldown, 1))
+elseif ARGV[4] ~= '' and redis.call('EXISTS', backoff_key) == 1 then
+  -- A completed request closes the breaker and ends a probe.
+  redis.call('HSET', backoff_key, 'failures', 0, 'opened', 0)
+  if redis.call('HGET', backoff_key, 'reason') == 'probing' then
+    redis.call('HDEL', backoff_key, 'until_ms', 'reason')
   end
 end
 
