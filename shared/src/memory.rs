@@ -86,18 +86,25 @@ impl Member {
         }
     }
 
-    /// How long a fresh capacity hint says this member has no room for `tokens`, if it does.
+    /// How long a fresh capacity hint says this member has no room for `tokens` (`Err`), or
+    /// `Ok(true)` when an expired hint said so (the next request then probes it alone).
     fn hinted_full(
         &self,
         now_ms: u64,
         ttl_ms: u64,
         tokens: u64,
         spill: Option<f64>,
-    ) -> Option<Duration> {
-        let updated = self.hints_ms.filter(|at| at + ttl_ms > now_ms)?;
+    ) -> Result<bool, Duration> {
+        let Some(updated) = self.hints_ms else {
+            return Ok(false);
+        };
         let low = self.hints.remaining_tokens.is_some_and(|r| r < tokens);
         let hot = matches!((spill, self.hints.utilization), (Some(limit), Some(u)) if u >= limit);
-        (low || hot).then(|| Duration::from_millis((updated + ttl_ms - now_ms).max(1)))
+        match (low || hot, updated + ttl_ms > now_ms) {
+            (false, _) => Ok(false),
+            (true, true) => Err(Duration::from_millis((updated + ttl_ms - now_ms).max(1))),
+            (true, false) => Ok(true),
+        }
     }
 
     fn set_backoff(&mut self, now_ms: u64, backoff: Backoff) {
@@ -182,12 +189,11 @@ impl FleetState for EmbeddedState {
                 .entry((pool.clone(), c.backend.clone()))
                 .or_default();
             let hint_ttl = self.windows.hint_ttl.as_millis() as u64;
+            let hint = member.hinted_full(now, hint_ttl, estimated_tokens, c.spill_utilization);
             let wait = if let Some(b) = member.remaining_backoff(now) {
                 throttled |= b.reason == BackoffReason::Throttled;
                 b.duration
-            } else if let Some(wait) =
-                member.hinted_full(now, hint_ttl, estimated_tokens, c.spill_utilization)
-            {
+            } else if let Err(wait) = hint {
                 throttled = true;
                 wait
             } else {
@@ -197,8 +203,13 @@ impl FleetState for EmbeddedState {
                     .try_reserve(now, &self.windows, estimated_tokens, tpm, rpm)
                 {
                     Ok(reservation) => {
+                        if hint == Ok(true) {
+                            // The last hint said "full" and has expired: this request probes;
+                            // the others keep treating the hint as fresh until its answer.
+                            member.hints_ms = Some(now);
+                        }
                         if member.opened > 0 {
-                            // Half-open: this request probes; the others wait for its outcome.
+                            // Half-open breaker: this request probes; the others wait for it.
                             let probe = Backoff {
                                 duration: self.windows.breaker_probe,
                                 reason: BackoffReason::Probing,

@@ -55,16 +55,17 @@ end
 local earliest = -1
 local throttled = 0
 
--- How long a fresh hint says this candidate has no room, or nil.
+-- What the upstream's last hints say: how long a fresh hint says this candidate has no room
+-- (or nil), and whether an expired hint said so (the next request then probes it alone).
 local function hinted_full(hints_key, spill)
   local h = redis.call('HMGET', hints_key, 'remaining_tokens', 'utilization', 'updated_ms')
   local updated = tonumber(h[3])
-  if updated == nil or updated + hint_ttl <= now then return nil end
+  if updated == nil then return nil, false end
   local remaining, utilization = tonumber(h[1]), tonumber(h[2])
-  if (remaining ~= nil and remaining < estimate) or (spill >= 0 and utilization ~= nil and utilization >= spill) then
-    return math.max(updated + hint_ttl - now, 1)
-  end
-  return nil
+  local full = (remaining ~= nil and remaining < estimate) or (spill >= 0 and utilization ~= nil and utilization >= spill)
+  if not full then return nil, false end
+  if updated + hint_ttl > now then return math.max(updated + hint_ttl - now, 1), false end
+  return nil, true
 end
 
 for i = 1, #KEYS / 3 do
@@ -73,8 +74,8 @@ for i = 1, #KEYS / 3 do
   local wait
   local backoff = redis.call('HMGET', backoff_key, 'until_ms', 'reason', 'opened')
   local until_ms = tonumber(backoff[1])
-  local full = nil
-  if until_ms == nil or until_ms <= now then full = hinted_full(hints_key, spill) end
+  local full, probe_hint = nil, false
+  if until_ms == nil or until_ms <= now then full, probe_hint = hinted_full(hints_key, spill) end
   if until_ms ~= nil and until_ms > now then
     wait = until_ms - now
     if backoff[2] == 'throttled' then throttled = 1 end
@@ -114,6 +115,11 @@ for i = 1, #KEYS / 3 do
       redis.call('HINCRBY', usage_key, 'tokens:' .. field, estimate)
       redis.call('HINCRBY', usage_key, 'requests:' .. field, 1)
       redis.call('PEXPIRE', usage_key, 2 * (window + bucket))
+      if probe_hint then
+        -- The last hint said "full" and has expired: this request probes; the others keep
+        -- treating the hint as fresh until its answer brings a new one.
+        redis.call('HSET', hints_key, 'updated_ms', string.format('%d', now))
+      end
       if (tonumber(backoff[3]) or 0) > 0 then
         -- Half-open breaker: this request probes; the others wait for its outcome.
         redis.call('HSET', backoff_key, 'until_ms', string.format('%d', now + probe), 'reason', 'probing')
