@@ -17,6 +17,7 @@ fn set_keys() {
         std::env::set_var("SPILLWAY_TEST_CLIENT_KEY", CLIENT_KEY);
         std::env::set_var("SPILLWAY_TEST_BACKEND_KEY", BACKEND_KEY);
         std::env::set_var("SPILLWAY_TEST_WRONG_BACKEND_KEY", "not-the-key");
+        std::env::set_var("SPILLWAY_TEST_EU_KEY", "eu-app-key");
     });
 }
 
@@ -100,4 +101,61 @@ async fn a_backend_rejecting_the_gateway_credential_is_failed_over() {
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-spillway-backend"), "payg");
     assert_eq!(header(&r, "x-spillway-attempts"), "2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eu_only_consumer_never_reaches_a_us_member_even_when_saturated() {
+    set_keys();
+    let sim = start_sim(vec![
+        ResourceSpec {
+            region: Some("swedencentral".into()),
+            ..resource(
+                "eu",
+                vec![instant_deployment("gpt-4o", DeploymentKind::Ptu, 1_000_000)],
+            )
+        },
+        ResourceSpec {
+            region: Some("eastus".into()),
+            ..resource(
+                "us",
+                vec![instant_deployment(
+                    "gpt-4o",
+                    DeploymentKind::Payg,
+                    1_000_000,
+                )],
+            )
+        },
+    ])
+    .await;
+    let regions =
+        |b: String, r: &str| b.replace("priority =", &format!("region = \"{r}\"\npriority ="));
+    let config = regions(backend(&sim, "eu", 1), "swedencentral")
+        + &regions(backend(&sim, "us", 2), "eastus")
+        + CONSUMER
+        + "[[consumers]]\nname = \"eu-app\"\nkey_env = \"SPILLWAY_TEST_EU_KEY\"\nregions = [\"swedencentral\", \"francecentral\"]\n";
+    let gw = start_single(&config).await;
+    let url = format!(
+        "{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+        gw.url
+    );
+    let send = |key: &'static str| {
+        client()
+            .post(&url)
+            .header("api-key", key)
+            .json(&chat_body(false))
+            .send()
+    };
+
+    force(&sim, "eu", 429, Some(5_000), None, None);
+    for _ in 0..3 {
+        let r = send("eu-app-key").await.unwrap();
+        assert_eq!(r.status(), 429, "refused rather than served outside the EU");
+    }
+    assert_eq!(sim.stats("us", "gpt-4o").requests, 0);
+    // Another consumer without the restriction spills over to the US as usual.
+    let r = send(CLIENT_KEY).await.unwrap();
+    assert_eq!(
+        (r.status().as_u16(), header(&r, "x-spillway-backend")),
+        (200, "us")
+    );
 }

@@ -281,3 +281,29 @@ async fn openai_v1_route_takes_the_pool_from_the_model_field() {
     }
     assert_eq!(sim.stats("ptu", "gpt-4o").succeeded, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_retry_budget_stops_failover() {
+    let sim = ptu_and_payg().await;
+    // No credit per request and no floor: only the initial 10 retries. A breaker that never
+    // opens keeps the failing PTU first in line, so every request needs a retry.
+    let config = backend(&sim, "ptu", 1)
+        + &backend(&sim, "payg", 2)
+        + "[routing]\nretry_ratio = 0.0\nmin_retries_per_second = 0.0\nbreaker_failures = 1000\n";
+    let gw = start_single(&config).await;
+    fail_every_request(&sim, "ptu");
+    for _ in 0..10 {
+        let r = chat(&gw, "gpt-4o", &chat_body(false)).await;
+        assert_eq!(
+            (r.status().as_u16(), header(&r, "x-spillway-attempts")),
+            (200, "2")
+        );
+    }
+    let r = chat(&gw, "gpt-4o", &chat_body(false)).await;
+    assert_eq!(
+        (r.status().as_u16(), header(&r, "x-spillway-attempts")),
+        (502, "1"),
+        "no retry left"
+    );
+    assert_eq!(sim.stats("payg", "gpt-4o").requests, 10);
+}

@@ -17,6 +17,7 @@ use crate::credentials::BackendCredential;
 use crate::error::GatewayError;
 use crate::fleet_view::FleetView;
 use crate::proxy::{self, Inbound};
+use crate::retry_budget::RetryBudget;
 use crate::table::RoutingTable;
 
 /// Everything a request needs, shared by all requests of one replica.
@@ -31,6 +32,7 @@ pub struct Gateway {
     pub region: Option<String>,
     /// Recent fleet latency and budgets, for scoring members.
     pub view: Arc<FleetView>,
+    pub retry_budget: RetryBudget,
 }
 
 impl Gateway {
@@ -70,6 +72,10 @@ impl Gateway {
             max_body_bytes: config.server.max_body_bytes,
             region: config.server.region.clone(),
             view: FleetView::new(Duration::from_millis(config.routing.view_refresh_ms)),
+            retry_budget: RetryBudget::new(
+                config.routing.retry_ratio,
+                config.routing.min_retries_per_second,
+            ),
         })
     }
 }

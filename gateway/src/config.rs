@@ -153,6 +153,10 @@ pub struct RoutingConfig {
     pub breaker_failures: u32,
     /// After a cool-down one request probes the member; others wait this long for it.
     pub breaker_probe_ms: u64,
+    /// Retries may add at most this share of the requests (0.2 = 20 %) ...
+    pub retry_ratio: f64,
+    /// ... plus this many per second, so a quiet replica can still fail over.
+    pub min_retries_per_second: f64,
 }
 
 impl Default for RoutingConfig {
@@ -170,6 +174,8 @@ impl Default for RoutingConfig {
             view_refresh_ms: 500,
             breaker_failures: 1,
             breaker_probe_ms: 5_000,
+            retry_ratio: 0.2,
+            min_retries_per_second: 10.0,
         }
     }
 }
@@ -330,6 +336,12 @@ impl Config {
             bad(
                 "routing.explore_share".into(),
                 "must be a share from 0 to 1".into(),
+            );
+        }
+        if !(self.routing.retry_ratio >= 0.0 && self.routing.min_retries_per_second >= 0.0) {
+            bad(
+                "routing.retry_ratio".into(),
+                "retry_ratio and min_retries_per_second must be >= 0".into(),
             );
         }
         if self.routing.breaker_failures == 0 {

@@ -10,6 +10,7 @@ pub mod error;
 pub mod fleet_view;
 pub mod headers;
 pub mod proxy;
+pub mod retry_budget;
 pub mod secret;
 pub mod server;
 pub mod sim;

@@ -116,7 +116,12 @@ async fn route(
     let mut tried = HashSet::new();
     let mut refusal = None;
 
+    gateway.retry_budget.deposit();
     while (attempts.count as usize) < max_attempts {
+        if attempts.count > 0 && !gateway.retry_budget.try_withdraw() {
+            warn!(pool = %pool.name, "retry budget spent: not failing over this request");
+            break;
+        }
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
             return Err(GatewayError::GatewayTimeout(format!(
