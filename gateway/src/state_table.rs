@@ -24,7 +24,7 @@ pub async fn render(
         let _ = writeln!(out, "\npool {}", pool.name);
         let _ = writeln!(
             out,
-            "  {:<22} {:>4} {:<14} {:<22} {:>17} {:>13} {:>15} {:>15} {:>6}",
+            "  {:<22} {:>4} {:<14} {:<22} {:>17} {:>13} {:>15} {:>15} {:>6} {:>8}",
             "backend",
             "tier",
             "region",
@@ -33,13 +33,14 @@ pub async fn render(
             "req/budget",
             "ttfb p50/p95",
             "total p50/p95",
-            "util"
+            "util",
+            "est err"
         );
         for (member, state) in pool.members.iter().zip(&snapshot.members) {
             let b = &member.backend;
             let _ = writeln!(
                 out,
-                "  {:<22} {:>4} {:<14} {:<22} {:>17} {:>13} {:>15} {:>15} {:>6}",
+                "  {:<22} {:>4} {:<14} {:<22} {:>17} {:>13} {:>15} {:>15} {:>6} {:>8}",
                 b.id.as_str(),
                 b.priority,
                 b.region.as_deref().unwrap_or("-"),
@@ -52,6 +53,7 @@ pub async fn render(
                     .hints
                     .utilization
                     .map_or("-".into(), |u| format!("{:.0}%", u * 100.0)),
+                estimation_error(state),
             );
         }
     }
@@ -62,6 +64,15 @@ fn backoff(m: &MemberSnapshot) -> String {
     m.backoff.map_or("-".into(), |b| {
         format!("{:.1}s {}", b.duration.as_secs_f64(), b.reason)
     })
+}
+
+/// How far estimates were from real usage, over completed requests (+ means over-estimated).
+fn estimation_error(m: &MemberSnapshot) -> String {
+    if m.actual_tokens == 0 {
+        return "-".into();
+    }
+    let error = (m.estimated_tokens as f64 - m.actual_tokens as f64) / m.actual_tokens as f64;
+    format!("{:+.1}%", error * 100.0)
 }
 
 fn used(n: u64, budget: Option<u64>) -> String {
