@@ -283,3 +283,45 @@ async fn after_a_cool_down_one_request_probes_and_the_rest_wait_for_it() {
         other => panic!("others wait for the probe: {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_rate_over_the_window_opens_the_breaker() {
+    let store = served(Windows {
+        breaker_failures: 1_000,
+        breaker_min_requests: 10,
+        ..Windows::default()
+    })
+    .await;
+    let pool = PoolName::new("rate");
+    let c = [Candidate::unlimited(BackendId::new("a"))];
+    let Admission::Admitted {
+        backend,
+        reservation,
+    } = store.acquire(&pool, &c, 1).await.unwrap()
+    else {
+        panic!("admitted");
+    };
+    let outcome = |ok: bool| spillway_shared::Receipt {
+        reservation,
+        tokens: 0,
+        latency: ok.then_some(spillway_shared::LatencySample {
+            ttfb: Duration::ZERO,
+            total: Duration::ZERO,
+            output_tokens: 0,
+        }),
+        hints: spillway_shared::UpstreamHints::default(),
+        backoff: (!ok).then_some(spillway_shared::Backoff {
+            duration: Duration::from_secs(1),
+            reason: spillway_shared::BackoffReason::ServerError,
+        }),
+    };
+    for i in 0..9 {
+        store
+            .settle(&pool, &backend, outcome(i % 2 == 1))
+            .await
+            .unwrap();
+    }
+    assert!(admits(&store, &pool, &c, 1).await, "9 < 10 outcomes");
+    store.settle(&pool, &backend, outcome(false)).await.unwrap();
+    assert!(!admits(&store, &pool, &c, 1).await, "5 of 10 failed");
+}

@@ -119,6 +119,9 @@ impl Config {
             breaker_failures: self.routing.breaker_failures,
             breaker_probe: ms(self.routing.breaker_probe_ms),
             breaker_max: ms(self.routing.max_backoff_ms),
+            breaker_failure_rate: self.routing.breaker_failure_rate,
+            breaker_min_requests: self.routing.breaker_min_requests,
+            breaker_window: ms(self.routing.breaker_window_ms),
         }
     }
 }
@@ -153,6 +156,11 @@ pub struct RoutingConfig {
     pub breaker_failures: u32,
     /// After a cool-down one request probes the member; others wait this long for it.
     pub breaker_probe_ms: u64,
+    /// The breaker also opens when this share of a member's outcomes failed within
+    /// `breaker_window_ms`, once there are at least `breaker_min_requests` of them.
+    pub breaker_failure_rate: f64,
+    pub breaker_min_requests: u32,
+    pub breaker_window_ms: u64,
     /// Retries may add at most this share of the requests (0.2 = 20 %) ...
     pub retry_ratio: f64,
     /// ... plus this many per second, so a quiet replica can still fail over.
@@ -174,6 +182,9 @@ impl Default for RoutingConfig {
             view_refresh_ms: 500,
             breaker_failures: 1,
             breaker_probe_ms: 5_000,
+            breaker_failure_rate: 0.5,
+            breaker_min_requests: 20,
+            breaker_window_ms: 30_000,
             retry_ratio: 0.2,
             min_retries_per_second: 10.0,
         }
@@ -342,6 +353,12 @@ impl Config {
             bad(
                 "routing.retry_ratio".into(),
                 "retry_ratio and min_retries_per_second must be >= 0".into(),
+            );
+        }
+        if !(self.routing.breaker_failure_rate > 0.0 && self.routing.breaker_failure_rate <= 1.0) {
+            bad(
+                "routing.breaker_failure_rate".into(),
+                "must be a share above 0 and at most 1".into(),
             );
         }
         if self.routing.breaker_failures == 0 {

@@ -203,6 +203,7 @@ pub async fn settle_without_acquire_changes_no_budget(store: &dyn FleetState) {
     let stray = crate::Reservation {
         bucket_ms: 12_345,
         tokens: 50,
+        ledger: 0,
     };
     store
         .settle(&p, &c[0].backend, receipt(stray, 80))

@@ -39,6 +39,10 @@ struct Member {
     /// Circuit breaker: consecutive failures, and consecutive openings (cool-downs double).
     failures: u32,
     opened: u32,
+    /// Outcomes in the current breaker window: start (ms), successes, failures.
+    outcomes: (u64, u32, u32),
+    /// Running count of admitted tokens (the hint ledger).
+    admitted_tokens: u64,
 }
 
 impl Default for EmbeddedState {
@@ -126,7 +130,10 @@ impl Member {
             return self.set_backoff(now_ms, backoff);
         }
         self.failures += 1;
-        if self.failures < w.breaker_failures {
+        let (ok, failed) = self.count_outcome(now_ms, w, false);
+        let rate_exceeded = ok + failed >= w.breaker_min_requests
+            && f64::from(failed) >= w.breaker_failure_rate * f64::from(ok + failed);
+        if self.failures < w.breaker_failures && !rate_exceeded {
             return;
         }
         let cooldown = backoff
@@ -143,8 +150,23 @@ impl Member {
         );
     }
 
+    /// Count an outcome in the breaker window (a new window starts when the last one ended).
+    fn count_outcome(&mut self, now_ms: u64, w: &Windows, ok: bool) -> (u32, u32) {
+        let (start, oks, fails) = &mut self.outcomes;
+        if now_ms >= *start + w.breaker_window.as_millis() as u64 {
+            (*start, *oks, *fails) = (now_ms, 0, 0);
+        }
+        if ok {
+            *oks += 1
+        } else {
+            *fails += 1
+        }
+        (*oks, *fails)
+    }
+
     /// A completed request closes the breaker.
-    fn succeed(&mut self) {
+    fn succeed(&mut self, now_ms: u64, w: &Windows) {
+        self.count_outcome(now_ms, w, true);
         self.failures = 0;
         self.opened = 0;
         if matches!(self.backoff, Some((_, BackoffReason::Probing))) {
@@ -202,7 +224,15 @@ impl FleetState for EmbeddedState {
                     .usage
                     .try_reserve(now, &self.windows, estimated_tokens, tpm, rpm)
                 {
-                    Ok(reservation) => {
+                    Ok(mut reservation) => {
+                        member.admitted_tokens += estimated_tokens;
+                        reservation.ledger = member.admitted_tokens;
+                        // Hint ledger: requests admitted since the upstream's last answer use
+                        // up its remaining tokens, so concurrent requests see the room shrink.
+                        if member.hints_ms.is_some_and(|at| at + hint_ttl > now) {
+                            let remaining = &mut member.hints.remaining_tokens;
+                            *remaining = remaining.map(|r| r.saturating_sub(estimated_tokens));
+                        }
                         if hint == Ok(true) {
                             // The last hint said "full" and has expired: this request probes;
                             // the others keep treating the hint as fresh until its answer.
@@ -261,15 +291,17 @@ impl FleetState for EmbeddedState {
             if receipt.hints.remaining_tokens.is_some() || receipt.hints.utilization.is_some() {
                 m.hints_ms = Some(now);
             }
-            if receipt.hints.remaining_tokens.is_some() {
-                m.hints.remaining_tokens = receipt.hints.remaining_tokens;
+            if let Some(remaining) = receipt.hints.remaining_tokens {
+                // Less what was admitted after this request, which the upstream had not seen.
+                let unseen = m.admitted_tokens.saturating_sub(receipt.reservation.ledger);
+                m.hints.remaining_tokens = Some(remaining.saturating_sub(unseen));
             }
             if receipt.hints.utilization.is_some() {
                 m.hints.utilization = receipt.hints.utilization;
             }
             match receipt.backoff {
                 Some(backoff) => m.fail(now, backoff, &w),
-                None if receipt.latency.is_some() => m.succeed(),
+                None if receipt.latency.is_some() => m.succeed(now, &w),
                 None => {}
             }
         });
@@ -437,5 +469,62 @@ mod tests {
             }
             other => panic!("others wait for the probe: {other:?}"),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_rate_over_the_window_opens_the_breaker() {
+        let windows = Windows {
+            breaker_failures: 1_000,
+            breaker_min_requests: 10,
+            ..Windows::default()
+        };
+        let store = EmbeddedState::new(windows);
+        let (pool, c) = (
+            PoolName::new("p"),
+            [Candidate::unlimited(BackendId::new("a"))],
+        );
+        let Admission::Admitted {
+            backend,
+            reservation,
+        } = store.acquire(&pool, &c, 1).await.unwrap()
+        else {
+            panic!("admitted");
+        };
+        let outcome = |ok: bool| Receipt {
+            reservation,
+            tokens: 0,
+            latency: ok.then_some(crate::store::LatencySample {
+                ttfb: Duration::ZERO,
+                total: Duration::ZERO,
+                output_tokens: 0,
+            }),
+            hints: UpstreamHints::default(),
+            backoff: (!ok).then_some(Backoff {
+                duration: Duration::from_secs(1),
+                reason: BackoffReason::ServerError,
+            }),
+        };
+        // Alternating: never two failures in a row, but half of the outcomes failed.
+        for i in 0..9 {
+            store
+                .settle(&pool, &backend, outcome(i % 2 == 1))
+                .await
+                .unwrap();
+        }
+        assert!(
+            matches!(
+                store.acquire(&pool, &c, 1).await.unwrap(),
+                Admission::Admitted { .. }
+            ),
+            "9 < 10 outcomes"
+        );
+        store.settle(&pool, &backend, outcome(false)).await.unwrap();
+        assert!(
+            matches!(
+                store.acquire(&pool, &c, 1).await.unwrap(),
+                Admission::Exhausted { .. }
+            ),
+            "5 of 10 failed"
+        );
     }
 }

@@ -171,6 +171,12 @@ impl RedisState {
                 "0".into()
             },
             (self.windows.breaker_max.as_millis() as u64).to_string(),
+            self.windows.breaker_failure_rate.to_string(),
+            self.windows.breaker_min_requests.to_string(),
+            (self.windows.breaker_window.as_millis() as u64).to_string(),
+            receipt
+                .map(|r| r.reservation.ledger.to_string())
+                .unwrap_or_default(),
         ]
     }
 
@@ -266,8 +272,10 @@ impl FleetState for RedisState {
             args.push(c.spill_utilization.map_or("-1".into(), |v| v.to_string()));
         }
         let reply = array(self.run(&self.acquire, keys, args).await?)?;
-        let [flag, a, b] = reply.as_slice() else {
-            return Err(StateError::Protocol(format!("acquire returned {reply:?}")));
+        let (flag, a, b, ledger) = match reply.as_slice() {
+            [flag, a, b] => (flag, a, b, None),
+            [flag, a, b, ledger] => (flag, a, b, Some(ledger)),
+            _ => return Err(StateError::Protocol(format!("acquire returned {reply:?}"))),
         };
         if int(flag)? == 1 {
             let index = int(a)? as usize;
@@ -277,6 +285,7 @@ impl FleetState for RedisState {
             let reservation = Reservation {
                 bucket_ms: int(b)? as u64,
                 tokens: estimated_tokens,
+                ledger: ledger.map(int).transpose()?.unwrap_or(0).max(0) as u64,
             };
             Ok(Admission::Admitted {
                 backend: candidate.backend.clone(),

@@ -125,6 +125,9 @@ pub struct Reservation {
     pub bucket_ms: u64,
     /// Tokens charged (the estimate).
     pub tokens: u64,
+    /// The member's running count of admitted tokens, this request included: tokens
+    /// admitted after it are what its upstream's `remaining_tokens` did not yet see.
+    pub ledger: u64,
 }
 
 /// Answer to [`FleetState::acquire`].
@@ -270,7 +273,7 @@ impl PoolSnapshot {
 }
 
 /// Time shape shared by every store: the budget window and the latency window.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Windows {
     /// Budget window (a minute for TPM/RPM); tests shorten it.
     pub budget: Duration,
@@ -288,6 +291,11 @@ pub struct Windows {
     pub breaker_probe: Duration,
     /// Cool-downs double with each consecutive opening, up to this.
     pub breaker_max: Duration,
+    /// The breaker also opens when this share of a member's outcomes in `breaker_window`
+    /// failed, once there are at least `breaker_min_requests` of them.
+    pub breaker_failure_rate: f64,
+    pub breaker_min_requests: u32,
+    pub breaker_window: Duration,
 }
 
 impl Default for Windows {
@@ -301,6 +309,9 @@ impl Default for Windows {
             breaker_failures: 1,
             breaker_probe: Duration::from_secs(5),
             breaker_max: Duration::from_secs(300),
+            breaker_failure_rate: 0.5,
+            breaker_min_requests: 20,
+            breaker_window: Duration::from_secs(30),
         }
     }
 }

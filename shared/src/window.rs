@@ -57,7 +57,11 @@ impl Usage {
             let entry = self.buckets.entry(bucket_ms).or_default();
             entry.0 += tokens;
             entry.1 += 1;
-            return Ok(Reservation { bucket_ms, tokens });
+            return Ok(Reservation {
+                bucket_ms,
+                tokens,
+                ledger: 0,
+            });
         }
         let (bucket, window) = (w.bucket_ms(), w.budget.as_millis() as u64);
         for (start, (t, r)) in &self.buckets {

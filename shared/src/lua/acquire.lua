@@ -3,7 +3,8 @@
 -- KEYS, three per candidate i, in preference order (all share the pool's hash tag):
 --   KEYS[3i-2]  {prefix}:{pool}:backoff:<backend>  hash until_ms, reason, failures, opened
 --   KEYS[3i-1]  {prefix}:{pool}:usage:<backend>    hash tokens:<bucket_start_ms>, requests:<bucket_start_ms>
---   KEYS[3i]    {prefix}:{pool}:hints:<backend>    hash remaining_tokens, utilization, updated_ms
+--   KEYS[3i]    {prefix}:{pool}:hints:<backend>    hash remaining_tokens, utilization, updated_ms,
+--                                                  admitted_tokens (running count)
 -- ARGV[1]  estimated tokens of the request (whole number >= 0)
 -- ARGV[2]  budget bucket length, ms          ARGV[3]  budget window length, ms
 -- ARGV[4]  "" to take the time from Redis TIME; a time in ms only in tests
@@ -12,8 +13,9 @@
 --          are held back this long (ms) while it probes
 -- ARGV[4+3i], ARGV[5+3i], ARGV[6+3i]  candidate i's token and request budget per window,
 --          and the utilization (share) above which it is skipped; -1: none
--- Returns {1, i, bucket_start_ms}      candidate i admits; the estimate and one request are
---                                      charged to its bucket starting at bucket_start_ms
+-- Returns {1, i, bucket_start_ms, ledger}  candidate i admits; the estimate and one request
+--                                      are charged to its bucket starting at bucket_start_ms;
+--                                      ledger is its running count of admitted tokens
 --         {0, wait_ms, throttled}      none admits; the earliest may in wait_ms; throttled is
 --                                      1 when a 429 backoff, a budget or a capacity hint is why
 -- Errors  "ERR spillway: ..." on malformed arguments.
@@ -115,6 +117,16 @@ for i = 1, #KEYS / 3 do
       redis.call('HINCRBY', usage_key, 'tokens:' .. field, estimate)
       redis.call('HINCRBY', usage_key, 'requests:' .. field, 1)
       redis.call('PEXPIRE', usage_key, 2 * (window + bucket))
+      -- Hint ledger: requests admitted since the upstream's last answer use up its
+      -- remaining tokens, so concurrent requests see the room shrink.
+      local h = redis.call('HMGET', hints_key, 'remaining_tokens', 'updated_ms')
+      if tonumber(h[1]) ~= nil and tonumber(h[2]) ~= nil and tonumber(h[2]) + hint_ttl > now then
+        redis.call('HINCRBY', hints_key, 'remaining_tokens', -estimate)
+      end
+      local ledger = redis.call('HINCRBY', hints_key, 'admitted_tokens', estimate)
+      if redis.call('PTTL', hints_key) < 0 then
+        redis.call('PEXPIRE', hints_key, 2 * (window + bucket))
+      end
       if probe_hint then
         -- The last hint said "full" and has expired: this request probes; the others keep
         -- treating the hint as fresh until its answer brings a new one.
@@ -125,7 +137,7 @@ for i = 1, #KEYS / 3 do
         redis.call('HSET', backoff_key, 'until_ms', string.format('%d', now + probe), 'reason', 'probing')
         redis.call('PEXPIRE', backoff_key, math.max(redis.call('PTTL', backoff_key), probe))
       end
-      return {1, i, start}
+      return {1, i, start, ledger}
     end
     throttled = 1
     table.sort(starts)

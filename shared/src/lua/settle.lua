@@ -15,6 +15,10 @@
 -- ARGV[13] "" to take the time from Redis TIME; a time in ms only in tests
 -- ARGV[14] circuit breaker: consecutive failures that open it (0: a plain backoff, no breaker)
 -- ARGV[15] longest breaker cool-down, ms
+-- ARGV[16] failure share that also opens it   ARGV[17] ... with at least this many outcomes
+-- ARGV[18] ... within this window, ms (fields rate_start_ms, rate_ok, rate_failed)
+-- ARGV[19] the reservation's ledger mark ("" none): remaining_tokens is stored less the
+--          tokens admitted after this request, which the upstream had not seen
 -- Returns 1. Errors "ERR spillway: ..." on malformed arguments.
 --
 -- Breaker: a failure that is not throttling counts toward `failures`; at the threshold the
@@ -24,10 +28,11 @@
 -- A reservation whose bucket has left the window (or never existed) changes nothing: its
 -- charge already expired with the bucket.
 
-if #KEYS ~= 4 or #ARGV ~= 15 then
-  return redis.error_reply('ERR spillway: settle takes 4 keys and 15 arguments')
+if #KEYS ~= 4 or #ARGV ~= 19 then
+  return redis.error_reply('ERR spillway: settle takes 4 keys and 19 arguments')
 end
 local threshold, max_cooldown = tonumber(ARGV[14]) or 0, tonumber(ARGV[15]) or 0
+local failure_rate, min_outcomes, rate_window = tonumber(ARGV[16]) or 2, tonumber(ARGV[17]) or 0, tonumber(ARGV[18]) or 0
 local now
 if ARGV[13] ~= '' then
   now = tonumber(ARGV[13])
@@ -36,6 +41,18 @@ else
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 local backoff_key, usage_key, latency_key, hints_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+
+-- Count an outcome in the breaker window; returns successes and failures in it.
+local function count_outcome(ok)
+  local w = redis.call('HMGET', backoff_key, 'rate_start_ms', 'rate_ok', 'rate_failed')
+  local start, oks, fails = tonumber(w[1]), tonumber(w[2]) or 0, tonumber(w[3]) or 0
+  if start == nil or now >= start + rate_window then
+    start, oks, fails = now, 0, 0
+  end
+  if ok then oks = oks + 1 else fails = fails + 1 end
+  redis.call('HSET', backoff_key, 'rate_start_ms', string.format('%d', start), 'rate_ok', oks, 'rate_failed', fails)
+  return oks, fails
+end
 
 -- Replace the estimate with the real count.
 if ARGV[1] ~= '' then
@@ -82,7 +99,15 @@ end
 
 -- Capacity hints from the upstream's last answer.
 if ARGV[7] ~= '' or ARGV[8] ~= '' then
-  if ARGV[7] ~= '' then redis.call('HSET', hints_key, 'remaining_tokens', ARGV[7]) end
+  if ARGV[7] ~= '' then
+    local remaining = tonumber(ARGV[7])
+    local mark = tonumber(ARGV[19])
+    local admitted = tonumber(redis.call('HGET', hints_key, 'admitted_tokens'))
+    if mark ~= nil and admitted ~= nil and admitted > mark then
+      remaining = math.max(remaining - (admitted - mark), 0)
+    end
+    redis.call('HSET', hints_key, 'remaining_tokens', string.format('%d', remaining))
+  end
   if ARGV[8] ~= '' then redis.call('HSET', hints_key, 'utilization', ARGV[8]) end
   redis.call('HSET', hints_key, 'updated_ms', string.format('%d', now))
   redis.call('PEXPIRE', hints_key, 2 * (latency_window + slot_length))
@@ -96,7 +121,9 @@ if ARGV[9] ~= '' then
   end
   if threshold > 0 and reason ~= 'throttled' then
     local failures = redis.call('HINCRBY', backoff_key, 'failures', 1)
-    if failures < threshold then
+    local oks, fails = count_outcome(false)
+    local rate_exceeded = oks + fails >= min_outcomes and fails >= failure_rate * (oks + fails)
+    if failures < threshold and not rate_exceeded then
       length = nil
     else
       local opened = tonumber(redis.call('HGET', backoff_key, 'opened')) or 0
@@ -115,8 +142,12 @@ if ARGV[9] ~= '' then
   end
   -- The breaker's counts outlive the deadline by the longest cool-down.
   redis.call('PEXPIRE', backoff_key, math.max((length or 0) + max_cooldown, 1))
-elseif ARGV[4] ~= '' and redis.call('EXISTS', backoff_key) == 1 then
-  -- A completed request closes the breaker and ends a probe.
+elseif ARGV[4] ~= '' then
+  -- A completed request counts as a success, closes the breaker and ends a probe.
+  count_outcome(true)
+  if redis.call('PTTL', backoff_key) < rate_window then
+    redis.call('PEXPIRE', backoff_key, math.max(rate_window, 1))
+  end
   redis.call('HSET', backoff_key, 'failures', 0, 'opened', 0)
   if redis.call('HGET', backoff_key, 'reason') == 'probing' then
     redis.call('HDEL', backoff_key, 'until_ms', 'reason')
