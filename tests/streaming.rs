@@ -135,3 +135,38 @@ async fn a_stream_fails_over_when_the_first_member_throttles() {
     assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
     assert_eq!(sim.stats("payg", "gpt-4o").streams_completed, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_stalls_before_its_first_byte_fails_over() {
+    let stalled = DeploymentSpec {
+        ttft_ms: 30_000,
+        ..instant_deployment("gpt-4o", DeploymentKind::Ptu, 1_000_000)
+    };
+    let sim = start_sim(vec![
+        resource("ptu", vec![stalled]),
+        resource(
+            "payg",
+            vec![instant_deployment(
+                "gpt-4o",
+                DeploymentKind::Payg,
+                1_000_000,
+            )],
+        ),
+    ])
+    .await;
+    let config = backend(&sim, "ptu", 1)
+        + &backend(&sim, "payg", 2)
+        + "[routing]\nstream_first_byte_timeout_ms = 200\n";
+    let gw = start_single(&config).await;
+
+    let r = chat(&gw, "gpt-4o", &chat_body(true)).await;
+    assert_eq!(
+        (r.status().as_u16(), header(&r, "x-spillway-backend")),
+        (200, "payg")
+    );
+    assert!(r.text().await.unwrap().ends_with("data: [DONE]\n\n"));
+    // A plain request is not held to the streaming limit.
+    let config = backend(&sim, "payg", 1) + "[routing]\nstream_first_byte_timeout_ms = 1\n";
+    let gw = start_single(&config).await;
+    assert_eq!(chat(&gw, "gpt-4o", &chat_body(false)).await.status(), 200);
+}

@@ -141,6 +141,9 @@ pub struct RoutingConfig {
     pub attempt_timeout_ms: u64,
     /// Time allowed for all attempts of one request together (until the first byte).
     pub request_timeout_ms: u64,
+    /// A streaming attempt with no first byte within this time has stalled: it counts as a
+    /// failure and the request moves on (nothing was sent to the client yet).
+    pub stream_first_byte_timeout_ms: u64,
     /// Output tokens charged up front for a request that sets no `max_tokens`.
     pub default_max_tokens: u64,
     /// An upstream's capacity hints (utilization, remaining tokens) are trusted this long;
@@ -176,6 +179,7 @@ impl Default for RoutingConfig {
             connect_timeout_ms: 5_000,
             attempt_timeout_ms: 120_000,
             request_timeout_ms: 300_000,
+            stream_first_byte_timeout_ms: 20_000,
             default_max_tokens: 256,
             hint_ttl_ms: 1_000,
             explore_share: 0.05,
@@ -393,6 +397,10 @@ impl Config {
             ("routing.connect_timeout_ms", r.connect_timeout_ms),
             ("routing.attempt_timeout_ms", r.attempt_timeout_ms),
             ("routing.request_timeout_ms", r.request_timeout_ms),
+            (
+                "routing.stream_first_byte_timeout_ms",
+                r.stream_first_byte_timeout_ms,
+            ),
             ("routing.max_backoff_ms", r.max_backoff_ms),
         ] {
             if value == 0 {

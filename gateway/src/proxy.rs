@@ -11,7 +11,6 @@ mod usage;
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
 
-use axum::http::HeaderMap;
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
 use spillway_shared::{Admission, BackendId, BackoffReason, Candidate, Receipt, UpstreamHints};
@@ -20,7 +19,9 @@ use tracing::{Instrument, info_span, warn};
 
 pub use admit::Inbound;
 use admit::{ProxyRequest, admit};
-use classify::{BackoffPolicy, Verdict, classify_response, classify_transport_failure};
+use classify::{
+    BackoffPolicy, Verdict, classify_response, classify_transport_failure, upstream_hints,
+};
 
 use crate::app::Gateway;
 use crate::error::GatewayError;
@@ -159,7 +160,13 @@ async fn route(
         attempts.count += 1;
         attempts.last_backend = Some(backend.clone());
 
-        let timeout = remaining.min(Duration::from_millis(routing.attempt_timeout_ms));
+        // A stream's first byte should come soon; a plain answer's comes after the whole reply.
+        let first_byte_ms = if request.stream {
+            routing.stream_first_byte_timeout_ms
+        } else {
+            routing.attempt_timeout_ms
+        };
+        let timeout = remaining.min(Duration::from_millis(first_byte_ms));
         let (backoff, hints, detail) =
             match forward::send(&gateway.http, member, request, timeout).await {
                 Ok(upstream) => {
@@ -275,20 +282,4 @@ async fn exhausted(
 struct Refusal {
     retry_after: Duration,
     throttled: bool,
-}
-
-/// Capacity hints on an upstream response: remaining tokens and PTU utilization ("87.5%").
-fn upstream_hints(headers: &HeaderMap) -> UpstreamHints {
-    let get = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-    };
-    UpstreamHints {
-        remaining_tokens: get("x-ratelimit-remaining-tokens").and_then(|v| v.parse().ok()),
-        utilization: get("azure-openai-deployment-utilization")
-            .and_then(|v| v.trim_end_matches('%').trim().parse::<f64>().ok())
-            .map(|percent| percent / 100.0),
-    }
 }

@@ -4,7 +4,7 @@
 use std::time::{Duration, SystemTime};
 
 use axum::http::{HeaderMap, StatusCode};
-use spillway_shared::{Backoff, BackoffReason};
+use spillway_shared::{Backoff, BackoffReason, UpstreamHints};
 
 use super::forward::FailureKind;
 
@@ -123,6 +123,22 @@ fn parse_reset(value: &str) -> Option<Duration> {
         rest = &rest[unit_len..];
     }
     positive_seconds(total)
+}
+
+/// Capacity hints on an upstream response: remaining tokens and PTU utilization ("87.5%").
+pub fn upstream_hints(headers: &HeaderMap) -> UpstreamHints {
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    UpstreamHints {
+        remaining_tokens: get("x-ratelimit-remaining-tokens").and_then(|v| v.parse().ok()),
+        utilization: get("azure-openai-deployment-utilization")
+            .and_then(|v| v.trim_end_matches('%').trim().parse::<f64>().ok())
+            .map(|percent| percent / 100.0),
+    }
 }
 
 #[cfg(test)]
