@@ -248,3 +248,51 @@ async fn operators_read_the_fleet_table_from_redis() {
         .expect("payg row");
     assert!(payg.contains("server_error"), "{table}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_requests_failures_and_a_degraded_replica() {
+    let mut redis = RedisServer::start();
+    let sim = ptu_and_payg().await;
+    let config = two_tiers(&sim, None) + &redis_section(&redis.url(), "redis_timeout_ms = 200\n");
+    let (gw, fleet) = start_on_redis(&config).await;
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_url = format!("http://{}/metrics", admin.local_addr().unwrap());
+    let router = spillway_gateway::admin(gw.gateway.clone());
+    tokio::spawn(async move { axum::serve(admin, router).await.unwrap() });
+
+    force(&sim, "ptu", 503, None, None, Some(1));
+    assert_eq!(chat(&gw, "gpt-4o", &chat_body(false)).await.status(), 200);
+    redis.kill();
+    assert_eq!(chat(&gw, "gpt-4o", &chat_body(false)).await.status(), 200);
+    tokio::time::timeout(EVENT_TIMEOUT, fleet.wait_degraded())
+        .await
+        .expect("degraded");
+
+    let text = client()
+        .get(&admin_url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("spillway_fleet_state_degraded 1"), "{text}");
+    let line = |name: &str, needle: &str| {
+        text.lines()
+            .any(|l| l.starts_with(name) && l.contains(needle))
+    };
+    assert!(line("spillway_requests_total", "status=\"200\""), "{text}");
+    assert!(
+        line(
+            "spillway_upstream_failures_total",
+            "reason=\"server_error\""
+        ),
+        "{text}"
+    );
+    assert!(
+        !text.lines().any(
+            |l| l.starts_with("spillway_fleet_state_fallback_decisions ") && l.ends_with(" 0")
+        ),
+        "{text}"
+    );
+}

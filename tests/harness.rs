@@ -250,6 +250,9 @@ impl FleetState for ObservedState {
     fn describe(&self) -> String {
         self.inner.describe()
     }
+    fn health(&self) -> spillway_shared::StoreHealth {
+        self.inner.health()
+    }
 }
 
 /// Tokens and requests the fleet state has charged to `backend` in pool `gpt-4o`.

@@ -63,6 +63,7 @@ impl Gateway {
                     format!("cannot build the HTTP client: {e}"),
                 )
             })?;
+        crate::metrics::handle(); // install the recorder before anything is counted
         Ok(Self {
             table: RoutingTable::build(config, credentials),
             fleet,
@@ -89,6 +90,17 @@ pub fn app(gateway: Arc<Gateway>) -> Router {
         .route("/openai/v1/{*operation}", post(v1))
         .route("/v1/{*operation}", post(v1))
         .fallback(|| async { GatewayError::NotFound })
+        .with_state(gateway)
+}
+
+/// The admin router (operators only, `server.admin_listen`): Prometheus metrics and a probe.
+pub fn admin(gateway: Arc<Gateway>) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(|State(g): State<Arc<Gateway>>| async move { crate::metrics::render(&*g.fleet) }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
         .with_state(gateway)
 }
 

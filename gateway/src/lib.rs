@@ -9,6 +9,7 @@ pub mod demo;
 pub mod error;
 pub mod fleet_view;
 pub mod headers;
+pub mod metrics;
 pub mod proxy;
 pub mod retry_budget;
 pub mod secret;
@@ -19,4 +20,4 @@ pub mod table;
 pub mod telemetry;
 pub mod tokens;
 
-pub use app::{Gateway, app};
+pub use app::{Gateway, admin, app};

@@ -30,6 +30,8 @@ use crate::table::Member;
 /// What survives across attempts of one request (pingora's per-request context).
 #[derive(Default)]
 struct Attempts {
+    /// The pool, once admission resolved it.
+    pool: Option<String>,
     count: u32,
     last_backend: Option<BackendId>,
     failures: Vec<Failure>,
@@ -58,6 +60,7 @@ pub async fn handle(gateway: &Gateway, inbound: Inbound) -> Response {
         let request = admit(gateway, inbound).await?;
         let span = tracing::Span::current();
         span.record("pool", request.pool.name.as_str());
+        attempts.pool = Some(request.pool.name.to_string());
         span.record("stream", request.stream);
         if let Some(consumer) = &request.consumer {
             span.record("consumer", consumer.name.as_str());
@@ -75,6 +78,9 @@ pub async fn handle(gateway: &Gateway, inbound: Inbound) -> Response {
     span.record("backend", backend);
     span.record("attempts", i64::from(attempts.count));
     span.record("status", i64::from(response.status().as_u16()));
+    if let Some(pool) = &attempts.pool {
+        crate::metrics::request_served(pool, backend, response.status().as_u16(), attempts.count);
+    }
     let headers = response.headers_mut();
     if let Ok(value) = HeaderValue::from_str(backend) {
         headers.insert("x-spillway-backend", value);
@@ -205,6 +211,11 @@ async fn route(
             backoff_ms = backoff.duration.as_millis() as u64,
             %detail,
             "upstream attempt failed; backing off and trying the next member"
+        );
+        crate::metrics::upstream_failure(
+            pool.name.as_str(),
+            backend.as_str(),
+            backoff.reason.as_str(),
         );
         // One round trip: release the reservation and start the backoff.
         let receipt = Receipt {

@@ -8,7 +8,7 @@ use spillway_shared::{EmbeddedState, FallbackState, FleetState, RedisState};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::app::{Gateway, app};
+use crate::app::{Gateway, admin, app};
 use crate::config::{Config, ConfigError, ConfigProblem};
 
 /// The fleet-state store the configuration asks for: embedded, or Redis with the embedded
@@ -64,16 +64,28 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let listener = TcpListener::bind(config.server.listen)
         .await
         .map_err(|e| format!("server.listen: cannot bind {}: {e}", config.server.listen))?;
+    let admin_listener = TcpListener::bind(config.server.admin_listen)
+        .await
+        .map_err(|e| {
+            format!(
+                "server.admin_listen: cannot bind {}: {e}",
+                config.server.admin_listen
+            )
+        })?;
     crate::tokens::warm_up();
+    let gateway = Arc::new(gateway);
     info!(
         listen = %listener.local_addr()?,
+        admin = %admin_listener.local_addr()?,
         pools = gateway.table.pools().count(),
         state = %gateway.fleet.describe(),
         "spillway serving"
     );
-    axum::serve(listener, app(Arc::new(gateway)))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    let data =
+        axum::serve(listener, app(gateway.clone())).with_graceful_shutdown(shutdown_signal());
+    let admin =
+        axum::serve(admin_listener, admin(gateway)).with_graceful_shutdown(shutdown_signal());
+    tokio::try_join!(async { data.await }, async { admin.await })?;
     info!("spillway stopped");
     Ok(())
 }

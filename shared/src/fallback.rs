@@ -176,6 +176,13 @@ impl FleetState for FallbackState {
         Ok(())
     }
 
+    fn health(&self) -> crate::store::StoreHealth {
+        crate::store::StoreHealth {
+            degraded: self.is_degraded(),
+            fallback_decisions: self.fallback_calls(),
+        }
+    }
+
     fn describe(&self) -> String {
         if self.is_degraded() {
             format!(

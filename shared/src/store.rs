@@ -374,4 +374,18 @@ pub trait FleetState: Send + Sync + 'static {
 
     /// A word for operators: `embedded`, `redis`, `redis (degraded: embedded fallback)`.
     fn describe(&self) -> String;
+
+    /// Whether decisions are being made on a fallback store, for metrics.
+    fn health(&self) -> StoreHealth {
+        StoreHealth::default()
+    }
+}
+
+/// A store's health, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreHealth {
+    /// Deciding on this replica's embedded state because Redis is unreachable or slow.
+    pub degraded: bool,
+    /// Decisions taken on the fallback since start.
+    pub fallback_decisions: u64,
 }
