@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 use serde_json::json;
-use spillway_gateway::sim::{DeploymentKind, DeploymentSpec};
+use spillway_gateway::sim::DeploymentKind;
 use spillway_shared::{BackendId, Candidate, EmbeddedState, FleetState, PoolName};
 use spillway_tests::*;
 
@@ -129,14 +129,7 @@ async fn the_client_gets_exactly_the_stream_it_asked_for() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_cut_off_midway_is_settled_with_what_was_relayed() {
-    let long = DeploymentSpec {
-        ttft_ms: 0,
-        ms_per_token: 5,
-        jitter: 0.0,
-        output_tokens: 4_000,
-        ..DeploymentSpec::new("gpt-4o", DeploymentKind::Ptu, 10_000_000)
-    };
-    let sim = start_sim(vec![resource("ptu", vec![long])]).await;
+    let sim = start_sim(vec![resource("ptu", vec![long_stream_deployment()])]).await;
     let fleet = ObservedState::new(Arc::new(EmbeddedState::default()));
     let gw = start_gateway(&backend(&sim, "ptu", 1), fleet.clone()).await;
 

@@ -30,6 +30,18 @@ pub fn instant_deployment(name: &str, kind: DeploymentKind, tpm: u64) -> Deploym
     }
 }
 
+/// A deployment whose streams are long and steady: 4,000 tokens at 5 ms each (20 s), so a
+/// test can act while one is in flight.
+pub fn long_stream_deployment() -> DeploymentSpec {
+    DeploymentSpec {
+        ttft_ms: 0,
+        ms_per_token: 5,
+        jitter: 0.0,
+        output_tokens: 4_000,
+        ..DeploymentSpec::new("gpt-4o", DeploymentKind::Ptu, 10_000_000)
+    }
+}
+
 /// A resource on a free loopback port serving the given deployments.
 pub fn resource(name: &str, deployments: Vec<DeploymentSpec>) -> ResourceSpec {
     ResourceSpec {

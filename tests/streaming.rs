@@ -89,15 +89,7 @@ async fn the_first_chunk_reaches_the_client_before_the_upstream_stream_ends() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_disconnects_cancels_the_upstream_stream() {
-    // A long, steady stream: 4,000 tokens at 5 ms each would take 20 s to finish.
-    let long = DeploymentSpec {
-        ttft_ms: 0,
-        ms_per_token: 5,
-        jitter: 0.0,
-        output_tokens: 4_000,
-        ..DeploymentSpec::new("gpt-4o", DeploymentKind::Ptu, 10_000_000)
-    };
-    let sim = start_sim(vec![resource("ptu", vec![long])]).await;
+    let sim = start_sim(vec![resource("ptu", vec![long_stream_deployment()])]).await;
     let gw = start_single(&backend(&sim, "ptu", 1)).await;
 
     let mut body = chat_body(true);
