@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use spillway_gateway::config::Config;
+use spillway_gateway::http_server::{self, ConnectionLimits};
 use spillway_gateway::sim::{
     self, DeploymentKind, DeploymentSpec, ResourceSpec, SimConfig, SimHandle,
 };
@@ -110,9 +111,13 @@ pub async fn start_gateway(config_toml: &str, fleet: Arc<dyn FleetState>) -> Rep
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let router = app(gateway.clone());
-    let task = tokio::spawn(async move {
-        axum::serve(listener, router).await.unwrap();
-    });
+    let limits = ConnectionLimits::from_config(&config.server);
+    let task = tokio::spawn(http_server::serve(
+        listener,
+        router,
+        limits,
+        std::future::pending(),
+    ));
     Replica { url, gateway, task }
 }
 

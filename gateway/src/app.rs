@@ -5,19 +5,24 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, Request, State};
 use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use spillway_shared::FleetState;
+use subtle::ConstantTimeEq;
 
 use crate::config::{Config, ConfigError, ConfigProblem, RoutingConfig};
 use crate::consumers::Consumers;
 use crate::credentials::BackendCredential;
 use crate::error::GatewayError;
 use crate::fleet_view::FleetView;
-use crate::proxy::{self, Inbound};
+use crate::headers::HeaderPolicy;
+use crate::load_shed::{self, RequestSlots};
+use crate::proxy::{self, BodyLimits, Inbound};
 use crate::retry_budget::RetryBudget;
+use crate::secret::Secret;
 use crate::table::RoutingTable;
 
 /// Everything a request needs, shared by all requests of one replica.
@@ -27,7 +32,13 @@ pub struct Gateway {
     pub http: reqwest::Client,
     pub consumers: Consumers,
     pub routing: RoutingConfig,
-    pub max_body_bytes: usize,
+    pub body_limits: BodyLimits,
+    /// Which client headers go upstream.
+    pub headers: HeaderPolicy,
+    /// Concurrent data-plane requests (streams included) this replica still takes.
+    pub slots: RequestSlots,
+    /// Bearer token the admin listener requires (`server.admin_token_env`).
+    pub admin_token: Option<Secret>,
     /// This replica's region (wins ties).
     pub region: Option<String>,
     /// Recent fleet latency and budgets, for scoring members.
@@ -63,6 +74,15 @@ impl Gateway {
                     format!("cannot build the HTTP client: {e}"),
                 )
             })?;
+        let admin_token = match &config.server.admin_token_env {
+            Some(var) => Some(Secret::new(std::env::var(var).map_err(|_| {
+                invalid(
+                    "server.admin_token_env".into(),
+                    format!("environment variable {var} is not set"),
+                )
+            })?)),
+            None => None,
+        };
         crate::metrics::handle(); // install the recorder before anything is counted
         Ok(Self {
             table: RoutingTable::build(config, credentials),
@@ -70,7 +90,10 @@ impl Gateway {
             http,
             consumers,
             routing: config.routing.clone(),
-            max_body_bytes: config.server.max_body_bytes,
+            body_limits: BodyLimits::from_config(&config.server),
+            headers: HeaderPolicy::new(&config.headers.forward, config.headers.forward_x_forwarded),
+            slots: RequestSlots::new(config.server.max_concurrent_requests),
+            admin_token,
             region: config.server.region.clone(),
             view: FleetView::new(Duration::from_millis(config.routing.view_refresh_ms)),
             retry_budget: RetryBudget::new(
@@ -82,26 +105,60 @@ impl Gateway {
 }
 
 /// The data-plane router: the Azure OpenAI and OpenAI v1 APIs plus health probes.
+/// API requests take one of the replica's request slots (503 when none is free); the
+/// probes do not, so a replica at its limit still answers them.
 pub fn app(gateway: Arc<Gateway>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
+    let api = Router::new()
         .route("/openai/deployments/{pool}/{*operation}", post(deployment))
         .route("/openai/v1/{*operation}", post(v1))
         .route("/v1/{*operation}", post(v1))
         .fallback(|| async { GatewayError::NotFound })
+        .layer(middleware::from_fn_with_state(
+            gateway.slots.clone(),
+            load_shed::shed,
+        ));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .merge(api)
         .with_state(gateway)
 }
 
 /// The admin router (operators only, `server.admin_listen`): Prometheus metrics and a probe.
+/// With `server.admin_token_env` set, everything but `/healthz` needs the bearer token.
 pub fn admin(gateway: Arc<Gateway>) -> Router {
     Router::new()
         .route(
             "/metrics",
             get(|State(g): State<Arc<Gateway>>| async move { crate::metrics::render(&*g.fleet) }),
         )
+        .route_layer(middleware::from_fn_with_state(
+            gateway.clone(),
+            require_admin_token,
+        ))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(gateway)
+}
+
+async fn require_admin_token(
+    State(gateway): State<Arc<Gateway>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(expected) = &gateway.admin_token else {
+        return next.run(request).await;
+    };
+    let presented = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if bool::from(presented.as_bytes().ct_eq(expected.expose().as_bytes())) {
+        next.run(request).await
+    } else {
+        GatewayError::AdminUnauthorized.into_response()
+    }
 }
 
 async fn readyz(State(gateway): State<Arc<Gateway>>) -> Response {
@@ -117,21 +174,21 @@ async fn readyz(State(gateway): State<Arc<Gateway>>) -> Response {
 
 async fn deployment(
     State(gateway): State<Arc<Gateway>>,
-    Path((pool, _)): Path<(String, String)>,
     uri: Uri,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    // The operation is taken from the raw path so it is forwarded exactly as sent.
-    let operation = uri
+    // Pool and operation are taken from the raw path, still encoded: admission validates
+    // both before anything is decoded or forwarded.
+    let (pool, operation) = uri
         .path()
         .strip_prefix("/openai/deployments/")
         .and_then(|rest| rest.split_once('/'))
-        .map_or(String::new(), |(_, op)| op.to_owned());
+        .unwrap_or_default();
     let inbound = Inbound {
-        pool: Some(pool),
-        operation,
+        pool: Some(pool.to_owned()),
+        operation: operation.to_owned(),
         query,
         headers,
         body,

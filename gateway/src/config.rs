@@ -18,6 +18,8 @@ pub struct Config {
     #[serde(default)]
     pub routing: RoutingConfig,
     #[serde(default)]
+    pub headers: HeadersConfig,
+    #[serde(default)]
     pub telemetry: TelemetryConfig,
     #[serde(default)]
     pub backends: Vec<BackendConfig>,
@@ -55,10 +57,26 @@ impl Default for PoolConfig {
 pub struct ServerConfig {
     /// Data plane: the OpenAI / Azure OpenAI API, `/healthz`, `/readyz`.
     pub listen: SocketAddr,
-    /// Operators only (metrics, admin API); loopback by default.
+    /// Operators only (metrics, admin API); loopback by default. Bound anywhere else, it
+    /// requires `admin_token_env`.
     pub admin_listen: SocketAddr,
+    /// Environment variable holding the bearer token the admin listener requires.
+    pub admin_token_env: Option<String>,
     /// Largest request body accepted, in bytes (413 above it).
     pub max_body_bytes: usize,
+    /// A body over the limit is still read (and discarded) up to this many bytes, so the
+    /// client, still sending, can read its 413; past it the connection is closed.
+    pub max_drain_bytes: usize,
+    /// A client must send its request head (line and headers) within this time.
+    pub header_timeout_ms: u64,
+    /// A client must send its whole request body within this time (408 otherwise).
+    pub body_timeout_ms: u64,
+    /// Most header fields in one request (431 above it).
+    pub max_headers: usize,
+    /// Largest request head in bytes (431 above it); at least 8192.
+    pub max_header_bytes: usize,
+    /// Requests (streams included) one replica serves at once; past it, 503 at once.
+    pub max_concurrent_requests: usize,
     /// This replica's region: its members win ties.
     pub region: Option<String>,
 }
@@ -68,10 +86,27 @@ impl Default for ServerConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            admin_token_env: None,
             max_body_bytes: 16 * 1024 * 1024,
+            max_drain_bytes: 64 * 1024 * 1024,
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 60_000,
+            max_headers: 100,
+            max_header_bytes: 64 * 1024,
+            max_concurrent_requests: 1_024,
             region: None,
         }
     }
+}
+
+/// Which client request headers are forwarded upstream (besides the built-in allow-list).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeadersConfig {
+    /// More header names to forward. Credentials and cookies are refused.
+    pub forward: Vec<String>,
+    /// Forward `forwarded` / `x-forwarded-*` (the client's address as a front proxy saw it).
+    pub forward_x_forwarded: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -321,12 +356,8 @@ impl Config {
         let mut problems = Vec::new();
         let mut bad = |key: String, problem: String| problems.push(ConfigProblem { key, problem });
 
-        if self.server.max_body_bytes == 0 {
-            bad(
-                "server.max_body_bytes".into(),
-                "must be greater than 0".into(),
-            );
-        }
+        self.server.validate(&mut bad);
+        self.headers.validate(&mut bad);
         if self.state.key_prefix.is_empty() || self.state.key_prefix.contains(['{', '}', ' ']) {
             bad(
                 "state.key_prefix".into(),
@@ -469,14 +500,13 @@ impl Config {
                 );
             }
             for (pool, deployment) in &b.deployments {
-                if pool.is_empty()
-                    || pool.contains(['/', '{', '}'])
-                    || deployment.is_empty()
-                    || deployment.contains('/')
-                {
+                // Both appear as one URL path segment (the pool in client paths, the
+                // deployment upstream), so both follow the path-segment rule.
+                let plain = |name: &str| crate::proxy::check_segment(name, 0).is_ok();
+                if !plain(pool) || !plain(deployment) {
                     bad(
                         at(&format!("deployments.{pool}")),
-                        "pool and deployment names must be non-empty, without '/' or braces".into(),
+                        "pool and deployment names must be non-empty and use only letters, digits, '-', '.', '_', '~', not starting or ending with '.'".into(),
                     );
                 }
             }
@@ -522,6 +552,59 @@ impl Config {
             Ok(())
         } else {
             Err(ConfigError::Invalid(problems))
+        }
+    }
+}
+
+impl ServerConfig {
+    fn validate(&self, bad: &mut impl FnMut(String, String)) {
+        for (key, value) in [
+            ("server.max_body_bytes", self.max_body_bytes as u64),
+            ("server.header_timeout_ms", self.header_timeout_ms),
+            ("server.body_timeout_ms", self.body_timeout_ms),
+            ("server.max_headers", self.max_headers as u64),
+            (
+                "server.max_concurrent_requests",
+                self.max_concurrent_requests as u64,
+            ),
+        ] {
+            if value == 0 {
+                bad(key.into(), "must be greater than 0".into());
+            }
+        }
+        if self.max_header_bytes < 8_192 {
+            bad(
+                "server.max_header_bytes".into(),
+                "must be at least 8192".into(),
+            );
+        }
+        match &self.admin_token_env {
+            Some(var) => check_env(bad, "server.admin_token_env".into(), var),
+            None if !self.admin_listen.ip().is_loopback() => bad(
+                "server.admin_token_env".into(),
+                format!(
+                    "admin_listen {} is not a loopback address: set admin_token_env to the environment variable holding the admin bearer token",
+                    self.admin_listen
+                ),
+            ),
+            None => {}
+        }
+    }
+}
+
+impl HeadersConfig {
+    fn validate(&self, bad: &mut impl FnMut(String, String)) {
+        for (i, name) in self.forward.iter().enumerate() {
+            let key = format!("headers.forward[{i}]");
+            let lower = name.to_ascii_lowercase();
+            if axum::http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                bad(key, format!("{name:?} is not a header name"));
+            } else if crate::headers::NEVER_FORWARDED.contains(&lower.as_str()) {
+                bad(
+                    key,
+                    format!("{name:?} carries credentials or cookies and is never forwarded"),
+                );
+            }
         }
     }
 }

@@ -10,6 +10,8 @@ use axum::response::{IntoResponse, Response};
 pub enum GatewayError {
     #[error("{0}")]
     BadRequest(String),
+    #[error("The request path is not allowed: {0}.")]
+    InvalidPath(crate::proxy::PathRejection),
     #[error(
         "Access denied due to a missing or invalid key. Send your Spillway key in the 'api-key' header or as 'Authorization: Bearer <key>'."
     )]
@@ -22,6 +24,14 @@ pub enum GatewayError {
     NoMemberInRegions { pool: String },
     #[error("Request body is larger than the {limit_bytes}-byte limit of this gateway.")]
     BodyTooLarge { limit_bytes: usize },
+    #[error("The request body did not arrive within {timeout_ms} ms.")]
+    BodyTimeout { timeout_ms: u64 },
+    #[error(
+        "This gateway replica is at its limit of concurrent requests. Please retry after 1 second."
+    )]
+    Overloaded,
+    #[error("A valid admin bearer token is required.")]
+    AdminUnauthorized,
     #[error("Every deployment of '{pool}' is rate limited. Please retry after {} seconds.", retry_seconds(*.retry_after))]
     Throttled { pool: String, retry_after: Duration },
     #[error("No deployment of '{pool}' is available. Please retry after {} seconds.", retry_seconds(*.retry_after))]
@@ -37,11 +47,14 @@ pub enum GatewayError {
 impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::BadRequest(_) | Self::InvalidPath(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NoMemberInRegions { .. } => StatusCode::FORBIDDEN,
             Self::UnknownPool(_) | Self::NotFound => StatusCode::NOT_FOUND,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
+            Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Self::AdminUnauthorized => StatusCode::UNAUTHORIZED,
             Self::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable { .. } | Self::State(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
@@ -53,11 +66,15 @@ impl GatewayError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::BadRequest(_) => "invalid_request",
+            Self::InvalidPath(_) => "invalid_path",
             Self::Unauthorized => "401",
             Self::NoMemberInRegions { .. } => "region_not_allowed",
             Self::UnknownPool(_) => "DeploymentNotFound",
             Self::NotFound => "404",
             Self::BodyTooLarge { .. } => "request_too_large",
+            Self::BodyTimeout { .. } => "request_timeout",
+            Self::Overloaded => "overloaded",
+            Self::AdminUnauthorized => "401",
             Self::Throttled { .. } => "429",
             Self::Unavailable { .. } => "no_backend_available",
             Self::BadGateway(_) => "bad_gateway",
@@ -71,6 +88,7 @@ impl GatewayError {
             Self::Throttled { retry_after, .. } | Self::Unavailable { retry_after, .. } => {
                 Some(*retry_after)
             }
+            Self::Overloaded => Some(Duration::from_secs(1)),
             _ => None,
         }
     }

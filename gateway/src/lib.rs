@@ -9,6 +9,8 @@ pub mod demo;
 pub mod error;
 pub mod fleet_view;
 pub mod headers;
+pub mod http_server;
+pub mod load_shed;
 pub mod metrics;
 pub mod proxy;
 pub mod retry_budget;

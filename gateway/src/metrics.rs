@@ -39,6 +39,11 @@ pub fn upstream_failure(pool: &str, backend: &str, reason: &str) {
     metrics::counter!("spillway_upstream_failures_total", &labels).increment(1);
 }
 
+/// A request refused at once because the replica was at `server.max_concurrent_requests`.
+pub fn request_shed() {
+    metrics::counter!("spillway_requests_shed_total").increment(1);
+}
+
 /// The exposition text, with the state store's health read now.
 pub fn render(fleet: &dyn FleetState) -> String {
     let health = fleet.health();

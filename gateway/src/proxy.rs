@@ -5,8 +5,13 @@ mod admit;
 mod classify;
 mod forward;
 mod relay;
+mod request_body;
 mod select;
+mod upstream_path;
 mod usage;
+
+pub use request_body::BodyLimits;
+pub use upstream_path::{OperationPath, PathRejection, check_segment};
 
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
@@ -192,7 +197,12 @@ async fn route(
                                 estimate: request.estimate,
                                 hints,
                             };
-                            return Ok(relay::to_client(upstream, settlement, request.strip_usage));
+                            return Ok(relay::to_client(
+                                upstream,
+                                settlement,
+                                request.strip_usage,
+                                member.backend.base_url.host_str(),
+                            ));
                         }
                         Verdict::Retry(backoff) => {
                             (backoff, hints, format!("HTTP {}", upstream.status))

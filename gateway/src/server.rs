@@ -10,6 +10,7 @@ use tracing::{info, warn};
 
 use crate::app::{Gateway, admin, app};
 use crate::config::{Config, ConfigError, ConfigProblem};
+use crate::http_server::{self, ConnectionLimits};
 
 /// The fleet-state store the configuration asks for: embedded, or Redis with the embedded
 /// store as its fallback. Must run inside the runtime (Redis connects in the background).
@@ -81,11 +82,11 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         state = %gateway.fleet.describe(),
         "spillway serving"
     );
-    let data =
-        axum::serve(listener, app(gateway.clone())).with_graceful_shutdown(shutdown_signal());
-    let admin =
-        axum::serve(admin_listener, admin(gateway)).with_graceful_shutdown(shutdown_signal());
-    tokio::try_join!(async { data.await }, async { admin.await })?;
+    let limits = ConnectionLimits::from_config(&config.server);
+    tokio::join!(
+        http_server::serve(listener, app(gateway.clone()), limits, shutdown_signal()),
+        http_server::serve(admin_listener, admin(gateway), limits, shutdown_signal()),
+    );
     info!("spillway stopped");
     Ok(())
 }

@@ -13,8 +13,9 @@ use crate::credentials::BackendCredential;
 #[derive(Debug)]
 pub struct Backend {
     pub id: BackendId,
-    /// Base URL without a trailing slash, e.g. `https://contoso.openai.azure.com`.
-    pub base_url: String,
+    /// Base URL, e.g. `https://contoso.openai.azure.com`; upstream paths are built on it
+    /// segment by segment (`proxy::upstream_path`).
+    pub base_url: url::Url,
     pub region: Option<String>,
     pub priority: u32,
     pub weight: u32,
@@ -92,7 +93,7 @@ impl RoutingTable {
         for (b, credential) in config.backends.iter().zip(credentials) {
             let backend = Arc::new(Backend {
                 id: BackendId::new(&b.id),
-                base_url: b.url.trim_end_matches('/').to_string(),
+                base_url: url::Url::parse(&b.url).expect("backend URLs are validated"),
                 region: b.region.clone(),
                 priority: b.priority,
                 weight: b.weight,

@@ -8,10 +8,11 @@ use axum::http::{HeaderMap, header};
 use bytes::Bytes;
 use serde_json::{Map, Value};
 
+use super::request_body;
+use super::upstream_path::{OperationPath, PathRejection, QueryPairs, check_segment};
 use crate::app::Gateway;
 use crate::consumers::Consumer;
 use crate::error::GatewayError;
-use crate::headers::upstream_request_headers;
 use crate::table::Pool;
 use crate::tokens;
 
@@ -19,20 +20,22 @@ use crate::tokens;
 #[derive(Clone, Debug)]
 pub enum Route {
     /// `/openai/deployments/{pool}/{operation}`: body forwarded byte for byte.
-    Deployment { operation: String },
+    Deployment { operation: OperationPath },
     /// `/openai/v1/{operation}` or `/v1/{operation}` with the pool in the body's `model`,
     /// rewritten to each backend's deployment name.
     V1 {
-        operation: String,
+        operation: OperationPath,
         body: Map<String, Value>,
     },
 }
 
 /// The request as the client sent it, before admission.
 pub struct Inbound {
-    /// `Some` for the deployments route; `None` when the pool is the body's `model`.
+    /// `Some` for the deployments route (the path segment as sent, still encoded); `None`
+    /// when the pool is the body's `model`.
     pub pool: Option<String>,
     /// Path after the pool (deployments route) or after `v1/`, as sent (still encoded).
+    /// Admission validates it; nothing else reads it.
     pub operation: String,
     pub query: Option<String>,
     pub headers: HeaderMap,
@@ -43,7 +46,7 @@ pub struct Inbound {
 pub struct ProxyRequest {
     pub pool: Arc<Pool>,
     pub route: Route,
-    pub query: Option<String>,
+    pub query: QueryPairs,
     pub headers: HeaderMap,
     pub body: Bytes,
     pub stream: bool,
@@ -64,14 +67,21 @@ pub struct TokenEstimate {
 
 pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, GatewayError> {
     let consumer = gateway.consumers.authenticate(&inbound.headers)?.cloned();
+    // Path confinement: the operation is validated here, once, and only its segments are
+    // ever used to build an upstream URL.
+    let operation = OperationPath::parse(&inbound.operation).map_err(GatewayError::InvalidPath)?;
     // The deployments route names its pool in the path: unknown pools fail before the body is read.
     let named_pool = inbound
         .pool
         .as_deref()
-        .map(|name| lookup(gateway, name))
+        .map(|name| {
+            check_segment(name, 0)
+                .map_err(|_| GatewayError::InvalidPath(PathRejection::DeploymentName))?;
+            lookup(gateway, name)
+        })
         .transpose()?;
 
-    let mut body = read_body(&inbound.headers, inbound.body, gateway.max_body_bytes).await?;
+    let mut body = request_body::read(&inbound.headers, inbound.body, gateway.body_limits).await?;
     let mut json = parse_json(&inbound.headers, &body)?;
     let pool = match named_pool {
         Some(pool) => pool,
@@ -98,7 +108,7 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
     let default_cap = gateway.routing.default_max_tokens;
     let total = tokens::estimate(
         pool.encoding,
-        &inbound.operation,
+        &operation.as_joined(),
         json.as_ref(),
         body.len(),
         default_cap,
@@ -114,7 +124,7 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
     // A stream only reports its usage when asked: ask upstream, and hide the answer from a
     // client that did not ask, so it gets exactly the stream it requested.
     let strip_usage = match json.as_mut() {
-        Some(j) if stream && inbound.operation.starts_with("chat/completions") => {
+        Some(j) if stream && operation.starts_with(&["chat", "completions"]) => {
             request_stream_usage(j)
         }
         _ => false,
@@ -124,14 +134,9 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
             if let (true, Some(j)) = (strip_usage, &json) {
                 body = Bytes::from(serde_json::to_vec(j).expect("a JSON map always serializes"));
             }
-            Route::Deployment {
-                operation: inbound.operation,
-            }
+            Route::Deployment { operation }
         }
-        (false, Some(j)) => Route::V1 {
-            operation: inbound.operation,
-            body: j,
-        },
+        (false, Some(j)) => Route::V1 { operation, body: j },
         (false, None) => unreachable!("the v1 route resolved its pool from the JSON body"),
     };
 
@@ -143,8 +148,8 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
         regions,
         pool,
         route,
-        query: inbound.query,
-        headers: upstream_request_headers(&inbound.headers),
+        query: QueryPairs::parse(inbound.query.as_deref()),
+        headers: gateway.headers.upstream_request(&inbound.headers),
         body,
         stream,
         strip_usage,
@@ -191,26 +196,6 @@ fn lookup(gateway: &Gateway, name: &str) -> Result<Arc<Pool>, GatewayError> {
         .pool(name)
         .cloned()
         .ok_or_else(|| GatewayError::UnknownPool(name.to_owned()))
-}
-
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, GatewayError> {
-    let too_large = GatewayError::BodyTooLarge { limit_bytes: limit };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(too_large);
-    }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let limited = std::error::Error::source(&e)
-            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-        if limited {
-            too_large
-        } else {
-            GatewayError::BadRequest(format!("Could not read the request body: {e}"))
-        }
-    })
 }
 
 /// Parse JSON bodies (to validate them and read `stream` / `model`); other content types

@@ -10,6 +10,7 @@ use futures_util::{Stream, StreamExt, stream};
 use serde_json::Value;
 
 use super::admit::{ProxyRequest, Route};
+use super::upstream_path::{UpstreamApi, upstream_url};
 use crate::table::Member;
 
 pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>;
@@ -99,11 +100,13 @@ fn build(
     request: &ProxyRequest,
 ) -> reqwest::RequestBuilder {
     let base = &member.backend.base_url;
-    let (mut url, body) = match &request.route {
+    let (url, body) = match &request.route {
         Route::Deployment { operation } => (
-            format!(
-                "{base}/openai/deployments/{}/{operation}",
-                member.deployment
+            upstream_url(
+                base,
+                UpstreamApi::Deployment(&member.deployment),
+                operation,
+                &request.query,
             ),
             request.body.clone(),
         ),
@@ -111,13 +114,12 @@ fn build(
             let mut body = body.clone();
             body.insert("model".into(), Value::String(member.deployment.clone()));
             let bytes = serde_json::to_vec(&body).expect("a JSON map always serializes");
-            (format!("{base}/openai/v1/{operation}"), Bytes::from(bytes))
+            (
+                upstream_url(base, UpstreamApi::V1, operation, &request.query),
+                Bytes::from(bytes),
+            )
         }
     };
-    if let Some(query) = &request.query {
-        url.push('?');
-        url.push_str(query);
-    }
     http.post(url).headers(request.headers.clone()).body(body)
 }
 

@@ -31,7 +31,13 @@ pub struct Settlement {
     pub hints: UpstreamHints,
 }
 
-pub fn to_client(upstream: Upstream, settlement: Settlement, strip_usage: bool) -> Response {
+/// `backend_host`: response headers naming it are not relayed.
+pub fn to_client(
+    upstream: Upstream,
+    settlement: Settlement,
+    strip_usage: bool,
+    backend_host: Option<&str>,
+) -> Response {
     let sse = upstream
         .headers
         .get(header::CONTENT_TYPE)
@@ -46,7 +52,7 @@ pub fn to_client(upstream: Upstream, settlement: Settlement, strip_usage: bool) 
         settlement: Some(settlement),
         ended: false,
     };
-    let mut headers = client_response_headers(&upstream.headers);
+    let mut headers = client_response_headers(&upstream.headers, backend_host);
     if sse && strip_usage {
         // Events are removed, so the upstream's length no longer holds (streams rarely send one).
         headers.remove(header::CONTENT_LENGTH);

@@ -107,7 +107,7 @@ mod tests {
         Member {
             backend: Arc::new(Backend {
                 id: BackendId::new(id),
-                base_url: "http://127.0.0.1:1".into(),
+                base_url: url::Url::parse("http://127.0.0.1:1").unwrap(),
                 region: Some(region.into()),
                 priority,
                 weight,

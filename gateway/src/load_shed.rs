@@ -1,0 +1,74 @@
+//! Load shedding: at most `server.max_concurrent_requests` data-plane requests at once per
+//! replica, counting a streamed answer until its last byte; past the cap, 503 at once.
+//!
+//! tower's `ConcurrencyLimit` + `LoadShed` release their permit when the response head is
+//! ready, which would let streams (the long part of LLM traffic) pile up unbounded; here the
+//! permit travels inside the response body and is released when the body is done or dropped.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::body::{Body, Bytes, HttpBody};
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::error::GatewayError;
+
+/// The replica's request slots.
+#[derive(Clone, Debug)]
+pub struct RequestSlots(Arc<Semaphore>);
+
+impl RequestSlots {
+    pub fn new(max: usize) -> Self {
+        Self(Arc::new(Semaphore::new(max)))
+    }
+
+    /// Slots free right now (for tests and metrics).
+    pub fn available(&self) -> usize {
+        self.0.available_permits()
+    }
+}
+
+/// `axum::middleware::from_fn_with_state` handler: take a slot or answer 503.
+pub async fn shed(State(slots): State<RequestSlots>, request: Request, next: Next) -> Response {
+    let Ok(permit) = slots.0.clone().try_acquire_owned() else {
+        crate::metrics::request_shed();
+        return GatewayError::Overloaded.into_response();
+    };
+    next.run(request).await.map(|body| {
+        Body::new(PermitBody {
+            body,
+            _permit: permit,
+        })
+    })
+}
+
+/// A response body that holds its request's slot until it is finished or dropped.
+struct PermitBody {
+    body: Body,
+    /// Held for its `Drop`, which frees the slot.
+    _permit: OwnedSemaphorePermit,
+}
+
+impl HttpBody for PermitBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}

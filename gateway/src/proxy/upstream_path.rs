@@ -1,0 +1,296 @@
+//! Path confinement: the client's operation path is parsed once into validated segments,
+//! and upstream URLs are built only from the backend's base, the member's deployment and
+//! those segments, so no request can leave the pool it was admitted to.
+//!
+//! A segment may hold RFC 3986 unreserved characters only (`A-Z a-z 0-9 - . _ ~`) and may
+//! not start or end with a dot. That one rule refuses every traversal form: `.`/`..`, any
+//! percent-encoding (`%2e`, `%2f`, `%5c`, double encoding, overlong UTF-8), `;` parameters,
+//! backslashes, empty segments (`//`, a trailing `/`) and trailing dots.
+
+use std::fmt;
+
+use url::Url;
+
+/// At most this many segments after the deployment (Azure's deepest data-plane path has 4).
+const MAX_SEGMENTS: usize = 8;
+/// At most this many bytes per segment (ids are far shorter).
+const MAX_SEGMENT_BYTES: usize = 128;
+
+/// The operation part of a request path (`chat/completions`, `embeddings`, ...), validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OperationPath {
+    segments: Vec<String>,
+}
+
+/// Why a path was refused; the message names the segment by position, never echoes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PathRejection {
+    /// The deployment (pool) name in `/openai/deployments/{name}/` is not a plain name.
+    DeploymentName,
+    Empty,
+    TooManySegments,
+    EmptySegment {
+        position: usize,
+    },
+    TooLong {
+        position: usize,
+    },
+    DotSegment {
+        position: usize,
+    },
+    Character {
+        position: usize,
+    },
+}
+
+impl fmt::Display for PathRejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::DeploymentName => write!(
+                f,
+                "the deployment name must use only letters, digits, '-', '.', '_', '~' and not start or end with '.'"
+            ),
+            Self::Empty => write!(f, "the path names no operation"),
+            Self::TooManySegments => {
+                write!(f, "the operation has more than {MAX_SEGMENTS} segments")
+            }
+            Self::EmptySegment { position } => {
+                write!(
+                    f,
+                    "operation segment {position} is empty ('//' or a trailing '/')"
+                )
+            }
+            Self::TooLong { position } => {
+                write!(
+                    f,
+                    "operation segment {position} is longer than {MAX_SEGMENT_BYTES} bytes"
+                )
+            }
+            Self::DotSegment { position } => {
+                write!(f, "operation segment {position} starts or ends with '.'")
+            }
+            Self::Character { position } => write!(
+                f,
+                "operation segment {position} holds a character other than letters, digits, '-', '.', '_', '~' (percent-encoding is not accepted)"
+            ),
+        }
+    }
+}
+
+impl OperationPath {
+    /// Parse the raw (still percent-encoded) path after the pool or after `v1/`.
+    pub fn parse(raw: &str) -> Result<Self, PathRejection> {
+        if raw.is_empty() {
+            return Err(PathRejection::Empty);
+        }
+        let segments: Vec<&str> = raw.split('/').collect();
+        if segments.len() > MAX_SEGMENTS {
+            return Err(PathRejection::TooManySegments);
+        }
+        for (i, segment) in segments.iter().enumerate() {
+            check_segment(segment, i + 1)?;
+        }
+        Ok(Self {
+            segments: segments.into_iter().map(str::to_owned).collect(),
+        })
+    }
+
+    pub fn segments(&self) -> &[String] {
+        &self.segments
+    }
+
+    /// `chat/completions`, for matching operations and for logs.
+    pub fn as_joined(&self) -> String {
+        self.segments.join("/")
+    }
+
+    pub fn starts_with(&self, prefix: &[&str]) -> bool {
+        self.segments.len() >= prefix.len() && self.segments.iter().zip(prefix).all(|(s, p)| s == p)
+    }
+}
+
+/// One segment: a name made of unreserved characters that is not, and cannot be read as,
+/// a dot segment by any server along the way.
+pub fn check_segment(segment: &str, position: usize) -> Result<(), PathRejection> {
+    if segment.is_empty() {
+        return Err(PathRejection::EmptySegment { position });
+    }
+    if segment.len() > MAX_SEGMENT_BYTES {
+        return Err(PathRejection::TooLong { position });
+    }
+    if !segment
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+    {
+        return Err(PathRejection::Character { position });
+    }
+    // Covers `.`, `..`, and names with trailing dots, which some servers strip.
+    if segment.starts_with('.') || segment.ends_with('.') {
+        return Err(PathRejection::DotSegment { position });
+    }
+    Ok(())
+}
+
+/// The client's query string as decoded pairs, re-encoded when the upstream URL is built.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct QueryPairs(Vec<(String, String)>);
+
+impl QueryPairs {
+    pub fn parse(raw: Option<&str>) -> Self {
+        Self(
+            raw.map(|q| {
+                url::form_urlencoded::parse(q.as_bytes())
+                    .into_owned()
+                    .collect()
+            })
+            .unwrap_or_default(),
+        )
+    }
+}
+
+/// Which upstream API family the request is sent to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamApi<'a> {
+    /// `/openai/deployments/{deployment}/{operation}`.
+    Deployment(&'a str),
+    /// `/openai/v1/{operation}`, the deployment named in the body.
+    V1,
+}
+
+/// The upstream URL: `base` + the API prefix + validated segments + re-encoded query.
+/// Segments go through the `url` crate's segment API, which percent-encodes anything that
+/// is not plain, so a deployment name from configuration cannot add segments either.
+pub fn upstream_url(
+    base: &Url,
+    api: UpstreamApi<'_>,
+    operation: &OperationPath,
+    query: &QueryPairs,
+) -> Url {
+    let mut url = base.clone();
+    url.set_query(None);
+    url.set_fragment(None);
+    {
+        let mut path = url
+            .path_segments_mut()
+            .expect("backend URLs are http(s) URLs with a host (validated in config)");
+        path.pop_if_empty();
+        match api {
+            UpstreamApi::Deployment(deployment) => {
+                path.extend(["openai", "deployments", deployment]);
+            }
+            UpstreamApi::V1 => {
+                path.extend(["openai", "v1"]);
+            }
+        }
+        path.extend(operation.segments());
+    }
+    if !query.0.is_empty() {
+        url.query_pairs_mut().extend_pairs(&query.0);
+    }
+    url
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn base() -> Url {
+        Url::parse("http://127.0.0.1:9/").unwrap()
+    }
+
+    #[test]
+    fn ordinary_operations_are_accepted() {
+        for ok in [
+            "chat/completions",
+            "completions",
+            "embeddings",
+            "audio/transcriptions",
+            "responses/resp_67cb71b351908190a308f3859487620d/input_items",
+            "extensions/chat/completions",
+            "v1.0~x_y-z",
+        ] {
+            assert!(OperationPath::parse(ok).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn traversal_variants_are_refused() {
+        for bad in [
+            "",
+            "../../deployments/emb-ptu/embeddings",
+            "./chat/completions",
+            "%2e%2e/%2e%2e/deployments/emb-ptu/embeddings",
+            "%2E%2E/%2E%2E/deployments/emb-ptu/embeddings",
+            "%252e%252e/deployments/emb-ptu/embeddings",
+            "..%2f..%2fdeployments/emb-ptu/embeddings",
+            "chat%2fcompletions",
+            "..%5c..%5cdeployments",
+            "chat/completions;x=..",
+            "/chat/completions",
+            "chat//completions",
+            "chat/completions/",
+            "chat/completions.",
+            "chat/completions..",
+            "%c0%ae%c0%ae/deployments",
+            "chat/compl\u{e9}tions",
+            "chat\\completions",
+            "a/b/c/d/e/f/g/h/i",
+        ] {
+            assert!(OperationPath::parse(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn the_url_is_built_from_segments_and_reencoded_query() {
+        let op = OperationPath::parse("chat/completions").unwrap();
+        let query = QueryPairs::parse(Some("api-version=2024-10-21&x=a%26b+c"));
+        let url = upstream_url(
+            &Url::parse("https://contoso.openai.azure.com/prefix").unwrap(),
+            UpstreamApi::Deployment("gpt-4o"),
+            &op,
+            &query,
+        );
+        assert_eq!(
+            url.as_str(),
+            "https://contoso.openai.azure.com/prefix/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21&x=a%26b+c"
+        );
+        let v1 = upstream_url(&base(), UpstreamApi::V1, &op, &QueryPairs::default());
+        assert_eq!(v1.as_str(), "http://127.0.0.1:9/openai/v1/chat/completions");
+    }
+
+    #[test]
+    fn a_deployment_name_cannot_add_segments() {
+        let op = OperationPath::parse("embeddings").unwrap();
+        let url = upstream_url(
+            &base(),
+            UpstreamApi::Deployment("a/../b"),
+            &op,
+            &QueryPairs::default(),
+        );
+        assert_eq!(url.path(), "/openai/deployments/a%2F..%2Fb/embeddings");
+    }
+
+    proptest! {
+        /// Whatever a client writes, an accepted path stays under the member's deployment (or
+        /// under `/openai/v1/`), with exactly the segments that were validated.
+        #[test]
+        fn accepted_paths_stay_under_the_member(
+            raw in "([a-z0-9._~%/;\\\\-]|%2[eEfF]|%25|\\.\\.|é){0,24}",
+            query in "[a-z0-9=&%.+/-]{0,16}",
+            v1 in any::<bool>(),
+        ) {
+            let Ok(op) = OperationPath::parse(&raw) else { return Ok(()); };
+            let api = if v1 { UpstreamApi::V1 } else { UpstreamApi::Deployment("gpt-4o-east") };
+            let url = upstream_url(&base(), api, &op, &QueryPairs::parse(Some(&query)));
+            let prefix = if v1 { "/openai/v1/" } else { "/openai/deployments/gpt-4o-east/" };
+            prop_assert!(url.path().starts_with(prefix), "{raw:?} -> {url}");
+            let rest: Vec<&str> = url.path()[prefix.len()..].split('/').collect();
+            prop_assert_eq!(rest, op.segments().iter().map(String::as_str).collect::<Vec<_>>());
+            // A server re-parsing the URL sees the same path: nothing left to normalize.
+            let reparsed = Url::parse(url.as_str()).unwrap();
+            prop_assert_eq!(reparsed.path(), url.path());
+        }
+    }
+}
