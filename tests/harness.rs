@@ -1,6 +1,7 @@
 //! Test harness: simulated Azure OpenAI resources and gateway replicas on loopback port 0.
 
 pub mod redis_server;
+pub mod wire;
 
 use std::sync::Arc;
 use std::time::Duration;

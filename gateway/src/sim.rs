@@ -4,6 +4,7 @@
 mod api;
 pub mod config;
 mod deployment;
+mod journal;
 mod limiter;
 mod text;
 
@@ -19,6 +20,7 @@ use tokio::task::JoinHandle;
 
 pub use config::{DeploymentKind, DeploymentSpec, ResourceSpec, SimConfig};
 pub use deployment::{DeploymentStats, Faults, ForcedResponse};
+pub use journal::ReceivedRequest;
 
 use api::ResourceState;
 use deployment::Deployment;
@@ -110,6 +112,19 @@ impl SimHandle {
 
     pub fn stats(&self, resource: &str, deployment: &str) -> DeploymentStats {
         self.deployment(resource, deployment).stats()
+    }
+
+    /// Every request the resource received (any path), oldest first.
+    pub fn received(&self, resource: &str) -> Vec<ReceivedRequest> {
+        self.resource(resource).state.journal.requests()
+    }
+
+    /// Requests received by all resources together.
+    pub fn received_total(&self) -> usize {
+        self.resources
+            .iter()
+            .map(|r| r.state.journal.requests().len())
+            .sum()
     }
 
     pub fn set_faults(&self, resource: &str, deployment: &str, faults: Faults) {

@@ -23,6 +23,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::config::DeploymentKind;
 use super::deployment::{Deployment, DeploymentStats, Faults, ForcedResponse};
+use super::journal::{self, Journal};
 use super::limiter::Decision;
 use super::text;
 use crate::tokens;
@@ -31,6 +32,8 @@ pub struct ResourceState {
     pub name: String,
     pub api_key: Option<String>,
     pub deployments: BTreeMap<String, Arc<Deployment>>,
+    /// Every request that arrived, whatever its path.
+    pub journal: Journal,
     next_id: AtomicU64,
 }
 
@@ -44,6 +47,7 @@ impl ResourceState {
             name: name.into(),
             api_key,
             deployments,
+            journal: Journal::default(),
             next_id: AtomicU64::new(1),
         }
     }
@@ -59,7 +63,11 @@ pub fn router(state: Arc<ResourceState>) -> Router {
         .route("/sim/stats", get(stats))
         .route("/sim/faults", post(set_faults))
         .fallback(|| async { azure_error(StatusCode::NOT_FOUND, "404", "Resource not found") })
-        .with_state(state)
+        .with_state(state.clone())
+        .layer(axum::middleware::from_fn_with_state(
+            state.journal.clone(),
+            journal::record,
+        ))
 }
 
 fn azure_error(status: StatusCode, code: &str, message: &str) -> Response {
@@ -130,7 +138,32 @@ fn bad_request(message: &str) -> Response {
     (StatusCode::BAD_REQUEST, Json(body)).into_response()
 }
 
+/// Serve one operation of deployment `name`, adding the `response_headers` fault's headers.
 async fn serve(
+    state: &ResourceState,
+    name: &str,
+    operation: &str,
+    api_version: &str,
+    body: Bytes,
+) -> Response {
+    let extra = state
+        .deployments
+        .get(name)
+        .map(|d| d.faults().response_headers)
+        .unwrap_or_default();
+    let mut response = serve_operation(state, name, operation, api_version, body).await;
+    for (name, value) in extra {
+        if let (Ok(name), Ok(value)) = (
+            axum::http::HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            response.headers_mut().append(name, value);
+        }
+    }
+    response
+}
+
+async fn serve_operation(
     state: &ResourceState,
     name: &str,
     operation: &str,

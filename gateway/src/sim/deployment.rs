@@ -23,6 +23,8 @@ pub struct Faults {
     pub stall_after_chunks: Option<u32>,
     /// Answer requests with this response instead of serving them.
     pub respond_with: Option<ForcedResponse>,
+    /// Headers added to every response (e.g. a `set-cookie` a front end in Azure adds).
+    pub response_headers: Vec<(String, String)>,
 }
 
 /// A canned answer: e.g. 429 with `retry-after-ms: 3000` for the next 1 request.
