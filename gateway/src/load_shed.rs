@@ -30,6 +30,11 @@ impl RequestSlots {
     pub fn available(&self) -> usize {
         self.0.available_permits()
     }
+
+    /// Resolves once a slot is free (without taking it).
+    pub async fn freed(&self) {
+        let _ = self.0.acquire().await;
+    }
 }
 
 /// `axum::middleware::from_fn_with_state` handler: take a slot or answer 503.
