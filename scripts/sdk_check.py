@@ -11,12 +11,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 import openai
 
 KEY = "sdk-check-key"
 API_VERSION = "2024-10-21"
+MAX_BODY_BYTES = 1024 * 1024
 
 
 def free_port():
@@ -48,6 +50,7 @@ def start_sim(binary):
 def start_gateway(binary, backends):
     port = free_port()
     config = f'[server]\nlisten = "127.0.0.1:{port}"\nadmin_listen = "127.0.0.1:{free_port()}"\n'
+    config += f'max_body_bytes = {MAX_BODY_BYTES}\n'
     config += '[[consumers]]\nname = "sdk-check"\nkey_env = "SDK_CHECK_KEY"\n' + backends
     path = os.path.join(tempfile.mkdtemp(), "spillway.toml")
     with open(path, "w") as f:
@@ -133,8 +136,34 @@ def main(binary):
         r = client.chat.completions.create(model="gpt-4o", messages=messages, max_tokens=2)
         assert r.usage.completion_tokens == 2, r.usage
 
+    def azure_error(fn):
+        """Run fn, which must raise urllib's HTTPError; its status and Azure error code."""
+        try:
+            fn()
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())["error"]["code"]
+        raise AssertionError("the request was accepted")
+
+    def oversized_body():
+        # urllib sends the whole body before it reads: the 413 must still be readable.
+        body = b" " * (4 * MAX_BODY_BYTES)
+        req = urllib.request.Request(f"{url}/openai/deployments/gpt-4o/chat/completions?api-version={API_VERSION}",
+                                     data=body, method="POST",
+                                     headers={"content-type": "application/json", "api-key": KEY})
+        status, code = azure_error(lambda: urllib.request.urlopen(req, timeout=30))
+        assert (status, code) == (413, "request_too_large"), (status, code)
+
+    def traversal():
+        # urllib sends the path as written; the gateway must not let it leave pool gpt-4o.
+        target = f"{url}/openai/deployments/gpt-4o/../../deployments/text-embedding-3-small/embeddings?api-version={API_VERSION}"
+        req = urllib.request.Request(target, data=b'{"input":"x"}', method="POST",
+                                     headers={"content-type": "application/json", "api-key": KEY})
+        status, code = azure_error(lambda: urllib.request.urlopen(req, timeout=10))
+        assert (status, code) == (400, "invalid_path"), (status, code)
+
     for name, fn in [("chat", chat), ("stream", stream), ("stream with usage", stream_usage),
                      ("embeddings", embed), ("wrong key is 401", bad_key), ("openai v1 client", openai_v1),
+                     ("413 readable by urllib", oversized_body), ("path traversal is 400", traversal),
                      ("failover on 429", failover)]:
         check(name, fn)
 

@@ -127,6 +127,18 @@ async fn unknown_paths_are_404_in_azure_shape_and_probes_answer() {
         .await
         .unwrap();
     assert_eq!(error_of(r).await.0, 404);
+    for path in [
+        "/openai/deployments/gpt-4o/chat/completions",
+        "/openai/v1/chat/completions",
+    ] {
+        let r = client()
+            .get(format!("{}{path}", gw.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(header(&r, "allow"), "POST");
+        assert_eq!(&error_of(r).await.1, "405", "GET {path}");
+    }
     assert_eq!(
         client()
             .get(format!("{}/healthz", gw.url))
@@ -164,4 +176,13 @@ async fn embeddings_and_other_operations_are_forwarded() {
     assert_eq!(body["data"].as_array().unwrap().len(), 2);
     assert_eq!(body["usage"]["prompt_tokens"], 3);
     assert_eq!(sim.stats("ptu", "gpt-4o").prompt_tokens, 3);
+}
+
+#[tokio::test]
+async fn a_pool_with_no_member_in_its_regions_is_a_403() {
+    let (sim, gw) = gateway_with("\n[pools.gpt-4o]\nregions = [\"westeurope\"]\n").await;
+    let r = chat(&gw, "gpt-4o", &chat_body(false)).await;
+    let (status, code, _) = error_of(r).await;
+    assert_eq!((status, code.as_str()), (403, "region_not_allowed"));
+    assert_eq!(sim.received_total(), 0);
 }

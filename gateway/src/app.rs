@@ -109,9 +109,15 @@ impl Gateway {
 /// probes do not, so a replica at its limit still answers them.
 pub fn app(gateway: Arc<Gateway>) -> Router {
     let api = Router::new()
-        .route("/openai/deployments/{pool}/{*operation}", post(deployment))
-        .route("/openai/v1/{*operation}", post(v1))
-        .route("/v1/{*operation}", post(v1))
+        .route(
+            "/openai/deployments/{pool}/{*operation}",
+            post(deployment).fallback(method_not_allowed),
+        )
+        .route(
+            "/openai/v1/{*operation}",
+            post(v1).fallback(method_not_allowed),
+        )
+        .route("/v1/{*operation}", post(v1).fallback(method_not_allowed))
         .fallback(|| async { GatewayError::NotFound })
         .layer(middleware::from_fn_with_state(
             gateway.slots.clone(),
@@ -159,6 +165,10 @@ async fn require_admin_token(
     } else {
         GatewayError::AdminUnauthorized.into_response()
     }
+}
+
+async fn method_not_allowed() -> GatewayError {
+    GatewayError::MethodNotAllowed
 }
 
 async fn readyz(State(gateway): State<Arc<Gateway>>) -> Response {

@@ -20,6 +20,8 @@ pub enum GatewayError {
     UnknownPool(String),
     #[error("Resource not found.")]
     NotFound,
+    #[error("This path takes POST requests only.")]
+    MethodNotAllowed,
     #[error("No deployment of '{pool}' is in a region this request may use (data residency).")]
     NoMemberInRegions { pool: String },
     #[error("Request body is larger than the {limit_bytes}-byte limit of this gateway.")]
@@ -51,6 +53,7 @@ impl GatewayError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NoMemberInRegions { .. } => StatusCode::FORBIDDEN,
             Self::UnknownPool(_) | Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
@@ -71,6 +74,7 @@ impl GatewayError {
             Self::NoMemberInRegions { .. } => "region_not_allowed",
             Self::UnknownPool(_) => "DeploymentNotFound",
             Self::NotFound => "404",
+            Self::MethodNotAllowed => "405",
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::BodyTimeout { .. } => "request_timeout",
             Self::Overloaded => "overloaded",
@@ -105,6 +109,11 @@ impl IntoResponse for GatewayError {
             "error": { "code": self.code(), "message": self.to_string() }
         });
         let mut response = (self.status(), axum::Json(body)).into_response();
+        if matches!(self, Self::MethodNotAllowed) {
+            response
+                .headers_mut()
+                .insert("allow", HeaderValue::from_static("POST"));
+        }
         if let Some(after) = self.retry_after() {
             let headers = response.headers_mut();
             headers.insert("retry-after", HeaderValue::from(retry_seconds(after)));
