@@ -258,7 +258,12 @@ async fn metrics_show_requests_failures_and_a_degraded_replica() {
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin_url = format!("http://{}/metrics", admin.local_addr().unwrap());
     let router = spillway_gateway::admin(gw.gateway.clone());
-    tokio::spawn(async move { axum::serve(admin, router).await.unwrap() });
+    tokio::spawn(spillway_gateway::http_server::serve(
+        admin,
+        router,
+        Default::default(),
+        std::future::pending(),
+    ));
 
     force(&sim, "ptu", 503, None, None, Some(1));
     assert_eq!(chat(&gw, "gpt-4o", &chat_body(false)).await.status(), 200);

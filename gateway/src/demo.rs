@@ -176,9 +176,13 @@ async fn start_replica(
     let gateway = Arc::new(Gateway::from_config(config, fleet)?);
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
-    let task = tokio::spawn(async move {
-        let _ = axum::serve(listener, app(gateway)).await;
-    });
+    let limits = crate::http_server::ConnectionLimits::from_config(&config.server);
+    let task = tokio::spawn(crate::http_server::serve(
+        listener,
+        app(gateway),
+        limits,
+        std::future::pending(),
+    ));
     Ok(Replica { url, _task: task })
 }
 
