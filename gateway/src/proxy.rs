@@ -7,6 +7,7 @@ mod forward;
 mod relay;
 mod request_body;
 mod select;
+mod settlement;
 mod upstream_path;
 mod usage;
 
@@ -18,6 +19,7 @@ use std::time::{Duration, SystemTime};
 
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
+use settlement::OpenReservation;
 use spillway_shared::{Admission, BackendId, BackoffReason, Candidate, Receipt, UpstreamHints};
 use tokio::time::Instant;
 use tracing::{Instrument, info_span, warn};
@@ -144,7 +146,7 @@ async fn route(
         let order =
             select::candidate_order(&members, &tried, &view, &preferences, &mut rand::rng());
         let candidates: Vec<Candidate> = order.iter().map(|m| pool.candidate(m)).collect();
-        let (backend, reservation) = match gateway
+        let open = match gateway
             .fleet
             .acquire(&pool.name, &candidates, request.estimate.total)
             .await?
@@ -152,7 +154,12 @@ async fn route(
             Admission::Admitted {
                 backend,
                 reservation,
-            } => (backend, reservation),
+            } => OpenReservation::new(
+                gateway.fleet.clone(),
+                pool.name.clone(),
+                backend,
+                reservation,
+            ),
             Admission::Exhausted {
                 retry_after,
                 throttled,
@@ -164,6 +171,7 @@ async fn route(
                 break;
             }
         };
+        let backend = open.backend().clone();
         let Some(member) = pool.member(&backend) else {
             break; // a store returning a non-candidate is a bug; never loop on it
         };
@@ -190,11 +198,9 @@ async fn route(
                     ) {
                         Verdict::Deliver => {
                             let settlement = relay::Settlement {
-                                fleet: gateway.fleet.clone(),
-                                pool: pool.name.clone(),
-                                backend,
-                                reservation,
+                                open,
                                 estimate: request.estimate,
+                                failure_backoff: policy.default,
                                 hints,
                             };
                             return Ok(relay::to_client(
@@ -227,15 +233,16 @@ async fn route(
             backend.as_str(),
             backoff.reason.as_str(),
         );
-        // One round trip: release the reservation and start the backoff.
+        // One round trip: release the reservation and start the backoff. It runs in a task
+        // of its own, so a client going away now cannot lose the backoff.
         let receipt = Receipt {
-            reservation,
-            tokens: 0,
-            latency: None,
             hints,
             backoff: Some(backoff),
+            ..open.receipt(0)
         };
-        gateway.fleet.settle(&pool.name, &backend, receipt).await?;
+        if let Ok(Err(e)) = open.settle(receipt).await {
+            return Err(e.into());
+        }
         attempts.failures.push(Failure {
             backend,
             reason: backoff.reason,

@@ -52,6 +52,8 @@ pub enum BackoffReason {
     Unreachable,
     /// No response within the attempt timeout.
     Timeout,
+    /// A response body (a stream) the upstream broke off mid-way.
+    StreamCut,
     /// The breaker let one request through to probe a recovered member; others wait.
     Probing,
 }
@@ -64,6 +66,7 @@ impl BackoffReason {
             Self::AuthRejected => "auth_rejected",
             Self::Unreachable => "unreachable",
             Self::Timeout => "timeout",
+            Self::StreamCut => "stream_cut",
             Self::Probing => "probing",
         }
     }
@@ -75,6 +78,7 @@ impl BackoffReason {
             Self::AuthRejected,
             Self::Unreachable,
             Self::Timeout,
+            Self::StreamCut,
             Self::Probing,
         ]
         .into_iter()

@@ -3,7 +3,6 @@
 //! cancels the upstream), the attempt is settled in the fleet state.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::body::Body;
@@ -11,23 +10,20 @@ use axum::http::header;
 use axum::response::Response;
 use bytes::Bytes;
 use futures_util::Stream;
-use spillway_shared::{
-    BackendId, FleetState, LatencySample, PoolName, Receipt, Reservation, UpstreamHints,
-};
-use tracing::warn;
+use spillway_shared::{Backoff, BackoffReason, LatencySample, Receipt, UpstreamHints};
 
 use super::admit::TokenEstimate;
 use super::forward::{BodyStream, Upstream};
+use super::settlement::OpenReservation;
 use super::usage::UsageMeter;
 use crate::headers::client_response_headers;
 
 /// Everything needed to settle an attempt once its body has been relayed.
 pub struct Settlement {
-    pub fleet: Arc<dyn FleetState>,
-    pub pool: PoolName,
-    pub backend: BackendId,
-    pub reservation: Reservation,
+    pub open: OpenReservation,
     pub estimate: TokenEstimate,
+    /// Backoff for a body the upstream breaks off (the breaker decides whether it applies).
+    pub failure_backoff: std::time::Duration,
     pub hints: UpstreamHints,
 }
 
@@ -43,6 +39,17 @@ pub fn to_client(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
+    let mut headers = client_response_headers(&upstream.headers, backend_host);
+    if sse && strip_usage {
+        // Events are removed, so the upstream's length no longer holds (streams rarely send one).
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    // With a length, the server stops reading the body at its last byte and drops it: the
+    // relay must see completion there, not at an end-of-stream it is never asked for.
+    let remaining = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     let metered = Metered {
         inner: upstream.body,
         meter: UsageMeter::new(sse, strip_usage),
@@ -51,12 +58,8 @@ pub fn to_client(
         ttfb: upstream.ttfb,
         settlement: Some(settlement),
         ended: false,
+        remaining,
     };
-    let mut headers = client_response_headers(&upstream.headers, backend_host);
-    if sse && strip_usage {
-        // Events are removed, so the upstream's length no longer holds (streams rarely send one).
-        headers.remove(header::CONTENT_LENGTH);
-    }
     let mut response = Response::new(Body::from_stream(metered));
     *response.status_mut() = upstream.status;
     *response.headers_mut() = headers;
@@ -71,6 +74,8 @@ struct Metered {
     ttfb: std::time::Duration,
     settlement: Option<Settlement>,
     ended: bool,
+    /// Bytes still to come when the upstream declared a length.
+    remaining: Option<u64>,
 }
 
 impl Stream for Metered {
@@ -83,7 +88,18 @@ impl Stream for Metered {
         loop {
             return match self.inner.as_mut().poll_next(cx) {
                 Poll::Ready(Some(Ok(chunk))) => {
-                    let out = self.meter.relay(chunk);
+                    let len = chunk.len() as u64;
+                    let mut out = self.meter.relay(chunk);
+                    if let Some(remaining) = self.remaining.as_mut() {
+                        *remaining = remaining.saturating_sub(len);
+                        if *remaining == 0 {
+                            self.ended = true;
+                            let rest = self.meter.flush();
+                            out = [out, rest].concat().into();
+                            self.settle(Ending::Completed);
+                            return Poll::Ready((!out.is_empty()).then_some(Ok(out)));
+                        }
+                    }
                     if out.is_empty() {
                         continue; // the whole chunk was held or removed: read on
                     }
@@ -91,13 +107,13 @@ impl Stream for Metered {
                 }
                 Poll::Ready(Some(Err(e))) => {
                     self.ended = true;
-                    self.settle();
+                    self.settle(Ending::UpstreamBroke);
                     Poll::Ready(Some(Err(std::io::Error::other(e))))
                 }
                 Poll::Ready(None) => {
                     self.ended = true;
                     let rest = self.meter.flush();
-                    self.settle();
+                    self.settle(Ending::Completed);
                     Poll::Ready((!rest.is_empty()).then_some(Ok(rest)))
                 }
                 Poll::Pending => Poll::Pending,
@@ -108,14 +124,27 @@ impl Stream for Metered {
 
 impl Drop for Metered {
     fn drop(&mut self) {
-        self.settle();
+        self.settle(Ending::ClientGone);
     }
+}
+
+/// How a relayed body ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ending {
+    /// The upstream's body ended normally.
+    Completed,
+    /// The upstream's body failed mid-way (reset, cut connection): a failure for the breaker.
+    UpstreamBroke,
+    /// The client went away first: no fault of the member's, and no latency to learn from.
+    ClientGone,
 }
 
 impl Metered {
     /// Settle once: real usage when the response reported it; for a stream without usage,
     /// the prompt estimate plus the pieces relayed; nothing for answers that were not successes.
-    fn settle(&mut self) {
+    /// Only a completed body is a latency sample (and a success for the breaker); one the
+    /// upstream broke off counts as a failure.
+    fn settle(&mut self, ending: Ending) {
         let Some(s) = self.settlement.take() else {
             return;
         };
@@ -129,25 +158,24 @@ impl Metered {
             ),
             (true, None) => (s.estimate.total, 0),
         };
-        let latency = self.success.then(|| LatencySample {
+        let completed = self.success && ending == Ending::Completed;
+        let latency = completed.then(|| LatencySample {
             ttfb: self.ttfb,
             total: self.started.elapsed(),
             output_tokens,
         });
+        let backoff = (self.success && ending == Ending::UpstreamBroke).then_some(Backoff {
+            duration: s.failure_backoff,
+            reason: BackoffReason::StreamCut,
+        });
         let receipt = Receipt {
-            reservation: s.reservation,
-            tokens,
             latency,
             hints: s.hints,
-            backoff: None,
+            backoff,
+            ..s.open.receipt(tokens)
         };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        runtime.spawn(async move {
-            if let Err(e) = s.fleet.settle(&s.pool, &s.backend, receipt).await {
-                warn!(backend = %s.backend, error = %e, "could not settle a request in the fleet state");
-            }
-        });
+        if tokio::runtime::Handle::try_current().is_ok() {
+            drop(s.open.settle(receipt));
+        }
     }
 }

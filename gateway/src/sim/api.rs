@@ -2,7 +2,6 @@
 //! completions, embeddings, quota headers and 429s, plus `/sim/stats` and `/sim/faults`.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -14,7 +13,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
-use futures_util::StreamExt;
 use rand::Rng;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -402,10 +400,10 @@ impl ChatStream {
     }
 
     fn into_response(self) -> Response {
-        let (tx, rx) = mpsc::channel::<Bytes>(4);
+        let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(4);
         self.deployment.record(|s| s.streams_started += 1);
         tokio::spawn(self.produce(tx));
-        let body = Body::from_stream(ReceiverStream::new(rx).map(Ok::<_, Infallible>));
+        let body = Body::from_stream(ReceiverStream::new(rx));
         let mut response = Response::new(body);
         response.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -417,7 +415,7 @@ impl ChatStream {
         response
     }
 
-    async fn produce(self, tx: mpsc::Sender<Bytes>) {
+    async fn produce(self, tx: mpsc::Sender<Result<Bytes, std::io::Error>>) {
         let deployment = self.deployment.clone();
         let mut faults = deployment.watch_faults();
         let mut sent_tokens = 0u64;
@@ -454,7 +452,24 @@ impl ChatStream {
                 _ = tx.closed() => true,
                 stalled = wait_while_stalled(&mut faults, i as u32, delay) => stalled.is_err(),
             };
-            if gone || tx.send(Bytes::from(event)).await.is_err() {
+            if faults
+                .borrow()
+                .cut_after_chunks
+                .is_some_and(|after| i as u32 >= after)
+            {
+                // An error item makes the server abort the response mid-body.
+                let _ = tx
+                    .send(Err(std::io::Error::other("simulated stream reset")))
+                    .await;
+                deployment.record(|s| {
+                    s.streams_cut += 1;
+                    s.prompt_tokens += self.prompt;
+                    s.completion_tokens += sent_tokens;
+                    s.total_tokens += self.prompt + sent_tokens;
+                });
+                return;
+            }
+            if gone || tx.send(Ok(Bytes::from(event))).await.is_err() {
                 deployment.record(|s| {
                     s.streams_cancelled += 1;
                     s.prompt_tokens += self.prompt;

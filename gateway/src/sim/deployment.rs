@@ -21,6 +21,8 @@ pub struct Faults {
     pub slowdown: f64,
     /// Streams pause after this many SSE events until the fault is cleared.
     pub stall_after_chunks: Option<u32>,
+    /// Streams are broken off (the connection reset) after this many SSE events.
+    pub cut_after_chunks: Option<u32>,
     /// Answer requests with this response instead of serving them.
     pub respond_with: Option<ForcedResponse>,
     /// Headers added to every response (e.g. a `set-cookie` a front end in Azure adds).
@@ -60,6 +62,8 @@ pub struct DeploymentStats {
     pub streams_completed: u64,
     /// Streams whose client went away before `[DONE]`.
     pub streams_cancelled: u64,
+    /// Streams broken off by the `cut_after_chunks` fault.
+    pub streams_cut: u64,
 }
 
 /// PAYG deployments count a sliding window; PTU ones fill a leaky bucket.

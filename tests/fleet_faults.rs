@@ -1,0 +1,123 @@
+//! Fleet consistency under faults: settlements are never lost to a client that goes away,
+//! and a member that breaks its streams off is treated as failing.
+
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use spillway_gateway::sim::{DeploymentKind, DeploymentSpec, Faults};
+use spillway_shared::{BackendId, Candidate, EmbeddedState, FleetState, PoolName};
+use spillway_tests::redis_server::RedisServer;
+use spillway_tests::*;
+
+/// A PTU deployment that takes 30 s to its response head: a client can leave before it.
+fn slow_head_deployment() -> DeploymentSpec {
+    DeploymentSpec {
+        ttft_ms: 30_000,
+        ms_per_token: 0,
+        jitter: 0.0,
+        ..DeploymentSpec::new("gpt-4o", DeploymentKind::Ptu, 1_000_000)
+    }
+}
+
+async fn leaves_before_the_head_and_budgets_stay_exact(fleet: Arc<dyn FleetState>) {
+    let sim = start_sim(vec![resource("ptu", vec![slow_head_deployment()])]).await;
+    let observed = ObservedState::new(fleet.clone());
+    let gw = start_gateway(&backend(&sim, "ptu", 1), observed.clone()).await;
+
+    let client_request = tokio::spawn({
+        let url = format!(
+            "{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+            gw.url
+        );
+        async move { client().post(url).json(&chat_body(false)).send().await }
+    });
+    assert!(
+        sim.wait_until(EVENT_TIMEOUT, |s| s.stats("ptu", "gpt-4o").requests == 1)
+            .await,
+        "the request reached the member"
+    );
+    let (reserved, _) = charged(&*fleet, "ptu").await;
+    assert!(
+        reserved > 0,
+        "the estimate is reserved while the request is out"
+    );
+
+    client_request.abort(); // the client goes away before any response head
+    observed.settled(1).await;
+    assert_eq!(
+        charged(&*fleet, "ptu").await.0,
+        0,
+        "the abandoned reservation is released"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_before_the_head_releases_its_reservation_embedded() {
+    leaves_before_the_head_and_budgets_stay_exact(Arc::new(EmbeddedState::default())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_before_the_head_releases_its_reservation_on_redis() {
+    let redis = RedisServer::start();
+    let config = redis_section(&redis.url(), "");
+    let config = spillway_gateway::config::Config::from_toml(&(config + "[[backends]]\nid = \"x\"\nurl = \"http://127.0.0.1:1\"\ndeployments = { \"gpt-4o\" = \"gpt-4o\" }\n")).unwrap();
+    let store = spillway_gateway::server::redis_state(&config, &redis.url()).unwrap();
+    store.ready(EVENT_TIMEOUT).await.unwrap();
+    leaves_before_the_head_and_budgets_stay_exact(Arc::new(store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_cuts_streams_mid_way_is_backed_off() {
+    let sim = ptu_and_payg().await;
+    let fleet: Arc<dyn FleetState> = Arc::new(EmbeddedState::default());
+    let observed = ObservedState::new(fleet.clone());
+    // Default settings: one failure opens the breaker (`routing.breaker_failures = 1`).
+    let gw = start_gateway(
+        &(backend(&sim, "ptu", 1) + &backend(&sim, "payg", 2)),
+        observed.clone(),
+    )
+    .await;
+    sim.set_faults(
+        "ptu",
+        "gpt-4o",
+        Faults {
+            cut_after_chunks: Some(4),
+            ..Faults::default()
+        },
+    );
+
+    let response = chat(&gw, "gpt-4o", &chat_body(true)).await;
+    assert_eq!(header(&response, "x-spillway-backend"), "ptu");
+    let mut body = response.bytes_stream();
+    let mut broke = false;
+    while let Some(chunk) = body.next().await {
+        if chunk.is_err() {
+            broke = true;
+            break;
+        }
+    }
+    assert!(broke, "the client sees the stream break, not a clean end");
+    observed.settled(1).await;
+    assert_eq!(sim.stats("ptu", "gpt-4o").streams_cut, 1);
+
+    let snapshot = fleet
+        .snapshot(
+            &PoolName::new("gpt-4o"),
+            &[Candidate::unlimited(BackendId::new("ptu"))],
+        )
+        .await
+        .unwrap();
+    let member = &snapshot.members[0];
+    assert_eq!(
+        member.backoff.map(|b| b.reason.as_str()),
+        Some("stream_cut"),
+        "{member:?}"
+    );
+    assert_eq!(
+        member.latency.ttfb_ms.samples(),
+        0,
+        "a broken stream leaves no latency sample"
+    );
+    let next = chat(&gw, "gpt-4o", &chat_body(false)).await;
+    assert_eq!(header(&next, "x-spillway-backend"), "payg");
+}
