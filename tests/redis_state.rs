@@ -41,6 +41,47 @@ async fn redis() -> Served {
 
 spillway_shared::fleet_state_contract!(redis());
 
+/// The same suite through `FallbackState` on a healthy Redis, as `serve` builds it.
+mod through_fallback {
+    use super::*;
+
+    pub struct Fallback {
+        store: std::sync::Arc<spillway_shared::FallbackState>,
+        _server: RedisServer,
+    }
+
+    impl Deref for Fallback {
+        type Target = spillway_shared::FallbackState;
+        fn deref(&self) -> &Self::Target {
+            &self.store
+        }
+    }
+
+    async fn fallback() -> Fallback {
+        let Served { store, server } = redis().await;
+        let store = spillway_shared::FallbackState::new(
+            store,
+            spillway_shared::EmbeddedState::default(),
+            Duration::from_secs(1),
+        );
+        Fallback {
+            store,
+            _server: server,
+        }
+    }
+
+    spillway_shared::fleet_state_contract!(fallback());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_probe_reopens_a_breaker_the_failure_rate_opened() {
+    let store = served(spillway_shared::contract::rate_breaker_windows()).await;
+    spillway_shared::contract::a_failed_probe_reopens_a_breaker_the_failure_rate_opened(
+        &*store, &*store,
+    )
+    .await;
+}
+
 fn small_windows() -> Windows {
     Windows {
         budget: Duration::from_millis(1_000),

@@ -307,3 +307,23 @@ async fn a_spent_retry_budget_stops_failover() {
     );
     assert_eq!(sim.stats("payg", "gpt-4o").requests, 10);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spilling_over_after_a_429_spends_no_retry_budget() {
+    let sim = ptu_and_payg().await;
+    // No retry credit at all: only spill-over may move a request to the next member.
+    let config = backend(&sim, "ptu", 1)
+        + &backend(&sim, "payg", 2)
+        + "[routing]\nretry_ratio = 0.0\nmin_retries_per_second = 0.0\n";
+    let gw = start_single(&config).await;
+    for _ in 0..20 {
+        force(&sim, "ptu", 429, Some(1), None, None);
+        let r = chat(&gw, "gpt-4o", &chat_body(false)).await;
+        assert_eq!(
+            (r.status().as_u16(), header(&r, "x-spillway-backend")),
+            (200, "payg")
+        );
+    }
+    // More spill-overs than the budget's initial 10 retries: none of them was charged.
+    assert!(sim.stats("ptu", "gpt-4o").forced > 10);
+}

@@ -132,7 +132,13 @@ async fn route(
 
     gateway.retry_budget.deposit();
     while (attempts.count as usize) < max_attempts {
-        if attempts.count > 0 && !gateway.retry_budget.try_withdraw() {
+        // Moving on from a 429 is spill-over, the gateway's purpose, not a retry: only
+        // failures spend the retry budget.
+        let after_failure = attempts
+            .failures
+            .last()
+            .is_some_and(|f| f.reason != BackoffReason::Throttled);
+        if after_failure && !gateway.retry_budget.try_withdraw() {
             warn!(pool = %pool.name, "retry budget spent: not failing over this request");
             break;
         }

@@ -1,12 +1,13 @@
 //! The behaviour every `FleetState` store must show, as one suite instantiated per store with
-//! [`fleet_state_contract!`](crate::fleet_state_contract). Checks do not wait for time to
-//! pass (time-driven rules have their own tests per store); each uses its own pool.
+//! [`fleet_state_contract!`](crate::fleet_state_contract). Time-driven rules (cool-downs,
+//! probes, windows) move the store's clock with [`ClockControl`] instead of waiting; each
+//! check uses its own pool.
 
 use std::time::Duration;
 
 use crate::store::{
-    Admission, BackendId, Backoff, BackoffReason, Candidate, FleetState, LatencySample, PoolName,
-    Receipt, UpstreamHints,
+    Admission, BackendId, Backoff, BackoffReason, Candidate, ClockControl, FleetState,
+    LatencySample, PoolName, Receipt, UpstreamHints,
 };
 
 fn pool(name: &str) -> PoolName {
@@ -204,6 +205,7 @@ pub async fn settle_without_acquire_changes_no_budget(store: &dyn FleetState) {
         bucket_ms: 12_345,
         tokens: 50,
         ledger: 0,
+        admitted_ms: 12_345,
     };
     store
         .settle(&p, &c[0].backend, receipt(stray, 80))
@@ -356,44 +358,164 @@ fn completed(reservation: crate::Reservation) -> Receipt {
     }
 }
 
-pub async fn consecutive_failures_open_the_breaker_for_ever_longer(store: &dyn FleetState) {
+/// The member's backoff now.
+async fn backoff_of(store: &dyn FleetState, p: &PoolName, c: &[Candidate]) -> Option<Backoff> {
+    store.snapshot(p, c).await.unwrap().members[0].backoff
+}
+
+pub async fn consecutive_failures_open_the_breaker_for_ever_longer(
+    store: &dyn FleetState,
+    clock: &dyn ClockControl,
+) {
     // Default breaker: opens on the first failure, cool-down doubling per opening.
     let p = pool("breaker");
     let c = [open("a")];
     let (a, r) = admitted(store, &p, &c, 1).await.unwrap();
     store.settle(&p, &a, failed(r, 10_000)).await.unwrap();
-    let first = store.snapshot(&p, &c).await.unwrap().members[0]
-        .backoff
-        .expect("open");
+    let first = backoff_of(store, &p, &c).await.expect("open");
     assert_eq!(first.reason, BackoffReason::ServerError);
     assert!(
         first.duration <= Duration::from_millis(10_000)
             && first.duration > Duration::from_millis(9_000),
         "{first:?}"
     );
-    // A second consecutive failure (its probe) opens it for twice as long.
-    store.settle(&p, &a, failed(r, 10_000)).await.unwrap();
-    let second = store.snapshot(&p, &c).await.unwrap().members[0]
-        .backoff
-        .expect("reopened");
+    // After the cool-down one request probes; its failure reopens for twice as long.
+    clock.advance_clock(Duration::from_millis(10_001));
+    let (a, probe) = admitted(store, &p, &c, 1).await.expect("the probe");
+    store.settle(&p, &a, failed(probe, 10_000)).await.unwrap();
+    let second = backoff_of(store, &p, &c).await.expect("reopened");
     assert!(
         second.duration > Duration::from_millis(19_000),
         "{second:?}"
     );
 }
 
-pub async fn a_success_closes_the_breaker(store: &dyn FleetState) {
+pub async fn a_probe_success_closes_the_breaker(store: &dyn FleetState, clock: &dyn ClockControl) {
     let p = pool("breaker-close");
     let c = [open("a")];
     let (a, r) = admitted(store, &p, &c, 1).await.unwrap();
     store.settle(&p, &a, failed(r, 10_000)).await.unwrap();
-    store.settle(&p, &a, completed(r)).await.unwrap();
+    clock.advance_clock(Duration::from_millis(10_001));
+    let (a, probe) = admitted(store, &p, &c, 1).await.expect("the probe");
+    assert!(
+        admitted(store, &p, &c, 1).await.is_none(),
+        "others wait for the probe's outcome"
+    );
+    store.settle(&p, &a, completed(probe)).await.unwrap();
+    assert!(backoff_of(store, &p, &c).await.is_none(), "closed");
     // Closed: the next failure opens it for the base time again, not doubled.
+    let (a, r) = admitted(store, &p, &c, 1).await.unwrap();
     store.settle(&p, &a, failed(r, 10_000)).await.unwrap();
-    let b = store.snapshot(&p, &c).await.unwrap().members[0]
-        .backoff
-        .expect("open");
+    let b = backoff_of(store, &p, &c).await.expect("open");
     assert!(b.duration <= Duration::from_millis(10_000), "{b:?}");
+}
+
+pub async fn outcomes_from_before_the_breaker_opened_neither_close_nor_reopen_it(
+    store: &dyn FleetState,
+    clock: &dyn ClockControl,
+) {
+    let p = pool("breaker-epoch");
+    let c = [open("a")];
+    let (a, early) = admitted(store, &p, &c, 1).await.unwrap();
+    let (_, late) = admitted(store, &p, &c, 1).await.unwrap();
+    let (_, later) = admitted(store, &p, &c, 1).await.unwrap();
+    clock.advance_clock(Duration::from_millis(5));
+    store.settle(&p, &a, failed(early, 10_000)).await.unwrap();
+    let opened = backoff_of(store, &p, &c).await.expect("open");
+    // A request admitted before the opening succeeds afterwards: the breaker stays open.
+    store.settle(&p, &a, completed(late)).await.unwrap();
+    assert_eq!(
+        backoff_of(store, &p, &c).await.map(|b| b.reason),
+        Some(BackoffReason::ServerError),
+        "a late success does not close the breaker"
+    );
+    // Another one fails afterwards: already counted, the cool-down does not double.
+    store.settle(&p, &a, failed(later, 10_000)).await.unwrap();
+    let still = backoff_of(store, &p, &c).await.expect("open");
+    assert!(still.duration <= opened.duration, "{still:?} vs {opened:?}");
+    // The probe after the cool-down still decides.
+    clock.advance_clock(Duration::from_millis(10_001));
+    let (a, probe) = admitted(store, &p, &c, 1).await.expect("the probe");
+    store.settle(&p, &a, completed(probe)).await.unwrap();
+    assert!(backoff_of(store, &p, &c).await.is_none());
+}
+
+pub async fn a_failed_probe_reopens_a_breaker_the_failure_rate_opened(
+    store: &dyn FleetState,
+    clock: &dyn ClockControl,
+) {
+    // For a store built with [`rate_breaker_windows`]: two failed outcomes open it by rate.
+    let p = pool("breaker-rate-probe");
+    let c = [open("a")];
+    let (a, r) = admitted(store, &p, &c, 1).await.unwrap();
+    store.settle(&p, &a, failed(r, 10_000)).await.unwrap();
+    assert!(
+        backoff_of(store, &p, &c).await.is_none(),
+        "1 outcome is too few"
+    );
+    store.settle(&p, &a, failed(r, 10_000)).await.unwrap();
+    assert!(backoff_of(store, &p, &c).await.is_some(), "2 of 2 failed");
+    // Past the cool-down and the rate window: the probe alone is too few for the rate rule.
+    clock.advance_clock(Duration::from_millis(10_001));
+    let (a, probe) = admitted(store, &p, &c, 1).await.expect("the probe");
+    store.settle(&p, &a, failed(probe, 10_000)).await.unwrap();
+    assert!(
+        backoff_of(store, &p, &c).await.is_some(),
+        "a failed probe reopens"
+    );
+}
+
+pub async fn after_a_429_backoff_one_request_probes_before_the_fleet_resumes(
+    store: &dyn FleetState,
+    clock: &dyn ClockControl,
+) {
+    let p = pool("throttle-probe");
+    let c = [open("a")];
+    let (a, r) = admitted(store, &p, &c, 1).await.unwrap();
+    let throttled = Receipt {
+        backoff: Some(throttle(2_000)),
+        ..receipt(r, 0)
+    };
+    store.settle(&p, &a, throttled).await.unwrap();
+    clock.advance_clock(Duration::from_millis(2_001));
+    let (a, probe) = admitted(store, &p, &c, 1).await.expect("the probe");
+    match store.acquire(&p, &c, 1).await.unwrap() {
+        Admission::Exhausted { retry_after, .. } => {
+            assert!(retry_after > Duration::ZERO, "others wait for the probe")
+        }
+        other => panic!("a second request went along with the probe: {other:?}"),
+    }
+    store.settle(&p, &a, completed(probe)).await.unwrap();
+    assert!(admitted(store, &p, &c, 1).await.is_some(), "resumed");
+    assert!(admitted(store, &p, &c, 1).await.is_some(), "for everyone");
+}
+
+pub async fn a_budget_frees_when_its_bucket_leaves_the_window(
+    store: &dyn FleetState,
+    clock: &dyn ClockControl,
+) {
+    let p = pool("window-edge");
+    let c = [budget("a", 100, None)];
+    assert!(admitted(store, &p, &c, 100).await.is_some());
+    assert!(admitted(store, &p, &c, 1).await.is_none(), "spent");
+    // Default window: 60 s in 60 buckets; the bucket counts while any part is inside.
+    clock.advance_clock(Duration::from_millis(59_000));
+    assert!(admitted(store, &p, &c, 1).await.is_none(), "still inside");
+    clock.advance_clock(Duration::from_millis(2_001));
+    assert!(
+        admitted(store, &p, &c, 1).await.is_some(),
+        "left the window"
+    );
+}
+
+/// Windows under which only the failure rate opens the breaker (2 outcomes, 5 s window).
+pub fn rate_breaker_windows() -> crate::Windows {
+    crate::Windows {
+        breaker_failures: 1_000,
+        breaker_min_requests: 2,
+        breaker_window: Duration::from_secs(5),
+        ..crate::Windows::default()
+    }
 }
 
 /// One `#[tokio::test]` per contract check, each on a store built by `$make` (an async
@@ -413,8 +535,13 @@ macro_rules! fleet_state_contract {
             settle_records_latency_hints_and_backoff_in_one_call,
             pools_and_unknown_backends_are_independent,
             a_fresh_hint_of_high_utilization_or_too_few_tokens_skips_a_member,
+        );
+        $crate::fleet_state_contract!(@timed $make;
             consecutive_failures_open_the_breaker_for_ever_longer,
-            a_success_closes_the_breaker,
+            a_probe_success_closes_the_breaker,
+            outcomes_from_before_the_breaker_opened_neither_close_nor_reopen_it,
+            after_a_429_backoff_one_request_probes_before_the_fleet_resumes,
+            a_budget_frees_when_its_bucket_leaves_the_window,
         );
     };
     (@tests $make:expr; $($name:ident),* $(,)?) => {
@@ -423,6 +550,15 @@ macro_rules! fleet_state_contract {
             async fn $name() {
                 let store = $make.await;
                 $crate::contract::$name(&*store).await;
+            }
+        )*
+    };
+    (@timed $make:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let store = $make.await;
+                $crate::contract::$name(&*store, &*store).await;
             }
         )*
     };

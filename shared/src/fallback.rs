@@ -118,6 +118,13 @@ async fn probe(state: std::sync::Weak<FallbackState>, mut degraded: watch::Recei
     }
 }
 
+impl crate::store::ClockControl for FallbackState {
+    fn advance_clock(&self, by: Duration) {
+        self.primary.advance_clock(by);
+        self.local.advance_clock(by);
+    }
+}
+
 #[async_trait]
 impl FleetState for FallbackState {
     async fn acquire(

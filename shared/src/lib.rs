@@ -45,9 +45,9 @@ pub use keys::{KeySchema, MemberKeys};
 pub use redis::RedisState;
 
 pub use memory::{EmbeddedState, ms_per_output_token};
-pub use store::StoreHealth;
 pub use store::{
     Admission, BackendId, Backoff, BackoffReason, Candidate, FleetState, Histogram,
     LATENCY_BOUNDS_MS, LatencyHistograms, LatencySample, MemberSnapshot, PoolName, PoolSnapshot,
     Receipt, Reservation, StateError, UpstreamHints, Windows,
 };
+pub use store::{ClockControl, StoreHealth};

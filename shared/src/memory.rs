@@ -20,6 +20,8 @@ use crate::window::Usage;
 pub struct EmbeddedState {
     windows: Windows,
     epoch: Instant,
+    /// Added to the clock by tests ([`crate::ClockControl`]).
+    skew_ms: std::sync::atomic::AtomicU64,
     // std Mutex: critical sections are map operations and never await.
     members: Mutex<HashMap<(PoolName, BackendId), Member>>,
 }
@@ -39,6 +41,10 @@ struct Member {
     /// Circuit breaker: consecutive failures, and consecutive openings (cool-downs double).
     failures: u32,
     opened: u32,
+    /// When it last opened (store clock, ms): the epoch outcomes are judged against.
+    opened_ms: u64,
+    /// The last backoff that expired was a 429's: the next admission probes alone.
+    throttle_expired: bool,
     /// Outcomes in the current breaker window: start (ms), successes, failures.
     outcomes: (u64, u32, u32),
     /// Running count of admitted tokens (the hint ledger).
@@ -56,13 +62,16 @@ impl EmbeddedState {
         Self {
             windows,
             epoch: Instant::now(),
+            skew_ms: std::sync::atomic::AtomicU64::new(0),
             members: Mutex::new(HashMap::new()),
         }
     }
 
     fn now_ms(&self) -> u64 {
         // Offset so bucket arithmetic never sees times before a window's start.
-        (Instant::now() - self.epoch).as_millis() as u64 + self.windows.budget.as_millis() as u64
+        (Instant::now() - self.epoch).as_millis() as u64
+            + self.windows.budget.as_millis() as u64
+            + self.skew_ms.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn with_member<T>(
@@ -83,10 +92,15 @@ impl Member {
                 duration: std::time::Duration::from_millis(until - now_ms),
                 reason,
             }),
-            _ => {
+            Some((_, reason)) => {
+                // A 429's backoff (or a probe that never reported) is over: one request
+                // probes before the fleet resumes.
+                self.throttle_expired =
+                    matches!(reason, BackoffReason::Throttled | BackoffReason::Probing);
                 self.backoff = None;
                 None
             }
+            None => None,
         }
     }
 
@@ -124,16 +138,22 @@ impl Member {
     }
 
     /// A failed attempt: throttling backs off as asked; other failures count toward the
-    /// breaker, which opens at the threshold with a cool-down doubling per opening.
-    fn fail(&mut self, now_ms: u64, backoff: Backoff, w: &Windows) {
+    /// breaker, which opens at the threshold with a cool-down doubling per opening. Once open,
+    /// any failure of a request admitted since (the probe) reopens it; a failure of a request
+    /// admitted before it opened is already accounted for.
+    fn fail(&mut self, now_ms: u64, admitted_ms: u64, backoff: Backoff, w: &Windows) {
         if backoff.reason == BackoffReason::Throttled {
             return self.set_backoff(now_ms, backoff);
+        }
+        if self.opened > 0 && admitted_ms < self.opened_ms {
+            self.count_outcome(now_ms, w, false);
+            return;
         }
         self.failures += 1;
         let (ok, failed) = self.count_outcome(now_ms, w, false);
         let rate_exceeded = ok + failed >= w.breaker_min_requests
             && f64::from(failed) >= w.breaker_failure_rate * f64::from(ok + failed);
-        if self.failures < w.breaker_failures && !rate_exceeded {
+        if self.failures < w.breaker_failures && !rate_exceeded && self.opened == 0 {
             return;
         }
         let cooldown = backoff
@@ -141,6 +161,7 @@ impl Member {
             .saturating_mul(1 << self.opened.min(20))
             .min(w.breaker_max);
         self.opened += 1;
+        self.opened_ms = now_ms;
         self.set_backoff(
             now_ms,
             Backoff {
@@ -164,9 +185,13 @@ impl Member {
         (*oks, *fails)
     }
 
-    /// A completed request closes the breaker.
-    fn succeed(&mut self, now_ms: u64, w: &Windows) {
+    /// A completed request closes the breaker and ends a probe, unless it was admitted
+    /// before the breaker last opened (the past cannot vouch for the present).
+    fn succeed(&mut self, now_ms: u64, admitted_ms: u64, w: &Windows) {
         self.count_outcome(now_ms, w, true);
+        if self.opened > 0 && admitted_ms < self.opened_ms {
+            return;
+        }
         self.failures = 0;
         self.opened = 0;
         if matches!(self.backoff, Some((_, BackoffReason::Probing))) {
@@ -191,6 +216,13 @@ impl Member {
             }
         }
         sum
+    }
+}
+
+impl crate::store::ClockControl for EmbeddedState {
+    fn advance_clock(&self, by: std::time::Duration) {
+        self.skew_ms
+            .fetch_add(by.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -238,8 +270,9 @@ impl FleetState for EmbeddedState {
                             // the others keep treating the hint as fresh until its answer.
                             member.hints_ms = Some(now);
                         }
-                        if member.opened > 0 {
-                            // Half-open breaker: this request probes; the others wait for it.
+                        if member.opened > 0 || std::mem::take(&mut member.throttle_expired) {
+                            // Half-open breaker, or a 429 backoff just over: this request
+                            // probes; the others wait for its outcome.
                             let probe = Backoff {
                                 duration: self.windows.breaker_probe,
                                 reason: BackoffReason::Probing,
@@ -299,9 +332,10 @@ impl FleetState for EmbeddedState {
             if receipt.hints.utilization.is_some() {
                 m.hints.utilization = receipt.hints.utilization;
             }
+            let admitted_ms = receipt.reservation.admitted_ms;
             match receipt.backoff {
-                Some(backoff) => m.fail(now, backoff, &w),
-                None if receipt.latency.is_some() => m.succeed(now, &w),
+                Some(backoff) => m.fail(now, admitted_ms, backoff, &w),
+                None if receipt.latency.is_some() => m.succeed(now, admitted_ms, &w),
                 None => {}
             }
         });

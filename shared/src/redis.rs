@@ -86,6 +86,19 @@ impl RedisState {
             .store(now_ms, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Move the pinned clock forward (pinning it to now first when it was not pinned).
+    fn advance_pinned(&self, by: Duration) {
+        use std::sync::atomic::Ordering;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let _ = self
+            .clock_ms
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |pinned| {
+                Some(if pinned == 0 { now } else { pinned } + by.as_millis() as u64)
+            });
+    }
+
     fn clock(&self) -> String {
         match self.clock_ms.load(std::sync::atomic::Ordering::Relaxed) {
             0 => String::new(),
@@ -177,6 +190,9 @@ impl RedisState {
             receipt
                 .map(|r| r.reservation.ledger.to_string())
                 .unwrap_or_default(),
+            receipt
+                .map(|r| r.reservation.admitted_ms.to_string())
+                .unwrap_or_default(),
         ]
     }
 
@@ -240,6 +256,12 @@ fn bucket_of_label(label: &str) -> Option<usize> {
     LATENCY_BOUNDS_MS.iter().position(|&b| b == bound)
 }
 
+impl crate::store::ClockControl for RedisState {
+    fn advance_clock(&self, by: Duration) {
+        self.advance_pinned(by);
+    }
+}
+
 #[async_trait]
 impl FleetState for RedisState {
     async fn acquire(
@@ -272,9 +294,9 @@ impl FleetState for RedisState {
             args.push(c.spill_utilization.map_or("-1".into(), |v| v.to_string()));
         }
         let reply = array(self.run(&self.acquire, keys, args).await?)?;
-        let (flag, a, b, ledger) = match reply.as_slice() {
-            [flag, a, b] => (flag, a, b, None),
-            [flag, a, b, ledger] => (flag, a, b, Some(ledger)),
+        let (flag, a, b, ledger, admitted) = match reply.as_slice() {
+            [flag, a, b] => (flag, a, b, None, None),
+            [flag, a, b, ledger, admitted] => (flag, a, b, Some(ledger), Some(admitted)),
             _ => return Err(StateError::Protocol(format!("acquire returned {reply:?}"))),
         };
         if int(flag)? == 1 {
@@ -286,6 +308,7 @@ impl FleetState for RedisState {
                 bucket_ms: int(b)? as u64,
                 tokens: estimated_tokens,
                 ledger: ledger.map(int).transpose()?.unwrap_or(0).max(0) as u64,
+                admitted_ms: admitted.map(int).transpose()?.unwrap_or(0).max(0) as u64,
             };
             Ok(Admission::Admitted {
                 backend: candidate.backend.clone(),

@@ -132,6 +132,9 @@ pub struct Reservation {
     /// The member's running count of admitted tokens, this request included: tokens
     /// admitted after it are what its upstream's `remaining_tokens` did not yet see.
     pub ledger: u64,
+    /// When it was admitted, in the store's clock (ms): the breaker's epoch. An outcome of a
+    /// request admitted before the breaker last opened can neither close it nor open it again.
+    pub admitted_ms: u64,
 }
 
 /// Answer to [`FleetState::acquire`].
@@ -383,6 +386,13 @@ pub trait FleetState: Send + Sync + 'static {
     fn health(&self) -> StoreHealth {
         StoreHealth::default()
     }
+}
+
+/// Test hook: move a store's clock forward, so the contract suite can run time-driven rules
+/// (cool-downs, probes, windows) on every store without waiting.
+#[doc(hidden)]
+pub trait ClockControl: Send + Sync {
+    fn advance_clock(&self, by: Duration);
 }
 
 /// A store's health, for metrics.

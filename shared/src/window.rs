@@ -61,6 +61,7 @@ impl Usage {
                 bucket_ms,
                 tokens,
                 ledger: 0,
+                admitted_ms: now_ms,
             });
         }
         let (bucket, window) = (w.bucket_ms(), w.budget.as_millis() as u64);

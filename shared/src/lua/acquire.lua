@@ -13,9 +13,10 @@
 --          are held back this long (ms) while it probes
 -- ARGV[4+3i], ARGV[5+3i], ARGV[6+3i]  candidate i's token and request budget per window,
 --          and the utilization (share) above which it is skipped; -1: none
--- Returns {1, i, bucket_start_ms, ledger}  candidate i admits; the estimate and one request
---                                      are charged to its bucket starting at bucket_start_ms;
---                                      ledger is its running count of admitted tokens
+-- Returns {1, i, bucket_start_ms, ledger, now_ms}  candidate i admits; the estimate and one
+--                                      request are charged to its bucket starting at
+--                                      bucket_start_ms; ledger is its running count of admitted
+--                                      tokens; now_ms is the admission time (the breaker epoch)
 --         {0, wait_ms, throttled}      none admits; the earliest may in wait_ms; throttled is
 --                                      1 when a 429 backoff, a budget or a capacity hint is why
 -- Errors  "ERR spillway: ..." on malformed arguments.
@@ -24,6 +25,9 @@
 -- so counted usage never falls below what a sliding window holds. A fresh hint that the
 -- upstream is above its spill utilization, or has fewer tokens left than this request needs,
 -- skips the candidate before it starts answering 429 (proactive spill-over).
+--
+-- Probes: after a breaker cool-down, a 429's backoff, or a probe that never reported, the
+-- first admission probes alone; the others are held back `probe` ms or until its outcome.
 
 local estimate = tonumber(ARGV[1])
 local bucket = tonumber(ARGV[2])
@@ -132,12 +136,13 @@ for i = 1, #KEYS / 3 do
         -- treating the hint as fresh until its answer brings a new one.
         redis.call('HSET', hints_key, 'updated_ms', string.format('%d', now))
       end
-      if (tonumber(backoff[3]) or 0) > 0 then
-        -- Half-open breaker: this request probes; the others wait for its outcome.
+      if (tonumber(backoff[3]) or 0) > 0 or backoff[2] == 'throttled' or backoff[2] == 'probing' then
+        -- Half-open breaker, or a 429's backoff over: this request probes; the others wait
+        -- for its outcome.
         redis.call('HSET', backoff_key, 'until_ms', string.format('%d', now + probe), 'reason', 'probing')
         redis.call('PEXPIRE', backoff_key, math.max(redis.call('PTTL', backoff_key), probe))
       end
-      return {1, i, start, ledger}
+      return {1, i, start, ledger, now}
     end
     throttled = 1
     table.sort(starts)

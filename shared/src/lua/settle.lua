@@ -19,17 +19,20 @@
 -- ARGV[18] ... within this window, ms (fields rate_start_ms, rate_ok, rate_failed)
 -- ARGV[19] the reservation's ledger mark ("" none): remaining_tokens is stored less the
 --          tokens admitted after this request, which the upstream had not seen
+-- ARGV[20] when the request was admitted, ms ("" now): the breaker epoch
 -- Returns 1. Errors "ERR spillway: ..." on malformed arguments.
 --
 -- Breaker: a failure that is not throttling counts toward `failures`; at the threshold the
 -- member is held back for the given length doubled per consecutive opening (`opened`),
--- capped. A completed request (latency, no backoff) resets both and ends a probe.
+-- capped, and `opened_ms` marks the epoch. While open, a failure of a request admitted since
+-- (the probe) always reopens it; outcomes of requests admitted before it opened neither
+-- reopen nor close it. A completed request admitted since resets both and ends a probe.
 --
 -- A reservation whose bucket has left the window (or never existed) changes nothing: its
 -- charge already expired with the bucket.
 
-if #KEYS ~= 4 or #ARGV ~= 19 then
-  return redis.error_reply('ERR spillway: settle takes 4 keys and 19 arguments')
+if #KEYS ~= 4 or #ARGV ~= 20 then
+  return redis.error_reply('ERR spillway: settle takes 4 keys and 20 arguments')
 end
 local threshold, max_cooldown = tonumber(ARGV[14]) or 0, tonumber(ARGV[15]) or 0
 local failure_rate, min_outcomes, rate_window = tonumber(ARGV[16]) or 2, tonumber(ARGV[17]) or 0, tonumber(ARGV[18]) or 0
@@ -41,6 +44,11 @@ else
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 local backoff_key, usage_key, latency_key, hints_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local admitted = tonumber(ARGV[20]) or now
+local breaker = redis.call('HMGET', backoff_key, 'opened', 'opened_ms')
+local opened, opened_ms = tonumber(breaker[1]) or 0, tonumber(breaker[2]) or 0
+-- The outcome of a request admitted before the breaker last opened.
+local from_before = opened > 0 and admitted < opened_ms
 
 -- Count an outcome in the breaker window; returns successes and failures in it.
 local function count_outcome(ok)
@@ -120,15 +128,20 @@ if ARGV[9] ~= '' then
     return redis.error_reply('ERR spillway: backoff length must be a number >= 0')
   end
   if threshold > 0 and reason ~= 'throttled' then
-    local failures = redis.call('HINCRBY', backoff_key, 'failures', 1)
-    local oks, fails = count_outcome(false)
-    local rate_exceeded = oks + fails >= min_outcomes and fails >= failure_rate * (oks + fails)
-    if failures < threshold and not rate_exceeded then
+    if from_before then
+      count_outcome(false)
       length = nil
     else
-      local opened = tonumber(redis.call('HGET', backoff_key, 'opened')) or 0
-      length = math.min(length * math.pow(2, math.min(opened, 20)), math.max(max_cooldown, 1))
-      redis.call('HINCRBY', backoff_key, 'opened', 1)
+      local failures = redis.call('HINCRBY', backoff_key, 'failures', 1)
+      local oks, fails = count_outcome(false)
+      local rate_exceeded = oks + fails >= min_outcomes and fails >= failure_rate * (oks + fails)
+      if failures < threshold and not rate_exceeded and opened == 0 then
+        length = nil
+      else
+        length = math.min(length * math.pow(2, math.min(opened, 20)), math.max(max_cooldown, 1))
+        redis.call('HINCRBY', backoff_key, 'opened', 1)
+        redis.call('HSET', backoff_key, 'opened_ms', string.format('%d', now))
+      end
     end
   end
   if length ~= nil then
@@ -148,9 +161,12 @@ elseif ARGV[4] ~= '' then
   if redis.call('PTTL', backoff_key) < rate_window then
     redis.call('PEXPIRE', backoff_key, math.max(rate_window, 1))
   end
-  redis.call('HSET', backoff_key, 'failures', 0, 'opened', 0)
-  if redis.call('HGET', backoff_key, 'reason') == 'probing' then
-    redis.call('HDEL', backoff_key, 'until_ms', 'reason')
+  if not from_before then
+    redis.call('HSET', backoff_key, 'failures', 0, 'opened', 0)
+    redis.call('HDEL', backoff_key, 'opened_ms')
+    if redis.call('HGET', backoff_key, 'reason') == 'probing' then
+      redis.call('HDEL', backoff_key, 'until_ms', 'reason')
+    end
   end
 end
 
