@@ -247,6 +247,15 @@ impl FleetState for ObservedState {
         self.settled.send_modify(|n| *n += 1);
         result
     }
+    async fn observe(
+        &self,
+        pool: &spillway_shared::PoolName,
+        backend: &spillway_shared::BackendId,
+        hints: spillway_shared::UpstreamHints,
+        reservation: spillway_shared::Reservation,
+    ) -> Result<(), spillway_shared::StateError> {
+        self.inner.observe(pool, backend, hints, reservation).await
+    }
     async fn backoff(
         &self,
         pool: &spillway_shared::PoolName,

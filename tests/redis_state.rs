@@ -366,3 +366,64 @@ async fn a_failure_rate_over_the_window_opens_the_breaker() {
     store.settle(&pool, &backend, outcome(false)).await.unwrap();
     assert!(!admits(&store, &pool, &c, 1).await, "5 of 10 failed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_is_settled_only_in_the_store_that_issued_it() {
+    let Served { store, server } = redis().await;
+    let fleet = spillway_shared::FallbackState::new(
+        store,
+        spillway_shared::EmbeddedState::default(),
+        Duration::from_secs(1),
+    );
+    let pool = PoolName::new("issuer");
+    let c = [Candidate::unlimited(BackendId::new("a"))];
+    let done = |reservation| spillway_shared::Receipt {
+        reservation,
+        tokens: 20_000,
+        latency: None,
+        hints: spillway_shared::UpstreamHints::default(),
+        backoff: None,
+    };
+    // Redis's ledger for the member: 60,000 tokens admitted.
+    for _ in 0..3 {
+        let Admission::Admitted {
+            backend,
+            reservation,
+        } = fleet.acquire(&pool, &c, 20_000).await.unwrap()
+        else {
+            panic!("admitted");
+        };
+        fleet
+            .settle(&pool, &backend, done(reservation))
+            .await
+            .unwrap();
+    }
+    // A reservation this replica's embedded store issued (while degraded): ledger mark 10.
+    let local = spillway_shared::EmbeddedState::default();
+    let Admission::Admitted {
+        backend,
+        reservation,
+    } = local.acquire(&pool, &c, 10).await.unwrap()
+    else {
+        panic!("admitted");
+    };
+    let hints = spillway_shared::UpstreamHints {
+        remaining_tokens: Some(50_000),
+        ..Default::default()
+    };
+    let receipt = spillway_shared::Receipt {
+        hints,
+        ..done(reservation)
+    };
+    fleet.settle(&pool, &backend, receipt).await.unwrap();
+    // Settled on Redis, its mark would have subtracted Redis's whole ledger from the hint
+    // (remaining 0: the member refused while it had room).
+    assert!(
+        matches!(
+            fleet.acquire(&pool, &c, 1_000).await.unwrap(),
+            Admission::Admitted { .. }
+        ),
+        "the member still admits"
+    );
+    drop(server);
+}

@@ -195,7 +195,7 @@ async fn route(
         let (backoff, hints, detail) =
             match forward::send(&gateway.http, member, request, timeout).await {
                 Ok(upstream) => {
-                    let hints = upstream_hints(&upstream.headers);
+                    let hints = upstream_hints(&upstream.headers, upstream.started + upstream.ttfb);
                     match classify_response(
                         upstream.status,
                         &upstream.headers,
@@ -203,6 +203,9 @@ async fn route(
                         policy,
                     ) {
                         Verdict::Deliver => {
+                            if request.stream {
+                                open.observe_now(hints);
+                            }
                             let settlement = relay::Settlement {
                                 open,
                                 estimate: request.estimate,

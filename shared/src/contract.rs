@@ -206,6 +206,7 @@ pub async fn settle_without_acquire_changes_no_budget(store: &dyn FleetState) {
         tokens: 50,
         ledger: 0,
         admitted_ms: 12_345,
+        issuer: crate::store::Issuer::default(),
     };
     store
         .settle(&p, &c[0].backend, receipt(stray, 80))
@@ -230,6 +231,7 @@ pub async fn settle_records_latency_hints_and_backoff_in_one_call(store: &dyn Fl
     let hints = UpstreamHints {
         remaining_tokens: Some(1234),
         utilization: Some(0.875),
+        observed: None,
     };
     let r = Receipt {
         reservation,
@@ -288,6 +290,7 @@ pub async fn a_fresh_hint_of_high_utilization_or_too_few_tokens_skips_a_member(
     let hot = UpstreamHints {
         remaining_tokens: Some(50_000),
         utilization: Some(0.97),
+        observed: None,
     };
     store
         .settle(
@@ -311,6 +314,7 @@ pub async fn a_fresh_hint_of_high_utilization_or_too_few_tokens_skips_a_member(
     let low = UpstreamHints {
         remaining_tokens: Some(100),
         utilization: Some(0.5),
+        observed: None,
     };
     store
         .settle(
@@ -356,6 +360,70 @@ fn completed(reservation: crate::Reservation) -> Receipt {
         latency: Some(sample),
         ..receipt(reservation, 1)
     }
+}
+
+pub async fn a_later_observed_hint_wins_over_an_earlier_one_settled_later(store: &dyn FleetState) {
+    let p = pool("hints-order");
+    let mut ptu = open("ptu");
+    ptu.spill_utilization = Some(0.95);
+    let c = [ptu, open("payg")];
+    let (a, early) = admitted(store, &p, &c, 10).await.unwrap();
+    let (_, late) = admitted(store, &p, &c, 10).await.unwrap();
+    let hint = |utilization: f64, ago_ms: u64| UpstreamHints {
+        remaining_tokens: Some(100_000),
+        utilization: Some(utilization),
+        observed: tokio::time::Instant::now().checked_sub(Duration::from_millis(ago_ms)),
+    };
+    // The later request's head (99 %, 100 ms ago) is settled first; the earlier long
+    // stream's (40 %, observed 300 ms ago) settles afterwards and must not bring the PTU back.
+    store
+        .settle(
+            &p,
+            &a,
+            Receipt {
+                hints: hint(0.99, 100),
+                ..receipt(late, 10)
+            },
+        )
+        .await
+        .unwrap();
+    store
+        .settle(
+            &p,
+            &a,
+            Receipt {
+                hints: hint(0.40, 300),
+                ..receipt(early, 10)
+            },
+        )
+        .await
+        .unwrap();
+    let held = store.snapshot(&p, &c[..1]).await.unwrap().members[0].hints;
+    assert_eq!(held.utilization, Some(0.99));
+    assert_eq!(
+        admitted(store, &p, &c, 10).await.unwrap().0.as_str(),
+        "payg",
+        "the fresher 99 % still holds"
+    );
+    // A stream's head observed now replaces them; a later settle of older hints does not.
+    store.observe(&p, &a, hint(0.97, 0), late).await.unwrap();
+    store
+        .settle(
+            &p,
+            &a,
+            Receipt {
+                hints: hint(0.10, 200),
+                ..receipt(early, 10)
+            },
+        )
+        .await
+        .unwrap();
+    let held = store.snapshot(&p, &c[..1]).await.unwrap().members[0].hints;
+    assert_eq!(
+        held.utilization,
+        Some(0.97),
+        "an older observation changes nothing"
+    );
 }
 
 /// The member's backoff now.
@@ -535,6 +603,7 @@ macro_rules! fleet_state_contract {
             settle_records_latency_hints_and_backoff_in_one_call,
             pools_and_unknown_backends_are_independent,
             a_fresh_hint_of_high_utilization_or_too_few_tokens_skips_a_member,
+            a_later_observed_hint_wins_over_an_earlier_one_settled_later,
         );
         $crate::fleet_state_contract!(@timed $make;
             consecutive_failures_open_the_breaker_for_ever_longer,

@@ -14,8 +14,8 @@ use tracing::{info, warn};
 use crate::memory::EmbeddedState;
 use crate::redis::RedisState;
 use crate::store::{
-    Admission, BackendId, Backoff, Candidate, FleetState, PoolName, PoolSnapshot, Receipt,
-    StateError,
+    Admission, BackendId, Backoff, Candidate, FleetState, Issuer, PoolName, PoolSnapshot, Receipt,
+    Reservation, StateError, UpstreamHints,
 };
 
 pub struct FallbackState {
@@ -140,17 +140,47 @@ impl FleetState for FallbackState {
         .await
     }
 
+    /// A reservation is settled in the store that issued it: an embedded one never touches
+    /// Redis's ledgers. A Redis one that cannot reach Redis still leaves its backoff, hints
+    /// and latency in the embedded state (its charge there is nothing to undo).
     async fn settle(
         &self,
         pool: &PoolName,
         backend: &BackendId,
         receipt: Receipt,
     ) -> Result<(), StateError> {
-        self.either(
-            self.primary.settle(pool, backend, receipt.clone()),
-            self.local.settle(pool, backend, receipt),
-        )
-        .await
+        match receipt.reservation.issuer {
+            Issuer::Embedded => {
+                self.fallback_calls.fetch_add(1, Ordering::Relaxed);
+                self.local.settle(pool, backend, receipt).await
+            }
+            Issuer::Redis => {
+                self.either(
+                    self.primary.settle(pool, backend, receipt.clone()),
+                    self.local.settle(pool, backend, receipt),
+                )
+                .await
+            }
+        }
+    }
+
+    async fn observe(
+        &self,
+        pool: &PoolName,
+        backend: &BackendId,
+        hints: UpstreamHints,
+        reservation: Reservation,
+    ) -> Result<(), StateError> {
+        match reservation.issuer {
+            Issuer::Embedded => self.local.observe(pool, backend, hints, reservation).await,
+            Issuer::Redis => {
+                self.either(
+                    self.primary.observe(pool, backend, hints, reservation),
+                    self.local.observe(pool, backend, hints, reservation),
+                )
+                .await
+            }
+        }
     }
 
     async fn backoff(

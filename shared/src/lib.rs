@@ -46,7 +46,7 @@ pub use redis::RedisState;
 
 pub use memory::{EmbeddedState, ms_per_output_token};
 pub use store::{
-    Admission, BackendId, Backoff, BackoffReason, Candidate, FleetState, Histogram,
+    Admission, BackendId, Backoff, BackoffReason, Candidate, FleetState, Histogram, Issuer,
     LATENCY_BOUNDS_MS, LatencyHistograms, LatencySample, MemberSnapshot, PoolName, PoolSnapshot,
     Receipt, Reservation, StateError, UpstreamHints, Windows,
 };

@@ -199,6 +199,24 @@ impl Member {
         }
     }
 
+    /// Take an upstream's capacity hints, unless newer ones are already held. `ledger` is
+    /// the admitted-token mark of the request they came with.
+    fn observe(&mut self, now_ms: u64, hints: &UpstreamHints, ledger: u64) {
+        let observed = now_ms.saturating_sub(hints.age().as_millis() as u64);
+        if hints.is_empty() || self.hints_ms.is_some_and(|held| held >= observed) {
+            return;
+        }
+        self.hints_ms = Some(observed);
+        if let Some(remaining) = hints.remaining_tokens {
+            // Less what was admitted after this request, which the upstream had not seen.
+            let unseen = self.admitted_tokens.saturating_sub(ledger);
+            self.hints.remaining_tokens = Some(remaining.saturating_sub(unseen));
+        }
+        if hints.utilization.is_some() {
+            self.hints.utilization = hints.utilization;
+        }
+    }
+
     fn latency(&mut self, now_ms: u64, w: &Windows) -> LatencyHistograms {
         let (slot, window) = (w.slot_ms(), w.latency.as_millis() as u64);
         self.latency
@@ -321,23 +339,27 @@ impl FleetState for EmbeddedState {
                     h.ms_per_output_token.record(per_token);
                 }
             }
-            if receipt.hints.remaining_tokens.is_some() || receipt.hints.utilization.is_some() {
-                m.hints_ms = Some(now);
-            }
-            if let Some(remaining) = receipt.hints.remaining_tokens {
-                // Less what was admitted after this request, which the upstream had not seen.
-                let unseen = m.admitted_tokens.saturating_sub(receipt.reservation.ledger);
-                m.hints.remaining_tokens = Some(remaining.saturating_sub(unseen));
-            }
-            if receipt.hints.utilization.is_some() {
-                m.hints.utilization = receipt.hints.utilization;
-            }
+            m.observe(now, &receipt.hints, receipt.reservation.ledger);
             let admitted_ms = receipt.reservation.admitted_ms;
             match receipt.backoff {
                 Some(backoff) => m.fail(now, admitted_ms, backoff, &w),
                 None if receipt.latency.is_some() => m.succeed(now, admitted_ms, &w),
                 None => {}
             }
+        });
+        Ok(())
+    }
+
+    async fn observe(
+        &self,
+        pool: &PoolName,
+        backend: &BackendId,
+        hints: UpstreamHints,
+        reservation: crate::store::Reservation,
+    ) -> Result<(), StateError> {
+        let now = self.now_ms();
+        self.with_member(pool, backend, |m| {
+            m.observe(now, &hints, reservation.ledger)
         });
         Ok(())
     }

@@ -193,6 +193,7 @@ impl RedisState {
             receipt
                 .map(|r| r.reservation.admitted_ms.to_string())
                 .unwrap_or_default(),
+            (hints.age().as_millis() as u64).to_string(),
         ]
     }
 
@@ -309,6 +310,7 @@ impl FleetState for RedisState {
                 tokens: estimated_tokens,
                 ledger: ledger.map(int).transpose()?.unwrap_or(0).max(0) as u64,
                 admitted_ms: admitted.map(int).transpose()?.unwrap_or(0).max(0) as u64,
+                issuer: crate::store::Issuer::Redis,
             };
             Ok(Admission::Admitted {
                 backend: candidate.backend.clone(),
@@ -329,6 +331,27 @@ impl FleetState for RedisState {
         receipt: Receipt,
     ) -> Result<(), StateError> {
         let args = self.settle_args(Some(&receipt), receipt.backoff);
+        self.run(&self.settle, self.settle_keys(pool, backend), args)
+            .await?;
+        Ok(())
+    }
+
+    async fn observe(
+        &self,
+        pool: &PoolName,
+        backend: &BackendId,
+        hints: UpstreamHints,
+        reservation: Reservation,
+    ) -> Result<(), StateError> {
+        // The settle script with no reservation, latency or backoff: hints only.
+        let mut args = self.settle_args(None, None);
+        args[6] = hints
+            .remaining_tokens
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        args[7] = hints.utilization.map(|v| v.to_string()).unwrap_or_default();
+        args[18] = reservation.ledger.to_string();
+        args[20] = (hints.age().as_millis() as u64).to_string();
         self.run(&self.settle, self.settle_keys(pool, backend), args)
             .await?;
         Ok(())
@@ -446,6 +469,7 @@ fn parse_member(candidate: &Candidate, entry: Value) -> Result<MemberSnapshot, S
         hints: UpstreamHints {
             remaining_tokens: text(&remaining_tokens).parse().ok(),
             utilization: text(&utilization).parse().ok(),
+            observed: None,
         },
         latency: histograms,
         estimated_tokens: int(&estimated)?.max(0) as u64,

@@ -135,6 +135,16 @@ pub struct Reservation {
     /// When it was admitted, in the store's clock (ms): the breaker's epoch. An outcome of a
     /// request admitted before the breaker last opened can neither close it nor open it again.
     pub admitted_ms: u64,
+    /// The store that issued it: a reservation is settled only there.
+    pub issuer: Issuer,
+}
+
+/// Which kind of store issued a reservation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Issuer {
+    #[default]
+    Embedded,
+    Redis,
 }
 
 /// Answer to [`FleetState::acquire`].
@@ -171,6 +181,21 @@ pub struct UpstreamHints {
     pub remaining_tokens: Option<u64>,
     /// `azure-openai-deployment-utilization`, as a share (0.95 = 95 %).
     pub utilization: Option<f64>,
+    /// When the response head carrying them arrived (this replica's clock). A store keeps
+    /// the newest observation: hints observed earlier never replace later ones, whatever
+    /// order they are settled in. `None`: observed now.
+    pub observed: Option<tokio::time::Instant>,
+}
+
+impl UpstreamHints {
+    /// How long ago they were observed.
+    pub fn age(&self) -> Duration {
+        self.observed.map_or(Duration::ZERO, |at| at.elapsed())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.remaining_tokens.is_none() && self.utilization.is_none()
+    }
 }
 
 /// What became of an admitted request.
@@ -359,6 +384,16 @@ pub trait FleetState: Send + Sync + 'static {
         pool: &PoolName,
         backend: &BackendId,
         receipt: Receipt,
+    ) -> Result<(), StateError>;
+
+    /// Record an upstream's capacity hints as soon as its response head arrives (a stream
+    /// settles only at its end), unless newer ones are held. `reservation` is the request's.
+    async fn observe(
+        &self,
+        pool: &PoolName,
+        backend: &BackendId,
+        hints: UpstreamHints,
+        reservation: Reservation,
     ) -> Result<(), StateError>;
 
     /// Hold `backend` back in `pool` for the given time, keeping a later existing deadline.

@@ -62,6 +62,7 @@ impl Usage {
                 tokens,
                 ledger: 0,
                 admitted_ms: now_ms,
+                issuer: crate::store::Issuer::Embedded,
             });
         }
         let (bucket, window) = (w.bucket_ms(), w.budget.as_millis() as u64);

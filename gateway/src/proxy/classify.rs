@@ -126,7 +126,8 @@ fn parse_reset(value: &str) -> Option<Duration> {
 }
 
 /// Capacity hints on an upstream response: remaining tokens and PTU utilization ("87.5%").
-pub fn upstream_hints(headers: &HeaderMap) -> UpstreamHints {
+/// The capacity hints of a response head that arrived at `observed`.
+pub fn upstream_hints(headers: &HeaderMap, observed: tokio::time::Instant) -> UpstreamHints {
     let get = |name: &str| {
         headers
             .get(name)
@@ -138,6 +139,7 @@ pub fn upstream_hints(headers: &HeaderMap) -> UpstreamHints {
         utilization: get("azure-openai-deployment-utilization")
             .and_then(|v| v.trim_end_matches('%').trim().parse::<f64>().ok())
             .map(|percent| percent / 100.0),
+        observed: Some(observed),
     }
 }
 

@@ -52,6 +52,21 @@ impl OpenReservation {
         })
     }
 
+    /// Share the upstream's capacity hints now, in a detached task: a stream settles only at
+    /// its end, and the fleet must not route on older hints meanwhile.
+    pub fn observe_now(&self, hints: UpstreamHints) {
+        if hints.is_empty() {
+            return;
+        }
+        let (fleet, pool, backend) = (self.fleet.clone(), self.pool.clone(), self.backend.clone());
+        let reservation = self.reservation;
+        tokio::spawn(async move {
+            if let Err(e) = fleet.observe(&pool, &backend, hints, reservation).await {
+                warn!(backend = %backend, error = %e, "could not record capacity hints");
+            }
+        });
+    }
+
     /// A receipt for this reservation that charges `tokens` and carries nothing else.
     pub fn receipt(&self, tokens: u64) -> Receipt {
         Receipt {

@@ -20,6 +20,8 @@
 -- ARGV[19] the reservation's ledger mark ("" none): remaining_tokens is stored less the
 --          tokens admitted after this request, which the upstream had not seen
 -- ARGV[20] when the request was admitted, ms ("" now): the breaker epoch
+-- ARGV[21] how long ago the hints in ARGV[7..8] were observed, ms ("" 0): hints are kept
+--          only when observed after the ones held (updated_ms is the observation time)
 -- Returns 1. Errors "ERR spillway: ..." on malformed arguments.
 --
 -- Breaker: a failure that is not throttling counts toward `failures`; at the threshold the
@@ -31,8 +33,8 @@
 -- A reservation whose bucket has left the window (or never existed) changes nothing: its
 -- charge already expired with the bucket.
 
-if #KEYS ~= 4 or #ARGV ~= 20 then
-  return redis.error_reply('ERR spillway: settle takes 4 keys and 20 arguments')
+if #KEYS ~= 4 or #ARGV ~= 21 then
+  return redis.error_reply('ERR spillway: settle takes 4 keys and 21 arguments')
 end
 local threshold, max_cooldown = tonumber(ARGV[14]) or 0, tonumber(ARGV[15]) or 0
 local failure_rate, min_outcomes, rate_window = tonumber(ARGV[16]) or 2, tonumber(ARGV[17]) or 0, tonumber(ARGV[18]) or 0
@@ -105,8 +107,10 @@ if ARGV[4] ~= '' or ARGV[5] ~= '' or ARGV[6] ~= '' then
   end
 end
 
--- Capacity hints from the upstream's last answer.
-if ARGV[7] ~= '' or ARGV[8] ~= '' then
+-- Capacity hints from the upstream's answer, unless newer ones are held.
+local observed = now - (tonumber(ARGV[21]) or 0)
+local held = tonumber(redis.call('HGET', hints_key, 'updated_ms'))
+if (ARGV[7] ~= '' or ARGV[8] ~= '') and (held == nil or observed > held) then
   if ARGV[7] ~= '' then
     local remaining = tonumber(ARGV[7])
     local mark = tonumber(ARGV[19])
@@ -117,7 +121,7 @@ if ARGV[7] ~= '' or ARGV[8] ~= '' then
     redis.call('HSET', hints_key, 'remaining_tokens', string.format('%d', remaining))
   end
   if ARGV[8] ~= '' then redis.call('HSET', hints_key, 'utilization', ARGV[8]) end
-  redis.call('HSET', hints_key, 'updated_ms', string.format('%d', now))
+  redis.call('HSET', hints_key, 'updated_ms', string.format('%d', observed))
   redis.call('PEXPIRE', hints_key, 2 * (latency_window + slot_length))
 end
 
