@@ -8,6 +8,7 @@ use spillway_gateway::sim::{DeploymentKind, DeploymentSpec, Faults};
 use spillway_shared::{BackendId, Candidate, EmbeddedState, FleetState, PoolName};
 use spillway_tests::redis_server::RedisServer;
 use spillway_tests::*;
+use std::time::Duration;
 
 /// A PTU deployment that takes 30 s to its response head: a client can leave before it.
 fn slow_head_deployment() -> DeploymentSpec {
@@ -120,4 +121,88 @@ async fn a_member_that_cuts_streams_mid_way_is_backed_off() {
     );
     let next = chat(&gw, "gpt-4o", &chat_body(false)).await;
     assert_eq!(header(&next, "x-spillway-backend"), "payg");
+}
+
+/// Every request is charged and uses 9 prompt + 8 output tokens.
+const TOKENS_PER_REQUEST: u64 = 17;
+/// The PTU budget: 100 requests' worth.
+const PTU_TPM: u64 = 100 * TOKENS_PER_REQUEST;
+
+fn ptu_with_budget_and_payg(sim: &spillway_gateway::sim::SimHandle) -> String {
+    backend(sim, "ptu", 1).replace(
+        "id = \"ptu\"\n",
+        &format!("id = \"ptu\"\ntpm = {PTU_TPM}\n"),
+    ) + &backend(sim, "payg", 2)
+}
+
+async fn three_replicas(config: &str) -> (Vec<Replica>, Vec<Arc<spillway_shared::FallbackState>>) {
+    let mut replicas = Vec::new();
+    let mut fleets = Vec::new();
+    for _ in 0..3 {
+        let (replica, fleet) = start_on_redis(config).await;
+        replicas.push(replica);
+        fleets.push(fleet);
+    }
+    (replicas, fleets)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budgets_hold_while_redis_stalls_again_and_again() {
+    let redis = Arc::new(RedisServer::start());
+    // Answers take 40 ms, so the load spans several stalls.
+    let paced = |kind| DeploymentSpec {
+        ttft_ms: 40,
+        ms_per_token: 0,
+        jitter: 0.0,
+        ..DeploymentSpec::new("gpt-4o", kind, 1_000_000)
+    };
+    let sim = start_sim(vec![
+        resource("ptu", vec![paced(DeploymentKind::Ptu)]),
+        resource("payg", vec![paced(DeploymentKind::Payg)]),
+    ])
+    .await;
+    // Default settings but the Redis URL: the default redis_timeout_ms, windows and breaker.
+    let config = ptu_with_budget_and_payg(&sim) + &redis_section(&redis.url(), "");
+    let (replicas, fleets) = three_replicas(&config).await;
+    for fleet in &fleets {
+        assert_eq!(fleet.announce().await, 3, "heartbeats count the fleet");
+    }
+
+    // Redis stops answering for 150 ms every half second while the load runs.
+    let stalls = tokio::spawn({
+        let redis = redis.clone();
+        async move {
+            for _ in 0..40 {
+                let r = redis.clone();
+                tokio::task::spawn_blocking(move || r.cli(&["CLIENT", "PAUSE", "150", "ALL"]))
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(500)).await; // the fault's rhythm
+            }
+        }
+    });
+    let refs: Vec<&Replica> = replicas.iter().collect();
+    let started = tokio::time::Instant::now();
+    let statuses = offer_load(&refs, 400, 8).await;
+    let took = started.elapsed();
+    stalls.abort();
+
+    assert!(
+        statuses.iter().all(|&s| s == 200),
+        "no client error: {statuses:?}"
+    );
+    let ptu_tokens = sim.stats("ptu", "gpt-4o").total_tokens;
+    let local: u64 = fleets.iter().map(|f| f.fallback_calls()).sum();
+    eprintln!(
+        "stalls: PTU served {ptu_tokens} tokens of a {PTU_TPM} budget; {local} local decisions; load took {} ms",
+        took.as_millis()
+    );
+    assert!(
+        ptu_tokens as f64 <= PTU_TPM as f64 * 1.05,
+        "PTU served {ptu_tokens} tokens for a budget of {PTU_TPM}"
+    );
+    assert!(
+        fleets.iter().any(|f| f.fallback_calls() > 0),
+        "the stalls were felt (else this test proves nothing)"
+    );
 }

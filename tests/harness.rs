@@ -301,6 +301,9 @@ pub async fn start_on_redis(config_toml: &str) -> (Replica, Arc<spillway_shared:
         .clone()
         .expect("the configuration names Redis");
     let fleet = spillway_gateway::server::redis_fleet(&config, &url).expect("Redis store builds");
+    fleet
+        .wait_ready(spillway_gateway::server::REDIS_START_WAIT)
+        .await;
     (start_gateway(config_toml, fleet.clone()).await, fleet)
 }
 

@@ -56,8 +56,25 @@ pub fn redacted(url: &str) -> String {
     }
 }
 
+/// How long `serve` waits for Redis (connection and scripts) before it starts degraded.
+pub const REDIS_START_WAIT: Duration = Duration::from_secs(10);
+
 pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
-    let fleet = fleet_state(&config)?;
+    config.validate()?;
+    // The listeners open (and /readyz answers) only once the fleet state is usable.
+    let fleet: Arc<dyn FleetState> = match &config.state.redis_url {
+        None => fleet_state(&config)?,
+        Some(url) => {
+            let fleet = redis_fleet(&config, url)?;
+            if !fleet.wait_ready(REDIS_START_WAIT).await {
+                warn!(
+                    wait_ms = REDIS_START_WAIT.as_millis() as u64,
+                    "Redis not ready at start-up: serving degraded (this replica's share of the budgets) until it answers"
+                );
+            }
+            fleet
+        }
+    };
     let gateway = Gateway::from_config(&config, fleet)?;
     if gateway.consumers.is_open() {
         warn!("no [[consumers]] configured: the data plane accepts requests without a key");

@@ -1,47 +1,116 @@
-//! `FallbackState`: Redis is a dependency, not a single point of failure. Every call goes to
-//! Redis within a time budget; a failure or a slow answer switches this replica to its
-//! embedded state (logged once), and a background probe switches it back when Redis answers.
+//! `FallbackState`: Redis is a dependency, not a single point of failure, and not a way
+//! around the budgets either.
+//!
+//! - Every decision (acquire, settle, observe, backoff) goes to Redis within a time budget.
+//!   A call that fails or is slow is decided on this replica's embedded state, for that call.
+//! - Health has hysteresis: the replica turns degraded (every decision local) only after
+//!   [`ENTER_AFTER`] such calls in a row, and turns back after [`LEAVE_AFTER`] timely pings
+//!   in a row. Background snapshots never change it.
+//! - Local decisions keep budgets: a member's budget is what the fleet had left at the last
+//!   shared view, divided by the live replicas (heartbeats in Redis).
+//! - What was decided locally reaches Redis once it answers: the usage admitted locally is
+//!   charged to the shared buckets, and backoffs and open breakers still in force are written
+//!   back (a later deadline wins).
 
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::memory::EmbeddedState;
 use crate::redis::RedisState;
 use crate::store::{
-    Admission, BackendId, Backoff, Candidate, FleetState, Issuer, PoolName, PoolSnapshot, Receipt,
-    Reservation, StateError, UpstreamHints,
+    Admission, BackendId, Backoff, Candidate, ClockControl, FleetState, Issuer, PoolName,
+    PoolSnapshot, Receipt, Reservation, StateError, UpstreamHints,
 };
+
+/// Failed or slow decision calls in a row that make a replica degraded.
+pub const ENTER_AFTER: u32 = 3;
+/// Timely pings in a row that bring a degraded replica back to shared state.
+pub const LEAVE_AFTER: u32 = 3;
+/// How often a degraded replica pings Redis.
+const PROBE_INTERVAL: Duration = Duration::from_millis(250);
+/// How often a replica announces itself, and how long an announcement counts.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+const LIVE_TTL: Duration = Duration::from_secs(5);
+/// Snapshots feed routing scores, not decisions: they get longer, and never flip health.
+const SNAPSHOT_BUDGET: Duration = Duration::from_millis(250);
+
+type MemberKey = (PoolName, BackendId);
 
 pub struct FallbackState {
     primary: Arc<RedisState>,
     local: EmbeddedState,
     budget: Duration,
+    replica: String,
     degraded: watch::Sender<bool>,
+    bad_calls: AtomicU32,
     /// Decisions taken on the embedded state since start (an operator metric).
     fallback_calls: AtomicU64,
+    live_replicas: AtomicU32,
+    seen: Mutex<HashMap<MemberKey, Seen>>,
+    owed: Mutex<Owed>,
 }
 
-/// How often a degraded replica asks Redis whether it is back.
-const PROBE_INTERVAL: Duration = Duration::from_millis(250);
+/// A member's usage as last read from Redis, and what this replica admitted there since.
+#[derive(Clone, Copy, Debug)]
+struct Seen {
+    at: Instant,
+    tokens_used: u64,
+    requests_used: u64,
+    tokens_since: u64,
+    requests_since: u64,
+}
+
+/// What was decided locally and still has to reach Redis.
+#[derive(Debug, Default)]
+struct Owed {
+    /// Usage admitted on the embedded state: (tokens, requests).
+    usage: HashMap<MemberKey, (u64, u64)>,
+    /// Members given a backoff (or a breaker outcome) locally.
+    backoffs: HashSet<MemberKey>,
+}
 
 impl FallbackState {
-    /// Wrap `primary`; must be called inside a tokio runtime (it starts the probe task).
+    /// Wrap `primary`; must be called inside a tokio runtime (it starts the probe and the
+    /// heartbeat tasks).
     pub fn new(primary: RedisState, local: EmbeddedState, budget: Duration) -> Arc<Self> {
         let state = Arc::new(Self {
             primary: Arc::new(primary),
             local,
             budget,
+            replica: replica_id(),
             degraded: watch::Sender::new(false),
+            bad_calls: AtomicU32::new(0),
             fallback_calls: AtomicU64::new(0),
+            live_replicas: AtomicU32::new(1),
+            seen: Mutex::new(HashMap::new()),
+            owed: Mutex::new(Owed::default()),
         });
         tokio::spawn(probe(Arc::downgrade(&state), state.degraded.subscribe()));
+        tokio::spawn(heartbeat(Arc::downgrade(&state)));
         state
+    }
+
+    /// Wait, at most `within`, for Redis to accept connections and load the scripts; a
+    /// replica that cannot reach it starts degraded. True when Redis is ready.
+    pub async fn wait_ready(&self, within: Duration) -> bool {
+        match self.primary.ready(within).await {
+            Ok(()) => {
+                self.announce().await;
+                true
+            }
+            Err(e) => {
+                self.degrade(&e.to_string());
+                false
+            }
+        }
     }
 
     pub fn is_degraded(&self) -> bool {
@@ -50,6 +119,11 @@ impl FallbackState {
 
     pub fn fallback_calls(&self) -> u64 {
         self.fallback_calls.load(Ordering::Relaxed)
+    }
+
+    /// Replicas that announced themselves recently (this one included), as last read.
+    pub fn live_replicas(&self) -> u32 {
+        self.live_replicas.load(Ordering::Relaxed).max(1)
     }
 
     /// Wait until this replica decides on shared state again (tests, operators' tooling).
@@ -74,51 +148,235 @@ impl FallbackState {
         if !self.degraded.send_replace(true) {
             warn!(
                 error = why,
-                "fleet state: Redis unavailable; deciding with this replica's embedded state until it answers"
+                live_replicas = self.live_replicas(),
+                "fleet state: Redis unavailable; deciding on this replica's share of the budgets until it answers"
             );
         }
     }
 
-    /// Run on Redis unless degraded; on failure or timeout, run on the embedded state.
-    async fn either<T>(
+    /// Run a decision on Redis unless degraded; on failure or timeout, run it locally.
+    async fn decide<T>(
         &self,
         shared: impl Future<Output = Result<T, StateError>>,
         local: impl Future<Output = Result<T, StateError>>,
     ) -> Result<T, StateError> {
         if !self.is_degraded() {
             match tokio::time::timeout(self.budget, shared).await {
-                Ok(Ok(value)) => return Ok(value),
+                Ok(Ok(value)) => {
+                    self.bad_calls.store(0, Ordering::Relaxed);
+                    return Ok(value);
+                }
                 // A script rejecting its arguments is a bug here, not an outage.
                 Ok(Err(e @ StateError::Protocol(_))) => return Err(e),
-                Ok(Err(e)) => self.degrade(&e.to_string()),
-                Err(_) => self.degrade(&format!("no answer within {} ms", self.budget.as_millis())),
+                Ok(Err(e)) => self.note_bad(&e.to_string()),
+                Err(_) => {
+                    self.note_bad(&format!("no answer within {} ms", self.budget.as_millis()))
+                }
             }
         }
         self.fallback_calls.fetch_add(1, Ordering::Relaxed);
         local.await
     }
+
+    fn note_bad(&self, why: &str) {
+        if self.bad_calls.fetch_add(1, Ordering::Relaxed) + 1 >= ENTER_AFTER {
+            self.degrade(why);
+        }
+    }
+
+    /// The candidates as this replica may admit them alone: each budget cut to what the
+    /// fleet had left at the last shared view (less what this replica's peers are likely to
+    /// have admitted since, as much as it did itself), divided by the live replicas.
+    fn local_shares(&self, pool: &PoolName, candidates: &[Candidate]) -> Vec<Candidate> {
+        let live = u64::from(self.live_replicas());
+        let window = self.primary.windows().budget;
+        let seen = self.seen.lock().expect("fallback lock");
+        candidates
+            .iter()
+            .map(|c| {
+                let fresh = seen
+                    .get(&(pool.clone(), c.backend.clone()))
+                    .filter(|s| s.at.elapsed() < window);
+                let share = |limit: u64, used: u64, since: u64| {
+                    limit.saturating_sub(used + live * since) / live
+                };
+                let (tokens, requests) = match fresh {
+                    Some(s) => (
+                        c.tokens_per_window
+                            .map(|t| share(t, s.tokens_used, s.tokens_since)),
+                        c.requests_per_window
+                            .map(|r| share(r, s.requests_used, s.requests_since)),
+                    ),
+                    None => (
+                        c.tokens_per_window.map(|t| t / live),
+                        c.requests_per_window.map(|r| r / live),
+                    ),
+                };
+                // No share left: no request either (an empty window would otherwise take
+                // one request of any size).
+                let requests = if tokens == Some(0) { Some(0) } else { requests };
+                Candidate {
+                    tokens_per_window: tokens,
+                    requests_per_window: requests,
+                    ..c.clone()
+                }
+            })
+            .collect()
+    }
+
+    fn note_view(&self, snapshot: &PoolSnapshot) {
+        let mut seen = self.seen.lock().expect("fallback lock");
+        for m in &snapshot.members {
+            seen.insert(
+                (snapshot.pool.clone(), m.backend.clone()),
+                Seen {
+                    at: Instant::now(),
+                    tokens_used: m.tokens_used,
+                    requests_used: m.requests_used,
+                    tokens_since: 0,
+                    requests_since: 0,
+                },
+            );
+        }
+    }
+
+    fn note_admitted(&self, pool: &PoolName, backend: &BackendId, tokens: u64) {
+        let mut seen = self.seen.lock().expect("fallback lock");
+        // Before any shared view, what this replica admitted is all there is to go on.
+        let s = seen.entry((pool.clone(), backend.clone())).or_insert(Seen {
+            at: Instant::now(),
+            tokens_used: 0,
+            requests_used: 0,
+            tokens_since: 0,
+            requests_since: 0,
+        });
+        s.tokens_since += tokens;
+        s.requests_since += 1;
+    }
+
+    fn owe_usage(&self, pool: &PoolName, backend: &BackendId, tokens: u64) {
+        let mut owed = self.owed.lock().expect("fallback lock");
+        let entry = owed
+            .usage
+            .entry((pool.clone(), backend.clone()))
+            .or_default();
+        entry.0 += tokens;
+        entry.1 += 1;
+    }
+
+    fn owe_backoff(&self, pool: &PoolName, backend: &BackendId) {
+        let mut owed = self.owed.lock().expect("fallback lock");
+        owed.backoffs.insert((pool.clone(), backend.clone()));
+    }
+
+    /// Write what was decided locally to Redis: usage, and backoffs still in force. What
+    /// cannot be written stays owed.
+    async fn repay(&self) {
+        let Owed { usage, backoffs } = std::mem::take(&mut *self.owed.lock().expect("lock"));
+        for ((pool, backend), (tokens, requests)) in usage {
+            let charged = tokio::time::timeout(
+                SNAPSHOT_BUDGET,
+                self.primary.charge(&pool, &backend, tokens, requests),
+            )
+            .await;
+            if !matches!(charged, Ok(Ok(()))) {
+                let mut owed = self.owed.lock().expect("lock");
+                let entry = owed.usage.entry((pool, backend)).or_default();
+                entry.0 += tokens;
+                entry.1 += requests;
+            }
+        }
+        for (pool, backend) in backoffs {
+            let candidate = Candidate::unlimited(backend.clone());
+            let Ok(local) = self.local.snapshot(&pool, &[candidate]).await else {
+                continue;
+            };
+            let Some(backoff) = local.members.first().and_then(|m| m.backoff) else {
+                continue; // expired meanwhile
+            };
+            let written = tokio::time::timeout(
+                SNAPSHOT_BUDGET,
+                self.primary.backoff(&pool, &backend, backoff),
+            )
+            .await;
+            if !matches!(written, Ok(Ok(()))) {
+                self.owe_backoff(&pool, &backend);
+            }
+        }
+    }
+
+    /// Announce this replica now (it also does every second); returns the live count.
+    pub async fn announce(&self) -> u32 {
+        let beat = tokio::time::timeout(
+            SNAPSHOT_BUDGET,
+            self.primary.heartbeat(&self.replica, LIVE_TTL),
+        )
+        .await;
+        if let Ok(Ok(live)) = beat {
+            self.live_replicas.store(live, Ordering::Relaxed);
+        }
+        self.live_replicas()
+    }
 }
 
-async fn probe(state: std::sync::Weak<FallbackState>, mut degraded: watch::Receiver<bool>) {
+/// An id for this replica's heartbeats, unique across restarts.
+fn replica_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{}-{nanos:x}", std::process::id())
+}
+
+/// While degraded: ping Redis; after enough timely answers in a row, repay what is owed and
+/// go back to shared state.
+async fn probe(state: Weak<FallbackState>, mut degraded: watch::Receiver<bool>) {
     loop {
         if degraded.wait_for(|d| *d).await.is_err() {
             return;
         }
-        tokio::time::sleep(PROBE_INTERVAL).await;
+        let mut good = 0;
+        while good < LEAVE_AFTER {
+            tokio::time::sleep(PROBE_INTERVAL).await;
+            let Some(state) = state.upgrade() else { return };
+            let answered = tokio::time::timeout(state.budget, state.primary.ping()).await;
+            good = if matches!(answered, Ok(Ok(()))) {
+                // Repay at every chance, so replicas already back on shared state count
+                // what this one admitted alone.
+                state.repay().await;
+                good + 1
+            } else {
+                0
+            };
+        }
         let Some(state) = state.upgrade() else { return };
-        if let Ok(Ok(())) = tokio::time::timeout(
-            state.budget.max(Duration::from_millis(100)),
-            state.primary.ping(),
-        )
-        .await
-        {
-            state.degraded.send_replace(false);
-            info!("fleet state: Redis answers again; back on shared state");
+        state.announce().await;
+        state.repay().await;
+        state.bad_calls.store(0, Ordering::Relaxed);
+        state.degraded.send_replace(false);
+        info!(
+            "fleet state: Redis answers again; local decisions written back, back on shared state"
+        );
+    }
+}
+
+/// Announce this replica every second; learn how many are live.
+async fn heartbeat(state: Weak<FallbackState>) {
+    loop {
+        tokio::time::sleep(HEARTBEAT_INTERVAL).await;
+        let Some(state) = state.upgrade() else { return };
+        if state.is_degraded() {
+            continue; // the last count stands while Redis cannot be reached
+        }
+        state.announce().await;
+        // Usage owed from single slow calls is repaid on the healthy path too.
+        let owes = !state.owed.lock().expect("lock").usage.is_empty();
+        if owes {
+            state.repay().await;
         }
     }
 }
 
-impl crate::store::ClockControl for FallbackState {
+impl ClockControl for FallbackState {
     fn advance_clock(&self, by: Duration) {
         self.primary.advance_clock(by);
         self.local.advance_clock(by);
@@ -133,33 +391,47 @@ impl FleetState for FallbackState {
         candidates: &[Candidate],
         tokens: u64,
     ) -> Result<Admission, StateError> {
-        self.either(
-            self.primary.acquire(pool, candidates, tokens),
-            self.local.acquire(pool, candidates, tokens),
-        )
-        .await
+        let shared = async {
+            let admission = self.primary.acquire(pool, candidates, tokens).await?;
+            if let Admission::Admitted { backend, .. } = &admission {
+                self.note_admitted(pool, backend, tokens);
+            }
+            Ok(admission)
+        };
+        let local = async {
+            let shares = self.local_shares(pool, candidates);
+            self.local.acquire(pool, &shares, tokens).await
+        };
+        self.decide(shared, local).await
     }
 
     /// A reservation is settled in the store that issued it: an embedded one never touches
-    /// Redis's ledgers. A Redis one that cannot reach Redis still leaves its backoff, hints
-    /// and latency in the embedded state (its charge there is nothing to undo).
+    /// Redis's ledgers; its real usage is charged to Redis's buckets instead. A Redis one
+    /// that cannot reach Redis still leaves its backoff, hints and latency locally.
     async fn settle(
         &self,
         pool: &PoolName,
         backend: &BackendId,
         receipt: Receipt,
     ) -> Result<(), StateError> {
+        let failed = receipt.backoff.is_some();
         match receipt.reservation.issuer {
             Issuer::Embedded => {
-                self.fallback_calls.fetch_add(1, Ordering::Relaxed);
+                self.owe_usage(pool, backend, receipt.tokens);
+                if failed {
+                    self.owe_backoff(pool, backend);
+                }
                 self.local.settle(pool, backend, receipt).await
             }
             Issuer::Redis => {
-                self.either(
-                    self.primary.settle(pool, backend, receipt.clone()),
-                    self.local.settle(pool, backend, receipt),
-                )
-                .await
+                let local = async {
+                    if failed {
+                        self.owe_backoff(pool, backend);
+                    }
+                    self.local.settle(pool, backend, receipt.clone()).await
+                };
+                self.decide(self.primary.settle(pool, backend, receipt.clone()), local)
+                    .await
             }
         }
     }
@@ -174,7 +446,7 @@ impl FleetState for FallbackState {
         match reservation.issuer {
             Issuer::Embedded => self.local.observe(pool, backend, hints, reservation).await,
             Issuer::Redis => {
-                self.either(
+                self.decide(
                     self.primary.observe(pool, backend, hints, reservation),
                     self.local.observe(pool, backend, hints, reservation),
                 )
@@ -189,26 +461,37 @@ impl FleetState for FallbackState {
         backend: &BackendId,
         backoff: Backoff,
     ) -> Result<(), StateError> {
-        self.either(
-            self.primary.backoff(pool, backend, backoff),
-            self.local.backoff(pool, backend, backoff),
-        )
-        .await
+        let local = async {
+            self.owe_backoff(pool, backend);
+            self.local.backoff(pool, backend, backoff).await
+        };
+        self.decide(self.primary.backoff(pool, backend, backoff), local)
+            .await
     }
 
+    /// Read for routing scores and operators: from Redis when it answers in time (and
+    /// remembered as the last shared view), else from the embedded state. Never changes
+    /// the replica's health.
     async fn snapshot(
         &self,
         pool: &PoolName,
         members: &[Candidate],
     ) -> Result<PoolSnapshot, StateError> {
-        self.either(
-            self.primary.snapshot(pool, members),
-            self.local.snapshot(pool, members),
-        )
-        .await
+        if !self.is_degraded() {
+            let budget = SNAPSHOT_BUDGET.max(self.budget);
+            match tokio::time::timeout(budget, self.primary.snapshot(pool, members)).await {
+                Ok(Ok(snapshot)) => {
+                    self.note_view(&snapshot);
+                    return Ok(snapshot);
+                }
+                Ok(Err(e @ StateError::Protocol(_))) => return Err(e),
+                _ => {}
+            }
+        }
+        self.local.snapshot(pool, members).await
     }
 
-    /// Always usable: with Redis down the replica still decides, on its own state.
+    /// Always usable: with Redis down the replica still decides, on its share.
     async fn ping(&self) -> Result<(), StateError> {
         Ok(())
     }
@@ -223,7 +506,8 @@ impl FleetState for FallbackState {
     fn describe(&self) -> String {
         if self.is_degraded() {
             format!(
-                "redis (degraded: embedded fallback, {} decisions so far)",
+                "redis (degraded: deciding on this replica's share of {} live, {} decisions so far)",
+                self.live_replicas(),
                 self.fallback_calls()
             )
         } else {

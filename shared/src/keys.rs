@@ -28,6 +28,11 @@ impl KeySchema {
         format!("{}:{{{}}}:{kind}:{}", self.prefix, pool, backend)
     }
 
+    /// The sorted set of live replicas (heartbeats).
+    pub fn replicas(&self) -> String {
+        format!("{}:replicas", self.prefix)
+    }
+
     pub fn member(&self, pool: &PoolName, backend: &BackendId) -> MemberKeys {
         MemberKeys {
             backoff: self.key(pool, "backoff", backend),

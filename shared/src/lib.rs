@@ -33,7 +33,7 @@
 
 #[doc(hidden)]
 pub mod contract;
-mod fallback;
+pub mod fallback;
 mod keys;
 mod memory;
 mod redis;

@@ -22,6 +22,8 @@ pub struct RedisState {
     acquire: Script,
     settle: Script,
     snapshot: Script,
+    heartbeat: Script,
+    charge: Script,
     /// Tests pin the scripts' clock; 0 in service (Redis `TIME`).
     clock_ms: std::sync::atomic::AtomicU64,
 }
@@ -60,6 +62,8 @@ impl RedisState {
             acquire: Script::from_lua(include_str!("lua/acquire.lua")),
             settle: Script::from_lua(include_str!("lua/settle.lua")),
             snapshot: Script::from_lua(include_str!("lua/snapshot.lua")),
+            heartbeat: Script::from_lua(include_str!("lua/heartbeat.lua")),
+            charge: Script::from_lua(include_str!("lua/charge.lua")),
             clock_ms: std::sync::atomic::AtomicU64::new(0),
         })
     }
@@ -68,7 +72,13 @@ impl RedisState {
     pub async fn ready(&self, within: Duration) -> Result<(), StateError> {
         tokio::time::timeout(within, async {
             self.client.wait_for_connect().await.map_err(unavailable)?;
-            for script in [&self.acquire, &self.settle, &self.snapshot] {
+            for script in [
+                &self.acquire,
+                &self.settle,
+                &self.snapshot,
+                &self.heartbeat,
+                &self.charge,
+            ] {
                 script.load(&self.client).await.map_err(unavailable)?;
             }
             Ok(())
@@ -195,6 +205,44 @@ impl RedisState {
                 .unwrap_or_default(),
             (hints.age().as_millis() as u64).to_string(),
         ]
+    }
+
+    /// Record this replica as live; returns how many replicas are (`heartbeat.lua`).
+    pub async fn heartbeat(&self, replica: &str, ttl: Duration) -> Result<u32, StateError> {
+        let args = vec![
+            replica.to_owned(),
+            (ttl.as_millis() as u64).to_string(),
+            self.clock(),
+        ];
+        let reply = self
+            .run(&self.heartbeat, vec![self.keys.replicas()], args)
+            .await?;
+        Ok(int(&reply)?.clamp(1, i64::from(u32::MAX)) as u32)
+    }
+
+    /// Add usage admitted on a replica's own state to the member's current bucket
+    /// (`charge.lua`), so the fleet counts it.
+    pub async fn charge(
+        &self,
+        pool: &PoolName,
+        backend: &BackendId,
+        tokens: u64,
+        requests: u64,
+    ) -> Result<(), StateError> {
+        let k = self.member_keys(pool, backend);
+        let args = vec![
+            tokens.to_string(),
+            requests.to_string(),
+            self.windows.bucket_ms().to_string(),
+            (self.windows.budget.as_millis() as u64).to_string(),
+            self.clock(),
+        ];
+        self.run(&self.charge, vec![k.usage, k.hints], args).await?;
+        Ok(())
+    }
+
+    pub fn windows(&self) -> Windows {
+        self.windows
     }
 
     /// The raw `acquire` script, for script-level tests.
