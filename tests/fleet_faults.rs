@@ -206,3 +206,76 @@ async fn budgets_hold_while_redis_stalls_again_and_again() {
         "the stalls were felt (else this test proves nothing)"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_replicas_learn_while_redis_is_down_survives_its_restart_empty() {
+    let mut redis = RedisServer::start();
+    let sim = ptu_and_payg().await;
+    let config = ptu_with_budget_and_payg(&sim) + &redis_section(&redis.url(), "");
+    let (replicas, fleets) = three_replicas(&config).await;
+    let refs: Vec<&Replica> = replicas.iter().collect();
+    for fleet in &fleets {
+        fleet.announce().await;
+    }
+    let pool = PoolName::new("gpt-4o");
+    let members = [
+        Candidate::unlimited(BackendId::new("ptu")),
+        Candidate::unlimited(BackendId::new("payg")),
+    ];
+
+    // A third of the PTU budget is spent while Redis is up; every replica has seen it.
+    assert!(offer_load(&refs, 30, 6).await.iter().all(|&s| s == 200));
+    for fleet in &fleets {
+        fleet.snapshot(&pool, &members).await.unwrap();
+    }
+
+    redis.kill();
+    for (replica, fleet) in replicas.iter().zip(&fleets) {
+        for _ in 0..spillway_shared::fallback::ENTER_AFTER {
+            assert_eq!(
+                chat(replica, "gpt-4o", &chat_body(false)).await.status(),
+                200
+            );
+        }
+        tokio::time::timeout(EVENT_TIMEOUT, fleet.wait_degraded())
+            .await
+            .expect("degraded");
+    }
+    // Replica A alone meets a 429 from the PTU with a minute's retry-after.
+    force(&sim, "ptu", 429, Some(60_000), None, Some(1));
+    let r = chat(&replicas[0], "gpt-4o", &chat_body(false)).await;
+    assert_eq!(
+        (r.status().as_u16(), header(&r, "x-spillway-backend")),
+        (200, "payg")
+    );
+    assert!(offer_load(&refs, 60, 6).await.iter().all(|&s| s == 200));
+
+    redis.restart();
+    for fleet in &fleets {
+        tokio::time::timeout(EVENT_TIMEOUT, fleet.wait_shared())
+            .await
+            .expect("back on Redis");
+    }
+    // The backoff A learned is the fleet's now: B and C keep off the PTU until its deadline.
+    let shared = fleets[1].snapshot(&pool, &members).await.unwrap();
+    let backoff = shared.members[0]
+        .backoff
+        .expect("the 429 backoff was written back");
+    assert_eq!(backoff.reason.as_str(), "throttled");
+    assert!(backoff.duration > Duration::from_secs(30), "{backoff:?}");
+    let ptu_before = sim.stats("ptu", "gpt-4o").requests;
+    for replica in &replicas[1..] {
+        let r = chat(replica, "gpt-4o", &chat_body(false)).await;
+        assert_eq!(header(&r, "x-spillway-backend"), "payg");
+    }
+    assert_eq!(sim.stats("ptu", "gpt-4o").requests, ptu_before);
+
+    // And the budget: what was spent before and during the outage still counts.
+    let ptu_tokens = sim.stats("ptu", "gpt-4o").total_tokens;
+    let used = shared.members[0].tokens_used;
+    eprintln!("restart: PTU served {ptu_tokens} tokens, Redis counts {used}, budget {PTU_TPM}");
+    assert!(
+        used as f64 >= ptu_tokens as f64 * 0.95,
+        "Redis counts {used} of the {ptu_tokens} tokens the PTU served"
+    );
+}

@@ -103,6 +103,7 @@ impl FallbackState {
     pub async fn wait_ready(&self, within: Duration) -> bool {
         match self.primary.ready(within).await {
             Ok(()) => {
+                let _ = self.primary.claim_generation(&self.replica).await;
                 self.announce().await;
                 true
             }
@@ -269,9 +270,47 @@ impl FallbackState {
         owed.backoffs.insert((pool.clone(), backend.clone()));
     }
 
+    /// Redis came back without the fleet's state (restarted empty): the first replica to
+    /// notice puts back the usage of the last shared view it holds, so budgets spent before
+    /// the outage are not spent again.
+    async fn restore_if_emptied(&self) {
+        let Ok(Ok(true)) = tokio::time::timeout(
+            SNAPSHOT_BUDGET,
+            self.primary.claim_generation(&self.replica),
+        )
+        .await
+        else {
+            return;
+        };
+        let live = u64::from(self.live_replicas());
+        let window = self.primary.windows().budget;
+        let views: Vec<(MemberKey, Seen)> = self
+            .seen
+            .lock()
+            .expect("fallback lock")
+            .iter()
+            .filter(|(_, s)| s.at.elapsed() < window)
+            .map(|(k, s)| (k.clone(), *s))
+            .collect();
+        warn!(
+            members = views.len(),
+            "fleet state: Redis came back empty; restoring the usage of the last shared view"
+        );
+        for ((pool, backend), s) in views {
+            let tokens = s.tokens_used + live * s.tokens_since;
+            let requests = s.requests_used + live * s.requests_since;
+            let _ = tokio::time::timeout(
+                SNAPSHOT_BUDGET,
+                self.primary.charge(&pool, &backend, tokens, requests),
+            )
+            .await;
+        }
+    }
+
     /// Write what was decided locally to Redis: usage, and backoffs still in force. What
     /// cannot be written stays owed.
     async fn repay(&self) {
+        self.restore_if_emptied().await;
         let Owed { usage, backoffs } = std::mem::take(&mut *self.owed.lock().expect("lock"));
         for ((pool, backend), (tokens, requests)) in usage {
             let charged = tokio::time::timeout(

@@ -28,6 +28,11 @@ impl KeySchema {
         format!("{}:{{{}}}:{kind}:{}", self.prefix, pool, backend)
     }
 
+    /// The fleet's generation marker: gone when Redis lost its data (restarted empty).
+    pub fn generation(&self) -> String {
+        format!("{}:generation", self.prefix)
+    }
+
     /// The sorted set of live replicas (heartbeats).
     pub fn replicas(&self) -> String {
         format!("{}:replicas", self.prefix)

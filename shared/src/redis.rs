@@ -207,6 +207,23 @@ impl RedisState {
         ]
     }
 
+    /// Set the generation marker unless it exists; true when this call set it, i.e. Redis
+    /// holds no fleet state yet (first start, or restarted empty).
+    pub async fn claim_generation(&self, owner: &str) -> Result<bool, StateError> {
+        let set: Option<String> = self
+            .client
+            .set(
+                self.keys.generation(),
+                owner,
+                None,
+                Some(fred::types::SetOptions::NX),
+                false,
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(set.is_some())
+    }
+
     /// Record this replica as live; returns how many replicas are (`heartbeat.lua`).
     pub async fn heartbeat(&self, replica: &str, ttl: Duration) -> Result<u32, StateError> {
         let args = vec![
