@@ -166,6 +166,11 @@ async fn redis_dying_under_load_fails_no_request_and_the_fleet_returns_to_it() {
     let fleets = [&fa, &fb, &fc];
 
     assert!(offer_load(&replicas, 30, 6).await.iter().all(|&s| s == 200));
+    let pool = PoolName::new("gpt-4o");
+    let ptu = [Candidate::unlimited(BackendId::new("ptu"))];
+    for fleet in fleets {
+        fleet.snapshot(&pool, &ptu).await.unwrap(); // each replica's last shared view
+    }
     redis.kill();
     assert!(
         offer_load(&replicas, 60, 6).await.iter().all(|&s| s == 200),
@@ -190,14 +195,11 @@ async fn redis_dying_under_load_fails_no_request_and_the_fleet_returns_to_it() {
         "decisions are shared again"
     );
 
-    // The restarted (empty) Redis holds what the fleet did since: the 60 requests admitted
-    // while it was down (written back on return) and the 30 after.
-    let pool = PoolName::new("gpt-4o");
-    let snap = fa
-        .snapshot(&pool, &[Candidate::unlimited(BackendId::new("ptu"))])
-        .await
-        .unwrap();
-    assert_eq!(snap.members[0].requests_used, 90);
+    // The restarted (empty) Redis holds all the fleet did: the 30 requests before the
+    // outage (restored from the last shared view), the 60 admitted while it was down
+    // (written back on return) and the 30 after.
+    let snap = fa.snapshot(&pool, &ptu).await.unwrap();
+    assert_eq!(snap.members[0].requests_used, 120);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
