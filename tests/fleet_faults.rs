@@ -279,3 +279,53 @@ async fn what_replicas_learn_while_redis_is_down_survives_its_restart_empty() {
         "Redis counts {used} of the {ptu_tokens} tokens the PTU served"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acquire_abandoned_during_a_stall_leaves_no_reservation_behind() {
+    let redis = Arc::new(RedisServer::start_with(&["--enable-debug-command", "yes"]));
+    let defaults = spillway_gateway::config::Config::from_toml(
+        "[[backends]]\nid = \"a\"\nurl = \"http://127.0.0.1:1\"\ndeployments = { \"gpt-4o\" = \"gpt-4o\" }\n",
+    )
+    .unwrap();
+    let store = spillway_gateway::server::redis_state(&defaults, &redis.url()).unwrap();
+    store.ready(EVENT_TIMEOUT).await.unwrap();
+    let fleet = spillway_shared::FallbackState::new(
+        store,
+        EmbeddedState::default(),
+        Duration::from_millis(defaults.state.redis_timeout_ms),
+    );
+    let pool = PoolName::new("abandoned");
+    let c = [Candidate {
+        tokens_per_window: Some(1_000_000),
+        ..Candidate::unlimited(BackendId::new("a"))
+    }];
+
+    // Redis stops for 300 ms (a slow fork, a long script) while requests keep coming.
+    let sleeper = tokio::task::spawn_blocking({
+        let redis = redis.clone();
+        move || redis.cli(&["DEBUG", "SLEEP", "0.3"])
+    });
+    let mut shared_tokens = 0;
+    let mut abandoned = false;
+    for _ in 0..100_000 {
+        match fleet.acquire(&pool, &c, 100).await.unwrap() {
+            spillway_shared::Admission::Admitted { reservation, .. }
+                if reservation.issuer == spillway_shared::Issuer::Redis =>
+            {
+                shared_tokens += 100;
+            }
+            _ => {
+                abandoned = true; // the stall has begun: this one was decided locally
+                break;
+            }
+        }
+    }
+    assert!(abandoned, "the stall was felt");
+    assert_eq!(sleeper.await.unwrap().trim(), "OK");
+    // On the same connection, after the abandoned script and its release have run.
+    let snapshot = fleet.snapshot(&pool, &c).await.unwrap();
+    assert_eq!(
+        snapshot.members[0].tokens_used, shared_tokens,
+        "only the reservations the replica knows of are charged in Redis"
+    );
+}

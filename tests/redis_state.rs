@@ -151,17 +151,19 @@ async fn a_request_at_a_bucket_boundary_is_charged_to_the_new_bucket() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_arguments_are_rejected_by_the_script() {
     let store = served(small_windows()).await;
-    let keys: Vec<String> = ["backoff", "usage", "hints"]
+    let keys: Vec<String> = ["pending", "backoff:a", "usage:a", "hints:a"]
         .iter()
-        .map(|k| format!("spillway-test:{{p}}:{k}:a"))
+        .map(|k| format!("spillway-test:{{p}}:{k}"))
         .collect();
-    // estimate, bucket ms, window ms, clock, hint ttl ms, probe ms; then token, request and
-    // spill limits.
+    // estimate, bucket ms, window ms, clock, hint ttl ms, probe ms, reservation id; then
+    // token, request and spill limits.
     let args = |tokens: &str| -> Vec<String> {
-        [tokens, "100", "1000", "", "1000", "5000", "-1", "-1", "-1"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
+        [
+            tokens, "100", "1000", "", "1000", "5000", "", "-1", "-1", "-1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
     };
     for tokens in ["-5", "1.5", "many"] {
         let err = store
@@ -426,4 +428,57 @@ async fn a_reservation_is_settled_only_in_the_store_that_issued_it() {
         "the member still admits"
     );
     drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settle_applies_once_and_never_after_a_release() {
+    let store = redis().await;
+    let pool = PoolName::new("once");
+    let c = [Candidate::unlimited(BackendId::new("a"))];
+    let used = |reservation| spillway_shared::Receipt {
+        reservation,
+        tokens: 40,
+        latency: None,
+        hints: spillway_shared::UpstreamHints::default(),
+        backoff: None,
+    };
+    let Admission::Admitted {
+        backend,
+        reservation,
+    } = store.acquire(&pool, &c, 100).await.unwrap()
+    else {
+        panic!("admitted");
+    };
+    store
+        .settle(&pool, &backend, used(reservation))
+        .await
+        .unwrap();
+    store
+        .settle(&pool, &backend, used(reservation))
+        .await
+        .unwrap();
+    let tokens = |s: spillway_shared::PoolSnapshot| s.members[0].tokens_used;
+    assert_eq!(tokens(store.snapshot(&pool, &c).await.unwrap()), 40);
+
+    // A released reservation is given back once; settling it later changes nothing.
+    let Admission::Admitted { reservation, .. } = store.acquire(&pool, &c, 100).await.unwrap()
+    else {
+        panic!("admitted");
+    };
+    assert!(store.release(&pool, &c, reservation.id).await.unwrap());
+    assert!(!store.release(&pool, &c, reservation.id).await.unwrap());
+    store
+        .settle(&pool, &backend, used(reservation))
+        .await
+        .unwrap();
+    assert_eq!(tokens(store.snapshot(&pool, &c).await.unwrap()), 40);
+
+    // Released before its acquire ran (the acquire was queued behind a stall): admits nothing.
+    let id = store.next_reservation_id();
+    assert!(!store.release(&pool, &c, id).await.unwrap());
+    assert!(matches!(
+        store.acquire_with_id(&pool, &c, 100, id).await.unwrap(),
+        Admission::Exhausted { .. }
+    ));
+    assert_eq!(tokens(store.snapshot(&pool, &c).await.unwrap()), 40);
 }

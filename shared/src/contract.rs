@@ -207,6 +207,7 @@ pub async fn settle_without_acquire_changes_no_budget(store: &dyn FleetState) {
         ledger: 0,
         admitted_ms: 12_345,
         issuer: crate::store::Issuer::default(),
+        id: 0,
     };
     store
         .settle(&p, &c[0].backend, receipt(stray, 80))

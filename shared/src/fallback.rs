@@ -358,6 +358,32 @@ impl FallbackState {
     }
 }
 
+/// Release an abandoned reservation once Redis answers (commands on one connection run in
+/// order, so the release runs after the acquire it follows). Gives up after a budget window,
+/// when any reservation has expired with its bucket anyway.
+async fn release_abandoned(
+    primary: Arc<RedisState>,
+    pool: PoolName,
+    candidates: Vec<Candidate>,
+    id: u64,
+) {
+    let give_up = Instant::now() + primary.windows().budget;
+    let mut pause = Duration::from_millis(50);
+    while Instant::now() < give_up {
+        match primary.release(&pool, &candidates, id).await {
+            Ok(_) => return,
+            Err(StateError::Protocol(e)) => {
+                warn!(error = %e, "fleet state: could not release an abandoned reservation");
+                return;
+            }
+            Err(_) => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
 /// An id for this replica's heartbeats, unique across restarts.
 fn replica_id() -> String {
     let nanos = std::time::SystemTime::now()
@@ -430,18 +456,35 @@ impl FleetState for FallbackState {
         candidates: &[Candidate],
         tokens: u64,
     ) -> Result<Admission, StateError> {
+        let id = self.primary.next_reservation_id();
+        let answered = std::sync::atomic::AtomicBool::new(false);
         let shared = async {
-            let admission = self.primary.acquire(pool, candidates, tokens).await?;
-            if let Admission::Admitted { backend, .. } = &admission {
+            let admission = self
+                .primary
+                .acquire_with_id(pool, candidates, tokens, id)
+                .await;
+            answered.store(true, Ordering::Relaxed);
+            if let Ok(Admission::Admitted { backend, .. }) = &admission {
                 self.note_admitted(pool, backend, tokens);
             }
-            Ok(admission)
+            admission
         };
         let local = async {
             let shares = self.local_shares(pool, candidates);
             self.local.acquire(pool, &shares, tokens).await
         };
-        self.decide(shared, local).await
+        let tried_shared = !self.is_degraded();
+        let admission = self.decide(shared, local).await;
+        if tried_shared && !answered.load(Ordering::Relaxed) {
+            // Given up on here, the script may still run in Redis: release what it reserves.
+            tokio::spawn(release_abandoned(
+                self.primary.clone(),
+                pool.clone(),
+                candidates.to_vec(),
+                id,
+            ));
+        }
+        admission
     }
 
     /// A reservation is settled in the store that issued it: an embedded one never touches

@@ -28,6 +28,11 @@ impl KeySchema {
         format!("{}:{{{}}}:{kind}:{}", self.prefix, pool, backend)
     }
 
+    /// A pool's open reservations (by id), for idempotent settles and releases.
+    pub fn pending(&self, pool: &PoolName) -> String {
+        format!("{}:{{{}}}:pending", self.prefix, pool)
+    }
+
     /// The fleet's generation marker: gone when Redis lost its data (restarted empty).
     pub fn generation(&self) -> String {
         format!("{}:generation", self.prefix)

@@ -24,6 +24,10 @@ pub struct RedisState {
     snapshot: Script,
     heartbeat: Script,
     charge: Script,
+    release: Script,
+    /// Reservation ids: unique per store instance (prefix) and counted.
+    id_prefix: String,
+    next_id: std::sync::atomic::AtomicU64,
     /// Tests pin the scripts' clock; 0 in service (Redis `TIME`).
     clock_ms: std::sync::atomic::AtomicU64,
 }
@@ -64,6 +68,15 @@ impl RedisState {
             snapshot: Script::from_lua(include_str!("lua/snapshot.lua")),
             heartbeat: Script::from_lua(include_str!("lua/heartbeat.lua")),
             charge: Script::from_lua(include_str!("lua/charge.lua")),
+            release: Script::from_lua(include_str!("lua/release.lua")),
+            id_prefix: format!(
+                "{:x}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos())
+                    ^ u128::from(std::process::id())
+            ),
+            next_id: std::sync::atomic::AtomicU64::new(1),
             clock_ms: std::sync::atomic::AtomicU64::new(0),
         })
     }
@@ -78,6 +91,7 @@ impl RedisState {
                 &self.snapshot,
                 &self.heartbeat,
                 &self.charge,
+                &self.release,
             ] {
                 script.load(&self.client).await.map_err(unavailable)?;
             }
@@ -140,7 +154,46 @@ impl RedisState {
 
     fn settle_keys(&self, pool: &PoolName, backend: &BackendId) -> Vec<String> {
         let k = self.member_keys(pool, backend);
-        vec![k.backoff, k.usage, k.latency, k.hints]
+        vec![
+            k.backoff,
+            k.usage,
+            k.latency,
+            k.hints,
+            self.keys.pending(pool),
+        ]
+    }
+
+    /// A fresh reservation id (never 0).
+    pub fn next_reservation_id(&self) -> u64 {
+        self.next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn reservation_key(&self, id: u64) -> String {
+        if id == 0 {
+            String::new()
+        } else {
+            format!("{}-{id}", self.id_prefix)
+        }
+    }
+
+    /// Give back reservation `id` of an acquire over `candidates` that was abandoned
+    /// (`release.lua`); true when Redis held it.
+    pub async fn release(
+        &self,
+        pool: &PoolName,
+        candidates: &[Candidate],
+        id: u64,
+    ) -> Result<bool, StateError> {
+        let mut keys = vec![self.keys.pending(pool)];
+        keys.extend(
+            candidates
+                .iter()
+                .map(|c| self.member_keys(pool, &c.backend).usage),
+        );
+        let ttl = 2 * (self.windows.budget.as_millis() as u64 + self.windows.bucket_ms());
+        let args = vec![self.reservation_key(id), ttl.to_string()];
+        Ok(int(&self.run(&self.release, keys, args).await?)? == 1)
     }
 
     /// ARGV of `settle.lua`; without a receipt only the backoff is applied, with no breaker
@@ -204,6 +257,7 @@ impl RedisState {
                 .map(|r| r.reservation.admitted_ms.to_string())
                 .unwrap_or_default(),
             (hints.age().as_millis() as u64).to_string(),
+            self.reservation_key(receipt.map_or(0, |r| r.reservation.id)),
         ]
     }
 
@@ -260,6 +314,70 @@ impl RedisState {
 
     pub fn windows(&self) -> Windows {
         self.windows
+    }
+
+    /// `acquire`, with the reservation id the caller chose (to release it if it gives up).
+    pub async fn acquire_with_id(
+        &self,
+        pool: &PoolName,
+        candidates: &[Candidate],
+        estimated_tokens: u64,
+        id: u64,
+    ) -> Result<Admission, StateError> {
+        if candidates.is_empty() {
+            return Ok(Admission::Exhausted {
+                retry_after: Duration::ZERO,
+                throttled: false,
+            });
+        }
+        let mut keys = Vec::with_capacity(1 + candidates.len() * 3);
+        keys.push(self.keys.pending(pool));
+        let mut args = vec![
+            estimated_tokens.to_string(),
+            self.windows.bucket_ms().to_string(),
+            (self.windows.budget.as_millis() as u64).to_string(),
+            self.clock(),
+            (self.windows.hint_ttl.as_millis() as u64).to_string(),
+            (self.windows.breaker_probe.as_millis() as u64).to_string(),
+            self.reservation_key(id),
+        ];
+        let limit = |v: Option<u64>| v.map_or("-1".into(), |v| v.to_string());
+        for c in candidates {
+            let k = self.member_keys(pool, &c.backend);
+            keys.extend([k.backoff, k.usage, k.hints]);
+            args.push(limit(c.tokens_per_window));
+            args.push(limit(c.requests_per_window));
+            args.push(c.spill_utilization.map_or("-1".into(), |v| v.to_string()));
+        }
+        let reply = array(self.run(&self.acquire, keys, args).await?)?;
+        let (flag, a, b, ledger, admitted) = match reply.as_slice() {
+            [flag, a, b] => (flag, a, b, None, None),
+            [flag, a, b, ledger, admitted] => (flag, a, b, Some(ledger), Some(admitted)),
+            _ => return Err(StateError::Protocol(format!("acquire returned {reply:?}"))),
+        };
+        if int(flag)? == 1 {
+            let index = int(a)? as usize;
+            let candidate = candidates
+                .get(index.wrapping_sub(1))
+                .ok_or_else(|| StateError::Protocol(format!("acquire chose candidate {index}")))?;
+            let reservation = Reservation {
+                bucket_ms: int(b)? as u64,
+                tokens: estimated_tokens,
+                ledger: ledger.map(int).transpose()?.unwrap_or(0).max(0) as u64,
+                admitted_ms: admitted.map(int).transpose()?.unwrap_or(0).max(0) as u64,
+                issuer: crate::store::Issuer::Redis,
+                id,
+            };
+            Ok(Admission::Admitted {
+                backend: candidate.backend.clone(),
+                reservation,
+            })
+        } else {
+            Ok(Admission::Exhausted {
+                retry_after: Duration::from_millis(int(a)?.max(0) as u64),
+                throttled: int(b)? == 1,
+            })
+        }
     }
 
     /// The raw `acquire` script, for script-level tests.
@@ -336,57 +454,9 @@ impl FleetState for RedisState {
         candidates: &[Candidate],
         estimated_tokens: u64,
     ) -> Result<Admission, StateError> {
-        if candidates.is_empty() {
-            return Ok(Admission::Exhausted {
-                retry_after: Duration::ZERO,
-                throttled: false,
-            });
-        }
-        let mut keys = Vec::with_capacity(candidates.len() * 3);
-        let mut args = vec![
-            estimated_tokens.to_string(),
-            self.windows.bucket_ms().to_string(),
-            (self.windows.budget.as_millis() as u64).to_string(),
-            self.clock(),
-            (self.windows.hint_ttl.as_millis() as u64).to_string(),
-            (self.windows.breaker_probe.as_millis() as u64).to_string(),
-        ];
-        let limit = |v: Option<u64>| v.map_or("-1".into(), |v| v.to_string());
-        for c in candidates {
-            let k = self.member_keys(pool, &c.backend);
-            keys.extend([k.backoff, k.usage, k.hints]);
-            args.push(limit(c.tokens_per_window));
-            args.push(limit(c.requests_per_window));
-            args.push(c.spill_utilization.map_or("-1".into(), |v| v.to_string()));
-        }
-        let reply = array(self.run(&self.acquire, keys, args).await?)?;
-        let (flag, a, b, ledger, admitted) = match reply.as_slice() {
-            [flag, a, b] => (flag, a, b, None, None),
-            [flag, a, b, ledger, admitted] => (flag, a, b, Some(ledger), Some(admitted)),
-            _ => return Err(StateError::Protocol(format!("acquire returned {reply:?}"))),
-        };
-        if int(flag)? == 1 {
-            let index = int(a)? as usize;
-            let candidate = candidates
-                .get(index.wrapping_sub(1))
-                .ok_or_else(|| StateError::Protocol(format!("acquire chose candidate {index}")))?;
-            let reservation = Reservation {
-                bucket_ms: int(b)? as u64,
-                tokens: estimated_tokens,
-                ledger: ledger.map(int).transpose()?.unwrap_or(0).max(0) as u64,
-                admitted_ms: admitted.map(int).transpose()?.unwrap_or(0).max(0) as u64,
-                issuer: crate::store::Issuer::Redis,
-            };
-            Ok(Admission::Admitted {
-                backend: candidate.backend.clone(),
-                reservation,
-            })
-        } else {
-            Ok(Admission::Exhausted {
-                retry_after: Duration::from_millis(int(a)?.max(0) as u64),
-                throttled: int(b)? == 1,
-            })
-        }
+        let id = self.next_reservation_id();
+        self.acquire_with_id(pool, candidates, estimated_tokens, id)
+            .await
     }
 
     async fn settle(

@@ -137,6 +137,9 @@ pub struct Reservation {
     pub admitted_ms: u64,
     /// The store that issued it: a reservation is settled only there.
     pub issuer: Issuer,
+    /// Its id in the issuing store (0: none): a settle applies once, and a reservation whose
+    /// acquire was abandoned can be released by it.
+    pub id: u64,
 }
 
 /// Which kind of store issued a reservation.

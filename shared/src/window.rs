@@ -63,6 +63,7 @@ impl Usage {
                 ledger: 0,
                 admitted_ms: now_ms,
                 issuer: crate::store::Issuer::Embedded,
+                id: 0,
             });
         }
         let (bucket, window) = (w.bucket_ms(), w.budget.as_millis() as u64);

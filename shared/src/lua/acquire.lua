@@ -1,9 +1,12 @@
 -- acquire: the first candidate not in backoff and with budget left; its estimate is reserved.
 --
--- KEYS, three per candidate i, in preference order (all share the pool's hash tag):
---   KEYS[3i-2]  {prefix}:{pool}:backoff:<backend>  hash until_ms, reason, failures, opened
---   KEYS[3i-1]  {prefix}:{pool}:usage:<backend>    hash tokens:<bucket_start_ms>, requests:<bucket_start_ms>
---   KEYS[3i]    {prefix}:{pool}:hints:<backend>    hash remaining_tokens, utilization, updated_ms,
+-- KEYS[1]  {prefix}:{pool}:pending   hash reservation id -> "<candidate i>|<bucket>|<tokens>"
+--          (or "released"), so an abandoned reservation can be released and a settle is
+--          applied once
+-- then three per candidate i, in preference order (all share the pool's hash tag):
+--   KEYS[3i-1]  {prefix}:{pool}:backoff:<backend>  hash until_ms, reason, failures, opened
+--   KEYS[3i]    {prefix}:{pool}:usage:<backend>    hash tokens:<bucket_start_ms>, requests:<bucket_start_ms>
+--   KEYS[3i+1]  {prefix}:{pool}:hints:<backend>    hash remaining_tokens, utilization, updated_ms,
 --                                                  admitted_tokens (running count)
 -- ARGV[1]  estimated tokens of the request (whole number >= 0)
 -- ARGV[2]  budget bucket length, ms          ARGV[3]  budget window length, ms
@@ -11,7 +14,8 @@
 -- ARGV[5]  how long an upstream's capacity hints stay trusted, ms
 -- ARGV[6]  circuit breaker probe: after a cool-down one request is admitted and the others
 --          are held back this long (ms) while it probes
--- ARGV[4+3i], ARGV[5+3i], ARGV[6+3i]  candidate i's token and request budget per window,
+-- ARGV[7]  the reservation's id ("" none); an id already released admits nothing
+-- ARGV[5+3i], ARGV[6+3i], ARGV[7+3i]  candidate i's token and request budget per window,
 --          and the utilization (share) above which it is skipped; -1: none
 -- Returns {1, i, bucket_start_ms, ledger, now_ms}  candidate i admits; the estimate and one
 --                                      request are charged to its bucket starting at
@@ -38,8 +42,13 @@ end
 if bucket == nil or bucket < 1 or window == nil or window < 1 then
   return redis.error_reply('ERR spillway: bucket and window lengths must be >= 1 ms')
 end
-if #KEYS == 0 or #KEYS % 3 ~= 0 or #ARGV ~= 6 + #KEYS then
-  return redis.error_reply('ERR spillway: expected 3 keys and 3 limits per candidate')
+if #KEYS < 4 or (#KEYS - 1) % 3 ~= 0 or #ARGV ~= 6 + #KEYS then
+  return redis.error_reply('ERR spillway: expected the pending key, then 3 keys and 3 limits per candidate')
+end
+local pending_key, id = KEYS[1], ARGV[7]
+if id ~= '' and redis.call('HEXISTS', pending_key, id) == 1 then
+  -- Released before it ran (its caller gave up on it): admit nothing.
+  return {0, 0, 0}
 end
 local hint_ttl = tonumber(ARGV[5]) or 0
 local probe = tonumber(ARGV[6]) or 0
@@ -74,9 +83,9 @@ local function hinted_full(hints_key, spill)
   return nil, true
 end
 
-for i = 1, #KEYS / 3 do
-  local backoff_key, usage_key, hints_key = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
-  local tpm, rpm, spill = tonumber(ARGV[4 + 3 * i]), tonumber(ARGV[5 + 3 * i]), tonumber(ARGV[6 + 3 * i])
+for i = 1, (#KEYS - 1) / 3 do
+  local backoff_key, usage_key, hints_key = KEYS[3 * i - 1], KEYS[3 * i], KEYS[3 * i + 1]
+  local tpm, rpm, spill = tonumber(ARGV[5 + 3 * i]), tonumber(ARGV[6 + 3 * i]), tonumber(ARGV[7 + 3 * i])
   local wait
   local backoff = redis.call('HMGET', backoff_key, 'until_ms', 'reason', 'opened')
   local until_ms = tonumber(backoff[1])
@@ -121,6 +130,10 @@ for i = 1, #KEYS / 3 do
       redis.call('HINCRBY', usage_key, 'tokens:' .. field, estimate)
       redis.call('HINCRBY', usage_key, 'requests:' .. field, 1)
       redis.call('PEXPIRE', usage_key, 2 * (window + bucket))
+      if id ~= '' then
+        redis.call('HSET', pending_key, id, string.format('%d|%d|%d', i, start, estimate))
+        redis.call('PEXPIRE', pending_key, 2 * (window + bucket))
+      end
       -- Hint ledger: requests admitted since the upstream's last answer use up its
       -- remaining tokens, so concurrent requests see the room shrink.
       local h = redis.call('HMGET', hints_key, 'remaining_tokens', 'updated_ms')

@@ -6,6 +6,7 @@
 --                                              and slot (the newest slot seen)
 -- KEYS[4]  {prefix}:{pool}:hints:<backend>    hash remaining_tokens, utilization, updated_ms,
 --                                              estimated_tokens, actual_tokens (completed requests)
+-- KEYS[5]  {prefix}:{pool}:pending              hash of open reservations (see acquire.lua)
 -- ARGV[1]  reservation bucket start, ms ("" when settling no reservation)
 -- ARGV[2]  tokens reserved   ARGV[3]  tokens really used
 -- ARGV[4..6]  histogram labels for ttfb_ms, total_ms, ms_per_output_token ("" to record none)
@@ -22,6 +23,8 @@
 -- ARGV[20] when the request was admitted, ms ("" now): the breaker epoch
 -- ARGV[21] how long ago the hints in ARGV[7..8] were observed, ms ("" 0): hints are kept
 --          only when observed after the ones held (updated_ms is the observation time)
+-- ARGV[22] the reservation's id ("" none): its usage is corrected only while it is open, so a
+--          settle applies once, and never after a release
 -- Returns 1. Errors "ERR spillway: ..." on malformed arguments.
 --
 -- Breaker: a failure that is not throttling counts toward `failures`; at the threshold the
@@ -33,8 +36,8 @@
 -- A reservation whose bucket has left the window (or never existed) changes nothing: its
 -- charge already expired with the bucket.
 
-if #KEYS ~= 4 or #ARGV ~= 21 then
-  return redis.error_reply('ERR spillway: settle takes 4 keys and 21 arguments')
+if #KEYS ~= 5 or #ARGV ~= 22 then
+  return redis.error_reply('ERR spillway: settle takes 5 keys and 22 arguments')
 end
 local threshold, max_cooldown = tonumber(ARGV[14]) or 0, tonumber(ARGV[15]) or 0
 local failure_rate, min_outcomes, rate_window = tonumber(ARGV[16]) or 2, tonumber(ARGV[17]) or 0, tonumber(ARGV[18]) or 0
@@ -64,8 +67,14 @@ local function count_outcome(ok)
   return oks, fails
 end
 
--- Replace the estimate with the real count.
-if ARGV[1] ~= '' then
+-- Replace the estimate with the real count, once, while the reservation is open.
+local open_reservation = true
+if ARGV[22] ~= '' then
+  local entry = redis.call('HGET', KEYS[5], ARGV[22])
+  open_reservation = entry ~= false and entry ~= 'released'
+  if open_reservation then redis.call('HDEL', KEYS[5], ARGV[22]) end
+end
+if ARGV[1] ~= '' and open_reservation then
   local reserved, used = tonumber(ARGV[2]), tonumber(ARGV[3])
   if reserved == nil or used == nil or reserved < 0 or used < 0 then
     return redis.error_reply('ERR spillway: token counts must be numbers >= 0')
