@@ -25,7 +25,7 @@ fn two_tiers(sim: &spillway_gateway::sim::SimHandle, ptu_tpm: Option<u64>) -> St
 async fn a_429_seen_by_one_replica_holds_back_the_whole_fleet() {
     let redis = RedisServer::start();
     let sim = ptu_and_payg().await;
-    let config = two_tiers(&sim, None) + &redis_section(&redis.url(), "redis_timeout_ms = 1000\n");
+    let config = two_tiers(&sim, None) + &redis_section(&redis.url(), "");
     let (a, _) = start_on_redis(&config).await;
     let (b, _) = start_on_redis(&config).await;
     let (c, fleet) = start_on_redis(&config).await;
@@ -96,8 +96,9 @@ fn assert_within_budget(ptu_tokens: u64) {
     );
 }
 
-// The window is 20 s; the load completes within it, so one window's admissions are measured.
-const WINDOW: &str = "window_ms = 20000\nwindow_buckets = 20\nredis_timeout_ms = 1000\n";
+// The default window (a minute): the load completes within it, so one window's admissions
+// are measured.
+const WINDOW: &str = "";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_on_redis_fill_the_ptu_budget_exactly_once() {
@@ -123,9 +124,7 @@ async fn three_replicas_on_redis_fill_the_ptu_budget_exactly_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_shared_state_each_replica_spends_the_budget_again() {
     let sim = ptu_and_payg().await;
-    let config = two_tiers(&sim, Some(PTU_TPM))
-        + "[state]\n"
-        + WINDOW.replace("redis_timeout_ms = 1000\n", "").as_str();
+    let config = two_tiers(&sim, Some(PTU_TPM)) + "[state]\n" + WINDOW;
     let (a, b, c) = (
         start_single(&config).await,
         start_single(&config).await,
@@ -158,7 +157,7 @@ async fn the_budget_holds_on_a_three_master_cluster() {
 async fn redis_dying_under_load_fails_no_request_and_the_fleet_returns_to_it() {
     let mut redis = RedisServer::start();
     let sim = ptu_and_payg().await;
-    let config = two_tiers(&sim, None) + &redis_section(&redis.url(), "redis_timeout_ms = 200\n");
+    let config = two_tiers(&sim, None) + &redis_section(&redis.url(), "");
     let (a, fa) = start_on_redis(&config).await;
     let (b, fb) = start_on_redis(&config).await;
     let (c, fc) = start_on_redis(&config).await;
@@ -206,8 +205,7 @@ async fn redis_dying_under_load_fails_no_request_and_the_fleet_returns_to_it() {
 async fn operators_read_the_fleet_table_from_redis() {
     let redis = RedisServer::start();
     let sim = ptu_and_payg().await;
-    let config_text =
-        two_tiers(&sim, Some(PTU_TPM)) + &redis_section(&redis.url(), "redis_timeout_ms = 1000\n");
+    let config_text = two_tiers(&sim, Some(PTU_TPM)) + &redis_section(&redis.url(), "");
     let config = spillway_gateway::config::Config::from_toml(&config_text).unwrap();
     let fleet = spillway_gateway::server::redis_fleet(&config, &redis.url()).unwrap();
     let observed = ObservedState::new(fleet);
@@ -256,7 +254,7 @@ async fn operators_read_the_fleet_table_from_redis() {
 async fn metrics_show_requests_failures_and_a_degraded_replica() {
     let mut redis = RedisServer::start();
     let sim = ptu_and_payg().await;
-    let config = two_tiers(&sim, None) + &redis_section(&redis.url(), "redis_timeout_ms = 200\n");
+    let config = two_tiers(&sim, None) + &redis_section(&redis.url(), "");
     let (gw, fleet) = start_on_redis(&config).await;
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin_url = format!("http://{}/metrics", admin.local_addr().unwrap());

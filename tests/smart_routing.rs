@@ -127,7 +127,7 @@ async fn ptu_saturation_spills_to_payg_before_ptu_throttles() {
             ("ptu-2", "eastus", 1),
             ("payg", "eastus", 2),
         ],
-    ) + &redis_section(&redis.url(), "redis_timeout_ms = 1000\n");
+    ) + &redis_section(&redis.url(), "");
     let (a, _) = start_on_redis(&config).await;
     let (b, _) = start_on_redis(&config).await;
     let (c, _) = start_on_redis(&config).await;
@@ -183,7 +183,7 @@ async fn a_regional_outage_opens_the_breaker_fleet_wide_and_recovery_closes_it()
             ("east-2", "eastus", 1),
             ("west-1", "westus", 1),
         ],
-    ) + &redis_section(&redis.url(), "redis_timeout_ms = 1000\n")
+    ) + &redis_section(&redis.url(), "")
         + "[routing]\ndefault_backoff_ms = 1000\nbreaker_probe_ms = 300\n";
     let (a, fleet) = start_on_redis(&config).await;
     let (b, _) = start_on_redis(&config).await;

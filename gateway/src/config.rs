@@ -123,8 +123,9 @@ pub struct StateConfig {
     pub window_buckets: u32,
     /// Latency samples are kept for this long.
     pub latency_window_ms: u64,
-    /// A Redis call slower than this is abandoned and the replica decides with its embedded
-    /// state for that request (degraded) until Redis answers in time again.
+    /// A Redis call slower than this is abandoned (its reservation released later) and that
+    /// decision is made on this replica's share of the budgets; after 3 in a row the replica
+    /// is degraded until Redis answers 3 pings in time.
     pub redis_timeout_ms: u64,
 }
 
@@ -136,7 +137,10 @@ impl Default for StateConfig {
             window_ms: 60_000,
             window_buckets: 60,
             latency_window_ms: 300_000,
-            redis_timeout_ms: 10,
+            // Measured: the acquire script on loopback Redis answers in p99 0.38 ms, p99.9
+            // 1.1 ms, max 4.6 ms at 51k calls/s (redis-benchmark, README). 25 ms leaves room
+            // for an in-region network hop; a slower call costs one local decision only.
+            redis_timeout_ms: 25,
         }
     }
 }
