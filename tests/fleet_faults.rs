@@ -329,3 +329,47 @@ async fn an_acquire_abandoned_during_a_stall_leaves_no_reservation_behind() {
         "only the reservations the replica knows of are charged in Redis"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_mid_stream_is_charged_what_was_relayed() {
+    let sim = start_sim(vec![resource("ptu", vec![long_stream_deployment()])]).await;
+    let fleet: Arc<dyn FleetState> = Arc::new(EmbeddedState::default());
+    let observed = ObservedState::new(fleet.clone());
+    let gw = start_gateway(&backend(&sim, "ptu", 1), observed.clone()).await;
+
+    let mut body = chat_body(true);
+    body["max_tokens"] = 5_000.into();
+    let response = chat(&gw, "gpt-4o", &body).await;
+    let mut stream = response.bytes_stream();
+    let mut relayed = 0;
+    while relayed < 20 {
+        let chunk = stream.next().await.expect("more").expect("chunk");
+        relayed += String::from_utf8_lossy(&chunk)
+            .matches("\"content\":\"")
+            .count();
+    }
+    drop(stream); // the client goes away mid-stream
+
+    observed.settled(1).await;
+    assert!(
+        sim.wait_until(EVENT_TIMEOUT, |s| s
+            .stats("ptu", "gpt-4o")
+            .streams_cancelled
+            == 1)
+            .await
+    );
+    let served = sim.stats("ptu", "gpt-4o");
+    let (charged, requests) = charged(&*fleet, "ptu").await;
+    eprintln!(
+        "mid-stream: charged {charged}, upstream counted {}",
+        served.total_tokens
+    );
+    assert_eq!(requests, 1);
+    // Charged: the prompt plus the pieces relayed, never the 5,000-token reservation.
+    assert!(charged < 200, "charged {charged}");
+    assert!(
+        charged.abs_diff(served.total_tokens) <= 10,
+        "charged {charged}, upstream counted {}",
+        served.total_tokens
+    );
+}
