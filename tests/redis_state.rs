@@ -5,7 +5,8 @@ use std::ops::Deref;
 use std::time::Duration;
 
 use spillway_shared::{
-    Admission, BackendId, Candidate, FleetState, PoolName, RedisState, StateError, Windows,
+    Admission, BackendId, Candidate, ClockControl, FleetState, PoolName, RedisState, StateError,
+    Windows,
 };
 use spillway_tests::redis_server::RedisServer;
 
@@ -481,4 +482,45 @@ async fn a_settle_applies_once_and_never_after_a_release() {
         Admission::Exhausted { .. }
     ));
     assert_eq!(tokens(store.snapshot(&pool, &c).await.unwrap()), 40);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn releasing_an_abandoned_probe_lets_the_next_request_probe() {
+    let store = redis().await;
+    let pool = PoolName::new("probe-release");
+    let c = [Candidate::unlimited(BackendId::new("a"))];
+    let Admission::Admitted {
+        backend,
+        reservation,
+    } = store.acquire(&pool, &c, 1).await.unwrap()
+    else {
+        panic!("admitted");
+    };
+    let failed = spillway_shared::Receipt {
+        reservation,
+        tokens: 0,
+        latency: None,
+        hints: spillway_shared::UpstreamHints::default(),
+        backoff: Some(spillway_shared::Backoff {
+            duration: Duration::from_millis(1_000),
+            reason: spillway_shared::BackoffReason::ServerError,
+        }),
+    };
+    store.settle(&pool, &backend, failed).await.unwrap();
+    store.advance_clock(Duration::from_millis(1_001));
+    // The probe's acquire is abandoned by its replica (a timeout) and released.
+    let id = store.next_reservation_id();
+    assert!(matches!(
+        store.acquire_with_id(&pool, &c, 1, id).await.unwrap(),
+        Admission::Admitted { .. }
+    ));
+    assert!(
+        !admits(&store, &pool, &c, 1).await,
+        "others wait for the probe"
+    );
+    assert!(store.release(&pool, &c, id).await.unwrap());
+    assert!(
+        admits(&store, &pool, &c, 1).await,
+        "the next request probes at once"
+    );
 }

@@ -186,11 +186,10 @@ impl RedisState {
         id: u64,
     ) -> Result<bool, StateError> {
         let mut keys = vec![self.keys.pending(pool)];
-        keys.extend(
-            candidates
-                .iter()
-                .map(|c| self.member_keys(pool, &c.backend).usage),
-        );
+        for c in candidates {
+            let k = self.member_keys(pool, &c.backend);
+            keys.extend([k.usage, k.backoff]);
+        }
         let ttl = 2 * (self.windows.budget.as_millis() as u64 + self.windows.bucket_ms());
         let args = vec![self.reservation_key(id), ttl.to_string()];
         Ok(int(&self.run(&self.release, keys, args).await?)? == 1)
