@@ -3,9 +3,10 @@
 //!
 //! - Every decision (acquire, settle, observe, backoff) goes to Redis within a time budget.
 //!   A call that fails or is slow is decided on this replica's embedded state, for that call.
-//! - Health has hysteresis: the replica turns degraded (every decision local) only after
-//!   [`ENTER_AFTER`] such calls in a row, and turns back after [`LEAVE_AFTER`] timely pings
-//!   in a row. Background snapshots never change it.
+//! - Health is per pool (so per Redis node in a cluster) and has hysteresis
+//!   ([`crate::health`]): a pool turns degraded (every decision local) only after
+//!   [`ENTER_AFTER`] such calls in a row, and back after [`LEAVE_AFTER`] timely probes in a
+//!   row. Background snapshots never change it.
 //! - Local decisions keep budgets: a member's budget is what the fleet had left at the last
 //!   shared view, divided by the live replicas (heartbeats in Redis).
 //! - What was decided locally reaches Redis once it answers: the usage admitted locally is
@@ -15,6 +16,8 @@
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use crate::health::Health;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -30,11 +33,9 @@ use crate::store::{
     PoolSnapshot, Receipt, Reservation, StateError, UpstreamHints,
 };
 
-/// Failed or slow decision calls in a row that make a replica degraded.
-pub const ENTER_AFTER: u32 = 3;
-/// Timely pings in a row that bring a degraded replica back to shared state.
-pub const LEAVE_AFTER: u32 = 3;
-/// How often a degraded replica pings Redis.
+pub use crate::health::{ENTER_AFTER, LEAVE_AFTER};
+
+/// How often a degraded pool is probed.
 const PROBE_INTERVAL: Duration = Duration::from_millis(250);
 /// How often a replica announces itself, and how long an announcement counts.
 const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
@@ -49,8 +50,7 @@ pub struct FallbackState {
     local: EmbeddedState,
     budget: Duration,
     replica: String,
-    degraded: watch::Sender<bool>,
-    bad_calls: AtomicU32,
+    health: Health,
     /// Decisions taken on the embedded state since start (an operator metric).
     fallback_calls: AtomicU64,
     live_replicas: AtomicU32,
@@ -86,14 +86,13 @@ impl FallbackState {
             local,
             budget,
             replica: replica_id(),
-            degraded: watch::Sender::new(false),
-            bad_calls: AtomicU32::new(0),
+            health: Health::default(),
             fallback_calls: AtomicU64::new(0),
             live_replicas: AtomicU32::new(1),
             seen: Mutex::new(HashMap::new()),
             owed: Mutex::new(Owed::default()),
         });
-        tokio::spawn(probe(Arc::downgrade(&state), state.degraded.subscribe()));
+        tokio::spawn(probe(Arc::downgrade(&state), state.health.subscribe()));
         tokio::spawn(heartbeat(Arc::downgrade(&state)));
         state
     }
@@ -108,14 +107,17 @@ impl FallbackState {
                 true
             }
             Err(e) => {
-                self.degrade(&e.to_string());
+                if self.health.degrade_all() {
+                    self.log_degraded(None, &e.to_string());
+                }
                 false
             }
         }
     }
 
+    /// Whether any pool decides locally now.
     pub fn is_degraded(&self) -> bool {
-        *self.degraded.borrow()
+        self.health.any_degraded()
     }
 
     pub fn fallback_calls(&self) -> u64 {
@@ -127,62 +129,50 @@ impl FallbackState {
         self.live_replicas.load(Ordering::Relaxed).max(1)
     }
 
-    /// Wait until this replica decides on shared state again (tests, operators' tooling).
+    /// Wait until every pool decides on shared state again (tests, operators' tooling).
     pub async fn wait_shared(&self) {
-        let _ = self
-            .degraded
-            .subscribe()
-            .wait_for(|degraded| !degraded)
-            .await;
+        let _ = self.health.subscribe().wait_for(|n| *n == 0).await;
     }
 
-    /// Wait until this replica has switched to its embedded state.
+    /// Wait until some pool has switched to local decisions.
     pub async fn wait_degraded(&self) {
-        let _ = self
-            .degraded
-            .subscribe()
-            .wait_for(|degraded| *degraded)
-            .await;
+        let _ = self.health.subscribe().wait_for(|n| *n > 0).await;
     }
 
-    fn degrade(&self, why: &str) {
-        if !self.degraded.send_replace(true) {
-            warn!(
-                error = why,
-                live_replicas = self.live_replicas(),
-                "fleet state: Redis unavailable; deciding on this replica's share of the budgets until it answers"
-            );
-        }
+    fn log_degraded(&self, pool: Option<&PoolName>, why: &str) {
+        warn!(
+            pool = pool.map_or("every pool", PoolName::as_str),
+            error = why,
+            live_replicas = self.live_replicas(),
+            "fleet state: Redis unavailable; deciding on this replica's share of the budgets until it answers"
+        );
     }
 
-    /// Run a decision on Redis unless degraded; on failure or timeout, run it locally.
+    /// Run a decision for `pool` on Redis unless the pool is degraded; on failure or timeout,
+    /// run it locally.
     async fn decide<T>(
         &self,
+        pool: &PoolName,
         shared: impl Future<Output = Result<T, StateError>>,
         local: impl Future<Output = Result<T, StateError>>,
     ) -> Result<T, StateError> {
-        if !self.is_degraded() {
-            match tokio::time::timeout(self.budget, shared).await {
+        if !self.health.is_degraded(pool) {
+            let why = match tokio::time::timeout(self.budget, shared).await {
                 Ok(Ok(value)) => {
-                    self.bad_calls.store(0, Ordering::Relaxed);
+                    self.health.note_good_call(pool);
                     return Ok(value);
                 }
                 // A script rejecting its arguments is a bug here, not an outage.
                 Ok(Err(e @ StateError::Protocol(_))) => return Err(e),
-                Ok(Err(e)) => self.note_bad(&e.to_string()),
-                Err(_) => {
-                    self.note_bad(&format!("no answer within {} ms", self.budget.as_millis()))
-                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {} ms", self.budget.as_millis()),
+            };
+            if self.health.note_bad_call(pool) {
+                self.log_degraded(Some(pool), &why);
             }
         }
         self.fallback_calls.fetch_add(1, Ordering::Relaxed);
         local.await
-    }
-
-    fn note_bad(&self, why: &str) {
-        if self.bad_calls.fetch_add(1, Ordering::Relaxed) + 1 >= ENTER_AFTER {
-            self.degrade(why);
-        }
     }
 
     /// The candidates as this replica may admit them alone: each budget cut to what the
@@ -392,35 +382,36 @@ fn replica_id() -> String {
     format!("{}-{nanos:x}", std::process::id())
 }
 
-/// While degraded: ping Redis; after enough timely answers in a row, repay what is owed and
-/// go back to shared state.
-async fn probe(state: Weak<FallbackState>, mut degraded: watch::Receiver<bool>) {
+/// While some pool is degraded: probe it (a read on its node) every 250 ms; at every timely
+/// answer repay what is owed; after enough in a row, the pool is back on shared state.
+async fn probe(state: Weak<FallbackState>, mut degraded: watch::Receiver<usize>) {
     loop {
-        if degraded.wait_for(|d| *d).await.is_err() {
+        if degraded.wait_for(|n| *n > 0).await.is_err() {
             return;
         }
-        let mut good = 0;
-        while good < LEAVE_AFTER {
-            tokio::time::sleep(PROBE_INTERVAL).await;
-            let Some(state) = state.upgrade() else { return };
-            let answered = tokio::time::timeout(state.budget, state.primary.ping()).await;
-            good = if matches!(answered, Ok(Ok(()))) {
+        tokio::time::sleep(PROBE_INTERVAL).await;
+        let Some(state) = state.upgrade() else { return };
+        for entry in state.health.degraded_entries() {
+            let probe = async {
+                match &entry {
+                    Some(pool) => state.primary.probe_pool(pool).await,
+                    None => state.primary.ping().await,
+                }
+            };
+            let ok = matches!(tokio::time::timeout(state.budget, probe).await, Ok(Ok(())));
+            if ok {
                 // Repay at every chance, so replicas already back on shared state count
                 // what this one admitted alone.
                 state.repay().await;
-                good + 1
-            } else {
-                0
-            };
+            }
+            if state.health.note_probe(entry.clone(), ok) {
+                state.announce().await;
+                info!(
+                    pool = entry.as_ref().map_or("every pool", PoolName::as_str),
+                    "fleet state: Redis answers again; local decisions written back, back on shared state"
+                );
+            }
         }
-        let Some(state) = state.upgrade() else { return };
-        state.announce().await;
-        state.repay().await;
-        state.bad_calls.store(0, Ordering::Relaxed);
-        state.degraded.send_replace(false);
-        info!(
-            "fleet state: Redis answers again; local decisions written back, back on shared state"
-        );
     }
 }
 
@@ -429,10 +420,7 @@ async fn heartbeat(state: Weak<FallbackState>) {
     loop {
         tokio::time::sleep(HEARTBEAT_INTERVAL).await;
         let Some(state) = state.upgrade() else { return };
-        if state.is_degraded() {
-            continue; // the last count stands while Redis cannot be reached
-        }
-        state.announce().await;
+        state.announce().await; // the last count stands while Redis cannot be reached
         // Usage owed from single slow calls is repaid on the healthy path too.
         let owes = !state.owed.lock().expect("lock").usage.is_empty();
         if owes {
@@ -473,8 +461,8 @@ impl FleetState for FallbackState {
             let shares = self.local_shares(pool, candidates);
             self.local.acquire(pool, &shares, tokens).await
         };
-        let tried_shared = !self.is_degraded();
-        let admission = self.decide(shared, local).await;
+        let tried_shared = !self.health.is_degraded(pool);
+        let admission = self.decide(pool, shared, local).await;
         if tried_shared && !answered.load(Ordering::Relaxed) {
             // Given up on here, the script may still run in Redis: release what it reserves.
             tokio::spawn(release_abandoned(
@@ -512,8 +500,12 @@ impl FleetState for FallbackState {
                     }
                     self.local.settle(pool, backend, receipt.clone()).await
                 };
-                self.decide(self.primary.settle(pool, backend, receipt.clone()), local)
-                    .await
+                self.decide(
+                    pool,
+                    self.primary.settle(pool, backend, receipt.clone()),
+                    local,
+                )
+                .await
             }
         }
     }
@@ -529,6 +521,7 @@ impl FleetState for FallbackState {
             Issuer::Embedded => self.local.observe(pool, backend, hints, reservation).await,
             Issuer::Redis => {
                 self.decide(
+                    pool,
                     self.primary.observe(pool, backend, hints, reservation),
                     self.local.observe(pool, backend, hints, reservation),
                 )
@@ -547,7 +540,7 @@ impl FleetState for FallbackState {
             self.owe_backoff(pool, backend);
             self.local.backoff(pool, backend, backoff).await
         };
-        self.decide(self.primary.backoff(pool, backend, backoff), local)
+        self.decide(pool, self.primary.backoff(pool, backend, backoff), local)
             .await
     }
 
@@ -559,7 +552,7 @@ impl FleetState for FallbackState {
         pool: &PoolName,
         members: &[Candidate],
     ) -> Result<PoolSnapshot, StateError> {
-        if !self.is_degraded() {
+        if !self.health.is_degraded(pool) {
             let budget = SNAPSHOT_BUDGET.max(self.budget);
             match tokio::time::timeout(budget, self.primary.snapshot(pool, members)).await {
                 Ok(Ok(snapshot)) => {

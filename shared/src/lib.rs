@@ -38,6 +38,7 @@
 #[doc(hidden)]
 pub mod contract;
 pub mod fallback;
+mod health;
 mod keys;
 mod memory;
 mod redis;

@@ -277,6 +277,15 @@ impl RedisState {
         Ok(set.is_some())
     }
 
+    /// A cheap read on the node that holds `pool`'s keys: is that node answering?
+    pub async fn probe_pool(&self, pool: &PoolName) -> Result<(), StateError> {
+        self.client
+            .exists::<i64, _>(self.keys.pending(pool))
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+
     /// Record this replica as live; returns how many replicas are (`heartbeat.lua`).
     pub async fn heartbeat(&self, replica: &str, ttl: Duration) -> Result<u32, StateError> {
         let args = vec![
