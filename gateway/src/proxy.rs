@@ -8,6 +8,7 @@ mod relay;
 mod request_body;
 mod select;
 mod settlement;
+mod sse;
 mod upstream_path;
 mod usage;
 

@@ -4,8 +4,11 @@
 use bytes::Bytes;
 use serde_json::Value;
 
-/// Bodies larger than this are not kept for parsing; their estimate stands.
-const MAX_JSON_BYTES: usize = 1 << 20;
+use super::sse::{EventSplitter, event_data};
+
+/// A JSON body, or one SSE event, larger than this is not held for parsing: metering stops
+/// (the estimate stands) and, when stripping, the stream is passed on as it comes.
+const MAX_HELD_BYTES: usize = 1 << 20;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -19,8 +22,10 @@ pub struct UsageMeter {
     sse: bool,
     /// Remove the usage the gateway asked for (the usage-only event, `"usage":null` fields).
     strip: bool,
-    /// SSE: bytes of the event being received; JSON: the body so far.
+    /// JSON: the body so far.
     pending: Vec<u8>,
+    /// SSE: the event being received.
+    events: EventSplitter,
     overflow: bool,
     usage: Option<Usage>,
     content_deltas: u64,
@@ -42,21 +47,34 @@ impl UsageMeter {
             self.observe(&chunk);
             return chunk;
         }
-        self.pending.extend_from_slice(&chunk);
+        self.events.push(&chunk);
         let mut out = Vec::with_capacity(chunk.len());
-        while let Some(end) = find(&self.pending, b"\n\n") {
-            let event: Vec<u8> = self.pending.drain(..end + 2).collect();
+        while let Some(event) = self.events.next_event() {
             if !self.observe_event(&event) {
                 out.extend_from_slice(&without_null_usage(&event));
             }
         }
+        if self.events.held() > MAX_HELD_BYTES {
+            // An event too large to hold: give up stripping and metering, pass it all on.
+            self.strip = false;
+            self.overflow = true;
+            out.extend_from_slice(&self.events.take_rest());
+        }
         Bytes::from(out)
     }
 
-    /// Bytes still held when the upstream ends (an unterminated event), sent as they are.
+    /// Bytes still held when the upstream ends (an unterminated event): metered, and sent on
+    /// as they are.
     pub fn flush(&mut self) -> Bytes {
+        if !self.sse {
+            return Bytes::new();
+        }
+        let rest = self.events.take_rest();
+        if !self.overflow && !rest.is_empty() {
+            self.observe_event(&rest);
+        }
         if self.strip {
-            Bytes::from(std::mem::take(&mut self.pending))
+            Bytes::from(rest)
         } else {
             Bytes::new()
         }
@@ -66,14 +84,19 @@ impl UsageMeter {
         if self.overflow {
             return;
         }
-        self.pending.extend_from_slice(chunk);
         if self.sse {
-            while let Some(end) = find(&self.pending, b"\n\n") {
-                let event: Vec<u8> = self.pending.drain(..end + 2).collect();
+            self.events.push(chunk);
+            while let Some(event) = self.events.next_event() {
                 self.observe_event(&event);
             }
+            if self.events.held() > MAX_HELD_BYTES {
+                self.overflow = true;
+                self.events.take_rest();
+            }
+            return;
         }
-        if self.pending.len() > MAX_JSON_BYTES {
+        self.pending.extend_from_slice(chunk);
+        if self.pending.len() > MAX_HELD_BYTES {
             self.overflow = true;
             self.pending = Vec::new();
         }
@@ -81,36 +104,30 @@ impl UsageMeter {
 
     /// Read usage and content from one SSE event; true when it is a usage-only event.
     fn observe_event(&mut self, event: &[u8]) -> bool {
-        let Ok(text) = std::str::from_utf8(event) else {
+        let Some(data) = event_data(event) else {
             return false;
         };
+        if data.trim() == "[DONE]" {
+            return false;
+        }
+        let Ok(value) = serde_json::from_str::<Value>(&data) else {
+            return false;
+        };
+        let choices = value.get("choices").and_then(Value::as_array);
         let mut usage_only = false;
-        for data in text
-            .lines()
-            .filter_map(|l| l.strip_prefix("data:"))
-            .map(str::trim)
-        {
-            if data == "[DONE]" {
-                continue;
-            }
-            let Ok(value) = serde_json::from_str::<Value>(data) else {
-                continue;
-            };
-            let choices = value.get("choices").and_then(Value::as_array);
-            if let Some(usage) = parse_usage(&value) {
-                self.usage = Some(usage);
-                usage_only = choices.is_none_or(|c| c.is_empty());
-            }
-            if let Some(choices) = choices {
-                self.content_deltas += choices
-                    .iter()
-                    .filter(|c| {
-                        c.pointer("/delta/content")
-                            .and_then(Value::as_str)
-                            .is_some_and(|s| !s.is_empty())
-                    })
-                    .count() as u64;
-            }
+        if let Some(usage) = parse_usage(&value) {
+            self.usage = Some(usage);
+            usage_only = choices.is_none_or(|c| c.is_empty());
+        }
+        if let Some(choices) = choices {
+            self.content_deltas += choices
+                .iter()
+                .filter(|c| {
+                    c.pointer("/delta/content")
+                        .and_then(Value::as_str)
+                        .is_some_and(|s| !s.is_empty())
+                })
+                .count() as u64;
         }
         usage_only
     }
@@ -163,6 +180,8 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     #[test]
@@ -222,5 +241,100 @@ mod tests {
             format!("{content}data: [DONE]\n\n")
         );
         assert_eq!(m.finish().map(|u| u.total_tokens), Some(4));
+    }
+
+    /// An upstream stream framed with `nl`: content events with `"usage":null`, a comment,
+    /// an event with two data lines, the usage-only event, `[DONE]`.
+    fn stream(nl: &str, pieces: usize) -> (String, String) {
+        let mut upstream = format!(": keep-alive{nl}{nl}");
+        let mut client = upstream.clone();
+        for i in 0..pieces {
+            let event = format!(
+                "event: chunk{nl}id: {i}{nl}data: {{\"choices\":[{{\"delta\":{{\"content\":\"t{i}\"}}}}]"
+            );
+            upstream.push_str(&format!("{event},\"usage\":null}}{nl}{nl}"));
+            client.push_str(&format!("{event}}}{nl}{nl}"));
+        }
+        let split = format!(
+            "data: {{\"choices\":[{{\"delta\":{nl}data: {{\"content\":\"x\"}}}}]}}{nl}{nl}"
+        );
+        upstream.push_str(&split);
+        client.push_str(&split);
+        upstream.push_str(&format!(
+            "data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":3,\"completion_tokens\":{},\"total_tokens\":{}}}}}{nl}{nl}",
+            pieces + 1,
+            pieces + 4
+        ));
+        let done = format!("data: [DONE]{nl}{nl}");
+        upstream.push_str(&done);
+        client.push_str(&done);
+        (upstream, client)
+    }
+
+    /// Relay `chunks` through a meter; the client's bytes and what was metered.
+    fn relay_all(chunks: &[&[u8]], strip: bool) -> (Vec<u8>, Option<Usage>, u64) {
+        let mut m = UsageMeter::new(true, strip);
+        let mut out = Vec::new();
+        for c in chunks {
+            out.extend_from_slice(&m.relay(Bytes::copy_from_slice(c)));
+        }
+        out.extend_from_slice(&m.flush());
+        (out, m.finish(), m.content_deltas())
+    }
+
+    #[test]
+    fn crlf_events_are_relayed_as_they_complete() {
+        let mut m = UsageMeter::new(true, true);
+        let (upstream, _) = stream("\r\n", 1_000);
+        let mut relayed_during = 0;
+        let bytes = upstream.as_bytes();
+        for piece in bytes[..bytes.len() - 40].chunks(64) {
+            relayed_during += m.relay(Bytes::copy_from_slice(piece)).len();
+        }
+        assert!(
+            relayed_during > bytes.len() / 2,
+            "held back: {relayed_during}"
+        );
+    }
+
+    #[test]
+    fn an_event_too_large_to_hold_is_passed_on_not_buffered() {
+        let mut m = UsageMeter::new(true, true);
+        let mut out = 0;
+        let piece = vec![b'x'; 64 * 1024];
+        out += m.relay(Bytes::from_static(b"data: ")).len();
+        for _ in 0..40 {
+            out += m.relay(Bytes::from(piece.clone())).len();
+        }
+        assert!(out >= 39 * piece.len(), "relayed {out} bytes");
+        assert!(m.events.held() == 0);
+        assert_eq!(m.finish(), None, "not metered: the estimate stands");
+    }
+
+    proptest! {
+        /// Any split of a valid stream, in any framing, gives the client the same bytes and
+        /// meters the same usage as the whole stream in one chunk.
+        #[test]
+        fn any_split_in_any_framing_relays_and_meters_the_same(
+            nl in prop::sample::select(vec!["\n", "\r\n", "\r"]),
+            pieces in 0usize..12,
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..12),
+            strip in any::<bool>(),
+        ) {
+            let (upstream, client) = stream(nl, pieces);
+            let bytes = upstream.as_bytes();
+            let mut at: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
+            at.extend([0, bytes.len()]);
+            at.sort_unstable();
+            at.dedup();
+            let chunks: Vec<&[u8]> = at.windows(2).map(|w| &bytes[w[0]..w[1]]).collect();
+            let whole = relay_all(&[bytes], strip);
+            let split = relay_all(&chunks, strip);
+            prop_assert_eq!(&split, &whole);
+            let expected = if strip { client.as_bytes() } else { bytes };
+            prop_assert_eq!(String::from_utf8_lossy(&split.0), String::from_utf8_lossy(expected));
+            prop_assert_eq!(split.1.map(|u| u.total_tokens), Some(pieces as u64 + 4));
+            prop_assert_eq!(split.2, pieces as u64 + 1);
+        }
     }
 }
