@@ -73,6 +73,15 @@ async fn estimates_match_the_service_prompt_counts_exactly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_gets_exactly_the_stream_it_asked_for() {
+    exactly_the_stream_asked_for(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crlf_framed_stream_is_relayed_and_metered_the_same() {
+    exactly_the_stream_asked_for(true).await;
+}
+
+async fn exactly_the_stream_asked_for(crlf: bool) {
     // Two identical fresh deployments: one behind the gateway, one asked directly.
     let sim = start_sim(vec![
         resource(
@@ -85,7 +94,18 @@ async fn the_client_gets_exactly_the_stream_it_asked_for() {
         ),
     ])
     .await;
-    let gw = start_single(&backend(&sim, "ptu", 1)).await;
+    for resource in ["ptu", "direct"] {
+        sim.set_faults(
+            resource,
+            "gpt-4o",
+            spillway_gateway::sim::Faults {
+                sse_crlf: crlf,
+                ..Default::default()
+            },
+        );
+    }
+    let fleet = ObservedState::new(Arc::new(EmbeddedState::default()));
+    let gw = start_gateway(&backend(&sim, "ptu", 1), fleet.clone()).await;
     let via_gateway = chat(&gw, "gpt-4o", &chat_body(true))
         .await
         .text()
@@ -123,8 +143,14 @@ async fn the_client_gets_exactly_the_stream_it_asked_for() {
         "no usage chunk nor usage:null reached the client"
     );
     assert_eq!(created(&via_gateway), created(&direct));
+    assert_eq!(via_gateway.contains("\r\n"), crlf);
     let upstream_asked = sim.stats("ptu", "gpt-4o");
     assert_eq!(upstream_asked.streams_completed, 1);
+    // The usage the gateway asked for was read, whatever the framing: exact settlement.
+    fleet.settled(1).await;
+    let state = member(&*fleet.inner, "ptu").await;
+    assert_eq!(state.tokens_used, upstream_asked.total_tokens);
+    assert_eq!(state.actual_tokens, upstream_asked.total_tokens);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -469,6 +469,11 @@ impl ChatStream {
                 });
                 return;
             }
+            let event = if faults.borrow().sse_crlf {
+                event.replace('\n', "\r\n")
+            } else {
+                event
+            };
             if gone || tx.send(Ok(Bytes::from(event))).await.is_err() {
                 deployment.record(|s| {
                     s.streams_cancelled += 1;

@@ -23,6 +23,9 @@ pub struct Faults {
     pub stall_after_chunks: Option<u32>,
     /// Streams are broken off (the connection reset) after this many SSE events.
     pub cut_after_chunks: Option<u32>,
+    /// SSE lines end in CRLF instead of LF (as a proxy or an APIM policy on the way may
+    /// re-frame them; the specification allows both, and CR alone).
+    pub sse_crlf: bool,
     /// Answer requests with this response instead of serving them.
     pub respond_with: Option<ForcedResponse>,
     /// Headers added to every response (e.g. a `set-cookie` a front end in Azure adds).
