@@ -514,6 +514,19 @@ impl Config {
                     );
                 }
             }
+            // Budgets and backoffs are kept per pool: two pools on one deployment would each
+            // spend its whole capacity.
+            let mut by_deployment: BTreeMap<&str, &str> = BTreeMap::new();
+            for (pool, deployment) in &b.deployments {
+                if let Some(other) = by_deployment.insert(deployment, pool) {
+                    bad(
+                        at("deployments"),
+                        format!(
+                            "pools {other:?} and {pool:?} both name deployment {deployment:?}: budgets and backoffs are kept per pool, so each would spend its whole capacity; map one pool to it (clients can share that pool name)"
+                        ),
+                    );
+                }
+            }
             if let BackendAuthConfig::ApiKey { env } = &b.auth {
                 check_env(&mut bad, at("auth.env"), env);
             }
@@ -691,5 +704,21 @@ mod tests {
     #[test]
     fn no_backends_is_a_problem() {
         assert_eq!(problems("")[0].key, "backends");
+    }
+
+    #[test]
+    fn two_pools_on_one_deployment_are_refused_with_the_reason() {
+        let p = problems(
+            "[[backends]]\nid = \"a\"\nurl = \"http://127.0.0.1:1\"\ndeployments = { \"gpt-4o\" = \"d\", \"gpt-4o-mini\" = \"d\" }\n",
+        );
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].key, "backends[0].deployments");
+        assert!(p[0].problem.contains("budgets and backoffs are kept per pool"), "{p:?}");
+    }
+
+    #[test]
+    fn an_admin_listener_beyond_loopback_needs_a_token() {
+        let p = problems(&format!("[server]\nadmin_listen = \"0.0.0.0:9090\"\n{MINIMAL}"));
+        assert!(p.iter().any(|p| p.key == "server.admin_token_env"), "{p:?}");
     }
 }
