@@ -196,3 +196,66 @@ async fn a_stream_cut_off_midway_is_settled_with_what_was_relayed() {
     );
     assert!(state.tokens_used < prompt + 5_000, "not the whole estimate");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_served_by_azure_spillover_are_not_charged_to_the_ptu() {
+    // A PTU with Azure's spillover behind it.
+    let sim = start_sim(vec![
+        resource(
+            "ptu",
+            vec![instant_deployment("gpt-4o", DeploymentKind::Ptu, 1_000_000)],
+        ),
+        resource(
+            "payg",
+            vec![instant_deployment(
+                "gpt-4o",
+                DeploymentKind::Payg,
+                1_000_000,
+            )],
+        ),
+    ])
+    .await;
+    let fleet = ObservedState::new(Arc::new(EmbeddedState::default()));
+    let config = backend(&sim, "ptu", 1) + &backend(&sim, "payg", 2);
+    let gw = start_gateway(&config, fleet.clone()).await;
+
+    // One request the PTU serves, then one it would answer 429 and Azure spills over.
+    let r = chat(&gw, "gpt-4o", &chat_body(false)).await;
+    assert_eq!(header(&r, "x-ms-is-spilled-over"), "");
+    r.bytes().await.unwrap();
+    fleet.settled(1).await;
+    sim.set_faults(
+        "ptu",
+        "gpt-4o",
+        spillway_gateway::sim::Faults {
+            azure_spillover: true,
+            respond_with: Some(ForcedResponse {
+                status: 429,
+                retry_after_ms: Some(1_000),
+                times: Some(1),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    );
+    let r = chat(&gw, "gpt-4o", &chat_body(false)).await;
+    assert_eq!(
+        (r.status().as_u16(), header(&r, "x-ms-is-spilled-over")),
+        (200, "true")
+    );
+    assert_eq!(header(&r, "x-spillway-backend"), "ptu");
+    r.bytes().await.unwrap();
+    fleet.settled(2).await;
+    // The spilled answer says the PTU is full: the next request goes to PAYG.
+    let next = chat(&gw, "gpt-4o", &chat_body(false)).await;
+    assert_eq!(header(&next, "x-spillway-backend"), "payg");
+
+    let served = sim.stats("ptu", "gpt-4o");
+    assert_eq!((served.succeeded, served.spilled), (2, 1));
+    let state = member(&*fleet.inner, "ptu").await;
+    assert_eq!(
+        state.tokens_used,
+        served.total_tokens - served.spilled_tokens,
+        "only the PTU's own tokens are charged to it"
+    );
+}

@@ -713,12 +713,18 @@ mod tests {
         );
         assert_eq!(p.len(), 1, "{p:?}");
         assert_eq!(p[0].key, "backends[0].deployments");
-        assert!(p[0].problem.contains("budgets and backoffs are kept per pool"), "{p:?}");
+        assert!(
+            p[0].problem
+                .contains("budgets and backoffs are kept per pool"),
+            "{p:?}"
+        );
     }
 
     #[test]
     fn an_admin_listener_beyond_loopback_needs_a_token() {
-        let p = problems(&format!("[server]\nadmin_listen = \"0.0.0.0:9090\"\n{MINIMAL}"));
+        let p = problems(&format!(
+            "[server]\nadmin_listen = \"0.0.0.0:9090\"\n{MINIMAL}"
+        ));
         assert!(p.iter().any(|p| p.key == "server.admin_token_env"), "{p:?}");
     }
 }

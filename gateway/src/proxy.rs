@@ -28,7 +28,8 @@ use tracing::{Instrument, info_span, warn};
 pub use admit::Inbound;
 use admit::{ProxyRequest, admit};
 use classify::{
-    BackoffPolicy, Verdict, classify_response, classify_transport_failure, upstream_hints,
+    BackoffPolicy, Verdict, azure_spilled_over, classify_response, classify_transport_failure,
+    upstream_hints,
 };
 
 use crate::app::Gateway;
@@ -204,7 +205,19 @@ async fn route(
                         policy,
                     ) {
                         Verdict::Deliver => {
-                            if request.stream {
+                            // Azure's own spillover answered: the tokens are the standard
+                            // deployment's, and the PTU is full.
+                            let spilled = azure_spilled_over(&upstream.headers);
+                            let hints = if spilled {
+                                UpstreamHints {
+                                    remaining_tokens: Some(0),
+                                    utilization: Some(1.0),
+                                    ..hints
+                                }
+                            } else {
+                                hints
+                            };
+                            if request.stream || spilled {
                                 open.observe_now(hints);
                             }
                             let settlement = relay::Settlement {
@@ -212,6 +225,7 @@ async fn route(
                                 estimate: request.estimate,
                                 failure_backoff: policy.default,
                                 hints,
+                                spilled,
                             };
                             return Ok(relay::to_client(
                                 upstream,

@@ -126,6 +126,19 @@ fn parse_reset(value: &str) -> Option<Duration> {
 }
 
 /// Capacity hints on an upstream response: remaining tokens and PTU utilization ("87.5%").
+/// Whether Azure served the request from the standard deployment a PTU spills over to
+/// (`x-ms-is-spilled-over: true`, or an `x-ms-spillover-from-…` header).
+pub fn azure_spilled_over(headers: &HeaderMap) -> bool {
+    let marked = headers
+        .get("x-ms-is-spilled-over")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+    marked
+        || headers
+            .keys()
+            .any(|k| k.as_str().starts_with("x-ms-spillover-from"))
+}
+
 /// The capacity hints of a response head that arrived at `observed`.
 pub fn upstream_hints(headers: &HeaderMap, observed: tokio::time::Instant) -> UpstreamHints {
     let get = |name: &str| {

@@ -25,6 +25,8 @@ pub struct Settlement {
     /// Backoff for a body the upstream breaks off (the breaker decides whether it applies).
     pub failure_backoff: std::time::Duration,
     pub hints: UpstreamHints,
+    /// Served by Azure's spillover deployment: nothing is charged to this member.
+    pub spilled: bool,
 }
 
 /// `backend_host`: response headers naming it are not relayed.
@@ -158,7 +160,8 @@ impl Metered {
             ),
             (true, None) => (s.estimate.total, 0),
         };
-        let completed = self.success && ending == Ending::Completed;
+        let tokens = if s.spilled { 0 } else { tokens };
+        let completed = self.success && ending == Ending::Completed && !s.spilled;
         let latency = completed.then(|| LatencySample {
             ttfb: self.ttfb,
             total: self.started.elapsed(),

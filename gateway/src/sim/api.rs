@@ -181,9 +181,14 @@ async fn serve_operation(
     };
     deployment.record(|s| s.requests += 1);
 
+    // A forced 429 on a PTU with Azure spillover is what spillover exists for: served.
+    let mut spill = false;
     if let Some(forced) = deployment.take_forced() {
         deployment.record(|s| s.forced += 1);
-        return forced_response(&forced);
+        spill = forced.status == 429 && deployment.faults().azure_spillover;
+        if !spill {
+            return forced_response(&forced);
+        }
     }
     if rand::rng().random_bool(deployment.faults().error_rate.clamp(0.0, 1.0)) {
         deployment.record(|s| s.failed += 1);
@@ -194,6 +199,9 @@ async fn serve_operation(
         );
     }
 
+    if spill {
+        deployment.spill_next();
+    }
     let id = state.next_id.fetch_add(1, Ordering::Relaxed);
     match operation {
         "chat/completions" => chat(&deployment, &request, api_version, id).await,
@@ -260,9 +268,24 @@ fn charge(deployment: &Deployment, estimate: u64, operation: &str, api_version: 
             HeaderValue::from_str(&percent).expect("ascii"),
         );
     }
-    let Decision::Reject { retry_after, .. } = decision else {
-        return Charge::Admitted(headers);
+    let spill = deployment.take_spill_next();
+    let retry_after = match decision {
+        Decision::Reject { retry_after, .. } => retry_after,
+        Decision::Admit { .. } if !spill => return Charge::Admitted(headers),
+        Decision::Admit { .. } => std::time::Duration::ZERO,
     };
+    if spill || deployment.faults().azure_spillover {
+        // Served by the standard deployment behind the PTU: a 200, marked.
+        deployment.record(|s| {
+            s.spilled += 1;
+            s.spilled_tokens += estimate;
+        });
+        headers.insert("x-ms-is-spilled-over", HeaderValue::from_static("true"));
+        if let Ok(name) = HeaderValue::from_str(&deployment.spec.name) {
+            headers.insert("x-ms-spillover-from-deployment", name);
+        }
+        return Charge::Admitted(headers);
+    }
 
     deployment.record(|s| s.throttled += 1);
     let seconds = retry_after.as_millis().div_ceil(1000).max(1) as u64;

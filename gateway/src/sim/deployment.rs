@@ -23,6 +23,9 @@ pub struct Faults {
     pub stall_after_chunks: Option<u32>,
     /// Streams are broken off (the connection reset) after this many SSE events.
     pub cut_after_chunks: Option<u32>,
+    /// Azure's own spillover (PTU): a request the quota rejects is served anyway, as by the
+    /// standard deployment behind it, and marked `x-ms-is-spilled-over: true`.
+    pub azure_spillover: bool,
     /// SSE lines end in CRLF instead of LF (as a proxy or an APIM policy on the way may
     /// re-frame them; the specification allows both, and CR alone).
     pub sse_crlf: bool,
@@ -67,6 +70,10 @@ pub struct DeploymentStats {
     pub streams_cancelled: u64,
     /// Streams broken off by the `cut_after_chunks` fault.
     pub streams_cut: u64,
+    /// Requests served by Azure's spillover (`azure_spillover`), and their tokens (also
+    /// counted in `total_tokens`: this simulator serves them itself).
+    pub spilled: u64,
+    pub spilled_tokens: u64,
 }
 
 /// PAYG deployments count a sliding window; PTU ones fill a leaky bucket.
@@ -81,6 +88,7 @@ pub struct Deployment {
     faults: watch::Sender<Faults>,
     stats: Mutex<DeploymentStats>,
     changed: watch::Sender<u64>,
+    spill_next: std::sync::atomic::AtomicBool,
 }
 
 impl Deployment {
@@ -96,6 +104,7 @@ impl Deployment {
             faults: watch::Sender::new(Faults::default()),
             stats: Mutex::new(DeploymentStats::default()),
             changed,
+            spill_next: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -121,6 +130,18 @@ impl Deployment {
     }
 
     /// The forced response for this request, if any, counting down `times`.
+    /// Serve the next charged request through Azure's spillover (a forced 429 turned into
+    /// a spill by the `azure_spillover` fault).
+    pub fn spill_next(&self) {
+        self.spill_next
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn take_spill_next(&self) -> bool {
+        self.spill_next
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn take_forced(&self) -> Option<ForcedResponse> {
         let mut taken = None;
         self.faults.send_if_modified(|f| {
