@@ -126,7 +126,7 @@ async fn route(
     let preferences = select::Preferences {
         own_region: gateway.region.clone(),
         explore_share: routing.explore_share,
-        expected_output_tokens: request.estimate.total - request.estimate.prompt,
+        expected_output_tokens: request.estimate.output,
     };
     let deadline = Instant::now() + Duration::from_millis(routing.request_timeout_ms);
     let mut tried = HashSet::new();
@@ -156,7 +156,7 @@ async fn route(
         let candidates: Vec<Candidate> = order.iter().map(|m| pool.candidate(m)).collect();
         let open = match gateway
             .fleet
-            .acquire(&pool.name, &candidates, request.estimate.total)
+            .acquire(&pool.name, &candidates, request.estimate.total())
             .await?
         {
             Admission::Admitted {

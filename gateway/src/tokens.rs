@@ -119,38 +119,99 @@ pub fn max_output_tokens(body: &Map<String, Value>, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// What kind of call a request is, read once from its validated operation path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operation {
+    ChatCompletions,
+    Completions,
+    Embeddings,
+    Responses,
+    Other,
+}
+
+impl Operation {
+    /// From the operation's segments (`chat/completions`, `extensions/chat/completions`,
+    /// `responses/{id}`, ...).
+    pub fn of(segments: &[String]) -> Self {
+        let ends = |tail: &[&str]| {
+            segments.len() >= tail.len()
+                && segments[segments.len() - tail.len()..]
+                    .iter()
+                    .zip(tail)
+                    .all(|(s, t)| s == t)
+        };
+        if ends(&["chat", "completions"]) {
+            Self::ChatCompletions
+        } else if ends(&["completions"]) {
+            Self::Completions
+        } else if ends(&["embeddings"]) {
+            Self::Embeddings
+        } else if segments.first().is_some_and(|s| s == "responses") {
+            Self::Responses
+        } else {
+            Self::Other
+        }
+    }
+}
+
+/// What a request will cost, decided once in admission: its prompt, and the most output it
+/// may generate (all `n` choices).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenEstimate {
+    pub prompt: u64,
+    pub output: u64,
+}
+
+impl TokenEstimate {
+    /// What is charged against budgets before the request is sent.
+    pub fn total(&self) -> u64 {
+        self.prompt + self.output
+    }
+}
+
 /// What a request is charged before it is sent: prompt plus the most it may generate.
 /// Bodies that are not JSON (audio uploads) are charged a rough byte-based share.
 pub fn estimate(
     encoding: Encoding,
-    operation: &str,
+    operation: Operation,
     body: Option<&Map<String, Value>>,
     body_len: usize,
     default_max_tokens: u64,
-) -> u64 {
-    let Some(body) = body else {
-        return body_len as u64 / 4;
+) -> TokenEstimate {
+    let by_bytes = TokenEstimate {
+        prompt: body_len as u64 / 4,
+        output: 0,
     };
-    let operation = operation.split('?').next().unwrap_or_default();
+    let Some(body) = body else {
+        return by_bytes;
+    };
     // `n` choices each generate up to the cap.
     let choices = body.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
-    if operation.ends_with("chat/completions") {
-        let messages = body
-            .get("messages")
-            .and_then(Value::as_array)
-            .map_or(&[][..], Vec::as_slice);
-        chat_prompt_tokens_in(encoding, messages)
-            + tool_tokens(encoding, body)
-            + choices * max_output_tokens(body, default_max_tokens)
-    } else if operation.ends_with("embeddings") {
-        body.get("input")
-            .map_or(0, |i| input_tokens_in(encoding, i))
-    } else if operation.ends_with("completions") {
-        body.get("prompt")
-            .map_or(0, |p| input_tokens_in(encoding, p))
-            + choices * max_output_tokens(body, 16)
-    } else {
-        body_len as u64 / 4
+    match operation {
+        Operation::ChatCompletions => {
+            let messages = body
+                .get("messages")
+                .and_then(Value::as_array)
+                .map_or(&[][..], Vec::as_slice);
+            TokenEstimate {
+                prompt: chat_prompt_tokens_in(encoding, messages) + tool_tokens(encoding, body),
+                output: choices * max_output_tokens(body, default_max_tokens),
+            }
+        }
+        Operation::Embeddings => TokenEstimate {
+            prompt: body
+                .get("input")
+                .map_or(0, |i| input_tokens_in(encoding, i)),
+            output: 0,
+        },
+        // Legacy completions default to 16 output tokens, as the service does.
+        Operation::Completions => TokenEstimate {
+            prompt: body
+                .get("prompt")
+                .map_or(0, |p| input_tokens_in(encoding, p)),
+            output: choices * max_output_tokens(body, 16),
+        },
+        Operation::Responses | Operation::Other => by_bytes,
     }
 }
 
@@ -158,6 +219,31 @@ pub fn estimate(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    const CHAT: Operation = Operation::ChatCompletions;
+
+    #[test]
+    fn legacy_completions_and_n_are_split_into_prompt_and_output() {
+        let o200k = Encoding::O200kBase;
+        let legacy = json!({"prompt": "Hello there", "n": 2});
+        assert_eq!(
+            estimate(o200k, Operation::Completions, legacy.as_object(), 0, 256),
+            TokenEstimate {
+                prompt: 2,
+                output: 32
+            },
+            "16 output tokens per choice by default, as the service"
+        );
+        let segments = |p: &str| p.split('/').map(str::to_owned).collect::<Vec<_>>();
+        assert_eq!(
+            Operation::of(&segments("extensions/chat/completions")),
+            CHAT
+        );
+        assert_eq!(
+            Operation::of(&segments("responses/resp_1/input_items")),
+            Operation::Responses
+        );
+    }
 
     #[test]
     fn chat_prompt_counts_follow_the_published_rule() {
@@ -179,24 +265,30 @@ mod tests {
         let o200k = Encoding::O200kBase;
         let chat =
             json!({"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 10});
-        assert_eq!(
-            estimate(o200k, "chat/completions", chat.as_object(), 0, 256),
-            19
-        );
+        assert_eq!(estimate(o200k, CHAT, chat.as_object(), 0, 256).total(), 19);
         let no_cap = json!({"messages": [{"role": "user", "content": "Hello there"}]});
         assert_eq!(
-            estimate(o200k, "chat/completions", no_cap.as_object(), 0, 256),
-            9 + 256
+            estimate(o200k, CHAT, no_cap.as_object(), 0, 256),
+            TokenEstimate {
+                prompt: 9,
+                output: 256
+            }
         );
         let two = json!({"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 10, "n": 2});
         assert_eq!(
-            estimate(o200k, "chat/completions", two.as_object(), 0, 256),
-            29
+            estimate(o200k, CHAT, two.as_object(), 0, 256),
+            TokenEstimate {
+                prompt: 9,
+                output: 20
+            }
         );
         let emb = json!({"input": ["Hello there", "Hello"]});
-        assert_eq!(estimate(o200k, "embeddings", emb.as_object(), 0, 256), 3);
         assert_eq!(
-            estimate(o200k, "audio/transcriptions", None, 4_000, 256),
+            estimate(o200k, Operation::Embeddings, emb.as_object(), 0, 256).total(),
+            3
+        );
+        assert_eq!(
+            estimate(o200k, Operation::Other, None, 4_000, 256).total(),
             1_000
         );
     }
@@ -212,24 +304,10 @@ mod tests {
             {"type": "text", "text": "Hello there"},
             {"type": "image_url", "image_url": {"url": "data:...", "detail": "low"}}]}], "max_tokens": 1});
         assert_eq!(
-            estimate(
-                Encoding::O200kBase,
-                "chat/completions",
-                image.as_object(),
-                0,
-                256
-            ),
+            estimate(Encoding::O200kBase, CHAT, image.as_object(), 0, 256).total(),
             9 + 85 + 1
         );
         let tools = json!({"messages": [], "max_tokens": 0, "tools": [{"type": "function", "function": {"name": "f"}}]});
-        assert!(
-            estimate(
-                Encoding::O200kBase,
-                "chat/completions",
-                tools.as_object(),
-                0,
-                256
-            ) > 3
-        );
+        assert!(estimate(Encoding::O200kBase, CHAT, tools.as_object(), 0, 256).prompt > 3);
     }
 }

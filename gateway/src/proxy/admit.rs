@@ -14,7 +14,7 @@ use crate::app::Gateway;
 use crate::consumers::Consumer;
 use crate::error::GatewayError;
 use crate::table::Pool;
-use crate::tokens;
+use crate::tokens::{self, Operation, TokenEstimate};
 
 /// How the client addressed the pool, which decides the upstream path.
 #[derive(Clone, Debug)]
@@ -59,12 +59,6 @@ pub struct ProxyRequest {
     pub regions: Option<Vec<String>>,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TokenEstimate {
-    pub prompt: u64,
-    pub total: u64,
-}
-
 pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, GatewayError> {
     let consumer = gateway.consumers.authenticate(&inbound.headers)?.cloned();
     // Path confinement: the operation is validated here, once, and only its segments are
@@ -105,28 +99,19 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
         .and_then(|j| j.get("stream"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    let default_cap = gateway.routing.default_max_tokens;
-    let total = tokens::estimate(
+    let kind = Operation::of(operation.segments());
+    let estimate = tokens::estimate(
         pool.encoding,
-        &operation.as_joined(),
+        kind,
         json.as_ref(),
         body.len(),
-        default_cap,
+        gateway.routing.default_max_tokens,
     );
-    let output_cap = json
-        .as_ref()
-        .map_or(0, |j| tokens::max_output_tokens(j, default_cap));
-    let estimate = TokenEstimate {
-        prompt: total.saturating_sub(output_cap),
-        total,
-    };
 
     // A stream only reports its usage when asked: ask upstream, and hide the answer from a
     // client that did not ask, so it gets exactly the stream it requested.
     let strip_usage = match json.as_mut() {
-        Some(j) if stream && operation.starts_with(&["chat", "completions"]) => {
-            request_stream_usage(j)
-        }
+        Some(j) if stream && kind == Operation::ChatCompletions => request_stream_usage(j),
         _ => false,
     };
     let route = match (inbound.pool.is_some(), json) {

@@ -12,11 +12,11 @@ use bytes::Bytes;
 use futures_util::Stream;
 use spillway_shared::{Backoff, BackoffReason, LatencySample, Receipt, UpstreamHints};
 
-use super::admit::TokenEstimate;
 use super::forward::{BodyStream, Upstream};
 use super::settlement::OpenReservation;
 use super::usage::UsageMeter;
 use crate::headers::client_response_headers;
+use crate::tokens::TokenEstimate;
 
 /// Everything needed to settle an attempt once its body has been relayed.
 pub struct Settlement {
@@ -158,7 +158,7 @@ impl Metered {
                 s.estimate.prompt + self.meter.content_deltas(),
                 self.meter.content_deltas(),
             ),
-            (true, None) => (s.estimate.total, 0),
+            (true, None) => (s.estimate.total(), 0),
         };
         let tokens = if s.spilled { 0 } else { tokens };
         let completed = self.success && ending == Ending::Completed && !s.spilled;

@@ -98,15 +98,6 @@ impl OperationPath {
     pub fn segments(&self) -> &[String] {
         &self.segments
     }
-
-    /// `chat/completions`, for matching operations and for logs.
-    pub fn as_joined(&self) -> String {
-        self.segments.join("/")
-    }
-
-    pub fn starts_with(&self, prefix: &[&str]) -> bool {
-        self.segments.len() >= prefix.len() && self.segments.iter().zip(prefix).all(|(s, p)| s == p)
-    }
 }
 
 /// One segment: a name made of unreserved characters that is not, and cannot be read as,
