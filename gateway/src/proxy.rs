@@ -49,6 +49,8 @@ struct Attempts {
 struct Failure {
     backend: BackendId,
     reason: BackoffReason,
+    /// How long the member was backed off for it.
+    backoff: Duration,
     detail: String,
 }
 
@@ -270,34 +272,32 @@ async fn route(
         attempts.failures.push(Failure {
             backend,
             reason: backoff.reason,
+            backoff: backoff.duration,
             detail,
         });
     }
-    Err(exhausted(gateway, request, &members, attempts, refusal).await?)
+    Err(exhausted(request, attempts, refusal))
 }
 
 /// The error for a request no member would take: 429 when throttling or budgets are why
 /// (with the time the first member frees up), 502/504 when this request's attempts failed,
-/// 503 when every member is held back by earlier failures.
-async fn exhausted(
-    gateway: &Gateway,
+/// 503 when every member is held back by earlier failures. No store call: the members this
+/// request tried carry their backoffs, and the refusal covers the others.
+fn exhausted(
     request: &ProxyRequest,
-    members: &[&Member],
     attempts: &Attempts,
     refusal: Option<Refusal>,
-) -> Result<GatewayError, GatewayError> {
-    let pool = &request.pool;
-    let candidates: Vec<Candidate> = members.iter().map(|m| pool.candidate(m)).collect();
-    let snapshot = gateway.fleet.snapshot(&pool.name, &candidates).await?;
-    let retry_after = snapshot
-        .members
+) -> GatewayError {
+    let retry_after = attempts
+        .failures
         .iter()
-        .filter_map(|m| m.backoff.map(|b| b.duration))
+        .map(|f| f.backoff)
         .chain(refusal.map(|r| r.retry_after))
+        .filter(|d| !d.is_zero())
         .min()
         .unwrap_or(Duration::from_secs(1))
         .max(Duration::from_millis(1));
-    let name = pool.name.to_string();
+    let name = request.pool.name.to_string();
 
     let throttled = attempts
         .failures
@@ -305,16 +305,16 @@ async fn exhausted(
         .any(|f| f.reason == BackoffReason::Throttled)
         || refusal.is_some_and(|r| r.throttled);
     if throttled {
-        return Ok(GatewayError::Throttled {
+        return GatewayError::Throttled {
             pool: name,
             retry_after,
-        });
+        };
     }
     let Some(last) = attempts.failures.last() else {
-        return Ok(GatewayError::Unavailable {
+        return GatewayError::Unavailable {
             pool: name,
             retry_after,
-        });
+        };
     };
     let summary = attempts
         .failures
@@ -322,11 +322,11 @@ async fn exhausted(
         .map(|f| format!("{}: {}", f.backend, f.detail))
         .collect::<Vec<_>>()
         .join("; ");
-    Ok(if last.reason == BackoffReason::Timeout {
+    if last.reason == BackoffReason::Timeout {
         GatewayError::GatewayTimeout(summary)
     } else {
         GatewayError::BadGateway(summary)
-    })
+    }
 }
 
 /// Why the fleet state admitted none of the remaining candidates.
