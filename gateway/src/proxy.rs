@@ -196,87 +196,123 @@ async fn route(
             routing.attempt_timeout_ms
         };
         let timeout = remaining.min(Duration::from_millis(first_byte_ms));
-        let (backoff, hints, detail) =
-            match forward::send(&gateway.http, member, request, timeout).await {
-                Ok(upstream) => {
-                    let hints = upstream_hints(&upstream.headers, upstream.started + upstream.ttfb);
-                    match classify_response(
-                        upstream.status,
-                        &upstream.headers,
-                        SystemTime::now(),
-                        policy,
-                    ) {
-                        Verdict::Deliver => {
-                            // Azure's own spillover answered: the tokens are the standard
-                            // deployment's, and the PTU is full.
-                            let spilled = azure_spilled_over(&upstream.headers);
-                            let hints = if spilled {
-                                UpstreamHints {
-                                    remaining_tokens: Some(0),
-                                    utilization: Some(1.0),
-                                    ..hints
-                                }
-                            } else {
-                                hints
-                            };
-                            if request.stream || spilled {
-                                open.observe_now(hints);
-                            }
-                            let settlement = relay::Settlement {
-                                open,
-                                estimate: request.estimate,
-                                failure_backoff: policy.default,
-                                hints,
-                                spilled,
-                            };
-                            return Ok(relay::to_client(
-                                upstream,
-                                settlement,
-                                request.strip_usage,
-                                member.backend.base_url.host_str(),
-                            ));
-                        }
-                        Verdict::Retry(backoff) => {
-                            (backoff, hints, format!("HTTP {}", upstream.status))
-                        }
-                    }
-                }
-                Err(failure) => (
-                    classify_transport_failure(failure.kind, policy),
-                    UpstreamHints::default(),
-                    failure.detail,
-                ),
-            };
-        warn!(
-            backend = %backend,
-            reason = %backoff.reason,
-            backoff_ms = backoff.duration.as_millis() as u64,
-            %detail,
-            "upstream attempt failed; backing off and trying the next member"
-        );
-        crate::metrics::upstream_failure(
-            pool.name.as_str(),
-            backend.as_str(),
-            backoff.reason.as_str(),
-        );
-        // One round trip: release the reservation and start the backoff. It runs in a task
-        // of its own, so a client going away now cannot lose the backoff.
-        let receipt = Receipt {
-            hints,
-            backoff: Some(backoff),
-            ..open.receipt(0)
-        };
-        if let Ok(Err(e)) = open.settle(receipt).await {
-            return Err(e.into());
+        match attempt(gateway, request, member, open, timeout, policy).await? {
+            Outcome::Delivered(response) => return Ok(response),
+            Outcome::Failed(failure) => attempts.failures.push(failure),
         }
-        attempts.failures.push(Failure {
-            backend,
-            reason: backoff.reason,
-            backoff: backoff.duration,
-            detail,
-        });
     }
     Err(exhausted(request, attempts, refusal))
+}
+
+/// What became of one attempt.
+enum Outcome {
+    /// Something to deliver (a success, or the client's own error): the response, its body
+    /// still streaming.
+    Delivered(Response),
+    /// The member failed; it is backed off and its reservation released.
+    Failed(Failure),
+}
+
+/// One upstream attempt on `member` under its open reservation: deliver, or settle the
+/// failure (release and backoff in one round trip) and report it.
+async fn attempt(
+    gateway: &Gateway,
+    request: &ProxyRequest,
+    member: &Member,
+    open: OpenReservation,
+    timeout: Duration,
+    policy: BackoffPolicy,
+) -> Result<Outcome, GatewayError> {
+    let backend = open.backend().clone();
+    let (backoff, hints, detail) = match forward::send(&gateway.http, member, request, timeout)
+        .await
+    {
+        Ok(upstream) => {
+            let hints = upstream_hints(&upstream.headers, upstream.started + upstream.ttfb);
+            match classify_response(
+                upstream.status,
+                &upstream.headers,
+                SystemTime::now(),
+                policy,
+            ) {
+                Verdict::Deliver => {
+                    return Ok(Outcome::Delivered(deliver(
+                        request, member, open, upstream, hints, policy,
+                    )));
+                }
+                Verdict::Retry(backoff) => (backoff, hints, format!("HTTP {}", upstream.status)),
+            }
+        }
+        Err(failure) => (
+            classify_transport_failure(failure.kind, policy),
+            UpstreamHints::default(),
+            failure.detail,
+        ),
+    };
+    warn!(
+        backend = %backend,
+        reason = %backoff.reason,
+        backoff_ms = backoff.duration.as_millis() as u64,
+        %detail,
+        "upstream attempt failed; backing off and trying the next member"
+    );
+    let pool = &request.pool.name;
+    crate::metrics::upstream_failure(pool.as_str(), backend.as_str(), backoff.reason.as_str());
+    // One round trip: release the reservation and start the backoff. It runs in a task of its
+    // own, so a client going away now cannot lose the backoff.
+    let receipt = Receipt {
+        hints,
+        backoff: Some(backoff),
+        ..open.receipt(0)
+    };
+    if let Ok(Err(e)) = open.settle(receipt).await {
+        return Err(e.into());
+    }
+    Ok(Outcome::Failed(Failure {
+        backend,
+        reason: backoff.reason,
+        backoff: backoff.duration,
+        detail,
+    }))
+}
+
+/// Hand an answer to the relay, which settles the reservation when its body ends.
+fn deliver(
+    request: &ProxyRequest,
+    member: &Member,
+    open: OpenReservation,
+    upstream: forward::Upstream,
+    hints: UpstreamHints,
+    policy: BackoffPolicy,
+) -> Response {
+    // Azure's own spillover answered: the tokens are the standard deployment's, and the PTU
+    // is full.
+    let spilled = azure_spilled_over(&upstream.headers);
+    let hints = if spilled {
+        UpstreamHints {
+            remaining_tokens: Some(0),
+            utilization: Some(1.0),
+            ..hints
+        }
+    } else {
+        hints
+    };
+    if request.stream || spilled {
+        open.observe_now(hints);
+    }
+    let settlement = relay::Settlement {
+        open,
+        estimate: request.estimate,
+        failure_backoff: policy.default,
+        hints,
+        spilled,
+    };
+    relay::to_client(
+        upstream,
+        settlement,
+        request.strip_usage,
+        member.backend.base_url.host_str(),
+    )
 }
 
 /// The error for a request no member would take: 429 when throttling or budgets are why
