@@ -13,4 +13,4 @@ if ! "$venv/bin/python" -c 'import openai' 2>/dev/null; then
 fi
 
 cargo build --quiet --bin spillway
-exec "$venv/bin/python" scripts/sdk_check.py target/debug/spillway
+exec "$venv/bin/python" scripts/sdk_check.py "${CARGO_TARGET_DIR:-target}/debug/spillway"
