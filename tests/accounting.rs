@@ -259,3 +259,88 @@ async fn tokens_served_by_azure_spillover_are_not_charged_to_the_ptu() {
         "only the PTU's own tokens are charged to it"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_answers_without_max_tokens_are_charged_a_learned_reserve() {
+    use spillway_gateway::sim::DeploymentSpec;
+    let redis = spillway_tests::redis_server::RedisServer::start();
+    // Answers of 600 tokens to a 9-token prompt; 50 ms to the head keeps requests in flight.
+    let long = |kind| DeploymentSpec {
+        ttft_ms: 50,
+        ms_per_token: 0,
+        jitter: 0.0,
+        output_tokens: 600,
+        ..DeploymentSpec::new("gpt-4o", kind, 100_000_000)
+    };
+    let sim = start_sim(vec![
+        resource("ptu", vec![long(DeploymentKind::Ptu)]),
+        resource("payg", vec![long(DeploymentKind::Payg)]),
+    ])
+    .await;
+    const ANSWER: u64 = 609;
+    const BUDGET: u64 = 60 * ANSWER;
+    let config = backend(&sim, "ptu", 1)
+        .replace("id = \"ptu\"\n", &format!("id = \"ptu\"\ntpm = {BUDGET}\n"))
+        + &backend(&sim, "payg", 2)
+        + &redis_section(&redis.url(), "");
+    let parsed = spillway_gateway::config::Config::from_toml(&config).unwrap();
+    let mut replicas = Vec::new();
+    let mut observed = Vec::new();
+    for _ in 0..3 {
+        let fleet = spillway_gateway::server::redis_fleet(&parsed, &redis.url()).unwrap();
+        fleet.wait_ready(EVENT_TIMEOUT).await;
+        let fleet = ObservedState::new(fleet);
+        replicas.push(start_gateway(&config, fleet.clone()).await);
+        observed.push(fleet);
+    }
+    let no_cap = json!({ "messages": [{ "role": "user", "content": "Hello there" }] });
+
+    // Warm-up, one request at a time: the pool learns what its answers take.
+    for n in 1..=25 {
+        let r = chat(&replicas[0], "gpt-4o", &no_cap).await;
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+        observed[0].settled(n).await;
+    }
+    let pool = replicas[0].gateway.table.pool("gpt-4o").unwrap().clone();
+    for r in &replicas {
+        r.gateway.view.refresh(&*r.gateway.fleet, &pool).await;
+        let view = r.gateway.view.get(&r.gateway.fleet, &pool);
+        assert_eq!(
+            spillway_gateway::fleet_view::output_reserve(&view),
+            Some(1_024),
+            "every replica charges the learned reserve (600 → its 1,024 bucket)"
+        );
+    }
+
+    // Concurrent load, three replicas, twice what the PTU has left.
+    let http = client();
+    let statuses: Vec<u16> = futures_util::stream::iter(0..140)
+        .map(|i| {
+            let url = format!(
+                "{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+                replicas[i % 3].url
+            );
+            let (http, body) = (http.clone(), no_cap.clone());
+            async move {
+                let r = http.post(url).json(&body).send().await.unwrap();
+                let status = r.status().as_u16();
+                r.bytes().await.unwrap();
+                status
+            }
+        })
+        .buffer_unordered(24)
+        .collect()
+        .await;
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    let served = sim.stats("ptu", "gpt-4o").total_tokens;
+    eprintln!("learned reserve: PTU served {served} of a {BUDGET} budget");
+    assert!(
+        served as f64 <= BUDGET as f64 * 1.05,
+        "PTU served {served} for a budget of {BUDGET}"
+    );
+    assert!(
+        served as f64 >= BUDGET as f64 * 0.6,
+        "PTU served only {served} of {BUDGET}"
+    );
+}

@@ -13,6 +13,29 @@ use crate::table::Pool;
 
 pub type MemberView = HashMap<BackendId, MemberSnapshot>;
 
+/// Completed requests the pool must have seen before its learned output reserve is used.
+pub const RESERVE_MIN_SAMPLES: u64 = 20;
+/// The output reserve is this quantile of the pool's recent answers (bucket upper bound).
+pub const RESERVE_QUANTILE: f64 = 0.95;
+
+/// What a request that names no output cap is charged for its output, learned from the
+/// pool's completed answers over the latency window, fleet-wide; `None` before enough.
+pub fn output_reserve(view: &MemberView) -> Option<u64> {
+    let mut merged = spillway_shared::Histogram::default();
+    for member in view.values() {
+        for (total, count) in merged
+            .counts
+            .iter_mut()
+            .zip(member.latency.output_tokens.counts)
+        {
+            *total += count;
+        }
+    }
+    (merged.samples() >= RESERVE_MIN_SAMPLES)
+        .then(|| merged.quantile_ms(RESERVE_QUANTILE))
+        .flatten()
+}
+
 pub struct FleetView {
     refresh: Duration,
     pools: Mutex<HashMap<PoolName, Entry>>,
@@ -49,12 +72,15 @@ impl FleetView {
         entry.members.clone()
     }
 
-    async fn refresh(&self, fleet: &dyn FleetState, pool: &Pool) {
+    /// Refresh `pool`'s copy now (the background refresh does this when it is stale).
+    pub async fn refresh(&self, fleet: &dyn FleetState, pool: &Pool) {
         let snapshot = fleet.snapshot(&pool.name, &pool.candidates()).await;
         let mut pools = self.pools.lock().expect("fleet view lock poisoned");
-        let Some(entry) = pools.get_mut(&pool.name) else {
-            return;
-        };
+        let entry = pools.entry(pool.name.clone()).or_insert_with(|| Entry {
+            taken: None,
+            members: Arc::default(),
+            refreshing: false,
+        });
         entry.refreshing = false;
         if let Ok(snapshot) = snapshot {
             entry.taken = Some(Instant::now());

@@ -227,6 +227,7 @@ impl Member {
                 (&mut sum.ttfb_ms, &h.ttfb_ms),
                 (&mut sum.total_ms, &h.total_ms),
                 (&mut sum.ms_per_output_token, &h.ms_per_output_token),
+                (&mut sum.output_tokens, &h.output_tokens),
             ] {
                 for (t, p) in total.counts.iter_mut().zip(part.counts) {
                     *t += p;
@@ -337,6 +338,9 @@ impl FleetState for EmbeddedState {
                 h.total_ms.record(sample.total.as_millis() as u64);
                 if let Some(per_token) = ms_per_output_token(&sample) {
                     h.ms_per_output_token.record(per_token);
+                }
+                if sample.output_tokens > 0 {
+                    h.output_tokens.record(sample.output_tokens);
                 }
             }
             m.observe(now, &receipt.hints, receipt.reservation.ledger);

@@ -257,6 +257,11 @@ impl RedisState {
                 .unwrap_or_default(),
             (hints.age().as_millis() as u64).to_string(),
             self.reservation_key(receipt.map_or(0, |r| r.reservation.id)),
+            receipt
+                .and_then(|r| r.latency)
+                .filter(|s| s.output_tokens > 0)
+                .map(|s| label(s.output_tokens))
+                .unwrap_or_default(),
         ]
     }
 
@@ -600,6 +605,7 @@ fn parse_member(candidate: &Candidate, entry: Value) -> Result<MemberSnapshot, S
             "ttfb_ms" => &mut histograms.ttfb_ms,
             "total_ms" => &mut histograms.total_ms,
             "ms_per_output_token" => &mut histograms.ms_per_output_token,
+            "output_tokens" => &mut histograms.output_tokens,
             _ => continue,
         };
         histogram.counts[index] += int(count)?.max(0) as u64;

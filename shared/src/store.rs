@@ -271,6 +271,9 @@ pub struct LatencyHistograms {
     pub ttfb_ms: Histogram,
     pub total_ms: Histogram,
     pub ms_per_output_token: Histogram,
+    /// Output tokens of completed requests: what the pool's answers really take (the
+    /// learned output reserve of a request that names no cap).
+    pub output_tokens: Histogram,
 }
 
 /// What a store knows about one pool member right now.

@@ -13,6 +13,7 @@ use super::upstream_path::{OperationPath, PathRejection, QueryPairs, check_segme
 use crate::app::Gateway;
 use crate::consumers::Consumer;
 use crate::error::GatewayError;
+use crate::fleet_view::output_reserve;
 use crate::table::Pool;
 use crate::tokens::{self, Operation, TokenEstimate};
 
@@ -100,12 +101,16 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
         .and_then(Value::as_bool)
         .unwrap_or(false);
     let kind = Operation::of(operation.segments());
+    // A request that names no output cap is charged what the pool's answers really take
+    // (learned fleet-wide); `default_max_tokens` until enough answers were seen.
+    let view = gateway.view.get(&gateway.fleet, &pool);
+    let output_reserve = output_reserve(&view).unwrap_or(gateway.routing.default_max_tokens);
     let estimate = tokens::estimate(
         pool.encoding,
         kind,
         json.as_ref(),
         body.len(),
-        gateway.routing.default_max_tokens,
+        output_reserve,
     );
 
     // A stream only reports its usage when asked: ask upstream, and hide the answer from a

@@ -25,6 +25,7 @@
 --          only when observed after the ones held (updated_ms is the observation time)
 -- ARGV[22] the reservation's id ("" none): its usage is corrected only while it is open, so a
 --          settle applies once, and never after a release
+-- ARGV[23] histogram label for the request's output tokens ("" none), metric output_tokens
 -- Returns 1. Errors "ERR spillway: ..." on malformed arguments.
 --
 -- Breaker: a failure that is not throttling counts toward `failures`; at the threshold the
@@ -36,8 +37,8 @@
 -- A reservation whose bucket has left the window (or never existed) changes nothing: its
 -- charge already expired with the bucket.
 
-if #KEYS ~= 5 or #ARGV ~= 22 then
-  return redis.error_reply('ERR spillway: settle takes 5 keys and 22 arguments')
+if #KEYS ~= 5 or #ARGV ~= 23 then
+  return redis.error_reply('ERR spillway: settle takes 5 keys and 23 arguments')
 end
 local threshold, max_cooldown = tonumber(ARGV[14]) or 0, tonumber(ARGV[15]) or 0
 local failure_rate, min_outcomes, rate_window = tonumber(ARGV[16]) or 2, tonumber(ARGV[17]) or 0, tonumber(ARGV[18]) or 0
@@ -89,7 +90,7 @@ end
 
 -- Latency histograms, per slot; slots older than the window are dropped when a new one opens.
 local slot_length, latency_window = tonumber(ARGV[11]), tonumber(ARGV[12])
-if ARGV[4] ~= '' or ARGV[5] ~= '' or ARGV[6] ~= '' then
+if ARGV[4] ~= '' or ARGV[5] ~= '' or ARGV[6] ~= '' or ARGV[23] ~= '' then
   local slot = string.format('%d', now - (now % slot_length))
   if redis.call('HGET', latency_key, 'slot') ~= slot then
     local fields = redis.call('HKEYS', latency_key)
@@ -101,10 +102,11 @@ if ARGV[4] ~= '' or ARGV[5] ~= '' or ARGV[6] ~= '' then
     end
     redis.call('HSET', latency_key, 'slot', slot)
   end
-  local metrics = {'ttfb_ms', 'total_ms', 'ms_per_output_token'}
-  for k = 1, 3 do
-    if ARGV[3 + k] ~= '' then
-      redis.call('HINCRBY', latency_key, metrics[k] .. ':' .. slot .. ':' .. ARGV[3 + k], 1)
+  local metrics = {{'ttfb_ms', ARGV[4]}, {'total_ms', ARGV[5]}, {'ms_per_output_token', ARGV[6]},
+    {'output_tokens', ARGV[23]}}
+  for _, m in ipairs(metrics) do
+    if m[2] ~= '' then
+      redis.call('HINCRBY', latency_key, m[1] .. ':' .. slot .. ':' .. m[2], 1)
     end
   end
   redis.call('PEXPIRE', latency_key, 2 * (latency_window + slot_length))
