@@ -359,16 +359,30 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
         let mut bad = |key: String, problem: String| problems.push(ConfigProblem { key, problem });
-
         self.server.validate(&mut bad);
         self.headers.validate(&mut bad);
-        if self.state.key_prefix.is_empty() || self.state.key_prefix.contains(['{', '}', ' ']) {
+        self.state.validate(&mut bad);
+        self.routing.validate(&mut bad);
+        self.validate_backends(&mut bad);
+        self.validate_pools(&mut bad);
+        self.validate_consumers(&mut bad);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+}
+
+impl StateConfig {
+    fn validate(&self, bad: &mut impl FnMut(String, String)) {
+        let st = self;
+        if self.key_prefix.is_empty() || self.key_prefix.contains(['{', '}', ' ']) {
             bad(
                 "state.key_prefix".into(),
                 "must be non-empty without braces or spaces".into(),
             );
         }
-        let st = &self.state;
         if st.window_ms == 0 || st.window_buckets == 0 || st.window_buckets as u64 > st.window_ms {
             bad(
                 "state.window_ms".into(),
@@ -382,49 +396,54 @@ impl Config {
                 "must be at least 5".into(),
             );
         }
-        if !(0.0..=1.0).contains(&self.routing.explore_share) {
-            bad(
-                "routing.explore_share".into(),
-                "must be a share from 0 to 1".into(),
-            );
-        }
-        if !(self.routing.retry_ratio >= 0.0 && self.routing.min_retries_per_second >= 0.0) {
-            bad(
-                "routing.retry_ratio".into(),
-                "retry_ratio and min_retries_per_second must be >= 0".into(),
-            );
-        }
-        if !(self.routing.breaker_failure_rate > 0.0 && self.routing.breaker_failure_rate <= 1.0) {
-            bad(
-                "routing.breaker_failure_rate".into(),
-                "must be a share above 0 and at most 1".into(),
-            );
-        }
-        if self.routing.breaker_failures == 0 {
-            bad(
-                "routing.breaker_failures".into(),
-                "must be at least 1".into(),
-            );
-        }
-        if self.routing.view_refresh_ms == 0 {
-            bad(
-                "routing.view_refresh_ms".into(),
-                "must be greater than 0".into(),
-            );
-        }
-        if self.routing.hint_ttl_ms == 0 {
-            bad(
-                "routing.hint_ttl_ms".into(),
-                "must be greater than 0".into(),
-            );
-        }
         if st.redis_timeout_ms == 0 {
             bad(
                 "state.redis_timeout_ms".into(),
                 "must be greater than 0".into(),
             );
         }
-        let r = &self.routing;
+    }
+}
+
+impl RoutingConfig {
+    fn validate(&self, bad: &mut impl FnMut(String, String)) {
+        if !(0.0..=1.0).contains(&self.explore_share) {
+            bad(
+                "routing.explore_share".into(),
+                "must be a share from 0 to 1".into(),
+            );
+        }
+        if !(self.retry_ratio >= 0.0 && self.min_retries_per_second >= 0.0) {
+            bad(
+                "routing.retry_ratio".into(),
+                "retry_ratio and min_retries_per_second must be >= 0".into(),
+            );
+        }
+        if !(self.breaker_failure_rate > 0.0 && self.breaker_failure_rate <= 1.0) {
+            bad(
+                "routing.breaker_failure_rate".into(),
+                "must be a share above 0 and at most 1".into(),
+            );
+        }
+        if self.breaker_failures == 0 {
+            bad(
+                "routing.breaker_failures".into(),
+                "must be at least 1".into(),
+            );
+        }
+        if self.view_refresh_ms == 0 {
+            bad(
+                "routing.view_refresh_ms".into(),
+                "must be greater than 0".into(),
+            );
+        }
+        if self.hint_ttl_ms == 0 {
+            bad(
+                "routing.hint_ttl_ms".into(),
+                "must be greater than 0".into(),
+            );
+        }
+        let r = self;
         if r.max_attempts == Some(0) {
             bad("routing.max_attempts".into(), "must be at least 1".into());
         }
@@ -442,6 +461,11 @@ impl Config {
                 bad(key.into(), "must be greater than 0".into());
             }
         }
+    }
+}
+
+impl Config {
+    fn validate_backends(&self, bad: &mut impl FnMut(String, String)) {
         if self.backends.is_empty() {
             bad(
                 "backends".into(),
@@ -528,10 +552,12 @@ impl Config {
                 }
             }
             if let BackendAuthConfig::ApiKey { env } = &b.auth {
-                check_env(&mut bad, at("auth.env"), env);
+                check_env(bad, at("auth.env"), env);
             }
         }
+    }
 
+    fn validate_pools(&self, bad: &mut impl FnMut(String, String)) {
         let pools: BTreeSet<&str> = self
             .backends
             .iter()
@@ -553,7 +579,9 @@ impl Config {
                 );
             }
         }
+    }
 
+    fn validate_consumers(&self, bad: &mut impl FnMut(String, String)) {
         let mut names = BTreeSet::new();
         for (i, c) in self.consumers.iter().enumerate() {
             if c.name.is_empty() || !names.insert(c.name.as_str()) {
@@ -562,13 +590,7 @@ impl Config {
                     format!("{:?} must be non-empty and unique", c.name),
                 );
             }
-            check_env(&mut bad, format!("consumers[{i}].key_env"), &c.key_env);
-        }
-
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError::Invalid(problems))
+            check_env(bad, format!("consumers[{i}].key_env"), &c.key_env);
         }
     }
 }
