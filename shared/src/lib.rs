@@ -35,6 +35,8 @@
 //! stays charged at its estimate until its bucket leaves the window; one whose acquire a
 //! replica abandoned is released by id.
 
+/// The contract suite, for the stores' own tests (feature `contract`).
+#[cfg(any(test, feature = "contract"))]
 #[doc(hidden)]
 pub mod contract;
 pub mod fallback;

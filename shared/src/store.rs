@@ -299,17 +299,6 @@ pub struct PoolSnapshot {
     pub members: Vec<MemberSnapshot>,
 }
 
-impl PoolSnapshot {
-    /// Time until the first member in backoff becomes usable again; zero when one already is.
-    pub fn earliest_available(&self) -> Duration {
-        self.members
-            .iter()
-            .map(|m| m.backoff.map_or(Duration::ZERO, |b| b.duration))
-            .min()
-            .unwrap_or(Duration::ZERO)
-    }
-}
-
 /// Time shape shared by every store: the budget window and the latency window.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Windows {
