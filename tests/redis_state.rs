@@ -524,3 +524,61 @@ async fn releasing_an_abandoned_probe_lets_the_next_request_probe() {
         "the next request probes at once"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_sums_stay_equal_to_the_buckets_they_sum() {
+    use fred::prelude::*;
+    let store = served(small_windows()).await;
+    let pool = PoolName::new("sums");
+    let c = capped(1_000);
+    let mut t = 1_700_000_000_000;
+    store.set_clock_ms(t);
+    let mut open = Vec::new();
+    for step in 0..40u64 {
+        t += 37; // crosses bucket (100 ms) and window (1 s) edges as it goes
+        store.set_clock_ms(t);
+        if let Admission::Admitted {
+            backend,
+            reservation,
+        } = store.acquire(&pool, &c, 10 + step % 7).await.unwrap()
+        {
+            open.push((backend, reservation));
+        }
+        if step % 3 == 0
+            && let Some((backend, reservation)) = open.pop()
+        {
+            let receipt = spillway_shared::Receipt {
+                reservation,
+                tokens: 3,
+                latency: None,
+                hints: spillway_shared::UpstreamHints::default(),
+                backoff: None,
+            };
+            store.settle(&pool, &backend, receipt).await.unwrap();
+        }
+        if step % 5 == 0
+            && let Some((_, reservation)) = open.pop()
+        {
+            store.release(&pool, &c, reservation.id).await.unwrap();
+        }
+        if step % 11 == 0 {
+            store.charge(&pool, &c[0].backend, 5, 1).await.unwrap();
+        }
+        let key = spillway_shared::KeySchema::new("spillway-test")
+            .member(&pool, &c[0].backend)
+            .usage;
+        let fields: std::collections::HashMap<String, i64> =
+            store.client().hgetall(&key).await.unwrap();
+        let sum = |kind: &str| -> i64 {
+            fields
+                .iter()
+                .filter(|(f, _)| f.starts_with(&format!("{kind}:")))
+                .map(|(_, v)| *v)
+                .sum()
+        };
+        if let Some(&sum_tokens) = fields.get("sum_tokens") {
+            assert_eq!(sum_tokens, sum("tokens"), "step {step}: {fields:?}");
+            assert_eq!(fields["sum_requests"], sum("requests"), "step {step}");
+        }
+    }
+}

@@ -7,10 +7,12 @@ use std::time::Duration;
 
 use crate::store::{Reservation, Windows};
 
-/// Tokens and requests charged to one member, per bucket start (ms).
+/// Tokens and requests charged to one member, per bucket start (ms), with their running
+/// sums: admission reads the sums (O(1)); buckets leave the window from the oldest end.
 #[derive(Clone, Debug, Default)]
 pub struct Usage {
     buckets: BTreeMap<u64, (u64, u64)>,
+    sums: (u64, u64),
 }
 
 /// Whether `tokens` more (and one request) fit on top of `used`. A request larger than the
@@ -31,14 +33,18 @@ impl Usage {
     /// Drop buckets wholly outside the window ending at `now_ms`.
     pub fn prune(&mut self, now_ms: u64, w: &Windows) {
         let (bucket, window) = (w.bucket_ms(), w.budget.as_millis() as u64);
-        self.buckets
-            .retain(|start, _| start + bucket + window > now_ms);
+        while let Some(entry) = self.buckets.first_entry() {
+            if entry.key() + bucket + window > now_ms {
+                break;
+            }
+            let (tokens, requests) = entry.remove();
+            self.sums.0 -= tokens;
+            self.sums.1 -= requests;
+        }
     }
 
     pub fn totals(&self) -> (u64, u64) {
-        self.buckets
-            .values()
-            .fold((0, 0), |(t, r), (bt, br)| (t + bt, r + br))
+        self.sums
     }
 
     /// Reserve `tokens` and one request in the current bucket, or say how long until they fit.
@@ -57,6 +63,8 @@ impl Usage {
             let entry = self.buckets.entry(bucket_ms).or_default();
             entry.0 += tokens;
             entry.1 += 1;
+            self.sums.0 += tokens;
+            self.sums.1 += 1;
             return Ok(Reservation {
                 bucket_ms,
                 tokens,
@@ -82,7 +90,9 @@ impl Usage {
     /// Replace a reservation's estimate by the real count, if its bucket is still counted.
     pub fn settle(&mut self, reservation: Reservation, tokens: u64) {
         if let Some(entry) = self.buckets.get_mut(&reservation.bucket_ms) {
-            entry.0 = (entry.0 + tokens).saturating_sub(reservation.tokens);
+            let settled = (entry.0 + tokens).saturating_sub(reservation.tokens);
+            self.sums.0 = self.sums.0 - entry.0 + settled;
+            entry.0 = settled;
         }
     }
 }

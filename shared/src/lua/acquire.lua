@@ -70,6 +70,62 @@ end
 local earliest = -1
 local throttled = 0
 
+local function fmt(n) return string.format('%d', n) end
+
+-- Usage in the window as running sums: the hash keeps `sum_tokens`, `sum_requests`, the
+-- `oldest` and `newest` bucket starts and `bucket_ms` beside the buckets. Buckets that left
+-- the window are subtracted from the oldest end, so admission costs the same whatever the
+-- window's resolution. Sums missing (a key from before) or a changed bucket length: rebuilt
+-- from the buckets once.
+local function window_usage(usage_key)
+  local u = redis.call('HMGET', usage_key, 'sum_tokens', 'sum_requests', 'oldest', 'newest', 'bucket_ms')
+  local sum_t, sum_r, oldest, newest = tonumber(u[1]), tonumber(u[2]), tonumber(u[3]), tonumber(u[4])
+  if sum_t == nil or sum_r == nil or tonumber(u[5]) ~= bucket then
+    sum_t, sum_r, oldest, newest = 0, 0, nil, nil
+    local raw = redis.call('HGETALL', usage_key)
+    for j = 1, #raw, 2 do
+      local kind, start = string.match(raw[j], '^(%a+):(%d+)$')
+      start = tonumber(start)
+      if start ~= nil then
+        if start + bucket + window <= now or start % bucket ~= 0 then
+          redis.call('HDEL', usage_key, raw[j])
+        else
+          local value = tonumber(raw[j + 1]) or 0
+          if kind == 'tokens' then sum_t = sum_t + value elseif kind == 'requests' then sum_r = sum_r + value end
+          if oldest == nil or start < oldest then oldest = start end
+          if newest == nil or start > newest then newest = start end
+        end
+      end
+    end
+    redis.call('HSET', usage_key, 'sum_tokens', sum_t, 'sum_requests', sum_r, 'bucket_ms', bucket)
+    redis.call('HDEL', usage_key, 'oldest', 'newest')
+    if oldest ~= nil then
+      redis.call('HSET', usage_key, 'oldest', fmt(oldest), 'newest', fmt(newest))
+    end
+  end
+  if oldest ~= nil and newest ~= nil and newest + bucket + window <= now then
+    -- Everything counted has left the window: start afresh.
+    redis.call('DEL', usage_key)
+    redis.call('HSET', usage_key, 'sum_tokens', 0, 'sum_requests', 0, 'bucket_ms', bucket)
+    return 0, 0, nil
+  end
+  local moved = false
+  while oldest ~= nil and oldest + bucket + window <= now do
+    local ft, fr = 'tokens:' .. fmt(oldest), 'requests:' .. fmt(oldest)
+    local v = redis.call('HMGET', usage_key, ft, fr)
+    sum_t = sum_t - (tonumber(v[1]) or 0)
+    sum_r = sum_r - (tonumber(v[2]) or 0)
+    redis.call('HDEL', usage_key, ft, fr)
+    oldest = oldest + bucket
+    moved = true
+  end
+  if moved then
+    sum_t, sum_r = math.max(sum_t, 0), math.max(sum_r, 0)
+    redis.call('HSET', usage_key, 'sum_tokens', sum_t, 'sum_requests', sum_r, 'oldest', fmt(oldest))
+  end
+  return sum_t, sum_r, oldest
+end
+
 -- What the upstream's last hints say: how long a fresh hint says this candidate has no room
 -- (or nil), and whether an expired hint said so (the next request then probes it alone).
 local function hinted_full(hints_key, spill)
@@ -98,37 +154,16 @@ for i = 1, (#KEYS - 1) / 3 do
     wait = full
     throttled = 1
   else
-    -- Usage in the window, dropping buckets that have left it.
-    local starts, tokens, requests = {}, {}, {}
-    local used_tokens, used_requests = 0, 0
-    local raw = redis.call('HGETALL', usage_key)
-    for j = 1, #raw, 2 do
-      local kind, start = string.match(raw[j], '^(%a+):(%d+)$')
-      start = tonumber(start)
-      if start ~= nil then
-        if start + bucket + window <= now then
-          redis.call('HDEL', usage_key, raw[j])
-        else
-          if tokens[start] == nil then
-            tokens[start], requests[start] = 0, 0
-            starts[#starts + 1] = start
-          end
-          local value = tonumber(raw[j + 1]) or 0
-          if kind == 'tokens' then
-            tokens[start] = value
-            used_tokens = used_tokens + value
-          elseif kind == 'requests' then
-            requests[start] = value
-            used_requests = used_requests + value
-          end
-        end
-      end
-    end
+    local used_tokens, used_requests, oldest = window_usage(usage_key)
     if fits(used_tokens, used_requests, tpm, rpm) then
       local start = now - (now % bucket)
       local field = string.format('%d', start)
       redis.call('HINCRBY', usage_key, 'tokens:' .. field, estimate)
       redis.call('HINCRBY', usage_key, 'requests:' .. field, 1)
+      redis.call('HINCRBY', usage_key, 'sum_tokens', estimate)
+      redis.call('HINCRBY', usage_key, 'sum_requests', 1)
+      redis.call('HSET', usage_key, 'newest', field)
+      if oldest == nil then redis.call('HSET', usage_key, 'oldest', field) end
       redis.call('PEXPIRE', usage_key, 2 * (window + bucket))
       if id ~= '' then
         redis.call('HSET', pending_key, id, string.format('%d|%d|%d', i, start, estimate))
@@ -157,16 +192,20 @@ for i = 1, (#KEYS - 1) / 3 do
       end
       return {1, i, start, ledger, now}
     end
+    -- Refused: wait until enough of the oldest buckets have left (this walk is the only
+    -- per-bucket work, and only on refusals).
     throttled = 1
-    table.sort(starts)
     wait = window
-    for _, start in ipairs(starts) do
-      used_tokens = used_tokens - tokens[start]
-      used_requests = used_requests - requests[start]
+    local start = oldest
+    while start ~= nil and start <= now do
+      local v = redis.call('HMGET', usage_key, 'tokens:' .. fmt(start), 'requests:' .. fmt(start))
+      used_tokens = used_tokens - (tonumber(v[1]) or 0)
+      used_requests = used_requests - (tonumber(v[2]) or 0)
       if fits(used_tokens, used_requests, tpm, rpm) then
         wait = math.max(start + bucket + window - now, 1)
         break
       end
+      start = start + bucket
     end
   end
   if earliest < 0 or wait < earliest then earliest = wait end

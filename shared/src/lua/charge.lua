@@ -27,6 +27,13 @@ end
 local field = string.format('%d', now - (now % bucket))
 redis.call('HINCRBY', KEYS[1], 'tokens:' .. field, tokens)
 redis.call('HINCRBY', KEYS[1], 'requests:' .. field, requests)
+-- The running sums (acquire.lua), when kept, move with the bucket.
+if redis.call('HEXISTS', KEYS[1], 'sum_tokens') == 1 then
+  redis.call('HINCRBY', KEYS[1], 'sum_tokens', tokens)
+  redis.call('HINCRBY', KEYS[1], 'sum_requests', requests)
+  redis.call('HSET', KEYS[1], 'newest', field)
+  if redis.call('HEXISTS', KEYS[1], 'oldest') == 0 then redis.call('HSET', KEYS[1], 'oldest', field) end
+end
 redis.call('PEXPIRE', KEYS[1], 2 * (window + bucket))
 redis.call('HINCRBY', KEYS[2], 'admitted_tokens', tokens)
 return 1

@@ -26,13 +26,16 @@ if usage_key == nil or backoff_key == nil then return 0 end
 if redis.call('HGET', backoff_key, 'reason') == 'probing' then
   redis.call('HDEL', backoff_key, 'until_ms', 'reason')
 end
-local field = 'tokens:' .. bucket
-if redis.call('HEXISTS', usage_key, field) == 1 then
-  if redis.call('HINCRBY', usage_key, field, -tonumber(tokens)) < 0 then
-    redis.call('HSET', usage_key, field, 0)
-  end
-  if redis.call('HINCRBY', usage_key, 'requests:' .. bucket, -1) < 0 then
-    redis.call('HSET', usage_key, 'requests:' .. bucket, 0)
+local function take(field, amount, sum_field)
+  local before = tonumber(redis.call('HGET', usage_key, field))
+  if before == nil then return end
+  local after = math.max(before - amount, 0)
+  redis.call('HSET', usage_key, field, after)
+  -- The running sum (acquire.lua) moves with its bucket.
+  if redis.call('HEXISTS', usage_key, sum_field) == 1 then
+    redis.call('HINCRBY', usage_key, sum_field, after - before)
   end
 end
+take('tokens:' .. bucket, tonumber(tokens), 'sum_tokens')
+take('requests:' .. bucket, 1, 'sum_requests')
 return 1

@@ -81,9 +81,13 @@ if ARGV[1] ~= '' and open_reservation then
     return redis.error_reply('ERR spillway: token counts must be numbers >= 0')
   end
   local field = 'tokens:' .. ARGV[1]
-  if redis.call('HEXISTS', usage_key, field) == 1 then
-    if redis.call('HINCRBY', usage_key, field, used - reserved) < 0 then
-      redis.call('HSET', usage_key, field, 0)
+  local before = tonumber(redis.call('HGET', usage_key, field))
+  if before ~= nil then
+    local after = math.max(before + used - reserved, 0)
+    redis.call('HSET', usage_key, field, after)
+    -- The running sum (acquire.lua) moves with its bucket.
+    if redis.call('HEXISTS', usage_key, 'sum_tokens') == 1 then
+      redis.call('HINCRBY', usage_key, 'sum_tokens', after - before)
     end
   end
 end
