@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# End-to-end cost of the gateway, in one run: wrk against a zero-latency backend (nginx
+# answering a fixed chat completion) directly, through nginx as a plain reverse proxy, and
+# through one `spillway serve` replica on the embedded store and on Redis. The arms are
+# interleaved (ROUNDS times), each measured for latency (1 connection) and throughput (32).
+# Prints each arm's added p50/p99 over the direct arm and its throughput as a ratio to the
+# nginx arm. Loopback only; never part of the test suite.
+#
+#   scripts/bench.sh            # ROUNDS=3 SECONDS_PER_RUN=5 by default
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-3}
+SECONDS_PER_RUN=${SECONDS_PER_RUN:-5}
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need wrk || ! need nginx || ! need redis-server; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq wrk nginx-light redis-server >/dev/null
+fi
+cargo build --quiet --release --bin spillway
+bin="${CARGO_TARGET_DIR:-target}/release/spillway"
+
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 200); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
+
+backend=$(free_port); proxy=$(free_port); redis_port=$(free_port)
+answer='{"id":"chatcmpl-bench","object":"chat.completion","created":1,"model":"gpt-4o","choices":[{"index":0,"finish_reason":"stop","message":{"role":"assistant","content":"Hi"}}],"usage":{"prompt_tokens":9,"completion_tokens":1,"total_tokens":10}}'
+mkdir -p "$work/nginx"
+cat >"$work/nginx/nginx.conf" <<EOF
+worker_processes 1;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/error.log;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $work/nginx/body; proxy_temp_path $work/nginx/proxy;
+  fastcgi_temp_path $work/nginx/fcgi; uwsgi_temp_path $work/nginx/uwsgi; scgi_temp_path $work/nginx/scgi;
+  upstream backend { server 127.0.0.1:$backend; keepalive 64; }
+  server { listen 127.0.0.1:$backend;
+    location / { default_type application/json; return 200 '$answer'; } }
+  server { listen 127.0.0.1:$proxy;
+    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; } }
+}
+EOF
+nginx -c "$work/nginx/nginx.conf" -p "$work/nginx" -g 'daemon off;' &
+pids+=($!)
+redis-server --port "$redis_port" --save "" --appendonly no >/dev/null &
+pids+=($!)
+wait_port "$backend"; wait_port "$proxy"; wait_port "$redis_port"
+
+start_gateway() { # name, extra [state] lines
+  local port admin
+  port=$(free_port); admin=$(free_port)
+  cat >"$work/$1.toml" <<EOF
+[server]
+listen = "127.0.0.1:$port"
+admin_listen = "127.0.0.1:$admin"
+[state]
+$2
+[[backends]]
+id = "backend"
+url = "http://127.0.0.1:$backend"
+deployments = { "gpt-4o" = "gpt-4o" }
+EOF
+  RUST_LOG=error "$bin" serve --config "$work/$1.toml" >/dev/null 2>&1 &
+  pids+=($!)
+  wait_port "$port"
+  echo "$port"
+}
+embedded=$(start_gateway embedded "")
+on_redis=$(start_gateway redis "redis_url = \"redis://127.0.0.1:$redis_port\"")
+
+cat >"$work/post.lua" <<'EOF'
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"messages":[{"role":"user","content":"Hello there"}],"max_tokens":1}'
+done = function(summary, latency, requests)
+  io.write(string.format("RESULT %.1f %.1f %.1f\n", latency:percentile(50), latency:percentile(99),
+    summary.requests / (summary.duration / 1e6)))
+end
+EOF
+path="/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+declare -A p50 p99 rps
+run() { # arm, port, connections -> "p50 p99 rps"
+  wrk -t1 -c"$3" -d"${SECONDS_PER_RUN}s" -s "$work/post.lua" "http://127.0.0.1:$2$path" | awk '/^RESULT/ {print $2, $3, $4}'
+}
+arms=(direct nginx embedded redis)
+declare -A port=([direct]=$backend [nginx]=$proxy [embedded]=$embedded [redis]=$on_redis)
+for round in $(seq "$ROUNDS"); do
+  for arm in "${arms[@]}"; do
+    read -r a b _ < <(run "$arm" "${port[$arm]}" 1)
+    read -r _ _ c < <(run "$arm" "${port[$arm]}" 32)
+    p50[$arm]="${p50[$arm]:-} $a"; p99[$arm]="${p99[$arm]:-} $b"; rps[$arm]="${rps[$arm]:-} $c"
+  done
+done
+
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
+d50=$(echo "${p50[direct]}" | median); d99=$(echo "${p99[direct]}" | median)
+nginx_rps=$(echo "${rps[nginx]}" | median)
+echo "# scripts/bench.sh: ${ROUNDS} interleaved rounds of ${SECONDS_PER_RUN}s per arm (medians);"
+echo "# latency with 1 connection (added over direct), throughput with 32 (ratio to nginx)"
+printf '%-10s %14s %14s %12s %10s\n' arm "added p50 µs" "added p99 µs" "requests/s" "vs nginx"
+for arm in "${arms[@]}"; do
+  m50=$(echo "${p50[$arm]}" | median); m99=$(echo "${p99[$arm]}" | median); r=$(echo "${rps[$arm]}" | median)
+  awk -v arm="$arm" -v a="$m50" -v b="$m99" -v d50="$d50" -v d99="$d99" -v r="$r" -v n="$nginx_rps" \
+    'BEGIN { printf "%-10s %14.0f %14.0f %12.0f %9.2fx\n", arm, a - d50, b - d99, r, r / n }'
+done
