@@ -107,6 +107,28 @@ async fn admits(store: &RedisState, pool: &PoolName, c: &[Candidate], tokens: u6
     )
 }
 
+/// A receipt charging `tokens` for `reservation`, nothing else.
+fn receipt(reservation: spillway_shared::Reservation, tokens: u64) -> spillway_shared::Receipt {
+    spillway_shared::Receipt {
+        reservation,
+        tokens,
+        latency: None,
+        hints: spillway_shared::UpstreamHints::default(),
+        backoff: None,
+    }
+}
+
+/// A receipt for an attempt that failed with a server error (backoff `ms`).
+fn server_error(reservation: spillway_shared::Reservation, ms: u64) -> spillway_shared::Receipt {
+    spillway_shared::Receipt {
+        backoff: Some(spillway_shared::Backoff {
+            duration: Duration::from_millis(ms),
+            reason: spillway_shared::BackoffReason::ServerError,
+        }),
+        ..receipt(reservation, 0)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bucket_leaves_the_window_exactly_at_its_end_plus_the_window() {
     let store = served(small_windows()).await;
@@ -308,18 +330,10 @@ async fn after_a_cool_down_one_request_probes_and_the_rest_wait_for_it() {
     else {
         panic!("admitted");
     };
-    let fail = spillway_shared::Backoff {
-        duration: Duration::from_millis(1_000),
-        reason: spillway_shared::BackoffReason::ServerError,
-    };
-    let receipt = spillway_shared::Receipt {
-        reservation,
-        tokens: 0,
-        latency: None,
-        hints: spillway_shared::UpstreamHints::default(),
-        backoff: Some(fail),
-    };
-    store.settle(&pool, &backend, receipt).await.unwrap();
+    store
+        .settle(&pool, &backend, server_error(reservation, 1_000))
+        .await
+        .unwrap();
     store.set_clock_ms(1_700_000_001_000);
     assert!(admits(&store, &pool, &c, 1).await, "the probe");
     match store.acquire(&pool, &c, 1).await.unwrap() {
@@ -380,13 +394,7 @@ async fn a_reservation_is_settled_only_in_the_store_that_issued_it() {
     );
     let pool = PoolName::new("issuer");
     let c = [Candidate::unlimited(BackendId::new("a"))];
-    let done = |reservation| spillway_shared::Receipt {
-        reservation,
-        tokens: 20_000,
-        latency: None,
-        hints: spillway_shared::UpstreamHints::default(),
-        backoff: None,
-    };
+    let done = |reservation| receipt(reservation, 20_000);
     // Redis's ledger for the member: 60,000 tokens admitted.
     for _ in 0..3 {
         let Admission::Admitted {
@@ -436,13 +444,7 @@ async fn a_settle_applies_once_and_never_after_a_release() {
     let store = redis().await;
     let pool = PoolName::new("once");
     let c = [Candidate::unlimited(BackendId::new("a"))];
-    let used = |reservation| spillway_shared::Receipt {
-        reservation,
-        tokens: 40,
-        latency: None,
-        hints: spillway_shared::UpstreamHints::default(),
-        backoff: None,
-    };
+    let used = |reservation| receipt(reservation, 40);
     let Admission::Admitted {
         backend,
         reservation,
@@ -496,17 +498,10 @@ async fn releasing_an_abandoned_probe_lets_the_next_request_probe() {
     else {
         panic!("admitted");
     };
-    let failed = spillway_shared::Receipt {
-        reservation,
-        tokens: 0,
-        latency: None,
-        hints: spillway_shared::UpstreamHints::default(),
-        backoff: Some(spillway_shared::Backoff {
-            duration: Duration::from_millis(1_000),
-            reason: spillway_shared::BackoffReason::ServerError,
-        }),
-    };
-    store.settle(&pool, &backend, failed).await.unwrap();
+    store
+        .settle(&pool, &backend, server_error(reservation, 1_000))
+        .await
+        .unwrap();
     store.advance_clock(Duration::from_millis(1_001));
     // The probe's acquire is abandoned by its replica (a timeout) and released.
     let id = store.next_reservation_id();
@@ -547,14 +542,10 @@ async fn running_sums_stay_equal_to_the_buckets_they_sum() {
         if step % 3 == 0
             && let Some((backend, reservation)) = open.pop()
         {
-            let receipt = spillway_shared::Receipt {
-                reservation,
-                tokens: 3,
-                latency: None,
-                hints: spillway_shared::UpstreamHints::default(),
-                backoff: None,
-            };
-            store.settle(&pool, &backend, receipt).await.unwrap();
+            store
+                .settle(&pool, &backend, receipt(reservation, 3))
+                .await
+                .unwrap();
         }
         if step % 5 == 0
             && let Some((_, reservation)) = open.pop()
