@@ -124,8 +124,8 @@ pub struct StateConfig {
     /// Latency samples are kept for this long.
     pub latency_window_ms: u64,
     /// A Redis call slower than this is abandoned (its reservation released later) and that
-    /// decision is made on this replica's share of the budgets; after 3 in a row the replica
-    /// is degraded until Redis answers 3 pings in time.
+    /// decision is made on this replica's share of the budgets; after 3 within a second the
+    /// pool is degraded until Redis has answered in time for 2 s (8 probes in a row).
     pub redis_timeout_ms: u64,
 }
 

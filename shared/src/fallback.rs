@@ -5,8 +5,8 @@
 //!   A call that fails or is slow is decided on this replica's embedded state, for that call.
 //! - Health is per pool (so per Redis node in a cluster) and has hysteresis
 //!   ([`crate::health`]): a pool turns degraded (every decision local) only after
-//!   [`ENTER_AFTER`] such calls in a row, and back after [`LEAVE_AFTER`] timely probes in a
-//!   row. Background snapshots never change it.
+//!   [`ENTER_AFTER`] such calls within a second, and back after [`LEAVE_AFTER`] timely
+//!   probes in a row (2 s). Background snapshots never change it.
 //! - Local decisions keep budgets: a member's budget is what the fleet had left at the last
 //!   shared view, divided by the live replicas (heartbeats in Redis).
 //! - What was decided locally reaches Redis once it answers: the usage admitted locally is
@@ -18,6 +18,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::health::Health;
+use crate::last_view::LastView;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -54,18 +55,9 @@ pub struct FallbackState {
     /// Decisions taken on the embedded state since start (an operator metric).
     fallback_calls: AtomicU64,
     live_replicas: AtomicU32,
-    seen: Mutex<HashMap<MemberKey, Seen>>,
+    /// The last shared view, for local shares and for restoring an emptied Redis.
+    view: LastView,
     owed: Mutex<Owed>,
-}
-
-/// A member's usage as last read from Redis, and what this replica admitted there since.
-#[derive(Clone, Copy, Debug)]
-struct Seen {
-    at: Instant,
-    tokens_used: u64,
-    requests_used: u64,
-    tokens_since: u64,
-    requests_since: u64,
 }
 
 /// What was decided locally and still has to reach Redis.
@@ -89,7 +81,7 @@ impl FallbackState {
             health: Health::default(),
             fallback_calls: AtomicU64::new(0),
             live_replicas: AtomicU32::new(1),
-            seen: Mutex::new(HashMap::new()),
+            view: LastView::default(),
             owed: Mutex::new(Owed::default()),
         });
         tokio::spawn(probe(Arc::downgrade(&state), state.health.subscribe()));
@@ -158,10 +150,7 @@ impl FallbackState {
     ) -> Result<T, StateError> {
         if !self.health.is_degraded(pool) {
             let why = match tokio::time::timeout(self.budget, shared).await {
-                Ok(Ok(value)) => {
-                    self.health.note_good_call(pool);
-                    return Ok(value);
-                }
+                Ok(Ok(value)) => return Ok(value),
                 // A script rejecting its arguments is a bug here, not an outage.
                 Ok(Err(e @ StateError::Protocol(_))) => return Err(e),
                 Ok(Err(e)) => e.to_string(),
@@ -173,76 +162,6 @@ impl FallbackState {
         }
         self.fallback_calls.fetch_add(1, Ordering::Relaxed);
         local.await
-    }
-
-    /// The candidates as this replica may admit them alone: each budget cut to what the
-    /// fleet had left at the last shared view (less what this replica's peers are likely to
-    /// have admitted since, as much as it did itself), divided by the live replicas.
-    fn local_shares(&self, pool: &PoolName, candidates: &[Candidate]) -> Vec<Candidate> {
-        let live = u64::from(self.live_replicas());
-        let window = self.primary.windows().budget;
-        let seen = self.seen.lock().expect("fallback lock");
-        candidates
-            .iter()
-            .map(|c| {
-                let fresh = seen
-                    .get(&(pool.clone(), c.backend.clone()))
-                    .filter(|s| s.at.elapsed() < window);
-                let share = |limit: u64, used: u64, since: u64| {
-                    limit.saturating_sub(used + live * since) / live
-                };
-                let (tokens, requests) = match fresh {
-                    Some(s) => (
-                        c.tokens_per_window
-                            .map(|t| share(t, s.tokens_used, s.tokens_since)),
-                        c.requests_per_window
-                            .map(|r| share(r, s.requests_used, s.requests_since)),
-                    ),
-                    None => (
-                        c.tokens_per_window.map(|t| t / live),
-                        c.requests_per_window.map(|r| r / live),
-                    ),
-                };
-                // No share left: no request either (an empty window would otherwise take
-                // one request of any size).
-                let requests = if tokens == Some(0) { Some(0) } else { requests };
-                Candidate {
-                    tokens_per_window: tokens,
-                    requests_per_window: requests,
-                    ..c.clone()
-                }
-            })
-            .collect()
-    }
-
-    fn note_view(&self, snapshot: &PoolSnapshot) {
-        let mut seen = self.seen.lock().expect("fallback lock");
-        for m in &snapshot.members {
-            seen.insert(
-                (snapshot.pool.clone(), m.backend.clone()),
-                Seen {
-                    at: Instant::now(),
-                    tokens_used: m.tokens_used,
-                    requests_used: m.requests_used,
-                    tokens_since: 0,
-                    requests_since: 0,
-                },
-            );
-        }
-    }
-
-    fn note_admitted(&self, pool: &PoolName, backend: &BackendId, tokens: u64) {
-        let mut seen = self.seen.lock().expect("fallback lock");
-        // Before any shared view, what this replica admitted is all there is to go on.
-        let s = seen.entry((pool.clone(), backend.clone())).or_insert(Seen {
-            at: Instant::now(),
-            tokens_used: 0,
-            requests_used: 0,
-            tokens_since: 0,
-            requests_since: 0,
-        });
-        s.tokens_since += tokens;
-        s.requests_since += 1;
     }
 
     fn owe_usage(&self, pool: &PoolName, backend: &BackendId, tokens: u64) {
@@ -272,23 +191,14 @@ impl FallbackState {
         else {
             return;
         };
-        let live = u64::from(self.live_replicas());
-        let window = self.primary.windows().budget;
-        let views: Vec<(MemberKey, Seen)> = self
-            .seen
-            .lock()
-            .expect("fallback lock")
-            .iter()
-            .filter(|(_, s)| s.at.elapsed() < window)
-            .map(|(k, s)| (k.clone(), *s))
-            .collect();
+        let views = self
+            .view
+            .fleet_usage(self.live_replicas(), self.primary.windows().budget);
         warn!(
             members = views.len(),
             "fleet state: Redis came back empty; restoring the usage of the last shared view"
         );
-        for ((pool, backend), s) in views {
-            let tokens = s.tokens_used + live * s.tokens_since;
-            let requests = s.requests_used + live * s.requests_since;
+        for ((pool, backend), (tokens, requests)) in views {
             let _ = tokio::time::timeout(
                 SNAPSHOT_BUDGET,
                 self.primary.charge(&pool, &backend, tokens, requests),
@@ -453,12 +363,17 @@ impl FleetState for FallbackState {
                 .await;
             answered.store(true, Ordering::Relaxed);
             if let Ok(Admission::Admitted { backend, .. }) = &admission {
-                self.note_admitted(pool, backend, tokens);
+                self.view.note_admitted(pool, backend, tokens);
             }
             admission
         };
         let local = async {
-            let shares = self.local_shares(pool, candidates);
+            let shares = self.view.shares(
+                pool,
+                candidates,
+                self.live_replicas(),
+                self.primary.windows().budget,
+            );
             self.local.acquire(pool, &shares, tokens).await
         };
         let tried_shared = !self.health.is_degraded(pool);
@@ -556,7 +471,7 @@ impl FleetState for FallbackState {
             let budget = SNAPSHOT_BUDGET.max(self.budget);
             match tokio::time::timeout(budget, self.primary.snapshot(pool, members)).await {
                 Ok(Ok(snapshot)) => {
-                    self.note_view(&snapshot);
+                    self.view.note(&snapshot);
                     return Ok(snapshot);
                 }
                 Ok(Err(e @ StateError::Protocol(_))) => return Err(e),

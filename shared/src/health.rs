@@ -1,6 +1,9 @@
 //! Health of the shared store, per pool (a pool's keys live on one Redis node, so this is
 //! per node in a cluster), with hysteresis: degraded after [`ENTER_AFTER`] failed or slow
-//! decisions in a row, healthy again after [`LEAVE_AFTER`] timely probes in a row.
+//! decisions within [`ENTER_WINDOW`], healthy again after [`LEAVE_AFTER`] timely probes in a
+//! row. Decisions run concurrently, so a timely answer between slow ones does not reset the
+//! count: a replica that stayed on Redis through a stall its peers felt would spend the
+//! budgets its peers hold as shares.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -9,10 +12,14 @@ use tokio::sync::watch;
 
 use crate::store::PoolName;
 
-/// Failed or slow decision calls in a row that make a pool degraded.
+/// Failed or slow decision calls within [`ENTER_WINDOW`] that make a pool degraded.
 pub const ENTER_AFTER: u32 = 3;
-/// Timely probes in a row that bring a degraded pool back to shared state.
-pub const LEAVE_AFTER: u32 = 3;
+pub const ENTER_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+/// Timely probes in a row that bring a degraded pool back to shared state: 2 s of good
+/// answers at one probe per 250 ms. A Redis that stalls every second or so keeps replicas on
+/// their shares instead of flapping (replicas back on Redis while others are still on their
+/// shares could spend those shares a second time).
+pub const LEAVE_AFTER: u32 = 8;
 
 /// Which pools decide locally. `None` stands for "every pool": the store was not reachable
 /// at start-up, before any pool was seen.
@@ -26,7 +33,9 @@ pub struct Health {
 #[derive(Clone, Copy, Debug, Default)]
 struct Streaks {
     degraded: bool,
+    /// Bad calls since `bad_since` (counted while within [`ENTER_WINDOW`] of it).
     bad: u32,
+    bad_since: Option<tokio::time::Instant>,
     good: u32,
 }
 
@@ -55,18 +64,14 @@ impl Health {
         self.degraded.subscribe()
     }
 
-    /// A decision for `pool` was answered in time.
-    pub fn note_good_call(&self, pool: &PoolName) {
-        let mut pools = self.pools.lock().expect("health lock");
-        if let Some(s) = pools.get_mut(&Some(pool.clone())) {
-            s.bad = 0;
-        }
-    }
-
     /// A decision for `pool` failed or was slow; true when this made the pool degraded.
     pub fn note_bad_call(&self, pool: &PoolName) -> bool {
         self.update(Some(pool.clone()), |s| {
-            s.bad += 1;
+            let now = tokio::time::Instant::now();
+            match s.bad_since {
+                Some(since) if now.duration_since(since) < ENTER_WINDOW => s.bad += 1,
+                _ => (s.bad, s.bad_since) = (1, Some(now)),
+            }
             s.good = 0;
             if !s.degraded && s.bad >= ENTER_AFTER {
                 s.degraded = true;
@@ -130,15 +135,15 @@ impl Health {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_pool_degrades_after_a_streak_of_bad_calls_and_recovers_after_good_probes() {
+    #[tokio::test(start_paused = true)]
+    async fn a_pool_degrades_after_bad_calls_close_together_and_recovers_after_good_probes() {
         let health = Health::default();
         let (a, b) = (PoolName::new("a"), PoolName::new("b"));
         assert!(!health.note_bad_call(&a));
-        health.note_good_call(&a); // the streak is broken
+        tokio::time::advance(ENTER_WINDOW).await; // too far apart: the count starts again
         assert!(!health.note_bad_call(&a));
         assert!(!health.note_bad_call(&a));
-        assert!(health.note_bad_call(&a), "third in a row");
+        assert!(health.note_bad_call(&a), "third within the window");
         assert!(health.is_degraded(&a) && !health.is_degraded(&b));
         assert!(!health.note_probe(Some(a.clone()), true));
         assert!(

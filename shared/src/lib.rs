@@ -42,6 +42,7 @@ pub mod contract;
 pub mod fallback;
 mod health;
 mod keys;
+mod last_view;
 mod memory;
 mod redis;
 mod store;
