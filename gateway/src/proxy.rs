@@ -124,7 +124,6 @@ async fn route(
         .max_attempts
         .map_or(members.len(), |n| n as usize)
         .min(members.len());
-    let view = gateway.view.get(&gateway.fleet, pool);
     let preferences = select::Preferences {
         own_region: gateway.region.clone(),
         explore_share: routing.explore_share,
@@ -153,8 +152,13 @@ async fn route(
                 routing.request_timeout_ms, attempts.count
             )));
         }
-        let order =
-            select::candidate_order(&members, &tried, &view, &preferences, &mut rand::rng());
+        let order = select::candidate_order(
+            &members,
+            &tried,
+            &request.view,
+            &preferences,
+            &mut rand::rng(),
+        );
         let candidates: Vec<Candidate> = order.iter().map(|m| pool.candidate(m)).collect();
         let open = match gateway
             .fleet

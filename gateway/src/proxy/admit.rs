@@ -13,7 +13,7 @@ use super::upstream_path::{OperationPath, PathRejection, QueryPairs, check_segme
 use crate::app::Gateway;
 use crate::consumers::Consumer;
 use crate::error::GatewayError;
-use crate::fleet_view::output_reserve;
+use crate::fleet_view::{MemberView, output_reserve};
 use crate::table::Pool;
 use crate::tokens::{self, Operation, TokenEstimate};
 
@@ -58,6 +58,8 @@ pub struct ProxyRequest {
     pub consumer: Option<Consumer>,
     /// Regions the request may be served from (pool ∩ consumer); `None`: anywhere.
     pub regions: Option<Vec<String>>,
+    /// This replica's recent copy of the pool's fleet state (scores, learned reserve).
+    pub view: Arc<MemberView>,
 }
 
 pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, GatewayError> {
@@ -145,6 +147,7 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
         strip_usage,
         estimate,
         consumer,
+        view,
     })
 }
 
