@@ -24,7 +24,11 @@ bin="${CARGO_TARGET_DIR:-target}/release/spillway"
 
 work=$(mktemp -d)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+# Gateways start in command substitutions (subshells): their pids go through a file.
+cleanup() {
+  for p in "${pids[@]}" $(cat "$work/gateway.pids" 2>/dev/null); do kill "$p" 2>/dev/null || true; done
+  rm -rf "$work"
+}
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -70,7 +74,7 @@ url = "http://127.0.0.1:$backend"
 deployments = { "gpt-4o" = "gpt-4o" }
 EOF
   RUST_LOG=error "$bin" serve --config "$work/$1.toml" >/dev/null 2>&1 &
-  pids+=($!)
+  echo $! >>"$work/gateway.pids"
   wait_port "$port"
   echo "$port"
 }
