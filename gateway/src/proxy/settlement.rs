@@ -41,6 +41,11 @@ impl OpenReservation {
     /// Settle with `receipt` (its reservation is this one) in a detached task. Awaiting the
     /// handle is optional: dropping it, or the request, does not cancel the settlement.
     pub fn settle(mut self, receipt: Receipt) -> JoinHandle<Result<(), StateError>> {
+        self.spawn_settle(receipt)
+    }
+
+    /// Mark settled and run the settlement in a task of its own.
+    fn spawn_settle(&mut self, receipt: Receipt) -> JoinHandle<Result<(), StateError>> {
         self.settled = true;
         let (fleet, pool, backend) = (self.fleet.clone(), self.pool.clone(), self.backend.clone());
         tokio::spawn(async move {
@@ -86,13 +91,7 @@ impl Drop for OpenReservation {
         if self.settled || tokio::runtime::Handle::try_current().is_err() {
             return;
         }
-        self.settled = true;
         let receipt = self.receipt(0);
-        let (fleet, pool, backend) = (self.fleet.clone(), self.pool.clone(), self.backend.clone());
-        tokio::spawn(async move {
-            if let Err(e) = fleet.settle(&pool, &backend, receipt).await {
-                warn!(backend = %backend, error = %e, "could not release a cancelled request's reservation");
-            }
-        });
+        drop(self.spawn_settle(receipt));
     }
 }
