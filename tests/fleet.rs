@@ -167,8 +167,10 @@ async fn redis_dying_under_load_fails_no_request_and_the_fleet_returns_to_it() {
     assert!(offer_load(&replicas, 30, 6).await.iter().all(|&s| s == 200));
     let pool = PoolName::new("gpt-4o");
     let ptu = [Candidate::unlimited(BackendId::new("ptu"))];
+    let mut viewed = 0; // requests in the replicas' last shared views, with their leases
     for fleet in fleets {
-        fleet.snapshot(&pool, &ptu).await.unwrap(); // each replica's last shared view
+        let view = fleet.snapshot(&pool, &ptu).await.unwrap();
+        viewed = viewed.max(view.members[0].requests_used);
     }
     redis.kill();
     assert!(
@@ -196,9 +198,19 @@ async fn redis_dying_under_load_fails_no_request_and_the_fleet_returns_to_it() {
 
     // The restarted (empty) Redis holds all the fleet did: the 30 requests before the
     // outage (restored from the last shared view), the 60 admitted while it was down
-    // (written back on return) and the 30 after.
+    // (written back on return) and the 30 after, once the replicas have given back their
+    // leases. The view restored also counted the leases out before the outage, whose unused
+    // part could not be given back to the Redis that died: the fleet errs on the side of
+    // spending less, by at most what those leases held.
+    for fleet in fleets {
+        fleet.close().await;
+    }
     let snap = fa.snapshot(&pool, &ptu).await.unwrap();
-    assert_eq!(snap.members[0].requests_used, 120);
+    let charged = snap.members[0].requests_used;
+    assert!(
+        (120..=viewed + 90).contains(&charged),
+        "{charged} requests charged for 120 served ({viewed} in the last view before the outage)"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

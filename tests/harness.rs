@@ -280,6 +280,10 @@ impl FleetState for ObservedState {
     fn health(&self) -> spillway_shared::StoreHealth {
         self.inner.health()
     }
+
+    async fn close(&self) {
+        self.inner.close().await
+    }
 }
 
 /// Tokens and requests the fleet state has charged to `backend` in pool `gpt-4o`.

@@ -179,10 +179,10 @@ async fn malformed_arguments_are_rejected_by_the_script() {
         .map(|k| format!("spillway-test:{{p}}:{k}"))
         .collect();
     // estimate, bucket ms, window ms, clock, hint ttl ms, probe ms, reservation id; then
-    // token, request and spill limits.
+    // token, request and spill limits; then the lease wanted.
     let args = |tokens: &str| -> Vec<String> {
         [
-            tokens, "100", "1000", "", "1000", "5000", "", "-1", "-1", "-1",
+            tokens, "100", "1000", "", "1000", "5000", "", "-1", "-1", "-1", "0",
         ]
         .iter()
         .map(|s| s.to_string())

@@ -127,6 +127,21 @@ pub struct StateConfig {
     /// decision is made on this replica's share of the budgets; after 3 within a second the
     /// pool is degraded until Redis has answered in time for 2 s (8 probes in a row).
     pub redis_timeout_ms: u64,
+    /// On Redis, a replica admitting many requests takes up to this many admissions in one
+    /// script call (a budget lease) and hands them out itself; 0 or 1: every request asks
+    /// Redis. A lease never holds more than an eighth of a member's budget left.
+    pub lease_requests: u32,
+    /// How long a lease, and a PTU's "full" seen by it, is trusted without asking Redis.
+    pub lease_ms: u64,
+}
+
+impl StateConfig {
+    pub fn lease_policy(&self) -> spillway_shared::LeasePolicy {
+        spillway_shared::LeasePolicy {
+            max_requests: self.lease_requests,
+            ttl: std::time::Duration::from_millis(self.lease_ms),
+        }
+    }
 }
 
 impl Default for StateConfig {
@@ -141,6 +156,9 @@ impl Default for StateConfig {
             // 1.1 ms, max 4.6 ms at 51k calls/s (redis-benchmark, README). 25 ms leaves room
             // for an in-region network hop; a slower call costs one local decision only.
             redis_timeout_ms: 25,
+            // Measured (scripts/bench.sh, README): Redis arm 0.27x nginx without leases.
+            lease_requests: 32,
+            lease_ms: 100,
         }
     }
 }
@@ -400,6 +418,12 @@ impl StateConfig {
             bad(
                 "state.redis_timeout_ms".into(),
                 "must be greater than 0".into(),
+            );
+        }
+        if st.lease_requests >= 2 && (st.lease_ms == 0 || st.lease_ms > st.window_ms) {
+            bad(
+                "state.lease_ms".into(),
+                "must be from 1 ms to the budget window (window_ms) when leases are on".into(),
             );
         }
     }

@@ -11,6 +11,11 @@ use std::sync::Arc;
 use spillway_gateway::{demo, server, sim, state_table, telemetry};
 use spillway_shared::EmbeddedState;
 
+// Small short-lived allocations per request are the gateway's main allocator load; glibc's
+// malloc showed up as a fifth of the CPU under load (scripts/bench.sh, README).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "spillway",

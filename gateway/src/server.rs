@@ -24,7 +24,7 @@ pub fn fleet_state(config: &Config) -> Result<Arc<dyn FleetState>, ConfigError> 
 /// Redis with this replica's embedded state as the fallback.
 pub fn redis_fleet(config: &Config, url: &str) -> Result<Arc<FallbackState>, ConfigError> {
     let state = &config.state;
-    let redis = redis_state(config, url)?;
+    let redis = redis_state(config, url)?.with_leases(state.lease_policy());
     info!(redis = %redacted(url), "fleet state in Redis, with embedded fallback");
     Ok(FallbackState::new(
         redis,
@@ -100,10 +100,12 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         "spillway serving"
     );
     let limits = ConnectionLimits::from_config(&config.server);
+    let fleet = gateway.fleet.clone();
     tokio::join!(
         http_server::serve(listener, app(gateway.clone()), limits, shutdown_signal()),
         http_server::serve(admin_listener, admin(gateway), limits, shutdown_signal()),
     );
+    fleet.close().await;
     info!("spillway stopped");
     Ok(())
 }

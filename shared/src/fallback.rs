@@ -357,15 +357,17 @@ impl FleetState for FallbackState {
         let id = self.primary.next_reservation_id();
         let answered = std::sync::atomic::AtomicBool::new(false);
         let shared = async {
-            let admission = self
+            let acquired = self
                 .primary
-                .acquire_with_id(pool, candidates, tokens, id)
+                .acquire_charging(pool, candidates, tokens, id)
                 .await;
             answered.store(true, Ordering::Relaxed);
-            if let Ok(Admission::Admitted { backend, .. }) = &admission {
-                self.view.note_admitted(pool, backend, tokens);
+            let acquired = acquired?;
+            if let Admission::Admitted { backend, .. } = &acquired.admission {
+                let (tokens, requests) = acquired.charged;
+                self.view.note_admitted(pool, backend, tokens, requests);
             }
-            admission
+            Ok(acquired.admission)
         };
         let local = async {
             let shares = self.view.shares(
@@ -462,6 +464,10 @@ impl FleetState for FallbackState {
     /// Read for routing scores and operators: from Redis when it answers in time (and
     /// remembered as the last shared view), else from the embedded state. Never changes
     /// the replica's health.
+    async fn close(&self) {
+        self.primary.close().await;
+    }
+
     async fn snapshot(
         &self,
         pool: &PoolName,

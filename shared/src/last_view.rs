@@ -64,15 +64,16 @@ impl LastView {
         }
     }
 
-    /// Count a request this replica admitted through Redis since the last snapshot.
-    pub fn note_admitted(&self, pool: &PoolName, backend: &BackendId, tokens: u64) {
+    /// Count what this replica charged in Redis since the last snapshot: one request, or a
+    /// lease's worth of them (admissions on a lease were charged with it).
+    pub fn note_admitted(&self, pool: &PoolName, backend: &BackendId, tokens: u64, requests: u64) {
         let mut members = self.members.lock().expect("last view lock");
         // Before any snapshot, what this replica admitted is all there is to go on.
         let s = members
             .entry((pool.clone(), backend.clone()))
             .or_insert_with(Seen::empty);
         s.tokens_since += tokens;
-        s.requests_since += 1;
+        s.requests_since += requests;
     }
 
     /// The candidates as this replica may admit them alone: each budget cut to what the
@@ -157,13 +158,13 @@ mod tests {
                 actual_tokens: 0,
             }],
         });
-        view.note_admitted(&pool, &BackendId::new("ptu"), 50);
+        view.note_admitted(&pool, &BackendId::new("ptu"), 50, 1);
         // 1,000 - 400 seen - 4 replicas x 50 admitted since = 400 left, 100 each.
         assert_eq!(
             view.shares(&pool, &c, 4, window)[0].tokens_per_window,
             Some(100)
         );
-        view.note_admitted(&pool, &BackendId::new("ptu"), 100);
+        view.note_admitted(&pool, &BackendId::new("ptu"), 100, 1);
         let none_left = &view.shares(&pool, &c, 4, window)[0];
         assert_eq!(
             (none_left.tokens_per_window, none_left.requests_per_window),

@@ -43,6 +43,7 @@ pub mod fallback;
 mod health;
 mod keys;
 mod last_view;
+pub mod lease;
 mod memory;
 mod redis;
 mod store;
@@ -50,6 +51,7 @@ mod window;
 
 pub use fallback::FallbackState;
 pub use keys::{KeySchema, MemberKeys};
+pub use lease::LeasePolicy;
 pub use redis::RedisState;
 
 pub use memory::{EmbeddedState, ms_per_output_token};

@@ -1,13 +1,16 @@
 //! `RedisState`: the fleet state in Redis (single node, Cluster, TLS), every read-modify-write
 //! in a Lua script run by EVALSHA (re-loaded on NOSCRIPT), with time taken from Redis.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use fred::prelude::*;
 use fred::types::scripts::Script;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::keys::{KeySchema, MemberKeys};
+use crate::lease::{LeasePolicy, Leases, Local, Unused};
 use crate::memory::ms_per_output_token;
 use crate::store::{
     Admission, BackendId, Backoff, BackoffReason, Candidate, FleetState, Histogram,
@@ -30,10 +33,97 @@ pub struct RedisState {
     next_id: std::sync::atomic::AtomicU64,
     /// Tests pin the scripts' clock; 0 in service (Redis `TIME`).
     clock_ms: std::sync::atomic::AtomicU64,
+    leases: Leases,
+    /// Receipts on their way to `settle.lua`, sent in batches by one task (started with the
+    /// first settle).
+    settles: OnceLock<mpsc::UnboundedSender<SettleJob>>,
 }
 
 fn unavailable(e: fred::error::Error) -> StateError {
     StateError::Unavailable(e.to_string())
+}
+
+/// A script's error: its own `spillway:` complaints are bugs here; anything else an outage.
+fn script_error(e: fred::error::Error) -> StateError {
+    if e.details().contains("spillway:") {
+        StateError::Protocol(e.to_string())
+    } else {
+        unavailable(e)
+    }
+}
+
+/// An admission and what it newly charged in Redis: (tokens, requests), a lease's worth for
+/// an acquire that granted one, nothing for an admission on a lease.
+#[derive(Debug)]
+pub struct Acquired {
+    pub admission: Admission,
+    pub charged: (u64, u64),
+}
+
+impl Acquired {
+    fn local(admission: Admission) -> Self {
+        Self {
+            admission,
+            charged: (0, 0),
+        }
+    }
+}
+
+/// One receipt (or backoff, or hint) for `settle.lua`: its 5 keys and 23 arguments.
+struct SettleJob {
+    pool: PoolName,
+    keys: Vec<String>,
+    args: Vec<String>,
+    done: oneshot::Sender<Result<(), StateError>>,
+}
+
+/// Most receipts one `settle.lua` call carries.
+const SETTLE_BATCH: usize = 64;
+
+/// Send queued receipts to Redis, one script call per pool for everything queued while the
+/// previous call was on the wire: one round trip per batch instead of one per request, the
+/// same order, the same effect.
+async fn settle_batches(
+    client: Client,
+    script: Script,
+    mut queue: mpsc::UnboundedReceiver<SettleJob>,
+) {
+    while let Some(first) = queue.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < SETTLE_BATCH {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        // One call per pool (its keys share one hash slot), each in queue order.
+        let mut by_pool: Vec<(PoolName, Vec<SettleJob>)> = Vec::new();
+        for job in batch {
+            match by_pool.iter_mut().find(|(pool, _)| *pool == job.pool) {
+                Some((_, jobs)) => jobs.push(job),
+                None => by_pool.push((job.pool.clone(), vec![job])),
+            }
+        }
+        let calls = by_pool.into_iter().map(|(_, jobs)| {
+            let (client, script) = (&client, &script);
+            async move {
+                let mut keys = Vec::with_capacity(jobs.len() * 5);
+                let mut args = Vec::with_capacity(jobs.len() * 23);
+                let mut done = Vec::with_capacity(jobs.len());
+                for job in jobs {
+                    keys.extend(job.keys);
+                    args.extend(job.args);
+                    done.push(job.done);
+                }
+                let result: Result<Value, _> = script.evalsha_with_reload(client, keys, args).await;
+                let result = result.map(|_| ()).map_err(script_error);
+                for caller in done {
+                    let _ = caller.send(result.clone());
+                }
+            }
+        });
+        futures_util::future::join_all(calls).await;
+    }
 }
 
 impl RedisState {
@@ -78,7 +168,15 @@ impl RedisState {
             ),
             next_id: std::sync::atomic::AtomicU64::new(1),
             clock_ms: std::sync::atomic::AtomicU64::new(0),
+            leases: Leases::new(LeasePolicy::OFF),
+            settles: OnceLock::new(),
         })
+    }
+
+    /// Admit from budget leases (see [`crate::lease`]); off unless set.
+    pub fn with_leases(mut self, policy: LeasePolicy) -> Self {
+        self.leases = Leases::new(policy);
+        self
     }
 
     /// Wait for the first connection, and load the scripts (on every primary of a cluster).
@@ -143,13 +241,59 @@ impl RedisState {
         script
             .evalsha_with_reload(&self.client, keys, args)
             .await
-            .map_err(|e| {
-                if e.details().contains("spillway:") {
-                    StateError::Protocol(e.to_string())
-                } else {
-                    unavailable(e)
-                }
-            })
+            .map_err(script_error)
+    }
+
+    /// Run `settle.lua` for one receipt, batched with whatever else is queued.
+    async fn run_settle(
+        &self,
+        pool: &PoolName,
+        backend: &BackendId,
+        args: Vec<String>,
+    ) -> Result<(), StateError> {
+        let queue = self.settles.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(settle_batches(self.client.clone(), self.settle.clone(), rx));
+            tx
+        });
+        let (done, answer) = oneshot::channel();
+        let job = SettleJob {
+            pool: pool.clone(),
+            keys: self.settle_keys(pool, backend),
+            args,
+            done,
+        };
+        queue
+            .send(job)
+            .map_err(|_| StateError::Unavailable("settle queue closed".into()))?;
+        answer
+            .await
+            .map_err(|_| StateError::Unavailable("settle queue closed".into()))?
+    }
+
+    /// Give back what leases did not use (`release.lua` with an amount), in the background.
+    fn give_back(&self, unused: impl IntoIterator<Item = Unused>) {
+        for u in unused {
+            tokio::spawn(self.give_back_call(u));
+        }
+    }
+
+    fn give_back_call(&self, unused: Unused) -> impl Future<Output = ()> + Send + 'static {
+        let k = self.member_keys(&unused.pool, &unused.backend);
+        let keys = vec![self.keys.pending(&unused.pool), k.usage, k.backoff];
+        let ttl = 2 * (self.windows.budget.as_millis() as u64 + self.windows.bucket_ms());
+        let args = vec![
+            self.reservation_key(unused.id),
+            ttl.to_string(),
+            format!("{}|{}", unused.tokens, unused.requests),
+        ];
+        let (client, script) = (self.client.clone(), self.release.clone());
+        async move {
+            let given: Result<Value, _> = script.evalsha_with_reload(&client, keys, args).await;
+            if let Err(e) = given {
+                tracing::warn!(error = %e, "fleet state: could not give back an unused lease");
+            }
+        }
     }
 
     fn settle_keys(&self, pool: &PoolName, backend: &BackendId) -> Vec<String> {
@@ -293,6 +437,8 @@ impl RedisState {
 
     /// Record this replica as live; returns how many replicas are (`heartbeat.lua`).
     pub async fn heartbeat(&self, replica: &str, ttl: Duration) -> Result<u32, StateError> {
+        // Leases nobody took from since they expired are given back here at the latest.
+        self.give_back(self.leases.expired(tokio::time::Instant::now()));
         let args = vec![
             replica.to_owned(),
             (ttl.as_millis() as u64).to_string(),
@@ -337,12 +483,85 @@ impl RedisState {
         estimated_tokens: u64,
         id: u64,
     ) -> Result<Admission, StateError> {
+        Ok(self
+            .acquire_charging(pool, candidates, estimated_tokens, id)
+            .await?
+            .admission)
+    }
+
+    /// `acquire_with_id`, also saying what it charged in Redis.
+    pub async fn acquire_charging(
+        &self,
+        pool: &PoolName,
+        candidates: &[Candidate],
+        estimated_tokens: u64,
+        id: u64,
+    ) -> Result<Acquired, StateError> {
         if candidates.is_empty() {
-            return Ok(Admission::Exhausted {
+            return Ok(Acquired::local(Admission::Exhausted {
                 retry_after: Duration::ZERO,
                 throttled: false,
-            });
+            }));
         }
+        if self.leases.policy().enabled() {
+            if let Some(admission) = self.admit_on_lease(pool, candidates, estimated_tokens) {
+                return Ok(Acquired::local(admission));
+            }
+            if let Some(refill) = self.leases.refill_lock(pool) {
+                // Leases are being granted here: one refill at a time; whoever waited for it
+                // first looks at the lease it brought.
+                let _one_at_a_time = refill.lock().await;
+                if let Some(admission) = self.admit_on_lease(pool, candidates, estimated_tokens) {
+                    return Ok(Acquired::local(admission));
+                }
+                return self
+                    .acquire_from_redis(pool, candidates, estimated_tokens, id)
+                    .await;
+            }
+        }
+        self.acquire_from_redis(pool, candidates, estimated_tokens, id)
+            .await
+    }
+
+    /// The first candidate, in preference order, this replica can admit on a lease, unless a
+    /// candidate before it must be asked in Redis.
+    fn admit_on_lease(
+        &self,
+        pool: &PoolName,
+        candidates: &[Candidate],
+        estimated_tokens: u64,
+    ) -> Option<Admission> {
+        let now = tokio::time::Instant::now();
+        let mut ended = Vec::new();
+        let mut admitted = None;
+        for c in candidates {
+            let (local, unused) = self.leases.take(pool, &c.backend, estimated_tokens, now);
+            ended.extend(unused);
+            match local {
+                Local::Admitted(reservation) => {
+                    admitted = Some(Admission::Admitted {
+                        backend: c.backend.clone(),
+                        reservation,
+                    });
+                    break;
+                }
+                Local::PassedOver => continue,
+                Local::Ask => break,
+            }
+        }
+        self.give_back(ended);
+        admitted
+    }
+
+    /// One `acquire.lua` call (asking for a lease when this replica's demand is high).
+    async fn acquire_from_redis(
+        &self,
+        pool: &PoolName,
+        candidates: &[Candidate],
+        estimated_tokens: u64,
+        id: u64,
+    ) -> Result<Acquired, StateError> {
+        let now = tokio::time::Instant::now();
         let mut keys = Vec::with_capacity(1 + candidates.len() * 3);
         keys.push(self.keys.pending(pool));
         let mut args = vec![
@@ -362,10 +581,13 @@ impl RedisState {
             args.push(limit(c.requests_per_window));
             args.push(c.spill_utilization.map_or("-1".into(), |v| v.to_string()));
         }
+        args.push(self.leases.wanted(pool, now).to_string());
         let reply = array(self.run(&self.acquire, keys, args).await?)?;
-        let (flag, a, b, ledger, admitted) = match reply.as_slice() {
-            [flag, a, b] => (flag, a, b, None, None),
-            [flag, a, b, ledger, admitted] => (flag, a, b, Some(ledger), Some(admitted)),
+        let (flag, a, b, ledger, admitted, granted) = match reply.as_slice() {
+            [flag, a, b] => (flag, a, b, None, None, None),
+            [flag, a, b, ledger, admitted, granted] => {
+                (flag, a, b, Some(ledger), Some(admitted), Some(granted))
+            }
             _ => return Err(StateError::Protocol(format!("acquire returned {reply:?}"))),
         };
         if int(flag)? == 1 {
@@ -373,7 +595,7 @@ impl RedisState {
             let candidate = candidates
                 .get(index.wrapping_sub(1))
                 .ok_or_else(|| StateError::Protocol(format!("acquire chose candidate {index}")))?;
-            let reservation = Reservation {
+            let mut reservation = Reservation {
                 bucket_ms: int(b)? as u64,
                 tokens: estimated_tokens,
                 ledger: ledger.map(int).transpose()?.unwrap_or(0).max(0) as u64,
@@ -381,15 +603,41 @@ impl RedisState {
                 issuer: crate::store::Issuer::Redis,
                 id,
             };
-            Ok(Admission::Admitted {
-                backend: candidate.backend.clone(),
-                reservation,
+            let granted = granted.map(int).transpose()?.unwrap_or(1).max(1) as u64;
+            if granted > 1 {
+                // A lease: its id is the lease's (given back by it); this request's part is
+                // settled like any other of the lease's.
+                reservation.id = 0;
+                let passed_over: Vec<BackendId> = candidates[..index - 1]
+                    .iter()
+                    .map(|c| c.backend.clone())
+                    .collect();
+                let replaced = self.leases.admitted(
+                    pool,
+                    &candidate.backend,
+                    &reservation,
+                    id,
+                    granted,
+                    &passed_over,
+                    now,
+                );
+                self.give_back(replaced);
+            } else {
+                self.leases
+                    .admitted(pool, &candidate.backend, &reservation, id, 1, &[], now);
+            }
+            Ok(Acquired {
+                admission: Admission::Admitted {
+                    backend: candidate.backend.clone(),
+                    reservation,
+                },
+                charged: (estimated_tokens * granted, granted),
             })
         } else {
-            Ok(Admission::Exhausted {
+            Ok(Acquired::local(Admission::Exhausted {
                 retry_after: Duration::from_millis(int(a)?.max(0) as u64),
                 throttled: int(b)? == 1,
-            })
+            }))
         }
     }
 
@@ -478,10 +726,13 @@ impl FleetState for RedisState {
         backend: &BackendId,
         receipt: Receipt,
     ) -> Result<(), StateError> {
+        if receipt.backoff.is_some() {
+            // A failure ends this replica's lease on the member at once (others' leases end
+            // within their time to live).
+            self.give_back(self.leases.revoke(pool, backend));
+        }
         let args = self.settle_args(Some(&receipt), receipt.backoff);
-        self.run(&self.settle, self.settle_keys(pool, backend), args)
-            .await?;
-        Ok(())
+        self.run_settle(pool, backend, args).await
     }
 
     async fn observe(
@@ -500,9 +751,7 @@ impl FleetState for RedisState {
         args[7] = hints.utilization.map(|v| v.to_string()).unwrap_or_default();
         args[18] = reservation.ledger.to_string();
         args[20] = (hints.age().as_millis() as u64).to_string();
-        self.run(&self.settle, self.settle_keys(pool, backend), args)
-            .await?;
-        Ok(())
+        self.run_settle(pool, backend, args).await
     }
 
     async fn backoff(
@@ -511,10 +760,9 @@ impl FleetState for RedisState {
         backend: &BackendId,
         backoff: Backoff,
     ) -> Result<(), StateError> {
+        self.give_back(self.leases.revoke(pool, backend));
         let args = self.settle_args(None, Some(backoff));
-        self.run(&self.settle, self.settle_keys(pool, backend), args)
-            .await?;
-        Ok(())
+        self.run_settle(pool, backend, args).await
     }
 
     async fn snapshot(
@@ -562,6 +810,11 @@ impl FleetState for RedisState {
 
     async fn ping(&self) -> Result<(), StateError> {
         self.client.ping::<()>(None).await.map_err(unavailable)
+    }
+
+    async fn close(&self) {
+        let unused = self.leases.end_all();
+        futures_util::future::join_all(unused.into_iter().map(|u| self.give_back_call(u))).await;
     }
 
     fn describe(&self) -> String {

@@ -353,7 +353,7 @@ impl Windows {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StateError {
     #[error("fleet state store unavailable: {0}")]
     Unavailable(String),
@@ -408,6 +408,10 @@ pub trait FleetState: Send + Sync + 'static {
 
     /// Cheap liveness check for `/readyz`.
     async fn ping(&self) -> Result<(), StateError>;
+
+    /// The replica is stopping: give back what it holds for itself (budget leases), so the
+    /// fleet can spend it at once.
+    async fn close(&self) {}
 
     /// A word for operators: `embedded`, `redis`, `redis (degraded: embedded fallback)`.
     fn describe(&self) -> String;

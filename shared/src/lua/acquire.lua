@@ -17,10 +17,13 @@
 -- ARGV[7]  the reservation's id ("" none); an id already released admits nothing
 -- ARGV[5+3i], ARGV[6+3i], ARGV[7+3i]  candidate i's token and request budget per window,
 --          and the utilization (share) above which it is skipped; -1: none
--- Returns {1, i, bucket_start_ms, ledger, now_ms}  candidate i admits; the estimate and one
---                                      request are charged to its bucket starting at
---                                      bucket_start_ms; ledger is its running count of admitted
---                                      tokens; now_ms is the admission time (the breaker epoch)
+-- ARGV[#ARGV] (last)  lease: how many requests like this one the replica would like to admit
+--          on its own (0 or 1: this request only). See "Leases" below.
+-- Returns {1, i, bucket_start_ms, ledger, now_ms, n}  candidate i admits n requests (the
+--                                      estimate n times and n requests are charged to its
+--                                      bucket starting at bucket_start_ms; n > 1 is a lease);
+--                                      ledger is its running count of admitted tokens; now_ms
+--                                      is the admission time (the breaker epoch)
 --         {0, wait_ms, throttled}      none admits; the earliest may in wait_ms; throttled is
 --                                      1 when a 429 backoff, a budget or a capacity hint is why
 -- Errors  "ERR spillway: ..." on malformed arguments.
@@ -32,6 +35,12 @@
 --
 -- Probes: after a breaker cool-down, a 429's backoff, or a probe that never reported, the
 -- first admission probes alone; the others are held back `probe` ms or until its outcome.
+--
+-- Leases: a replica that admits many requests on a member asks for n of them at once and
+-- admits the rest without a round trip. A lease is granted only to a healthy member (no
+-- probe, no breaker count, no capacity hint saying it is near full) and never for more than
+-- an eighth of the budget left in the window, so near a budget's edge every request is
+-- decided here, one by one. The replica gives back what it did not use (release.lua).
 
 local estimate = tonumber(ARGV[1])
 local bucket = tonumber(ARGV[2])
@@ -42,8 +51,12 @@ end
 if bucket == nil or bucket < 1 or window == nil or window < 1 then
   return redis.error_reply('ERR spillway: bucket and window lengths must be >= 1 ms')
 end
-if #KEYS < 4 or (#KEYS - 1) % 3 ~= 0 or #ARGV ~= 6 + #KEYS then
-  return redis.error_reply('ERR spillway: expected the pending key, then 3 keys and 3 limits per candidate')
+if #KEYS < 4 or (#KEYS - 1) % 3 ~= 0 or #ARGV ~= 7 + #KEYS then
+  return redis.error_reply('ERR spillway: expected the pending key, then 3 keys and 3 limits per candidate, then the lease')
+end
+local wanted = tonumber(ARGV[#ARGV])
+if wanted == nil or wanted < 0 or wanted ~= math.floor(wanted) then
+  return redis.error_reply('ERR spillway: the lease must be a whole number of requests >= 0')
 end
 local pending_key, id = KEYS[1], ARGV[7]
 if id ~= '' and redis.call('HEXISTS', pending_key, id) == 1 then
@@ -139,11 +152,24 @@ local function hinted_full(hints_key, spill)
   return nil, true
 end
 
+-- How many requests a lease may cover by the upstream's own word: a fresh remaining-tokens
+-- hint caps it at an eighth of what is left, and none is granted while a fresh utilization
+-- is within 10 points of the spill threshold (the next request reads the hint again).
+local function hinted_cap(hints_key, spill)
+  local h = redis.call('HMGET', hints_key, 'remaining_tokens', 'utilization', 'updated_ms')
+  local updated = tonumber(h[3])
+  if updated == nil or updated + hint_ttl <= now then return wanted end
+  local remaining, utilization = tonumber(h[1]), tonumber(h[2])
+  if spill >= 0 and utilization ~= nil and utilization >= spill - 0.1 then return 1 end
+  if remaining ~= nil and estimate > 0 then return math.floor(remaining / 8 / estimate) end
+  return wanted
+end
+
 for i = 1, (#KEYS - 1) / 3 do
   local backoff_key, usage_key, hints_key = KEYS[3 * i - 1], KEYS[3 * i], KEYS[3 * i + 1]
   local tpm, rpm, spill = tonumber(ARGV[5 + 3 * i]), tonumber(ARGV[6 + 3 * i]), tonumber(ARGV[7 + 3 * i])
   local wait
-  local backoff = redis.call('HMGET', backoff_key, 'until_ms', 'reason', 'opened')
+  local backoff = redis.call('HMGET', backoff_key, 'until_ms', 'reason', 'opened', 'failures')
   local until_ms = tonumber(backoff[1])
   local full, probe_hint = nil, false
   if until_ms == nil or until_ms <= now then full, probe_hint = hinted_full(hints_key, spill) end
@@ -156,26 +182,36 @@ for i = 1, (#KEYS - 1) / 3 do
   else
     local used_tokens, used_requests, oldest = window_usage(usage_key)
     if fits(used_tokens, used_requests, tpm, rpm) then
+      local probing = probe_hint or (tonumber(backoff[3]) or 0) > 0 or backoff[2] == 'throttled'
+        or backoff[2] == 'probing' or (tonumber(backoff[4]) or 0) > 0
+      local n = 1
+      if wanted > 1 and not probing then
+        n = math.min(wanted, hinted_cap(hints_key, spill))
+        if tpm >= 0 and estimate > 0 then n = math.min(n, math.floor((tpm - used_tokens) / 8 / estimate)) end
+        if rpm >= 0 then n = math.min(n, math.floor((rpm - used_requests) / 8)) end
+        n = math.max(n, 1)
+      end
+      local charged = estimate * n
       local start = now - (now % bucket)
       local field = string.format('%d', start)
-      redis.call('HINCRBY', usage_key, 'tokens:' .. field, estimate)
-      redis.call('HINCRBY', usage_key, 'requests:' .. field, 1)
-      redis.call('HINCRBY', usage_key, 'sum_tokens', estimate)
-      redis.call('HINCRBY', usage_key, 'sum_requests', 1)
+      redis.call('HINCRBY', usage_key, 'tokens:' .. field, charged)
+      redis.call('HINCRBY', usage_key, 'requests:' .. field, n)
+      redis.call('HINCRBY', usage_key, 'sum_tokens', charged)
+      redis.call('HINCRBY', usage_key, 'sum_requests', n)
       redis.call('HSET', usage_key, 'newest', field)
       if oldest == nil then redis.call('HSET', usage_key, 'oldest', field) end
       redis.call('PEXPIRE', usage_key, 2 * (window + bucket))
       if id ~= '' then
-        redis.call('HSET', pending_key, id, string.format('%d|%d|%d', i, start, estimate))
+        redis.call('HSET', pending_key, id, string.format('%d|%d|%d|%d', i, start, charged, n))
         redis.call('PEXPIRE', pending_key, 2 * (window + bucket))
       end
       -- Hint ledger: requests admitted since the upstream's last answer use up its
       -- remaining tokens, so concurrent requests see the room shrink.
       local h = redis.call('HMGET', hints_key, 'remaining_tokens', 'updated_ms')
       if tonumber(h[1]) ~= nil and tonumber(h[2]) ~= nil and tonumber(h[2]) + hint_ttl > now then
-        redis.call('HINCRBY', hints_key, 'remaining_tokens', -estimate)
+        redis.call('HINCRBY', hints_key, 'remaining_tokens', -charged)
       end
-      local ledger = redis.call('HINCRBY', hints_key, 'admitted_tokens', estimate)
+      local ledger = redis.call('HINCRBY', hints_key, 'admitted_tokens', charged)
       if redis.call('PTTL', hints_key) < 0 then
         redis.call('PEXPIRE', hints_key, 2 * (window + bucket))
       end
@@ -190,7 +226,7 @@ for i = 1, (#KEYS - 1) / 3 do
         redis.call('HSET', backoff_key, 'until_ms', string.format('%d', now + probe), 'reason', 'probing')
         redis.call('PEXPIRE', backoff_key, math.max(redis.call('PTTL', backoff_key), probe))
       end
-      return {1, i, start, ledger, now}
+      return {1, i, start, ledger, now, n}
     end
     -- Refused: wait until enough of the oldest buckets have left (this walk is the only
     -- per-bucket work, and only on refusals).

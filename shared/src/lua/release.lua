@@ -2,29 +2,46 @@
 -- replica's side but may still have run in Redis). Idempotent; a release that arrives before
 -- its acquire leaves a mark that makes the acquire admit nothing.
 --
--- KEYS[1]  {prefix}:{pool}:pending   hash reservation id -> "<candidate i>|<bucket>|<tokens>"
+-- Also how a replica gives back the unused part of a lease (ARGV[3]).
+--
+-- KEYS[1]  {prefix}:{pool}:pending   hash reservation id -> "<candidate i>|<bucket>|<tokens>|<requests>"
 -- KEYS[2i], KEYS[2i+1]  {prefix}:{pool}:usage:<backend> and :backoff:<backend> of candidate i,
---          in the acquire's order
+--          in the acquire's order; with ARGV[3], just the leased member's two keys
 -- A released reservation that was a probe (breaker half-open, or after a 429) ends the
 -- probe's hold, so the next request probes instead of everyone waiting for an outcome that
 -- will never come.
 -- ARGV[1]  the reservation's id      ARGV[2]  how long the mark is kept, ms
+-- ARGV[3]  optional "<tokens>|<requests>": give back only this much of it (a lease's unused
+--          part); without it, all of it
 -- Returns 1 when a reservation was given back, 0 otherwise.
 -- Errors  "ERR spillway: ..." on malformed arguments.
 
 local ttl = tonumber(ARGV[2])
-if #KEYS < 3 or #KEYS % 2 ~= 1 or #ARGV ~= 2 or ARGV[1] == '' or ttl == nil or ttl < 1 then
-  return redis.error_reply('ERR spillway: release takes the pending key, usage keys, an id and a ttl')
+if #KEYS < 3 or #KEYS % 2 ~= 1 or #ARGV < 2 or #ARGV > 3 or ARGV[1] == '' or ttl == nil or ttl < 1 then
+  return redis.error_reply('ERR spillway: release takes the pending key, usage keys, an id, a ttl and an optional amount')
+end
+local part_tokens, part_requests
+if ARGV[3] ~= nil then
+  part_tokens, part_requests = string.match(ARGV[3], '^(%d+)|(%d+)$')
+  if part_tokens == nil then
+    return redis.error_reply('ERR spillway: the amount given back must read <tokens>|<requests>')
+  end
 end
 local entry = redis.call('HGET', KEYS[1], ARGV[1])
 redis.call('HSET', KEYS[1], ARGV[1], 'released')
 if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
 if entry == false or entry == 'released' then return 0 end
-local i, bucket, tokens = string.match(entry, '^(%d+)|(%d+)|(%d+)$')
+local i, bucket, tokens, requests = string.match(entry, '^(%d+)|(%d+)|(%d+)|?(%d*)$')
+if part_tokens ~= nil then i = 1 end
 local usage_key, backoff_key = KEYS[2 * tonumber(i or 0)], KEYS[2 * tonumber(i or 0) + 1]
 if usage_key == nil or backoff_key == nil then return 0 end
-if redis.call('HGET', backoff_key, 'reason') == 'probing' then
+tokens, requests = tonumber(tokens), tonumber(requests) or 1
+if requests == 1 and part_tokens == nil and redis.call('HGET', backoff_key, 'reason') == 'probing' then
+  -- A single admission may have been the probe (a lease never is).
   redis.call('HDEL', backoff_key, 'until_ms', 'reason')
+end
+if part_tokens ~= nil then
+  tokens, requests = math.min(tokens, tonumber(part_tokens)), math.min(requests, tonumber(part_requests))
 end
 local function take(field, amount, sum_field)
   local before = tonumber(redis.call('HGET', usage_key, field))
@@ -36,6 +53,6 @@ local function take(field, amount, sum_field)
     redis.call('HINCRBY', usage_key, sum_field, after - before)
   end
 end
-take('tokens:' .. bucket, tonumber(tokens), 'sum_tokens')
-take('requests:' .. bucket, 1, 'sum_requests')
+take('tokens:' .. bucket, tokens, 'sum_tokens')
+take('requests:' .. bucket, requests, 'sum_requests')
 return 1

@@ -1,5 +1,8 @@
--- settle: what became of an admitted request, in one round trip; also the backoff operation.
+-- settle: what became of admitted requests, in one round trip; also the backoff operation.
+-- Takes any number of receipts of one pool, each as 5 keys and 23 arguments, applied in order
+-- (a replica sends the receipts queued while its previous batch was on the wire).
 --
+-- Per receipt:
 -- KEYS[1]  {prefix}:{pool}:backoff:<backend>  hash until_ms, reason, set_ms, failures, opened
 -- KEYS[2]  {prefix}:{pool}:usage:<backend>    hash tokens:<bucket_start_ms>, requests:<bucket_start_ms>
 -- KEYS[3]  {prefix}:{pool}:latency:<backend>  hash <metric>:<slot_start_ms>:le_<bound ms>|le_inf -> count,
@@ -36,12 +39,17 @@
 --
 -- A reservation whose bucket has left the window (or never existed) changes nothing: its
 -- charge already expired with the bucket.
+--
+-- Cost: a batch writes each member's counters once, however many receipts it carries. The
+-- completed requests of a member are summed (token corrections per bucket, histogram counts,
+-- estimated and actual tokens, outcomes for the breaker, the newest hints) and written when
+-- the batch ends, or just before a failure of the same member, so a failure still follows
+-- the successes sent before it. The whole batch shares one clock reading.
 
-if #KEYS ~= 5 or #ARGV ~= 23 then
-  return redis.error_reply('ERR spillway: settle takes 5 keys and 23 arguments')
+if #KEYS == 0 or #KEYS % 5 ~= 0 or #ARGV ~= 23 * (#KEYS / 5) then
+  return redis.error_reply('ERR spillway: settle takes 5 keys and 23 arguments per receipt')
 end
-local threshold, max_cooldown = tonumber(ARGV[14]) or 0, tonumber(ARGV[15]) or 0
-local failure_rate, min_outcomes, rate_window = tonumber(ARGV[16]) or 2, tonumber(ARGV[17]) or 0, tonumber(ARGV[18]) or 0
+
 local now
 if ARGV[13] ~= '' then
   now = tonumber(ARGV[13])
@@ -49,117 +57,143 @@ else
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local backoff_key, usage_key, latency_key, hints_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local admitted = tonumber(ARGV[20]) or now
-local breaker = redis.call('HMGET', backoff_key, 'opened', 'opened_ms')
-local opened, opened_ms = tonumber(breaker[1]) or 0, tonumber(breaker[2]) or 0
--- The outcome of a request admitted before the breaker last opened.
-local from_before = opened > 0 and admitted < opened_ms
+local fmt = function(n) return string.format('%d', n) end
 
--- Count an outcome in the breaker window; returns successes and failures in it.
-local function count_outcome(ok)
+-- Count outcomes in the breaker window; returns successes and failures in it.
+local function count_outcomes(backoff_key, rate_window, ok, failed)
   local w = redis.call('HMGET', backoff_key, 'rate_start_ms', 'rate_ok', 'rate_failed')
   local start, oks, fails = tonumber(w[1]), tonumber(w[2]) or 0, tonumber(w[3]) or 0
   if start == nil or now >= start + rate_window then
     start, oks, fails = now, 0, 0
   end
-  if ok then oks = oks + 1 else fails = fails + 1 end
-  redis.call('HSET', backoff_key, 'rate_start_ms', string.format('%d', start), 'rate_ok', oks, 'rate_failed', fails)
+  oks, fails = oks + ok, fails + failed
+  redis.call('HSET', backoff_key, 'rate_start_ms', fmt(start), 'rate_ok', oks, 'rate_failed', fails)
   return oks, fails
 end
 
--- Replace the estimate with the real count, once, while the reservation is open.
-local open_reservation = true
-if ARGV[22] ~= '' then
-  local entry = redis.call('HGET', KEYS[5], ARGV[22])
-  open_reservation = entry ~= false and entry ~= 'released'
-  if open_reservation then redis.call('HDEL', KEYS[5], ARGV[22]) end
-end
-if ARGV[1] ~= '' and open_reservation then
-  local reserved, used = tonumber(ARGV[2]), tonumber(ARGV[3])
-  if reserved == nil or used == nil or reserved < 0 or used < 0 then
-    return redis.error_reply('ERR spillway: token counts must be numbers >= 0')
-  end
-  local field = 'tokens:' .. ARGV[1]
-  local before = tonumber(redis.call('HGET', usage_key, field))
-  if before ~= nil then
-    local after = math.max(before + used - reserved, 0)
-    redis.call('HSET', usage_key, field, after)
-    -- The running sum (acquire.lua) moves with its bucket.
-    if redis.call('HEXISTS', usage_key, 'sum_tokens') == 1 then
-      redis.call('HINCRBY', usage_key, 'sum_tokens', after - before)
-    end
-  end
+-- Whether an outcome of a request admitted at `admitted` predates the breaker's last opening.
+local function from_before(backoff_key, admitted)
+  local b = redis.call('HMGET', backoff_key, 'opened', 'opened_ms')
+  local opened, opened_ms = tonumber(b[1]) or 0, tonumber(b[2]) or 0
+  return opened > 0 and admitted < opened_ms, opened
 end
 
--- Latency histograms, per slot; slots older than the window are dropped when a new one opens.
-local slot_length, latency_window = tonumber(ARGV[11]), tonumber(ARGV[12])
-if ARGV[4] ~= '' or ARGV[5] ~= '' or ARGV[6] ~= '' or ARGV[23] ~= '' then
-  local slot = string.format('%d', now - (now % slot_length))
-  if redis.call('HGET', latency_key, 'slot') ~= slot then
-    local fields = redis.call('HKEYS', latency_key)
-    for _, f in ipairs(fields) do
-      local start = tonumber(string.match(f, '^[%a_]+:(%d+):'))
-      if start ~= nil and start + slot_length + latency_window <= now then
-        redis.call('HDEL', latency_key, f)
+-- What a batch has gathered for one member, written by flush().
+local members, order = {}, {}
+local function member(keys, args)
+  local m = members[keys[1]]
+  if m == nil then
+    m = {keys = keys, args = args, usage = {}, usage_order = {}, histogram = {}, histogram_order = {},
+      estimated = 0, actual = 0, completed = 0, successes = 0, admitted = -1, hints = nil}
+    members[keys[1]] = m
+    order[#order + 1] = keys[1]
+  end
+  return m
+end
+
+local function flush(m)
+  local backoff_key, usage_key, latency_key, hints_key = m.keys[1], m.keys[2], m.keys[3], m.keys[4]
+  local slot_length, latency_window = tonumber(m.args[11]), tonumber(m.args[12])
+  -- Token corrections, per bucket; a bucket that left the window changes nothing.
+  local moved = 0
+  for _, field in ipairs(m.usage_order) do
+    local before = tonumber(redis.call('HGET', usage_key, field))
+    if before ~= nil then
+      local after = math.max(before + m.usage[field], 0)
+      redis.call('HSET', usage_key, field, after)
+      moved = moved + after - before
+    end
+  end
+  -- The running sum (acquire.lua) moves with its buckets.
+  if moved ~= 0 and redis.call('HEXISTS', usage_key, 'sum_tokens') == 1 then
+    redis.call('HINCRBY', usage_key, 'sum_tokens', moved)
+  end
+  -- Latency histograms, per slot; slots older than the window are dropped when a new one opens.
+  if #m.histogram_order > 0 then
+    local slot = fmt(now - (now % slot_length))
+    if redis.call('HGET', latency_key, 'slot') ~= slot then
+      for _, f in ipairs(redis.call('HKEYS', latency_key)) do
+        local start = tonumber(string.match(f, '^[%a_]+:(%d+):'))
+        if start ~= nil and start + slot_length + latency_window <= now then
+          redis.call('HDEL', latency_key, f)
+        end
       end
+      redis.call('HSET', latency_key, 'slot', slot)
     end
-    redis.call('HSET', latency_key, 'slot', slot)
-  end
-  local metrics = {{'ttfb_ms', ARGV[4]}, {'total_ms', ARGV[5]}, {'ms_per_output_token', ARGV[6]},
-    {'output_tokens', ARGV[23]}}
-  for _, m in ipairs(metrics) do
-    if m[2] ~= '' then
-      redis.call('HINCRBY', latency_key, m[1] .. ':' .. slot .. ':' .. m[2], 1)
+    for _, label in ipairs(m.histogram_order) do
+      local metric, bound = string.match(label, '^([%a_]+):(.*)$')
+      redis.call('HINCRBY', latency_key, metric .. ':' .. slot .. ':' .. bound, m.histogram[label])
     end
+    redis.call('PEXPIRE', latency_key, 2 * (latency_window + slot_length))
   end
-  redis.call('PEXPIRE', latency_key, 2 * (latency_window + slot_length))
-  -- A latency sample means the request completed: count its estimate against its usage.
-  if ARGV[1] ~= '' then
-    redis.call('HINCRBY', hints_key, 'estimated_tokens', tonumber(ARGV[2]))
-    redis.call('HINCRBY', hints_key, 'actual_tokens', tonumber(ARGV[3]))
+  -- Completed requests: their estimates against their usage.
+  if m.completed > 0 then
+    redis.call('HINCRBY', hints_key, 'estimated_tokens', m.estimated)
+    redis.call('HINCRBY', hints_key, 'actual_tokens', m.actual)
     redis.call('PEXPIRE', hints_key, 2 * (latency_window + slot_length))
   end
-end
-
--- Capacity hints from the upstream's answer, unless newer ones are held.
-local observed = now - (tonumber(ARGV[21]) or 0)
-local held = tonumber(redis.call('HGET', hints_key, 'updated_ms'))
-if (ARGV[7] ~= '' or ARGV[8] ~= '') and (held == nil or observed > held) then
-  if ARGV[7] ~= '' then
-    local remaining = tonumber(ARGV[7])
-    local mark = tonumber(ARGV[19])
-    local admitted = tonumber(redis.call('HGET', hints_key, 'admitted_tokens'))
-    if mark ~= nil and admitted ~= nil and admitted > mark then
-      remaining = math.max(remaining - (admitted - mark), 0)
+  -- Capacity hints: the newest gathered, unless newer ones are held.
+  local h = m.hints
+  if h ~= nil then
+    local held = tonumber(redis.call('HGET', hints_key, 'updated_ms'))
+    if held == nil or h.observed > held then
+      if h.remaining ~= nil then
+        local remaining = h.remaining
+        local admitted = tonumber(redis.call('HGET', hints_key, 'admitted_tokens'))
+        if h.mark ~= nil and admitted ~= nil and admitted > h.mark then
+          remaining = math.max(remaining - (admitted - h.mark), 0)
+        end
+        redis.call('HSET', hints_key, 'remaining_tokens', fmt(remaining))
+      end
+      if h.utilization ~= nil then redis.call('HSET', hints_key, 'utilization', h.utilization) end
+      redis.call('HSET', hints_key, 'updated_ms', fmt(h.observed))
+      redis.call('PEXPIRE', hints_key, 2 * (latency_window + slot_length))
     end
-    redis.call('HSET', hints_key, 'remaining_tokens', string.format('%d', remaining))
   end
-  if ARGV[8] ~= '' then redis.call('HSET', hints_key, 'utilization', ARGV[8]) end
-  redis.call('HSET', hints_key, 'updated_ms', string.format('%d', observed))
-  redis.call('PEXPIRE', hints_key, 2 * (latency_window + slot_length))
+  -- Completed requests count as successes, close the breaker and end a probe (unless all
+  -- of them were admitted before it last opened).
+  if m.successes > 0 then
+    local rate_window = tonumber(m.args[18]) or 0
+    count_outcomes(backoff_key, rate_window, m.successes, 0)
+    if redis.call('PTTL', backoff_key) < rate_window then
+      redis.call('PEXPIRE', backoff_key, math.max(rate_window, 1))
+    end
+    if not from_before(backoff_key, m.admitted) then
+      redis.call('HSET', backoff_key, 'failures', 0, 'opened', 0)
+      redis.call('HDEL', backoff_key, 'opened_ms')
+      if redis.call('HGET', backoff_key, 'reason') == 'probing' then
+        redis.call('HDEL', backoff_key, 'until_ms', 'reason')
+      end
+    end
+  end
+  members[backoff_key] = nil
 end
 
--- Backoff: the deadline becomes max(current, now + length); a failed probe always reopens.
-if ARGV[9] ~= '' then
-  local length, reason = tonumber(ARGV[9]), ARGV[10]
+-- A backoff (a failed attempt, or the plain backoff operation), applied at once.
+local function back_off(keys, args)
+  local backoff_key = keys[1]
+  local length, reason = tonumber(args[9]), args[10]
   if length == nil or length < 0 then
     return redis.error_reply('ERR spillway: backoff length must be a number >= 0')
   end
+  local threshold, max_cooldown = tonumber(args[14]) or 0, tonumber(args[15]) or 0
+  local failure_rate, min_outcomes = tonumber(args[16]) or 2, tonumber(args[17]) or 0
+  local rate_window = tonumber(args[18]) or 0
   if threshold > 0 and reason ~= 'throttled' then
-    if from_before then
-      count_outcome(false)
+    local before, opened = from_before(backoff_key, tonumber(args[20]) or now)
+    if before then
+      count_outcomes(backoff_key, rate_window, 0, 1)
       length = nil
     else
       local failures = redis.call('HINCRBY', backoff_key, 'failures', 1)
-      local oks, fails = count_outcome(false)
+      local oks, fails = count_outcomes(backoff_key, rate_window, 0, 1)
       local rate_exceeded = oks + fails >= min_outcomes and fails >= failure_rate * (oks + fails)
       if failures < threshold and not rate_exceeded and opened == 0 then
         length = nil
       else
         length = math.min(length * math.pow(2, math.min(opened, 20)), math.max(max_cooldown, 1))
         redis.call('HINCRBY', backoff_key, 'opened', 1)
-        redis.call('HSET', backoff_key, 'opened_ms', string.format('%d', now))
+        redis.call('HSET', backoff_key, 'opened_ms', fmt(now))
       end
     end
   end
@@ -168,25 +202,82 @@ if ARGV[9] ~= '' then
     local current = redis.call('HMGET', backoff_key, 'until_ms', 'reason')
     local until_ms = tonumber(current[1])
     if until_ms == nil or until_ms <= now or deadline >= until_ms or current[2] == 'probing' then
-      redis.call('HSET', backoff_key, 'until_ms', string.format('%d', deadline), 'reason', reason,
-        'set_ms', string.format('%d', now))
+      redis.call('HSET', backoff_key, 'until_ms', fmt(deadline), 'reason', reason, 'set_ms', fmt(now))
     end
   end
   -- The breaker's counts outlive the deadline by the longest cool-down.
   redis.call('PEXPIRE', backoff_key, math.max((length or 0) + max_cooldown, 1))
-elseif ARGV[4] ~= '' then
-  -- A completed request counts as a success, closes the breaker and ends a probe.
-  count_outcome(true)
-  if redis.call('PTTL', backoff_key) < rate_window then
-    redis.call('PEXPIRE', backoff_key, math.max(rate_window, 1))
+  return nil
+end
+
+for j = 0, #KEYS / 5 - 1 do
+  local keys, args = {}, {}
+  for k = 1, 5 do keys[k] = KEYS[5 * j + k] end
+  for a = 1, 23 do args[a] = ARGV[23 * j + a] end
+  local m = member(keys, args)
+
+  -- Replace the estimate with the real count, once, while the reservation is open.
+  local open_reservation = true
+  if args[22] ~= '' then
+    local entry = redis.call('HGET', keys[5], args[22])
+    open_reservation = entry ~= false and entry ~= 'released'
+    if open_reservation then redis.call('HDEL', keys[5], args[22]) end
   end
-  if not from_before then
-    redis.call('HSET', backoff_key, 'failures', 0, 'opened', 0)
-    redis.call('HDEL', backoff_key, 'opened_ms')
-    if redis.call('HGET', backoff_key, 'reason') == 'probing' then
-      redis.call('HDEL', backoff_key, 'until_ms', 'reason')
+  if args[1] ~= '' and open_reservation then
+    local reserved, used = tonumber(args[2]), tonumber(args[3])
+    if reserved == nil or used == nil or reserved < 0 or used < 0 then
+      return redis.error_reply('ERR spillway: token counts must be numbers >= 0')
     end
+    local field = 'tokens:' .. args[1]
+    if m.usage[field] == nil then
+      m.usage[field] = 0
+      m.usage_order[#m.usage_order + 1] = field
+    end
+    m.usage[field] = m.usage[field] + used - reserved
+  end
+
+  -- Latency samples; a sample means the request completed.
+  local metrics = {{'ttfb_ms', args[4]}, {'total_ms', args[5]}, {'ms_per_output_token', args[6]},
+    {'output_tokens', args[23]}}
+  local sampled = false
+  for _, metric in ipairs(metrics) do
+    if metric[2] ~= '' then
+      local label = metric[1] .. ':' .. metric[2]
+      if m.histogram[label] == nil then
+        m.histogram[label] = 0
+        m.histogram_order[#m.histogram_order + 1] = label
+      end
+      m.histogram[label] = m.histogram[label] + 1
+      sampled = true
+    end
+  end
+  if sampled and args[1] ~= '' then
+    m.completed = m.completed + 1
+    m.estimated = m.estimated + (tonumber(args[2]) or 0)
+    m.actual = m.actual + (tonumber(args[3]) or 0)
+  end
+
+  -- Capacity hints: keep the newest observation of the batch.
+  if args[7] ~= '' or args[8] ~= '' then
+    local observed = now - (tonumber(args[21]) or 0)
+    if m.hints == nil or observed > m.hints.observed then
+      m.hints = {observed = observed, remaining = tonumber(args[7]), mark = tonumber(args[19]),
+        utilization = (args[8] ~= '' and args[8]) or nil}
+    end
+  end
+
+  if args[9] ~= '' then
+    -- A failure follows what was gathered before it.
+    flush(m)
+    local failed = back_off(keys, args)
+    if failed ~= nil then return failed end
+  elseif args[4] ~= '' then
+    m.successes = m.successes + 1
+    m.admitted = math.max(m.admitted, tonumber(args[20]) or now)
   end
 end
 
+for _, key in ipairs(order) do
+  if members[key] ~= nil then flush(members[key]) end
+end
 return 1

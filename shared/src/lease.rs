@@ -1,0 +1,447 @@
+//! Budget leases: a replica that admits many requests on a member takes several admissions
+//! from Redis in one `acquire.lua` call and hands them out itself, so most requests need no
+//! round trip. Everything here is this replica's own bookkeeping; Redis holds the charge.
+//!
+//! A lease is a count of requests and tokens already charged to one bucket of a member's
+//! window (the `pending` entry `id` in Redis). It lives for `ttl`; what is left when it ends
+//! (expired, replaced, or revoked by a failure on that member) is given back by id.
+//!
+//! A lease is sized by demand: the requests this replica admitted in the pool in the last
+//! `ttl`, capped by `max_requests` (and by the script, which never grants more than an eighth
+//! of the budget left). A replica admitting fewer than two requests per `ttl` asks for none.
+//!
+//! While a replica admits on a lease for a lower-preference member, the members the script
+//! passed over are not asked again for `ttl`: the lease is only worth having if a request does
+//! not first go to Redis to hear that the PTU is still full.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::store::{BackendId, Issuer, PoolName, Reservation};
+
+/// How leases are sized and how long they live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeasePolicy {
+    /// Most requests one lease covers; below 2, leases are off (every request asks Redis).
+    pub max_requests: u32,
+    /// How long a lease (and a passed-over member's refusal) is trusted.
+    pub ttl: Duration,
+}
+
+impl LeasePolicy {
+    /// No leases: every admission is one `acquire.lua` call (the store's exact contract).
+    pub const OFF: Self = Self {
+        max_requests: 0,
+        ttl: Duration::ZERO,
+    };
+
+    pub fn enabled(&self) -> bool {
+        self.max_requests >= 2 && !self.ttl.is_zero()
+    }
+}
+
+/// What a lease had left when it ended: to be given back to Redis by its id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unused {
+    pub pool: PoolName,
+    pub backend: BackendId,
+    pub id: u64,
+    pub tokens: u64,
+    pub requests: u64,
+}
+
+struct Lease {
+    id: u64,
+    bucket_ms: u64,
+    ledger: u64,
+    admitted_ms: u64,
+    tokens: u64,
+    requests: u64,
+    expires: Instant,
+}
+
+impl Lease {
+    fn unused(&self, key: &Key) -> Option<Unused> {
+        (self.requests > 0 || self.tokens > 0).then(|| Unused {
+            pool: key.0.clone(),
+            backend: key.1.clone(),
+            id: self.id,
+            tokens: self.tokens,
+            requests: self.requests,
+        })
+    }
+}
+
+/// Admissions in one pool in the current and the previous `ttl`-long period.
+#[derive(Default)]
+struct Demand {
+    period_start: Option<Instant>,
+    current: u32,
+    previous: u32,
+}
+
+type Key = (PoolName, BackendId);
+
+#[derive(Default)]
+struct Book {
+    leases: HashMap<Key, Lease>,
+    /// Members a lease-granting acquire passed over: not asked again before this instant.
+    passed_over: HashMap<Key, Instant>,
+    demand: HashMap<PoolName, Demand>,
+    /// Pools whose last acquire granted a lease: requests that find it spent wait for one
+    /// refill instead of each asking Redis for a lease of their own.
+    refills: HashMap<PoolName, Arc<tokio::sync::Mutex<()>>>,
+    leasing: HashMap<PoolName, bool>,
+}
+
+/// This replica's leases, by pool member.
+pub struct Leases {
+    policy: LeasePolicy,
+    book: Mutex<Book>,
+}
+
+/// What the book says about a candidate, in preference order.
+pub enum Local {
+    /// Admitted on a lease: no round trip.
+    Admitted(Reservation),
+    /// Passed over by a recent lease-granting acquire: skip it.
+    PassedOver,
+    /// Ask Redis.
+    Ask,
+}
+
+impl Leases {
+    pub fn new(policy: LeasePolicy) -> Self {
+        Self {
+            policy,
+            book: Mutex::new(Book::default()),
+        }
+    }
+
+    pub fn policy(&self) -> LeasePolicy {
+        self.policy
+    }
+
+    /// Take one admission of `tokens` on `backend` from its lease, if one is live and holds
+    /// enough. An expired lease is removed; its unused part is returned for giving back.
+    pub fn take(
+        &self,
+        pool: &PoolName,
+        backend: &BackendId,
+        tokens: u64,
+        now: Instant,
+    ) -> (Local, Option<Unused>) {
+        let key = (pool.clone(), backend.clone());
+        let mut book = self.book.lock().expect("lease book");
+        if let Some(lease) = book.leases.get_mut(&key) {
+            if lease.expires > now {
+                if lease.requests >= 1 && lease.tokens >= tokens {
+                    lease.requests -= 1;
+                    lease.tokens -= tokens;
+                    let reservation = Reservation {
+                        bucket_ms: lease.bucket_ms,
+                        tokens,
+                        ledger: lease.ledger,
+                        admitted_ms: lease.admitted_ms,
+                        issuer: Issuer::Redis,
+                        id: 0,
+                    };
+                    book.demand
+                        .entry(key.0)
+                        .or_default()
+                        .count(now, self.policy.ttl);
+                    return (Local::Admitted(reservation), None);
+                }
+            } else {
+                let ended = book.leases.remove(&key);
+                let unused = ended.and_then(|l| l.unused(&key));
+                return (self.passed_over(&mut book, key, now), unused);
+            }
+        }
+        (self.passed_over(&mut book, key, now), None)
+    }
+
+    fn passed_over(&self, book: &mut Book, key: Key, now: Instant) -> Local {
+        match book.passed_over.get(&key) {
+            Some(&until) if until > now => Local::PassedOver,
+            Some(_) => {
+                book.passed_over.remove(&key);
+                Local::Ask
+            }
+            None => Local::Ask,
+        }
+    }
+
+    /// While `pool`'s leases are being granted, one refill at a time: the lock to hold around
+    /// the acquire (and to take the lease again under, in case another request refilled it).
+    pub fn refill_lock(&self, pool: &PoolName) -> Option<Arc<tokio::sync::Mutex<()>>> {
+        let mut book = self.book.lock().expect("lease book");
+        if !book.leasing.get(pool).copied().unwrap_or(false) {
+            return None;
+        }
+        Some(book.refills.entry(pool.clone()).or_default().clone())
+    }
+
+    /// How many requests to ask for in `pool` (0: no lease), from this replica's demand.
+    pub fn wanted(&self, pool: &PoolName, now: Instant) -> u32 {
+        if !self.policy.enabled() {
+            return 0;
+        }
+        let mut book = self.book.lock().expect("lease book");
+        let demand = book.demand.entry(pool.clone()).or_default();
+        demand.roll(now, self.policy.ttl);
+        let recent = demand.previous.max(demand.current);
+        if recent < 2 {
+            0
+        } else {
+            recent.min(self.policy.max_requests)
+        }
+    }
+
+    /// An acquire admitted `requests` (the first for the caller, the rest a lease when more
+    /// than one) on `backend`; `passed_over` are the candidates it refused before it.
+    /// Returns the unused part of a lease it replaces.
+    #[allow(clippy::too_many_arguments)]
+    pub fn admitted(
+        &self,
+        pool: &PoolName,
+        backend: &BackendId,
+        first: &Reservation,
+        lease_id: u64,
+        requests: u64,
+        passed_over: &[BackendId],
+        now: Instant,
+    ) -> Option<Unused> {
+        let key = (pool.clone(), backend.clone());
+        let mut book = self.book.lock().expect("lease book");
+        book.demand
+            .entry(pool.clone())
+            .or_default()
+            .count(now, self.policy.ttl);
+        book.leasing.insert(pool.clone(), requests >= 2);
+        if requests < 2 {
+            return None;
+        }
+        let expires = now + self.policy.ttl;
+        for skipped in passed_over {
+            book.passed_over
+                .insert((pool.clone(), skipped.clone()), expires);
+        }
+        let lease = Lease {
+            id: lease_id,
+            bucket_ms: first.bucket_ms,
+            ledger: first.ledger,
+            admitted_ms: first.admitted_ms,
+            tokens: first.tokens * (requests - 1),
+            requests: requests - 1,
+            expires,
+        };
+        let replaced = book.leases.insert(key.clone(), lease);
+        replaced.and_then(|l| l.unused(&key))
+    }
+
+    /// A request on `backend` failed (or its upstream said it is full): end its lease, and
+    /// let every member be asked again.
+    pub fn revoke(&self, pool: &PoolName, backend: &BackendId) -> Option<Unused> {
+        let key = (pool.clone(), backend.clone());
+        let mut book = self.book.lock().expect("lease book");
+        book.passed_over.retain(|(p, _), _| p != pool);
+        let ended = book.leases.remove(&key);
+        ended.and_then(|l| l.unused(&key))
+    }
+
+    /// End every lease (the replica is stopping); their unused parts, for giving back.
+    pub fn end_all(&self) -> Vec<Unused> {
+        let mut book = self.book.lock().expect("lease book");
+        book.passed_over.clear();
+        book.leases
+            .drain()
+            .filter_map(|(key, lease)| lease.unused(&key))
+            .collect()
+    }
+
+    /// Remove every expired lease; their unused parts, for giving back.
+    pub fn expired(&self, now: Instant) -> Vec<Unused> {
+        let mut book = self.book.lock().expect("lease book");
+        book.passed_over.retain(|_, until| *until > now);
+        let ended: Vec<Key> = book
+            .leases
+            .iter()
+            .filter(|(_, l)| l.expires <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        ended
+            .into_iter()
+            .filter_map(|key| book.leases.remove(&key).and_then(|l| l.unused(&key)))
+            .collect()
+    }
+}
+
+impl Demand {
+    fn roll(&mut self, now: Instant, period: Duration) {
+        match self.period_start {
+            Some(start) if now < start + period => {}
+            Some(start) if now < start + 2 * period => {
+                self.previous = self.current;
+                self.current = 0;
+                self.period_start = Some(start + period);
+            }
+            _ => {
+                self.previous = 0;
+                self.current = 0;
+                self.period_start = Some(now);
+            }
+        }
+    }
+
+    fn count(&mut self, now: Instant, period: Duration) {
+        self.roll(now, period);
+        self.current = self.current.saturating_add(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> LeasePolicy {
+        LeasePolicy {
+            max_requests: 8,
+            ttl: Duration::from_millis(100),
+        }
+    }
+
+    fn first(tokens: u64) -> Reservation {
+        Reservation {
+            bucket_ms: 1000,
+            tokens,
+            ledger: 7,
+            admitted_ms: 5,
+            issuer: Issuer::Redis,
+            id: 0,
+        }
+    }
+
+    fn names() -> (PoolName, BackendId, BackendId) {
+        (
+            PoolName::new("p"),
+            BackendId::new("ptu"),
+            BackendId::new("payg"),
+        )
+    }
+
+    #[test]
+    fn a_lease_admits_what_it_holds_then_asks_again() {
+        let (pool, ptu, _) = names();
+        let leases = Leases::new(policy());
+        let now = Instant::now();
+        assert!(
+            leases
+                .admitted(&pool, &ptu, &first(10), 9, 3, &[], now)
+                .is_none()
+        );
+        for _ in 0..2 {
+            let (local, unused) = leases.take(&pool, &ptu, 10, now);
+            let Local::Admitted(r) = local else {
+                panic!("expected a lease admission")
+            };
+            assert_eq!((r.bucket_ms, r.tokens, r.ledger, r.id), (1000, 10, 7, 0));
+            assert!(unused.is_none());
+        }
+        assert!(matches!(leases.take(&pool, &ptu, 10, now).0, Local::Ask));
+    }
+
+    #[test]
+    fn a_larger_request_than_the_lease_holds_asks_redis() {
+        let (pool, ptu, _) = names();
+        let leases = Leases::new(policy());
+        let now = Instant::now();
+        leases.admitted(&pool, &ptu, &first(10), 9, 3, &[], now);
+        assert!(matches!(leases.take(&pool, &ptu, 25, now).0, Local::Ask));
+        assert!(matches!(
+            leases.take(&pool, &ptu, 20, now).0,
+            Local::Admitted(_)
+        ));
+    }
+
+    #[test]
+    fn an_expired_lease_gives_back_what_it_did_not_use() {
+        let (pool, ptu, _) = names();
+        let leases = Leases::new(policy());
+        let now = Instant::now();
+        leases.admitted(&pool, &ptu, &first(10), 9, 4, &[], now);
+        leases.take(&pool, &ptu, 10, now);
+        let later = now + Duration::from_millis(100);
+        let (local, unused) = leases.take(&pool, &ptu, 10, later);
+        assert!(matches!(local, Local::Ask));
+        assert_eq!(
+            unused,
+            Some(Unused {
+                pool: pool.clone(),
+                backend: ptu.clone(),
+                id: 9,
+                tokens: 20,
+                requests: 2
+            })
+        );
+        assert!(leases.expired(later).is_empty());
+    }
+
+    #[test]
+    fn passed_over_members_are_skipped_until_the_lease_ends_or_a_failure() {
+        let (pool, ptu, payg) = names();
+        let leases = Leases::new(policy());
+        let now = Instant::now();
+        leases.admitted(
+            &pool,
+            &payg,
+            &first(10),
+            9,
+            4,
+            std::slice::from_ref(&ptu),
+            now,
+        );
+        assert!(matches!(
+            leases.take(&pool, &ptu, 10, now).0,
+            Local::PassedOver
+        ));
+        assert!(matches!(
+            leases
+                .take(&pool, &ptu, 10, now + Duration::from_millis(100))
+                .0,
+            Local::Ask
+        ));
+        leases.admitted(
+            &pool,
+            &payg,
+            &first(10),
+            10,
+            4,
+            std::slice::from_ref(&ptu),
+            now,
+        );
+        let unused = leases.revoke(&pool, &payg).unwrap();
+        assert_eq!((unused.id, unused.requests), (10, 3));
+        assert!(matches!(leases.take(&pool, &ptu, 10, now).0, Local::Ask));
+    }
+
+    #[test]
+    fn demand_sizes_the_lease() {
+        let (pool, ptu, _) = names();
+        let leases = Leases::new(policy());
+        let now = Instant::now();
+        assert_eq!(leases.wanted(&pool, now), 0);
+        leases.admitted(&pool, &ptu, &first(1), 1, 1, &[], now);
+        assert_eq!(leases.wanted(&pool, now), 0, "one request is no demand");
+        for _ in 0..20 {
+            leases.admitted(&pool, &ptu, &first(1), 1, 1, &[], now);
+        }
+        assert_eq!(leases.wanted(&pool, now), 8, "capped by the policy");
+        // Two periods of silence: no demand left.
+        assert_eq!(leases.wanted(&pool, now + Duration::from_millis(250)), 0);
+        assert_eq!(Leases::new(LeasePolicy::OFF).wanted(&pool, now), 0);
+    }
+}

@@ -1,0 +1,365 @@
+//! Budget leases on a real `redis-server`: a busy replica admits most requests without a
+//! round trip, and the fleet still never admits past a budget; what a lease does not use
+//! goes back to Redis. Also: settles sent in batches add up to the same state.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use spillway_shared::{
+    Admission, BackendId, Backoff, BackoffReason, Candidate, FleetState, LatencySample,
+    LeasePolicy, PoolName, Receipt, RedisState, Reservation, UpstreamHints, Windows,
+};
+use spillway_tests::EVENT_TIMEOUT;
+use spillway_tests::redis_server::RedisServer;
+
+fn leasing(server: &RedisServer, ttl: Duration) -> RedisState {
+    RedisState::new(
+        &server.url(),
+        "lease-test",
+        Windows::default(),
+        Duration::from_secs(2),
+    )
+    .unwrap()
+    .with_leases(LeasePolicy {
+        max_requests: 32,
+        ttl,
+    })
+}
+
+async fn ready(store: RedisState) -> Arc<RedisState> {
+    store.ready(Duration::from_secs(10)).await.unwrap();
+    Arc::new(store)
+}
+
+fn ptu(tokens: Option<u64>) -> [Candidate; 1] {
+    [Candidate {
+        backend: BackendId::new("ptu"),
+        tokens_per_window: tokens,
+        requests_per_window: None,
+        spill_utilization: None,
+    }]
+}
+
+fn completed(reservation: Reservation, tokens: u64) -> Receipt {
+    Receipt {
+        reservation,
+        tokens,
+        latency: Some(LatencySample {
+            ttfb: Duration::from_millis(3),
+            total: Duration::from_millis(20),
+            output_tokens: 5,
+        }),
+        hints: UpstreamHints::default(),
+        backoff: None,
+    }
+}
+
+async fn charged(store: &RedisState, pool: &PoolName, c: &[Candidate]) -> (u64, u64) {
+    let snap = store.snapshot(pool, c).await.unwrap();
+    (snap.members[0].tokens_used, snap.members[0].requests_used)
+}
+
+/// Script calls Redis has run since the last reset.
+async fn script_calls(store: &RedisState) -> u64 {
+    use fred::prelude::*;
+    let stats: String = store
+        .client()
+        .info(Some(fred::types::InfoKind::CommandStats))
+        .await
+        .unwrap();
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn reset_stats(store: &RedisState) {
+    use fred::prelude::*;
+    let _: () = store
+        .client()
+        .custom(
+            fred::types::CustomCommand::new_static("CONFIG", None, false),
+            vec!["RESETSTAT"],
+        )
+        .await
+        .unwrap();
+}
+
+/// Poll until `f` holds (the give-back of a lease is a background call), or fail.
+async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    while !f().await {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_replica_admits_most_requests_without_a_round_trip() {
+    let server = RedisServer::start();
+    let store = ready(leasing(&server, Duration::from_secs(30))).await;
+    let pool = PoolName::new("busy");
+    let c = ptu(None);
+    reset_stats(&store).await;
+    for _ in 0..200 {
+        let admission = store.acquire(&pool, &c, 10).await.unwrap();
+        assert!(matches!(admission, Admission::Admitted { .. }));
+    }
+    let calls = script_calls(&store).await;
+    assert!(
+        calls < 30,
+        "200 admissions took {calls} acquire calls (one each without leases)"
+    );
+    // Redis holds the charge of every admission (and of the lease's unused rest).
+    let (tokens, requests) = charged(&store, &pool, &c).await;
+    assert!(
+        requests >= 200 && tokens >= 2_000,
+        "{tokens} tokens, {requests} requests"
+    );
+    assert!(requests < 200 + 32, "at most one lease's rest: {requests}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_leasing_replicas_never_admit_past_the_budget_and_use_all_of_it() {
+    let server = RedisServer::start();
+    let budget = 10_000;
+    let c = ptu(Some(budget));
+    let pool = PoolName::new("shared");
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        replicas.push(ready(leasing(&server, Duration::from_secs(30))).await);
+    }
+    let mut tasks = Vec::new();
+    for store in &replicas {
+        let (store, pool, c) = (store.clone(), pool.clone(), c.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut admitted = 0u64;
+            // Until this replica is refused: its lease is empty and Redis says no.
+            for _ in 0..10_000 {
+                match store.acquire(&pool, &c, 10).await.unwrap() {
+                    Admission::Admitted { .. } => admitted += 10,
+                    Admission::Exhausted { .. } => break,
+                }
+            }
+            admitted
+        }));
+    }
+    let mut admitted = 0;
+    for task in tasks {
+        admitted += task.await.unwrap();
+    }
+    assert!(admitted <= budget, "admitted {admitted} of {budget}");
+    assert!(
+        admitted >= budget - 3 * 10,
+        "leases left unused at most a request's worth each: {admitted} of {budget}"
+    );
+    assert_eq!(charged(&replicas[0], &pool, &c).await.0, admitted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_never_holds_more_than_an_eighth_of_what_is_left() {
+    let server = RedisServer::start();
+    let store = ready(leasing(&server, Duration::from_secs(30))).await;
+    let pool = PoolName::new("eighth");
+    let c = ptu(Some(1_000));
+    // Demand first (on another pool: leases are sized by this replica's traffic).
+    let busy = PoolName::new("elsewhere");
+    for _ in 0..40 {
+        store.acquire(&busy, &ptu(None), 1).await.unwrap();
+    }
+    let mut admitted = 0;
+    while let Admission::Admitted { .. } = store.acquire(&pool, &c, 10).await.unwrap() {
+        admitted += 10;
+        let (tokens, _) = charged(&store, &pool, &c).await;
+        let unused = tokens - admitted;
+        assert!(
+            unused <= (1_000 - (tokens - unused)) / 8 + 10,
+            "a lease of {unused} tokens with {} left",
+            1_000 - tokens
+        );
+    }
+    assert_eq!(
+        admitted, 1_000,
+        "the edge of the budget is decided request by request"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_ends_the_lease_and_gives_back_what_it_did_not_use() {
+    let server = RedisServer::start();
+    let store = ready(leasing(&server, Duration::from_secs(30))).await;
+    let pool = PoolName::new("failure");
+    let c = ptu(None);
+    let mut last = None;
+    for _ in 0..40 {
+        let Admission::Admitted {
+            backend,
+            reservation,
+        } = store.acquire(&pool, &c, 10).await.unwrap()
+        else {
+            panic!("admitted")
+        };
+        last = Some((backend, reservation));
+    }
+    let (_, before) = charged(&store, &pool, &c).await;
+    assert!(before > 40, "a lease is out: {before} requests charged");
+    let (backend, reservation) = last.unwrap();
+    let failed = Receipt {
+        backoff: Some(Backoff {
+            duration: Duration::from_millis(1_000),
+            reason: BackoffReason::ServerError,
+        }),
+        ..completed(reservation, 0)
+    };
+    store.settle(&pool, &backend, failed).await.unwrap();
+    eventually("the lease's rest is given back", || async {
+        charged(&store, &pool, &c).await.1 == 40
+    })
+    .await;
+    assert!(
+        matches!(
+            store.acquire(&pool, &c, 10).await.unwrap(),
+            Admission::Exhausted { .. }
+        ),
+        "the member is in backoff: no lease admits on it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_lease_is_given_back() {
+    let server = RedisServer::start();
+    let store = ready(leasing(&server, Duration::from_millis(50))).await;
+    let pool = PoolName::new("expiry");
+    let c = ptu(None);
+    for _ in 0..20 {
+        store.acquire(&pool, &c, 10).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(60)).await; // the lease's time to live
+    store
+        .heartbeat("replica", Duration::from_secs(5))
+        .await
+        .unwrap();
+    eventually("Redis holds exactly the admitted requests", || async {
+        charged(&store, &pool, &c).await == (200, 20)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_replica_gives_back_its_leases() {
+    let server = RedisServer::start();
+    let store = ready(leasing(&server, Duration::from_secs(30))).await;
+    let pool = PoolName::new("stopping");
+    let c = ptu(None);
+    for _ in 0..40 {
+        store.acquire(&pool, &c, 10).await.unwrap();
+    }
+    assert!(charged(&store, &pool, &c).await.1 > 40, "a lease is out");
+    store.close().await;
+    assert_eq!(charged(&store, &pool, &c).await, (400, 40));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_is_never_a_lease() {
+    let server = RedisServer::start();
+    let store = ready(leasing(&server, Duration::from_secs(30))).await;
+    let pool = PoolName::new("probe");
+    let c = ptu(None);
+    let mut last = None;
+    for _ in 0..40 {
+        if let Admission::Admitted {
+            backend,
+            reservation,
+        } = store.acquire(&pool, &c, 1).await.unwrap()
+        {
+            last = Some((backend, reservation));
+        }
+    }
+    let (backend, reservation) = last.unwrap();
+    let failed = Receipt {
+        backoff: Some(Backoff {
+            duration: Duration::from_millis(200),
+            reason: BackoffReason::ServerError,
+        }),
+        ..completed(reservation, 0)
+    };
+    store.settle(&pool, &backend, failed).await.unwrap();
+    // After the cool-down (Redis's own clock), one request probes; the others wait for it,
+    // however busy this replica was.
+    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    loop {
+        if let Admission::Admitted { .. } = store.acquire(&pool, &c, 1).await.unwrap() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the breaker never let a probe through"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        matches!(
+            store.acquire(&pool, &c, 1).await.unwrap(),
+            Admission::Exhausted { .. }
+        ),
+        "the probe went alone"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settles_sent_together_add_up_to_the_same_state() {
+    let server = RedisServer::start();
+    let store = ready(
+        RedisState::new(
+            &server.url(),
+            "batch-test",
+            Windows::default(),
+            Duration::from_secs(2),
+        )
+        .unwrap(),
+    )
+    .await;
+    let pool = PoolName::new("batch");
+    let c = ptu(None);
+    reset_stats(&store).await;
+    let mut settles = Vec::new();
+    for _ in 0..200 {
+        let Admission::Admitted {
+            backend,
+            reservation,
+        } = store.acquire(&pool, &c, 100).await.unwrap()
+        else {
+            panic!("admitted")
+        };
+        let store = store.clone();
+        let pool = pool.clone();
+        settles.push(tokio::spawn(async move {
+            store
+                .settle(&pool, &backend, completed(reservation, 7))
+                .await
+        }));
+    }
+    for settle in settles {
+        settle.await.unwrap().unwrap();
+    }
+    let snap = store.snapshot(&pool, &c).await.unwrap();
+    let member = &snap.members[0];
+    assert_eq!((member.tokens_used, member.requests_used), (1_400, 200));
+    assert_eq!(member.latency.total_ms.samples(), 200);
+    assert_eq!(member.latency.output_tokens.samples(), 200);
+    assert_eq!(
+        (member.estimated_tokens, member.actual_tokens),
+        (20_000, 1_400)
+    );
+    let calls = script_calls(&store).await;
+    assert!(
+        calls < 200 + 200 + 1,
+        "200 acquires and fewer settle calls than settles: {calls} calls"
+    );
+}
