@@ -102,6 +102,7 @@ for round in $(seq "$ROUNDS"); do
     read -r a b _ < <(run "$arm" "${port[$arm]}" 1)
     read -r _ _ c < <(run "$arm" "${port[$arm]}" 32)
     p50[$arm]="${p50[$arm]:-} $a"; p99[$arm]="${p99[$arm]:-} $b"; rps[$arm]="${rps[$arm]:-} $c"
+    echo "# round $round $arm: p50 $a µs, p99 $b µs, $c requests/s" >&2
   done
 done
 

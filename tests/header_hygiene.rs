@@ -187,3 +187,38 @@ async fn the_client_never_sees_upstream_cookies_or_hosts() {
     assert_eq!(header(&response, "x-ms-region"), "East US");
     assert!(!header(&response, "x-ratelimit-remaining-tokens").is_empty());
 }
+
+#[tokio::test]
+async fn an_upstream_redirect_is_never_followed() {
+    let (sim, gw) = gateway("").await;
+    let elsewhere = format!("{}/collect?followed=1", sim.url("ptu"));
+    sim.set_faults(
+        "ptu",
+        "gpt-4o",
+        Faults {
+            respond_with: Some(spillway_gateway::sim::ForcedResponse {
+                status: 307,
+                retry_after_ms: None,
+                retry_after_s: None,
+                code: None,
+                times: None,
+            }),
+            response_headers: vec![("location".into(), elsewhere)],
+            ..Faults::default()
+        },
+    );
+    let response = send_everything(&gw).await;
+    assert_ne!(response.status(), 200);
+    let received = sim.received("ptu");
+    assert!(!received.is_empty());
+    assert!(
+        received
+            .iter()
+            .all(|r| !r.path_and_query.contains("followed")),
+        "the gateway followed the redirect: {:?}",
+        received
+            .iter()
+            .map(|r| &r.path_and_query)
+            .collect::<Vec<_>>()
+    );
+}

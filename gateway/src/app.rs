@@ -65,6 +65,9 @@ impl Gateway {
         let consumers = Consumers::from_config(&config.consumers)
             .map_err(|p| invalid("consumers".into(), p))?;
         let http = reqwest::Client::builder()
+            // An upstream's redirect is answered to the client, never followed: the request
+            // (and its credential) goes only where the routing table says.
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_millis(config.routing.connect_timeout_ms))
             .pool_idle_timeout(Duration::from_secs(60))
             .build()

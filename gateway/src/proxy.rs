@@ -269,7 +269,7 @@ async fn attempt(
         backoff: Some(backoff),
         ..open.receipt(0)
     };
-    if let Ok(Err(e)) = open.settle(receipt).await {
+    if let Err(e) = open.settle(receipt).await {
         return Err(e.into());
     }
     Ok(Outcome::Failed(Failure {

@@ -1,14 +1,38 @@
 //! An admitted attempt's reservation until it is settled: settled exactly once, on every
 //! path (delivered, failed, or dropped because the client went away before the response
-//! head), always in a task of its own so a cancelled request cannot lose it.
+//! head). A settlement that cannot finish at once (a store across the network) goes on in a
+//! task of its own, so a cancelled request cannot lose it.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use spillway_shared::{
     BackendId, FleetState, PoolName, Receipt, Reservation, StateError, UpstreamHints,
 };
 use tokio::task::JoinHandle;
 use tracing::warn;
+
+/// A settlement under way: finished when the store answered at once (the embedded store
+/// always does), else running in its task. Awaiting it is optional.
+pub enum Settling {
+    Done(Option<Result<(), StateError>>),
+    Running(JoinHandle<Result<(), StateError>>),
+}
+
+impl Future for Settling {
+    type Output = Result<(), StateError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Settling::Done(result) => Poll::Ready(result.take().unwrap_or(Ok(()))),
+            Settling::Running(task) => Pin::new(task).poll(cx).map(|joined| {
+                joined.unwrap_or_else(|e| Err(StateError::Unavailable(e.to_string())))
+            }),
+        }
+    }
+}
 
 pub struct OpenReservation {
     fleet: Arc<dyn FleetState>,
@@ -38,23 +62,30 @@ impl OpenReservation {
         &self.backend
     }
 
-    /// Settle with `receipt` (its reservation is this one) in a detached task. Awaiting the
-    /// handle is optional: dropping it, or the request, does not cancel the settlement.
-    pub fn settle(mut self, receipt: Receipt) -> JoinHandle<Result<(), StateError>> {
-        self.spawn_settle(receipt)
+    /// Settle with `receipt` (its reservation is this one). Awaiting the result is optional:
+    /// dropping it, or the request, does not cancel the settlement.
+    pub fn settle(mut self, receipt: Receipt) -> Settling {
+        self.start_settle(receipt)
     }
 
-    /// Mark settled and run the settlement in a task of its own.
-    fn spawn_settle(&mut self, receipt: Receipt) -> JoinHandle<Result<(), StateError>> {
+    /// Mark settled and start the settlement: finished here if the store answers at once
+    /// (no task, no wake-up), else carried on in a task of its own.
+    fn start_settle(&mut self, receipt: Receipt) -> Settling {
         self.settled = true;
         let (fleet, pool, backend) = (self.fleet.clone(), self.pool.clone(), self.backend.clone());
-        tokio::spawn(async move {
+        let mut settlement = Box::pin(async move {
             let result = fleet.settle(&pool, &backend, receipt).await;
             if let Err(e) = &result {
                 warn!(backend = %backend, error = %e, "could not settle a request in the fleet state");
             }
             result
-        })
+        });
+        // The spawned task polls it again with its own waker before anything can wake it.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match settlement.as_mut().poll(&mut cx) {
+            Poll::Ready(result) => Settling::Done(Some(result)),
+            Poll::Pending => Settling::Running(tokio::spawn(settlement)),
+        }
     }
 
     /// Share the upstream's capacity hints now, in a detached task: a stream settles only at
@@ -92,6 +123,6 @@ impl Drop for OpenReservation {
             return;
         }
         let receipt = self.receipt(0);
-        drop(self.spawn_settle(receipt));
+        drop(self.start_settle(receipt));
     }
 }

@@ -2,7 +2,7 @@
 //! usage chunk, and the content deltas of a stream that carries no usage. Pure: fed bytes.
 
 use bytes::Bytes;
-use serde_json::Value;
+use serde::Deserialize;
 
 use super::sse::{EventSplitter, event_data};
 
@@ -110,21 +110,23 @@ impl UsageMeter {
         if data.trim() == "[DONE]" {
             return false;
         }
-        let Ok(value) = serde_json::from_str::<Value>(&data) else {
+        // Typed, borrowing reads: only `usage` and the deltas' content are looked at; the
+        // rest of the event is skipped without building it.
+        let Ok(event) = serde_json::from_str::<StreamEvent<'_>>(&data) else {
             return false;
         };
-        let choices = value.get("choices").and_then(Value::as_array);
         let mut usage_only = false;
-        if let Some(usage) = parse_usage(&value) {
-            self.usage = Some(usage);
-            usage_only = choices.is_none_or(|c| c.is_empty());
+        if let Some(usage) = event.usage {
+            self.usage = Some(usage.into());
+            usage_only = event.choices.as_ref().is_none_or(|c| c.is_empty());
         }
-        if let Some(choices) = choices {
+        if let Some(choices) = &event.choices {
             self.content_deltas += choices
                 .iter()
                 .filter(|c| {
-                    c.pointer("/delta/content")
-                        .and_then(Value::as_str)
+                    c.delta
+                        .as_ref()
+                        .and_then(|d| d.content.as_deref())
                         .is_some_and(|s| !s.is_empty())
                 })
                 .count() as u64;
@@ -135,10 +137,10 @@ impl UsageMeter {
     /// The usage the response reported, if any.
     pub fn finish(&mut self) -> Option<Usage> {
         if !self.sse && !self.overflow && self.usage.is_none() {
-            self.usage = serde_json::from_slice::<Value>(&self.pending)
+            self.usage = serde_json::from_slice::<JsonBody>(&self.pending)
                 .ok()
-                .as_ref()
-                .and_then(parse_usage);
+                .and_then(|body| body.usage)
+                .map(Usage::from);
         }
         self.usage
     }
@@ -161,17 +163,65 @@ fn without_null_usage(event: &[u8]) -> Vec<u8> {
     event.to_vec()
 }
 
-fn parse_usage(value: &Value) -> Option<Usage> {
-    let usage = value.get("usage")?.as_object()?;
-    let get = |k: &str| usage.get(k).and_then(Value::as_u64);
-    let prompt_tokens = get("prompt_tokens").unwrap_or(0);
-    let completion_tokens = get("completion_tokens").unwrap_or(0);
-    let total_tokens = get("total_tokens").unwrap_or(prompt_tokens + completion_tokens);
-    Some(Usage {
-        prompt_tokens,
-        completion_tokens,
-        total_tokens,
-    })
+/// `usage` as the service writes it; missing counts are 0 (total: their sum).
+#[derive(Deserialize)]
+struct ReportedUsage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+    total_tokens: Option<u64>,
+}
+
+impl From<ReportedUsage> for Usage {
+    fn from(u: ReportedUsage) -> Self {
+        Usage {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u
+                .total_tokens
+                .unwrap_or(u.prompt_tokens + u.completion_tokens),
+        }
+    }
+}
+
+/// A JSON answer: only its `usage` is read (a `usage` that is not an object reads as none).
+#[derive(Deserialize)]
+struct JsonBody {
+    #[serde(default, deserialize_with = "lenient")]
+    usage: Option<ReportedUsage>,
+}
+
+/// One streamed chunk: its `usage` and its choices' content deltas.
+#[derive(Deserialize)]
+struct StreamEvent<'a> {
+    #[serde(default, deserialize_with = "lenient")]
+    usage: Option<ReportedUsage>,
+    #[serde(default, borrow)]
+    choices: Option<Vec<StreamChoice<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct StreamChoice<'a> {
+    #[serde(default, borrow)]
+    delta: Option<Delta<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Delta<'a> {
+    #[serde(default, borrow)]
+    content: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// A field of an unexpected shape (`"usage": null`, a string) reads as absent, as the
+/// untyped reading did, instead of failing the whole event.
+fn lenient<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    let value = serde_json::Value::deserialize(deserializer)?;
+    Ok(T::deserialize(value).ok())
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
