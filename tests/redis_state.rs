@@ -573,3 +573,89 @@ async fn running_sums_stay_equal_to_the_buckets_they_sum() {
         }
     }
 }
+
+fn timed(reservation: spillway_shared::Reservation, total_ms: u64) -> spillway_shared::Receipt {
+    spillway_shared::Receipt {
+        latency: Some(spillway_shared::LatencySample {
+            ttfb: Duration::from_millis(1),
+            total: Duration::from_millis(total_ms),
+            output_tokens: 0,
+        }),
+        ..receipt(reservation, 1)
+    }
+}
+
+/// Latency is read from the window's sums that settle keeps: a slot leaves them when it
+/// leaves the window, and a snapshot reads a fixed set of fields, never whole hashes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_read_the_windows_sums_at_constant_cost() {
+    use fred::prelude::*;
+    let windows = Windows {
+        latency: Duration::from_millis(1_000),
+        latency_slots: 5,
+        ..small_windows()
+    };
+    let store = served(windows).await;
+    let pool = PoolName::new("summary");
+    let c = [Candidate::unlimited(BackendId::new("a"))];
+    let t0 = 1_700_000_000_000;
+    let settle_at = |t: u64, total_ms: u64| {
+        let store = &store;
+        let (pool, c) = (&pool, &c);
+        async move {
+            store.set_clock_ms(t);
+            let Admission::Admitted {
+                backend,
+                reservation,
+            } = store.acquire(pool, c, 1).await.unwrap()
+            else {
+                panic!("admitted")
+            };
+            store
+                .settle(pool, &backend, timed(reservation, total_ms))
+                .await
+                .unwrap();
+        }
+    };
+    let totals = |s: spillway_shared::PoolSnapshot| s.members[0].latency.total_ms.clone();
+    settle_at(t0, 100).await;
+    settle_at(t0 + 500, 1_000).await;
+    let both = totals(store.snapshot(&pool, &c).await.unwrap());
+    assert_eq!(both.samples(), 2);
+
+    // The first slot ([t0, t0 + 200)) leaves the window at t0 + 1_200: the next settle
+    // takes it out of the sums.
+    settle_at(t0 + 1_250, 1_000).await;
+    let later = totals(store.snapshot(&pool, &c).await.unwrap());
+    assert_eq!(later.samples(), 2);
+    assert_eq!(
+        later.quantile_ms(0.0),
+        Some(1_024),
+        "the 100 ms sample aged out"
+    );
+
+    // A whole window with no settle: nothing is shown.
+    store.set_clock_ms(t0 + 1_250 + 1_200);
+    assert_eq!(
+        totals(store.snapshot(&pool, &c).await.unwrap()).samples(),
+        0
+    );
+
+    // Constant cost: no hash is read whole.
+    let _: () = store
+        .client()
+        .custom(
+            fred::types::CustomCommand::new_static("CONFIG", None, false),
+            vec!["RESETSTAT"],
+        )
+        .await
+        .unwrap();
+    store.set_clock_ms(t0 + 1_300);
+    store.snapshot(&pool, &c).await.unwrap();
+    let stats: String = store
+        .client()
+        .info(Some(fred::types::InfoKind::CommandStats))
+        .await
+        .unwrap();
+    assert!(!stats.contains("cmdstat_hgetall"), "{stats}");
+}

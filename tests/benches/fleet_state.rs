@@ -94,9 +94,9 @@ fn redis(c: &mut Criterion) {
         let k = KeySchema::new(&prefix).member(&pool, &BackendId::new("ptu"));
         let keys = vec![
             format!("{prefix}:{{bench}}:pending"),
-            k.backoff,
-            k.usage,
-            k.hints,
+            k.backoff.clone(),
+            k.usage.clone(),
+            k.hints.clone(),
         ];
         let clock = (START_MS + (u64::from(buckets) - 1) * w.bucket_ms() + 1).to_string();
         let args: Vec<String> = [
@@ -112,6 +112,44 @@ fn redis(c: &mut Criterion) {
             "-1".into(),
         ]
         .into();
+        // The snapshot every replica reads per pool twice a second, and its baseline (the
+        // previous script, reading whole hashes).
+        let members = candidate();
+        group.bench_with_input(BenchmarkId::new("snapshot", buckets), &buckets, |b, _| {
+            b.to_async(&rt)
+                .iter(|| async { store.snapshot(&pool, &members).await.unwrap() });
+        });
+        let snapshot_scan = Script::from_lua(include_str!("snapshot_scan.lua"));
+        rt.block_on(snapshot_scan.load(store.client())).unwrap();
+        let snapshot_keys = vec![
+            k.backoff.clone(),
+            k.usage.clone(),
+            k.latency.clone(),
+            k.hints.clone(),
+        ];
+        let snapshot_args: Vec<String> = vec![
+            w.bucket_ms().to_string(),
+            "60000".into(),
+            w.slot_ms().to_string(),
+            (w.latency.as_millis() as u64).to_string(),
+            (START_MS + (u64::from(buckets) - 1) * w.bucket_ms() + 1).to_string(),
+        ];
+        group.bench_with_input(
+            BenchmarkId::new("snapshot_scan", buckets),
+            &buckets,
+            |b, _| {
+                b.to_async(&rt).iter(|| async {
+                    let _: Value = snapshot_scan
+                        .evalsha_with_reload(
+                            store.client(),
+                            snapshot_keys.clone(),
+                            snapshot_args.clone(),
+                        )
+                        .await
+                        .unwrap();
+                });
+            },
+        );
         group.bench_with_input(
             BenchmarkId::new("acquire_scan", buckets),
             &buckets,

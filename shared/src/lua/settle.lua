@@ -6,7 +6,8 @@
 -- KEYS[1]  {prefix}:{pool}:backoff:<backend>  hash until_ms, reason, set_ms, failures, opened
 -- KEYS[2]  {prefix}:{pool}:usage:<backend>    hash tokens:<bucket_start_ms>, requests:<bucket_start_ms>
 -- KEYS[3]  {prefix}:{pool}:latency:<backend>  hash <metric>:<slot_start_ms>:le_<bound ms>|le_inf -> count,
---                                              and slot (the newest slot seen)
+--                                              their sum over the window <metric>:w:le_<bound>,
+--                                              slot (the newest slot seen), summed (1)
 -- KEYS[4]  {prefix}:{pool}:hints:<backend>    hash remaining_tokens, utilization, updated_ms,
 --                                              estimated_tokens, actual_tokens (completed requests)
 -- KEYS[5]  {prefix}:{pool}:pending              hash of open reservations (see acquire.lua)
@@ -108,21 +109,34 @@ local function flush(m)
   if moved ~= 0 and redis.call('HEXISTS', usage_key, 'sum_tokens') == 1 then
     redis.call('HINCRBY', usage_key, 'sum_tokens', moved)
   end
-  -- Latency histograms, per slot; slots older than the window are dropped when a new one opens.
+  -- Latency histograms, per slot, and the window's sum of them (`<metric>:w:<bound>`, the
+  -- summary snapshot.lua reads): a slot that leaves the window is subtracted from the sum
+  -- and dropped when a new slot opens.
   if #m.histogram_order > 0 then
     local slot = fmt(now - (now % slot_length))
-    if redis.call('HGET', latency_key, 'slot') ~= slot then
+    local held = redis.call('HMGET', latency_key, 'slot', 'summed')
+    if held[1] ~= slot or held[2] ~= '1' then
       for _, f in ipairs(redis.call('HKEYS', latency_key)) do
-        local start = tonumber(string.match(f, '^[%a_]+:(%d+):'))
+        local metric, start, bound = string.match(f, '^([%a_]+):(%d+):(.+)$')
+        start = tonumber(start)
         if start ~= nil and start + slot_length + latency_window <= now then
+          if held[2] == '1' then
+            local count = tonumber(redis.call('HGET', latency_key, f)) or 0
+            local sum = metric .. ':w:' .. bound
+            if redis.call('HINCRBY', latency_key, sum, -count) <= 0 then redis.call('HDEL', latency_key, sum) end
+          end
           redis.call('HDEL', latency_key, f)
+        elseif start ~= nil and held[2] ~= '1' then
+          -- Kept from before the sums existed: counted into them once.
+          redis.call('HINCRBY', latency_key, metric .. ':w:' .. bound, tonumber(redis.call('HGET', latency_key, f)) or 0)
         end
       end
-      redis.call('HSET', latency_key, 'slot', slot)
+      redis.call('HSET', latency_key, 'slot', slot, 'summed', '1')
     end
     for _, label in ipairs(m.histogram_order) do
       local metric, bound = string.match(label, '^([%a_]+):(.*)$')
       redis.call('HINCRBY', latency_key, metric .. ':' .. slot .. ':' .. bound, m.histogram[label])
+      redis.call('HINCRBY', latency_key, metric .. ':w:' .. bound, m.histogram[label])
     end
     redis.call('PEXPIRE', latency_key, 2 * (latency_window + slot_length))
   end
