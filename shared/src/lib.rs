@@ -24,16 +24,16 @@
 //! | key                                  | type | fields                                                             | expires |
 //! |--------------------------------------|------|--------------------------------------------------------------------|---------|
 //! | `{prefix}:{<pool>}:backoff:<backend>` | hash | `until_ms`, `reason`, `set_ms`; breaker `failures`, `opened`, `opened_ms` (epoch), `rate_start_ms`, `rate_ok`, `rate_failed` | the deadline plus the longest cool-down |
-//! | `{prefix}:{<pool>}:usage:<backend>`   | hash | `tokens:<bucket_start_ms>`, `requests:<bucket_start_ms>`           | 2 windows after the last request |
-//! | `{prefix}:{<pool>}:latency:<backend>` | hash | `<metric>:<slot_start_ms>:le_<ms>` counts (`ttfb_ms`, `total_ms`, `ms_per_output_token`), `slot` | 2 latency windows |
+//! | `{prefix}:{<pool>}:usage:<backend>`   | hash | `tokens:<bucket_start_ms>`, `requests:<bucket_start_ms>`; running sums `sum_tokens`, `sum_requests`, `oldest`, `newest`, `bucket_ms` | 2 windows after the last request |
+//! | `{prefix}:{<pool>}:latency:<backend>` | hash | `<metric>:<slot_start_ms>:le_<ms>` counts (`ttfb_ms`, `total_ms`, `ms_per_output_token`, `output_tokens`), their window sums `<metric>:w:le_<ms>`, `slot`, `summed` | 2 latency windows |
 //! | `{prefix}:{<pool>}:hints:<backend>`   | hash | `remaining_tokens`, `utilization` (share, 0.95 = 95 %), `updated_ms` (observation time), `admitted_tokens`, `estimated_tokens`, `actual_tokens` | 2 latency windows |
-//! | `{prefix}:{<pool>}:pending`           | hash | reservation id → `<candidate>\|<bucket_ms>\|<tokens>`, or `released` | 2 windows |
+//! | `{prefix}:{<pool>}:pending`           | hash | reservation id → `<candidate>\|<bucket_ms>\|<tokens>\|<requests>` (a lease when requests > 1), or `released` | 2 windows |
 //! | `{prefix}:replicas`                   | zset | replica id → last heartbeat (ms)                                   | 2 × 5 s |
 //! | `{prefix}:generation`                 | string | the replica that wrote it; missing after Redis lost its data     | never |
 //!
 //! Times are Redis `TIME` in Unix milliseconds. A reservation never settled (a replica died)
 //! stays charged at its estimate until its bucket leaves the window; one whose acquire a
-//! replica abandoned is released by id.
+//! replica abandoned is released by id; a lease's unused part is given back by its id.
 
 /// The contract suite, for the stores' own tests (feature `contract`).
 #[cfg(any(test, feature = "contract"))]
