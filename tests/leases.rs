@@ -59,34 +59,6 @@ async fn charged(store: &RedisState, pool: &PoolName, c: &[Candidate]) -> (u64, 
     (snap.members[0].tokens_used, snap.members[0].requests_used)
 }
 
-/// Script calls Redis has run since the last reset.
-async fn script_calls(store: &RedisState) -> u64 {
-    use fred::prelude::*;
-    let stats: String = store
-        .client()
-        .info(Some(fred::types::InfoKind::CommandStats))
-        .await
-        .unwrap();
-    stats
-        .lines()
-        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
-async fn reset_stats(store: &RedisState) {
-    use fred::prelude::*;
-    let _: () = store
-        .client()
-        .custom(
-            fred::types::CustomCommand::new_static("CONFIG", None, false),
-            vec!["RESETSTAT"],
-        )
-        .await
-        .unwrap();
-}
-
 /// Poll until `f` holds (the give-back of a lease is a background call), or fail.
 async fn eventually<F, Fut>(what: &str, mut f: F)
 where
@@ -106,14 +78,14 @@ async fn a_busy_replica_admits_most_requests_without_a_round_trip() {
     let store = ready(leasing(&server, Duration::from_secs(30))).await;
     let pool = PoolName::new("busy");
     let c = ptu(None);
-    reset_stats(&store).await;
+    server.reset_stats();
     for _ in 0..200 {
         let admission = store.acquire(&pool, &c, 10).await.unwrap();
         assert!(matches!(admission, Admission::Admitted { .. }));
     }
-    let calls = script_calls(&store).await;
+    let calls = server.calls("evalsha");
     assert!(
-        calls < 30,
+        (1..30).contains(&calls),
         "200 admissions took {calls} acquire calls (one each without leases)"
     );
     // Redis holds the charge of every admission (and of the lease's unused rest).
@@ -339,7 +311,7 @@ async fn settles_sent_together_add_up_to_the_same_state() {
         admitted.push((backend, reservation));
     }
     // All at once, as 200 requests ending together: they queue behind the first call.
-    reset_stats(&store).await;
+    server.reset_stats();
     let mut settles = Vec::new();
     for (backend, reservation) in admitted {
         let store = store.clone();
@@ -362,9 +334,9 @@ async fn settles_sent_together_add_up_to_the_same_state() {
         (member.estimated_tokens, member.actual_tokens),
         (20_000, 1_400)
     );
-    let calls = script_calls(&store).await;
+    let calls = server.calls("evalsha");
     assert!(
-        calls < 100,
+        (1..100).contains(&calls),
         "200 settles ending together took {calls} script calls (one each unbatched)"
     );
 }
