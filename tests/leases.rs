@@ -340,3 +340,64 @@ async fn settles_sent_together_add_up_to_the_same_state() {
         "200 settles ending together took {calls} script calls (one each unbatched)"
     );
 }
+
+/// Completed requests on a lease are summed per member before they reach Redis: the state is
+/// the one every receipt would have left, and the newest hints win.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_summed_on_the_way_leave_the_same_state() {
+    let server = RedisServer::start();
+    let store = ready(leasing(&server, Duration::from_secs(30))).await;
+    let pool = PoolName::new("summed");
+    let c = ptu(None);
+    let mut admitted = Vec::new();
+    for _ in 0..200 {
+        let Admission::Admitted {
+            backend,
+            reservation,
+        } = store.acquire(&pool, &c, 100).await.unwrap()
+        else {
+            panic!("admitted")
+        };
+        admitted.push((backend, reservation));
+    }
+    let on_leases = admitted.iter().filter(|(_, r)| r.id == 0).count();
+    assert!(on_leases > 150, "{on_leases} of 200 on leases");
+    let start = tokio::time::Instant::now();
+    server.reset_stats();
+    let mut settles = Vec::new();
+    for (i, (backend, reservation)) in admitted.into_iter().enumerate() {
+        let (store, pool) = (store.clone(), pool.clone());
+        // Observed in order: the last one (utilization 0.199) is the newest.
+        let hints = UpstreamHints {
+            remaining_tokens: None,
+            utilization: Some(i as f64 / 1000.0),
+            observed: Some(start - Duration::from_millis(200 - i as u64)),
+        };
+        settles.push(tokio::spawn(async move {
+            let receipt = Receipt {
+                hints,
+                ..completed(reservation, 7)
+            };
+            store.settle(&pool, &backend, receipt).await
+        }));
+    }
+    for settle in settles {
+        settle.await.unwrap().unwrap();
+    }
+    let calls = server.calls("evalsha");
+    assert!(
+        (1..20).contains(&calls),
+        "{calls} settle calls for 200 receipts"
+    );
+    store.close().await; // the last lease's rest
+    let snap = store.snapshot(&pool, &c).await.unwrap();
+    let member = &snap.members[0];
+    assert_eq!((member.tokens_used, member.requests_used), (1_400, 200));
+    assert_eq!(member.latency.ttfb_ms.samples(), 200);
+    assert_eq!(member.latency.output_tokens.samples(), 200);
+    assert_eq!(
+        (member.estimated_tokens, member.actual_tokens),
+        (20_000, 1_400)
+    );
+    assert_eq!(member.hints.utilization, Some(0.199));
+}

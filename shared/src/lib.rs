@@ -46,6 +46,7 @@ mod last_view;
 pub mod lease;
 mod memory;
 mod redis;
+mod settle_batch;
 mod store;
 mod window;
 

@@ -1,7 +1,7 @@
 //! `RedisState`: the fleet state in Redis (single node, Cluster, TLS), every read-modify-write
 //! in a Lua script run by EVALSHA (re-loaded on NOSCRIPT), with time taken from Redis.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -12,10 +12,11 @@ use tokio::sync::{mpsc, oneshot};
 use crate::keys::{KeySchema, MemberKeys};
 use crate::lease::{LeasePolicy, Leases, Local, Unused};
 use crate::memory::ms_per_output_token;
+use crate::settle_batch::{Batcher, SettleJob, Work, label};
 use crate::store::{
-    Admission, BackendId, Backoff, BackoffReason, Candidate, FleetState, Histogram,
-    LATENCY_BOUNDS_MS, LatencyHistograms, MemberSnapshot, PoolName, PoolSnapshot, Receipt,
-    Reservation, StateError, UpstreamHints, Windows,
+    Admission, BackendId, Backoff, BackoffReason, Candidate, FleetState, LATENCY_BOUNDS_MS,
+    LatencyHistograms, MemberSnapshot, PoolName, PoolSnapshot, Receipt, Reservation, StateError,
+    UpstreamHints, Windows,
 };
 
 pub struct RedisState {
@@ -32,7 +33,7 @@ pub struct RedisState {
     id_prefix: String,
     next_id: std::sync::atomic::AtomicU64,
     /// Tests pin the scripts' clock; 0 in service (Redis `TIME`).
-    clock_ms: std::sync::atomic::AtomicU64,
+    clock_ms: Arc<std::sync::atomic::AtomicU64>,
     leases: Leases,
     /// Receipts on their way to `settle.lua`, sent in batches by one task (started with the
     /// first settle).
@@ -44,7 +45,7 @@ fn unavailable(e: fred::error::Error) -> StateError {
 }
 
 /// A script's error: its own `spillway:` complaints are bugs here; anything else an outage.
-fn script_error(e: fred::error::Error) -> StateError {
+pub(crate) fn script_error(e: fred::error::Error) -> StateError {
     if e.details().contains("spillway:") {
         StateError::Protocol(e.to_string())
     } else {
@@ -66,63 +67,6 @@ impl Acquired {
             admission,
             charged: (0, 0),
         }
-    }
-}
-
-/// One receipt (or backoff, or hint) for `settle.lua`: its 5 keys and 23 arguments.
-struct SettleJob {
-    pool: PoolName,
-    keys: Vec<String>,
-    args: Vec<String>,
-    done: oneshot::Sender<Result<(), StateError>>,
-}
-
-/// Most receipts one `settle.lua` call carries.
-const SETTLE_BATCH: usize = 64;
-
-/// Send queued receipts to Redis, one script call per pool for everything queued while the
-/// previous call was on the wire: one round trip per batch instead of one per request, the
-/// same order, the same effect.
-async fn settle_batches(
-    client: Client,
-    script: Script,
-    mut queue: mpsc::UnboundedReceiver<SettleJob>,
-) {
-    while let Some(first) = queue.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < SETTLE_BATCH {
-            match queue.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        // One call per pool (its keys share one hash slot), each in queue order.
-        let mut by_pool: Vec<(PoolName, Vec<SettleJob>)> = Vec::new();
-        for job in batch {
-            match by_pool.iter_mut().find(|(pool, _)| *pool == job.pool) {
-                Some((_, jobs)) => jobs.push(job),
-                None => by_pool.push((job.pool.clone(), vec![job])),
-            }
-        }
-        let calls = by_pool.into_iter().map(|(_, jobs)| {
-            let (client, script) = (&client, &script);
-            async move {
-                let mut keys = Vec::with_capacity(jobs.len() * 5);
-                let mut args = Vec::with_capacity(jobs.len() * 23);
-                let mut done = Vec::with_capacity(jobs.len());
-                for job in jobs {
-                    keys.extend(job.keys);
-                    args.extend(job.args);
-                    done.push(job.done);
-                }
-                let result: Result<Value, _> = script.evalsha_with_reload(client, keys, args).await;
-                let result = result.map(|_| ()).map_err(script_error);
-                for caller in done {
-                    let _ = caller.send(result.clone());
-                }
-            }
-        });
-        futures_util::future::join_all(calls).await;
     }
 }
 
@@ -167,7 +111,7 @@ impl RedisState {
                     ^ u128::from(std::process::id())
             ),
             next_id: std::sync::atomic::AtomicU64::new(1),
-            clock_ms: std::sync::atomic::AtomicU64::new(0),
+            clock_ms: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             leases: Leases::new(LeasePolicy::OFF),
             settles: OnceLock::new(),
         })
@@ -222,10 +166,7 @@ impl RedisState {
     }
 
     fn clock(&self) -> String {
-        match self.clock_ms.load(std::sync::atomic::Ordering::Relaxed) {
-            0 => String::new(),
-            ms => ms.to_string(),
-        }
+        crate::settle_batch::clock(&self.clock_ms)
     }
 
     fn member_keys(&self, pool: &PoolName, backend: &BackendId) -> MemberKeys {
@@ -244,23 +185,30 @@ impl RedisState {
             .map_err(script_error)
     }
 
-    /// Run `settle.lua` for one receipt, batched with whatever else is queued.
+    /// Queue `work` for `settle.lua` (sent with whatever else is queued) and wait for it.
     async fn run_settle(
         &self,
         pool: &PoolName,
         backend: &BackendId,
-        args: Vec<String>,
+        work: Work,
     ) -> Result<(), StateError> {
         let queue = self.settles.get_or_init(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(settle_batches(self.client.clone(), self.settle.clone(), rx));
+            let batcher = Batcher {
+                client: self.client.clone(),
+                script: self.settle.clone(),
+                keys: self.keys.clone(),
+                windows: self.windows,
+                clock_ms: self.clock_ms.clone(),
+            };
+            tokio::spawn(crate::settle_batch::run(batcher, rx));
             tx
         });
         let (done, answer) = oneshot::channel();
         let job = SettleJob {
             pool: pool.clone(),
-            keys: self.settle_keys(pool, backend),
-            args,
+            backend: backend.clone(),
+            work,
             done,
         };
         queue
@@ -294,17 +242,6 @@ impl RedisState {
                 tracing::warn!(error = %e, "fleet state: could not give back an unused lease");
             }
         }
-    }
-
-    fn settle_keys(&self, pool: &PoolName, backend: &BackendId) -> Vec<String> {
-        let k = self.member_keys(pool, backend);
-        vec![
-            k.backoff,
-            k.usage,
-            k.latency,
-            k.hints,
-            self.keys.pending(pool),
-        ]
     }
 
     /// A fresh reservation id (never 0).
@@ -685,13 +622,6 @@ fn array(value: Value) -> Result<Vec<Value>, StateError> {
     }
 }
 
-fn label(ms: u64) -> String {
-    match LATENCY_BOUNDS_MS.get(Histogram::bucket_of(ms)) {
-        Some(bound) => format!("le_{bound}"),
-        None => "le_inf".into(),
-    }
-}
-
 fn bucket_of_label(label: &str) -> Option<usize> {
     let bound = label.strip_prefix("le_")?;
     if bound == "inf" {
@@ -731,8 +661,14 @@ impl FleetState for RedisState {
             // within their time to live).
             self.give_back(self.leases.revoke(pool, backend));
         }
-        let args = self.settle_args(Some(&receipt), receipt.backoff);
-        self.run_settle(pool, backend, args).await
+        // An admission on a lease that did not fail is summed with its member's others;
+        // anything else is its own record.
+        let work = if receipt.backoff.is_none() && receipt.reservation.id == 0 {
+            Work::Summable(receipt)
+        } else {
+            Work::Record(self.settle_args(Some(&receipt), receipt.backoff))
+        };
+        self.run_settle(pool, backend, work).await
     }
 
     async fn observe(
@@ -751,7 +687,7 @@ impl FleetState for RedisState {
         args[7] = hints.utilization.map(|v| v.to_string()).unwrap_or_default();
         args[18] = reservation.ledger.to_string();
         args[20] = (hints.age().as_millis() as u64).to_string();
-        self.run_settle(pool, backend, args).await
+        self.run_settle(pool, backend, Work::Record(args)).await
     }
 
     async fn backoff(
@@ -762,7 +698,7 @@ impl FleetState for RedisState {
     ) -> Result<(), StateError> {
         self.give_back(self.leases.revoke(pool, backend));
         let args = self.settle_args(None, Some(backoff));
-        self.run_settle(pool, backend, args).await
+        self.run_settle(pool, backend, Work::Record(args)).await
     }
 
     async fn snapshot(

@@ -1,8 +1,18 @@
 -- settle: what became of admitted requests, in one round trip; also the backoff operation.
--- Takes any number of receipts of one pool, each as 5 keys and 23 arguments, applied in order
--- (a replica sends the receipts queued while its previous batch was on the wire).
+-- Takes any number of records of one pool, applied in order (a replica sends what queued
+-- while its previous call was on the wire). Each record is 5 keys (below) and, in ARGV, a
+-- kind followed by its arguments:
+--   "r" and 23 arguments: one receipt (below);
+--   "a" and 15 arguments: the sum of a member's completed requests on a lease:
+--     1 token corrections "<bucket>=<used - reserved>,..."  2 histogram "<metric>:le_<b>=<n>,..."
+--     3 completed   4 their estimated tokens   5 their actual tokens   6 successes
+--     7 latest admission time, ms (breaker epoch)   8 remaining tokens ("" none)
+--     9 utilization ("" none)   10 ledger mark of those hints   11 their age, ms
+--     12 latency slot, ms   13 latency window, ms   14 clock ("" Redis TIME)
+--     15 breaker outcome window, ms
+-- The first record's clock is the batch's.
 --
--- Per receipt:
+-- Per receipt record:
 -- KEYS[1]  {prefix}:{pool}:backoff:<backend>  hash until_ms, reason, set_ms, failures, opened
 -- KEYS[2]  {prefix}:{pool}:usage:<backend>    hash tokens:<bucket_start_ms>, requests:<bucket_start_ms>
 -- KEYS[3]  {prefix}:{pool}:latency:<backend>  hash <metric>:<slot_start_ms>:le_<bound ms>|le_inf -> count,
@@ -47,13 +57,28 @@
 -- the batch ends, or just before a failure of the same member, so a failure still follows
 -- the successes sent before it. The whole batch shares one clock reading.
 
-if #KEYS == 0 or #KEYS % 5 ~= 0 or #ARGV ~= 23 * (#KEYS / 5) then
-  return redis.error_reply('ERR spillway: settle takes 5 keys and 23 arguments per receipt')
+-- Read the records' layout first: a malformed batch changes nothing.
+local starts, kinds = {}, {}
+do
+  local p = 1
+  while p <= #ARGV do
+    local kind = ARGV[p]
+    local length = (kind == 'r' and 23) or (kind == 'a' and 15) or nil
+    if length == nil or p + length > #ARGV then
+      return redis.error_reply('ERR spillway: settle records are "r" and 23 arguments or "a" and 15')
+    end
+    starts[#starts + 1], kinds[#kinds + 1] = p, kind
+    p = p + length + 1
+  end
+end
+if #starts == 0 or #KEYS ~= 5 * #starts then
+  return redis.error_reply('ERR spillway: settle takes 5 keys per record')
 end
 
 local now
-if ARGV[13] ~= '' then
-  now = tonumber(ARGV[13])
+local first_clock = (kinds[1] == 'r' and ARGV[starts[1] + 13]) or ARGV[starts[1] + 14]
+if first_clock ~= '' then
+  now = tonumber(first_clock)
 else
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -224,70 +249,106 @@ local function back_off(keys, args)
   return nil
 end
 
-for j = 0, #KEYS / 5 - 1 do
+local function add_correction(m, field, delta)
+  if m.usage[field] == nil then
+    m.usage[field] = 0
+    m.usage_order[#m.usage_order + 1] = field
+  end
+  m.usage[field] = m.usage[field] + delta
+end
+
+local function add_samples(m, label, n)
+  if m.histogram[label] == nil then
+    m.histogram[label] = 0
+    m.histogram_order[#m.histogram_order + 1] = label
+  end
+  m.histogram[label] = m.histogram[label] + n
+end
+
+local function add_hints(m, observed, remaining, mark, utilization)
+  if m.hints == nil or observed > m.hints.observed then
+    m.hints = {observed = observed, remaining = remaining, mark = mark, utilization = utilization}
+  end
+end
+
+-- A sum record: added to its member's gathered state as the receipts it stands for would be.
+local function add_sum(keys, a)
+  local m = member(keys, {[11] = a[12], [12] = a[13], [18] = a[15]})
+  for bucket, delta in string.gmatch(a[1], '(%d+)=(%-?%d+)') do
+    add_correction(m, 'tokens:' .. bucket, tonumber(delta))
+  end
+  for label, n in string.gmatch(a[2], '([%a_]+:le_%w+)=(%d+)') do
+    add_samples(m, label, tonumber(n))
+  end
+  m.completed = m.completed + (tonumber(a[3]) or 0)
+  m.estimated = m.estimated + (tonumber(a[4]) or 0)
+  m.actual = m.actual + (tonumber(a[5]) or 0)
+  local successes = tonumber(a[6]) or 0
+  if successes > 0 then
+    m.successes = m.successes + successes
+    m.admitted = math.max(m.admitted, tonumber(a[7]) or now)
+  end
+  if a[8] ~= '' or a[9] ~= '' then
+    add_hints(m, now - (tonumber(a[11]) or 0), tonumber(a[8]), tonumber(a[10]), (a[9] ~= '' and a[9]) or nil)
+  end
+end
+
+for j = 1, #starts do
   local keys, args = {}, {}
-  for k = 1, 5 do keys[k] = KEYS[5 * j + k] end
-  for a = 1, 23 do args[a] = ARGV[23 * j + a] end
-  local m = member(keys, args)
+  for k = 1, 5 do keys[k] = KEYS[5 * (j - 1) + k] end
+  local length = (kinds[j] == 'r' and 23) or 15
+  for a = 1, length do args[a] = ARGV[starts[j] + a] end
+  if kinds[j] == 'a' then
+    add_sum(keys, args)
+  else
+    local m = member(keys, args)
 
-  -- Replace the estimate with the real count, once, while the reservation is open.
-  local open_reservation = true
-  if args[22] ~= '' then
-    local entry = redis.call('HGET', keys[5], args[22])
-    open_reservation = entry ~= false and entry ~= 'released'
-    if open_reservation then redis.call('HDEL', keys[5], args[22]) end
-  end
-  if args[1] ~= '' and open_reservation then
-    local reserved, used = tonumber(args[2]), tonumber(args[3])
-    if reserved == nil or used == nil or reserved < 0 or used < 0 then
-      return redis.error_reply('ERR spillway: token counts must be numbers >= 0')
+    -- Replace the estimate with the real count, once, while the reservation is open.
+    local open_reservation = true
+    if args[22] ~= '' then
+      local entry = redis.call('HGET', keys[5], args[22])
+      open_reservation = entry ~= false and entry ~= 'released'
+      if open_reservation then redis.call('HDEL', keys[5], args[22]) end
     end
-    local field = 'tokens:' .. args[1]
-    if m.usage[field] == nil then
-      m.usage[field] = 0
-      m.usage_order[#m.usage_order + 1] = field
-    end
-    m.usage[field] = m.usage[field] + used - reserved
-  end
-
-  -- Latency samples; a sample means the request completed.
-  local metrics = {{'ttfb_ms', args[4]}, {'total_ms', args[5]}, {'ms_per_output_token', args[6]},
-    {'output_tokens', args[23]}}
-  local sampled = false
-  for _, metric in ipairs(metrics) do
-    if metric[2] ~= '' then
-      local label = metric[1] .. ':' .. metric[2]
-      if m.histogram[label] == nil then
-        m.histogram[label] = 0
-        m.histogram_order[#m.histogram_order + 1] = label
+    if args[1] ~= '' and open_reservation then
+      local reserved, used = tonumber(args[2]), tonumber(args[3])
+      if reserved == nil or used == nil or reserved < 0 or used < 0 then
+        return redis.error_reply('ERR spillway: token counts must be numbers >= 0')
       end
-      m.histogram[label] = m.histogram[label] + 1
-      sampled = true
+      add_correction(m, 'tokens:' .. args[1], used - reserved)
     end
-  end
-  if sampled and args[1] ~= '' then
-    m.completed = m.completed + 1
-    m.estimated = m.estimated + (tonumber(args[2]) or 0)
-    m.actual = m.actual + (tonumber(args[3]) or 0)
-  end
 
-  -- Capacity hints: keep the newest observation of the batch.
-  if args[7] ~= '' or args[8] ~= '' then
-    local observed = now - (tonumber(args[21]) or 0)
-    if m.hints == nil or observed > m.hints.observed then
-      m.hints = {observed = observed, remaining = tonumber(args[7]), mark = tonumber(args[19]),
-        utilization = (args[8] ~= '' and args[8]) or nil}
+    -- Latency samples; a sample means the request completed.
+    local metrics = {{'ttfb_ms', args[4]}, {'total_ms', args[5]}, {'ms_per_output_token', args[6]},
+      {'output_tokens', args[23]}}
+    local sampled = false
+    for _, metric in ipairs(metrics) do
+      if metric[2] ~= '' then
+        add_samples(m, metric[1] .. ':' .. metric[2], 1)
+        sampled = true
+      end
     end
-  end
+    if sampled and args[1] ~= '' then
+      m.completed = m.completed + 1
+      m.estimated = m.estimated + (tonumber(args[2]) or 0)
+      m.actual = m.actual + (tonumber(args[3]) or 0)
+    end
 
-  if args[9] ~= '' then
-    -- A failure follows what was gathered before it.
-    flush(m)
-    local failed = back_off(keys, args)
-    if failed ~= nil then return failed end
-  elseif args[4] ~= '' then
-    m.successes = m.successes + 1
-    m.admitted = math.max(m.admitted, tonumber(args[20]) or now)
+    -- Capacity hints: keep the newest observation of the batch.
+    if args[7] ~= '' or args[8] ~= '' then
+      add_hints(m, now - (tonumber(args[21]) or 0), tonumber(args[7]), tonumber(args[19]),
+        (args[8] ~= '' and args[8]) or nil)
+    end
+
+    if args[9] ~= '' then
+      -- A failure follows what was gathered before it.
+      flush(m)
+      local failed = back_off(keys, args)
+      if failed ~= nil then return failed end
+    elseif args[4] ~= '' then
+      m.successes = m.successes + 1
+      m.admitted = math.max(m.admitted, tonumber(args[20]) or now)
+    end
   end
 end
 

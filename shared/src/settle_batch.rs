@@ -1,0 +1,257 @@
+//! Receipts on their way to `settle.lua`. One task sends them: whatever queued while its
+//! previous call was on the wire goes in the next call (one per pool, in queue order). On
+//! the way, the completed requests of a member's lease are summed into one record (token
+//! corrections per bucket, histogram counts, outcomes, the newest hints), so what a batch
+//! costs Redis grows with the members it touches, not with the requests it carries.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use fred::prelude::*;
+use fred::types::scripts::Script;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::keys::KeySchema;
+use crate::memory::ms_per_output_token;
+use crate::store::{
+    BackendId, Histogram, LATENCY_BOUNDS_MS, PoolName, Receipt, StateError, UpstreamHints, Windows,
+};
+
+/// Most receipts taken from the queue for one round of calls.
+const MAX_JOBS: usize = 1024;
+
+/// What one queued call to `settle.lua` carries.
+pub(crate) enum Work {
+    /// One receipt record's 23 arguments (failures, backoffs, hints, reservations by id).
+    Record(Vec<String>),
+    /// A receipt that may be summed with others of its member: no backoff, no reservation id
+    /// (an admission on a lease).
+    Summable(Receipt),
+}
+
+pub(crate) struct SettleJob {
+    pub pool: PoolName,
+    pub backend: BackendId,
+    pub work: Work,
+    pub done: oneshot::Sender<Result<(), StateError>>,
+}
+
+/// What the sending task needs of its store.
+pub(crate) struct Batcher {
+    pub client: Client,
+    pub script: Script,
+    pub keys: KeySchema,
+    pub windows: Windows,
+    /// The store's pinned clock (tests), 0 for Redis `TIME`.
+    pub clock_ms: Arc<AtomicU64>,
+}
+
+/// Histogram field label of a value: `le_<bound>` or `le_inf`.
+pub(crate) fn label(value: u64) -> String {
+    match LATENCY_BOUNDS_MS.get(Histogram::bucket_of(value)) {
+        Some(bound) => format!("le_{bound}"),
+        None => "le_inf".into(),
+    }
+}
+
+pub(crate) fn clock(clock_ms: &AtomicU64) -> String {
+    match clock_ms.load(Ordering::Relaxed) {
+        0 => String::new(),
+        ms => ms.to_string(),
+    }
+}
+
+pub(crate) async fn run(batcher: Batcher, mut queue: mpsc::UnboundedReceiver<SettleJob>) {
+    while let Some(first) = queue.recv().await {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_JOBS {
+            match queue.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        // One call per pool (its keys share one hash slot), each in queue order.
+        let mut by_pool: Vec<(PoolName, Vec<SettleJob>)> = Vec::new();
+        for job in jobs {
+            match by_pool.iter_mut().find(|(pool, _)| *pool == job.pool) {
+                Some((_, jobs)) => jobs.push(job),
+                None => by_pool.push((job.pool.clone(), vec![job])),
+            }
+        }
+        let batcher = &batcher;
+        let calls = by_pool
+            .into_iter()
+            .map(|(pool, jobs)| batcher.call(pool, jobs));
+        futures_util::future::join_all(calls).await;
+    }
+}
+
+impl Batcher {
+    /// One `settle.lua` call for `jobs` of `pool`; every caller gets its outcome.
+    async fn call(&self, pool: PoolName, jobs: Vec<SettleJob>) {
+        let mut keys = Vec::new();
+        let mut args = Vec::new();
+        let mut done = Vec::with_capacity(jobs.len());
+        // A member's open sum is written before any other record of that member, so a
+        // failure still follows the successes queued before it.
+        let mut sums: Vec<(BackendId, Sum)> = Vec::new();
+        for job in jobs {
+            done.push(job.done);
+            match job.work {
+                Work::Summable(receipt) => match sums.iter_mut().find(|(b, _)| *b == job.backend) {
+                    Some((_, sum)) => sum.add(&receipt),
+                    None => {
+                        let mut sum = Sum::default();
+                        sum.add(&receipt);
+                        sums.push((job.backend, sum));
+                    }
+                },
+                Work::Record(record) => {
+                    if let Some(at) = sums.iter().position(|(b, _)| *b == job.backend) {
+                        let (backend, sum) = sums.remove(at);
+                        self.push_sum(&pool, &backend, &sum, &mut keys, &mut args);
+                    }
+                    keys.extend(self.member_keys(&pool, &job.backend));
+                    args.push("r".to_string());
+                    args.extend(record);
+                }
+            }
+        }
+        for (backend, sum) in &sums {
+            self.push_sum(&pool, backend, sum, &mut keys, &mut args);
+        }
+        let result: Result<Value, _> = self
+            .script
+            .evalsha_with_reload(&self.client, keys, args)
+            .await;
+        let result = result.map(|_| ()).map_err(crate::redis::script_error);
+        for caller in done {
+            let _ = caller.send(result.clone());
+        }
+    }
+
+    fn member_keys(&self, pool: &PoolName, backend: &BackendId) -> [String; 5] {
+        let k = self.keys.member(pool, backend);
+        [
+            k.backoff,
+            k.usage,
+            k.latency,
+            k.hints,
+            self.keys.pending(pool),
+        ]
+    }
+
+    fn push_sum(
+        &self,
+        pool: &PoolName,
+        backend: &BackendId,
+        sum: &Sum,
+        keys: &mut Vec<String>,
+        args: &mut Vec<String>,
+    ) {
+        keys.extend(self.member_keys(pool, backend));
+        args.push("a".to_string());
+        args.extend(sum.args(&self.windows, clock(&self.clock_ms)));
+    }
+}
+
+/// Summable receipts of one member, summed.
+#[derive(Default)]
+struct Sum {
+    /// Token corrections (used - reserved) per bucket start.
+    corrections: Vec<(u64, i64)>,
+    /// `<metric>:le_<bound>` -> samples.
+    histogram: HashMap<String, u64>,
+    completed: u64,
+    estimated: u64,
+    actual: u64,
+    /// Latest admission time among the successes (the breaker epoch rule).
+    admitted_ms: u64,
+    /// The newest hints, with their request's ledger mark.
+    hints: Option<(UpstreamHints, u64)>,
+}
+
+impl Sum {
+    fn add(&mut self, r: &Receipt) {
+        let correction = r.tokens as i64 - r.reservation.tokens as i64;
+        match self
+            .corrections
+            .iter_mut()
+            .find(|(b, _)| *b == r.reservation.bucket_ms)
+        {
+            Some((_, c)) => *c += correction,
+            None => self.corrections.push((r.reservation.bucket_ms, correction)),
+        }
+        if let Some(sample) = &r.latency {
+            let mut count = |metric: &str, value: u64| {
+                *self
+                    .histogram
+                    .entry(format!("{metric}:{}", label(value)))
+                    .or_default() += 1;
+            };
+            count("ttfb_ms", sample.ttfb.as_millis() as u64);
+            count("total_ms", sample.total.as_millis() as u64);
+            if let Some(per_token) = ms_per_output_token(sample) {
+                count("ms_per_output_token", per_token);
+            }
+            if sample.output_tokens > 0 {
+                count("output_tokens", sample.output_tokens);
+            }
+            self.completed += 1;
+            self.estimated += r.reservation.tokens;
+            self.actual += r.tokens;
+            self.admitted_ms = self.admitted_ms.max(r.reservation.admitted_ms);
+        }
+        if !r.hints.is_empty() {
+            let newer = match &self.hints {
+                None => true,
+                Some((held, _)) => match (held.observed, r.hints.observed) {
+                    (_, None) => true,
+                    (None, Some(_)) => false,
+                    (Some(a), Some(b)) => b > a,
+                },
+            };
+            if newer {
+                self.hints = Some((r.hints, r.reservation.ledger));
+            }
+        }
+    }
+
+    /// The sum record's 15 arguments (see settle.lua).
+    fn args(&self, windows: &Windows, clock: String) -> Vec<String> {
+        let corrections = self
+            .corrections
+            .iter()
+            .map(|(bucket, c)| format!("{bucket}={c}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let histogram = self
+            .histogram
+            .iter()
+            .map(|(label, n)| format!("{label}={n}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let (hints, ledger) = self.hints.unwrap_or_default();
+        vec![
+            corrections,
+            histogram,
+            self.completed.to_string(),
+            self.estimated.to_string(),
+            self.actual.to_string(),
+            self.completed.to_string(),
+            self.admitted_ms.to_string(),
+            hints
+                .remaining_tokens
+                .map(|v| v.to_string())
+                .unwrap_or_default(),
+            hints.utilization.map(|v| v.to_string()).unwrap_or_default(),
+            ledger.to_string(),
+            (hints.age().as_millis() as u64).to_string(),
+            windows.slot_ms().to_string(),
+            (windows.latency.as_millis() as u64).to_string(),
+            clock,
+            (windows.breaker_window.as_millis() as u64).to_string(),
+        ]
+    }
+}
