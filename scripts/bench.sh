@@ -91,29 +91,40 @@ done = function(summary, latency, requests)
 end
 EOF
 path="/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
-declare -A p50 p99 rps
+declare -A rps
 run() { # arm, port, connections -> "p50 p99 rps"
   wrk -t1 -c"$3" -d"${SECONDS_PER_RUN}s" -s "$work/post.lua" "http://127.0.0.1:$2$path" | awk '/^RESULT/ {print $2, $3, $4}'
 }
 arms=(direct nginx embedded redis)
 declare -A port=([direct]=$backend [nginx]=$proxy [embedded]=$embedded [redis]=$on_redis)
+# Per round: each arm's added latency over the direct arm and its throughput over the nginx
+# arm, all measured within the same minute; the summary is the median of those per-round
+# figures, so a machine that drifts between rounds (shared cores) shifts no ratio.
+declare -A added50 added99 ratio
 for round in $(seq "$ROUNDS"); do
+  declare -A r50=() r99=() rrps=()
   for arm in "${arms[@]}"; do
     read -r a b _ < <(run "$arm" "${port[$arm]}" 1)
     read -r _ _ c < <(run "$arm" "${port[$arm]}" 32)
-    p50[$arm]="${p50[$arm]:-} $a"; p99[$arm]="${p99[$arm]:-} $b"; rps[$arm]="${rps[$arm]:-} $c"
+    r50[$arm]=$a; r99[$arm]=$b; rrps[$arm]=$c
+    rps[$arm]="${rps[$arm]:-} $c"
     echo "# round $round $arm: p50 $a µs, p99 $b µs, $c requests/s" >&2
+  done
+  for arm in "${arms[@]}"; do
+    added50[$arm]="${added50[$arm]:-} $(awk -v a="${r50[$arm]}" -v d="${r50[direct]}" 'BEGIN {print a - d}')"
+    added99[$arm]="${added99[$arm]:-} $(awk -v a="${r99[$arm]}" -v d="${r99[direct]}" 'BEGIN {print a - d}')"
+    ratio[$arm]="${ratio[$arm]:-} $(awk -v a="${rrps[$arm]}" -v n="${rrps[nginx]}" 'BEGIN {print a / n}')"
   done
 done
 
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
-d50=$(echo "${p50[direct]}" | median); d99=$(echo "${p99[direct]}" | median)
-nginx_rps=$(echo "${rps[nginx]}" | median)
-echo "# scripts/bench.sh: ${ROUNDS} interleaved rounds of ${SECONDS_PER_RUN}s per arm (medians);"
-echo "# latency with 1 connection (added over direct), throughput with 32 (ratio to nginx)"
+echo "# scripts/bench.sh: ${ROUNDS} interleaved rounds of ${SECONDS_PER_RUN}s per arm; medians of"
+echo "# per-round figures: latency with 1 connection (added over direct), throughput with 32"
+echo "# (ratio to the nginx arm of the same round)"
 printf '%-10s %14s %14s %12s %10s\n' arm "added p50 µs" "added p99 µs" "requests/s" "vs nginx"
 for arm in "${arms[@]}"; do
-  m50=$(echo "${p50[$arm]}" | median); m99=$(echo "${p99[$arm]}" | median); r=$(echo "${rps[$arm]}" | median)
-  awk -v arm="$arm" -v a="$m50" -v b="$m99" -v d50="$d50" -v d99="$d99" -v r="$r" -v n="$nginx_rps" \
-    'BEGIN { printf "%-10s %14.0f %14.0f %12.0f %9.2fx\n", arm, a - d50, b - d99, r, r / n }'
+  m50=$(echo "${added50[$arm]}" | median); m99=$(echo "${added99[$arm]}" | median)
+  r=$(echo "${rps[$arm]}" | median); q=$(echo "${ratio[$arm]}" | median)
+  awk -v arm="$arm" -v a="$m50" -v b="$m99" -v r="$r" -v q="$q" \
+    'BEGIN { printf "%-10s %14.0f %14.0f %12.0f %9.2fx\n", arm, a, b, r, q }'
 done
