@@ -1,0 +1,81 @@
+//! What admission's token estimate costs per request as prompts grow: a chat body parsed as
+//! JSON and counted with tiktoken (o200k), at 40 bytes (what `scripts/bench.sh` sends),
+//! 4 KiB and 40 KiB of prompt text. `first_count` is a prompt never seen (each iteration a
+//! new one); `parse_and_count` the same prompt again, as a chat client resends its history
+//! (remembered counts). Run: `cargo bench -p spillway-tests --bench estimate`.
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use serde_json::{Map, Value, json};
+use spillway_gateway::tokens::{Encoding, Operation, estimate};
+
+/// English-like text of about `bytes` bytes.
+fn prose(bytes: usize) -> String {
+    let sentence = "The quick brown fox jumps over the lazy dog near the riverbank at dawn. ";
+    sentence.repeat(bytes / sentence.len() + 1)[..bytes].to_string()
+}
+
+fn body(bytes: usize) -> (Map<String, Value>, Vec<u8>) {
+    let value = json!({
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": prose(bytes)}
+        ],
+        "max_tokens": 100
+    });
+    let raw = serde_json::to_vec(&value).unwrap();
+    match value {
+        Value::Object(map) => (map, raw),
+        _ => unreachable!(),
+    }
+}
+
+fn estimates(c: &mut Criterion) {
+    let mut group = c.benchmark_group("estimate");
+    for bytes in [40usize, 4 * 1024, 40 * 1024] {
+        let (_, raw) = body(bytes);
+        group.throughput(Throughput::Bytes(raw.len() as u64));
+        group.bench_with_input(BenchmarkId::new("parse", bytes), &raw, |b, raw| {
+            b.iter(|| serde_json::from_slice::<Map<String, Value>>(raw).unwrap());
+        });
+        let mut seed = 0u64;
+        group.bench_with_input(
+            BenchmarkId::new("first_count", bytes),
+            &bytes,
+            |b, &bytes| {
+                b.iter_batched(
+                    || {
+                        // A prompt never counted before: its first bytes differ each time.
+                        seed += 1;
+                        let mut text = prose(bytes);
+                        let tag = format!("{seed:016x} ");
+                        let n = tag.len().min(text.len());
+                        text.replace_range(..n, &tag[..n]);
+                        text
+                    },
+                    |text| Encoding::O200kBase.count(&text),
+                    criterion::BatchSize::SmallInput,
+                );
+            },
+        );
+        group.bench_with_input(
+            BenchmarkId::new("parse_and_count", bytes),
+            &raw,
+            |b, raw| {
+                b.iter(|| {
+                    let map = serde_json::from_slice::<Map<String, Value>>(raw).unwrap();
+                    estimate(
+                        Encoding::O200kBase,
+                        Operation::ChatCompletions,
+                        Some(&map),
+                        raw.len(),
+                        256,
+                    )
+                });
+            },
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, estimates);
+criterion_main!(benches);
