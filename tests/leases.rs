@@ -59,6 +59,28 @@ async fn charged(store: &RedisState, pool: &PoolName, c: &[Candidate]) -> (u64, 
     (snap.members[0].tokens_used, snap.members[0].requests_used)
 }
 
+/// Admit `n` requests of `tokens` each, one after the other; every one must be admitted.
+async fn admit_all(
+    store: &RedisState,
+    pool: &PoolName,
+    c: &[Candidate],
+    n: usize,
+    tokens: u64,
+) -> Vec<(BackendId, Reservation)> {
+    let mut admitted = Vec::with_capacity(n);
+    for _ in 0..n {
+        let Admission::Admitted {
+            backend,
+            reservation,
+        } = store.acquire(pool, c, tokens).await.unwrap()
+        else {
+            panic!("admitted")
+        };
+        admitted.push((backend, reservation));
+    }
+    admitted
+}
+
 /// Poll until `f` holds (the give-back of a lease is a background call), or fail.
 async fn eventually<F, Fut>(what: &str, mut f: F)
 where
@@ -142,9 +164,7 @@ async fn a_lease_never_holds_more_than_an_eighth_of_what_is_left() {
     let c = ptu(Some(1_000));
     // Demand first (on another pool: leases are sized by this replica's traffic).
     let busy = PoolName::new("elsewhere");
-    for _ in 0..40 {
-        store.acquire(&busy, &ptu(None), 1).await.unwrap();
-    }
+    admit_all(&store, &busy, &ptu(None), 40, 1).await;
     let mut admitted = 0;
     while let Admission::Admitted { .. } = store.acquire(&pool, &c, 10).await.unwrap() {
         admitted += 10;
@@ -168,17 +188,7 @@ async fn a_failure_ends_the_lease_and_gives_back_what_it_did_not_use() {
     let store = ready(leasing(&server, Duration::from_secs(30))).await;
     let pool = PoolName::new("failure");
     let c = ptu(None);
-    let mut last = None;
-    for _ in 0..40 {
-        let Admission::Admitted {
-            backend,
-            reservation,
-        } = store.acquire(&pool, &c, 10).await.unwrap()
-        else {
-            panic!("admitted")
-        };
-        last = Some((backend, reservation));
-    }
+    let last = admit_all(&store, &pool, &c, 40, 10).await.pop();
     let (_, before) = charged(&store, &pool, &c).await;
     assert!(before > 40, "a lease is out: {before} requests charged");
     let (backend, reservation) = last.unwrap();
@@ -209,9 +219,7 @@ async fn an_expired_lease_is_given_back() {
     let store = ready(leasing(&server, Duration::from_millis(50))).await;
     let pool = PoolName::new("expiry");
     let c = ptu(None);
-    for _ in 0..20 {
-        store.acquire(&pool, &c, 10).await.unwrap();
-    }
+    admit_all(&store, &pool, &c, 20, 10).await;
     tokio::time::sleep(Duration::from_millis(60)).await; // the lease's time to live
     store
         .heartbeat("replica", Duration::from_secs(5))
@@ -229,9 +237,7 @@ async fn a_stopping_replica_gives_back_its_leases() {
     let store = ready(leasing(&server, Duration::from_secs(30))).await;
     let pool = PoolName::new("stopping");
     let c = ptu(None);
-    for _ in 0..40 {
-        store.acquire(&pool, &c, 10).await.unwrap();
-    }
+    admit_all(&store, &pool, &c, 40, 10).await;
     assert!(charged(&store, &pool, &c).await.1 > 40, "a lease is out");
     store.close().await;
     assert_eq!(charged(&store, &pool, &c).await, (400, 40));
@@ -243,17 +249,7 @@ async fn a_probe_is_never_a_lease() {
     let store = ready(leasing(&server, Duration::from_secs(30))).await;
     let pool = PoolName::new("probe");
     let c = ptu(None);
-    let mut last = None;
-    for _ in 0..40 {
-        if let Admission::Admitted {
-            backend,
-            reservation,
-        } = store.acquire(&pool, &c, 1).await.unwrap()
-        {
-            last = Some((backend, reservation));
-        }
-    }
-    let (backend, reservation) = last.unwrap();
+    let (backend, reservation) = admit_all(&store, &pool, &c, 40, 1).await.pop().unwrap();
     let failed = Receipt {
         backoff: Some(Backoff {
             duration: Duration::from_millis(200),
@@ -299,17 +295,7 @@ async fn settles_sent_together_add_up_to_the_same_state() {
     .await;
     let pool = PoolName::new("batch");
     let c = ptu(None);
-    let mut admitted = Vec::new();
-    for _ in 0..200 {
-        let Admission::Admitted {
-            backend,
-            reservation,
-        } = store.acquire(&pool, &c, 100).await.unwrap()
-        else {
-            panic!("admitted")
-        };
-        admitted.push((backend, reservation));
-    }
+    let admitted = admit_all(&store, &pool, &c, 200, 100).await;
     // All at once, as 200 requests ending together: they queue behind the first call.
     server.reset_stats();
     let mut settles = Vec::new();
@@ -349,17 +335,7 @@ async fn receipts_summed_on_the_way_leave_the_same_state() {
     let store = ready(leasing(&server, Duration::from_secs(30))).await;
     let pool = PoolName::new("summed");
     let c = ptu(None);
-    let mut admitted = Vec::new();
-    for _ in 0..200 {
-        let Admission::Admitted {
-            backend,
-            reservation,
-        } = store.acquire(&pool, &c, 100).await.unwrap()
-        else {
-            panic!("admitted")
-        };
-        admitted.push((backend, reservation));
-    }
+    let admitted = admit_all(&store, &pool, &c, 200, 100).await;
     let on_leases = admitted.iter().filter(|(_, r)| r.id == 0).count();
     assert!(on_leases > 150, "{on_leases} of 200 on leases");
     let start = tokio::time::Instant::now();
