@@ -124,14 +124,10 @@ impl Default for HeaderPolicy {
 /// response came from: a header that names it (a `location`, a `link`) is dropped.
 pub fn client_response_headers(upstream: &HeaderMap, backend_host: Option<&str>) -> HeaderMap {
     let named = connection_named(upstream);
-    let host = backend_host.map(str::to_ascii_lowercase);
     let mut out = HeaderMap::with_capacity(upstream.len());
     for (name, value) in upstream {
-        let names_host = host.as_deref().is_some_and(|h| {
-            value
-                .to_str()
-                .is_ok_and(|v| v.to_ascii_lowercase().contains(h))
-        });
+        let names_host =
+            backend_host.is_some_and(|h| contains_ignoring_case(value.as_bytes(), h.as_bytes()));
         if HOP_BY_HOP.contains(name)
             || RESPONSE_DROPPED.contains(&name.as_str())
             || named.iter().any(|n| n == name.as_str())
@@ -142,6 +138,15 @@ pub fn client_response_headers(upstream: &HeaderMap, backend_host: Option<&str>)
         out.append(name.clone(), value.clone());
     }
     out
+}
+
+/// Whether `haystack` contains `needle`, ASCII case ignored (no allocation: this runs for
+/// every header of every response).
+pub(crate) fn contains_ignoring_case(haystack: &[u8], needle: &[u8]) -> bool {
+    needle.is_empty()
+        || haystack
+            .windows(needle.len())
+            .any(|w| w.eq_ignore_ascii_case(needle))
 }
 
 /// Header names listed in `Connection` (lower case).

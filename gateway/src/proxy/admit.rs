@@ -201,7 +201,8 @@ fn parse_json(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    let is_json = content_type.is_empty() || content_type.to_ascii_lowercase().contains("json");
+    let is_json = content_type.is_empty()
+        || crate::headers::contains_ignoring_case(content_type.as_bytes(), b"json");
     if !is_json || (content_type.is_empty() && body.is_empty()) {
         return Ok(None);
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum::http::{HeaderMap, StatusCode};
 use bytes::Bytes;
-use futures_util::{Stream, StreamExt, stream};
+use futures_util::{Stream, StreamExt};
 use serde_json::Value;
 
 use super::admit::{ProxyRequest, Route};
@@ -19,6 +19,8 @@ pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> +
 pub struct Upstream {
     pub status: StatusCode,
     pub headers: HeaderMap,
+    /// The body's first chunk, already read (success responses), then the rest.
+    pub first: Option<Bytes>,
     pub body: BodyStream,
     /// When the attempt started, and how long until the first body byte (or the head,
     /// for answers that are not successes).
@@ -67,19 +69,20 @@ pub async fn send(
         if let Some((name, value)) = credential {
             builder = builder.header(name, value);
         }
-        let response = builder.send().await.map_err(transport)?;
+        let mut response = builder.send().await.map_err(transport)?;
         let status = response.status();
-        let headers = response.headers().clone();
+        let headers = std::mem::take(response.headers_mut());
         let mut body: BodyStream = Box::pin(response.bytes_stream());
+        let mut first = None;
         if status.is_success()
-            && let Some(first) = body.next().await
+            && let Some(chunk) = body.next().await
         {
-            let first = first.map_err(transport)?;
-            body = Box::pin(stream::once(async { Ok(first) }).chain(body));
+            first = Some(chunk.map_err(transport)?);
         }
         Ok(Upstream {
             status,
             headers,
+            first,
             body,
             started,
             ttfb: started.elapsed(),

@@ -53,6 +53,7 @@ pub fn to_client(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let metered = Metered {
+        first: upstream.first,
         inner: upstream.body,
         meter: UsageMeter::new(sse, strip_usage),
         success: upstream.status.is_success(),
@@ -69,6 +70,8 @@ pub fn to_client(
 }
 
 struct Metered {
+    /// The chunk forward read before committing to this upstream, relayed first.
+    first: Option<Bytes>,
     inner: BodyStream,
     meter: UsageMeter,
     success: bool,
@@ -88,7 +91,11 @@ impl Stream for Metered {
             return Poll::Ready(None);
         }
         loop {
-            return match self.inner.as_mut().poll_next(cx) {
+            let next = match self.first.take() {
+                Some(chunk) => Poll::Ready(Some(Ok(chunk))),
+                None => self.inner.as_mut().poll_next(cx),
+            };
+            return match next {
                 Poll::Ready(Some(Ok(chunk))) => {
                     let len = chunk.len() as u64;
                     let mut out = self.meter.relay(chunk);
