@@ -40,7 +40,7 @@ use crate::table::Member;
 #[derive(Default)]
 struct Attempts {
     /// The pool, once admission resolved it.
-    pool: Option<String>,
+    pool: Option<spillway_shared::PoolName>,
     count: u32,
     last_backend: Option<BackendId>,
     failures: Vec<Failure>,
@@ -71,7 +71,7 @@ pub async fn handle(gateway: &Gateway, inbound: Inbound) -> Response {
         let request = admit(gateway, inbound).await?;
         let span = tracing::Span::current();
         span.record("pool", request.pool.name.as_str());
-        attempts.pool = Some(request.pool.name.to_string());
+        attempts.pool = Some(request.pool.name.clone());
         span.record("stream", request.stream);
         if let Some(consumer) = &request.consumer {
             span.record("consumer", consumer.name.as_str());
@@ -90,7 +90,7 @@ pub async fn handle(gateway: &Gateway, inbound: Inbound) -> Response {
     span.record("attempts", i64::from(attempts.count));
     span.record("status", i64::from(response.status().as_u16()));
     if let Some(pool) = &attempts.pool {
-        crate::metrics::request_served(pool, backend, response.status().as_u16(), attempts.count);
+        crate::metrics::request_served(pool.as_str(), backend, response.status().as_u16(), attempts.count);
     }
     let headers = response.headers_mut();
     if let Ok(value) = HeaderValue::from_str(backend) {
