@@ -90,7 +90,12 @@ pub async fn handle(gateway: &Gateway, inbound: Inbound) -> Response {
     span.record("attempts", i64::from(attempts.count));
     span.record("status", i64::from(response.status().as_u16()));
     if let Some(pool) = &attempts.pool {
-        crate::metrics::request_served(pool.as_str(), backend, response.status().as_u16(), attempts.count);
+        crate::metrics::request_served(
+            pool.as_str(),
+            backend,
+            response.status().as_u16(),
+            attempts.count,
+        );
     }
     let headers = response.headers_mut();
     if let Ok(value) = HeaderValue::from_str(backend) {

@@ -103,6 +103,20 @@ pub struct Leases {
     book: Mutex<Book>,
 }
 
+/// What one `acquire.lua` call admitted on a member.
+pub struct Grant<'a> {
+    pub pool: &'a PoolName,
+    pub backend: &'a BackendId,
+    /// The caller's own admission: the lease's bucket, ledger and breaker epoch.
+    pub first: &'a Reservation,
+    /// The id Redis holds the whole grant under (what a lease is given back by).
+    pub id: u64,
+    /// Requests admitted: 1, or the caller's and a lease of the rest.
+    pub requests: u64,
+    /// The candidates the script refused before this one.
+    pub passed_over: &'a [BackendId],
+}
+
 /// What the book says about a candidate, in preference order.
 pub enum Local {
     /// Admitted on a lease: no round trip.
@@ -201,20 +215,16 @@ impl Leases {
         }
     }
 
-    /// An acquire admitted `requests` (the first for the caller, the rest a lease when more
-    /// than one) on `backend`; `passed_over` are the candidates it refused before it.
-    /// Returns the unused part of a lease it replaces.
-    #[allow(clippy::too_many_arguments)]
-    pub fn admitted(
-        &self,
-        pool: &PoolName,
-        backend: &BackendId,
-        first: &Reservation,
-        lease_id: u64,
-        requests: u64,
-        passed_over: &[BackendId],
-        now: Instant,
-    ) -> Option<Unused> {
+    /// An acquire admitted `grant`; returns the unused part of a lease it replaces.
+    pub fn admitted(&self, grant: Grant<'_>, now: Instant) -> Option<Unused> {
+        let Grant {
+            pool,
+            backend,
+            first,
+            id: lease_id,
+            requests,
+            passed_over,
+        } = grant;
         let key = (pool.clone(), backend.clone());
         let mut book = self.book.lock().expect("lease book");
         book.demand
@@ -340,7 +350,17 @@ mod tests {
         let now = Instant::now();
         assert!(
             leases
-                .admitted(&pool, &ptu, &first(10), 9, 3, &[], now)
+                .admitted(
+                    Grant {
+                        pool: &pool,
+                        backend: &ptu,
+                        first: &first(10),
+                        id: 9,
+                        requests: 3,
+                        passed_over: &[]
+                    },
+                    now,
+                )
                 .is_none()
         );
         for _ in 0..2 {
@@ -359,7 +379,17 @@ mod tests {
         let (pool, ptu, _) = names();
         let leases = Leases::new(policy());
         let now = Instant::now();
-        leases.admitted(&pool, &ptu, &first(10), 9, 3, &[], now);
+        leases.admitted(
+            Grant {
+                pool: &pool,
+                backend: &ptu,
+                first: &first(10),
+                id: 9,
+                requests: 3,
+                passed_over: &[],
+            },
+            now,
+        );
         assert!(matches!(leases.take(&pool, &ptu, 25, now).0, Local::Ask));
         assert!(matches!(
             leases.take(&pool, &ptu, 20, now).0,
@@ -372,7 +402,17 @@ mod tests {
         let (pool, ptu, _) = names();
         let leases = Leases::new(policy());
         let now = Instant::now();
-        leases.admitted(&pool, &ptu, &first(10), 9, 4, &[], now);
+        leases.admitted(
+            Grant {
+                pool: &pool,
+                backend: &ptu,
+                first: &first(10),
+                id: 9,
+                requests: 4,
+                passed_over: &[],
+            },
+            now,
+        );
         leases.take(&pool, &ptu, 10, now);
         let later = now + Duration::from_millis(100);
         let (local, unused) = leases.take(&pool, &ptu, 10, later);
@@ -396,12 +436,14 @@ mod tests {
         let leases = Leases::new(policy());
         let now = Instant::now();
         leases.admitted(
-            &pool,
-            &payg,
-            &first(10),
-            9,
-            4,
-            std::slice::from_ref(&ptu),
+            Grant {
+                pool: &pool,
+                backend: &payg,
+                first: &first(10),
+                id: 9,
+                requests: 4,
+                passed_over: std::slice::from_ref(&ptu),
+            },
             now,
         );
         assert!(matches!(
@@ -415,12 +457,14 @@ mod tests {
             Local::Ask
         ));
         leases.admitted(
-            &pool,
-            &payg,
-            &first(10),
-            10,
-            4,
-            std::slice::from_ref(&ptu),
+            Grant {
+                pool: &pool,
+                backend: &payg,
+                first: &first(10),
+                id: 10,
+                requests: 4,
+                passed_over: std::slice::from_ref(&ptu),
+            },
             now,
         );
         let unused = leases.revoke(&pool, &payg).unwrap();
@@ -434,10 +478,30 @@ mod tests {
         let leases = Leases::new(policy());
         let now = Instant::now();
         assert_eq!(leases.wanted(&pool, now), 0);
-        leases.admitted(&pool, &ptu, &first(1), 1, 1, &[], now);
+        leases.admitted(
+            Grant {
+                pool: &pool,
+                backend: &ptu,
+                first: &first(1),
+                id: 1,
+                requests: 1,
+                passed_over: &[],
+            },
+            now,
+        );
         assert_eq!(leases.wanted(&pool, now), 0, "one request is no demand");
         for _ in 0..20 {
-            leases.admitted(&pool, &ptu, &first(1), 1, 1, &[], now);
+            leases.admitted(
+                Grant {
+                    pool: &pool,
+                    backend: &ptu,
+                    first: &first(1),
+                    id: 1,
+                    requests: 1,
+                    passed_over: &[],
+                },
+                now,
+            );
         }
         assert_eq!(leases.wanted(&pool, now), 8, "capped by the policy");
         // Two periods of silence: no demand left.

@@ -10,7 +10,7 @@ use fred::types::scripts::Script;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::keys::{KeySchema, MemberKeys};
-use crate::lease::{LeasePolicy, Leases, Local, Unused};
+use crate::lease::{Grant, LeasePolicy, Leases, Local, Unused};
 use crate::memory::ms_per_output_token;
 use crate::settle_batch::{Batcher, SettleJob, Work, label};
 use crate::store::{
@@ -550,18 +550,27 @@ impl RedisState {
                     .map(|c| c.backend.clone())
                     .collect();
                 let replaced = self.leases.admitted(
-                    pool,
-                    &candidate.backend,
-                    &reservation,
-                    id,
-                    granted,
-                    &passed_over,
+                    Grant {
+                        pool,
+                        backend: &candidate.backend,
+                        first: &reservation,
+                        id,
+                        requests: granted,
+                        passed_over: &passed_over,
+                    },
                     now,
                 );
                 self.give_back(replaced);
             } else {
-                self.leases
-                    .admitted(pool, &candidate.backend, &reservation, id, 1, &[], now);
+                let single = Grant {
+                    pool,
+                    backend: &candidate.backend,
+                    first: &reservation,
+                    id,
+                    requests: 1,
+                    passed_over: &[],
+                };
+                self.leases.admitted(single, now);
             }
             Ok(Acquired {
                 admission: Admission::Admitted {
