@@ -37,6 +37,7 @@ fn ptu(tokens: Option<u64>) -> [Candidate; 1] {
         tokens_per_window: tokens,
         requests_per_window: None,
         spill_utilization: None,
+        tier: 0,
     }]
 }
 
@@ -376,4 +377,54 @@ async fn receipts_summed_on_the_way_leave_the_same_state() {
         (20_000, 1_400)
     );
     assert_eq!(member.hints.utilization, Some(0.199));
+}
+
+fn member(name: &str, tier: u32) -> Candidate {
+    Candidate {
+        tier,
+        ..Candidate::unlimited(BackendId::new(name))
+    }
+}
+
+/// Inside a tier the order is advice: a lease on any of its members admits without a round
+/// trip. A later tier's lease never admits before Redis has refused the earlier tier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_serves_its_whole_tier_but_never_jumps_a_tier() {
+    let server = RedisServer::start();
+    let store = ready(leasing(&server, Duration::from_secs(30))).await;
+    let pool = PoolName::new("tiers");
+    let (a, b) = (member("ptu-a", 1), member("ptu-b", 1));
+    // Build demand and a lease on ptu-a.
+    admit_all(&store, &pool, &[a.clone(), b.clone()], 40, 10).await;
+
+    server.reset_stats();
+    let Admission::Admitted { backend, .. } = store
+        .acquire(&pool, &[b.clone(), a.clone()], 10)
+        .await
+        .unwrap()
+    else {
+        panic!("admitted")
+    };
+    assert_eq!(backend.as_str(), "ptu-a", "admitted on the tier's lease");
+    assert_eq!(server.calls("evalsha"), 0, "no round trip");
+
+    // PAYG (tier 2) holds a lease; a PTU of tier 1 holds none and was never passed over.
+    let payg = member("payg", 2);
+    let other_pool = PoolName::new("tiers-payg");
+    admit_all(&store, &other_pool, std::slice::from_ref(&payg), 40, 10).await;
+    let ptu = member("ptu-c", 1);
+    server.reset_stats();
+    let Admission::Admitted { backend, .. } = store
+        .acquire(&other_pool, &[ptu.clone(), payg.clone()], 10)
+        .await
+        .unwrap()
+    else {
+        panic!("admitted")
+    };
+    assert_eq!(
+        backend.as_str(),
+        "ptu-c",
+        "Redis was asked about the PTU first"
+    );
+    assert_eq!(server.calls("evalsha"), 1);
 }

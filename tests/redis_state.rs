@@ -97,6 +97,7 @@ fn capped(tokens: u64) -> [Candidate; 1] {
         tokens_per_window: Some(tokens),
         requests_per_window: None,
         spill_utilization: None,
+        tier: 0,
     }]
 }
 

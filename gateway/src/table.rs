@@ -56,6 +56,7 @@ impl Pool {
             tokens_per_window: member.backend.tpm,
             requests_per_window: member.backend.rpm,
             spill_utilization: Some(self.spill_utilization),
+            tier: member.backend.priority,
         }
     }
 

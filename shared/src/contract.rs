@@ -34,6 +34,7 @@ fn budget(name: &str, tokens: u64, requests: Option<u64>) -> Candidate {
         tokens_per_window: Some(tokens),
         requests_per_window: requests,
         spill_utilization: None,
+        tier: 0,
     }
 }
 

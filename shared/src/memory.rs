@@ -472,6 +472,7 @@ mod tests {
             tokens_per_window: Some(100),
             requests_per_window: None,
             spill_utilization: None,
+            tier: 0,
         }];
         assert!(matches!(
             store.acquire(&pool, &c, 100).await.unwrap(),

@@ -461,7 +461,8 @@ impl RedisState {
     }
 
     /// The first candidate, in preference order, this replica can admit on a lease, unless a
-    /// candidate before it must be asked in Redis.
+    /// candidate of an earlier tier must be asked in Redis first. Inside a tier the order is
+    /// advice: a member of the tier that needs asking may still be admitted on its lease.
     fn admit_on_lease(
         &self,
         pool: &PoolName,
@@ -471,7 +472,11 @@ impl RedisState {
         let now = tokio::time::Instant::now();
         let mut ended = Vec::new();
         let mut admitted = None;
+        let mut asking_tier = None;
         for c in candidates {
+            if asking_tier.is_some_and(|tier| tier != c.tier) {
+                break; // a later tier only after Redis has refused this one
+            }
             let (local, unused) = self.leases.take(pool, &c.backend, estimated_tokens, now);
             ended.extend(unused);
             match local {
@@ -483,7 +488,7 @@ impl RedisState {
                     break;
                 }
                 Local::PassedOver => continue,
-                Local::Ask => break,
+                Local::Ask => asking_tier = Some(c.tier),
             }
         }
         self.give_back(ended);

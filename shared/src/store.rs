@@ -109,6 +109,10 @@ pub struct Candidate {
     pub requests_per_window: Option<u64>,
     /// Skip it while a fresh hint says its utilization is at or above this share.
     pub spill_utilization: Option<f64>,
+    /// Its tier (the backend's priority). Candidates come in preference order, and a later
+    /// tier is used only once every earlier one refused; inside a tier the order is advice,
+    /// so a replica may admit on any member of the tier it holds a lease for.
+    pub tier: u32,
 }
 
 impl Candidate {
@@ -118,6 +122,7 @@ impl Candidate {
             tokens_per_window: None,
             requests_per_window: None,
             spill_utilization: None,
+            tier: 0,
         }
     }
 }
