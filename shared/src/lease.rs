@@ -335,6 +335,24 @@ mod tests {
         }
     }
 
+    fn grant<'a>(
+        pool: &'a PoolName,
+        backend: &'a BackendId,
+        first: &'a Reservation,
+        id: u64,
+        requests: u64,
+        passed_over: &'a [BackendId],
+    ) -> Grant<'a> {
+        Grant {
+            pool,
+            backend,
+            first,
+            id,
+            requests,
+            passed_over,
+        }
+    }
+
     fn names() -> (PoolName, BackendId, BackendId) {
         (
             PoolName::new("p"),
@@ -379,17 +397,7 @@ mod tests {
         let (pool, ptu, _) = names();
         let leases = Leases::new(policy());
         let now = Instant::now();
-        leases.admitted(
-            Grant {
-                pool: &pool,
-                backend: &ptu,
-                first: &first(10),
-                id: 9,
-                requests: 3,
-                passed_over: &[],
-            },
-            now,
-        );
+        leases.admitted(grant(&pool, &ptu, &first(10), 9, 3, &[]), now);
         assert!(matches!(leases.take(&pool, &ptu, 25, now).0, Local::Ask));
         assert!(matches!(
             leases.take(&pool, &ptu, 20, now).0,
@@ -402,17 +410,7 @@ mod tests {
         let (pool, ptu, _) = names();
         let leases = Leases::new(policy());
         let now = Instant::now();
-        leases.admitted(
-            Grant {
-                pool: &pool,
-                backend: &ptu,
-                first: &first(10),
-                id: 9,
-                requests: 4,
-                passed_over: &[],
-            },
-            now,
-        );
+        leases.admitted(grant(&pool, &ptu, &first(10), 9, 4, &[]), now);
         leases.take(&pool, &ptu, 10, now);
         let later = now + Duration::from_millis(100);
         let (local, unused) = leases.take(&pool, &ptu, 10, later);
@@ -436,14 +434,7 @@ mod tests {
         let leases = Leases::new(policy());
         let now = Instant::now();
         leases.admitted(
-            Grant {
-                pool: &pool,
-                backend: &payg,
-                first: &first(10),
-                id: 9,
-                requests: 4,
-                passed_over: std::slice::from_ref(&ptu),
-            },
+            grant(&pool, &payg, &first(10), 9, 4, std::slice::from_ref(&ptu)),
             now,
         );
         assert!(matches!(
@@ -457,14 +448,7 @@ mod tests {
             Local::Ask
         ));
         leases.admitted(
-            Grant {
-                pool: &pool,
-                backend: &payg,
-                first: &first(10),
-                id: 10,
-                requests: 4,
-                passed_over: std::slice::from_ref(&ptu),
-            },
+            grant(&pool, &payg, &first(10), 10, 4, std::slice::from_ref(&ptu)),
             now,
         );
         let unused = leases.revoke(&pool, &payg).unwrap();
@@ -478,30 +462,10 @@ mod tests {
         let leases = Leases::new(policy());
         let now = Instant::now();
         assert_eq!(leases.wanted(&pool, now), 0);
-        leases.admitted(
-            Grant {
-                pool: &pool,
-                backend: &ptu,
-                first: &first(1),
-                id: 1,
-                requests: 1,
-                passed_over: &[],
-            },
-            now,
-        );
+        leases.admitted(grant(&pool, &ptu, &first(1), 1, 1, &[]), now);
         assert_eq!(leases.wanted(&pool, now), 0, "one request is no demand");
         for _ in 0..20 {
-            leases.admitted(
-                Grant {
-                    pool: &pool,
-                    backend: &ptu,
-                    first: &first(1),
-                    id: 1,
-                    requests: 1,
-                    passed_over: &[],
-                },
-                now,
-            );
+            leases.admitted(grant(&pool, &ptu, &first(1), 1, 1, &[]), now);
         }
         assert_eq!(leases.wanted(&pool, now), 8, "capped by the policy");
         // Two periods of silence: no demand left.
