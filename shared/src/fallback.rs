@@ -363,8 +363,10 @@ impl FleetState for FallbackState {
                 .await;
             answered.store(true, Ordering::Relaxed);
             let acquired = acquired?;
-            if let Admission::Admitted { backend, .. } = &acquired.admission {
-                let (tokens, requests) = acquired.charged;
+            // An admission on a lease charged nothing new: the lease was noted when granted.
+            if let (Admission::Admitted { backend, .. }, (tokens, requests @ 1..)) =
+                (&acquired.admission, acquired.charged)
+            {
                 self.view.note_admitted(pool, backend, tokens, requests);
             }
             Ok(acquired.admission)

@@ -566,7 +566,8 @@ impl RedisState {
                     now,
                 );
                 self.give_back(replaced);
-            } else {
+            } else if self.leases.policy().enabled() {
+                // Counted as demand: it sizes this replica's next lease.
                 let single = Grant {
                     pool,
                     backend: &candidate.backend,
