@@ -2,8 +2,9 @@
 
 use std::sync::OnceLock;
 
+use metrics::Counter;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use spillway_shared::FleetState;
+use spillway_shared::{BackendId, FleetState, PoolName};
 
 /// The process-wide recorder, installed on first use (one per process: tests run several
 /// gateways in one).
@@ -17,16 +18,50 @@ pub fn handle() -> &'static PrometheusHandle {
     })
 }
 
-/// One client request answered.
-pub fn request_served(pool: &str, backend: &str, status: u16, attempts: u32) {
-    let labels = [
-        ("pool", pool.to_owned()),
-        ("backend", backend.to_owned()),
-        ("status", status.to_string()),
-    ];
-    metrics::counter!("spillway_requests_total", &labels).increment(1);
-    metrics::counter!("spillway_upstream_attempts_total", "pool" => pool.to_owned())
-        .increment(u64::from(attempts));
+/// One client request answered (`backend`: the last member tried, if any).
+pub fn request_served(pool: &PoolName, backend: Option<&BackendId>, status: u16, attempts: u32) {
+    let counters = served_counters(pool, backend, status);
+    counters.requests.increment(1);
+    counters.attempts.increment(u64::from(attempts));
+}
+
+/// The counters a served request increments, registered once per label set: building a
+/// metric key allocates and hashes its labels, about 4k instructions a request (callgrind).
+#[derive(Clone)]
+struct ServedCounters {
+    requests: Counter,
+    attempts: Counter,
+}
+
+type ServedKey = (PoolName, Option<BackendId>, u16);
+
+fn served_counters(pool: &PoolName, backend: Option<&BackendId>, status: u16) -> ServedCounters {
+    // Label sets are bounded by the configuration (pools x members x statuses); the cache's
+    // bound only guards against a status flood, and an evicted set is registered again.
+    static COUNTERS: OnceLock<quick_cache::sync::Cache<ServedKey, ServedCounters>> =
+        OnceLock::new();
+    let cache = COUNTERS.get_or_init(|| quick_cache::sync::Cache::new(4096));
+    let key = (pool.clone(), backend.cloned(), status);
+    let register = || {
+        handle(); // a handle taken before the recorder exists would count nothing
+        let backend = backend.map_or("none", BackendId::as_str);
+        let labels = [
+            ("pool", pool.as_str().to_owned()),
+            ("backend", backend.to_owned()),
+            ("status", status.to_string()),
+        ];
+        Ok::<_, std::convert::Infallible>(ServedCounters {
+            requests: metrics::counter!("spillway_requests_total", &labels),
+            attempts: metrics::counter!(
+                "spillway_upstream_attempts_total",
+                "pool" => pool.as_str().to_owned()
+            ),
+        })
+    };
+    match cache.get_or_insert_with(&key, register) {
+        Ok(counters) => counters,
+        Err(never) => match never {},
+    }
 }
 
 /// One upstream attempt failed and the member was backed off (or counted by its breaker).

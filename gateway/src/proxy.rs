@@ -91,8 +91,8 @@ pub async fn handle(gateway: &Gateway, inbound: Inbound) -> Response {
     span.record("status", i64::from(response.status().as_u16()));
     if let Some(pool) = &attempts.pool {
         crate::metrics::request_served(
-            pool.as_str(),
-            backend,
+            pool,
+            attempts.last_backend.as_ref(),
             response.status().as_u16(),
             attempts.count,
         );

@@ -100,7 +100,7 @@ pub fn chat_prompt_tokens_in(encoding: Encoding, messages: &[Value]) -> u64 {
     for message in messages {
         total += 3;
         if let Some(role) = message.get("role").and_then(Value::as_str) {
-            total += count(role);
+            total += role_tokens(encoding, role);
         }
         if let Some(name) = message.get("name").and_then(Value::as_str) {
             total += count(name) + 1;
@@ -122,6 +122,32 @@ pub fn chat_prompt_tokens_in(encoding: Encoding, messages: &[Value]) -> u64 {
         }
     }
     total
+}
+
+/// Tokens of a message's role. The usual roles come with every message and are counted once
+/// per encoding (tiktoken takes ~5k instructions even for one word); others are counted.
+fn role_tokens(encoding: Encoding, role: &str) -> u64 {
+    const ROLES: [&str; 6] = [
+        "system",
+        "user",
+        "assistant",
+        "tool",
+        "developer",
+        "function",
+    ];
+    static COUNTS: std::sync::OnceLock<[[u64; ROLES.len()]; 2]> = std::sync::OnceLock::new();
+    let Some(at) = ROLES.iter().position(|r| *r == role) else {
+        return encoding.count(role);
+    };
+    let counts = COUNTS.get_or_init(|| {
+        [Encoding::O200kBase, Encoding::Cl100kBase]
+            .map(|encoding| ROLES.map(|role| encoding.count_uncached(role)))
+    });
+    let by_encoding = match encoding {
+        Encoding::O200kBase => &counts[0],
+        Encoding::Cl100kBase => &counts[1],
+    };
+    by_encoding[at]
 }
 
 /// An image part: 85 tokens at low detail; otherwise, with its size unknown, the most a
@@ -267,6 +293,27 @@ mod tests {
     use serde_json::json;
 
     const CHAT: Operation = Operation::ChatCompletions;
+
+    #[test]
+    fn remembered_role_counts_are_the_counts() {
+        for encoding in [Encoding::O200kBase, Encoding::Cl100kBase] {
+            for role in [
+                "system",
+                "user",
+                "assistant",
+                "tool",
+                "developer",
+                "function",
+                "critic",
+            ] {
+                assert_eq!(
+                    role_tokens(encoding, role),
+                    encoding.count_uncached(role),
+                    "{role}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn legacy_completions_and_n_are_split_into_prompt_and_output() {

@@ -218,10 +218,11 @@ struct Delta<'a> {
 fn lenient<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
 where
     D: serde::Deserializer<'de>,
-    T: Deserialize<'de>,
+    T: serde::de::DeserializeOwned,
 {
-    let value = serde_json::Value::deserialize(deserializer)?;
-    Ok(T::deserialize(value).ok())
+    // Borrowed raw text, read again as `T`: no intermediate `Value` tree to allocate.
+    let raw = <&serde_json::value::RawValue>::deserialize(deserializer)?;
+    Ok(serde_json::from_str(raw.get()).ok())
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
