@@ -13,6 +13,7 @@ pub mod http_server;
 pub mod load_shed;
 pub mod metrics;
 pub mod proxy;
+pub mod request_fields;
 pub mod retry_budget;
 pub mod secret;
 pub mod server;

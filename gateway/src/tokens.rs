@@ -4,8 +4,10 @@
 use std::hash::{Hash, Hasher};
 
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tiktoken_rs::CoreBPE;
+
+use crate::request_fields::{Content, Input, Message, Object, Part, RequestFields, Text};
 
 /// The tokenizer of the model behind a pool.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
@@ -88,37 +90,42 @@ pub fn count(text: &str) -> u64 {
 
 /// Prompt tokens of a chat request by OpenAI's published rule for the gpt-4o family:
 /// 3 per message, its role and content (and 1 more with a name), plus 3 to prime the reply.
-/// Image parts count as a low-detail image (85).
+/// Image parts count as a low-detail image (85). For the simulator, which holds `Value`s.
 pub fn chat_prompt_tokens(messages: &[Value]) -> u64 {
-    chat_prompt_tokens_in(Encoding::O200kBase, messages)
+    let messages: Vec<Object<Message>> = messages
+        .iter()
+        .map(|m| Object::deserialize(m).unwrap_or_default())
+        .collect();
+    chat_prompt_tokens_in(Encoding::O200kBase, &messages)
 }
 
-/// [`chat_prompt_tokens`] in a given encoding.
-pub fn chat_prompt_tokens_in(encoding: Encoding, messages: &[Value]) -> u64 {
-    let count = |text: &str| encoding.count(text);
+/// [`chat_prompt_tokens`] of read messages, in a given encoding.
+pub fn chat_prompt_tokens_in(encoding: Encoding, messages: &[Object<Message>]) -> u64 {
+    let count = |text: &Text| encoding.count(text.as_str());
     let mut total = 3;
     for message in messages {
         total += 3;
-        if let Some(role) = message.get("role").and_then(Value::as_str) {
-            total += role_tokens(encoding, role);
+        let Some(message) = message.get() else {
+            continue;
+        };
+        if let Some(role) = message.role.get() {
+            total += role_tokens(encoding, role.as_str());
         }
-        if let Some(name) = message.get("name").and_then(Value::as_str) {
+        if let Some(name) = message.name.get() {
             total += count(name) + 1;
         }
-        match message.get("content") {
-            Some(Value::String(text)) => total += count(text),
-            Some(Value::Array(parts)) => {
-                for part in parts {
-                    match part.get("type").and_then(Value::as_str) {
-                        Some("text") => {
-                            total += part.get("text").and_then(Value::as_str).map_or(0, count)
-                        }
+        match &message.content {
+            Content::Text(text) => total += encoding.count(text),
+            Content::Parts(parts) => {
+                for part in parts.iter().filter_map(Object::get) {
+                    match part.kind.get().map(Text::as_str) {
+                        Some("text") => total += part.text.get().map_or(0, count),
                         Some("image_url") => total += image_tokens(part),
                         _ => {}
                     }
                 }
             }
-            _ => {}
+            Content::Absent | Content::Other => {}
         }
     }
     total
@@ -152,43 +159,42 @@ fn role_tokens(encoding: Encoding, role: &str) -> u64 {
 
 /// An image part: 85 tokens at low detail; otherwise, with its size unknown, the most a
 /// high-detail image can cost (85 + 170 per 512-pixel tile, at most 2048 x 768 = 6 tiles).
-fn image_tokens(part: &Value) -> u64 {
-    match part.pointer("/image_url/detail").and_then(Value::as_str) {
+fn image_tokens(part: &Part) -> u64 {
+    let detail = part.image_url.get().and_then(|i| i.detail.get());
+    match detail.map(Text::as_str) {
         Some("low") => 85,
         _ => 85 + 170 * 6,
     }
 }
 
 /// Tokens of an embeddings/completions `input` or `prompt`: text, texts, or token arrays.
+/// For the simulator, which holds `Value`s.
 pub fn input_tokens(input: &Value) -> u64 {
-    input_tokens_in(Encoding::O200kBase, input)
+    Input::deserialize(input).map_or(0, |input| input_tokens_in(Encoding::O200kBase, &input))
 }
 
-pub fn input_tokens_in(encoding: Encoding, input: &Value) -> u64 {
+pub fn input_tokens_in(encoding: Encoding, input: &Input) -> u64 {
     match input {
-        Value::String(text) => encoding.count(text),
-        Value::Array(items) if items.iter().all(Value::is_number) => items.len() as u64,
-        Value::Array(items) => items.iter().map(|i| input_tokens_in(encoding, i)).sum(),
-        _ => 0,
+        Input::Text(text) => encoding.count(text),
+        Input::List(items) if items.iter().all(|i| matches!(i, Input::Number)) => {
+            items.len() as u64
+        }
+        Input::List(items) => items.iter().map(|i| input_tokens_in(encoding, i)).sum(),
+        Input::Number | Input::Other => 0,
     }
 }
 
-/// Tool and function definitions are sent to the model as text; their JSON is a
-/// conservative count of what they add to the prompt.
-fn tool_tokens(encoding: Encoding, body: &Map<String, Value>) -> u64 {
-    ["tools", "functions"]
-        .iter()
-        .filter_map(|k| body.get(*k))
-        .map(|v| encoding.count(&v.to_string()))
+/// Tool and function definitions are sent to the model as text; their JSON (compact, as
+/// re-serialized) is a conservative count of what they add to the prompt.
+fn tool_tokens(encoding: Encoding, fields: &RequestFields) -> u64 {
+    [fields.tools, fields.functions]
+        .into_iter()
+        .flatten()
+        .map(|raw| match serde_json::from_str::<Value>(raw.get()) {
+            Ok(Value::Null) | Err(_) => 0,
+            Ok(v) => encoding.count(&v.to_string()),
+        })
         .sum()
-}
-
-/// Output tokens a request may produce: `max_completion_tokens` / `max_tokens`, else `default`.
-pub fn max_output_tokens(body: &Map<String, Value>, default: u64) -> u64 {
-    ["max_completion_tokens", "max_tokens"]
-        .iter()
-        .find_map(|k| body.get(*k).and_then(Value::as_u64))
-        .unwrap_or(default)
 }
 
 /// What kind of call a request is, read once from its validated operation path.
@@ -246,7 +252,7 @@ impl TokenEstimate {
 pub fn estimate(
     encoding: Encoding,
     operation: Operation,
-    body: Option<&Map<String, Value>>,
+    fields: Option<&RequestFields>,
     body_len: usize,
     default_max_tokens: u64,
 ) -> TokenEstimate {
@@ -254,34 +260,33 @@ pub fn estimate(
         prompt: body_len as u64 / 4,
         output: 0,
     };
-    let Some(body) = body else {
+    let Some(fields) = fields else {
         return by_bytes;
     };
     // `n` choices each generate up to the cap.
-    let choices = body.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
+    let choices = fields.n.0.unwrap_or(1).max(1);
     match operation {
         Operation::ChatCompletions => {
-            let messages = body
-                .get("messages")
-                .and_then(Value::as_array)
-                .map_or(&[][..], Vec::as_slice);
+            let messages = fields.messages.get().map_or(&[][..], Vec::as_slice);
             TokenEstimate {
-                prompt: chat_prompt_tokens_in(encoding, messages) + tool_tokens(encoding, body),
-                output: choices * max_output_tokens(body, default_max_tokens),
+                prompt: chat_prompt_tokens_in(encoding, messages) + tool_tokens(encoding, fields),
+                output: choices * fields.output_cap().unwrap_or(default_max_tokens),
             }
         }
         Operation::Embeddings => TokenEstimate {
-            prompt: body
-                .get("input")
+            prompt: fields
+                .input
+                .get()
                 .map_or(0, |i| input_tokens_in(encoding, i)),
             output: 0,
         },
         // Legacy completions default to 16 output tokens, as the service does.
         Operation::Completions => TokenEstimate {
-            prompt: body
-                .get("prompt")
+            prompt: fields
+                .prompt
+                .get()
                 .map_or(0, |p| input_tokens_in(encoding, p)),
-            output: choices * max_output_tokens(body, 16),
+            output: choices * fields.output_cap().unwrap_or(16),
         },
         Operation::Responses | Operation::Other => by_bytes,
     }
@@ -293,6 +298,12 @@ mod tests {
     use serde_json::json;
 
     const CHAT: Operation = Operation::ChatCompletions;
+
+    fn estimate_of(operation: Operation, body: &Value) -> TokenEstimate {
+        let text = body.to_string();
+        let read = RequestFields::parse(text.as_bytes()).expect("a JSON object");
+        estimate(Encoding::O200kBase, operation, Some(&read), text.len(), 256)
+    }
 
     #[test]
     fn remembered_role_counts_are_the_counts() {
@@ -317,10 +328,9 @@ mod tests {
 
     #[test]
     fn legacy_completions_and_n_are_split_into_prompt_and_output() {
-        let o200k = Encoding::O200kBase;
         let legacy = json!({"prompt": "Hello there", "n": 2});
         assert_eq!(
-            estimate(o200k, Operation::Completions, legacy.as_object(), 0, 256),
+            estimate_of(Operation::Completions, &legacy),
             TokenEstimate {
                 prompt: 2,
                 output: 32
@@ -336,6 +346,36 @@ mod tests {
             Operation::of(&segments("responses/resp_1/input_items")),
             Operation::Responses
         );
+    }
+
+    #[test]
+    fn the_simulator_and_the_gateway_count_the_same_prompt() {
+        // The simulator counts from `Value`s, admission from the body's bytes: one rule.
+        let bodies = [
+            json!({"messages": [{"role": "system", "content": "Be brief. \"Quoted\""},
+                                {"role": "user", "name": "ann", "content": "Hello there"}]}),
+            json!({"messages": [{"role": "user", "content": [
+                {"type": "text", "text": "Look"}, {"type": "image_url", "image_url": {"url": "x"}},
+                {"type": "image_url", "image_url": "not an object"}, 7]},
+                "not a message", ["user", "positional"], {"content": null}, {"role": 3}]}),
+            json!({"messages": []}),
+        ];
+        for body in bodies {
+            let simulated = chat_prompt_tokens(body["messages"].as_array().unwrap());
+            assert_eq!(estimate_of(CHAT, &body).prompt, simulated, "{body}");
+        }
+        for input in [
+            json!("Hello"),
+            json!([[1, 2], "Hello", 3, {"a": 1}]),
+            json!([]),
+        ] {
+            let body = json!({ "input": input });
+            assert_eq!(
+                estimate_of(Operation::Embeddings, &body).prompt,
+                input_tokens(&input),
+                "{input}"
+            );
+        }
     }
 
     #[test]
@@ -358,10 +398,10 @@ mod tests {
         let o200k = Encoding::O200kBase;
         let chat =
             json!({"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 10});
-        assert_eq!(estimate(o200k, CHAT, chat.as_object(), 0, 256).total(), 19);
+        assert_eq!(estimate_of(CHAT, &chat).total(), 19);
         let no_cap = json!({"messages": [{"role": "user", "content": "Hello there"}]});
         assert_eq!(
-            estimate(o200k, CHAT, no_cap.as_object(), 0, 256),
+            estimate_of(CHAT, &no_cap),
             TokenEstimate {
                 prompt: 9,
                 output: 256
@@ -369,17 +409,14 @@ mod tests {
         );
         let two = json!({"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 10, "n": 2});
         assert_eq!(
-            estimate(o200k, CHAT, two.as_object(), 0, 256),
+            estimate_of(CHAT, &two),
             TokenEstimate {
                 prompt: 9,
                 output: 20
             }
         );
         let emb = json!({"input": ["Hello there", "Hello"]});
-        assert_eq!(
-            estimate(o200k, Operation::Embeddings, emb.as_object(), 0, 256).total(),
-            3
-        );
+        assert_eq!(estimate_of(Operation::Embeddings, &emb).total(), 3);
         assert_eq!(
             estimate(o200k, Operation::Other, None, 4_000, 256).total(),
             1_000
@@ -396,12 +433,9 @@ mod tests {
         let image = json!({"messages": [{"role": "user", "content": [
             {"type": "text", "text": "Hello there"},
             {"type": "image_url", "image_url": {"url": "data:...", "detail": "low"}}]}], "max_tokens": 1});
-        assert_eq!(
-            estimate(Encoding::O200kBase, CHAT, image.as_object(), 0, 256).total(),
-            9 + 85 + 1
-        );
+        assert_eq!(estimate_of(CHAT, &image).total(), 9 + 85 + 1);
         let tools = json!({"messages": [], "max_tokens": 0, "tools": [{"type": "function", "function": {"name": "f"}}]});
-        assert!(estimate(Encoding::O200kBase, CHAT, tools.as_object(), 0, 256).prompt > 3);
+        assert!(estimate_of(CHAT, &tools).prompt > 3);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use crate::app::Gateway;
 use crate::consumers::Consumer;
 use crate::error::GatewayError;
 use crate::fleet_view::{MemberView, output_reserve};
+use crate::request_fields::{FieldsError, RequestFields};
 use crate::table::Pool;
 use crate::tokens::{self, Operation, TokenEstimate};
 
@@ -78,17 +79,17 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
         })
         .transpose()?;
 
-    let mut body = request_body::read(&inbound.headers, inbound.body, gateway.body_limits).await?;
-    let mut json = parse_json(&inbound.headers, &body)?;
+    let body = request_body::read(&inbound.headers, inbound.body, gateway.body_limits).await?;
+    let fields = read_fields(&inbound.headers, &body)?;
     let pool = match named_pool {
         Some(pool) => pool,
         None => {
-            let model = json.as_ref().ok_or_else(|| {
+            let fields = fields.as_ref().ok_or_else(|| {
                 GatewayError::BadRequest(
                     "This endpoint takes a JSON body with a 'model' field.".into(),
                 )
             })?;
-            let model = model.get("model").and_then(Value::as_str).ok_or_else(|| {
+            let model = fields.model().ok_or_else(|| {
                 GatewayError::BadRequest(
                     "Missing required field 'model' (the deployment to use).".into(),
                 )
@@ -97,11 +98,7 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
         }
     };
 
-    let stream = json
-        .as_ref()
-        .and_then(|j| j.get("stream"))
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
+    let stream = fields.as_ref().is_some_and(RequestFields::stream);
     let kind = Operation::of(operation.segments());
     // A request that names no output cap is charged what the pool's answers really take
     // (learned fleet-wide); `default_max_tokens` until enough answers were seen.
@@ -110,26 +107,52 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
     let estimate = tokens::estimate(
         pool.encoding,
         kind,
-        json.as_ref(),
+        fields.as_ref(),
         body.len(),
         output_reserve,
     );
-
     // A stream only reports its usage when asked: ask upstream, and hide the answer from a
     // client that did not ask, so it gets exactly the stream it requested.
-    let strip_usage = match json.as_mut() {
-        Some(j) if stream && kind == Operation::ChatCompletions => request_stream_usage(j),
-        _ => false,
-    };
-    let route = match (inbound.pool.is_some(), json) {
-        (true, json) => {
-            if let (true, Some(j)) = (strip_usage, &json) {
-                body = Bytes::from(serde_json::to_vec(j).expect("a JSON map always serializes"));
+    let add_stream_usage = stream
+        && kind == Operation::ChatCompletions
+        && fields.as_ref().is_some_and(|f| !f.asks_stream_usage());
+    let is_json = fields.is_some();
+    drop(fields);
+
+    // Only a body the gateway edits (the v1 route's `model`, a stream's usage option) is
+    // read whole; the deployments route forwards the others byte for byte.
+    let v1 = inbound.pool.is_none();
+    let (route, body, strip_usage) = if v1 || add_stream_usage {
+        let mut json = match parse_object(&body)? {
+            Some(json) => json,
+            None if v1 => unreachable!("the v1 route resolved its pool from the JSON body"),
+            None => {
+                return Err(GatewayError::BadRequest(
+                    "The request body must be a JSON object.".into(),
+                ));
             }
-            Route::Deployment { operation }
+        };
+        let strip_usage = add_stream_usage && request_stream_usage(&mut json);
+        if v1 {
+            (
+                Route::V1 {
+                    operation,
+                    body: json,
+                },
+                body,
+                strip_usage,
+            )
+        } else {
+            let edited = if strip_usage {
+                Bytes::from(serde_json::to_vec(&json).expect("a JSON map always serializes"))
+            } else {
+                body
+            };
+            (Route::Deployment { operation }, edited, strip_usage)
         }
-        (false, Some(j)) => Route::V1 { operation, body: j },
-        (false, None) => unreachable!("the v1 route resolved its pool from the JSON body"),
+    } else {
+        debug_assert!(is_json || !add_stream_usage);
+        (Route::Deployment { operation }, body, false)
     };
 
     let regions = allowed_regions(
@@ -191,12 +214,12 @@ fn lookup(gateway: &Gateway, name: &str) -> Result<Arc<Pool>, GatewayError> {
         .ok_or_else(|| GatewayError::UnknownPool(name.to_owned()))
 }
 
-/// Parse JSON bodies (to validate them and read `stream` / `model`); other content types
-/// (multipart audio uploads) pass through untouched.
-fn parse_json(
+/// Read the fields of JSON bodies (validating them); other content types (multipart audio
+/// uploads) pass through untouched.
+fn read_fields<'a>(
     headers: &HeaderMap,
-    body: &Bytes,
-) -> Result<Option<Map<String, Value>>, GatewayError> {
+    body: &'a Bytes,
+) -> Result<Option<RequestFields<'a>>, GatewayError> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -206,11 +229,22 @@ fn parse_json(
     if !is_json || (content_type.is_empty() && body.is_empty()) {
         return Ok(None);
     }
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(map)) => Ok(Some(map)),
-        Ok(_) => Err(GatewayError::BadRequest(
+    match RequestFields::parse(body) {
+        Ok(fields) => Ok(Some(fields)),
+        Err(FieldsError::NotAnObject) => Err(GatewayError::BadRequest(
             "The request body must be a JSON object.".into(),
         )),
+        Err(FieldsError::Json(e)) => Err(GatewayError::BadRequest(format!(
+            "The request body is not valid JSON: {e}"
+        ))),
+    }
+}
+
+/// The whole body as a JSON object, for the routes that edit it (already validated).
+fn parse_object(body: &Bytes) -> Result<Option<Map<String, Value>>, GatewayError> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => Ok(Some(map)),
+        Ok(_) => Ok(None),
         Err(e) => Err(GatewayError::BadRequest(format!(
             "The request body is not valid JSON: {e}"
         ))),
