@@ -7,18 +7,8 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use serde_json::json;
 use spillway_gateway::sim::DeploymentKind;
-use spillway_shared::{BackendId, Candidate, EmbeddedState, FleetState, PoolName};
+use spillway_shared::EmbeddedState;
 use spillway_tests::*;
-
-async fn member(fleet: &dyn FleetState, backend: &str) -> spillway_shared::MemberSnapshot {
-    let c = [Candidate::unlimited(BackendId::new(backend))];
-    fleet
-        .snapshot(&PoolName::new("gpt-4o"), &c)
-        .await
-        .unwrap()
-        .members
-        .remove(0)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settled_tokens_equal_the_tokens_served_for_every_kind_of_request() {
@@ -37,7 +27,7 @@ async fn settled_tokens_equal_the_tokens_served_for_every_kind_of_request() {
         }
     }
     let served = sim.stats("ptu", "gpt-4o");
-    let state = member(&*fleet.inner, "ptu").await;
+    let state = member_snapshot(&*fleet.inner, "ptu").await;
     assert_eq!(served.succeeded, 9);
     assert_eq!(
         state.tokens_used, served.total_tokens,
@@ -63,7 +53,7 @@ async fn estimates_match_the_service_prompt_counts_exactly() {
         chat(&gw, "gpt-4o", &body).await.bytes().await.unwrap();
         fleet.settled(i as u64 + 1).await;
     }
-    let state = member(&*fleet.inner, "ptu").await;
+    let state = member_snapshot(&*fleet.inner, "ptu").await;
     assert_eq!(
         state.estimated_tokens, state.actual_tokens,
         "no estimation error on plain chat"
@@ -148,7 +138,7 @@ async fn exactly_the_stream_asked_for(crlf: bool) {
     assert_eq!(upstream_asked.streams_completed, 1);
     // The usage the gateway asked for was read, whatever the framing: exact settlement.
     fleet.settled(1).await;
-    let state = member(&*fleet.inner, "ptu").await;
+    let state = member_snapshot(&*fleet.inner, "ptu").await;
     assert_eq!(state.tokens_used, upstream_asked.total_tokens);
     assert_eq!(state.actual_tokens, upstream_asked.total_tokens);
 }
@@ -172,7 +162,7 @@ async fn a_stream_cut_off_midway_is_settled_with_what_was_relayed() {
     drop(stream);
     fleet.settled(1).await;
 
-    let state = member(&*fleet.inner, "ptu").await;
+    let state = member_snapshot(&*fleet.inner, "ptu").await;
     assert!(
         sim.wait_until(EVENT_TIMEOUT, |s| s
             .stats("ptu", "gpt-4o")
@@ -252,7 +242,7 @@ async fn tokens_served_by_azure_spillover_are_not_charged_to_the_ptu() {
 
     let served = sim.stats("ptu", "gpt-4o");
     assert_eq!((served.succeeded, served.spilled), (2, 1));
-    let state = member(&*fleet.inner, "ptu").await;
+    let state = member_snapshot(&*fleet.inner, "ptu").await;
     assert_eq!(
         state.tokens_used,
         served.total_tokens - served.spilled_tokens,

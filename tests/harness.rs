@@ -354,3 +354,19 @@ pub async fn offer_load(replicas: &[&Replica], count: usize, concurrency: usize)
         .collect()
         .await
 }
+
+/// Pool `gpt-4o`'s member `backend` as the fleet state sees it now.
+pub async fn member_snapshot(
+    fleet: &dyn FleetState,
+    backend: &str,
+) -> spillway_shared::MemberSnapshot {
+    let c = [spillway_shared::Candidate::unlimited(
+        spillway_shared::BackendId::new(backend),
+    )];
+    fleet
+        .snapshot(&spillway_shared::PoolName::new("gpt-4o"), &c)
+        .await
+        .expect("the state store answers")
+        .members
+        .remove(0)
+}

@@ -31,6 +31,12 @@ pub struct RequestFields<'a> {
     pub max_tokens: Lenient<u64>,
     #[serde(default)]
     pub max_completion_tokens: Lenient<u64>,
+    /// The Responses API's output cap.
+    #[serde(default)]
+    pub max_output_tokens: Lenient<u64>,
+    /// The Responses API's system prompt.
+    #[serde(default, borrow)]
+    pub instructions: Lenient<Text<'a>>,
     #[serde(default, borrow)]
     pub messages: Lenient<Vec<Object<Message<'a>>>>,
     /// Tool and function definitions, as sent (counted from their JSON).
@@ -38,9 +44,11 @@ pub struct RequestFields<'a> {
     pub tools: Option<&'a RawValue>,
     #[serde(default, borrow)]
     pub functions: Option<&'a RawValue>,
-    /// Embeddings input.
+    /// Embeddings input (text or token ids) or Responses input (text or items): read by
+    /// the operation's rule, see [`RequestFields::embeddings_input`] and
+    /// [`RequestFields::responses_input`].
     #[serde(default, borrow)]
-    pub input: Lenient<Input<'a>>,
+    pub input: Option<&'a RawValue>,
     /// Legacy completions prompt.
     #[serde(default, borrow)]
     pub prompt: Lenient<Input<'a>>,
@@ -75,9 +83,25 @@ impl<'a> RequestFields<'a> {
             .is_some_and(|o| o.include_usage.0 == Some(true))
     }
 
-    /// The output cap the client set: `max_completion_tokens`, else `max_tokens`.
+    /// The output cap the client set: `max_completion_tokens`, else `max_tokens`, else
+    /// (Responses) `max_output_tokens`.
     pub fn output_cap(&self) -> Option<u64> {
-        self.max_completion_tokens.0.or(self.max_tokens.0)
+        self.max_completion_tokens
+            .0
+            .or(self.max_tokens.0)
+            .or(self.max_output_tokens.0)
+    }
+
+    /// `input` as embeddings read it: text, token ids, or lists of them.
+    pub fn embeddings_input(&self) -> Option<Input<'a>> {
+        self.input
+            .and_then(|raw| serde_json::from_str(raw.get()).ok())
+    }
+
+    /// `input` as the Responses API reads it: text, or a list of items (messages).
+    pub fn responses_input(&self) -> Option<ResponsesInput<'a>> {
+        self.input
+            .and_then(|raw| serde_json::from_str(raw.get()).ok())
     }
 }
 
@@ -138,6 +162,45 @@ pub enum Input<'a> {
     Number,
     List(Vec<Input<'a>>),
     Other,
+}
+
+/// A Responses API `input`: one text, or items read like chat messages (role and content;
+/// content parts of type `input_text`/`output_text` are text).
+pub enum ResponsesInput<'a> {
+    Text(Cow<'a, str>),
+    Items(Vec<Object<Message<'a>>>),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for ResponsesInput<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ResponsesInputVisitor(PhantomData))
+    }
+}
+
+struct ResponsesInputVisitor<'a>(PhantomData<&'a ()>);
+
+impl<'de: 'a, 'a> Visitor<'de> for ResponsesInputVisitor<'a> {
+    type Value = ResponsesInput<'a>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("text or a list of input items")
+    }
+
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(ResponsesInput::Text(Cow::Borrowed(v)))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(ResponsesInput::Text(Cow::Owned(v.to_owned())))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(ResponsesInput::Items(items))
+    }
 }
 
 /// A string, borrowed from the body unless it had escapes to undo.

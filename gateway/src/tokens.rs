@@ -7,7 +7,9 @@ use serde::Deserialize;
 use serde_json::Value;
 use tiktoken_rs::CoreBPE;
 
-use crate::request_fields::{Content, Input, Message, Object, Part, RequestFields, Text};
+use crate::request_fields::{
+    Content, Input, Message, Object, Part, RequestFields, ResponsesInput, Text,
+};
 
 /// The tokenizer of the model behind a pool.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
@@ -119,8 +121,11 @@ pub fn chat_prompt_tokens_in(encoding: Encoding, messages: &[Object<Message>]) -
             Content::Parts(parts) => {
                 for part in parts.iter().filter_map(Object::get) {
                     match part.kind.get().map(Text::as_str) {
-                        Some("text") => total += part.text.get().map_or(0, count),
-                        Some("image_url") => total += image_tokens(part),
+                        // `input_text`/`output_text`/`input_image`: Responses API items.
+                        Some("text" | "input_text" | "output_text") => {
+                            total += part.text.get().map_or(0, count)
+                        }
+                        Some("image_url" | "input_image") => total += image_tokens(part),
                         _ => {}
                     }
                 }
@@ -275,9 +280,8 @@ pub fn estimate(
         }
         Operation::Embeddings => TokenEstimate {
             prompt: fields
-                .input
-                .get()
-                .map_or(0, |i| input_tokens_in(encoding, i)),
+                .embeddings_input()
+                .map_or(0, |i| input_tokens_in(encoding, &i)),
             output: 0,
         },
         // Legacy completions default to 16 output tokens, as the service does.
@@ -288,8 +292,30 @@ pub fn estimate(
                 .map_or(0, |p| input_tokens_in(encoding, p)),
             output: choices * fields.output_cap().unwrap_or(16),
         },
+        // Creating a response: its input (text or items, counted as chat messages), its
+        // instructions and tools. Other Responses calls (retrieve, cancel) generate nothing.
+        Operation::Responses if fields.input.is_some() => TokenEstimate {
+            prompt: responses_prompt_tokens(encoding, fields),
+            output: fields.output_cap().unwrap_or(default_max_tokens),
+        },
         Operation::Responses | Operation::Other => by_bytes,
     }
+}
+
+/// Prompt tokens of a Responses API request: `input` as text or as chat-like items, plus
+/// its `instructions` and tool definitions.
+pub fn responses_prompt_tokens(encoding: Encoding, fields: &RequestFields) -> u64 {
+    let input = match fields.responses_input() {
+        Some(ResponsesInput::Text(text)) => {
+            3 + 3 + role_tokens(encoding, "user") + encoding.count(&text)
+        }
+        Some(ResponsesInput::Items(items)) => chat_prompt_tokens_in(encoding, &items),
+        None => 0,
+    };
+    let instructions = fields.instructions.get().map_or(0, |text| {
+        3 + role_tokens(encoding, "system") + encoding.count(text.as_str())
+    });
+    input + instructions + tool_tokens(encoding, fields)
 }
 
 #[cfg(test)]
@@ -376,6 +402,24 @@ mod tests {
                 "{input}"
             );
         }
+    }
+
+    #[test]
+    fn responses_requests_count_input_instructions_and_the_output_cap() {
+        let responses = Operation::Responses;
+        // Text input is one user message: the same as the chat request with that message.
+        let text = json!({"model": "gpt-4o", "input": "Hello there", "max_output_tokens": 7});
+        let chat =
+            json!({"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 7});
+        assert_eq!(estimate_of(responses, &text), estimate_of(CHAT, &chat));
+        // Items with input_text parts, plus instructions (a system message).
+        let items = json!({"model": "gpt-4o", "instructions": "Be brief.",
+            "input": [{"role": "user", "content": [{"type": "input_text", "text": "Hello there"}]}]});
+        let chat = json!({"messages": [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hello there"}]});
+        assert_eq!(estimate_of(responses, &items), estimate_of(CHAT, &chat));
+        // Retrieving or cancelling generates nothing.
+        assert_eq!(estimate_of(responses, &json!({})).output, 0);
     }
 
     #[test]

@@ -36,7 +36,13 @@ fn estimates(c: &mut Criterion) {
             b.iter(|| serde_json::from_slice::<serde_json::Value>(raw).unwrap());
         });
         group.bench_with_input(BenchmarkId::new("parse_fields", bytes), &raw, |b, raw| {
-            b.iter(|| RequestFields::parse(raw).unwrap().messages.0.map(|m| m.len()));
+            b.iter(|| {
+                RequestFields::parse(raw)
+                    .unwrap()
+                    .messages
+                    .0
+                    .map(|m| m.len())
+            });
         });
         let mut seed = 0u64;
         group.bench_with_input(

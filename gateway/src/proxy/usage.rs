@@ -5,6 +5,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 
 use super::sse::{EventSplitter, event_data};
+use crate::request_fields::{Lenient, Text};
 
 /// A JSON body, or one SSE event, larger than this is not held for parsing: metering stops
 /// (the estimate stands) and, when stripping, the stream is passed on as it comes.
@@ -131,6 +132,15 @@ impl UsageMeter {
                 })
                 .count() as u64;
         }
+        // Responses API events: text deltas, and the usage of the final event's response.
+        if let Some(usage) = event.response.and_then(|r| r.usage) {
+            self.usage = Some(usage.into());
+        }
+        if event.kind.get().map(Text::as_str) == Some("response.output_text.delta")
+            && event.delta.get().is_some_and(|d| !d.as_str().is_empty())
+        {
+            self.content_deltas += 1;
+        }
         usage_only
     }
 
@@ -163,12 +173,13 @@ fn without_null_usage(event: &[u8]) -> Vec<u8> {
     event.to_vec()
 }
 
-/// `usage` as the service writes it; missing counts are 0 (total: their sum).
+/// `usage` as the service writes it (chat and completions: prompt/completion tokens;
+/// Responses: input/output tokens); missing counts are 0 (total: their sum).
 #[derive(Deserialize)]
 struct ReportedUsage {
-    #[serde(default)]
+    #[serde(default, alias = "input_tokens")]
     prompt_tokens: u64,
-    #[serde(default)]
+    #[serde(default, alias = "output_tokens")]
     completion_tokens: u64,
     total_tokens: Option<u64>,
 }
@@ -192,13 +203,28 @@ struct JsonBody {
     usage: Option<ReportedUsage>,
 }
 
-/// One streamed chunk: its `usage` and its choices' content deltas.
+/// One streamed event: a chat chunk (its `usage` and its choices' content deltas), or a
+/// Responses API event (`response.output_text.delta` with its `delta`; the final
+/// `response.completed`/`.incomplete`/`.failed` with `response.usage`).
 #[derive(Deserialize)]
 struct StreamEvent<'a> {
     #[serde(default, deserialize_with = "lenient")]
     usage: Option<ReportedUsage>,
     #[serde(default, borrow)]
     choices: Option<Vec<StreamChoice<'a>>>,
+    #[serde(default, borrow, rename = "type")]
+    kind: Lenient<Text<'a>>,
+    #[serde(default, borrow)]
+    delta: Lenient<Text<'a>>,
+    #[serde(default, deserialize_with = "lenient")]
+    response: Option<ResponseObject>,
+}
+
+/// The response object a Responses API event carries; only its usage is read.
+#[derive(Deserialize)]
+struct ResponseObject {
+    #[serde(default, deserialize_with = "lenient")]
+    usage: Option<ReportedUsage>,
 }
 
 #[derive(Deserialize)]
@@ -234,6 +260,32 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    #[test]
+    fn responses_api_usage_is_read_from_json_and_from_the_final_event() {
+        let mut json = UsageMeter::new(false, false);
+        json.relay(Bytes::from_static(
+            br#"{"id":"resp_1","object":"response","output":[],"usage":{"input_tokens":12,"input_tokens_details":{"cached_tokens":0},"output_tokens":5}}"#,
+        ));
+        let expected = Usage {
+            prompt_tokens: 12,
+            completion_tokens: 5,
+            total_tokens: 17,
+        };
+        assert_eq!(json.finish(), Some(expected));
+
+        let mut sse = UsageMeter::new(true, false);
+        let events = concat!(
+            "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_1\",\"usage\":null}}\n\n",
+            "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\n",
+            "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\" there\"}\n\n",
+            "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"resp_1\",\"usage\":{\"input_tokens\":12,\"output_tokens\":5,\"total_tokens\":17}}}\n\n",
+        );
+        let relayed = sse.relay(Bytes::from_static(events.as_bytes()));
+        assert_eq!(relayed, events.as_bytes(), "relayed unchanged");
+        assert_eq!(sse.content_deltas(), 2);
+        assert_eq!(sse.finish(), Some(expected));
+    }
 
     #[test]
     fn json_body_usage_is_read_at_the_end() {

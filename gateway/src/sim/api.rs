@@ -1,4 +1,5 @@
 //! The simulated Azure OpenAI HTTP API of one resource: chat completions (JSON and SSE),
+//! the Responses API (in `responses`),
 //! completions, embeddings, quota headers and 429s, plus `/sim/stats` and `/sim/faults`.
 
 use std::collections::BTreeMap;
@@ -23,6 +24,7 @@ use super::config::DeploymentKind;
 use super::deployment::{Deployment, DeploymentStats, Faults, ForcedResponse};
 use super::journal::{self, Journal};
 use super::limiter::Decision;
+use super::responses::{self, StoredResponses};
 use super::text;
 use crate::tokens;
 
@@ -32,7 +34,9 @@ pub struct ResourceState {
     pub deployments: BTreeMap<String, Arc<Deployment>>,
     /// Every request that arrived, whatever its path.
     pub journal: Journal,
-    next_id: AtomicU64,
+    pub(super) next_id: AtomicU64,
+    /// Responses API objects this resource created.
+    pub(super) responses: StoredResponses,
 }
 
 impl ResourceState {
@@ -47,6 +51,7 @@ impl ResourceState {
             deployments,
             journal: Journal::default(),
             next_id: AtomicU64::new(1),
+            responses: StoredResponses::default(),
         }
     }
 }
@@ -57,6 +62,17 @@ pub fn router(state: Arc<ResourceState>) -> Router {
             "/openai/deployments/{deployment}/{*operation}",
             post(by_path),
         )
+        .route("/openai/v1/responses", post(responses::create))
+        .route("/openai/responses", post(responses::create))
+        .route(
+            "/openai/v1/responses/{id}",
+            get(responses::retrieve).delete(responses::delete),
+        )
+        .route(
+            "/openai/v1/responses/{id}/input_items",
+            get(responses::input_items_of),
+        )
+        .route("/openai/v1/responses/{id}/cancel", post(responses::cancel))
         .route("/openai/v1/{*operation}", post(by_model))
         .route("/sim/stats", get(stats))
         .route("/sim/faults", post(set_faults))
@@ -68,7 +84,7 @@ pub fn router(state: Arc<ResourceState>) -> Router {
         ))
 }
 
-fn azure_error(status: StatusCode, code: &str, message: &str) -> Response {
+pub(super) fn azure_error(status: StatusCode, code: &str, message: &str) -> Response {
     (
         status,
         Json(json!({ "error": { "code": code, "message": message } })),
@@ -76,7 +92,7 @@ fn azure_error(status: StatusCode, code: &str, message: &str) -> Response {
         .into_response()
 }
 
-fn authorized(state: &ResourceState, headers: &HeaderMap) -> bool {
+pub(super) fn authorized(state: &ResourceState, headers: &HeaderMap) -> bool {
     let Some(expected) = &state.api_key else {
         return true;
     };
@@ -88,7 +104,7 @@ fn authorized(state: &ResourceState, headers: &HeaderMap) -> bool {
     api_key.or(bearer) == Some(expected.as_str())
 }
 
-fn unauthorized() -> Response {
+pub(super) fn unauthorized() -> Response {
     azure_error(
         StatusCode::UNAUTHORIZED,
         "401",
@@ -130,7 +146,7 @@ async fn by_model(
     }
 }
 
-fn bad_request(message: &str) -> Response {
+pub(super) fn bad_request(message: &str) -> Response {
     // Azure's 400s carry OpenAI's fields: type, param, code (often null).
     let body = json!({ "error": { "message": message, "type": "invalid_request_error", "param": null, "code": null } });
     (StatusCode::BAD_REQUEST, Json(body)).into_response()
@@ -230,14 +246,19 @@ fn forced_response(forced: &ForcedResponse) -> Response {
 }
 
 /// Outcome of charging a request's estimate against the quota.
-enum Charge {
+pub(super) enum Charge {
     /// Serve it, with these quota headers.
     Admitted(HeaderMap),
     /// The 429 to send instead.
     Throttled(Response),
 }
 
-fn charge(deployment: &Deployment, estimate: u64, operation: &str, api_version: &str) -> Charge {
+pub(super) fn charge(
+    deployment: &Deployment,
+    estimate: u64,
+    operation: &str,
+    api_version: &str,
+) -> Charge {
     let decision = deployment.admit(estimate);
     let (remaining_tokens, remaining_requests) = match decision {
         Decision::Admit {
@@ -302,7 +323,7 @@ fn charge(deployment: &Deployment, estimate: u64, operation: &str, api_version: 
     Charge::Throttled(response)
 }
 
-fn created() -> u64 {
+pub(super) fn created() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -325,7 +346,7 @@ fn usage(prompt: u64, completion: u64) -> Value {
     json!({ "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion })
 }
 
-fn record_served(deployment: &Deployment, prompt: u64, completion: u64) {
+pub(super) fn record_served(deployment: &Deployment, prompt: u64, completion: u64) {
     deployment.record(|s: &mut DeploymentStats| {
         s.succeeded += 1;
         s.prompt_tokens += prompt;
@@ -397,7 +418,7 @@ async fn chat(
     with_headers(Json(body).into_response(), headers)
 }
 
-fn with_headers(mut response: Response, headers: HeaderMap) -> Response {
+pub(super) fn with_headers(mut response: Response, headers: HeaderMap) -> Response {
     response.headers_mut().extend(headers);
     response
 }
