@@ -271,6 +271,22 @@ impl FleetState for ObservedState {
     ) -> Result<spillway_shared::PoolSnapshot, spillway_shared::StateError> {
         self.inner.snapshot(pool, members).await
     }
+    async fn pin_response(
+        &self,
+        response_id: &str,
+        owner: &spillway_shared::ResponseOwner,
+        ttl: Duration,
+    ) -> Result<(), spillway_shared::StateError> {
+        self.inner.pin_response(response_id, owner, ttl).await
+    }
+
+    async fn response_owner(
+        &self,
+        response_id: &str,
+    ) -> Result<Option<spillway_shared::ResponseOwner>, spillway_shared::StateError> {
+        self.inner.response_owner(response_id).await
+    }
+
     async fn ping(&self) -> Result<(), spillway_shared::StateError> {
         self.inner.ping().await
     }

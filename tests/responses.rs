@@ -6,8 +6,9 @@
 use std::sync::Arc;
 
 use serde_json::{Value, json};
-use spillway_gateway::sim::DeploymentKind;
+use spillway_gateway::sim::{DeploymentKind, SimHandle};
 use spillway_shared::EmbeddedState;
+use spillway_tests::redis_server::RedisServer;
 use spillway_tests::*;
 
 async fn create(base: &str, body: &Value) -> reqwest::Response {
@@ -133,4 +134,139 @@ async fn a_follow_up_only_works_on_the_resource_that_created_the_response() {
         .unwrap();
     assert_eq!(deleted.status(), 200);
     assert_eq!(retrieve(&east).await.unwrap().status(), 404);
+}
+
+/// Pool `gpt-4o`: resource `a` (PTU, priority 1) and `b` (PAYG, priority 2).
+async fn two_tiers() -> SimHandle {
+    start_sim(vec![
+        resource(
+            "a",
+            vec![instant_deployment("gpt-4o", DeploymentKind::Ptu, 1_000_000)],
+        ),
+        resource(
+            "b",
+            vec![instant_deployment(
+                "gpt-4o",
+                DeploymentKind::Payg,
+                1_000_000,
+            )],
+        ),
+    ])
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_keeps_to_its_member_across_replicas_on_redis() {
+    let sim = two_tiers().await;
+    let redis = RedisServer::start();
+    let config = backend(&sim, "a", 1) + &backend(&sim, "b", 2) + &redis_section(&redis.url(), "");
+    let (r1, _) = start_on_redis(&config).await;
+    let (r2, _) = start_on_redis(&config).await;
+    let (r3, _) = start_on_redis(&config).await;
+    let replicas = [&r1, &r2, &r3];
+
+    // The PTU refuses the first turn once (for a moment): the conversation starts on `b`.
+    // Every later turn would go to the PTU again, unless the fleet remembers where it is.
+    force(&sim, "a", 429, Some(1), None, Some(1));
+    let mut previous: Option<String> = None;
+    let mut ids = Vec::new();
+    for turn in 0..10 {
+        let replica = replicas[turn % 3];
+        let mut body = json!({ "model": "gpt-4o", "input": format!("Turn {turn}"),
+            "stream": turn % 2 == 1 });
+        if let Some(id) = &previous {
+            body["previous_response_id"] = json!(id);
+        }
+        let answer = create(&replica.url, &body).await;
+        assert_eq!(answer.status(), 200, "turn {turn}");
+        assert_eq!(header(&answer, "x-spillway-backend"), "b", "turn {turn}");
+        let id = if turn % 2 == 1 {
+            let text = answer.text().await.unwrap();
+            let created = text
+                .lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .expect("a first event");
+            serde_json::from_str::<Value>(created).unwrap()["response"]["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        } else {
+            let answer: Value = answer.json().await.unwrap();
+            answer["id"].as_str().unwrap().to_owned()
+        };
+        ids.push(id.clone());
+        previous = Some(id);
+    }
+    assert_eq!(sim.stats("b", "gpt-4o").succeeded, 10);
+
+    // Each response is retrievable through any replica, and its input items too.
+    for id in &ids {
+        for replica in replicas {
+            let got = client()
+                .get(format!("{}/openai/v1/responses/{id}", replica.url))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(got.status(), 200, "{id}");
+            let got: Value = got.json().await.unwrap();
+            assert_eq!(got["id"], json!(id));
+        }
+    }
+    let items = client()
+        .get(format!("{}/v1/responses/{}/input_items", r2.url, ids[0]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(items.status(), 200);
+
+    // An id the fleet never saw: 404 in Azure's error shape, nothing sent upstream.
+    let before = sim.stats("a", "gpt-4o").requests + sim.stats("b", "gpt-4o").requests;
+    let unknown = client()
+        .get(format!("{}/openai/v1/responses/resp_unknown", r1.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+    let error: Value = unknown.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "response_not_found");
+    let after = sim.stats("a", "gpt-4o").requests + sim.stats("b", "gpt-4o").requests;
+    assert_eq!(before, after);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follow_up_waits_for_its_throttled_member_and_never_goes_elsewhere() {
+    let sim = two_tiers().await;
+    let gw = start_single(&(backend(&sim, "a", 1) + &backend(&sim, "b", 2))).await;
+    let first: Value = create(&gw.url, &json!({ "model": "gpt-4o", "input": "Hi" }))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let follow_up =
+        json!({ "model": "gpt-4o", "input": "More", "previous_response_id": first["id"] });
+
+    // The PTU that holds the conversation is throttled for 30 s.
+    force(&sim, "a", 429, None, Some(30), Some(1));
+    for _ in 0..2 {
+        let refused = create(&gw.url, &follow_up).await;
+        assert_eq!(refused.status(), 429);
+        let wait: u64 = header(&refused, "retry-after").parse().unwrap();
+        assert!((25..=30).contains(&wait), "retry-after {wait}");
+        let error: Value = refused.json().await.unwrap();
+        assert!(
+            error["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("holds response"),
+            "{error}"
+        );
+    }
+    // The first follow-up met the 429; the second was refused without an upstream call.
+    assert_eq!(sim.stats("a", "gpt-4o").requests, 2);
+    assert_eq!(sim.stats("b", "gpt-4o").requests, 0, "never elsewhere");
+
+    // A new conversation still spills over as usual.
+    let fresh = create(&gw.url, &json!({ "model": "gpt-4o", "input": "New" })).await;
+    assert_eq!(fresh.status(), 200);
+    assert_eq!(header(&fresh, "x-spillway-backend"), "b");
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{RawQuery, Request, State};
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -121,6 +121,21 @@ pub fn app(gateway: Arc<Gateway>) -> Router {
             post(v1).fallback(method_not_allowed),
         )
         .route("/v1/{*operation}", post(v1).fallback(method_not_allowed))
+        .route(
+            "/openai/v1/responses/{id}",
+            get(stored_response).delete(stored_response),
+        )
+        .route(
+            "/v1/responses/{id}",
+            get(stored_response).delete(stored_response),
+        )
+        .route(
+            "/openai/v1/responses/{id}/input_items",
+            get(stored_response),
+        )
+        .route("/v1/responses/{id}/input_items", get(stored_response))
+        .route("/openai/v1/responses/{id}/cancel", post(stored_response))
+        .route("/v1/responses/{id}/cancel", post(stored_response))
         .fallback(|| async { GatewayError::NotFound })
         .layer(middleware::from_fn_with_state(
             gateway.slots.clone(),
@@ -203,6 +218,8 @@ async fn deployment(
         pool: Some(pool.to_owned()),
         operation: operation.to_owned(),
         query,
+        method: Method::POST,
+        stored: false,
         headers,
         body,
     };
@@ -226,6 +243,36 @@ async fn v1(
         pool: None,
         operation,
         query,
+        method: Method::POST,
+        stored: false,
+        headers,
+        body,
+    };
+    proxy::handle(&gateway, inbound).await
+}
+
+/// `GET`/`DELETE /openai/v1/responses/{id}`, `GET .../input_items`, `POST .../cancel`:
+/// answered by the member holding the response, found in the fleet's affinity record.
+async fn stored_response(
+    State(gateway): State<Arc<Gateway>>,
+    method: Method,
+    uri: Uri,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let path = uri.path();
+    let operation = path
+        .strip_prefix("/openai/v1/")
+        .or_else(|| path.strip_prefix("/v1/"))
+        .unwrap_or_default()
+        .to_owned();
+    let inbound = Inbound {
+        pool: None,
+        operation,
+        query,
+        method,
+        stored: true,
         headers,
         body,
     };

@@ -225,6 +225,9 @@ pub struct RoutingConfig {
     pub retry_ratio: f64,
     /// ... plus this many per second, so a quiet replica can still fail over.
     pub min_retries_per_second: f64,
+    /// The fleet remembers which member holds each stored Responses API object this long,
+    /// and sends follow-ups naming it there (Azure keeps stored responses 30 days).
+    pub response_affinity_ttl_s: u64,
 }
 
 impl Default for RoutingConfig {
@@ -248,6 +251,7 @@ impl Default for RoutingConfig {
             breaker_window_ms: 30_000,
             retry_ratio: 0.2,
             min_retries_per_second: 10.0,
+            response_affinity_ttl_s: 86_400,
         }
     }
 }
@@ -459,6 +463,12 @@ impl RoutingConfig {
             bad(
                 "routing.view_refresh_ms".into(),
                 "must be greater than 0".into(),
+            );
+        }
+        if self.response_affinity_ttl_s == 0 {
+            bad(
+                "routing.response_affinity_ttl_s".into(),
+                "must be greater than 0 (follow-ups need to find their member)".into(),
             );
         }
         if self.hint_ttl_ms == 0 {

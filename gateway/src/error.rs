@@ -20,6 +20,17 @@ pub enum GatewayError {
     UnknownPool(String),
     #[error("Resource not found.")]
     NotFound,
+    #[error(
+        "No stored response '{0}' is known to this gateway: it was not created through it, was created with \"store\": false, or is older than its affinity time (routing.response_affinity_ttl_s)."
+    )]
+    UnknownResponse(String),
+    #[error(
+        "The deployment that holds response '{response}' is rate limited or unavailable, and no other deployment knows it. Please retry after {} seconds.", retry_seconds(*.retry_after)
+    )]
+    OwnerBusy {
+        response: String,
+        retry_after: Duration,
+    },
     #[error("This path takes POST requests only.")]
     MethodNotAllowed,
     #[error("No deployment of '{pool}' is in a region this request may use (data residency).")]
@@ -52,7 +63,10 @@ impl GatewayError {
             Self::BadRequest(_) | Self::InvalidPath(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::NoMemberInRegions { .. } => StatusCode::FORBIDDEN,
-            Self::UnknownPool(_) | Self::NotFound => StatusCode::NOT_FOUND,
+            Self::UnknownPool(_) | Self::NotFound | Self::UnknownResponse(_) => {
+                StatusCode::NOT_FOUND
+            }
+            Self::OwnerBusy { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
@@ -74,6 +88,8 @@ impl GatewayError {
             Self::NoMemberInRegions { .. } => "region_not_allowed",
             Self::UnknownPool(_) => "DeploymentNotFound",
             Self::NotFound => "404",
+            Self::UnknownResponse(_) => "response_not_found",
+            Self::OwnerBusy { .. } => "429",
             Self::MethodNotAllowed => "405",
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::BodyTimeout { .. } => "request_timeout",
@@ -89,9 +105,9 @@ impl GatewayError {
 
     fn retry_after(&self) -> Option<Duration> {
         match self {
-            Self::Throttled { retry_after, .. } | Self::Unavailable { retry_after, .. } => {
-                Some(*retry_after)
-            }
+            Self::Throttled { retry_after, .. }
+            | Self::Unavailable { retry_after, .. }
+            | Self::OwnerBusy { retry_after, .. } => Some(*retry_after),
             Self::Overloaded => Some(Duration::from_secs(1)),
             _ => None,
         }

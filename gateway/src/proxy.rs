@@ -118,8 +118,17 @@ async fn route(
         default: Duration::from_millis(routing.default_backoff_ms),
         max: Duration::from_millis(routing.max_backoff_ms),
     };
-    // Data residency: members outside the allowed regions are never candidates.
-    let members: Vec<&Member> = pool.members_in(request.regions.as_deref()).collect();
+    // Data residency: members outside the allowed regions are never candidates. A pinned
+    // request has one candidate: the member holding the response it names.
+    let members: Vec<&Member> = pool
+        .members_in(request.regions.as_deref())
+        .filter(|m| {
+            request
+                .pinned
+                .as_ref()
+                .is_none_or(|p| p.backend == m.backend.id)
+        })
+        .collect();
     if members.is_empty() {
         return Err(GatewayError::NoMemberInRegions {
             pool: pool.name.to_string(),
@@ -245,8 +254,11 @@ async fn attempt(
                 policy,
             ) {
                 Verdict::Deliver => {
+                    let remember = request
+                        .remember_response
+                        .then(|| Duration::from_secs(gateway.routing.response_affinity_ttl_s));
                     return Ok(Outcome::Delivered(deliver(
-                        request, member, open, upstream, hints, policy,
+                        request, member, open, upstream, hints, policy, remember,
                     )));
                 }
                 Verdict::Retry(backoff) => (backoff, hints, format!("HTTP {}", upstream.status)),
@@ -293,6 +305,7 @@ fn deliver(
     upstream: forward::Upstream,
     hints: UpstreamHints,
     policy: BackoffPolicy,
+    remember_response: Option<Duration>,
 ) -> Response {
     // Azure's own spillover answered: the tokens are the standard deployment's, and the PTU
     // is full.
@@ -315,6 +328,7 @@ fn deliver(
         failure_backoff: policy.default,
         hints,
         spilled,
+        remember_response,
     };
     relay::to_client(
         upstream,
@@ -343,6 +357,19 @@ fn exhausted(
         .unwrap_or(Duration::from_secs(1))
         .max(Duration::from_millis(1));
     let name = request.pool.name.to_string();
+    // Nowhere else to go: a pinned request waits for its member, whatever held it back.
+    if let Some(pinned) = &request.pinned {
+        let held_back = attempts
+            .failures
+            .last()
+            .is_none_or(|f| f.reason == BackoffReason::Throttled);
+        if held_back {
+            return GatewayError::OwnerBusy {
+                response: pinned.response_id.clone(),
+                retry_after,
+            };
+        }
+    }
 
     let throttled = attempts
         .failures

@@ -34,6 +34,12 @@ pub struct RequestFields<'a> {
     /// The Responses API's output cap.
     #[serde(default)]
     pub max_output_tokens: Lenient<u64>,
+    /// A Responses API follow-up: the stored response it continues.
+    #[serde(default, borrow)]
+    pub previous_response_id: Lenient<Text<'a>>,
+    /// `false`: the Responses API stores nothing (and there is nothing to pin).
+    #[serde(default)]
+    pub store: Lenient<bool>,
     /// The Responses API's system prompt.
     #[serde(default, borrow)]
     pub instructions: Lenient<Text<'a>>,

@@ -578,6 +578,24 @@ pub async fn a_budget_frees_when_its_bucket_leaves_the_window(
     );
 }
 
+pub async fn a_pinned_response_names_its_owner_and_unknown_ids_none(store: &dyn FleetState) {
+    let owner = crate::ResponseOwner {
+        pool: pool("affinity"),
+        backend: BackendId::new("east"),
+    };
+    let day = Duration::from_secs(86_400);
+    store.pin_response("resp_1", &owner, day).await.unwrap();
+    assert_eq!(
+        store.response_owner("resp_1").await.unwrap(),
+        Some(owner.clone())
+    );
+    assert_eq!(store.response_owner("resp_2").await.unwrap(), None);
+    // Ids beyond the bound are never kept (a client's path must not become a huge key).
+    let long = "r".repeat(crate::MAX_RESPONSE_ID_BYTES + 1);
+    store.pin_response(&long, &owner, day).await.unwrap();
+    assert_eq!(store.response_owner(&long).await.unwrap(), None);
+}
+
 /// Windows under which only the failure rate opens the breaker (2 outcomes, 5 s window).
 pub fn rate_breaker_windows() -> crate::Windows {
     crate::Windows {
@@ -606,6 +624,7 @@ macro_rules! fleet_state_contract {
             pools_and_unknown_backends_are_independent,
             a_fresh_hint_of_high_utilization_or_too_few_tokens_skips_a_member,
             a_later_observed_hint_wins_over_an_earlier_one_settled_later,
+            a_pinned_response_names_its_owner_and_unknown_ids_none,
         );
         $crate::fleet_state_contract!(@timed $make;
             consecutive_failures_open_the_breaker_for_ever_longer,

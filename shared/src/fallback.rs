@@ -31,7 +31,7 @@ use crate::memory::EmbeddedState;
 use crate::redis::RedisState;
 use crate::store::{
     Admission, BackendId, Backoff, Candidate, ClockControl, FleetState, Issuer, PoolName,
-    PoolSnapshot, Receipt, Reservation, StateError, UpstreamHints,
+    PoolSnapshot, Receipt, Reservation, ResponseOwner, StateError, UpstreamHints,
 };
 
 pub use crate::health::{ENTER_AFTER, LEAVE_AFTER};
@@ -487,6 +487,35 @@ impl FleetState for FallbackState {
             }
         }
         self.local.snapshot(pool, members).await
+    }
+
+    /// Written to both stores: a pin made while Redis is away still serves this replica.
+    async fn pin_response(
+        &self,
+        response_id: &str,
+        owner: &ResponseOwner,
+        ttl: Duration,
+    ) -> Result<(), StateError> {
+        self.local.pin_response(response_id, owner, ttl).await?;
+        if !self.health.is_degraded(&owner.pool) {
+            let shared = self.primary.pin_response(response_id, owner, ttl);
+            match tokio::time::timeout(self.budget, shared).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => warn!(error = %e, "response affinity not shared (kept locally)"),
+                Err(_) => warn!("response affinity not shared in time (kept locally)"),
+            }
+        }
+        Ok(())
+    }
+
+    /// From Redis when it answers in time, else (or when Redis knows nothing) this replica's
+    /// own pins.
+    async fn response_owner(&self, response_id: &str) -> Result<Option<ResponseOwner>, StateError> {
+        let shared = self.primary.response_owner(response_id);
+        if let Ok(Ok(Some(owner))) = tokio::time::timeout(self.budget, shared).await {
+            return Ok(Some(owner));
+        }
+        self.local.response_owner(response_id).await
     }
 
     /// Always usable: with Redis down the replica still decides, on its share.

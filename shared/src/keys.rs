@@ -34,6 +34,11 @@ impl KeySchema {
     }
 
     /// The fleet's generation marker: gone when Redis lost its data (restarted empty).
+    /// The member holding a stored Responses API object (a hash: `pool`, `backend`; expires).
+    pub fn response(&self, response_id: &str) -> String {
+        format!("{}:response:{}", self.prefix, response_id)
+    }
+
     pub fn generation(&self) -> String {
         format!("{}:generation", self.prefix)
     }

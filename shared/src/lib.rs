@@ -58,7 +58,8 @@ pub use redis::RedisState;
 pub use memory::{EmbeddedState, ms_per_output_token};
 pub use store::{
     Admission, BackendId, Backoff, BackoffReason, Candidate, FleetState, Histogram, Issuer,
-    LATENCY_BOUNDS_MS, LatencyHistograms, LatencySample, MemberSnapshot, PoolName, PoolSnapshot,
-    Receipt, Reservation, StateError, UpstreamHints, Windows,
+    LATENCY_BOUNDS_MS, LatencyHistograms, LatencySample, MAX_RESPONSE_ID_BYTES, MemberSnapshot,
+    PoolName, PoolSnapshot, Receipt, Reservation, ResponseOwner, StateError, UpstreamHints,
+    Windows,
 };
 pub use store::{ClockControl, StoreHealth};

@@ -10,7 +10,8 @@ use tokio::time::Instant;
 
 use crate::store::{
     Admission, BackendId, Backoff, BackoffReason, Candidate, FleetState, LatencyHistograms,
-    MemberSnapshot, PoolName, PoolSnapshot, Receipt, StateError, UpstreamHints, Windows,
+    MAX_RESPONSE_ID_BYTES, MemberSnapshot, PoolName, PoolSnapshot, Receipt, ResponseOwner,
+    StateError, UpstreamHints, Windows,
 };
 use crate::window::Usage;
 
@@ -24,7 +25,13 @@ pub struct EmbeddedState {
     skew_ms: std::sync::atomic::AtomicU64,
     // std Mutex: critical sections are map operations and never await.
     members: Mutex<HashMap<(PoolName, BackendId), Member>>,
+    /// Responses API affinity: response id → owner and expiry (store clock, ms).
+    responses: Mutex<HashMap<String, (ResponseOwner, u64)>>,
 }
+
+/// Affinity entries kept at most; when full, expired ones are dropped first, then new
+/// responses are not remembered (their follow-ups take normal routing).
+const MAX_PINNED_RESPONSES: usize = 200_000;
 
 #[derive(Debug, Default)]
 struct Member {
@@ -64,6 +71,7 @@ impl EmbeddedState {
             epoch: Instant::now(),
             skew_ms: std::sync::atomic::AtomicU64::new(0),
             members: Mutex::new(HashMap::new()),
+            responses: Mutex::new(HashMap::new()),
         }
     }
 
@@ -409,6 +417,41 @@ impl FleetState for EmbeddedState {
             pool: pool.clone(),
             members,
         })
+    }
+
+    async fn pin_response(
+        &self,
+        response_id: &str,
+        owner: &ResponseOwner,
+        ttl: std::time::Duration,
+    ) -> Result<(), StateError> {
+        if response_id.len() > MAX_RESPONSE_ID_BYTES {
+            return Ok(());
+        }
+        let now = self.now_ms();
+        let mut pins = self.responses.lock().expect("responses lock");
+        if pins.len() >= MAX_PINNED_RESPONSES && !pins.contains_key(response_id) {
+            pins.retain(|_, (_, expires)| *expires > now);
+            if pins.len() >= MAX_PINNED_RESPONSES {
+                return Ok(());
+            }
+        }
+        let expires = now + ttl.as_millis() as u64;
+        pins.insert(response_id.to_owned(), (owner.clone(), expires));
+        Ok(())
+    }
+
+    async fn response_owner(&self, response_id: &str) -> Result<Option<ResponseOwner>, StateError> {
+        let now = self.now_ms();
+        let mut pins = self.responses.lock().expect("responses lock");
+        match pins.get(response_id) {
+            Some((owner, expires)) if *expires > now => Ok(Some(owner.clone())),
+            Some(_) => {
+                pins.remove(response_id);
+                Ok(None)
+            }
+            None => Ok(None),
+        }
     }
 
     async fn ping(&self) -> Result<(), StateError> {

@@ -15,8 +15,8 @@ use crate::memory::ms_per_output_token;
 use crate::settle_batch::{Batcher, SettleJob, Work, label};
 use crate::store::{
     Admission, BackendId, Backoff, BackoffReason, Candidate, FleetState, LATENCY_BOUNDS_MS,
-    LatencyHistograms, MemberSnapshot, PoolName, PoolSnapshot, Receipt, Reservation, StateError,
-    UpstreamHints, Windows,
+    LatencyHistograms, MAX_RESPONSE_ID_BYTES, MemberSnapshot, PoolName, PoolSnapshot, Receipt,
+    Reservation, ResponseOwner, StateError, UpstreamHints, Windows,
 };
 
 pub struct RedisState {
@@ -29,6 +29,7 @@ pub struct RedisState {
     heartbeat: Script,
     charge: Script,
     release: Script,
+    pin_response: Script,
     /// Reservation ids: unique per store instance (prefix) and counted.
     id_prefix: String,
     next_id: std::sync::atomic::AtomicU64,
@@ -103,6 +104,7 @@ impl RedisState {
             heartbeat: Script::from_lua(include_str!("lua/heartbeat.lua")),
             charge: Script::from_lua(include_str!("lua/charge.lua")),
             release: Script::from_lua(include_str!("lua/release.lua")),
+            pin_response: Script::from_lua(include_str!("lua/pin_response.lua")),
             id_prefix: format!(
                 "{:x}",
                 std::time::SystemTime::now()
@@ -756,6 +758,42 @@ impl FleetState for RedisState {
         Ok(PoolSnapshot {
             pool: pool.clone(),
             members,
+        })
+    }
+
+    async fn pin_response(
+        &self,
+        response_id: &str,
+        owner: &ResponseOwner,
+        ttl: Duration,
+    ) -> Result<(), StateError> {
+        if response_id.len() > MAX_RESPONSE_ID_BYTES {
+            return Ok(());
+        }
+        let keys = vec![self.keys.response(response_id)];
+        let args = vec![
+            owner.pool.to_string(),
+            owner.backend.to_string(),
+            ttl.as_millis().max(1).to_string(),
+        ];
+        self.run(&self.pin_response, keys, args).await.map(|_| ())
+    }
+
+    async fn response_owner(&self, response_id: &str) -> Result<Option<ResponseOwner>, StateError> {
+        if response_id.len() > MAX_RESPONSE_ID_BYTES {
+            return Ok(None);
+        }
+        let (pool, backend): (Option<String>, Option<String>) = self
+            .client
+            .hmget(self.keys.response(response_id), vec!["pool", "backend"])
+            .await
+            .map_err(unavailable)?;
+        Ok(match (pool, backend) {
+            (Some(pool), Some(backend)) => Some(ResponseOwner {
+                pool: PoolName::new(pool),
+                backend: BackendId::new(backend),
+            }),
+            _ => None,
         })
     }
 

@@ -366,6 +366,17 @@ pub enum StateError {
     Protocol(String),
 }
 
+/// Where a stored Responses API object lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResponseOwner {
+    pub pool: PoolName,
+    pub backend: BackendId,
+}
+
+/// Response ids longer than this are never remembered nor looked up (a client's path
+/// segment must not become an unbounded key).
+pub const MAX_RESPONSE_ID_BYTES: usize = 256;
+
 /// The shared view of the world. Every operation is atomic in its store.
 #[async_trait]
 pub trait FleetState: Send + Sync + 'static {
@@ -410,6 +421,18 @@ pub trait FleetState: Send + Sync + 'static {
         pool: &PoolName,
         members: &[Candidate],
     ) -> Result<PoolSnapshot, StateError>;
+
+    /// Remember, for `ttl`, that `owner` holds the stored Responses API object `response_id`:
+    /// only the resource that created a response knows it, so follow-ups go there.
+    async fn pin_response(
+        &self,
+        response_id: &str,
+        owner: &ResponseOwner,
+        ttl: Duration,
+    ) -> Result<(), StateError>;
+
+    /// The member holding `response_id`, while remembered.
+    async fn response_owner(&self, response_id: &str) -> Result<Option<ResponseOwner>, StateError>;
 
     /// Cheap liveness check for `/readyz`.
     async fn ping(&self) -> Result<(), StateError>;

@@ -4,9 +4,10 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, Method, header};
 use bytes::Bytes;
 use serde_json::{Map, Value};
+use spillway_shared::BackendId;
 
 use super::request_body;
 use super::upstream_path::{OperationPath, PathRejection, QueryPairs, check_segment};
@@ -29,6 +30,17 @@ pub enum Route {
         operation: OperationPath,
         body: Map<String, Value>,
     },
+    /// `/openai/v1/responses/{id}[/...]`: a stored response's own path, forwarded as sent
+    /// (method and body) to the member that holds it.
+    Stored { operation: OperationPath },
+}
+
+/// A request bound to one member: the one holding the stored response it names. It is
+/// never retried elsewhere (no other member knows the id).
+#[derive(Clone, Debug)]
+pub struct Pinned {
+    pub backend: BackendId,
+    pub response_id: String,
 }
 
 /// The request as the client sent it, before admission.
@@ -40,6 +52,10 @@ pub struct Inbound {
     /// Admission validates it; nothing else reads it.
     pub operation: String,
     pub query: Option<String>,
+    pub method: Method,
+    /// The path names a stored response (`responses/{id}[/...]` on the v1 route): its pool
+    /// and member come from the fleet's affinity record, not from a body.
+    pub stored: bool,
     pub headers: HeaderMap,
     pub body: Body,
 }
@@ -48,6 +64,12 @@ pub struct Inbound {
 pub struct ProxyRequest {
     pub pool: Arc<Pool>,
     pub route: Route,
+    pub method: Method,
+    /// Only this member may serve it (a Responses follow-up or a stored response's path).
+    pub pinned: Option<Pinned>,
+    /// A Responses API create that stores its response: the fleet remembers which member
+    /// holds it once the answer names it.
+    pub remember_response: bool,
     pub query: QueryPairs,
     pub headers: HeaderMap,
     pub body: Bytes,
@@ -68,6 +90,9 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
     // Path confinement: the operation is validated here, once, and only its segments are
     // ever used to build an upstream URL.
     let operation = OperationPath::parse(&inbound.operation).map_err(GatewayError::InvalidPath)?;
+    if inbound.stored {
+        return admit_stored(gateway, inbound, operation, consumer).await;
+    }
     // The deployments route names its pool in the path: unknown pools fail before the body is read.
     let named_pool = inbound
         .pool
@@ -117,7 +142,21 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
         && kind == Operation::ChatCompletions
         && fields.as_ref().is_some_and(|f| !f.asks_stream_usage());
     let is_json = fields.is_some();
+    // Responses API: a follow-up goes to the member holding what it continues; a create
+    // that stores its response is remembered once answered.
+    let creates_response = kind == Operation::Responses && operation.segments().len() == 1;
+    let remember_response =
+        creates_response && fields.as_ref().is_some_and(|f| f.store.0 != Some(false));
+    let previous = fields
+        .as_ref()
+        .filter(|_| creates_response)
+        .and_then(|f| f.previous_response_id.get())
+        .map(|id| id.as_str().to_owned());
     drop(fields);
+    let pinned = match previous {
+        Some(id) => pinned_member(gateway, &pool, id).await?,
+        None => None,
+    };
 
     // Only a body the gateway edits (the v1 route's `model`, a stream's usage option) is
     // read whole; the deployments route forwards the others byte for byte.
@@ -163,6 +202,9 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
         regions,
         pool,
         route,
+        method: inbound.method,
+        pinned,
+        remember_response,
         query: QueryPairs::parse(inbound.query.as_deref()),
         headers: gateway.headers.upstream_request(&inbound.headers),
         body,
@@ -172,6 +214,78 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
         consumer,
         view,
     })
+}
+
+/// A request on a stored response's own path: it goes to the member holding it, in the
+/// pool it was created in, or is answered 404 when the fleet does not know the id.
+async fn admit_stored(
+    gateway: &Gateway,
+    inbound: Inbound,
+    operation: OperationPath,
+    consumer: Option<Consumer>,
+) -> Result<ProxyRequest, GatewayError> {
+    let id = operation
+        .segments()
+        .get(1)
+        .cloned()
+        .ok_or(GatewayError::NotFound)?;
+    let owner = gateway
+        .fleet
+        .response_owner(&id)
+        .await?
+        .ok_or_else(|| GatewayError::UnknownResponse(id.clone()))?;
+    let pool = gateway
+        .table
+        .pool(owner.pool.as_str())
+        .cloned()
+        .ok_or_else(|| GatewayError::UnknownResponse(id.clone()))?;
+    if pool.member(&owner.backend).is_none() {
+        return Err(GatewayError::UnknownResponse(id));
+    }
+    let body = request_body::read(&inbound.headers, inbound.body, gateway.body_limits).await?;
+    let view = gateway.view.get(&gateway.fleet, &pool);
+    let regions = allowed_regions(
+        pool.regions.as_deref(),
+        consumer.as_ref().and_then(|c| c.regions.as_deref()),
+    );
+    Ok(ProxyRequest {
+        regions,
+        route: Route::Stored { operation },
+        method: inbound.method,
+        pinned: Some(Pinned {
+            backend: owner.backend,
+            response_id: id,
+        }),
+        remember_response: false,
+        query: QueryPairs::parse(inbound.query.as_deref()),
+        headers: gateway.headers.upstream_request(&inbound.headers),
+        estimate: TokenEstimate {
+            prompt: body.len() as u64 / 4,
+            output: 0,
+        },
+        body,
+        stream: false,
+        strip_usage: false,
+        consumer,
+        view,
+        pool,
+    })
+}
+
+/// The member a follow-up must go to: the one holding `previous` when the fleet remembers
+/// it in this pool; otherwise normal routing (the backend answers an id it does not know).
+async fn pinned_member(
+    gateway: &Gateway,
+    pool: &Pool,
+    previous: String,
+) -> Result<Option<Pinned>, GatewayError> {
+    let owner = gateway.fleet.response_owner(&previous).await?;
+    Ok(owner
+        .filter(|o| o.pool == pool.name && pool.member(&o.backend).is_some())
+        .map(|o| Pinned {
+            backend: o.backend,
+            response_id: previous,
+        }))
 }
 
 /// Where a request may go: inside both the pool's and the consumer's regions, when set.

@@ -122,8 +122,14 @@ fn build(
                 Bytes::from(bytes),
             )
         }
+        Route::Stored { operation } => (
+            upstream_url(base, UpstreamApi::V1, operation, &request.query),
+            request.body.clone(),
+        ),
     };
-    http.post(url).headers(request.headers.clone()).body(body)
+    http.request(request.method.clone(), url)
+        .headers(request.headers.clone())
+        .body(body)
 }
 
 fn transport(e: reqwest::Error) -> TransportFailure {

@@ -2,6 +2,7 @@
 //! metering its usage; when the body ends, or the client goes away (dropping it, which
 //! cancels the upstream), the attempt is settled in the fleet state.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -27,6 +28,10 @@ pub struct Settlement {
     pub hints: UpstreamHints,
     /// Served by Azure's spillover deployment: nothing is charged to this member.
     pub spilled: bool,
+    /// A Responses API create that stores its response: remember, for this long, that this
+    /// member holds it. The answer's last bytes wait for the record, so a follow-up sent
+    /// the moment the client has its answer finds it.
+    pub remember_response: Option<std::time::Duration>,
 }
 
 /// `backend_host`: response headers naming it are not relayed.
@@ -62,6 +67,7 @@ pub fn to_client(
         settlement: Some(settlement),
         ended: false,
         remaining,
+        pinning: None,
     };
     let mut response = Response::new(Body::from_stream(metered));
     *response.status_mut() = upstream.status;
@@ -81,16 +87,26 @@ struct Metered {
     ended: bool,
     /// Bytes still to come when the upstream declared a length.
     remaining: Option<u64>,
+    /// The response's affinity being recorded, and the last bytes held until it is.
+    pinning: Option<(PinRecord, Bytes)>,
 }
+
+/// A stored response's affinity being written to the fleet state.
+type PinRecord = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 impl Stream for Metered {
     type Item = Result<Bytes, std::io::Error>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        if self.ended {
-            return Poll::Ready(None);
-        }
         loop {
+            if let Some((pin, _)) = self.pinning.as_mut() {
+                std::task::ready!(pin.as_mut().poll(cx));
+                let (_, last) = self.pinning.take().expect("pinning was just polled");
+                return Poll::Ready((!last.is_empty()).then_some(Ok(last)));
+            }
+            if self.ended {
+                return Poll::Ready(None);
+            }
             let next = match self.first.take() {
                 Some(chunk) => Poll::Ready(Some(Ok(chunk))),
                 None => self.inner.as_mut().poll_next(cx),
@@ -105,7 +121,10 @@ impl Stream for Metered {
                             self.ended = true;
                             let rest = self.meter.flush();
                             out = [out, rest].concat().into();
-                            self.settle(Ending::Completed);
+                            if let Some(pin) = self.settle(Ending::Completed) {
+                                self.pinning = Some((pin, out));
+                                continue;
+                            }
                             return Poll::Ready((!out.is_empty()).then_some(Ok(out)));
                         }
                     }
@@ -116,13 +135,16 @@ impl Stream for Metered {
                 }
                 Poll::Ready(Some(Err(e))) => {
                     self.ended = true;
-                    self.settle(Ending::UpstreamBroke);
+                    drop(self.settle(Ending::UpstreamBroke));
                     Poll::Ready(Some(Err(std::io::Error::other(e))))
                 }
                 Poll::Ready(None) => {
                     self.ended = true;
                     let rest = self.meter.flush();
-                    self.settle(Ending::Completed);
+                    if let Some(pin) = self.settle(Ending::Completed) {
+                        self.pinning = Some((pin, rest));
+                        continue;
+                    }
                     Poll::Ready((!rest.is_empty()).then_some(Ok(rest)))
                 }
                 Poll::Pending => Poll::Pending,
@@ -133,7 +155,8 @@ impl Stream for Metered {
 
 impl Drop for Metered {
     fn drop(&mut self) {
-        self.settle(Ending::ClientGone);
+        // A client gone before the end takes no affinity record with it.
+        drop(self.settle(Ending::ClientGone));
     }
 }
 
@@ -153,10 +176,10 @@ impl Metered {
     /// the prompt estimate plus the pieces relayed; nothing for answers that were not successes.
     /// Only a completed body is a latency sample (and a success for the breaker); one the
     /// upstream broke off counts as a failure.
-    fn settle(&mut self, ending: Ending) {
-        let Some(s) = self.settlement.take() else {
-            return;
-        };
+    ///
+    /// Returns the recording of a stored response's affinity, when one is due.
+    fn settle(&mut self, ending: Ending) -> Option<PinRecord> {
+        let s = self.settlement.take()?;
         let usage = self.meter.finish();
         let (tokens, output_tokens) = match (self.success, usage) {
             (false, _) => (0, 0),
@@ -184,8 +207,15 @@ impl Metered {
             backoff,
             ..s.open.receipt(tokens)
         };
+        let pin = match (s.remember_response, self.meter.response_id()) {
+            (Some(ttl), Some(id)) if completed => {
+                Some(Box::pin(s.open.pin_response(id.to_owned(), ttl)) as PinRecord)
+            }
+            _ => None,
+        };
         if tokio::runtime::Handle::try_current().is_ok() {
             drop(s.open.settle(receipt));
         }
+        pin
     }
 }

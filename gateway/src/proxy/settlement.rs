@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use spillway_shared::{
-    BackendId, FleetState, PoolName, Receipt, Reservation, StateError, UpstreamHints,
+    BackendId, FleetState, PoolName, Receipt, Reservation, ResponseOwner, StateError, UpstreamHints,
 };
 use tokio::task::JoinHandle;
 use tracing::warn;
@@ -60,6 +60,26 @@ impl OpenReservation {
 
     pub fn backend(&self) -> &BackendId {
         &self.backend
+    }
+
+    /// Remember, fleet-wide, that this attempt's member holds the stored response
+    /// `response_id`. The future ends when the store has it (or gave up: the fallback store
+    /// bounds the wait); failures are logged, never the client's.
+    pub fn pin_response(
+        &self,
+        response_id: String,
+        ttl: std::time::Duration,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let fleet = self.fleet.clone();
+        let owner = ResponseOwner {
+            pool: self.pool.clone(),
+            backend: self.backend.clone(),
+        };
+        async move {
+            if let Err(e) = fleet.pin_response(&response_id, &owner, ttl).await {
+                warn!(error = %e, backend = %owner.backend, "response affinity not recorded");
+            }
+        }
     }
 
     /// Settle with `receipt` (its reservation is this one). Awaiting the result is optional:

@@ -30,6 +30,8 @@ pub struct UsageMeter {
     overflow: bool,
     usage: Option<Usage>,
     content_deltas: u64,
+    /// The id of the Responses API object the answer carries (JSON: read at `finish`).
+    response_id: Option<String>,
 }
 
 impl UsageMeter {
@@ -133,8 +135,13 @@ impl UsageMeter {
                 .count() as u64;
         }
         // Responses API events: text deltas, and the usage of the final event's response.
-        if let Some(usage) = event.response.and_then(|r| r.usage) {
-            self.usage = Some(usage.into());
+        if let Some(response) = event.response {
+            if let Some(usage) = response.usage {
+                self.usage = Some(usage.into());
+            }
+            if self.response_id.is_none() {
+                self.response_id = response.id;
+            }
         }
         if event.kind.get().map(Text::as_str) == Some("response.output_text.delta")
             && event.delta.get().is_some_and(|d| !d.as_str().is_empty())
@@ -146,13 +153,23 @@ impl UsageMeter {
 
     /// The usage the response reported, if any.
     pub fn finish(&mut self) -> Option<Usage> {
-        if !self.sse && !self.overflow && self.usage.is_none() {
-            self.usage = serde_json::from_slice::<JsonBody>(&self.pending)
-                .ok()
-                .and_then(|body| body.usage)
-                .map(Usage::from);
+        let unread = !self.sse && !self.overflow && self.usage.is_none();
+        if unread
+            && self.response_id.is_none()
+            && let Ok(body) = serde_json::from_slice::<JsonBody>(&self.pending)
+        {
+            self.usage = body.usage.map(Usage::from);
+            if body.object.as_deref() == Some("response") {
+                self.response_id = body.id;
+            }
         }
         self.usage
+    }
+
+    /// The Responses API object the answer is (JSON) or streams (its events' `response.id`);
+    /// read once [`UsageMeter::finish`] ran.
+    pub fn response_id(&self) -> Option<&str> {
+        self.response_id.as_deref()
     }
 
     /// Content pieces streamed so far (about one token each).
@@ -196,11 +213,16 @@ impl From<ReportedUsage> for Usage {
     }
 }
 
-/// A JSON answer: only its `usage` is read (a `usage` that is not an object reads as none).
+/// A JSON answer: only its `usage` is read (a `usage` that is not an object reads as none),
+/// and what it is (`object`, `id`: a Responses API object is pinned to its member).
 #[derive(Deserialize)]
 struct JsonBody {
     #[serde(default, deserialize_with = "lenient")]
     usage: Option<ReportedUsage>,
+    #[serde(default, deserialize_with = "lenient")]
+    object: Option<String>,
+    #[serde(default, deserialize_with = "lenient")]
+    id: Option<String>,
 }
 
 /// One streamed event: a chat chunk (its `usage` and its choices' content deltas), or a
@@ -220,11 +242,13 @@ struct StreamEvent<'a> {
     response: Option<ResponseObject>,
 }
 
-/// The response object a Responses API event carries; only its usage is read.
+/// The response object a Responses API event carries: its id and usage are read.
 #[derive(Deserialize)]
 struct ResponseObject {
     #[serde(default, deserialize_with = "lenient")]
     usage: Option<ReportedUsage>,
+    #[serde(default, deserialize_with = "lenient")]
+    id: Option<String>,
 }
 
 #[derive(Deserialize)]

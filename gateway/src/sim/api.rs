@@ -196,27 +196,8 @@ async fn serve_operation(
         _ => return bad_request("We could not parse the JSON body of your request."),
     };
     deployment.record(|s| s.requests += 1);
-
-    // A forced 429 on a PTU with Azure spillover is what spillover exists for: served.
-    let mut spill = false;
-    if let Some(forced) = deployment.take_forced() {
-        deployment.record(|s| s.forced += 1);
-        spill = forced.status == 429 && deployment.faults().azure_spillover;
-        if !spill {
-            return forced_response(&forced);
-        }
-    }
-    if rand::rng().random_bool(deployment.faults().error_rate.clamp(0.0, 1.0)) {
-        deployment.record(|s| s.failed += 1);
-        return azure_error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "InternalServerError",
-            "The server had an error while processing your request. Sorry about that!",
-        );
-    }
-
-    if spill {
-        deployment.spill_next();
+    if let Some(failure) = injected_failure(&deployment) {
+        return failure;
     }
     let id = state.next_id.fetch_add(1, Ordering::Relaxed);
     match operation {
@@ -225,6 +206,32 @@ async fn serve_operation(
         "embeddings" => embeddings(&deployment, &request, api_version).await,
         _ => azure_error(StatusCode::NOT_FOUND, "404", "Resource not found"),
     }
+}
+
+/// The failure the deployment's faults inject into this request, if any: a forced
+/// response, or a random 500 at the error rate. A forced 429 on a PTU with Azure spillover
+/// is what spillover exists for: served, marked as spilled.
+pub(super) fn injected_failure(deployment: &Deployment) -> Option<Response> {
+    let mut spill = false;
+    if let Some(forced) = deployment.take_forced() {
+        deployment.record(|s| s.forced += 1);
+        spill = forced.status == 429 && deployment.faults().azure_spillover;
+        if !spill {
+            return Some(forced_response(&forced));
+        }
+    }
+    if rand::rng().random_bool(deployment.faults().error_rate.clamp(0.0, 1.0)) {
+        deployment.record(|s| s.failed += 1);
+        return Some(azure_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalServerError",
+            "The server had an error while processing your request. Sorry about that!",
+        ));
+    }
+    if spill {
+        deployment.spill_next();
+    }
+    None
 }
 
 fn forced_response(forced: &ForcedResponse) -> Response {

@@ -18,8 +18,8 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 use super::api::{
-    Charge, ResourceState, authorized, azure_error, bad_request, charge, created, record_served,
-    unauthorized, with_headers,
+    Charge, ResourceState, authorized, azure_error, bad_request, charge, created, injected_failure,
+    record_served, unauthorized, with_headers,
 };
 use super::text;
 use crate::request_fields::RequestFields;
@@ -68,6 +68,9 @@ pub async fn create(
         return bad_request("Missing required parameter: 'input'.");
     }
     deployment.record(|s| s.requests += 1);
+    if let Some(failure) = injected_failure(&deployment) {
+        return failure;
+    }
 
     // The service reads the whole conversation: a follow-up's input includes what came
     // before it, which only this resource knows.
