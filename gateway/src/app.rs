@@ -233,21 +233,7 @@ async fn v1(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let path = uri.path();
-    let operation = path
-        .strip_prefix("/openai/v1/")
-        .or_else(|| path.strip_prefix("/v1/"))
-        .unwrap_or_default()
-        .to_owned();
-    let inbound = Inbound {
-        pool: None,
-        operation,
-        query,
-        method: Method::POST,
-        stored: false,
-        headers,
-        body,
-    };
+    let inbound = v1_inbound(Method::POST, &uri, query, headers, body, false);
     proxy::handle(&gateway, inbound).await
 }
 
@@ -261,20 +247,32 @@ async fn stored_response(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
+    let inbound = v1_inbound(method, &uri, query, headers, body, true);
+    proxy::handle(&gateway, inbound).await
+}
+
+/// A request on the v1 API: the operation is the path after `/openai/v1/` or `/v1/`.
+fn v1_inbound(
+    method: Method,
+    uri: &Uri,
+    query: Option<String>,
+    headers: HeaderMap,
+    body: Body,
+    stored: bool,
+) -> Inbound {
     let path = uri.path();
     let operation = path
         .strip_prefix("/openai/v1/")
         .or_else(|| path.strip_prefix("/v1/"))
         .unwrap_or_default()
         .to_owned();
-    let inbound = Inbound {
+    Inbound {
         pool: None,
         operation,
         query,
         method,
-        stored: true,
+        stored,
         headers,
         body,
-    };
-    proxy::handle(&gateway, inbound).await
+    }
 }
