@@ -47,10 +47,26 @@ def start_sim(binary):
     return sim, backends, urls
 
 
-def start_gateway(binary, backends):
+def start_redis():
+    port = free_port()
+    redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                              "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return redis, f"redis://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.05)  # process start-up: nothing to await but the port
+    raise SystemExit("redis-server did not start")
+
+
+def start_gateway(binary, backends, state=""):
     port = free_port()
     config = f'[server]\nlisten = "127.0.0.1:{port}"\nadmin_listen = "127.0.0.1:{free_port()}"\n'
     config += f'max_body_bytes = {MAX_BODY_BYTES}\n'
+    if state:
+        config += f'[state]\n{state}\n'
     config += '[[consumers]]\nname = "sdk-check"\nkey_env = "SDK_CHECK_KEY"\n' + backends
     path = os.path.join(tempfile.mkdtemp(), "spillway.toml")
     with open(path, "w") as f:
@@ -161,9 +177,47 @@ def main(binary):
         status, code = azure_error(lambda: urllib.request.urlopen(req, timeout=10))
         assert (status, code) == (400, "invalid_path"), (status, code)
 
+    def responses_conversation():
+        # Ten turns, each through the next of three replicas sharing Redis, some streamed:
+        # every follow-up must reach the member that holds the conversation.
+        redis, redis_url = start_redis()
+        replicas = [start_gateway(binary, backends, f'redis_url = "{redis_url}"') for _ in range(3)]
+        try:
+            clients = [openai.OpenAI(base_url=u + "/openai/v1", api_key=KEY, max_retries=0)
+                       for _, u in replicas]
+            previous, ids = None, []
+            for turn in range(10):
+                client = clients[turn % 3]
+                extra = {"previous_response_id": previous} if previous else {}
+                if turn % 2:
+                    events = list(client.responses.create(
+                        model="gpt-4o", input=f"Turn {turn}", max_output_tokens=4, stream=True, **extra))
+                    kinds = [e.type for e in events]
+                    assert kinds[0] == "response.created" and kinds[-1] == "response.completed" \
+                        or kinds[-1] == "response.incomplete", kinds
+                    assert "response.output_text.delta" in kinds, kinds
+                    response = events[-1].response
+                else:
+                    response = client.responses.create(
+                        model="gpt-4o", input=f"Turn {turn}", max_output_tokens=4, **extra)
+                    assert response.output_text, response
+                assert response.usage.output_tokens == 4, response.usage
+                ids.append(response.id)
+                previous = response.id
+            for rid in ids:
+                for client in clients:
+                    assert client.responses.retrieve(rid).id == rid
+        finally:
+            for gateway, _ in replicas:
+                gateway.terminate()
+                gateway.wait(10)
+            redis.terminate()
+            redis.wait(10)
+
     for name, fn in [("chat", chat), ("stream", stream), ("stream with usage", stream_usage),
                      ("embeddings", embed), ("wrong key is 401", bad_key), ("openai v1 client", openai_v1),
                      ("413 readable by urllib", oversized_body), ("path traversal is 400", traversal),
+                     ("responses: ten turns over three replicas on Redis", responses_conversation),
                      ("failover on 429", failover)]:
         check(name, fn)
 

@@ -160,9 +160,9 @@ async fn a_conversation_keeps_to_its_member_across_replicas_on_redis() {
     let sim = two_tiers().await;
     let redis = RedisServer::start();
     let config = backend(&sim, "a", 1) + &backend(&sim, "b", 2) + &redis_section(&redis.url(), "");
-    let (r1, _) = start_on_redis(&config).await;
-    let (r2, _) = start_on_redis(&config).await;
-    let (r3, _) = start_on_redis(&config).await;
+    let (r1, f1) = start_on_redis(&config).await;
+    let (r2, f2) = start_on_redis(&config).await;
+    let (r3, f3) = start_on_redis(&config).await;
     let replicas = [&r1, &r2, &r3];
 
     // The PTU refuses the first turn once (for a moment): the conversation starts on `b`.
@@ -231,6 +231,11 @@ async fn a_conversation_keeps_to_its_member_across_replicas_on_redis() {
     assert_eq!(error["error"]["code"], "response_not_found");
     let after = sim.stats("a", "gpt-4o").requests + sim.stats("b", "gpt-4o").requests;
     assert_eq!(before, after);
+    // Every decision was the fleet's: no call fell back to a replica's own share (a
+    // zero-token retrieval once broke acquire.lua, which the fallback hid).
+    for fleet in [&f1, &f2, &f3] {
+        assert_eq!(fleet.fallback_calls(), 0);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -209,7 +209,8 @@ for i = 1, (#KEYS - 1) / 3 do
       -- remaining tokens, so concurrent requests see the room shrink.
       local h = redis.call('HMGET', hints_key, 'remaining_tokens', 'updated_ms')
       if tonumber(h[1]) ~= nil and tonumber(h[2]) ~= nil and tonumber(h[2]) + hint_ttl > now then
-        redis.call('HINCRBY', hints_key, 'remaining_tokens', -charged)
+        -- Formatted: a zero charge would be sent as "-0", which HINCRBY refuses.
+        redis.call('HINCRBY', hints_key, 'remaining_tokens', string.format('%d', -charged))
       end
       local ledger = redis.call('HINCRBY', hints_key, 'admitted_tokens', charged)
       if redis.call('PTTL', hints_key) < 0 then

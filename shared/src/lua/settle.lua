@@ -148,7 +148,7 @@ local function flush(m)
           if held[2] == '1' then
             local count = tonumber(redis.call('HGET', latency_key, f)) or 0
             local sum = metric .. ':w:' .. bound
-            if redis.call('HINCRBY', latency_key, sum, -count) <= 0 then redis.call('HDEL', latency_key, sum) end
+            if redis.call('HINCRBY', latency_key, sum, fmt(-count)) <= 0 then redis.call('HDEL', latency_key, sum) end
           end
           redis.call('HDEL', latency_key, f)
         elseif start ~= nil and held[2] ~= '1' then
