@@ -151,6 +151,8 @@ def main(binary):
         client = openai.OpenAI(base_url=url + "/openai/v1", api_key=KEY, max_retries=0)
         r = client.chat.completions.create(model="gpt-4o", messages=messages, max_tokens=2)
         assert r.usage.completion_tokens == 2, r.usage
+        models = [m.id for m in client.models.list()]
+        assert "gpt-4o" in models, models
 
     def azure_error(fn):
         """Run fn, which must raise urllib's HTTPError; its status and Azure error code."""

@@ -159,3 +159,60 @@ async fn an_eu_only_consumer_never_reaches_a_us_member_even_when_saturated() {
         (200, "us")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_lists_the_pools_a_consumer_may_use() {
+    set_keys();
+    let sim = start_sim(vec![ResourceSpec {
+        region: Some("eastus".into()),
+        ..resource(
+            "us",
+            vec![instant_deployment("gpt-4o", DeploymentKind::Ptu, 1_000_000)],
+        )
+    }])
+    .await;
+    let config = backend(&sim, "us", 1).replace("priority =", "region = \"eastus\"\npriority =")
+        + CONSUMER
+        + "[[consumers]]\nname = \"eu-app\"\nkey_env = \"SPILLWAY_TEST_EU_KEY\"\nregions = [\"swedencentral\"]\n";
+    let gw = start_single(&config).await;
+    let list = |path: &'static str, key: &'static str| {
+        client()
+            .get(format!("{}{path}", gw.url))
+            .header("api-key", key)
+            .send()
+    };
+
+    let models: Value = list("/openai/v1/models", CLIENT_KEY)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["object"], "list");
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["gpt-4o"]);
+    let one = list("/v1/models/gpt-4o", CLIENT_KEY).await.unwrap();
+    assert_eq!(one.status(), 200);
+
+    // The EU-only consumer may use no member of the pool: it is not listed, nor found.
+    let eu: Value = list("/v1/models", "eu-app-key")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(eu["data"], serde_json::json!([]));
+    assert_eq!(
+        list("/openai/v1/models/gpt-4o", "eu-app-key")
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(list("/v1/models", "wrong").await.unwrap().status(), 401);
+}

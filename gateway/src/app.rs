@@ -121,6 +121,10 @@ pub fn app(gateway: Arc<Gateway>) -> Router {
             post(v1).fallback(method_not_allowed),
         )
         .route("/v1/{*operation}", post(v1).fallback(method_not_allowed))
+        .route("/openai/v1/models", get(models_list))
+        .route("/v1/models", get(models_list))
+        .route("/openai/v1/models/{model}", get(models_retrieve))
+        .route("/v1/models/{model}", get(models_retrieve))
         .route(
             "/openai/v1/responses/{id}",
             get(stored_response).delete(stored_response),
@@ -249,6 +253,18 @@ async fn stored_response(
 ) -> Response {
     let inbound = v1_inbound(method, &uri, query, headers, body, true);
     proxy::handle(&gateway, inbound).await
+}
+
+async fn models_list(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+    crate::models::list(&gateway, &headers).into_response()
+}
+
+async fn models_retrieve(
+    State(gateway): State<Arc<Gateway>>,
+    axum::extract::Path(model): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    crate::models::retrieve(&gateway, &headers, &model).into_response()
 }
 
 /// A request on the v1 API: the operation is the path after `/openai/v1/` or `/v1/`.

@@ -12,6 +12,7 @@ pub mod headers;
 pub mod http_server;
 pub mod load_shed;
 pub mod metrics;
+pub mod models;
 pub mod proxy;
 pub mod request_fields;
 pub mod retry_budget;

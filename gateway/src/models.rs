@@ -1,0 +1,54 @@
+//! `GET /openai/v1/models` (and `/v1/models`): the pools a consumer may use, in OpenAI's list
+//! shape, so SDK code that lists models before choosing one works unchanged. A pool is listed
+//! when at least one of its members is in a region the consumer may use.
+
+use axum::Json;
+use axum::http::HeaderMap;
+use serde_json::{Value, json};
+
+use crate::app::Gateway;
+use crate::error::GatewayError;
+use crate::table::Pool;
+
+/// The list, or 401 for a missing or wrong key.
+pub fn list(gateway: &Gateway, headers: &HeaderMap) -> Result<Json<Value>, GatewayError> {
+    let consumer = gateway.consumers.authenticate(headers)?;
+    let regions = consumer.and_then(|c| c.regions.as_deref());
+    let data: Vec<Value> = gateway
+        .table
+        .pools()
+        .filter(|pool| usable(pool, regions))
+        .map(|pool| model(pool))
+        .collect();
+    Ok(Json(json!({ "object": "list", "data": data })))
+}
+
+/// One pool, or 404 when it does not exist or the consumer may not use it.
+pub fn retrieve(
+    gateway: &Gateway,
+    headers: &HeaderMap,
+    name: &str,
+) -> Result<Json<Value>, GatewayError> {
+    let consumer = gateway.consumers.authenticate(headers)?;
+    let regions = consumer.and_then(|c| c.regions.as_deref());
+    match gateway.table.pool(name) {
+        Some(pool) if usable(pool, regions) => Ok(Json(model(pool))),
+        _ => Err(GatewayError::UnknownPool(name.to_owned())),
+    }
+}
+
+/// Some member is in the pool's regions and in the consumer's (each when set).
+fn usable(pool: &Pool, consumer_regions: Option<&[String]>) -> bool {
+    pool.members_in(pool.regions.as_deref()).any(|m| {
+        consumer_regions.is_none_or(|allowed| {
+            m.backend
+                .region
+                .as_ref()
+                .is_some_and(|r| allowed.contains(r))
+        })
+    })
+}
+
+fn model(pool: &Pool) -> Value {
+    json!({ "id": pool.name.as_str(), "object": "model", "created": 0, "owned_by": "spillway" })
+}
