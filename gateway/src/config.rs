@@ -287,6 +287,18 @@ pub struct BackendConfig {
     pub tpm: Option<u64>,
     #[serde(default)]
     pub rpm: Option<u64>,
+    /// `ptu` (provisioned) or `payg` (standard, the default). Cached prompt tokens cost a
+    /// provisioned deployment nothing, so they are not charged to a `ptu` member's budget.
+    #[serde(default)]
+    pub kind: BackendKind,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Ptu,
+    #[default]
+    Payg,
 }
 
 fn one() -> u32 {

@@ -64,6 +64,30 @@ fn served_counters(pool: &PoolName, backend: Option<&BackendId>, status: u16) ->
     }
 }
 
+/// Prompt tokens a pool's answers reported, and how many of them came from the prompt
+/// cache (the share is the cache hit rate).
+pub fn prompt_tokens(pool: &PoolName, prompt: u64, cached: u64) {
+    static COUNTERS: OnceLock<quick_cache::sync::Cache<PoolName, (Counter, Counter)>> =
+        OnceLock::new();
+    let cache = COUNTERS.get_or_init(|| quick_cache::sync::Cache::new(1024));
+    let register = || {
+        handle();
+        Ok::<_, std::convert::Infallible>((
+            metrics::counter!("spillway_prompt_tokens_total", "pool" => pool.as_str().to_owned()),
+            metrics::counter!(
+                "spillway_cached_prompt_tokens_total",
+                "pool" => pool.as_str().to_owned()
+            ),
+        ))
+    };
+    let (all, from_cache) = match cache.get_or_insert_with(pool, register) {
+        Ok(counters) => counters,
+        Err(never) => match never {},
+    };
+    all.increment(prompt);
+    from_cache.increment(cached);
+}
+
 /// One upstream attempt failed and the member was backed off (or counted by its breaker).
 pub fn upstream_failure(pool: &str, backend: &str, reason: &str) {
     let labels = [

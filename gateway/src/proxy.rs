@@ -2,6 +2,7 @@
 //! This is the only place that loops over attempts.
 
 mod admit;
+mod cache_affinity;
 mod classify;
 mod forward;
 mod relay;
@@ -142,6 +143,7 @@ async fn route(
         own_region: gateway.region.clone(),
         explore_share: routing.explore_share,
         expected_output_tokens: request.estimate.output,
+        cache_key: request.cache_key,
     };
     let deadline = Instant::now() + Duration::from_millis(routing.request_timeout_ms);
     let mut tried = HashSet::new();
@@ -329,6 +331,7 @@ fn deliver(
         hints,
         spilled,
         remember_response,
+        provisioned: member.backend.provisioned,
     };
     relay::to_client(
         upstream,

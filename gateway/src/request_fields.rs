@@ -40,6 +40,11 @@ pub struct RequestFields<'a> {
     /// `false`: the Responses API stores nothing (and there is nothing to pin).
     #[serde(default)]
     pub store: Lenient<bool>,
+    /// Prompt-cache routing hint (`user` is the older one).
+    #[serde(default, borrow)]
+    pub prompt_cache_key: Lenient<Text<'a>>,
+    #[serde(default, borrow)]
+    pub user: Lenient<Text<'a>>,
     /// The Responses API's system prompt.
     #[serde(default, borrow)]
     pub instructions: Lenient<Text<'a>>,

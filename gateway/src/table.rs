@@ -23,6 +23,8 @@ pub struct Backend {
     /// Budget per deployment per window (`state.window_ms`, a minute by default).
     pub tpm: Option<u64>,
     pub rpm: Option<u64>,
+    /// Provisioned (PTU): cached prompt tokens are not charged to its budget.
+    pub provisioned: bool,
 }
 
 /// A backend serving a pool under its own deployment name.
@@ -101,6 +103,7 @@ impl RoutingTable {
                 credential,
                 tpm: b.tpm,
                 rpm: b.rpm,
+                provisioned: b.kind == crate::config::BackendKind::Ptu,
             });
             for (pool, deployment) in &b.deployments {
                 pools.entry(pool.clone()).or_default().push(Member {

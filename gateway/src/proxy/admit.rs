@@ -9,6 +9,7 @@ use bytes::Bytes;
 use serde_json::{Map, Value};
 use spillway_shared::BackendId;
 
+use super::cache_affinity;
 use super::request_body;
 use super::upstream_path::{OperationPath, PathRejection, QueryPairs, check_segment};
 use crate::app::Gateway;
@@ -70,6 +71,8 @@ pub struct ProxyRequest {
     /// A Responses API create that stores its response: the fleet remembers which member
     /// holds it once the answer names it.
     pub remember_response: bool,
+    /// Prompt-cache affinity key (see `cache_affinity`).
+    pub cache_key: Option<u64>,
     pub query: QueryPairs,
     pub headers: HeaderMap,
     pub body: Bytes,
@@ -142,6 +145,9 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
         && kind == Operation::ChatCompletions
         && fields.as_ref().is_some_and(|f| !f.asks_stream_usage());
     let is_json = fields.is_some();
+    let cache_key = fields
+        .as_ref()
+        .and_then(|f| cache_affinity::cache_key(f, estimate.prompt));
     // Responses API: a follow-up goes to the member holding what it continues; a create
     // that stores its response is remembered once answered.
     let creates_response = kind == Operation::Responses && operation.segments().len() == 1;
@@ -205,6 +211,7 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
         method: inbound.method,
         pinned,
         remember_response,
+        cache_key,
         query: QueryPairs::parse(inbound.query.as_deref()),
         headers: gateway.headers.upstream_request(&inbound.headers),
         body,
@@ -257,6 +264,7 @@ async fn admit_stored(
             response_id: id,
         }),
         remember_response: false,
+        cache_key: None,
         query: QueryPairs::parse(inbound.query.as_deref()),
         headers: gateway.headers.upstream_request(&inbound.headers),
         estimate: TokenEstimate {

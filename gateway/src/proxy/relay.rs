@@ -32,6 +32,8 @@ pub struct Settlement {
     /// member holds it. The answer's last bytes wait for the record, so a follow-up sent
     /// the moment the client has its answer finds it.
     pub remember_response: Option<std::time::Duration>,
+    /// A provisioned member: prompt tokens it served from its cache cost it nothing.
+    pub provisioned: bool,
 }
 
 /// `backend_host`: response headers naming it are not relayed.
@@ -183,7 +185,11 @@ impl Metered {
         let usage = self.meter.finish();
         let (tokens, output_tokens) = match (self.success, usage) {
             (false, _) => (0, 0),
-            (true, Some(u)) => (u.total_tokens, u.completion_tokens),
+            (true, Some(u)) => {
+                crate::metrics::prompt_tokens(s.open.pool(), u.prompt_tokens, u.cached_tokens);
+                let free = if s.provisioned { u.cached_tokens } else { 0 };
+                (u.total_tokens.saturating_sub(free), u.completion_tokens)
+            }
             (true, None) if self.meter.content_deltas() > 0 => (
                 s.estimate.prompt + self.meter.content_deltas(),
                 self.meter.content_deltas(),

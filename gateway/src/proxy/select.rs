@@ -9,6 +9,7 @@ use std::collections::{HashMap, HashSet};
 use rand::Rng;
 use spillway_shared::{BackendId, MemberSnapshot};
 
+use super::cache_affinity;
 use crate::table::Member;
 
 /// What shapes the choice beyond the members themselves.
@@ -20,6 +21,8 @@ pub struct Preferences {
     pub explore_share: f64,
     /// Output tokens the request may generate, to weigh time per token.
     pub expected_output_tokens: u64,
+    /// Prompt-cache affinity: inside each tier, the member this key belongs to leads.
+    pub cache_key: Option<u64>,
 }
 
 /// Untried members, in the order the router should try them.
@@ -39,6 +42,16 @@ pub fn candidate_order<'a, R: Rng + ?Sized>(
     let mut order = Vec::with_capacity(untried.len());
     for tier in untried.chunk_by(|a, b| a.backend.priority == b.backend.priority) {
         let mut tier = weighted_shuffle(tier, rng);
+        // The prompt's cache lives on one member: it leads its tier (the others follow in
+        // the usual order, for when it does not admit).
+        let cached = prefs
+            .cache_key
+            .and_then(|key| cache_affinity::rendezvous(key, &tier))
+            .map(|at| tier.remove(at));
+        order.extend(cached);
+        if tier.is_empty() {
+            continue;
+        }
         if rng.random_bool(prefs.explore_share.clamp(0.0, 1.0)) {
             order.extend(tier);
             continue;
@@ -114,6 +127,7 @@ mod tests {
                 credential: BackendCredential::None,
                 tpm: None,
                 rpm: None,
+                provisioned: false,
             }),
             deployment: "d".into(),
         }

@@ -62,6 +62,10 @@ impl OpenReservation {
         &self.backend
     }
 
+    pub fn pool(&self) -> &PoolName {
+        &self.pool
+    }
+
     /// Remember, fleet-wide, that this attempt's member holds the stored response
     /// `response_id`. The future ends when the store has it (or gave up: the fallback store
     /// bounds the wait); failures are logged, never the client's.

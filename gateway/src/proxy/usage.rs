@@ -16,6 +16,8 @@ pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub total_tokens: u64,
+    /// Prompt tokens served from the deployment's prompt cache.
+    pub cached_tokens: u64,
 }
 
 #[derive(Debug, Default)]
@@ -198,7 +200,16 @@ struct ReportedUsage {
     prompt_tokens: u64,
     #[serde(default, alias = "output_tokens")]
     completion_tokens: u64,
+    /// Chat: `prompt_tokens_details`; Responses: `input_tokens_details`.
+    #[serde(default, alias = "input_tokens_details", deserialize_with = "lenient")]
+    prompt_tokens_details: Option<TokenDetails>,
     total_tokens: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct TokenDetails {
+    #[serde(default)]
+    cached_tokens: u64,
 }
 
 impl From<ReportedUsage> for Usage {
@@ -209,6 +220,9 @@ impl From<ReportedUsage> for Usage {
             total_tokens: u
                 .total_tokens
                 .unwrap_or(u.prompt_tokens + u.completion_tokens),
+            cached_tokens: u
+                .prompt_tokens_details
+                .map_or(0, |d| d.cached_tokens.min(u.prompt_tokens)),
         }
     }
 }
@@ -295,6 +309,7 @@ mod tests {
             prompt_tokens: 12,
             completion_tokens: 5,
             total_tokens: 17,
+            cached_tokens: 0,
         };
         assert_eq!(json.finish(), Some(expected));
 
@@ -323,9 +338,22 @@ mod tests {
             Some(Usage {
                 prompt_tokens: 9,
                 completion_tokens: 5,
-                total_tokens: 14
+                total_tokens: 14,
+                cached_tokens: 0,
             })
         );
+    }
+
+    #[test]
+    fn cached_prompt_tokens_are_read_for_chat_and_responses() {
+        for body in [
+            &br#"{"usage":{"prompt_tokens":2000,"completion_tokens":5,"prompt_tokens_details":{"cached_tokens":1920}}}"#[..],
+            &br#"{"object":"response","usage":{"input_tokens":2000,"output_tokens":5,"input_tokens_details":{"cached_tokens":1920}}}"#[..],
+        ] {
+            let mut m = UsageMeter::new(false, false);
+            m.relay(Bytes::from_static(body));
+            assert_eq!(m.finish().map(|u| u.cached_tokens), Some(1920));
+        }
     }
 
     #[test]

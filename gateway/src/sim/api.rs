@@ -353,6 +353,28 @@ fn usage(prompt: u64, completion: u64) -> Value {
     json!({ "prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion })
 }
 
+/// Chat usage, with the prompt tokens the deployment's cache served.
+fn chat_usage(prompt: u64, completion: u64, cached: u64) -> Value {
+    let mut usage = usage(prompt, completion);
+    usage["prompt_tokens_details"] = json!({ "cached_tokens": cached });
+    usage
+}
+
+/// The prompt tokens of a chat request its deployment has cached: the messages before the
+/// last one are the prefix a conversation resends.
+fn cached_chat_tokens(deployment: &Deployment, messages: &[Value]) -> u64 {
+    let Some((_, prefix)) = messages.split_last() else {
+        return 0;
+    };
+    let key = {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::hash::DefaultHasher::new();
+        Value::Array(prefix.to_vec()).to_string().hash(&mut hasher);
+        hasher.finish()
+    };
+    deployment.cached_prompt_tokens(key, tokens::chat_prompt_tokens(prefix))
+}
+
 pub(super) fn record_served(deployment: &Deployment, prompt: u64, completion: u64) {
     deployment.record(|s: &mut DeploymentStats| {
         s.succeeded += 1;
@@ -378,6 +400,7 @@ async fn chat(
         return bad_request("'messages' is a required property");
     };
     let prompt = tokens::chat_prompt_tokens(messages);
+    let cached = cached_chat_tokens(deployment, messages);
     let (n, cut) = output_tokens(deployment, request);
     let headers = match charge(
         deployment,
@@ -388,6 +411,7 @@ async fn chat(
         Charge::Admitted(h) => h,
         Charge::Throttled(response) => return response,
     };
+    deployment.record(|s| s.cached_tokens += cached);
     let finish_reason = if cut { "length" } else { "stop" };
     let pieces = text::reply_pieces(n);
     let id = format!("chatcmpl-sim{id:08}");
@@ -402,6 +426,7 @@ async fn chat(
             deployment: deployment.clone(),
             id,
             prompt,
+            cached,
             pieces,
             finish_reason,
             include_usage,
@@ -420,7 +445,7 @@ async fn chat(
         "system_fingerprint": "fp_spillway_sim", "prompt_filter_results": filter_results(),
         "choices": [{ "index": 0, "finish_reason": finish_reason, "logprobs": null,
             "message": { "role": "assistant", "content": pieces.concat(), "refusal": null } }],
-        "usage": usage(prompt, u64::from(n)),
+        "usage": chat_usage(prompt, u64::from(n), cached),
     });
     with_headers(Json(body).into_response(), headers)
 }
@@ -436,6 +461,7 @@ struct ChatStream {
     deployment: Arc<Deployment>,
     id: String,
     prompt: u64,
+    cached: u64,
     pieces: Vec<&'static str>,
     finish_reason: &'static str,
     include_usage: bool,
@@ -488,7 +514,7 @@ impl ChatStream {
         if self.include_usage {
             let completion = self.pieces.len() as u64;
             let mut chunk = json!({ "id": self.id, "object": "chat.completion.chunk", "created": created(),
-                "model": deployment.spec.model, "choices": [], "usage": usage(self.prompt, completion) });
+                "model": deployment.spec.model, "choices": [], "usage": chat_usage(self.prompt, completion, self.cached) });
             chunk["system_fingerprint"] = json!("fp_spillway_sim");
             events.push(format!("data: {chunk}\n\n"));
         }

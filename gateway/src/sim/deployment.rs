@@ -74,6 +74,8 @@ pub struct DeploymentStats {
     /// counted in `total_tokens`: this simulator serves them itself).
     pub spilled: u64,
     pub spilled_tokens: u64,
+    /// Prompt tokens served from the prompt cache (also counted in `prompt_tokens`).
+    pub cached_tokens: u64,
 }
 
 /// PAYG deployments count a sliding window; PTU ones fill a leaky bucket.
@@ -89,9 +91,34 @@ pub struct Deployment {
     stats: Mutex<DeploymentStats>,
     changed: watch::Sender<u64>,
     spill_next: std::sync::atomic::AtomicBool,
+    /// Prompt prefixes this deployment has seen (their hashes): its prompt cache.
+    prompt_cache: Mutex<std::collections::HashSet<u64>>,
 }
 
+/// Prompts shorter than this are not cached, and cache hits come in steps of this many.
+const CACHE_MIN_TOKENS: u64 = 1_024;
+const CACHE_STEP_TOKENS: u64 = 128;
+
 impl Deployment {
+    /// Prompt tokens served from this deployment's cache, as Azure counts them: a prefix of
+    /// at least 1,024 tokens seen here before, in steps of 128. The prefix (`key`, `tokens`)
+    /// is remembered for the next request.
+    pub fn cached_prompt_tokens(&self, key: u64, tokens: u64) -> u64 {
+        if tokens < CACHE_MIN_TOKENS {
+            return 0;
+        }
+        let seen = !self
+            .prompt_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key);
+        if seen {
+            tokens / CACHE_STEP_TOKENS * CACHE_STEP_TOKENS
+        } else {
+            0
+        }
+    }
+
     pub fn new(spec: DeploymentSpec, changed: watch::Sender<u64>) -> Self {
         let period = Duration::from_millis(spec.window_ms);
         let quota = match spec.kind {
@@ -103,6 +130,7 @@ impl Deployment {
             quota: Mutex::new(quota),
             faults: watch::Sender::new(Faults::default()),
             stats: Mutex::new(DeploymentStats::default()),
+            prompt_cache: Mutex::new(std::collections::HashSet::new()),
             changed,
             spill_next: std::sync::atomic::AtomicBool::new(false),
         }
