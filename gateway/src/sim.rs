@@ -181,11 +181,12 @@ impl SimHandle {
                 .collect();
             let _ = writeln!(
                 out,
-                "\n[[backends]]\nid = \"{}\"\nurl = \"{}\"\nregion = \"{}\"\npriority = {}\ndeployments = {{ {} }}",
+                "\n[[backends]]\nid = \"{}\"\nurl = \"{}\"\nregion = \"{}\"\npriority = {}\nkind = \"{}\"\ndeployments = {{ {} }}",
                 r.spec.name,
                 self.url(&r.spec.name),
                 r.spec.region.as_deref().unwrap_or("local"),
                 if ptu { 1 } else { 2 },
+                if ptu { "ptu" } else { "payg" },
                 deployments.join(", ")
             );
         }
