@@ -275,3 +275,49 @@ async fn a_follow_up_waits_for_its_throttled_member_and_never_goes_elsewhere() {
     assert_eq!(fresh.status(), 200);
     assert_eq!(header(&fresh, "x-spillway-backend"), "b");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_preview_form_is_forwarded_in_its_form_and_pinned_the_same() {
+    let sim = two_tiers().await;
+    let gw = start_single(&(backend(&sim, "a", 1) + &backend(&sim, "b", 2))).await;
+    let preview = |path: &str| format!("{}/openai/{path}?api-version=2025-04-01-preview", gw.url);
+    force(&sim, "a", 429, Some(1), None, Some(1));
+    let first: Value = client()
+        .post(preview("responses"))
+        .json(&json!({ "model": "gpt-4o", "input": "Hi" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = first["id"].as_str().unwrap().to_owned();
+    let follow_up = client()
+        .post(preview("responses"))
+        .json(&json!({ "model": "gpt-4o", "input": "More", "previous_response_id": id }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        follow_up.status(),
+        200,
+        "pinned to `b`, where the response lives"
+    );
+    let got = client()
+        .get(preview(&format!("responses/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 200);
+
+    let paths: Vec<String> = sim
+        .received("b")
+        .into_iter()
+        .map(|r| r.path_and_query)
+        .collect();
+    assert!(
+        paths.iter().all(|p| p.starts_with("/openai/responses")
+            && p.ends_with("?api-version=2025-04-01-preview")),
+        "{paths:?}"
+    );
+}

@@ -140,6 +140,14 @@ pub fn app(gateway: Arc<Gateway>) -> Router {
         .route("/v1/responses/{id}/input_items", get(stored_response))
         .route("/openai/v1/responses/{id}/cancel", post(stored_response))
         .route("/v1/responses/{id}/cancel", post(stored_response))
+        // The Responses API's deployment-less preview form (`?api-version=...`).
+        .route("/openai/responses", post(v1).fallback(method_not_allowed))
+        .route(
+            "/openai/responses/{id}",
+            get(stored_response).delete(stored_response),
+        )
+        .route("/openai/responses/{id}/input_items", get(stored_response))
+        .route("/openai/responses/{id}/cancel", post(stored_response))
         .fallback(|| async { GatewayError::NotFound })
         .layer(middleware::from_fn_with_state(
             gateway.slots.clone(),
@@ -224,6 +232,7 @@ async fn deployment(
         query,
         method: Method::POST,
         stored: false,
+        preview: false,
         headers,
         body,
     };
@@ -267,7 +276,8 @@ async fn models_retrieve(
     crate::models::retrieve(&gateway, &headers, &model).into_response()
 }
 
-/// A request on the v1 API: the operation is the path after `/openai/v1/` or `/v1/`.
+/// A request on the v1 API: the operation is the path after `/openai/v1/` or `/v1/`; or on
+/// the Responses API's preview form, after `/openai/` (`responses...`).
 fn v1_inbound(
     method: Method,
     uri: &Uri,
@@ -277,9 +287,12 @@ fn v1_inbound(
     stored: bool,
 ) -> Inbound {
     let path = uri.path();
-    let operation = path
+    let v1 = path
         .strip_prefix("/openai/v1/")
-        .or_else(|| path.strip_prefix("/v1/"))
+        .or_else(|| path.strip_prefix("/v1/"));
+    let preview = v1.is_none();
+    let operation = v1
+        .or_else(|| path.strip_prefix("/openai/"))
         .unwrap_or_default()
         .to_owned();
     Inbound {
@@ -288,6 +301,7 @@ fn v1_inbound(
         query,
         method,
         stored,
+        preview,
         headers,
         body,
     }

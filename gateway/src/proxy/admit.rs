@@ -11,7 +11,7 @@ use spillway_shared::BackendId;
 
 use super::cache_affinity;
 use super::request_body;
-use super::upstream_path::{OperationPath, PathRejection, QueryPairs, check_segment};
+use super::upstream_path::{OperationPath, PathRejection, QueryPairs, UpstreamApi, check_segment};
 use crate::app::Gateway;
 use crate::consumers::Consumer;
 use crate::error::GatewayError;
@@ -30,10 +30,14 @@ pub enum Route {
     V1 {
         operation: OperationPath,
         body: Map<String, Value>,
+        api: UpstreamApi<'static>,
     },
     /// `/openai/v1/responses/{id}[/...]`: a stored response's own path, forwarded as sent
     /// (method and body) to the member that holds it.
-    Stored { operation: OperationPath },
+    Stored {
+        operation: OperationPath,
+        api: UpstreamApi<'static>,
+    },
 }
 
 /// A request bound to one member: the one holding the stored response it names. It is
@@ -57,6 +61,9 @@ pub struct Inbound {
     /// The path names a stored response (`responses/{id}[/...]` on the v1 route): its pool
     /// and member come from the fleet's affinity record, not from a body.
     pub stored: bool,
+    /// `/openai/responses...?api-version=`: the Responses API's deployment-less preview
+    /// form, forwarded in that form.
+    pub preview: bool,
     pub headers: HeaderMap,
     pub body: Body,
 }
@@ -181,6 +188,7 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
         if v1 {
             (
                 Route::V1 {
+                    api: upstream_api(inbound.preview),
                     operation,
                     body: json,
                 },
@@ -257,7 +265,10 @@ async fn admit_stored(
     );
     Ok(ProxyRequest {
         regions,
-        route: Route::Stored { operation },
+        route: Route::Stored {
+            operation,
+            api: upstream_api(inbound.preview),
+        },
         method: inbound.method,
         pinned: Some(Pinned {
             backend: owner.backend,
@@ -278,6 +289,15 @@ async fn admit_stored(
         view,
         pool,
     })
+}
+
+/// The upstream form of a request whose deployment is named in its body.
+fn upstream_api(preview: bool) -> UpstreamApi<'static> {
+    if preview {
+        UpstreamApi::Preview
+    } else {
+        UpstreamApi::V1
+    }
 }
 
 /// The member a follow-up must go to: the one holding `previous` when the fleet remembers

@@ -113,17 +113,21 @@ fn build(
             ),
             request.body.clone(),
         ),
-        Route::V1 { operation, body } => {
+        Route::V1 {
+            operation,
+            body,
+            api,
+        } => {
             let mut body = body.clone();
             body.insert("model".into(), Value::String(member.deployment.clone()));
             let bytes = serde_json::to_vec(&body).expect("a JSON map always serializes");
             (
-                upstream_url(base, UpstreamApi::V1, operation, &request.query),
+                upstream_url(base, *api, operation, &request.query),
                 Bytes::from(bytes),
             )
         }
-        Route::Stored { operation } => (
-            upstream_url(base, UpstreamApi::V1, operation, &request.query),
+        Route::Stored { operation, api } => (
+            upstream_url(base, *api, operation, &request.query),
             request.body.clone(),
         ),
     };

@@ -146,6 +146,9 @@ pub enum UpstreamApi<'a> {
     Deployment(&'a str),
     /// `/openai/v1/{operation}`, the deployment named in the body.
     V1,
+    /// `/openai/{operation}?api-version=...`: the deployment-less preview form of the
+    /// Responses API, the deployment named in the body.
+    Preview,
 }
 
 /// The upstream URL: `base` + the API prefix + validated segments + re-encoded query.
@@ -171,6 +174,9 @@ pub fn upstream_url(
             }
             UpstreamApi::V1 => {
                 path.extend(["openai", "v1"]);
+            }
+            UpstreamApi::Preview => {
+                path.push("openai");
             }
         }
         path.extend(operation.segments());

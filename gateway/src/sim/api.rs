@@ -73,6 +73,15 @@ pub fn router(state: Arc<ResourceState>) -> Router {
             get(responses::input_items_of),
         )
         .route("/openai/v1/responses/{id}/cancel", post(responses::cancel))
+        .route(
+            "/openai/responses/{id}",
+            get(responses::retrieve).delete(responses::delete),
+        )
+        .route(
+            "/openai/responses/{id}/input_items",
+            get(responses::input_items_of),
+        )
+        .route("/openai/responses/{id}/cancel", post(responses::cancel))
         .route("/openai/v1/{*operation}", post(by_model))
         .route("/sim/stats", get(stats))
         .route("/sim/faults", post(set_faults))
