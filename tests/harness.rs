@@ -271,6 +271,16 @@ impl FleetState for ObservedState {
     ) -> Result<spillway_shared::PoolSnapshot, spillway_shared::StateError> {
         self.inner.snapshot(pool, members).await
     }
+    async fn charge(
+        &self,
+        pool: &spillway_shared::PoolName,
+        backend: &spillway_shared::BackendId,
+        tokens: u64,
+        requests: u64,
+    ) -> Result<(), spillway_shared::StateError> {
+        self.inner.charge(pool, backend, tokens, requests).await
+    }
+
     async fn pin_response(
         &self,
         response_id: &str,

@@ -164,6 +164,25 @@ pub async fn budgets_admit_up_to_the_limit_then_refuse_as_throttled(store: &dyn 
     );
 }
 
+pub async fn charged_usage_counts_against_the_budget(store: &dyn FleetState) {
+    let p = pool("charged");
+    let c = [budget("ptu", 100, None)];
+    store
+        .charge(&p, &BackendId::new("ptu"), 90, 1)
+        .await
+        .unwrap();
+    assert!(
+        admitted(store, &p, &c, 20).await.is_none(),
+        "90 of 100 spent"
+    );
+    assert!(admitted(store, &p, &c, 10).await.is_some());
+    let snap = store.snapshot(&p, &c).await.unwrap();
+    assert_eq!(
+        (snap.members[0].tokens_used, snap.members[0].requests_used),
+        (100, 2)
+    );
+}
+
 pub async fn settle_replaces_the_estimate_with_real_usage(store: &dyn FleetState) {
     let p = pool("settle");
     let c = [budget("ptu", 100, None)];
@@ -625,6 +644,7 @@ macro_rules! fleet_state_contract {
             a_fresh_hint_of_high_utilization_or_too_few_tokens_skips_a_member,
             a_later_observed_hint_wins_over_an_earlier_one_settled_later,
             a_pinned_response_names_its_owner_and_unknown_ids_none,
+            charged_usage_counts_against_the_budget,
         );
         $crate::fleet_state_contract!(@timed $make;
             consecutive_failures_open_the_breaker_for_ever_longer,

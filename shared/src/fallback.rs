@@ -164,14 +164,14 @@ impl FallbackState {
         local.await
     }
 
-    fn owe_usage(&self, pool: &PoolName, backend: &BackendId, tokens: u64) {
+    fn owe_usage(&self, pool: &PoolName, backend: &BackendId, tokens: u64, requests: u64) {
         let mut owed = self.owed.lock().expect("fallback lock");
         let entry = owed
             .usage
             .entry((pool.clone(), backend.clone()))
             .or_default();
         entry.0 += tokens;
-        entry.1 += 1;
+        entry.1 += requests;
     }
 
     fn owe_backoff(&self, pool: &PoolName, backend: &BackendId) {
@@ -406,7 +406,7 @@ impl FleetState for FallbackState {
         let failed = receipt.backoff.is_some();
         match receipt.reservation.issuer {
             Issuer::Embedded => {
-                self.owe_usage(pool, backend, receipt.tokens);
+                self.owe_usage(pool, backend, receipt.tokens, 1);
                 if failed {
                     self.owe_backoff(pool, backend);
                 }
@@ -487,6 +487,25 @@ impl FleetState for FallbackState {
             }
         }
         self.local.snapshot(pool, members).await
+    }
+
+    async fn charge(
+        &self,
+        pool: &PoolName,
+        backend: &BackendId,
+        tokens: u64,
+        requests: u64,
+    ) -> Result<(), StateError> {
+        let local = async {
+            self.owe_usage(pool, backend, tokens, requests);
+            self.local.charge(pool, backend, tokens, requests).await
+        };
+        self.decide(
+            pool,
+            self.primary.charge(pool, backend, tokens, requests),
+            local,
+        )
+        .await
     }
 
     /// Written to both stores: a pin made while Redis is away still serves this replica.

@@ -419,6 +419,21 @@ impl FleetState for EmbeddedState {
         })
     }
 
+    async fn charge(
+        &self,
+        pool: &PoolName,
+        backend: &BackendId,
+        tokens: u64,
+        requests: u64,
+    ) -> Result<(), StateError> {
+        let now = self.now_ms();
+        self.with_member(pool, backend, |m| {
+            m.usage.charge(now, &self.windows, tokens, requests);
+            m.actual_tokens += tokens;
+        });
+        Ok(())
+    }
+
     async fn pin_response(
         &self,
         response_id: &str,

@@ -389,27 +389,6 @@ impl RedisState {
         Ok(int(&reply)?.clamp(1, i64::from(u32::MAX)) as u32)
     }
 
-    /// Add usage admitted on a replica's own state to the member's current bucket
-    /// (`charge.lua`), so the fleet counts it.
-    pub async fn charge(
-        &self,
-        pool: &PoolName,
-        backend: &BackendId,
-        tokens: u64,
-        requests: u64,
-    ) -> Result<(), StateError> {
-        let k = self.member_keys(pool, backend);
-        let args = vec![
-            tokens.to_string(),
-            requests.to_string(),
-            self.windows.bucket_ms().to_string(),
-            (self.windows.budget.as_millis() as u64).to_string(),
-            self.clock(),
-        ];
-        self.run(&self.charge, vec![k.usage, k.hints], args).await?;
-        Ok(())
-    }
-
     pub fn windows(&self) -> Windows {
         self.windows
     }
@@ -759,6 +738,27 @@ impl FleetState for RedisState {
             pool: pool.clone(),
             members,
         })
+    }
+
+    /// `charge.lua`: usage admitted on a replica's own state, or a Realtime session's
+    /// responses, added to the member's current bucket so the fleet counts it.
+    async fn charge(
+        &self,
+        pool: &PoolName,
+        backend: &BackendId,
+        tokens: u64,
+        requests: u64,
+    ) -> Result<(), StateError> {
+        let k = self.member_keys(pool, backend);
+        let args = vec![
+            tokens.to_string(),
+            requests.to_string(),
+            self.windows.bucket_ms().to_string(),
+            (self.windows.budget.as_millis() as u64).to_string(),
+            self.clock(),
+        ];
+        self.run(&self.charge, vec![k.usage, k.hints], args).await?;
+        Ok(())
     }
 
     async fn pin_response(

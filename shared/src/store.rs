@@ -422,6 +422,16 @@ pub trait FleetState: Send + Sync + 'static {
         members: &[Candidate],
     ) -> Result<PoolSnapshot, StateError>;
 
+    /// Add usage that no reservation covered (each response of a Realtime session) to the
+    /// member's current bucket. No budget check: it was served.
+    async fn charge(
+        &self,
+        pool: &PoolName,
+        backend: &BackendId,
+        tokens: u64,
+        requests: u64,
+    ) -> Result<(), StateError>;
+
     /// Remember, for `ttl`, that `owner` holds the stored Responses API object `response_id`:
     /// only the resource that created a response knows it, so follow-ups go there.
     async fn pin_response(

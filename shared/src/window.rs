@@ -47,6 +47,17 @@ impl Usage {
         self.sums
     }
 
+    /// Add usage that no reservation covered to the current bucket, with no budget check.
+    pub fn charge(&mut self, now_ms: u64, w: &Windows, tokens: u64, requests: u64) {
+        self.prune(now_ms, w);
+        let bucket_ms = now_ms - now_ms % w.bucket_ms();
+        let entry = self.buckets.entry(bucket_ms).or_default();
+        entry.0 += tokens;
+        entry.1 += requests;
+        self.sums.0 += tokens;
+        self.sums.1 += requests;
+    }
+
     /// Reserve `tokens` and one request in the current bucket, or say how long until they fit.
     pub fn try_reserve(
         &mut self,
