@@ -81,6 +81,26 @@ pub async fn ptu_and_payg() -> SimHandle {
     .await
 }
 
+/// Pool `gpt-4o` on resources `a` (PTU) and `b` (PAYG), each with one instant deployment;
+/// in a configuration, `backend(&sim, "a", 1) + &backend(&sim, "b", 2)`.
+pub async fn tiers_a_and_b() -> SimHandle {
+    start_sim(vec![
+        resource(
+            "a",
+            vec![instant_deployment("gpt-4o", DeploymentKind::Ptu, 1_000_000)],
+        ),
+        resource(
+            "b",
+            vec![instant_deployment(
+                "gpt-4o",
+                DeploymentKind::Payg,
+                1_000_000,
+            )],
+        ),
+    ])
+    .await
+}
+
 /// `[[backends]]` table for a simulated resource serving pool `gpt-4o` as deployment `gpt-4o`.
 pub fn backend(sim: &SimHandle, id: &str, priority: u32) -> String {
     backend_at(id, &sim.url(id), priority)
@@ -207,6 +227,7 @@ pub async fn closed_port_url() -> String {
 pub struct ObservedState {
     pub inner: Arc<dyn FleetState>,
     settled: tokio::sync::watch::Sender<u64>,
+    charged: tokio::sync::watch::Sender<u64>,
 }
 
 impl ObservedState {
@@ -214,7 +235,17 @@ impl ObservedState {
         Arc::new(Self {
             inner,
             settled: tokio::sync::watch::Sender::new(0),
+            charged: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// Wait until `n` charges (usage without a reservation) in all have happened.
+    pub async fn charged(&self, n: u64) {
+        let mut rx = self.charged.subscribe();
+        tokio::time::timeout(EVENT_TIMEOUT, rx.wait_for(|&count| count >= n))
+            .await
+            .expect("charges happen")
+            .expect("sender alive");
     }
 
     /// Wait until `n` settlements in all have happened.
@@ -278,7 +309,9 @@ impl FleetState for ObservedState {
         tokens: u64,
         requests: u64,
     ) -> Result<(), spillway_shared::StateError> {
-        self.inner.charge(pool, backend, tokens, requests).await
+        let result = self.inner.charge(pool, backend, tokens, requests).await;
+        self.charged.send_modify(|n| *n += 1);
+        result
     }
 
     async fn pin_response(

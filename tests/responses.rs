@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use serde_json::{Value, json};
-use spillway_gateway::sim::{DeploymentKind, SimHandle};
+use spillway_gateway::sim::DeploymentKind;
 use spillway_shared::EmbeddedState;
 use spillway_tests::redis_server::RedisServer;
 use spillway_tests::*;
@@ -136,28 +136,9 @@ async fn a_follow_up_only_works_on_the_resource_that_created_the_response() {
     assert_eq!(retrieve(&east).await.unwrap().status(), 404);
 }
 
-/// Pool `gpt-4o`: resource `a` (PTU, priority 1) and `b` (PAYG, priority 2).
-async fn two_tiers() -> SimHandle {
-    start_sim(vec![
-        resource(
-            "a",
-            vec![instant_deployment("gpt-4o", DeploymentKind::Ptu, 1_000_000)],
-        ),
-        resource(
-            "b",
-            vec![instant_deployment(
-                "gpt-4o",
-                DeploymentKind::Payg,
-                1_000_000,
-            )],
-        ),
-    ])
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conversation_keeps_to_its_member_across_replicas_on_redis() {
-    let sim = two_tiers().await;
+    let sim = tiers_a_and_b().await;
     let redis = RedisServer::start();
     let config = backend(&sim, "a", 1) + &backend(&sim, "b", 2) + &redis_section(&redis.url(), "");
     let (r1, f1) = start_on_redis(&config).await;
@@ -240,7 +221,7 @@ async fn a_conversation_keeps_to_its_member_across_replicas_on_redis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follow_up_waits_for_its_throttled_member_and_never_goes_elsewhere() {
-    let sim = two_tiers().await;
+    let sim = tiers_a_and_b().await;
     let gw = start_single(&(backend(&sim, "a", 1) + &backend(&sim, "b", 2))).await;
     let first: Value = create(&gw.url, &json!({ "model": "gpt-4o", "input": "Hi" }))
         .await
@@ -278,7 +259,7 @@ async fn a_follow_up_waits_for_its_throttled_member_and_never_goes_elsewhere() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_preview_form_is_forwarded_in_its_form_and_pinned_the_same() {
-    let sim = two_tiers().await;
+    let sim = tiers_a_and_b().await;
     let gw = start_single(&(backend(&sim, "a", 1) + &backend(&sim, "b", 2))).await;
     let preview = |path: &str| format!("{}/openai/{path}?api-version=2025-04-01-preview", gw.url);
     force(&sim, "a", 429, Some(1), None, Some(1));

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
+use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{RawQuery, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
@@ -140,6 +141,9 @@ pub fn app(gateway: Arc<Gateway>) -> Router {
         .route("/v1/responses/{id}/input_items", get(stored_response))
         .route("/openai/v1/responses/{id}/cancel", post(stored_response))
         .route("/v1/responses/{id}/cancel", post(stored_response))
+        .route("/openai/realtime", get(realtime))
+        .route("/openai/v1/realtime", get(realtime_v1))
+        .route("/v1/realtime", get(realtime_v1))
         // The Responses API's deployment-less preview form (`?api-version=...`).
         .route("/openai/responses", post(v1).fallback(method_not_allowed))
         .route(
@@ -262,6 +266,26 @@ async fn stored_response(
 ) -> Response {
     let inbound = v1_inbound(method, &uri, query, headers, body, true);
     proxy::handle(&gateway, inbound).await
+}
+
+/// `GET /openai/realtime?api-version=...&deployment=<pool>`, upgraded to a WebSocket.
+async fn realtime(
+    State(gateway): State<Arc<Gateway>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    proxy::realtime(gateway, upgrade, false, query, headers).await
+}
+
+/// `GET /openai/v1/realtime?model=<pool>`, upgraded to a WebSocket.
+async fn realtime_v1(
+    State(gateway): State<Arc<Gateway>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    proxy::realtime(gateway, upgrade, true, query, headers).await
 }
 
 async fn models_list(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {

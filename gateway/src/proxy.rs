@@ -5,6 +5,7 @@ mod admit;
 mod cache_affinity;
 mod classify;
 mod forward;
+mod realtime;
 mod relay;
 mod request_body;
 mod select;
@@ -13,6 +14,7 @@ mod sse;
 mod upstream_path;
 mod usage;
 
+pub use realtime::handle as realtime;
 pub use request_body::BodyLimits;
 pub use upstream_path::{OperationPath, PathRejection, check_segment};
 

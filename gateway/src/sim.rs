@@ -6,6 +6,7 @@ pub mod config;
 mod deployment;
 mod journal;
 mod limiter;
+mod realtime;
 mod responses;
 mod text;
 

@@ -317,7 +317,10 @@ async fn pinned_member(
 }
 
 /// Where a request may go: inside both the pool's and the consumer's regions, when set.
-fn allowed_regions(pool: Option<&[String]>, consumer: Option<&[String]>) -> Option<Vec<String>> {
+pub(super) fn allowed_regions(
+    pool: Option<&[String]>,
+    consumer: Option<&[String]>,
+) -> Option<Vec<String>> {
     match (pool, consumer) {
         (None, None) => None,
         (Some(only), None) | (None, Some(only)) => Some(only.to_vec()),

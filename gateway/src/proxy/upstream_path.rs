@@ -139,6 +139,53 @@ impl QueryPairs {
     }
 }
 
+impl QueryPairs {
+    /// The value of the first pair named `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A Realtime session's upstream URL: the backend's host with a WebSocket scheme,
+/// `/openai/realtime?...&deployment=<deployment>` (or `/openai/v1/realtime?...&model=`), the
+/// client's other query pairs kept, its pool name and any key in the query dropped.
+pub fn realtime_url(base: &Url, v1: bool, deployment: &str, query: &QueryPairs) -> Url {
+    let mut url = base.clone();
+    let scheme = if base.scheme() == "https" {
+        "wss"
+    } else {
+        "ws"
+    };
+    url.set_scheme(scheme)
+        .expect("http(s) and ws(s) are both special schemes");
+    url.set_fragment(None);
+    url.set_query(None);
+    {
+        let mut path = url
+            .path_segments_mut()
+            .expect("backend URLs are http(s) URLs with a host (validated in config)");
+        path.pop_if_empty();
+        if v1 {
+            path.extend(["openai", "v1", "realtime"]);
+        } else {
+            path.extend(["openai", "realtime"]);
+        }
+    }
+    let named = if v1 { "model" } else { "deployment" };
+    let mut pairs = url.query_pairs_mut();
+    for (k, v) in &query.0 {
+        if !matches!(k.as_str(), "deployment" | "model" | "api-key") {
+            pairs.append_pair(k, v);
+        }
+    }
+    pairs.append_pair(named, deployment);
+    drop(pairs);
+    url
+}
+
 /// Which upstream API family the request is sent to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UpstreamApi<'a> {

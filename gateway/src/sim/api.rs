@@ -24,6 +24,7 @@ use super::config::DeploymentKind;
 use super::deployment::{Deployment, DeploymentStats, Faults, ForcedResponse};
 use super::journal::{self, Journal};
 use super::limiter::Decision;
+use super::realtime;
 use super::responses::{self, StoredResponses};
 use super::text;
 use crate::tokens;
@@ -82,6 +83,8 @@ pub fn router(state: Arc<ResourceState>) -> Router {
             get(responses::input_items_of),
         )
         .route("/openai/responses/{id}/cancel", post(responses::cancel))
+        .route("/openai/realtime", get(realtime::upgrade))
+        .route("/openai/v1/realtime", get(realtime::upgrade))
         .route("/openai/v1/{*operation}", post(by_model))
         .route("/sim/stats", get(stats))
         .route("/sim/faults", post(set_faults))
