@@ -49,6 +49,8 @@ fn completed(reservation: Reservation, tokens: u64) -> Receipt {
             ttfb: Duration::from_millis(3),
             total: Duration::from_millis(20),
             output_tokens: 5,
+            prompt_tokens: 2,
+            cached_tokens: 1,
         }),
         hints: UpstreamHints::default(),
         backoff: None,
@@ -376,6 +378,7 @@ async fn receipts_summed_on_the_way_leave_the_same_state() {
         (member.estimated_tokens, member.actual_tokens),
         (20_000, 1_400)
     );
+    assert_eq!((member.prompt_tokens, member.cached_tokens), (400, 200));
     assert_eq!(member.hints.utilization, Some(0.199));
 }
 

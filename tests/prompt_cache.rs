@@ -67,6 +67,22 @@ async fn a_long_prompt_keeps_to_one_member_and_its_cached_tokens_cost_the_ptu_no
         stats.total_tokens - stats.cached_tokens,
         "cached tokens are not charged to a PTU"
     );
+
+    // Operators see the hit share per pool in `spillway state`.
+    let table = spillway_gateway::state_table::render(&gw.gateway.table, &*fleet.inner, 60_000)
+        .await
+        .unwrap();
+    let line = table
+        .lines()
+        .find(|l| l.contains("prompt cache:"))
+        .expect("a prompt cache line");
+    let share: u64 = line
+        .split("prompt cache: ")
+        .nth(1)
+        .and_then(|rest| rest.split('%').next())
+        .and_then(|n| n.parse().ok())
+        .expect("a share in percent");
+    assert!((80..=90).contains(&share), "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -367,6 +367,7 @@ async fn a_failure_rate_over_the_window_opens_the_breaker() {
             ttfb: Duration::ZERO,
             total: Duration::ZERO,
             output_tokens: 0,
+            ..Default::default()
         }),
         hints: spillway_shared::UpstreamHints::default(),
         backoff: (!ok).then_some(spillway_shared::Backoff {
@@ -581,6 +582,7 @@ fn timed(reservation: spillway_shared::Reservation, total_ms: u64) -> spillway_s
             ttfb: Duration::from_millis(1),
             total: Duration::from_millis(total_ms),
             output_tokens: 0,
+            ..Default::default()
         }),
         ..receipt(reservation, 1)
     }

@@ -24,7 +24,7 @@ pub async fn render(
         let _ = writeln!(out, "\npool {}", pool.name);
         let _ = writeln!(
             out,
-            "  {:<22} {:>4} {:<14} {:<22} {:>17} {:>13} {:>15} {:>15} {:>6} {:>8}",
+            "  {:<22} {:>4} {:<14} {:<22} {:>17} {:>13} {:>15} {:>15} {:>6} {:>8} {:>6}",
             "backend",
             "tier",
             "region",
@@ -34,13 +34,14 @@ pub async fn render(
             "ttfb p50/p95",
             "total p50/p95",
             "util",
-            "est err"
+            "est err",
+            "cache"
         );
         for (member, state) in pool.members.iter().zip(&snapshot.members) {
             let b = &member.backend;
             let _ = writeln!(
                 out,
-                "  {:<22} {:>4} {:<14} {:<22} {:>17} {:>13} {:>15} {:>15} {:>6} {:>8}",
+                "  {:<22} {:>4} {:<14} {:<22} {:>17} {:>13} {:>15} {:>15} {:>6} {:>8} {:>6}",
                 b.id.as_str(),
                 b.priority,
                 b.region.as_deref().unwrap_or("-"),
@@ -54,10 +55,27 @@ pub async fn render(
                     .utilization
                     .map_or("-".into(), |u| format!("{:.0}%", u * 100.0)),
                 estimation_error(state),
+                cache_share(state.cached_tokens, state.prompt_tokens),
             );
         }
+        let (cached, prompt) = snapshot.members.iter().fold((0, 0), |(c, p), m| {
+            (c + m.cached_tokens, p + m.prompt_tokens)
+        });
+        let _ = writeln!(
+            out,
+            "  prompt cache: {} of prompt tokens served from cache ({cached} of {prompt})",
+            cache_share(cached, prompt)
+        );
     }
     Ok(out)
+}
+
+/// The share of prompt tokens the prompt cache served (completed requests).
+fn cache_share(cached: u64, prompt: u64) -> String {
+    if prompt == 0 {
+        return "-".into();
+    }
+    format!("{:.0}%", cached as f64 * 100.0 / prompt as f64)
 }
 
 fn backoff(m: &MemberSnapshot) -> String {

@@ -164,6 +164,34 @@ pub async fn budgets_admit_up_to_the_limit_then_refuse_as_throttled(store: &dyn 
     );
 }
 
+pub async fn completed_requests_report_what_the_prompt_cache_served(store: &dyn FleetState) {
+    let p = pool("cache-share");
+    let c = [open("a")];
+    for (prompt, cached) in [(2_000, 0), (2_000, 1_920)] {
+        let (backend, reservation) = admitted(store, &p, &c, 2_010).await.unwrap();
+        let sample = LatencySample {
+            ttfb: Duration::from_millis(50),
+            total: Duration::from_millis(90),
+            output_tokens: 10,
+            prompt_tokens: prompt,
+            cached_tokens: cached,
+        };
+        let r = Receipt {
+            reservation,
+            tokens: prompt + 10,
+            latency: Some(sample),
+            hints: UpstreamHints::default(),
+            backoff: None,
+        };
+        store.settle(&p, &backend, r).await.unwrap();
+    }
+    let snap = store.snapshot(&p, &c).await.unwrap();
+    assert_eq!(
+        (snap.members[0].prompt_tokens, snap.members[0].cached_tokens),
+        (4_000, 1_920)
+    );
+}
+
 pub async fn charged_usage_counts_against_the_budget(store: &dyn FleetState) {
     let p = pool("charged");
     let c = [budget("ptu", 100, None)];
@@ -248,6 +276,7 @@ pub async fn settle_records_latency_hints_and_backoff_in_one_call(store: &dyn Fl
         ttfb: Duration::from_millis(90),
         total: Duration::from_millis(490),
         output_tokens: 20,
+        ..Default::default()
     };
     let hints = UpstreamHints {
         remaining_tokens: Some(1234),
@@ -376,6 +405,7 @@ fn completed(reservation: crate::Reservation) -> Receipt {
         ttfb: Duration::from_millis(5),
         total: Duration::from_millis(9),
         output_tokens: 1,
+        ..Default::default()
     };
     Receipt {
         latency: Some(sample),
@@ -645,6 +675,7 @@ macro_rules! fleet_state_contract {
             a_later_observed_hint_wins_over_an_earlier_one_settled_later,
             a_pinned_response_names_its_owner_and_unknown_ids_none,
             charged_usage_counts_against_the_budget,
+            completed_requests_report_what_the_prompt_cache_served,
         );
         $crate::fleet_state_contract!(@timed $make;
             consecutive_failures_open_the_breaker_for_ever_longer,

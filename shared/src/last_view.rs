@@ -156,6 +156,8 @@ mod tests {
                 latency: Default::default(),
                 estimated_tokens: 0,
                 actual_tokens: 0,
+                prompt_tokens: 0,
+                cached_tokens: 0,
             }],
         });
         view.note_admitted(&pool, &BackendId::new("ptu"), 50, 1);

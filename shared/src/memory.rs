@@ -45,6 +45,8 @@ struct Member {
     hints_ms: Option<u64>,
     estimated_tokens: u64,
     actual_tokens: u64,
+    prompt_tokens: u64,
+    cached_tokens: u64,
     /// Circuit breaker: consecutive failures, and consecutive openings (cool-downs double).
     failures: u32,
     opened: u32,
@@ -340,6 +342,8 @@ impl FleetState for EmbeddedState {
                 m.actual_tokens += receipt.tokens;
             }
             if let Some(sample) = receipt.latency {
+                m.prompt_tokens += sample.prompt_tokens;
+                m.cached_tokens += sample.cached_tokens;
                 let slot = now - now % w.slot_ms();
                 let h = m.latency.entry(slot).or_default();
                 h.ttfb_ms.record(sample.ttfb.as_millis() as u64);
@@ -409,6 +413,8 @@ impl FleetState for EmbeddedState {
                         latency: m.latency(now, &w),
                         estimated_tokens: m.estimated_tokens,
                         actual_tokens: m.actual_tokens,
+                        prompt_tokens: m.prompt_tokens,
+                        cached_tokens: m.cached_tokens,
                     }
                 })
             })
@@ -616,6 +622,7 @@ mod tests {
                 ttfb: Duration::ZERO,
                 total: Duration::ZERO,
                 output_tokens: 0,
+                ..Default::default()
             }),
             hints: UpstreamHints::default(),
             backoff: (!ok).then_some(Backoff {

@@ -345,6 +345,14 @@ impl RedisState {
                 .filter(|s| s.output_tokens > 0)
                 .map(|s| label(s.output_tokens))
                 .unwrap_or_default(),
+            receipt
+                .and_then(|r| r.latency)
+                .map_or(0, |s| s.prompt_tokens)
+                .to_string(),
+            receipt
+                .and_then(|r| r.latency)
+                .map_or(0, |s| s.cached_tokens)
+                .to_string(),
         ]
     }
 
@@ -823,7 +831,9 @@ fn parse_member(candidate: &Candidate, entry: Value) -> Result<MemberSnapshot, S
         latency,
         estimated,
         actual,
-    ] = <[Value; 9]>::try_from(fields)
+        prompt,
+        cached,
+    ] = <[Value; 11]>::try_from(fields)
         .map_err(|f| StateError::Protocol(format!("snapshot entry has {} fields", f.len())))?;
     let remaining = int(&remaining)?;
     let backoff = (remaining > 0).then(|| Backoff {
@@ -865,5 +875,7 @@ fn parse_member(candidate: &Candidate, entry: Value) -> Result<MemberSnapshot, S
         latency: histograms,
         estimated_tokens: int(&estimated)?.max(0) as u64,
         actual_tokens: int(&actual)?.max(0) as u64,
+        prompt_tokens: int(&prompt)?.max(0) as u64,
+        cached_tokens: int(&cached)?.max(0) as u64,
     })
 }

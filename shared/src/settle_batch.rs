@@ -166,6 +166,8 @@ struct Sum {
     completed: u64,
     estimated: u64,
     actual: u64,
+    prompt: u64,
+    cached: u64,
     /// Latest admission time among the successes (the breaker epoch rule).
     admitted_ms: u64,
     /// The newest hints, with their request's ledger mark.
@@ -201,6 +203,8 @@ impl Sum {
             self.completed += 1;
             self.estimated += r.reservation.tokens;
             self.actual += r.tokens;
+            self.prompt += sample.prompt_tokens;
+            self.cached += sample.cached_tokens;
             self.admitted_ms = self.admitted_ms.max(r.reservation.admitted_ms);
         }
         if !r.hints.is_empty() {
@@ -218,7 +222,7 @@ impl Sum {
         }
     }
 
-    /// The sum record's 15 arguments (see settle.lua).
+    /// The sum record's 17 arguments (see settle.lua).
     fn args(&self, windows: &Windows, clock: String) -> Vec<String> {
         let corrections = self
             .corrections
@@ -252,6 +256,8 @@ impl Sum {
             (windows.latency.as_millis() as u64).to_string(),
             clock,
             (windows.breaker_window.as_millis() as u64).to_string(),
+            self.prompt.to_string(),
+            self.cached.to_string(),
         ]
     }
 }

@@ -171,8 +171,8 @@ pub enum Admission {
     },
 }
 
-/// Latency of one completed response.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Latency of one completed response (and what its prompt cache served).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LatencySample {
     /// Time to the first byte of the response body.
     pub ttfb: Duration,
@@ -180,6 +180,10 @@ pub struct LatencySample {
     pub total: Duration,
     /// Output tokens, to derive time per output token; 0 when unknown.
     pub output_tokens: u64,
+    /// Prompt tokens the answer reported, and those the deployment's prompt cache served
+    /// (the pool's cache hit share); 0 when unknown.
+    pub prompt_tokens: u64,
+    pub cached_tokens: u64,
 }
 
 /// What the upstream said about its own capacity.
@@ -295,6 +299,9 @@ pub struct MemberSnapshot {
     /// Estimated and real tokens of completed requests, summed (estimation error = the gap).
     pub estimated_tokens: u64,
     pub actual_tokens: u64,
+    /// Prompt tokens of completed requests, and those served from the prompt cache.
+    pub prompt_tokens: u64,
+    pub cached_tokens: u64,
 }
 
 /// Everything a router or operator needs about a pool, in one call.

@@ -202,6 +202,8 @@ impl Metered {
             ttfb: self.ttfb,
             total: self.started.elapsed(),
             output_tokens,
+            prompt_tokens: usage.map_or(0, |u| u.prompt_tokens),
+            cached_tokens: usage.map_or(0, |u| u.cached_tokens),
         });
         let backoff = (self.success && ending == Ending::UpstreamBroke).then_some(Backoff {
             duration: s.failure_backoff,

@@ -147,6 +147,8 @@ mod tests {
             latency,
             estimated_tokens: 0,
             actual_tokens: 0,
+            prompt_tokens: 0,
+            cached_tokens: 0,
         };
         (BackendId::new(id), snapshot)
     }

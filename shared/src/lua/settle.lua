@@ -2,14 +2,14 @@
 -- Takes any number of records of one pool, applied in order (a replica sends what queued
 -- while its previous call was on the wire). Each record is 5 keys (below) and, in ARGV, a
 -- kind followed by its arguments:
---   "r" and 23 arguments: one receipt (below);
---   "a" and 15 arguments: the sum of a member's completed requests on a lease:
+--   "r" and 25 arguments: one receipt (below);
+--   "a" and 17 arguments: the sum of a member's completed requests on a lease:
 --     1 token corrections "<bucket>=<used - reserved>,..."  2 histogram "<metric>:le_<b>=<n>,..."
 --     3 completed   4 their estimated tokens   5 their actual tokens   6 successes
 --     7 latest admission time, ms (breaker epoch)   8 remaining tokens ("" none)
 --     9 utilization ("" none)   10 ledger mark of those hints   11 their age, ms
 --     12 latency slot, ms   13 latency window, ms   14 clock ("" Redis TIME)
---     15 breaker outcome window, ms
+--     15 breaker outcome window, ms   16 their prompt tokens   17 of which cached
 -- The first record's clock is the batch's.
 --
 -- Per receipt record:
@@ -40,6 +40,7 @@
 -- ARGV[22] the reservation's id ("" none): its usage is corrected only while it is open, so a
 --          settle applies once, and never after a release
 -- ARGV[23] histogram label for the request's output tokens ("" none), metric output_tokens
+-- ARGV[24] prompt tokens the answer reported   ARGV[25] of which its prompt cache served
 -- Returns 1. Errors "ERR spillway: ..." on malformed arguments.
 --
 -- Breaker: a failure that is not throttling counts toward `failures`; at the threshold the
@@ -63,9 +64,9 @@ do
   local p = 1
   while p <= #ARGV do
     local kind = ARGV[p]
-    local length = (kind == 'r' and 23) or (kind == 'a' and 15) or nil
+    local length = (kind == 'r' and 25) or (kind == 'a' and 17) or nil
     if length == nil or p + length > #ARGV then
-      return redis.error_reply('ERR spillway: settle records are "r" and 23 arguments or "a" and 15')
+      return redis.error_reply('ERR spillway: settle records are "r" and 25 arguments or "a" and 17')
     end
     starts[#starts + 1], kinds[#kinds + 1] = p, kind
     p = p + length + 1
@@ -110,7 +111,7 @@ local function member(keys, args)
   local m = members[keys[1]]
   if m == nil then
     m = {keys = keys, args = args, usage = {}, usage_order = {}, histogram = {}, histogram_order = {},
-      estimated = 0, actual = 0, completed = 0, successes = 0, admitted = -1, hints = nil}
+      estimated = 0, actual = 0, prompt = 0, cached = 0, completed = 0, successes = 0, admitted = -1, hints = nil}
     members[keys[1]] = m
     order[#order + 1] = keys[1]
   end
@@ -169,6 +170,8 @@ local function flush(m)
   if m.completed > 0 then
     redis.call('HINCRBY', hints_key, 'estimated_tokens', m.estimated)
     redis.call('HINCRBY', hints_key, 'actual_tokens', m.actual)
+    redis.call('HINCRBY', hints_key, 'prompt_tokens', m.prompt)
+    redis.call('HINCRBY', hints_key, 'cached_tokens', m.cached)
     redis.call('PEXPIRE', hints_key, 2 * (latency_window + slot_length))
   end
   -- Capacity hints: the newest gathered, unless newer ones are held.
@@ -283,6 +286,8 @@ local function add_sum(keys, a)
   m.completed = m.completed + (tonumber(a[3]) or 0)
   m.estimated = m.estimated + (tonumber(a[4]) or 0)
   m.actual = m.actual + (tonumber(a[5]) or 0)
+  m.prompt = m.prompt + (tonumber(a[16]) or 0)
+  m.cached = m.cached + (tonumber(a[17]) or 0)
   local successes = tonumber(a[6]) or 0
   if successes > 0 then
     m.successes = m.successes + successes
@@ -296,7 +301,7 @@ end
 for j = 1, #starts do
   local keys, args = {}, {}
   for k = 1, 5 do keys[k] = KEYS[5 * (j - 1) + k] end
-  local length = (kinds[j] == 'r' and 23) or 15
+  local length = (kinds[j] == 'r' and 25) or 17
   for a = 1, length do args[a] = ARGV[starts[j] + a] end
   if kinds[j] == 'a' then
     add_sum(keys, args)
@@ -332,6 +337,8 @@ for j = 1, #starts do
       m.completed = m.completed + 1
       m.estimated = m.estimated + (tonumber(args[2]) or 0)
       m.actual = m.actual + (tonumber(args[3]) or 0)
+      m.prompt = m.prompt + (tonumber(args[24]) or 0)
+      m.cached = m.cached + (tonumber(args[25]) or 0)
     end
 
     -- Capacity hints: keep the newest observation of the batch.

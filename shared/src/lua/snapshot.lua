@@ -7,7 +7,7 @@
 -- Returns one entry per member:
 --   {backoff_remaining_ms (0: none), reason, tokens_used, requests_used,
 --    remaining_tokens ("": none), utilization ("": none), {field, count, field, count, ...},
---    estimated_tokens, actual_tokens}
+--    estimated_tokens, actual_tokens, prompt_tokens, cached_tokens}
 -- where the last list holds the latency histograms summed over the window, as
 -- <metric>:w:le_<bound> fields (kept by settle.lua).
 --
@@ -79,7 +79,8 @@ for i = 1, #KEYS / 4 do
   end
   tokens, requests = math.max(tokens, 0), math.max(requests, 0)
 
-  local hints = redis.call('HMGET', hints_key, 'remaining_tokens', 'utilization', 'estimated_tokens', 'actual_tokens')
+  local hints = redis.call('HMGET', hints_key, 'remaining_tokens', 'utilization', 'estimated_tokens',
+    'actual_tokens', 'prompt_tokens', 'cached_tokens')
 
   local latency = {}
   local held = redis.call('HMGET', latency_key, 'slot', 'summed')
@@ -95,6 +96,6 @@ for i = 1, #KEYS / 4 do
   end
 
   out[i] = {remaining, reason, tokens, requests, hints[1] or '', hints[2] or '', latency,
-    tonumber(hints[3]) or 0, tonumber(hints[4]) or 0}
+    tonumber(hints[3]) or 0, tonumber(hints[4]) or 0, tonumber(hints[5]) or 0, tonumber(hints[6]) or 0}
 end
 return out
