@@ -3,6 +3,7 @@
 
 use std::sync::Once;
 
+use futures_util::StreamExt;
 use serde_json::Value;
 use spillway_gateway::sim::{DeploymentKind, ResourceSpec};
 use spillway_tests::*;
@@ -215,4 +216,45 @@ async fn models_lists_the_pools_a_consumer_may_use() {
         404
     );
     assert_eq!(list("/v1/models", "wrong").await.unwrap().status(), 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_realtime_session_needs_a_key_and_the_backend_gets_its_own() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    set_keys();
+    let sim = start_sim(vec![keyed("ptu")]).await;
+    let gw = start_single(&(keyed_backend(&sim, "ptu", 1, "SPILLWAY_TEST_BACKEND_KEY") + CONSUMER))
+        .await;
+    let url = format!(
+        "{}/openai/realtime?api-version=2024-10-01-preview&deployment=gpt-4o",
+        gw.url.replacen("http://", "ws://", 1)
+    );
+    match tokio_tungstenite::connect_async(url.as_str()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 401),
+        other => panic!("expected 401, got {:?}", other.map(|(_, r)| r.status())),
+    }
+    assert_eq!(sim.stats("ptu", "gpt-4o").requests, 0);
+
+    // The simulator only accepts BACKEND_KEY: an open session means the key was replaced.
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("api-key", CLIENT_KEY.parse().unwrap());
+    let (mut session, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("the session opens");
+    let first = session.next().await.unwrap().unwrap();
+    assert!(first.to_text().unwrap().contains("session.created"));
+    let handshake = sim
+        .received("ptu")
+        .into_iter()
+        .find(|r| r.path_and_query.starts_with("/openai/realtime"))
+        .expect("the upstream handshake");
+    assert!(
+        handshake
+            .headers
+            .iter()
+            .all(|(_, v)| !v.contains(CLIENT_KEY)),
+        "the client's key never goes upstream"
+    );
 }
