@@ -35,9 +35,24 @@ struct Stored {
 }
 
 impl StoredResponses {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Stored>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn get(&self, id: &str) -> Option<Value> {
-        let stored = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        stored.get(id).map(|s| s.response.clone())
+        self.lock().get(id).map(|s| s.response.clone())
+    }
+
+    fn input_items(&self, id: &str) -> Option<Vec<Value>> {
+        self.lock().get(id).map(|s| s.input_items.clone())
+    }
+
+    fn insert(&self, id: String, stored: Stored) {
+        self.lock().insert(id, stored);
+    }
+
+    fn remove(&self, id: &str) -> bool {
+        self.lock().remove(id).is_some()
     }
 }
 
@@ -125,15 +140,11 @@ pub async fn create(
             "total_tokens": prompt + n },
     });
     if store {
-        let input_items = input_items(&request);
-        let mut stored = state.responses.0.lock().unwrap_or_else(|e| e.into_inner());
-        stored.insert(
-            id.clone(),
-            Stored {
-                response: response.clone(),
-                input_items,
-            },
-        );
+        let stored = Stored {
+            response: response.clone(),
+            input_items: input_items(&request),
+        };
+        state.responses.insert(id.clone(), stored);
     }
 
     tokio::time::sleep(deployment.latency(deployment.spec.ttft_ms)).await;
@@ -274,11 +285,7 @@ pub async fn delete(
     if !authorized(&state, &headers) {
         return unauthorized();
     }
-    let removed = {
-        let mut stored = state.responses.0.lock().unwrap_or_else(|e| e.into_inner());
-        stored.remove(&id).is_some()
-    };
-    if !removed {
+    if !state.responses.remove(&id) {
         return not_found(&id);
     }
     Json(json!({ "id": id, "object": "response.deleted", "deleted": true })).into_response()
@@ -293,11 +300,7 @@ pub async fn input_items_of(
     if !authorized(&state, &headers) {
         return unauthorized();
     }
-    let items = {
-        let stored = state.responses.0.lock().unwrap_or_else(|e| e.into_inner());
-        stored.get(&id).map(|s| s.input_items.clone())
-    };
-    let Some(items) = items else {
+    let Some(items) = state.responses.input_items(&id) else {
         return not_found(&id);
     };
     let data: Vec<Value> = items
