@@ -91,6 +91,39 @@ async fn clients_need_a_valid_key_and_the_backend_gets_its_own() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_configured_by_key_hash_is_admitted_by_its_key_only() {
+    set_keys();
+    let sim = start_sim(vec![keyed("ptu")]).await;
+    // `printf hashed-key-789 | sha256sum`: the key itself is nowhere in the configuration.
+    let hashed = "[[consumers]]\nname = \"hashed-app\"\nkey_sha256 = \"5372915705805b76231808126c6338a64d9e8c4c1312239c284c810864493055\"\n";
+    let gw = start_single(
+        &(keyed_backend(&sim, "ptu", 1, "SPILLWAY_TEST_BACKEND_KEY") + CONSUMER + hashed),
+    )
+    .await;
+    let url = format!(
+        "{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+        gw.url
+    );
+    let send = |key: &'static str| {
+        client()
+            .post(&url)
+            .header("api-key", key)
+            .json(&chat_body(false))
+            .send()
+    };
+    assert_eq!(send("hashed-key-789").await.unwrap().status(), 200);
+    assert_eq!(
+        send(CLIENT_KEY).await.unwrap().status(),
+        200,
+        "env keys too"
+    );
+    let wrong = send("5372915705805b76231808126c6338a64d9e8c4c1312239c284c810864493055")
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401, "the hash is not a key");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_rejecting_the_gateway_credential_is_failed_over() {
     set_keys();
     let sim = start_sim(vec![keyed("ptu"), keyed("payg")]).await;

@@ -326,8 +326,14 @@ pub enum BackendAuthConfig {
 #[serde(deny_unknown_fields)]
 pub struct ConsumerConfig {
     pub name: String,
-    /// Environment variable holding this consumer's key.
-    pub key_env: String,
+    /// SHA-256 of this consumer's key, in hex (`spillway hash-key` prints it): the key itself
+    /// is never in the configuration.
+    #[serde(default)]
+    pub key_sha256: Option<String>,
+    /// Or: environment variable holding this consumer's key (hashed at start-up, then
+    /// forgotten).
+    #[serde(default)]
+    pub key_env: Option<String>,
     /// When set, this consumer's requests only ever go to members in these regions
     /// (data residency), even when that means a 429.
     #[serde(default)]
@@ -636,7 +642,22 @@ impl Config {
                     format!("{:?} must be non-empty and unique", c.name),
                 );
             }
-            check_env(bad, format!("consumers[{i}].key_env"), &c.key_env);
+            match (&c.key_sha256, &c.key_env) {
+                (Some(hash), None) => {
+                    if hex::decode(hash).map(|h| h.len()) != Ok(32) {
+                        bad(
+                            format!("consumers[{i}].key_sha256"),
+                            "must be 64 hexadecimal digits (the output of `spillway hash-key`)"
+                                .into(),
+                        );
+                    }
+                }
+                (None, Some(var)) => check_env(bad, format!("consumers[{i}].key_env"), var),
+                _ => bad(
+                    format!("consumers[{i}]"),
+                    "needs exactly one of key_sha256 and key_env".into(),
+                ),
+            }
         }
     }
 }

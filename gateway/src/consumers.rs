@@ -1,16 +1,30 @@
-//! Client authentication: which consumer sent this request, by its key.
+//! Client authentication: which consumer sent this request, by its key. Only SHA-256 hashes
+//! of the keys are held: a presented key is hashed and compared, in constant time, with every
+//! consumer's hash.
 
 use axum::http::HeaderMap;
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::ConsumerConfig;
 use crate::error::GatewayError;
-use crate::secret::Secret;
+
+/// A key's SHA-256.
+type KeyHash = [u8; 32];
 
 /// The configured consumers. With none, access is open (a warning is logged at start).
 #[derive(Debug, Default)]
 pub struct Consumers {
-    keys: Vec<(Consumer, Secret)>,
+    keys: Vec<(Consumer, KeyHash)>,
+}
+
+/// The SHA-256 of a key, in hex: what `key_sha256` holds (`spillway hash-key`).
+pub fn key_sha256_hex(key: &str) -> String {
+    hex::encode(hash(key))
+}
+
+fn hash(key: &str) -> KeyHash {
+    Sha256::digest(key.as_bytes()).into()
 }
 
 /// Who sent a request, and where its requests may go.
@@ -26,19 +40,13 @@ impl Consumers {
         let keys = consumers
             .iter()
             .map(|c| {
-                std::env::var(&c.key_env)
-                    .map(|k| {
-                        (
-                            Consumer {
-                                name: c.name.clone(),
-                                regions: c.regions.clone(),
-                            },
-                            Secret::new(k),
-                        )
-                    })
-                    .map_err(|_| format!("environment variable {} is not set", c.key_env))
+                let consumer = Consumer {
+                    name: c.name.clone(),
+                    regions: c.regions.clone(),
+                };
+                Ok((consumer, key_hash_of(c)?))
             })
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<_, String>>()?;
         Ok(Self { keys })
     }
 
@@ -51,15 +59,33 @@ impl Consumers {
         if self.is_open() {
             return Ok(None);
         }
-        let presented = client_key(headers).ok_or(GatewayError::Unauthorized)?;
-        // Compare against every key in constant time so timing reveals nothing.
+        let presented = hash(client_key(headers).ok_or(GatewayError::Unauthorized)?);
+        // Compare against every hash in constant time so timing reveals nothing.
         let mut found = None;
         for (consumer, key) in &self.keys {
-            if bool::from(presented.as_bytes().ct_eq(key.expose().as_bytes())) {
+            if bool::from(presented.ct_eq(key)) {
                 found = Some(consumer);
             }
         }
         found.map(Some).ok_or(GatewayError::Unauthorized)
+    }
+}
+
+/// A consumer's key hash: configured, or the key from its environment variable, hashed (the
+/// key itself goes out of scope here).
+fn key_hash_of(c: &ConsumerConfig) -> Result<KeyHash, String> {
+    match (&c.key_sha256, &c.key_env) {
+        (Some(hex_hash), None) => hex::decode(hex_hash)
+            .ok()
+            .and_then(|h| KeyHash::try_from(h).ok())
+            .ok_or_else(|| format!("consumer {}: key_sha256 is not 64 hex digits", c.name)),
+        (None, Some(var)) => std::env::var(var)
+            .map(|key| hash(&key))
+            .map_err(|_| format!("environment variable {var} is not set")),
+        _ => Err(format!(
+            "consumer {}: needs exactly one of key_sha256 and key_env",
+            c.name
+        )),
     }
 }
 
@@ -89,8 +115,8 @@ mod tests {
         };
         Consumers {
             keys: vec![
-                (named("chat-app"), Secret::new("k1")),
-                (named("batch"), Secret::new("k2")),
+                (named("chat-app"), hash("k1")),
+                (named("batch"), hash("k2")),
             ],
         }
     }
@@ -130,6 +156,28 @@ mod tests {
             c.authenticate(&headers("authorization", "Basic k1"))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn configured_hashes_match_their_keys() {
+        let config = ConsumerConfig {
+            name: "hashed".into(),
+            key_sha256: Some(key_sha256_hex("s3cret")),
+            key_env: None,
+            regions: None,
+        };
+        // SHA-256 of "s3cret" as `sha256sum` prints it: the hex form is the standard one.
+        assert_eq!(
+            config.key_sha256.as_deref(),
+            Some("1ec1c26b50d5d3c58d9583181af8076655fe00756bf7285940ba3670f99fcba0")
+        );
+        let c = Consumers::from_config(&[config]).unwrap();
+        assert!(c.authenticate(&headers("api-key", "s3cret")).is_ok());
+        assert!(
+            c.authenticate(&headers("api-key", "s3cret ")).is_ok(),
+            "trimmed"
+        );
+        assert!(c.authenticate(&headers("api-key", "s3cre")).is_err());
     }
 
     #[test]

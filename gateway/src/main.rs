@@ -45,6 +45,9 @@ enum Command {
         #[arg(long, env = "SPILLWAY_CONFIG")]
         config: PathBuf,
     },
+    /// Read a consumer key on stdin and print its SHA-256, for `key_sha256` in the
+    /// configuration (the key is never echoed).
+    HashKey,
     /// Run simulated Azure OpenAI deployments on loopback.
     Sim {
         /// Simulator TOML; without it, two PTU and two PAYG resources are started.
@@ -109,6 +112,22 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 "{}",
                 state_table::render(&gateway.table, &*redis, config.state.window_ms).await?
             );
+            Ok(())
+        }
+        Command::HashKey => {
+            let mut input = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut input)?;
+            // One line as typed or piped: its line ending is not part of the key.
+            let key = input
+                .strip_suffix('\n')
+                .map(|k| k.strip_suffix('\r').unwrap_or(k))
+                .unwrap_or(&input);
+            if key.trim().is_empty() {
+                return Err(
+                    "no key on stdin (e.g. `printf %s \"$KEY\" | spillway hash-key`)".into(),
+                );
+            }
+            println!("{}", spillway_gateway::consumers::key_sha256_hex(key));
             Ok(())
         }
         Command::Sim { config } => {

@@ -129,3 +129,57 @@ fn state_explains_that_embedded_state_is_not_shared() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("state.redis_url is not set"), "{stderr}");
 }
+
+/// `spillway hash-key` with `stdin` as its input.
+fn hash_key(stdin: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_spillway"))
+        .arg("hash-key")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spillway runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn hash_key_prints_the_sha256_of_the_key_and_never_the_key() {
+    // `printf s3cret | sha256sum`; a typed line's ending is not part of the key.
+    let expected = "1ec1c26b50d5d3c58d9583181af8076655fe00756bf7285940ba3670f99fcba0\n";
+    for input in ["s3cret", "s3cret\n", "s3cret\r\n"] {
+        let out = hash_key(input);
+        assert!(out.status.success());
+        assert_eq!(String::from_utf8_lossy(&out.stdout), expected, "{input:?}");
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("s3cret"));
+    }
+    let empty = hash_key("\n");
+    assert!(!empty.status.success());
+    assert!(String::from_utf8_lossy(&empty.stderr).contains("no key on stdin"));
+}
+
+#[test]
+fn a_consumer_needs_exactly_one_well_formed_key() {
+    let both = format!(
+        "{VALID}\n[[consumers]]\nname = \"app\"\nkey_sha256 = \"{}\"\nkey_env = \"HOME\"\n",
+        "ab".repeat(32)
+    );
+    let out = spillway(&["check-config"], Some(&both));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exactly one of key_sha256 and key_env"));
+    let short = format!("{VALID}\n[[consumers]]\nname = \"app\"\nkey_sha256 = \"abc\"\n");
+    let out = spillway(&["check-config"], Some(&short));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("consumers[0].key_sha256"));
+    let good = format!(
+        "{VALID}\n[[consumers]]\nname = \"app\"\nkey_sha256 = \"{}\"\n",
+        "ab".repeat(32)
+    );
+    assert!(spillway(&["check-config"], Some(&good)).status.success());
+}
