@@ -291,3 +291,80 @@ async fn a_realtime_session_needs_a_key_and_the_backend_gets_its_own() {
         "the client's key never goes upstream"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_keeps_to_its_pools_and_its_per_request_limits() {
+    set_keys();
+    let sim = start_sim(vec![keyed("ptu")]).await;
+    // `printf limited-key | sha256sum`, `printf capped-key | sha256sum`.
+    let consumers = "[[consumers]]\nname = \"limited\"\npools = [\"gpt-4o-mini\"]\n\
+        key_sha256 = \"f33b2500796d61f96eeef0f5331ddc40c17e434aff139f4d9e00bfe75170d87a\"\n\
+        [[consumers]]\nname = \"capped\"\nmax_prompt_tokens = 50\nmax_tokens = 16\n\
+        key_sha256 = \"ab2c905d85cdd432930468fb5c95a31eb95b3142cf345007019d990f8b2fa14a\"\n";
+    let gw =
+        start_single(&(keyed_backend(&sim, "ptu", 1, "SPILLWAY_TEST_BACKEND_KEY") + consumers))
+            .await;
+    let url = format!(
+        "{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+        gw.url
+    );
+    let send = |key: &'static str, body: Value| {
+        client()
+            .post(&url)
+            .header("api-key", key)
+            .json(&body)
+            .send()
+    };
+    let code = |r: reqwest::Response| async move {
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap();
+        (
+            status,
+            body["error"]["code"].as_str().unwrap_or("").to_owned(),
+        )
+    };
+
+    // A pool outside the consumer's list: 403, nothing sent upstream, not listed.
+    let refused = send("limited-key", chat_body(false)).await.unwrap();
+    assert_eq!(code(refused).await, (403, "pool_not_allowed".to_owned()));
+    assert_eq!(sim.stats("ptu", "gpt-4o").requests, 0);
+    let models: Value = client()
+        .get(format!("{}/openai/v1/models", gw.url))
+        .header("api-key", "limited-key")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["data"], serde_json::json!([]));
+
+    // Per-request limits: the output cap must be asked for, within the limit; the prompt too.
+    let ask = |max_tokens: Option<u64>, text: &str| {
+        let mut body = serde_json::json!({ "messages": [{ "role": "user", "content": text }] });
+        if let Some(n) = max_tokens {
+            body["max_tokens"] = n.into();
+        }
+        body
+    };
+    assert_eq!(
+        send("capped-key", ask(Some(8), "Hello"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    for body in [
+        ask(None, "Hello"),
+        ask(Some(32), "Hello"),
+        ask(Some(8), &"word ".repeat(100)),
+    ] {
+        let (status, error) = code(send("capped-key", body).await.unwrap()).await;
+        assert_eq!((status, error.as_str()), (400, "invalid_request"));
+    }
+    assert_eq!(
+        sim.stats("ptu", "gpt-4o").requests,
+        1,
+        "refusals never go upstream"
+    );
+}

@@ -338,6 +338,16 @@ pub struct ConsumerConfig {
     /// (data residency), even when that means a 429.
     #[serde(default)]
     pub regions: Option<Vec<String>>,
+    /// When set, the only pools this consumer may use (others: 403).
+    #[serde(default)]
+    pub pools: Option<Vec<String>>,
+    /// Largest prompt (estimated tokens) this consumer may send (larger: 400).
+    #[serde(default)]
+    pub max_prompt_tokens: Option<u64>,
+    /// Most output a request of this consumer may ask for: its `max_tokens` (or
+    /// `max_completion_tokens`, `max_output_tokens`) must be set, and at most this (else 400).
+    #[serde(default)]
+    pub max_tokens: Option<u64>,
 }
 
 /// One thing wrong with a configuration, with the key it is about.

@@ -33,6 +33,18 @@ pub struct Consumer {
     pub name: String,
     /// Data residency: only members in these regions.
     pub regions: Option<Vec<String>>,
+    /// The only pools it may use.
+    pub pools: Option<Vec<String>>,
+    pub max_prompt_tokens: Option<u64>,
+    pub max_tokens: Option<u64>,
+}
+
+impl Consumer {
+    pub fn may_use(&self, pool: &str) -> bool {
+        self.pools
+            .as_ref()
+            .is_none_or(|pools| pools.iter().any(|p| p == pool))
+    }
 }
 
 impl Consumers {
@@ -43,6 +55,9 @@ impl Consumers {
                 let consumer = Consumer {
                     name: c.name.clone(),
                     regions: c.regions.clone(),
+                    pools: c.pools.clone(),
+                    max_prompt_tokens: c.max_prompt_tokens,
+                    max_tokens: c.max_tokens,
                 };
                 Ok((consumer, key_hash_of(c)?))
             })
@@ -112,6 +127,9 @@ mod tests {
         let named = |name: &str| Consumer {
             name: name.into(),
             regions: None,
+            pools: None,
+            max_prompt_tokens: None,
+            max_tokens: None,
         };
         Consumers {
             keys: vec![
@@ -165,6 +183,9 @@ mod tests {
             key_sha256: Some(key_sha256_hex("s3cret")),
             key_env: None,
             regions: None,
+            pools: None,
+            max_prompt_tokens: None,
+            max_tokens: None,
         };
         // SHA-256 of "s3cret" as `sha256sum` prints it: the hex form is the standard one.
         assert_eq!(

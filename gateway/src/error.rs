@@ -35,6 +35,8 @@ pub enum GatewayError {
     MethodNotAllowed,
     #[error("No deployment of '{pool}' is in a region this request may use (data residency).")]
     NoMemberInRegions { pool: String },
+    #[error("This key may not use the deployment '{pool}'.")]
+    PoolNotAllowed { pool: String },
     #[error("Request body is larger than the {limit_bytes}-byte limit of this gateway.")]
     BodyTooLarge { limit_bytes: usize },
     #[error("The request body did not arrive within {timeout_ms} ms.")]
@@ -62,7 +64,7 @@ impl GatewayError {
         match self {
             Self::BadRequest(_) | Self::InvalidPath(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::NoMemberInRegions { .. } => StatusCode::FORBIDDEN,
+            Self::NoMemberInRegions { .. } | Self::PoolNotAllowed { .. } => StatusCode::FORBIDDEN,
             Self::UnknownPool(_) | Self::NotFound | Self::UnknownResponse(_) => {
                 StatusCode::NOT_FOUND
             }
@@ -86,6 +88,7 @@ impl GatewayError {
             Self::InvalidPath(_) => "invalid_path",
             Self::Unauthorized => "401",
             Self::NoMemberInRegions { .. } => "region_not_allowed",
+            Self::PoolNotAllowed { .. } => "pool_not_allowed",
             Self::UnknownPool(_) => "DeploymentNotFound",
             Self::NotFound => "404",
             Self::UnknownResponse(_) => "response_not_found",

@@ -1,6 +1,6 @@
 //! `GET /openai/v1/models` (and `/v1/models`): the pools a consumer may use, in OpenAI's list
 //! shape, so SDK code that lists models before choosing one works unchanged. A pool is listed
-//! when at least one of its members is in a region the consumer may use.
+//! when the consumer may use it (its `pools`) and a member is in a region it may use.
 
 use axum::Json;
 use axum::http::HeaderMap;
@@ -17,6 +17,7 @@ pub fn list(gateway: &Gateway, headers: &HeaderMap) -> Result<Json<Value>, Gatew
     let data: Vec<Value> = gateway
         .table
         .pools()
+        .filter(|pool| consumer.is_none_or(|c| c.may_use(pool.name.as_str())))
         .filter(|pool| usable(pool, regions))
         .map(|pool| model(pool))
         .collect();
@@ -31,8 +32,9 @@ pub fn retrieve(
 ) -> Result<Json<Value>, GatewayError> {
     let consumer = gateway.consumers.authenticate(headers)?;
     let regions = consumer.and_then(|c| c.regions.as_deref());
+    let allowed = consumer.is_none_or(|c| c.may_use(name));
     match gateway.table.pool(name) {
-        Some(pool) if usable(pool, regions) => Ok(Json(model(pool))),
+        Some(pool) if allowed && usable(pool, regions) => Ok(Json(model(pool))),
         _ => Err(GatewayError::UnknownPool(name.to_owned())),
     }
 }

@@ -114,6 +114,9 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
         })
         .transpose()?;
 
+    if let Some(pool) = &named_pool {
+        check_pool_allowed(consumer.as_ref(), pool)?;
+    }
     let body = request_body::read(&inbound.headers, inbound.body, gateway.body_limits).await?;
     let fields = read_fields(&inbound.headers, &body)?;
     let pool = match named_pool {
@@ -129,7 +132,9 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
                     "Missing required field 'model' (the deployment to use).".into(),
                 )
             })?;
-            lookup(gateway, model)?
+            let pool = lookup(gateway, model)?;
+            check_pool_allowed(consumer.as_ref(), &pool)?;
+            pool
         }
     };
 
@@ -151,6 +156,9 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
     let add_stream_usage = stream
         && kind == Operation::ChatCompletions
         && fields.as_ref().is_some_and(|f| !f.asks_stream_usage());
+    if let Some(consumer) = &consumer {
+        check_consumer_limits(consumer, kind, &operation, fields.as_ref(), estimate)?;
+    }
     let is_json = fields.is_some();
     let cache_key = fields
         .as_ref()
@@ -257,6 +265,7 @@ async fn admit_stored(
     if pool.member(&owner.backend).is_none() {
         return Err(GatewayError::UnknownResponse(id));
     }
+    check_pool_allowed(consumer.as_ref(), &pool)?;
     let body = request_body::read(&inbound.headers, inbound.body, gateway.body_limits).await?;
     let view = gateway.view.get(&gateway.fleet, &pool);
     let regions = allowed_regions(
@@ -289,6 +298,55 @@ async fn admit_stored(
         view,
         pool,
     })
+}
+
+/// 403 when the consumer's `pools` leave this one out.
+pub(super) fn check_pool_allowed(
+    consumer: Option<&Consumer>,
+    pool: &Pool,
+) -> Result<(), GatewayError> {
+    match consumer {
+        Some(c) if !c.may_use(pool.name.as_str()) => Err(GatewayError::PoolNotAllowed {
+            pool: pool.name.to_string(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The consumer's per-request limits: its largest prompt, and the most output a request may
+/// ask for (which it must then ask for explicitly, or the limit would not bound anything).
+fn check_consumer_limits(
+    consumer: &Consumer,
+    kind: Operation,
+    operation: &OperationPath,
+    fields: Option<&RequestFields>,
+    estimate: TokenEstimate,
+) -> Result<(), GatewayError> {
+    if let Some(cap) = consumer.max_prompt_tokens
+        && estimate.prompt > cap
+    {
+        return Err(GatewayError::BadRequest(format!(
+            "The prompt is about {} tokens; this key may send at most {cap} tokens per request.",
+            estimate.prompt
+        )));
+    }
+    let generates = match kind {
+        Operation::ChatCompletions | Operation::Completions => true,
+        Operation::Responses => operation.segments().len() == 1,
+        Operation::Embeddings | Operation::Other => false,
+    };
+    let Some(cap) = consumer.max_tokens.filter(|_| generates) else {
+        return Ok(());
+    };
+    match fields.and_then(RequestFields::output_cap) {
+        Some(asked) if asked <= cap => Ok(()),
+        Some(asked) => Err(GatewayError::BadRequest(format!(
+            "max_tokens of {asked} is above this key's limit of {cap} tokens per request."
+        ))),
+        None => Err(GatewayError::BadRequest(format!(
+            "This key must set max_tokens (or max_completion_tokens, max_output_tokens) to at most {cap}."
+        ))),
+    }
 }
 
 /// The upstream form of a request whose deployment is named in its body.

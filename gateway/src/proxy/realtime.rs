@@ -89,6 +89,7 @@ async fn connect(
         .pool(name)
         .cloned()
         .ok_or_else(|| refuse(GatewayError::UnknownPool(name.to_owned())))?;
+    super::admit::check_pool_allowed(consumer, &pool).map_err(refuse)?;
     let regions = super::admit::allowed_regions(
         pool.regions.as_deref(),
         consumer.and_then(|c| c.regions.as_deref()),
