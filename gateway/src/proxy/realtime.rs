@@ -114,6 +114,7 @@ async fn connect(
     let client_headers = gateway.headers.upstream_request(headers);
     let mut tried = HashSet::new();
     let mut throttled = None;
+    let mut held_back = None;
     let mut failures = Vec::new();
     while tried.len() < members.len() {
         let order =
@@ -138,6 +139,7 @@ async fn connect(
                     throttled =
                         Some(throttled.map_or(retry_after, |t: Duration| t.min(retry_after)));
                 }
+                held_back = Some(retry_after);
                 break;
             }
         };
@@ -205,7 +207,9 @@ async fn connect(
         },
         None if failures.is_empty() => GatewayError::Unavailable {
             pool: pool_name,
-            retry_after: Duration::from_secs(1),
+            retry_after: held_back
+                .unwrap_or(Duration::from_secs(1))
+                .max(Duration::from_millis(1)),
         },
         None => GatewayError::BadGateway(failures.join("; ")),
     }))
