@@ -7,7 +7,9 @@
 //! - `settle`: replace the reservation by the real token count, record latency and the
 //!   upstream's capacity hints, and (for a failed attempt) start a backoff, in one round trip;
 //! - `backoff`: a deadline of max(current, now + length), with its reason;
-//! - `snapshot`: everything about some pool members, in one call.
+//! - `snapshot`: everything about some pool members, in one call;
+//! - `charge`: usage no reservation covered (a Realtime session's responses);
+//! - `pin_response` / `response_owner`: which member holds a stored Responses API object.
 //!
 //! Time belongs to the store, never to a replica (their clocks differ): deadlines cross the
 //! trait as durations, and the Redis scripts read Redis `TIME`.
@@ -26,8 +28,9 @@
 //! | `{prefix}:{<pool>}:backoff:<backend>` | hash | `until_ms`, `reason`, `set_ms`; breaker `failures`, `opened`, `opened_ms` (epoch), `rate_start_ms`, `rate_ok`, `rate_failed` | the deadline plus the longest cool-down |
 //! | `{prefix}:{<pool>}:usage:<backend>`   | hash | `tokens:<bucket_start_ms>`, `requests:<bucket_start_ms>`; running sums `sum_tokens`, `sum_requests`, `oldest`, `newest`, `bucket_ms` | 2 windows after the last request |
 //! | `{prefix}:{<pool>}:latency:<backend>` | hash | `<metric>:<slot_start_ms>:le_<ms>` counts (`ttfb_ms`, `total_ms`, `ms_per_output_token`, `output_tokens`), their window sums `<metric>:w:le_<ms>`, `slot`, `summed` | 2 latency windows |
-//! | `{prefix}:{<pool>}:hints:<backend>`   | hash | `remaining_tokens`, `utilization` (share, 0.95 = 95 %), `updated_ms` (observation time), `admitted_tokens`, `estimated_tokens`, `actual_tokens` | 2 latency windows |
+//! | `{prefix}:{<pool>}:hints:<backend>`   | hash | `remaining_tokens`, `utilization` (share, 0.95 = 95 %), `updated_ms` (observation time), `admitted_tokens`, `estimated_tokens`, `actual_tokens`, `prompt_tokens`, `cached_tokens` | 2 latency windows |
 //! | `{prefix}:{<pool>}:pending`           | hash | reservation id → `<candidate>\|<bucket_ms>\|<tokens>\|<requests>` (a lease when requests > 1), or `released` | 2 windows |
+//! | `{prefix}:response:<id>`              | hash | `pool`, `backend`: the member holding that stored response          | `routing.response_affinity_ttl_s` |
 //! | `{prefix}:replicas`                   | zset | replica id → last heartbeat (ms)                                   | 2 × 5 s |
 //! | `{prefix}:generation`                 | string | the replica that wrote it; missing after Redis lost its data     | never |
 //!
