@@ -45,12 +45,47 @@ fn unavailable(e: fred::error::Error) -> StateError {
     StateError::Unavailable(e.to_string())
 }
 
-/// A script's error: its own `spillway:` complaints are bugs here; anything else an outage.
+/// A script's error: its own `spillway:` complaints, and a command inside it refusing its
+/// arguments (`ERR ... script: ...`, e.g. a `-0` once sent to HINCRBY), are bugs here, to be
+/// seen rather than hidden by the fallback; anything else (connection, `OOM`, `READONLY`,
+/// `BUSY`, `LOADING`) is an outage.
 pub(crate) fn script_error(e: fred::error::Error) -> StateError {
-    if e.details().contains("spillway:") {
+    let details = e.details();
+    let rejected_inside = details.starts_with("ERR") && details.contains("script:");
+    if details.contains("spillway:") || rejected_inside {
         StateError::Protocol(e.to_string())
     } else {
         unavailable(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fred::error::{Error, ErrorKind};
+
+    use super::*;
+
+    #[test]
+    fn script_bugs_are_protocol_errors_and_outages_are_not() {
+        let error =
+            |details: &str| script_error(Error::new(ErrorKind::Unknown, details.to_owned()));
+        for bug in [
+            "ERR spillway: settle takes 5 keys per record",
+            "ERR value is not an integer or out of range script: 3528cfd9, on @user_script:212.",
+        ] {
+            assert!(matches!(error(bug), StateError::Protocol(_)), "{bug}");
+        }
+        for outage in [
+            "OOM command not allowed when used memory > 'maxmemory'. script: 3528cfd9, on @user_script:12.",
+            "READONLY You can't write against a read only replica. script: 3528cfd9",
+            "BUSY Redis is busy running a script.",
+            "connection reset",
+        ] {
+            assert!(
+                matches!(error(outage), StateError::Unavailable(_)),
+                "{outage}"
+            );
+        }
     }
 }
 
