@@ -7,7 +7,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{RawQuery, Request, State};
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::http::{HeaderMap, HeaderName, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -45,6 +45,13 @@ pub struct Gateway {
     /// Recent fleet latency and budgets, for scoring members.
     pub view: Arc<FleetView>,
     pub retry_budget: RetryBudget,
+    /// Response headers naming a consumer's remaining budget.
+    pub consumer_headers: ConsumerHeaderNames,
+}
+
+pub struct ConsumerHeaderNames {
+    pub remaining_tokens: HeaderName,
+    pub remaining_requests: HeaderName,
 }
 
 impl Gateway {
@@ -104,8 +111,17 @@ impl Gateway {
                 config.routing.retry_ratio,
                 config.routing.min_retries_per_second,
             ),
+            consumer_headers: ConsumerHeaderNames {
+                remaining_tokens: header_name(&config.headers.consumer_remaining_tokens),
+                remaining_requests: header_name(&config.headers.consumer_remaining_requests),
+            },
         })
     }
+}
+
+/// A header name the configuration validated.
+fn header_name(name: &str) -> HeaderName {
+    HeaderName::from_bytes(name.as_bytes()).expect("header names are validated in config")
 }
 
 /// The data-plane router: the Azure OpenAI and OpenAI v1 APIs plus health probes.

@@ -99,14 +99,30 @@ impl Default for ServerConfig {
     }
 }
 
-/// Which client request headers are forwarded upstream (besides the built-in allow-list).
-#[derive(Clone, Debug, Default, Deserialize)]
+/// Which client request headers are forwarded upstream (besides the built-in allow-list),
+/// and the names of the consumer budget headers on responses.
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HeadersConfig {
     /// More header names to forward. Credentials and cookies are refused.
     pub forward: Vec<String>,
     /// Forward `forwarded` / `x-forwarded-*` (the client's address as a front proxy saw it).
     pub forward_x_forwarded: bool,
+    /// For a consumer with a budget: the header carrying its remaining tokens (replacing
+    /// the deployment's own), and its remaining requests (API Management names them too).
+    pub consumer_remaining_tokens: String,
+    pub consumer_remaining_requests: String,
+}
+
+impl Default for HeadersConfig {
+    fn default() -> Self {
+        Self {
+            forward: Vec::new(),
+            forward_x_forwarded: false,
+            consumer_remaining_tokens: "x-ratelimit-remaining-tokens".into(),
+            consumer_remaining_requests: "x-ratelimit-remaining-requests".into(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -348,6 +364,12 @@ pub struct ConsumerConfig {
     /// `max_completion_tokens`, `max_output_tokens`) must be set, and at most this (else 400).
     #[serde(default)]
     pub max_tokens: Option<u64>,
+    /// Tokens and requests this consumer may spend per budget window (a minute by default),
+    /// fleet-wide (over: 429 with `retry-after`).
+    #[serde(default)]
+    pub tpm: Option<u64>,
+    #[serde(default)]
+    pub rpm: Option<u64>,
 }
 
 /// One thing wrong with a configuration, with the key it is about.
@@ -668,6 +690,14 @@ impl Config {
                     "needs exactly one of key_sha256 and key_env".into(),
                 ),
             }
+            for (key, value) in [("tpm", c.tpm), ("rpm", c.rpm), ("max_tokens", c.max_tokens)] {
+                if value == Some(0) {
+                    bad(
+                        format!("consumers[{i}].{key}"),
+                        "must be greater than 0".into(),
+                    );
+                }
+            }
         }
     }
 }
@@ -710,6 +740,20 @@ impl ServerConfig {
 
 impl HeadersConfig {
     fn validate(&self, bad: &mut impl FnMut(String, String)) {
+        for (key, name) in [
+            (
+                "headers.consumer_remaining_tokens",
+                &self.consumer_remaining_tokens,
+            ),
+            (
+                "headers.consumer_remaining_requests",
+                &self.consumer_remaining_requests,
+            ),
+        ] {
+            if axum::http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                bad(key.into(), format!("{name:?} is not a header name"));
+            }
+        }
         for (i, name) in self.forward.iter().enumerate() {
             let key = format!("headers.forward[{i}]");
             let lower = name.to_ascii_lowercase();

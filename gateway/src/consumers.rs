@@ -37,6 +37,9 @@ pub struct Consumer {
     pub pools: Option<Vec<String>>,
     pub max_prompt_tokens: Option<u64>,
     pub max_tokens: Option<u64>,
+    /// Fleet-wide budget per window.
+    pub tpm: Option<u64>,
+    pub rpm: Option<u64>,
 }
 
 impl Consumer {
@@ -58,6 +61,8 @@ impl Consumers {
                     pools: c.pools.clone(),
                     max_prompt_tokens: c.max_prompt_tokens,
                     max_tokens: c.max_tokens,
+                    tpm: c.tpm,
+                    rpm: c.rpm,
                 };
                 Ok((consumer, key_hash_of(c)?))
             })
@@ -130,6 +135,8 @@ mod tests {
             pools: None,
             max_prompt_tokens: None,
             max_tokens: None,
+            tpm: None,
+            rpm: None,
         };
         Consumers {
             keys: vec![
@@ -186,6 +193,8 @@ mod tests {
             pools: None,
             max_prompt_tokens: None,
             max_tokens: None,
+            tpm: None,
+            rpm: None,
         };
         // SHA-256 of "s3cret" as `sha256sum` prints it: the hex form is the standard one.
         assert_eq!(

@@ -37,6 +37,8 @@ pub enum GatewayError {
     NoMemberInRegions { pool: String },
     #[error("This key may not use the deployment '{pool}'.")]
     PoolNotAllowed { pool: String },
+    #[error("This key's rate limit is reached. Please retry after {} seconds.", retry_seconds(*.retry_after))]
+    ConsumerThrottled { retry_after: Duration },
     #[error("Request body is larger than the {limit_bytes}-byte limit of this gateway.")]
     BodyTooLarge { limit_bytes: usize },
     #[error("The request body did not arrive within {timeout_ms} ms.")]
@@ -68,7 +70,9 @@ impl GatewayError {
             Self::UnknownPool(_) | Self::NotFound | Self::UnknownResponse(_) => {
                 StatusCode::NOT_FOUND
             }
-            Self::OwnerBusy { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::OwnerBusy { .. } | Self::ConsumerThrottled { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
@@ -92,7 +96,7 @@ impl GatewayError {
             Self::UnknownPool(_) => "DeploymentNotFound",
             Self::NotFound => "404",
             Self::UnknownResponse(_) => "response_not_found",
-            Self::OwnerBusy { .. } => "429",
+            Self::OwnerBusy { .. } | Self::ConsumerThrottled { .. } => "429",
             Self::MethodNotAllowed => "405",
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::BodyTimeout { .. } => "request_timeout",
@@ -110,7 +114,8 @@ impl GatewayError {
         match self {
             Self::Throttled { retry_after, .. }
             | Self::Unavailable { retry_after, .. }
-            | Self::OwnerBusy { retry_after, .. } => Some(*retry_after),
+            | Self::OwnerBusy { retry_after, .. }
+            | Self::ConsumerThrottled { retry_after } => Some(*retry_after),
             Self::Overloaded => Some(Duration::from_secs(1)),
             _ => None,
         }

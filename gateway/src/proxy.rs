@@ -4,6 +4,7 @@
 mod admit;
 mod cache_affinity;
 mod classify;
+mod consumer_budget;
 mod forward;
 mod realtime;
 mod relay;
@@ -72,6 +73,10 @@ pub async fn handle(gateway: &Gateway, inbound: Inbound) -> Response {
     let mut attempts = Attempts::default();
     let result = async {
         let request = admit(gateway, inbound).await?;
+        let budget =
+            consumer_budget::reserve(gateway, request.consumer.as_ref(), request.estimate.total())
+                .await?;
+        *request.consumer_budget.lock().expect("budget lock") = budget;
         let span = tracing::Span::current();
         span.record("pool", request.pool.name.as_str());
         attempts.pool = Some(request.pool.name.clone());
@@ -79,7 +84,14 @@ pub async fn handle(gateway: &Gateway, inbound: Inbound) -> Response {
         if let Some(consumer) = &request.consumer {
             span.record("consumer", consumer.name.as_str());
         }
-        route(gateway, &request, &mut attempts).await
+        let mut response = route(gateway, &request, &mut attempts).await?;
+        consumer_budget::remaining_headers(
+            gateway,
+            request.consumer.as_ref(),
+            response.headers_mut(),
+        )
+        .await;
+        Ok::<_, GatewayError>(response)
     }
     .instrument(span.clone())
     .await;
@@ -334,6 +346,7 @@ fn deliver(
         spilled,
         remember_response,
         provisioned: member.backend.provisioned,
+        consumer: request.consumer_budget.lock().expect("budget lock").take(),
     };
     relay::to_client(
         upstream,

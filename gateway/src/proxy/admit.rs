@@ -11,6 +11,7 @@ use spillway_shared::BackendId;
 
 use super::cache_affinity;
 use super::request_body;
+use super::settlement::OpenReservation;
 use super::upstream_path::{OperationPath, PathRejection, QueryPairs, UpstreamApi, check_segment};
 use crate::app::Gateway;
 use crate::consumers::Consumer;
@@ -80,6 +81,9 @@ pub struct ProxyRequest {
     pub remember_response: bool,
     /// Prompt-cache affinity key (see `cache_affinity`).
     pub cache_key: Option<u64>,
+    /// The consumer's budget reservation (see `consumer_budget`), taken by the attempt that
+    /// delivers; released when none does.
+    pub consumer_budget: std::sync::Mutex<Option<OpenReservation>>,
     pub query: QueryPairs,
     pub headers: HeaderMap,
     pub body: Bytes,
@@ -228,6 +232,7 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
         pinned,
         remember_response,
         cache_key,
+        consumer_budget: Default::default(),
         query: QueryPairs::parse(inbound.query.as_deref()),
         headers: gateway.headers.upstream_request(&inbound.headers),
         body,
@@ -285,6 +290,7 @@ async fn admit_stored(
         }),
         remember_response: false,
         cache_key: None,
+        consumer_budget: Default::default(),
         query: QueryPairs::parse(inbound.query.as_deref()),
         headers: gateway.headers.upstream_request(&inbound.headers),
         estimate: TokenEstimate {

@@ -34,6 +34,8 @@ pub struct Settlement {
     pub remember_response: Option<std::time::Duration>,
     /// A provisioned member: prompt tokens it served from its cache cost it nothing.
     pub provisioned: bool,
+    /// The consumer's budget reservation, settled with every token served.
+    pub consumer: Option<OpenReservation>,
 }
 
 /// `backend_host`: response headers naming it are not relayed.
@@ -196,6 +198,14 @@ impl Metered {
             ),
             (true, None) => (s.estimate.total(), 0),
         };
+        if let Some(budget) = s.consumer {
+            let served = match usage {
+                Some(u) if self.success => u.total_tokens,
+                _ => tokens,
+            };
+            let receipt = budget.receipt(served);
+            drop(budget.settle(receipt));
+        }
         let tokens = if s.spilled { 0 } else { tokens };
         let completed = self.success && ending == Ending::Completed && !s.spilled;
         let latency = completed.then(|| LatencySample {

@@ -1,0 +1,112 @@
+//! Consumer budgets, fleet-wide. A consumer with `tpm`/`rpm` is a pool of one pseudo-member
+//! in the fleet state (`spillway:{consumer:<name>}:usage:budget`), so every replica spends the
+//! same budget with the same machinery as the deployments' (windows, leases, the fallback).
+//! The request's estimate is reserved before any member is tried, and settled with the
+//! member's real usage when the answer ends (released when nothing was served).
+
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderValue};
+use spillway_shared::{Admission, BackendId, Candidate, PoolName};
+
+use super::settlement::OpenReservation;
+use crate::app::Gateway;
+use crate::consumers::Consumer;
+use crate::error::GatewayError;
+
+/// The consumer's budget as the fleet state holds it.
+struct Budget {
+    pool: PoolName,
+    candidate: Candidate,
+}
+
+impl Budget {
+    fn of(consumer: &Consumer) -> Option<Self> {
+        (consumer.tpm.is_some() || consumer.rpm.is_some()).then(|| Self {
+            pool: PoolName::new(format!("consumer:{}", consumer.name)),
+            candidate: Candidate {
+                tokens_per_window: consumer.tpm,
+                requests_per_window: consumer.rpm,
+                ..Candidate::unlimited(BackendId::new("budget"))
+            },
+        })
+    }
+}
+
+/// Reserve `tokens` and one request on the consumer's budget: `None` for a consumer without
+/// one, 429 when it is spent.
+pub async fn reserve(
+    gateway: &Gateway,
+    consumer: Option<&Consumer>,
+    tokens: u64,
+) -> Result<Option<OpenReservation>, GatewayError> {
+    let Some(budget) = consumer.and_then(Budget::of) else {
+        return Ok(None);
+    };
+    match gateway
+        .fleet
+        .acquire(
+            &budget.pool,
+            std::slice::from_ref(&budget.candidate),
+            tokens,
+        )
+        .await?
+    {
+        Admission::Admitted {
+            backend,
+            reservation,
+        } => Ok(Some(OpenReservation::new(
+            gateway.fleet.clone(),
+            budget.pool,
+            backend,
+            reservation,
+        ))),
+        Admission::Exhausted { retry_after, .. } => Err(GatewayError::ConsumerThrottled {
+            retry_after: retry_after.max(Duration::from_millis(1)),
+        }),
+    }
+}
+
+/// The consumer's remaining tokens and requests in the window, as response headers (in place
+/// of the deployment's own), for a consumer with a budget.
+pub async fn remaining_headers(
+    gateway: &Gateway,
+    consumer: Option<&Consumer>,
+    headers: &mut HeaderMap,
+) {
+    let Some(budget) = consumer.and_then(Budget::of) else {
+        return;
+    };
+    let Ok(snapshot) = gateway
+        .fleet
+        .snapshot(&budget.pool, std::slice::from_ref(&budget.candidate))
+        .await
+    else {
+        return;
+    };
+    let Some(state) = snapshot.members.first() else {
+        return;
+    };
+    let names = &gateway.consumer_headers;
+    for (name, limit, used) in [
+        (
+            &names.remaining_tokens,
+            budget.candidate.tokens_per_window,
+            state.tokens_used,
+        ),
+        (
+            &names.remaining_requests,
+            budget.candidate.requests_per_window,
+            state.requests_used,
+        ),
+    ] {
+        match limit {
+            Some(limit) => {
+                headers.insert(name.clone(), HeaderValue::from(limit.saturating_sub(used)));
+            }
+            None => {
+                headers.remove(name);
+            }
+        }
+    }
+}

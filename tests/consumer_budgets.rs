@@ -1,0 +1,61 @@
+//! Consumer budgets, fleet-wide: a consumer's tokens per window are spent once across every
+//! replica sharing Redis; over it, 429 with `retry-after`; every answer carries what it has
+//! left; other consumers are unaffected.
+
+use spillway_tests::redis_server::RedisServer;
+use spillway_tests::*;
+
+// `printf metered-key | sha256sum`, `printf free-key | sha256sum`.
+const CONSUMERS: &str = "[[consumers]]\nname = \"metered\"\ntpm = 100\n\
+    key_sha256 = \"ac2ace6e2a297dfc3eff691c6a5cb93b8bc570798658f08dcce75d0029f98d84\"\n\
+    [[consumers]]\nname = \"free\"\n\
+    key_sha256 = \"0c7e232ca6aa55ab05a0287b1c4198c7b4275500bce25c40b5a6aa7d564d3c45\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_budget_is_spent_once_across_the_fleet() {
+    let sim = tiers_a_and_b().await;
+    let redis = RedisServer::start();
+    let config = backend(&sim, "a", 1) + CONSUMERS + &redis_section(&redis.url(), "");
+    let (r1, f1) = start_on_redis(&config).await;
+    let (r2, f2) = start_on_redis(&config).await;
+    let send = |replica: &Replica, key: &'static str| {
+        client()
+            .post(format!(
+                "{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+                replica.url
+            ))
+            .header("api-key", key)
+            .json(&chat_body(false))
+            .send()
+    };
+
+    // Each request is 9 prompt + 8 output tokens: five fit in 100, the sixth does not,
+    // whichever replica takes it.
+    let mut remaining = Vec::new();
+    for i in 0..5 {
+        let replica = if i % 2 == 0 { &r1 } else { &r2 };
+        let answer = send(replica, "metered-key").await.unwrap();
+        assert_eq!(answer.status(), 200, "request {i}");
+        remaining.push(header(&answer, "x-ratelimit-remaining-tokens").to_owned());
+        answer.bytes().await.unwrap();
+    }
+    assert_eq!(remaining, ["83", "66", "49", "32", "15"]);
+    for replica in [&r1, &r2] {
+        let refused = send(replica, "metered-key").await.unwrap();
+        assert_eq!(refused.status(), 429);
+        assert!(header(&refused, "retry-after").parse::<u64>().unwrap() >= 1);
+    }
+    assert_eq!(
+        sim.stats("a", "gpt-4o").requests,
+        5,
+        "refusals never go upstream"
+    );
+
+    // Another consumer is unaffected, and gets the deployment's own headers.
+    let other = send(&r1, "free-key").await.unwrap();
+    assert_eq!(other.status(), 200);
+    assert_ne!(header(&other, "x-ratelimit-remaining-tokens"), "15");
+    for fleet in [&f1, &f2] {
+        assert_eq!(fleet.fallback_calls(), 0, "every decision was the fleet's");
+    }
+}
