@@ -59,3 +59,57 @@ async fn a_consumer_budget_is_spent_once_across_the_fleet() {
         assert_eq!(fleet.fallback_calls(), 0, "every decision was the fleet's");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn realtime_responses_spend_the_consumer_budget_too() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let sim = tiers_a_and_b().await;
+    let fleet = ObservedState::new(std::sync::Arc::new(
+        spillway_shared::EmbeddedState::default(),
+    ));
+    let gw = start_gateway(&(backend(&sim, "a", 1) + CONSUMERS), fleet.clone()).await;
+    let url = format!(
+        "{}/openai/realtime?api-version=2024-10-01-preview&deployment=gpt-4o",
+        gw.url.replacen("http://", "ws://", 1)
+    );
+    let handshake = || {
+        let mut request = url.as_str().into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("api-key", "metered-key".parse().unwrap());
+        tokio_tungstenite::connect_async(request)
+    };
+
+    // Responses until the session has spent the consumer's 100 tokens.
+    let (mut session, _) = handshake().await.expect("the session opens");
+    let (mut spent, mut responses) = (0, 0);
+    while spent < 100 {
+        for event in [
+            r#"{"type":"conversation.item.create","item":{"type":"message","role":"user","content":[{"type":"input_text","text":"Hello there"}]}}"#,
+            r#"{"type":"response.create"}"#,
+        ] {
+            session.send(Message::Text(event.into())).await.unwrap();
+        }
+        loop {
+            let frame = session.next().await.unwrap().unwrap();
+            let event: serde_json::Value = serde_json::from_str(frame.to_text().unwrap()).unwrap();
+            if event["type"] == "response.done" {
+                spent += event["response"]["usage"]["total_tokens"].as_u64().unwrap();
+                responses += 1;
+                break;
+            }
+        }
+    }
+    // The member and the consumer are charged for each response.
+    fleet.charged(2 * responses).await;
+    match handshake().await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(refused)) => {
+            assert_eq!(refused.status(), 429);
+            assert!(refused.headers().contains_key("retry-after"));
+        }
+        other => panic!("expected a 429, got {:?}", other.map(|(_, r)| r.status())),
+    }
+}

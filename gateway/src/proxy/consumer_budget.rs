@@ -67,6 +67,14 @@ pub async fn reserve(
     }
 }
 
+/// Where usage that no reservation covers (a Realtime session's responses) is charged for
+/// this consumer: its budget's pool and pseudo-member, for a consumer with a budget.
+pub fn charge_target(consumer: Option<&Consumer>) -> Option<(PoolName, BackendId)> {
+    consumer
+        .and_then(Budget::of)
+        .map(|b| (b.pool, b.candidate.backend))
+}
+
 /// The consumer's remaining tokens and requests in the window, as response headers (in place
 /// of the deployment's own), for a consumer with a budget.
 pub async fn remaining_headers(

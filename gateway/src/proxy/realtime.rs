@@ -25,6 +25,7 @@ use tracing::warn;
 use super::classify::{
     BackoffPolicy, Verdict, classify_response, classify_transport_failure, upstream_hints,
 };
+use super::consumer_budget;
 use super::forward::FailureKind;
 use super::select;
 use super::settlement::OpenReservation;
@@ -41,6 +42,8 @@ struct Session {
     fleet: Arc<dyn FleetState>,
     pool: PoolName,
     backend: BackendId,
+    /// The consumer's budget, charged with each response too.
+    consumer_budget: Option<(PoolName, BackendId)>,
 }
 
 /// `GET /openai/realtime?deployment=<pool>` (`v1`: `/openai/v1/realtime?model=<pool>`).
@@ -90,6 +93,14 @@ async fn connect(
         .cloned()
         .ok_or_else(|| refuse(GatewayError::UnknownPool(name.to_owned())))?;
     super::admit::check_pool_allowed(consumer, &pool).map_err(refuse)?;
+    // A consumer whose budget is spent opens no session; the handshake counts one request
+    // (the reservation is released at once, its responses are charged as they complete).
+    drop(
+        consumer_budget::reserve(gateway, consumer, 0)
+            .await
+            .map_err(refuse)?,
+    );
+    let consumer_budget = consumer_budget::charge_target(consumer);
     let regions = super::admit::allowed_regions(
         pool.regions.as_deref(),
         consumer.and_then(|c| c.regions.as_deref()),
@@ -168,6 +179,7 @@ async fn connect(
                     fleet: gateway.fleet.clone(),
                     pool: pool.name.clone(),
                     backend,
+                    consumer_budget,
                 });
             }
             Err(Refused::Http(status, response_headers, body)) => {
@@ -266,6 +278,7 @@ async fn relay(client: WebSocket, session: Session) {
         fleet,
         pool,
         backend,
+        consumer_budget,
     } = session;
     let (mut to_upstream, mut from_upstream) = upstream.split();
     let (mut to_client, mut from_client) = client.split();
@@ -284,9 +297,15 @@ async fn relay(client: WebSocket, session: Session) {
                 && let Some(tokens) = response_done_tokens(text.as_str())
             {
                 let (fleet, pool, backend) = (fleet.clone(), pool.clone(), backend.clone());
+                let consumer_budget = consumer_budget.clone();
                 tokio::spawn(async move {
                     if let Err(e) = fleet.charge(&pool, &backend, tokens, 1).await {
                         warn!(error = %e, %backend, "a realtime response was not charged");
+                    }
+                    if let Some((pool, budget)) = consumer_budget
+                        && let Err(e) = fleet.charge(&pool, &budget, tokens, 1).await
+                    {
+                        warn!(error = %e, %pool, "a realtime response was not charged to its consumer");
                     }
                 });
             }
