@@ -73,10 +73,6 @@ pub async fn handle(gateway: &Gateway, inbound: Inbound) -> Response {
     let mut attempts = Attempts::default();
     let result = async {
         let request = admit(gateway, inbound).await?;
-        let budget =
-            consumer_budget::reserve(gateway, request.consumer.as_ref(), request.estimate.total())
-                .await?;
-        *request.consumer_budget.lock().expect("budget lock") = budget;
         let span = tracing::Span::current();
         span.record("pool", request.pool.name.as_str());
         attempts.pool = Some(request.pool.name.clone());
@@ -84,6 +80,11 @@ pub async fn handle(gateway: &Gateway, inbound: Inbound) -> Response {
         if let Some(consumer) = &request.consumer {
             span.record("consumer", consumer.name.as_str());
         }
+        // After the span and the pool are recorded, so a refusal is logged and counted.
+        let budget =
+            consumer_budget::reserve(gateway, request.consumer.as_ref(), request.estimate.total())
+                .await?;
+        *request.consumer_budget.lock().expect("budget lock") = budget;
         let mut response = route(gateway, &request, &mut attempts).await?;
         consumer_budget::remaining_headers(
             gateway,
