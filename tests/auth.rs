@@ -44,6 +44,19 @@ fn keyed_backend(
     )
 }
 
+/// A chat completion through `gw` with the client key `key`.
+async fn chat_as(gw: &Replica, key: &str) -> reqwest::Result<reqwest::Response> {
+    client()
+        .post(format!(
+            "{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+            gw.url
+        ))
+        .header("api-key", key)
+        .json(&chat_body(false))
+        .send()
+        .await
+}
+
 const CONSUMER: &str =
     "[[consumers]]\nname = \"chat-app\"\nkey_env = \"SPILLWAY_TEST_CLIENT_KEY\"\n";
 
@@ -100,17 +113,7 @@ async fn a_consumer_configured_by_key_hash_is_admitted_by_its_key_only() {
         &(keyed_backend(&sim, "ptu", 1, "SPILLWAY_TEST_BACKEND_KEY") + CONSUMER + hashed),
     )
     .await;
-    let url = format!(
-        "{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
-        gw.url
-    );
-    let send = |key: &'static str| {
-        client()
-            .post(&url)
-            .header("api-key", key)
-            .json(&chat_body(false))
-            .send()
-    };
+    let send = |key: &'static str| chat_as(&gw, key);
     assert_eq!(send("hashed-key-789").await.unwrap().status(), 200);
     assert_eq!(
         send(CLIENT_KEY).await.unwrap().status(),
@@ -168,17 +171,7 @@ async fn an_eu_only_consumer_never_reaches_a_us_member_even_when_saturated() {
         + CONSUMER
         + "[[consumers]]\nname = \"eu-app\"\nkey_env = \"SPILLWAY_TEST_EU_KEY\"\nregions = [\"swedencentral\", \"francecentral\"]\n";
     let gw = start_single(&config).await;
-    let url = format!(
-        "{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
-        gw.url
-    );
-    let send = |key: &'static str| {
-        client()
-            .post(&url)
-            .header("api-key", key)
-            .json(&chat_body(false))
-            .send()
-    };
+    let send = |key: &'static str| chat_as(&gw, key);
 
     force(&sim, "eu", 429, Some(5_000), None, None);
     for _ in 0..3 {
