@@ -1,6 +1,7 @@
 //! Consumer budgets, fleet-wide: a consumer's tokens per window are spent once across every
 //! replica sharing Redis; over it, 429 with `retry-after`; every answer carries what it has
-//! left; other consumers are unaffected.
+//! left; other consumers are unaffected. A consumer's long token quota is counted the same
+//! way; spent, it is 403 until its period renews.
 
 use spillway_tests::redis_server::RedisServer;
 use spillway_tests::*;
@@ -112,4 +113,84 @@ async fn realtime_responses_spend_the_consumer_budget_too() {
         }
         other => panic!("expected a 429, got {:?}", other.map(|(_, r)| r.status())),
     }
+}
+
+// `printf quota-key | sha256sum`.
+const QUOTA_CONSUMERS: &str = "[[consumers]]\nname = \"quota\"\n\
+    token_quota = 40\ntoken_quota_period = \"daily\"\n\
+    key_sha256 = \"QUOTA_HASH\"\n\
+    [[consumers]]\nname = \"free\"\n\
+    key_sha256 = \"0c7e232ca6aa55ab05a0287b1c4198c7b4275500bce25c40b5a6aa7d564d3c45\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_token_quota_is_403_on_every_replica_until_the_period_renews() {
+    let sim = tiers_a_and_b().await;
+    let redis = RedisServer::start();
+    let consumers = QUOTA_CONSUMERS.replace(
+        "QUOTA_HASH",
+        &spillway_gateway::consumers::key_sha256_hex("quota-key"),
+    );
+    let config = backend(&sim, "a", 1) + &consumers + &redis_section(&redis.url(), "");
+    let replica = || async {
+        let observed = ObservedState::new(redis_fleet(&config).await);
+        (start_gateway(&config, observed.clone()).await, observed)
+    };
+    let ((r1, o1), (r2, o2)) = (replica().await, replica().await);
+    let send = |replica: &Replica, key: &'static str| {
+        client()
+            .post(format!(
+                "{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+                replica.url
+            ))
+            .header("api-key", key)
+            .json(&chat_body(false))
+            .send()
+    };
+
+    // 17 tokens a request: after two (34) the quota of 40 is not yet reached, so a third is
+    // served whole (51); then it is spent, on both replicas.
+    for (replica, observed, spends) in [(&r1, &o1, 1), (&r2, &o2, 1), (&r1, &o1, 2)] {
+        let answer = send(replica, "quota-key").await.unwrap();
+        assert_eq!(answer.status(), 200);
+        answer.bytes().await.unwrap();
+        observed.quota_spent(spends).await;
+    }
+    let tomorrow = (time::OffsetDateTime::now_utc() + time::Duration::DAY).date();
+    for replica in [&r1, &r2] {
+        let refused = send(replica, "quota-key").await.unwrap();
+        assert_eq!(refused.status(), 403);
+        let retry_after: u64 = header(&refused, "retry-after").parse().unwrap();
+        assert!((1..=86_400).contains(&retry_after), "{retry_after}");
+        let body: serde_json::Value = refused.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "quota_exceeded");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("40 tokens per day") && message.contains(&tomorrow.to_string()),
+            "{message}"
+        );
+    }
+    assert_eq!(
+        sim.stats("a", "gpt-4o").requests,
+        3,
+        "refusals never go upstream"
+    );
+    // The Realtime handshake is refused the same way.
+    let url = format!(
+        "{}/openai/realtime?api-version=2024-10-01-preview&deployment=gpt-4o",
+        r2.url.replacen("http://", "ws://", 1)
+    );
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+            .unwrap();
+    request
+        .headers_mut()
+        .insert("api-key", "quota-key".parse().unwrap());
+    match tokio_tungstenite::connect_async(request).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(refused)) => {
+            assert_eq!(refused.status(), 403)
+        }
+        other => panic!("expected a 403, got {:?}", other.map(|(_, r)| r.status())),
+    }
+    // Another consumer is unaffected.
+    assert_eq!(send(&r2, "free-key").await.unwrap().status(), 200);
 }

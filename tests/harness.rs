@@ -228,6 +228,7 @@ pub struct ObservedState {
     pub inner: Arc<dyn FleetState>,
     settled: tokio::sync::watch::Sender<u64>,
     charged: tokio::sync::watch::Sender<u64>,
+    quota_spends: tokio::sync::watch::Sender<u64>,
 }
 
 impl ObservedState {
@@ -236,7 +237,17 @@ impl ObservedState {
             inner,
             settled: tokio::sync::watch::Sender::new(0),
             charged: tokio::sync::watch::Sender::new(0),
+            quota_spends: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// Wait until `n` quota counters in all have been spent on (reads do not count).
+    pub async fn quota_spent(&self, n: u64) {
+        let mut rx = self.quota_spends.subscribe();
+        tokio::time::timeout(EVENT_TIMEOUT, rx.wait_for(|&count| count >= n))
+            .await
+            .expect("quota spends happen")
+            .expect("sender alive");
     }
 
     /// Wait until `n` charges (usage without a reservation) in all have happened.
@@ -330,6 +341,17 @@ impl FleetState for ObservedState {
         self.inner.response_owner(response_id).await
     }
 
+    async fn spend_quota(
+        &self,
+        counter: &spillway_shared::QuotaCounter,
+        tokens: u64,
+    ) -> Result<u64, spillway_shared::StateError> {
+        let result = self.inner.spend_quota(counter, tokens).await;
+        if tokens > 0 {
+            self.quota_spends.send_modify(|n| *n += 1);
+        }
+        result
+    }
     async fn ping(&self) -> Result<(), spillway_shared::StateError> {
         self.inner.ping().await
     }
@@ -357,6 +379,12 @@ pub async fn charged(fleet: &dyn FleetState, backend: &str) -> (u64, u64) {
 
 /// A replica on Redis (with its embedded fallback), as `spillway serve` builds it.
 pub async fn start_on_redis(config_toml: &str) -> (Replica, Arc<spillway_shared::FallbackState>) {
+    let fleet = redis_fleet(config_toml).await;
+    (start_gateway(config_toml, fleet.clone()).await, fleet)
+}
+
+/// The fleet state `spillway serve` builds for a configuration naming Redis, ready.
+pub async fn redis_fleet(config_toml: &str) -> Arc<spillway_shared::FallbackState> {
     let config = Config::from_toml(config_toml).expect("test configuration parses");
     let url = config
         .state
@@ -367,7 +395,7 @@ pub async fn start_on_redis(config_toml: &str) -> (Replica, Arc<spillway_shared:
     fleet
         .wait_ready(spillway_gateway::server::REDIS_START_WAIT)
         .await;
-    (start_gateway(config_toml, fleet.clone()).await, fleet)
+    fleet
 }
 
 /// A `[state]` section for Redis at `url`, with a key prefix of its own.

@@ -338,7 +338,7 @@ pub enum BackendAuthConfig {
     None,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConsumerConfig {
     pub name: String,
@@ -370,6 +370,13 @@ pub struct ConsumerConfig {
     pub tpm: Option<u64>,
     #[serde(default)]
     pub rpm: Option<u64>,
+    /// Tokens this consumer may spend per `token_quota_period`, fleet-wide (spent: 403
+    /// until the period ends).
+    #[serde(default)]
+    pub token_quota: Option<u64>,
+    /// `hourly`, `daily`, `weekly` (from Monday) or `monthly` (the default), in UTC.
+    #[serde(default)]
+    pub token_quota_period: Option<crate::quota_period::QuotaPeriod>,
 }
 
 /// One thing wrong with a configuration, with the key it is about.
@@ -690,7 +697,18 @@ impl Config {
                     "needs exactly one of key_sha256 and key_env".into(),
                 ),
             }
-            for (key, value) in [("tpm", c.tpm), ("rpm", c.rpm), ("max_tokens", c.max_tokens)] {
+            if c.token_quota_period.is_some() && c.token_quota.is_none() {
+                bad(
+                    format!("consumers[{i}].token_quota_period"),
+                    "is set without token_quota".into(),
+                );
+            }
+            for (key, value) in [
+                ("tpm", c.tpm),
+                ("rpm", c.rpm),
+                ("max_tokens", c.max_tokens),
+                ("token_quota", c.token_quota),
+            ] {
                 if value == Some(0) {
                     bad(
                         format!("consumers[{i}].{key}"),
@@ -836,6 +854,35 @@ mod tests {
             p[3].problem
                 .contains("SPILLWAY_TEST_SURELY_UNSET_VAR is not set")
         );
+    }
+
+    #[test]
+    fn a_token_quota_needs_a_count_and_a_known_period() {
+        let consumer = |extra: &str| {
+            format!(
+                "{MINIMAL}\n[[consumers]]\nname = \"app\"\nkey_sha256 = \"{}\"\n{extra}",
+                "ab".repeat(32)
+            )
+        };
+        let keys =
+            |text: &str| -> Vec<String> { problems(text).into_iter().map(|p| p.key).collect() };
+        assert_eq!(
+            keys(&consumer("token_quota_period = \"daily\"")),
+            ["consumers[0].token_quota_period"]
+        );
+        assert_eq!(
+            keys(&consumer("token_quota = 0")),
+            ["consumers[0].token_quota"]
+        );
+        let err = Config::from_toml(&consumer(
+            "token_quota = 5\ntoken_quota_period = \"yearly\"",
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("yearly"), "{err}");
+        Config::from_toml(&consumer("token_quota = 5"))
+            .unwrap()
+            .validate()
+            .expect("the period defaults to monthly");
     }
 
     #[test]

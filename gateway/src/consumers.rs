@@ -8,6 +8,7 @@ use subtle::ConstantTimeEq;
 
 use crate::config::ConsumerConfig;
 use crate::error::GatewayError;
+use crate::quota_period::QuotaPeriod;
 
 /// A key's SHA-256.
 type KeyHash = [u8; 32];
@@ -40,6 +41,8 @@ pub struct Consumer {
     /// Fleet-wide budget per window.
     pub tpm: Option<u64>,
     pub rpm: Option<u64>,
+    /// Fleet-wide tokens per calendar period.
+    pub token_quota: Option<(u64, QuotaPeriod)>,
 }
 
 impl Consumer {
@@ -63,6 +66,9 @@ impl Consumers {
                     max_tokens: c.max_tokens,
                     tpm: c.tpm,
                     rpm: c.rpm,
+                    token_quota: c
+                        .token_quota
+                        .map(|quota| (quota, c.token_quota_period.unwrap_or_default())),
                 };
                 Ok((consumer, key_hash_of(c)?))
             })
@@ -137,6 +143,7 @@ mod tests {
             max_tokens: None,
             tpm: None,
             rpm: None,
+            token_quota: None,
         };
         Consumers {
             keys: vec![
@@ -188,13 +195,7 @@ mod tests {
         let config = ConsumerConfig {
             name: "hashed".into(),
             key_sha256: Some(key_sha256_hex("s3cret")),
-            key_env: None,
-            regions: None,
-            pools: None,
-            max_prompt_tokens: None,
-            max_tokens: None,
-            tpm: None,
-            rpm: None,
+            ..Default::default()
         };
         // SHA-256 of "s3cret" as `sha256sum` prints it: the hex form is the standard one.
         assert_eq!(

@@ -39,6 +39,16 @@ pub enum GatewayError {
     PoolNotAllowed { pool: String },
     #[error("This key's rate limit is reached. Please retry after {} seconds.", retry_seconds(*.retry_after))]
     ConsumerThrottled { retry_after: Duration },
+    #[error(
+        "This key's token quota of {quota} tokens per {unit} is used up. It renews at {renews_at}."
+    )]
+    QuotaExceeded {
+        quota: u64,
+        unit: &'static str,
+        /// RFC 3339, UTC.
+        renews_at: String,
+        retry_after: Duration,
+    },
     #[error("Request body is larger than the {limit_bytes}-byte limit of this gateway.")]
     BodyTooLarge { limit_bytes: usize },
     #[error("The request body did not arrive within {timeout_ms} ms.")]
@@ -66,7 +76,9 @@ impl GatewayError {
         match self {
             Self::BadRequest(_) | Self::InvalidPath(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::NoMemberInRegions { .. } | Self::PoolNotAllowed { .. } => StatusCode::FORBIDDEN,
+            Self::NoMemberInRegions { .. }
+            | Self::PoolNotAllowed { .. }
+            | Self::QuotaExceeded { .. } => StatusCode::FORBIDDEN,
             Self::UnknownPool(_) | Self::NotFound | Self::UnknownResponse(_) => {
                 StatusCode::NOT_FOUND
             }
@@ -97,6 +109,7 @@ impl GatewayError {
             Self::NotFound => "404",
             Self::UnknownResponse(_) => "response_not_found",
             Self::OwnerBusy { .. } | Self::ConsumerThrottled { .. } => "429",
+            Self::QuotaExceeded { .. } => "quota_exceeded",
             Self::MethodNotAllowed => "405",
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::BodyTimeout { .. } => "request_timeout",
@@ -115,7 +128,8 @@ impl GatewayError {
             Self::Throttled { retry_after, .. }
             | Self::Unavailable { retry_after, .. }
             | Self::OwnerBusy { retry_after, .. }
-            | Self::ConsumerThrottled { retry_after } => Some(*retry_after),
+            | Self::ConsumerThrottled { retry_after }
+            | Self::QuotaExceeded { retry_after, .. } => Some(*retry_after),
             Self::Overloaded => Some(Duration::from_secs(1)),
             _ => None,
         }

@@ -14,6 +14,7 @@ pub mod load_shed;
 pub mod metrics;
 pub mod models;
 pub mod proxy;
+pub mod quota_period;
 pub mod request_fields;
 pub mod retry_budget;
 pub mod secret;

@@ -5,6 +5,7 @@ mod admit;
 mod cache_affinity;
 mod classify;
 mod consumer_budget;
+mod consumer_quota;
 mod forward;
 mod realtime;
 mod relay;
@@ -35,6 +36,7 @@ use classify::{
     BackoffPolicy, Verdict, azure_spilled_over, classify_response, classify_transport_failure,
     upstream_hints,
 };
+use consumer_budget::ConsumerSpend;
 
 use crate::app::Gateway;
 use crate::error::GatewayError;
@@ -81,10 +83,14 @@ pub async fn handle(gateway: &Gateway, inbound: Inbound) -> Response {
             span.record("consumer", consumer.name.as_str());
         }
         // After the span and the pool are recorded, so a refusal is logged and counted.
+        let quota = consumer_quota::check(gateway, request.consumer.as_ref()).await?;
         let budget =
             consumer_budget::reserve(gateway, request.consumer.as_ref(), request.estimate.total())
                 .await?;
-        *request.consumer_budget.lock().expect("budget lock") = budget;
+        *request.consumer_spend.lock().expect("consumer lock") = Some(ConsumerSpend {
+            budget,
+            quota: quota.map(|counter| (gateway.fleet.clone(), counter)),
+        });
         let mut response = route(gateway, &request, &mut attempts).await?;
         consumer_budget::remaining_headers(
             gateway,
@@ -347,7 +353,7 @@ fn deliver(
         spilled,
         remember_response,
         provisioned: member.backend.provisioned,
-        consumer: request.consumer_budget.lock().expect("budget lock").take(),
+        consumer: request.consumer_spend.lock().expect("consumer lock").take(),
     };
     relay::to_client(
         upstream,

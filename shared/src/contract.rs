@@ -645,6 +645,34 @@ pub async fn a_pinned_response_names_its_owner_and_unknown_ids_none(store: &dyn 
     assert_eq!(store.response_owner(&long).await.unwrap(), None);
 }
 
+pub async fn quota_counters_add_up_apart_and_end_with_their_period(store: &dyn FleetState) {
+    let unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let counter = |name: &str, expires_at_ms| crate::QuotaCounter {
+        name: name.into(),
+        expires_at_ms,
+    };
+    let hour = counter("batch:hourly:1", unix_ms + 3_600_000);
+    assert_eq!(store.spend_quota(&hour, 0).await.unwrap(), 0, "fresh");
+    assert_eq!(store.spend_quota(&hour, 700).await.unwrap(), 700);
+    assert_eq!(store.spend_quota(&hour, 300).await.unwrap(), 1_000);
+    assert_eq!(store.spend_quota(&hour, 0).await.unwrap(), 1_000, "read");
+    let other = counter("chat:hourly:1", unix_ms + 3_600_000);
+    assert_eq!(store.spend_quota(&other, 5).await.unwrap(), 5, "apart");
+    // A counter whose period has ended is gone: the next period starts from nothing.
+    let ended = counter("batch:hourly:0", unix_ms.saturating_sub(1_000));
+    store.spend_quota(&ended, 50).await.unwrap();
+    assert_eq!(store.spend_quota(&ended, 0).await.unwrap(), 0, "expired");
+    // Names beyond the bound are refused, not stored.
+    let long = counter(
+        &"q".repeat(crate::MAX_QUOTA_NAME_BYTES + 1),
+        unix_ms + 1_000,
+    );
+    assert!(store.spend_quota(&long, 1).await.is_err());
+}
+
 /// Windows under which only the failure rate opens the breaker (2 outcomes, 5 s window).
 pub fn rate_breaker_windows() -> crate::Windows {
     crate::Windows {
@@ -676,6 +704,7 @@ macro_rules! fleet_state_contract {
             a_pinned_response_names_its_owner_and_unknown_ids_none,
             charged_usage_counts_against_the_budget,
             completed_requests_report_what_the_prompt_cache_served,
+            quota_counters_add_up_apart_and_end_with_their_period,
         );
         $crate::fleet_state_contract!(@timed $make;
             consecutive_failures_open_the_breaker_for_ever_longer,

@@ -31,7 +31,7 @@ use crate::memory::EmbeddedState;
 use crate::redis::RedisState;
 use crate::store::{
     Admission, BackendId, Backoff, Candidate, ClockControl, FleetState, Issuer, PoolName,
-    PoolSnapshot, Receipt, Reservation, ResponseOwner, StateError, UpstreamHints,
+    PoolSnapshot, QuotaCounter, Receipt, Reservation, ResponseOwner, StateError, UpstreamHints,
 };
 
 pub use crate::health::{ENTER_AFTER, LEAVE_AFTER};
@@ -58,6 +58,9 @@ pub struct FallbackState {
     /// The last shared view, for local shares and for restoring an emptied Redis.
     view: LastView,
     owed: Mutex<Owed>,
+    /// Each quota counter's total as Redis last answered it, so a quota keeps counting from
+    /// there while Redis is away.
+    quotas_seen: Mutex<HashMap<String, u64>>,
 }
 
 /// What was decided locally and still has to reach Redis.
@@ -67,6 +70,8 @@ struct Owed {
     usage: HashMap<MemberKey, (u64, u64)>,
     /// Members given a backoff (or a breaker outcome) locally.
     backoffs: HashSet<MemberKey>,
+    /// Quota tokens spent while Redis was away.
+    quotas: HashMap<QuotaCounter, u64>,
 }
 
 impl FallbackState {
@@ -83,6 +88,7 @@ impl FallbackState {
             live_replicas: AtomicU32::new(1),
             view: LastView::default(),
             owed: Mutex::new(Owed::default()),
+            quotas_seen: Mutex::new(HashMap::new()),
         });
         tokio::spawn(probe(Arc::downgrade(&state), state.health.subscribe()));
         tokio::spawn(heartbeat(Arc::downgrade(&state)));
@@ -211,7 +217,25 @@ impl FallbackState {
     /// cannot be written stays owed.
     async fn repay(&self) {
         self.restore_if_emptied().await;
-        let Owed { usage, backoffs } = std::mem::take(&mut *self.owed.lock().expect("lock"));
+        let Owed {
+            usage,
+            backoffs,
+            quotas,
+        } = std::mem::take(&mut *self.owed.lock().expect("lock"));
+        for (counter, tokens) in quotas {
+            let spent =
+                tokio::time::timeout(SNAPSHOT_BUDGET, self.primary.spend_quota(&counter, tokens))
+                    .await;
+            if !matches!(spent, Ok(Ok(_))) {
+                *self
+                    .owed
+                    .lock()
+                    .expect("lock")
+                    .quotas
+                    .entry(counter)
+                    .or_default() += tokens;
+            }
+        }
         for ((pool, backend), (tokens, requests)) in usage {
             let charged = tokio::time::timeout(
                 SNAPSHOT_BUDGET,
@@ -332,7 +356,10 @@ async fn heartbeat(state: Weak<FallbackState>) {
         let Some(state) = state.upgrade() else { return };
         state.announce().await; // the last count stands while Redis cannot be reached
         // Usage owed from single slow calls is repaid on the healthy path too.
-        let owes = !state.owed.lock().expect("lock").usage.is_empty();
+        let owes = {
+            let owed = state.owed.lock().expect("lock");
+            !owed.usage.is_empty() || !owed.quotas.is_empty()
+        };
         if owes {
             state.repay().await;
         }
@@ -535,6 +562,29 @@ impl FleetState for FallbackState {
             return Ok(Some(owner));
         }
         self.local.response_owner(response_id).await
+    }
+
+    /// On Redis; while it is away, the last total Redis gave plus what this replica spent
+    /// since (owed to Redis, added when it answers).
+    async fn spend_quota(&self, counter: &QuotaCounter, tokens: u64) -> Result<u64, StateError> {
+        let pool = PoolName::new(format!("quota:{}", counter.name));
+        let shared = async {
+            let total = self.primary.spend_quota(counter, tokens).await?;
+            let mut seen = self.quotas_seen.lock().expect("lock");
+            if seen.len() >= 100_000 {
+                seen.clear(); // old periods' counters; a miss only costs the local estimate
+            }
+            seen.insert(counter.name.clone(), total);
+            Ok(total)
+        };
+        let local = async {
+            let mut owed = self.owed.lock().expect("fallback lock");
+            let owed = owed.quotas.entry(counter.clone()).or_default();
+            *owed += tokens;
+            let seen = self.quotas_seen.lock().expect("lock");
+            Ok(seen.get(&counter.name).copied().unwrap_or(0) + *owed)
+        };
+        self.decide(&pool, shared, local).await
     }
 
     /// Always usable: with Redis down the replica still decides, on its share.

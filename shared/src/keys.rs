@@ -39,6 +39,11 @@ impl KeySchema {
         format!("{}:response:{}", self.prefix, response_id)
     }
 
+    /// A long-period quota counter (a string); the braces make the counter its own slot.
+    pub fn quota(&self, counter: &str) -> String {
+        format!("{}:quota:{{{}}}", self.prefix, counter)
+    }
+
     pub fn generation(&self) -> String {
         format!("{}:generation", self.prefix)
     }

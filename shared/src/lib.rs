@@ -31,6 +31,7 @@
 //! | `{prefix}:{<pool>}:hints:<backend>`   | hash | `remaining_tokens`, `utilization` (share, 0.95 = 95 %), `updated_ms` (observation time), `admitted_tokens`, `estimated_tokens`, `actual_tokens`, `prompt_tokens`, `cached_tokens` | 2 latency windows |
 //! | `{prefix}:{<pool>}:pending`           | hash | reservation id → `<candidate>\|<bucket_ms>\|<tokens>\|<requests>` (a lease when requests > 1), or `released` | 2 windows |
 //! | `{prefix}:response:<id>`              | hash | `pool`, `backend`: the member holding that stored response          | `routing.response_affinity_ttl_s` |
+//! | `{prefix}:quota:{<consumer>:<period>:<start_s>}` | string | tokens served to a consumer in one quota period | the period's end |
 //! | `{prefix}:replicas`                   | zset | replica id → last heartbeat (ms)                                   | 2 × 5 s |
 //! | `{prefix}:generation`                 | string | the replica that wrote it; missing after Redis lost its data     | never |
 //!
@@ -61,8 +62,8 @@ pub use redis::RedisState;
 pub use memory::{EmbeddedState, ms_per_output_token};
 pub use store::{
     Admission, BackendId, Backoff, BackoffReason, Candidate, FleetState, Histogram, Issuer,
-    LATENCY_BOUNDS_MS, LatencyHistograms, LatencySample, MAX_RESPONSE_ID_BYTES, MemberSnapshot,
-    PoolName, PoolSnapshot, Receipt, Reservation, ResponseOwner, StateError, UpstreamHints,
-    Windows,
+    LATENCY_BOUNDS_MS, LatencyHistograms, LatencySample, MAX_QUOTA_NAME_BYTES,
+    MAX_RESPONSE_ID_BYTES, MemberSnapshot, PoolName, PoolSnapshot, QuotaCounter, Receipt,
+    Reservation, ResponseOwner, StateError, UpstreamHints, Windows,
 };
 pub use store::{ClockControl, StoreHealth};

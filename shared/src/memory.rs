@@ -10,8 +10,8 @@ use tokio::time::Instant;
 
 use crate::store::{
     Admission, BackendId, Backoff, BackoffReason, Candidate, FleetState, LatencyHistograms,
-    MAX_RESPONSE_ID_BYTES, MemberSnapshot, PoolName, PoolSnapshot, Receipt, ResponseOwner,
-    StateError, UpstreamHints, Windows,
+    MAX_QUOTA_NAME_BYTES, MAX_RESPONSE_ID_BYTES, MemberSnapshot, PoolName, PoolSnapshot,
+    QuotaCounter, Receipt, ResponseOwner, StateError, UpstreamHints, Windows,
 };
 use crate::window::Usage;
 
@@ -27,7 +27,12 @@ pub struct EmbeddedState {
     members: Mutex<HashMap<(PoolName, BackendId), Member>>,
     /// Responses API affinity: response id → owner and expiry (store clock, ms).
     responses: Mutex<HashMap<String, (ResponseOwner, u64)>>,
+    /// Quota counters: name → tokens and expiry (unix ms).
+    quotas: Mutex<HashMap<String, (u64, u64)>>,
 }
+
+/// Quota counters kept at most; when full, expired ones are dropped first.
+const MAX_QUOTA_COUNTERS: usize = 100_000;
 
 /// Affinity entries kept at most; when full, expired ones are dropped first, then new
 /// responses are not remembered (their follow-ups take normal routing).
@@ -74,7 +79,16 @@ impl EmbeddedState {
             skew_ms: std::sync::atomic::AtomicU64::new(0),
             members: Mutex::new(HashMap::new()),
             responses: Mutex::new(HashMap::new()),
+            quotas: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Wall-clock time (unix ms) for quota periods, moved by the test clock too.
+    fn unix_ms(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+            + self.skew_ms.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn now_ms(&self) -> u64 {
@@ -473,6 +487,31 @@ impl FleetState for EmbeddedState {
             }
             None => Ok(None),
         }
+    }
+
+    async fn spend_quota(&self, counter: &QuotaCounter, tokens: u64) -> Result<u64, StateError> {
+        if counter.name.len() > MAX_QUOTA_NAME_BYTES {
+            return Err(StateError::Protocol("quota counter name too long".into()));
+        }
+        let now = self.unix_ms();
+        let mut quotas = self.quotas.lock().expect("quotas lock");
+        if quotas.len() >= MAX_QUOTA_COUNTERS && !quotas.contains_key(&counter.name) {
+            quotas.retain(|_, (_, expires)| *expires > now);
+        }
+        let entry = quotas
+            .entry(counter.name.clone())
+            .or_insert((0, counter.expires_at_ms));
+        if entry.1 <= now {
+            *entry = (0, counter.expires_at_ms);
+        }
+        if tokens > 0 {
+            *entry = (entry.0.saturating_add(tokens), counter.expires_at_ms);
+        }
+        let total = entry.0;
+        if entry.1 <= now {
+            quotas.remove(&counter.name);
+        }
+        Ok(total)
     }
 
     async fn ping(&self) -> Result<(), StateError> {

@@ -15,8 +15,9 @@ use crate::memory::ms_per_output_token;
 use crate::settle_batch::{Batcher, SettleJob, Work, label};
 use crate::store::{
     Admission, BackendId, Backoff, BackoffReason, Candidate, FleetState, LATENCY_BOUNDS_MS,
-    LatencyHistograms, MAX_RESPONSE_ID_BYTES, MemberSnapshot, PoolName, PoolSnapshot, Receipt,
-    Reservation, ResponseOwner, StateError, UpstreamHints, Windows,
+    LatencyHistograms, MAX_QUOTA_NAME_BYTES, MAX_RESPONSE_ID_BYTES, MemberSnapshot, PoolName,
+    PoolSnapshot, QuotaCounter, Receipt, Reservation, ResponseOwner, StateError, UpstreamHints,
+    Windows,
 };
 
 pub struct RedisState {
@@ -30,6 +31,7 @@ pub struct RedisState {
     charge: Script,
     release: Script,
     pin_response: Script,
+    spend_quota: Script,
     /// Reservation ids: unique per store instance (prefix) and counted.
     id_prefix: String,
     next_id: std::sync::atomic::AtomicU64,
@@ -140,6 +142,7 @@ impl RedisState {
             charge: Script::from_lua(include_str!("lua/charge.lua")),
             release: Script::from_lua(include_str!("lua/release.lua")),
             pin_response: Script::from_lua(include_str!("lua/pin_response.lua")),
+            spend_quota: Script::from_lua(include_str!("lua/spend_quota.lua")),
             id_prefix: format!(
                 "{:x}",
                 std::time::SystemTime::now()
@@ -171,6 +174,8 @@ impl RedisState {
                 &self.heartbeat,
                 &self.charge,
                 &self.release,
+                &self.pin_response,
+                &self.spend_quota,
             ] {
                 script.load(&self.client).await.map_err(unavailable)?;
             }
@@ -838,6 +843,20 @@ impl FleetState for RedisState {
             }),
             _ => None,
         })
+    }
+
+    async fn spend_quota(&self, counter: &QuotaCounter, tokens: u64) -> Result<u64, StateError> {
+        if counter.name.len() > MAX_QUOTA_NAME_BYTES {
+            return Err(StateError::Protocol("quota counter name too long".into()));
+        }
+        let keys = vec![self.keys.quota(&counter.name)];
+        let args = vec![tokens.to_string(), counter.expires_at_ms.max(1).to_string()];
+        match self.run(&self.spend_quota, keys, args).await? {
+            Value::Integer(total) => Ok(total.max(0) as u64),
+            other => Err(StateError::Protocol(format!(
+                "spend_quota answered {other:?}"
+            ))),
+        }
     }
 
     async fn ping(&self) -> Result<(), StateError> {

@@ -380,6 +380,18 @@ pub struct ResponseOwner {
     pub backend: BackendId,
 }
 
+/// A long-period counter: a consumer's token quota for one hour, day, week or month. The
+/// name identifies the consumer and the period (so a new period is a new counter); the
+/// counter is forgotten at `expires_at_ms` (unix time), the period's end.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct QuotaCounter {
+    pub name: String,
+    pub expires_at_ms: u64,
+}
+
+/// Quota counter names longer than this are refused (they become keys).
+pub const MAX_QUOTA_NAME_BYTES: usize = 512;
+
 /// Response ids longer than this are never remembered nor looked up (a client's path
 /// segment must not become an unbounded key).
 pub const MAX_RESPONSE_ID_BYTES: usize = 256;
@@ -450,6 +462,9 @@ pub trait FleetState: Send + Sync + 'static {
 
     /// The member holding `response_id`, while remembered.
     async fn response_owner(&self, response_id: &str) -> Result<Option<ResponseOwner>, StateError>;
+
+    /// Add `tokens` to a quota counter and return its total; 0 tokens reads it.
+    async fn spend_quota(&self, counter: &QuotaCounter, tokens: u64) -> Result<u64, StateError>;
 
     /// Cheap liveness check for `/readyz`.
     async fn ping(&self) -> Result<(), StateError>;

@@ -11,7 +11,6 @@ use spillway_shared::BackendId;
 
 use super::cache_affinity;
 use super::request_body;
-use super::settlement::OpenReservation;
 use super::upstream_path::{OperationPath, PathRejection, QueryPairs, UpstreamApi, check_segment};
 use crate::app::Gateway;
 use crate::consumers::Consumer;
@@ -83,7 +82,7 @@ pub struct ProxyRequest {
     pub cache_key: Option<u64>,
     /// The consumer's budget reservation (see `consumer_budget`), taken by the attempt that
     /// delivers; released when none does.
-    pub consumer_budget: std::sync::Mutex<Option<OpenReservation>>,
+    pub consumer_spend: std::sync::Mutex<Option<super::consumer_budget::ConsumerSpend>>,
     pub query: QueryPairs,
     pub headers: HeaderMap,
     pub body: Bytes,
@@ -232,7 +231,7 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
         pinned,
         remember_response,
         cache_key,
-        consumer_budget: Default::default(),
+        consumer_spend: Default::default(),
         query: QueryPairs::parse(inbound.query.as_deref()),
         headers: gateway.headers.upstream_request(&inbound.headers),
         body,
@@ -290,7 +289,7 @@ async fn admit_stored(
         }),
         remember_response: false,
         cache_key: None,
-        consumer_budget: Default::default(),
+        consumer_spend: Default::default(),
         query: QueryPairs::parse(inbound.query.as_deref()),
         headers: gateway.headers.upstream_request(&inbound.headers),
         estimate: TokenEstimate {

@@ -4,10 +4,12 @@
 //! The request's estimate is reserved before any member is tried, and settled with the
 //! member's real usage when the answer ends (released when nothing was served).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::{HeaderMap, HeaderValue};
-use spillway_shared::{Admission, BackendId, Candidate, PoolName};
+use spillway_shared::{Admission, BackendId, Candidate, FleetState, PoolName, QuotaCounter};
+use tracing::warn;
 
 use super::settlement::OpenReservation;
 use crate::app::Gateway;
@@ -30,6 +32,31 @@ impl Budget {
                 ..Candidate::unlimited(BackendId::new("budget"))
             },
         })
+    }
+}
+
+/// What one request spends of its consumer's allowances: its budget reservation and its
+/// quota counter. Settled once, with the tokens served; dropped unsettled, the reservation
+/// is released and the quota untouched.
+#[derive(Default)]
+pub struct ConsumerSpend {
+    pub budget: Option<OpenReservation>,
+    pub quota: Option<(Arc<dyn FleetState>, QuotaCounter)>,
+}
+
+impl ConsumerSpend {
+    pub fn settle(self, served_tokens: u64) {
+        if let Some(budget) = self.budget {
+            let receipt = budget.receipt(served_tokens);
+            drop(budget.settle(receipt));
+        }
+        if let Some((fleet, counter)) = self.quota.filter(|_| served_tokens > 0) {
+            tokio::spawn(async move {
+                if let Err(e) = fleet.spend_quota(&counter, served_tokens).await {
+                    warn!(error = %e, quota = counter.name, "tokens not counted on a consumer's quota");
+                }
+            });
+        }
     }
 }
 

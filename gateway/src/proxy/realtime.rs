@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use spillway_shared::{
-    Admission, BackendId, BackoffReason, Candidate, FleetState, PoolName, Receipt,
+    Admission, BackendId, BackoffReason, Candidate, FleetState, PoolName, QuotaCounter, Receipt,
 };
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -25,11 +25,11 @@ use tracing::warn;
 use super::classify::{
     BackoffPolicy, Verdict, classify_response, classify_transport_failure, upstream_hints,
 };
-use super::consumer_budget;
 use super::forward::FailureKind;
 use super::select;
 use super::settlement::OpenReservation;
 use super::upstream_path::{QueryPairs, check_segment, realtime_url};
+use super::{consumer_budget, consumer_quota};
 use crate::app::Gateway;
 use crate::error::GatewayError;
 use crate::table::Member;
@@ -44,6 +44,8 @@ struct Session {
     backend: BackendId,
     /// The consumer's budget, charged with each response too.
     consumer_budget: Option<(PoolName, BackendId)>,
+    /// The consumer's quota counter (of the period the session began in).
+    consumer_quota: Option<QuotaCounter>,
 }
 
 /// `GET /openai/realtime?deployment=<pool>` (`v1`: `/openai/v1/realtime?model=<pool>`).
@@ -93,6 +95,9 @@ async fn connect(
         .cloned()
         .ok_or_else(|| refuse(GatewayError::UnknownPool(name.to_owned())))?;
     super::admit::check_pool_allowed(consumer, &pool).map_err(refuse)?;
+    let consumer_quota = consumer_quota::check(gateway, consumer)
+        .await
+        .map_err(refuse)?;
     // A consumer whose budget is spent opens no session; the handshake counts one request
     // (the reservation is released at once, its responses are charged as they complete).
     drop(
@@ -180,6 +185,7 @@ async fn connect(
                     pool: pool.name.clone(),
                     backend,
                     consumer_budget,
+                    consumer_quota,
                 });
             }
             Err(Refused::Http(status, response_headers, body)) => {
@@ -279,6 +285,7 @@ async fn relay(client: WebSocket, session: Session) {
         pool,
         backend,
         consumer_budget,
+        consumer_quota,
     } = session;
     let (mut to_upstream, mut from_upstream) = upstream.split();
     let (mut to_client, mut from_client) = client.split();
@@ -298,6 +305,7 @@ async fn relay(client: WebSocket, session: Session) {
             {
                 let (fleet, pool, backend) = (fleet.clone(), pool.clone(), backend.clone());
                 let consumer_budget = consumer_budget.clone();
+                let consumer_quota = consumer_quota.clone();
                 tokio::spawn(async move {
                     if let Err(e) = fleet.charge(&pool, &backend, tokens, 1).await {
                         warn!(error = %e, %backend, "a realtime response was not charged");
@@ -306,6 +314,11 @@ async fn relay(client: WebSocket, session: Session) {
                         && let Err(e) = fleet.charge(&pool, &budget, tokens, 1).await
                     {
                         warn!(error = %e, %pool, "a realtime response was not charged to its consumer");
+                    }
+                    if let Some(counter) = consumer_quota
+                        && let Err(e) = fleet.spend_quota(&counter, tokens).await
+                    {
+                        warn!(error = %e, quota = counter.name, "a realtime response was not counted on its consumer's quota");
                     }
                 });
             }

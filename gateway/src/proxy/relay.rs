@@ -34,8 +34,8 @@ pub struct Settlement {
     pub remember_response: Option<std::time::Duration>,
     /// A provisioned member: prompt tokens it served from its cache cost it nothing.
     pub provisioned: bool,
-    /// The consumer's budget reservation, settled with every token served.
-    pub consumer: Option<OpenReservation>,
+    /// The consumer's budget reservation and quota, settled with every token served.
+    pub consumer: Option<super::consumer_budget::ConsumerSpend>,
 }
 
 /// `backend_host`: response headers naming it are not relayed.
@@ -198,13 +198,12 @@ impl Metered {
             ),
             (true, None) => (s.estimate.total(), 0),
         };
-        if let Some(budget) = s.consumer {
+        if let Some(consumer) = s.consumer {
             let served = match usage {
                 Some(u) if self.success => u.total_tokens,
                 _ => tokens,
             };
-            let receipt = budget.receipt(served);
-            drop(budget.settle(receipt));
+            consumer.settle(served);
         }
         let tokens = if s.spilled { 0 } else { tokens };
         let completed = self.success && ending == Ending::Completed && !s.spilled;

@@ -1,0 +1,58 @@
+//! Consumer token quotas, fleet-wide: tokens per calendar hour, day, week or month, counted
+//! in the fleet state (one counter per consumer and period). Like API Management's
+//! `llm-token-quota`, a request is refused (403, until the period ends) once the tokens
+//! already served reach the quota; a request admitted just below it is served whole and
+//! counted.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use spillway_shared::QuotaCounter;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::app::Gateway;
+use crate::consumers::Consumer;
+use crate::error::GatewayError;
+
+/// The counter of `consumer`'s current period, when it has a quota.
+fn counter(consumer: &Consumer, now: SystemTime) -> Option<(u64, QuotaCounter, OffsetDateTime)> {
+    let (quota, period) = consumer.token_quota?;
+    let (start, end) = period.span(OffsetDateTime::from(now));
+    let counter = QuotaCounter {
+        name: format!(
+            "{}:{}:{}",
+            consumer.name,
+            period.as_str(),
+            start.unix_timestamp()
+        ),
+        expires_at_ms: (end.unix_timestamp_nanos() / 1_000_000) as u64,
+    };
+    Some((quota, counter, end))
+}
+
+/// 403 when the consumer's quota for this period is spent; else the counter the request's
+/// tokens go to (`None` without a quota).
+pub async fn check(
+    gateway: &Gateway,
+    consumer: Option<&Consumer>,
+) -> Result<Option<QuotaCounter>, GatewayError> {
+    let now = SystemTime::now();
+    let Some((quota, counter, end)) = consumer.and_then(|c| counter(c, now)) else {
+        return Ok(None);
+    };
+    let used = gateway.fleet.spend_quota(&counter, 0).await?;
+    if used < quota {
+        return Ok(Some(counter));
+    }
+    let period = consumer.and_then(|c| c.token_quota).map(|(_, p)| p);
+    let until_end = end.unix_timestamp_nanos().saturating_sub(
+        now.duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128),
+    );
+    Err(GatewayError::QuotaExceeded {
+        quota,
+        unit: period.map_or("period", |p| p.unit()),
+        renews_at: end.format(&Rfc3339).unwrap_or_default(),
+        retry_after: Duration::from_nanos(until_end.max(0) as u64),
+    })
+}
