@@ -2,76 +2,18 @@
 //! certificate for 127.0.0.1 is made with `openssl` and trusted through `SSL_CERT_FILE`; its
 //! own binary because it sets that process-wide variable.
 
-use std::process::Command;
 use std::time::Duration;
 
 use spillway_shared::{Admission, BackendId, Candidate, FleetState, PoolName, RedisState, Windows};
+use spillway_tests::pki::Pki;
 use spillway_tests::redis_server::RedisServer;
 
 #[test]
 fn the_store_works_over_tls() {
-    let dir = std::env::temp_dir().join(format!("spillway-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = |name: &str| dir.join(name).to_string_lossy().into_owned();
-    let (ca, ca_key, cert, key, csr, ext) = (
-        path("ca.pem"),
-        path("ca.key"),
-        path("cert.pem"),
-        path("key.pem"),
-        path("req.csr"),
-        path("ext.cnf"),
-    );
-    std::fs::write(
-        &ext,
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .output()
-            .expect("openssl is installed (scripts/test.sh installs it)");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    // A test CA, and a server certificate for 127.0.0.1 that it signs.
-    let subj_ca = "/CN=spillway-test-ca";
-    openssl(&[
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", subj_ca, "-keyout",
-        &ca_key, "-out", &ca,
-    ]);
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=127.0.0.1",
-        "-keyout",
-        &key,
-        "-out",
-        &csr,
-    ]);
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        &csr,
-        "-CA",
-        &ca,
-        "-CAkey",
-        &ca_key,
-        "-CAcreateserial",
-        "-days",
-        "1",
-        "-extfile",
-        &ext,
-        "-out",
-        &cert,
-    ]);
+    let pki = Pki::new("redis-tls");
+    let certs = pki.server_cert();
+    let text = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    let (ca, cert, key) = (text(&certs.ca), text(&certs.cert), text(&certs.key));
     let cert_for_env = ca.clone();
     // SAFETY: set before any other thread exists; the TLS client reads it when connecting.
     unsafe { std::env::set_var("SSL_CERT_FILE", &cert_for_env) };

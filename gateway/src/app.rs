@@ -70,7 +70,7 @@ impl Gateway {
                     .map_err(|p| invalid(format!("backends[{i}].auth"), p))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let consumers = Consumers::from_config(&config.consumers)
+        let consumers = Consumers::from_config(&config.consumers, config.auth.jwt.as_ref())
             .map_err(|p| invalid("consumers".into(), p))?;
         let http = reqwest::Client::builder()
             // An upstream's redirect is answered to the client, never followed: the request
@@ -305,7 +305,9 @@ async fn realtime_v1(
 }
 
 async fn models_list(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
-    crate::models::list(&gateway, &headers).into_response()
+    crate::models::list(&gateway, &headers)
+        .await
+        .into_response()
 }
 
 async fn models_retrieve(
@@ -313,7 +315,9 @@ async fn models_retrieve(
     axum::extract::Path(model): axum::extract::Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    crate::models::retrieve(&gateway, &headers, &model).into_response()
+    crate::models::retrieve(&gateway, &headers, &model)
+        .await
+        .into_response()
 }
 
 /// A request on the v1 API: the operation is the path after `/openai/v1/` or `/v1/`; or on

@@ -25,6 +25,9 @@ pub struct Config {
     pub backends: Vec<BackendConfig>,
     #[serde(default)]
     pub consumers: Vec<ConsumerConfig>,
+    /// How clients other than key holders authenticate.
+    #[serde(default)]
+    pub auth: AuthConfig,
     /// Per-pool settings, by pool name: `[pools.gpt-4o]`.
     #[serde(default)]
     pub pools: BTreeMap<String, PoolConfig>,
@@ -340,6 +343,51 @@ pub enum BackendAuthConfig {
 
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Entra ID (JWT) bearer tokens; the application's id maps to a consumer's `client_id`.
+    #[serde(default)]
+    pub jwt: Option<JwtConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// The token's `iss`: `https://login.microsoftonline.com/<tenant>/v2.0` for v2 tokens,
+    /// `https://sts.windows.net/<tenant>/` for v1.
+    pub issuer: String,
+    /// Accepted `aud` values: the gateway's application ID URI and/or client id.
+    pub audiences: Vec<String>,
+    /// The signing keys: a JWKS file, or (exactly one of the two) a URL such as
+    /// `https://login.microsoftonline.com/<tenant>/discovery/v2.0/keys`.
+    #[serde(default)]
+    pub jwks_file: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// A fetched key set is refreshed when older than this.
+    #[serde(default = "default_jwks_refresh_s")]
+    pub jwks_refresh_s: u64,
+    /// Claims naming the calling application, first present wins.
+    #[serde(default = "default_client_claims")]
+    pub client_claims: Vec<String>,
+    /// Clock skew allowed on `exp` and `nbf`, seconds.
+    #[serde(default = "default_jwt_leeway_s")]
+    pub leeway_s: u64,
+}
+
+fn default_jwks_refresh_s() -> u64 {
+    3600
+}
+
+fn default_client_claims() -> Vec<String> {
+    vec!["azp".into(), "appid".into()]
+}
+
+fn default_jwt_leeway_s() -> u64 {
+    30
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ConsumerConfig {
     pub name: String,
     /// SHA-256 of this consumer's key, in hex (`spillway hash-key` prints it): the key itself
@@ -350,6 +398,9 @@ pub struct ConsumerConfig {
     /// forgotten).
     #[serde(default)]
     pub key_env: Option<String>,
+    /// The Entra ID application (client) id whose tokens are this consumer (`[auth.jwt]`).
+    #[serde(default)]
+    pub client_id: Option<String>,
     /// When set, this consumer's requests only ever go to members in these regions
     /// (data residency), even when that means a 429.
     #[serde(default)]
@@ -445,6 +496,7 @@ impl Config {
         self.validate_backends(&mut bad);
         self.validate_pools(&mut bad);
         self.validate_consumers(&mut bad);
+        self.validate_jwt(&mut bad);
         if problems.is_empty() {
             Ok(())
         } else {
@@ -674,6 +726,7 @@ impl Config {
 
     fn validate_consumers(&self, bad: &mut impl FnMut(String, String)) {
         let mut names = BTreeSet::new();
+        let mut client_ids = BTreeSet::new();
         for (i, c) in self.consumers.iter().enumerate() {
             if c.name.is_empty() || !names.insert(c.name.as_str()) {
                 bad(
@@ -681,7 +734,22 @@ impl Config {
                     format!("{:?} must be non-empty and unique", c.name),
                 );
             }
+            if let Some(id) = &c.client_id
+                && !client_ids.insert(id.as_str())
+            {
+                bad(
+                    format!("consumers[{i}].client_id"),
+                    format!("{id:?} is already another consumer's"),
+                );
+            }
+            if c.client_id.is_some() && self.auth.jwt.is_none() {
+                bad(
+                    format!("consumers[{i}].client_id"),
+                    "needs [auth.jwt] (the tokens it names are Entra ID tokens)".into(),
+                );
+            }
             match (&c.key_sha256, &c.key_env) {
+                (None, None) if c.client_id.is_some() => {}
                 (Some(hash), None) => {
                     if hex::decode(hash).map(|h| h.len()) != Ok(32) {
                         bad(
@@ -694,7 +762,7 @@ impl Config {
                 (None, Some(var)) => check_env(bad, format!("consumers[{i}].key_env"), var),
                 _ => bad(
                     format!("consumers[{i}]"),
-                    "needs exactly one of key_sha256 and key_env".into(),
+                    "needs exactly one of key_sha256 and key_env (or only a client_id)".into(),
                 ),
             }
             if c.token_quota_period.is_some() && c.token_quota.is_none() {
@@ -716,6 +784,49 @@ impl Config {
                     );
                 }
             }
+        }
+    }
+}
+
+impl Config {
+    fn validate_jwt(&self, bad: &mut impl FnMut(String, String)) {
+        let Some(jwt) = &self.auth.jwt else {
+            return;
+        };
+        if jwt.issuer.is_empty() {
+            bad("auth.jwt.issuer".into(), "must not be empty".into());
+        }
+        if jwt.audiences.is_empty() || jwt.audiences.iter().any(String::is_empty) {
+            bad(
+                "auth.jwt.audiences".into(),
+                "must list at least one audience, none empty".into(),
+            );
+        }
+        if jwt.client_claims.is_empty() {
+            bad("auth.jwt.client_claims".into(), "must name a claim".into());
+        }
+        match (&jwt.jwks_file, &jwt.jwks_url) {
+            (Some(_), None) => {}
+            (None, Some(url)) => {
+                if !matches!(
+                    url::Url::parse(url)
+                        .map(|u| u.scheme().to_owned())
+                        .as_deref(),
+                    Ok("https" | "http")
+                ) {
+                    bad("auth.jwt.jwks_url".into(), "must be an http(s) URL".into());
+                }
+            }
+            _ => bad(
+                "auth.jwt".into(),
+                "needs exactly one of jwks_file and jwks_url".into(),
+            ),
+        }
+        if jwt.jwks_refresh_s == 0 {
+            bad(
+                "auth.jwt.jwks_refresh_s".into(),
+                "must be greater than 0".into(),
+            );
         }
     }
 }
@@ -883,6 +994,35 @@ mod tests {
             .unwrap()
             .validate()
             .expect("the period defaults to monthly");
+    }
+
+    #[test]
+    fn jwt_clients_need_a_key_source_an_audience_and_unique_client_ids() {
+        let text = |jwt: &str| {
+            format!(
+                "{MINIMAL}\n[auth.jwt]\nissuer = \"https://login.microsoftonline.com/t/v2.0\"\n{jwt}\n\
+                 [[consumers]]\nname = \"a\"\nclient_id = \"app\"\n\
+                 [[consumers]]\nname = \"b\"\nclient_id = \"app\"\n"
+            )
+        };
+        let keys: Vec<String> = problems(&text("audiences = []\njwks_url = \"ftp://x\""))
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "consumers[1].client_id",
+                "auth.jwt.audiences",
+                "auth.jwt.jwks_url"
+            ]
+        );
+        let both = problems(&text(
+            "audiences = [\"api://x\"]\njwks_url = \"https://x\"\njwks_file = \"/k\"",
+        ));
+        assert!(both.iter().any(|p| p.key == "auth.jwt"), "{both:?}");
+        let no_jwt = format!("{MINIMAL}\n[[consumers]]\nname = \"a\"\nclient_id = \"app\"\n");
+        assert_eq!(problems(&no_jwt)[0].key, "consumers[0].client_id");
     }
 
     #[test]

@@ -1,12 +1,17 @@
-//! Client authentication: which consumer sent this request, by its key. Only SHA-256 hashes
-//! of the keys are held: a presented key is hashed and compared, in constant time, with every
-//! consumer's hash.
+//! Client authentication: which consumer sent this request, by its key or its Entra ID
+//! token. Only SHA-256 hashes of the keys are held: a presented key is hashed and compared,
+//! in constant time, with every consumer's hash. A bearer token shaped like a JWT is checked
+//! as one when `[auth.jwt]` is configured ([`crate::entra_clients`]).
+
+use std::collections::HashMap;
 
 use axum::http::HeaderMap;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tracing::debug;
 
-use crate::config::ConsumerConfig;
+use crate::config::{ConsumerConfig, JwtConfig};
+use crate::entra_clients::JwtVerifier;
 use crate::error::GatewayError;
 use crate::quota_period::QuotaPeriod;
 
@@ -14,9 +19,13 @@ use crate::quota_period::QuotaPeriod;
 type KeyHash = [u8; 32];
 
 /// The configured consumers. With none, access is open (a warning is logged at start).
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Consumers {
-    keys: Vec<(Consumer, KeyHash)>,
+    /// Every consumer, with its key's hash when it has a key.
+    keys: Vec<(Consumer, Option<KeyHash>)>,
+    /// Entra ID clients: application id → index in `keys`.
+    clients: HashMap<String, usize>,
+    jwt: Option<JwtVerifier>,
 }
 
 /// The SHA-256 of a key, in hex: what `key_sha256` holds (`spillway hash-key`).
@@ -54,7 +63,10 @@ impl Consumer {
 }
 
 impl Consumers {
-    pub fn from_config(consumers: &[ConsumerConfig]) -> Result<Self, String> {
+    pub fn from_config(
+        consumers: &[ConsumerConfig],
+        jwt: Option<&JwtConfig>,
+    ) -> Result<Self, String> {
         let keys = consumers
             .iter()
             .map(|c| {
@@ -73,23 +85,58 @@ impl Consumers {
                 Ok((consumer, key_hash_of(c)?))
             })
             .collect::<Result<_, String>>()?;
-        Ok(Self { keys })
+        let clients = consumers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| c.client_id.clone().map(|id| (id, i)))
+            .collect();
+        let jwt = jwt
+            .map(JwtVerifier::from_config)
+            .transpose()
+            .map_err(|e| format!("auth.jwt: {e}"))?;
+        Ok(Self { keys, clients, jwt })
     }
 
     pub fn is_open(&self) -> bool {
         self.keys.is_empty()
     }
 
-    /// The consumer, `None` when access is open, or 401.
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Option<&Consumer>, GatewayError> {
+    /// The consumer, `None` when access is open, or 401 (the same for every reason).
+    pub async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+    ) -> Result<Option<&Consumer>, GatewayError> {
         if self.is_open() {
             return Ok(None);
         }
-        let presented = hash(client_key(headers).ok_or(GatewayError::Unauthorized)?);
+        let presented = client_key(headers).ok_or(GatewayError::Unauthorized)?;
+        if let Some(jwt) = &self.jwt
+            && JwtVerifier::looks_like_jwt(presented)
+        {
+            return match jwt.verify(presented).await {
+                Ok(client) => match self.clients.get(&client) {
+                    Some(&i) => Ok(Some(&self.keys[i].0)),
+                    None => {
+                        debug!(
+                            client,
+                            "a valid Entra ID token from an application that is no consumer"
+                        );
+                        Err(GatewayError::Unauthorized)
+                    }
+                },
+                Err(why) => {
+                    debug!(%why, "Entra ID token refused");
+                    Err(GatewayError::Unauthorized)
+                }
+            };
+        }
+        let presented = hash(presented);
         // Compare against every hash in constant time so timing reveals nothing.
         let mut found = None;
         for (consumer, key) in &self.keys {
-            if bool::from(presented.ct_eq(key)) {
+            if let Some(key) = key
+                && bool::from(presented.ct_eq(key))
+            {
                 found = Some(consumer);
             }
         }
@@ -99,14 +146,16 @@ impl Consumers {
 
 /// A consumer's key hash: configured, or the key from its environment variable, hashed (the
 /// key itself goes out of scope here).
-fn key_hash_of(c: &ConsumerConfig) -> Result<KeyHash, String> {
+fn key_hash_of(c: &ConsumerConfig) -> Result<Option<KeyHash>, String> {
     match (&c.key_sha256, &c.key_env) {
+        (None, None) if c.client_id.is_some() => Ok(None),
         (Some(hex_hash), None) => hex::decode(hex_hash)
             .ok()
             .and_then(|h| KeyHash::try_from(h).ok())
+            .map(Some)
             .ok_or_else(|| format!("consumer {}: key_sha256 is not 64 hex digits", c.name)),
         (None, Some(var)) => std::env::var(var)
-            .map(|key| hash(&key))
+            .map(|key| Some(hash(&key)))
             .map_err(|_| format!("environment variable {var} is not set")),
         _ => Err(format!(
             "consumer {}: needs exactly one of key_sha256 and key_env",
@@ -147,9 +196,10 @@ mod tests {
         };
         Consumers {
             keys: vec![
-                (named("chat-app"), hash("k1")),
-                (named("batch"), hash("k2")),
+                (named("chat-app"), Some(hash("k1"))),
+                (named("batch"), Some(hash("k2"))),
             ],
+            ..Default::default()
         }
     }
 
@@ -162,36 +212,39 @@ mod tests {
         h
     }
 
-    #[test]
-    fn accepts_api_key_and_bearer() {
+    #[tokio::test]
+    async fn accepts_api_key_and_bearer() {
         let c = consumers();
         assert_eq!(
             c.authenticate(&headers("api-key", "k1"))
+                .await
                 .unwrap()
                 .map(|c| c.name.as_str()),
             Some("chat-app")
         );
         assert_eq!(
             c.authenticate(&headers("authorization", "Bearer k2"))
+                .await
                 .unwrap()
                 .map(|c| c.name.as_str()),
             Some("batch")
         );
     }
 
-    #[test]
-    fn rejects_wrong_or_missing_key() {
+    #[tokio::test]
+    async fn rejects_wrong_or_missing_key() {
         let c = consumers();
-        assert!(c.authenticate(&headers("api-key", "nope")).is_err());
-        assert!(c.authenticate(&HeaderMap::new()).is_err());
+        assert!(c.authenticate(&headers("api-key", "nope")).await.is_err());
+        assert!(c.authenticate(&HeaderMap::new()).await.is_err());
         assert!(
             c.authenticate(&headers("authorization", "Basic k1"))
+                .await
                 .is_err()
         );
     }
 
-    #[test]
-    fn configured_hashes_match_their_keys() {
+    #[tokio::test]
+    async fn configured_hashes_match_their_keys() {
         let config = ConsumerConfig {
             name: "hashed".into(),
             key_sha256: Some(key_sha256_hex("s3cret")),
@@ -202,20 +255,21 @@ mod tests {
             config.key_sha256.as_deref(),
             Some("1ec1c26b50d5d3c58d9583181af8076655fe00756bf7285940ba3670f99fcba0")
         );
-        let c = Consumers::from_config(&[config]).unwrap();
-        assert!(c.authenticate(&headers("api-key", "s3cret")).is_ok());
+        let c = Consumers::from_config(&[config], None).unwrap();
+        assert!(c.authenticate(&headers("api-key", "s3cret")).await.is_ok());
         assert!(
-            c.authenticate(&headers("api-key", "s3cret ")).is_ok(),
+            c.authenticate(&headers("api-key", "s3cret ")).await.is_ok(),
             "trimmed"
         );
-        assert!(c.authenticate(&headers("api-key", "s3cre")).is_err());
+        assert!(c.authenticate(&headers("api-key", "s3cre")).await.is_err());
     }
 
-    #[test]
-    fn open_when_no_consumers() {
+    #[tokio::test]
+    async fn open_when_no_consumers() {
         assert_eq!(
             Consumers::default()
                 .authenticate(&HeaderMap::new())
+                .await
                 .unwrap(),
             None
         );

@@ -6,6 +6,7 @@ pub mod config;
 pub mod consumers;
 pub mod credentials;
 pub mod demo;
+pub mod entra_clients;
 pub mod error;
 pub mod fleet_view;
 pub mod headers;

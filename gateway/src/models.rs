@@ -11,8 +11,8 @@ use crate::error::GatewayError;
 use crate::table::Pool;
 
 /// The list, or 401 for a missing or wrong key.
-pub fn list(gateway: &Gateway, headers: &HeaderMap) -> Result<Json<Value>, GatewayError> {
-    let consumer = gateway.consumers.authenticate(headers)?;
+pub async fn list(gateway: &Gateway, headers: &HeaderMap) -> Result<Json<Value>, GatewayError> {
+    let consumer = gateway.consumers.authenticate(headers).await?;
     let regions = consumer.and_then(|c| c.regions.as_deref());
     let data: Vec<Value> = gateway
         .table
@@ -25,12 +25,12 @@ pub fn list(gateway: &Gateway, headers: &HeaderMap) -> Result<Json<Value>, Gatew
 }
 
 /// One pool, or 404 when it does not exist or the consumer may not use it.
-pub fn retrieve(
+pub async fn retrieve(
     gateway: &Gateway,
     headers: &HeaderMap,
     name: &str,
 ) -> Result<Json<Value>, GatewayError> {
-    let consumer = gateway.consumers.authenticate(headers)?;
+    let consumer = gateway.consumers.authenticate(headers).await?;
     let regions = consumer.and_then(|c| c.regions.as_deref());
     let allowed = consumer.is_none_or(|c| c.may_use(name));
     match gateway.table.pool(name) {

@@ -99,7 +99,11 @@ pub struct ProxyRequest {
 }
 
 pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, GatewayError> {
-    let consumer = gateway.consumers.authenticate(&inbound.headers)?.cloned();
+    let consumer = gateway
+        .consumers
+        .authenticate(&inbound.headers)
+        .await?
+        .cloned();
     // Path confinement: the operation is validated here, once, and only its segments are
     // ever used to build an upstream URL.
     let operation = OperationPath::parse(&inbound.operation).map_err(GatewayError::InvalidPath)?;

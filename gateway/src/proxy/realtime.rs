@@ -76,7 +76,11 @@ async fn connect(
     headers: &HeaderMap,
 ) -> Result<Session, Response> {
     let refuse = |e: GatewayError| e.into_response();
-    let consumer = gateway.consumers.authenticate(headers).map_err(refuse)?;
+    let consumer = gateway
+        .consumers
+        .authenticate(headers)
+        .await
+        .map_err(refuse)?;
     let query = QueryPairs::parse(query);
     let named = if v1 { "model" } else { "deployment" };
     let name = query.get(named).ok_or_else(|| {
