@@ -82,6 +82,18 @@ pub struct ServerConfig {
     pub max_concurrent_requests: usize,
     /// This replica's region: its members win ties.
     pub region: Option<String>,
+    /// Terminate TLS on the data plane (off by default: Application Gateway or Front Door
+    /// usually does).
+    pub tls: Option<TlsConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM: the server certificate first, then its chain.
+    pub cert_file: std::path::PathBuf,
+    /// PEM: the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: std::path::PathBuf,
 }
 
 impl Default for ServerConfig {
@@ -98,6 +110,7 @@ impl Default for ServerConfig {
             max_header_bytes: 64 * 1024,
             max_concurrent_requests: 1_024,
             region: None,
+            tls: None,
         }
     }
 }
@@ -833,6 +846,11 @@ impl Config {
 
 impl ServerConfig {
     fn validate(&self, bad: &mut impl FnMut(String, String)) {
+        if let Some(tls) = &self.tls
+            && let Err(e) = crate::tls::acceptor(tls)
+        {
+            bad("server.tls".into(), e);
+        }
         for (key, value) in [
             ("server.max_body_bytes", self.max_body_bytes as u64),
             ("server.header_timeout_ms", self.header_timeout_ms),

@@ -11,6 +11,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 use tracing::debug;
 
 use crate::config::ServerConfig;
@@ -48,6 +49,27 @@ pub async fn serve(
     limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,
 ) {
+    serve_with(listener, router, limits, None, shutdown).await
+}
+
+/// [`serve`], over TLS: each connection's handshake must end within the head timeout.
+pub async fn serve_tls(
+    listener: TcpListener,
+    router: Router,
+    limits: ConnectionLimits,
+    tls: TlsAcceptor,
+    shutdown: impl Future<Output = ()>,
+) {
+    serve_with(listener, router, limits, Some(tls), shutdown).await
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    router: Router,
+    limits: ConnectionLimits,
+    tls: Option<TlsAcceptor>,
+    shutdown: impl Future<Output = ()>,
+) {
     let builder = builder(limits);
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -68,10 +90,25 @@ pub async fn serve(
         let builder = builder.clone();
         let service = TowerToHyperService::new(router.clone());
         let watcher = graceful.watcher();
+        let tls = tls.clone();
         tokio::spawn(async move {
             if !sends_within(&stream, limits.header_timeout).await {
                 return; // silent connection: never reaches hyper
             }
+            let Some(tls) = tls else {
+                let connection =
+                    builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                if let Err(e) = watcher.watch(connection.into_owned()).await {
+                    debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            };
+            let stream = match tokio::time::timeout(limits.header_timeout, tls.accept(stream)).await
+            {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return debug!(error = %e, "TLS handshake failed"),
+                Err(_) => return debug!("TLS handshake timed out"),
+            };
             let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             if let Err(e) = watcher.watch(connection.into_owned()).await {
                 debug!(error = %e, "connection ended with an error");

@@ -24,6 +24,7 @@ pub mod sim;
 pub mod state_table;
 pub mod table;
 pub mod telemetry;
+pub mod tls;
 pub mod tokens;
 
 pub use app::{Gateway, admin, app};

@@ -79,6 +79,13 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     if gateway.consumers.is_open() {
         warn!("no [[consumers]] configured: the data plane accepts requests without a key");
     }
+    let tls = config
+        .server
+        .tls
+        .as_ref()
+        .map(crate::tls::acceptor)
+        .transpose()
+        .map_err(|e| format!("server.tls: {e}"))?;
     let listener = TcpListener::bind(config.server.listen)
         .await
         .map_err(|e| format!("server.listen: cannot bind {}: {e}", config.server.listen))?;
@@ -94,6 +101,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let gateway = Arc::new(gateway);
     info!(
         listen = %listener.local_addr()?,
+        tls = tls.is_some(),
         admin = %admin_listener.local_addr()?,
         pools = gateway.table.pools().count(),
         state = %gateway.fleet.describe(),
@@ -101,8 +109,17 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     );
     let limits = ConnectionLimits::from_config(&config.server);
     let fleet = gateway.fleet.clone();
+    let router = app(gateway.clone());
+    let data_plane = async move {
+        match tls {
+            Some(tls) => {
+                http_server::serve_tls(listener, router, limits, tls, shutdown_signal()).await
+            }
+            None => http_server::serve(listener, router, limits, shutdown_signal()).await,
+        }
+    };
     tokio::join!(
-        http_server::serve(listener, app(gateway.clone()), limits, shutdown_signal()),
+        data_plane,
         http_server::serve(admin_listener, admin(gateway), limits, shutdown_signal()),
     );
     fleet.close().await;
