@@ -16,7 +16,7 @@ use subtle::ConstantTimeEq;
 
 use crate::config::{Config, ConfigError, ConfigProblem, RoutingConfig};
 use crate::consumers::Consumers;
-use crate::credentials::BackendCredential;
+use crate::credentials::{BackendCredential, SharedCredentials};
 use crate::error::GatewayError;
 use crate::fleet_view::FleetView;
 use crate::headers::HeaderPolicy;
@@ -61,12 +61,13 @@ impl Gateway {
         let invalid = |key: String, problem: String| {
             ConfigError::Invalid(vec![ConfigProblem { key, problem }])
         };
+        let mut shared = SharedCredentials::default();
         let credentials = config
             .backends
             .iter()
             .enumerate()
             .map(|(i, b)| {
-                BackendCredential::from_config(b)
+                BackendCredential::from_config(b, &mut shared)
                     .map_err(|p| invalid(format!("backends[{i}].auth"), p))
             })
             .collect::<Result<Vec<_>, _>>()?;

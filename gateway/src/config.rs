@@ -349,6 +349,23 @@ pub enum BackendAuthConfig {
         #[serde(default)]
         client_id: Option<String>,
     },
+    /// Entra ID token for the pod's AKS workload identity: a federated service account token
+    /// exchanged with Entra ID. Each setting defaults to the variable the AKS webhook injects
+    /// (`AZURE_CLIENT_ID`, `AZURE_TENANT_ID`, `AZURE_FEDERATED_TOKEN_FILE`;
+    /// `AZURE_AUTHORITY_HOST` names the authority).
+    WorkloadIdentity {
+        #[serde(default)]
+        client_id: Option<String>,
+        #[serde(default)]
+        tenant_id: Option<String>,
+        #[serde(default)]
+        token_file: Option<std::path::PathBuf>,
+    },
+    /// Entra ID token of the developer's `az login` (laptops; needs the Azure CLI).
+    AzureCli {
+        #[serde(default)]
+        tenant_id: Option<String>,
+    },
     /// No credential (simulators, private gateways).
     #[default]
     None,
