@@ -85,7 +85,6 @@ impl BackendCredential {
                     client_id: client_id.clone(),
                     tenant_id: tenant_id.clone(),
                     token_file_path: token_file.clone(),
-                    ..Default::default()
                 };
                 let credential = WorkloadIdentityCredential::new(Some(options))
                     .map_err(|e| format!("cannot set up the workload identity credential: {e}"))?;
