@@ -228,6 +228,7 @@ pub async fn closed_port_url() -> String {
 pub struct ObservedState {
     pub inner: Arc<dyn FleetState>,
     settled: tokio::sync::watch::Sender<u64>,
+    admitted: std::sync::atomic::AtomicU64,
     charged: tokio::sync::watch::Sender<u64>,
     quota_spends: tokio::sync::watch::Sender<u64>,
 }
@@ -237,6 +238,7 @@ impl ObservedState {
         Arc::new(Self {
             inner,
             settled: tokio::sync::watch::Sender::new(0),
+            admitted: std::sync::atomic::AtomicU64::new(0),
             charged: tokio::sync::watch::Sender::new(0),
             quota_spends: tokio::sync::watch::Sender::new(0),
         })
@@ -260,6 +262,14 @@ impl ObservedState {
             .expect("sender alive");
     }
 
+    /// Wait until every reservation made so far has been settled (or released): none is
+    /// left open. Returns how many were made.
+    pub async fn all_settled(&self) -> u64 {
+        let admitted = self.admitted.load(std::sync::atomic::Ordering::SeqCst);
+        self.settled(admitted).await;
+        admitted
+    }
+
     /// Wait until `n` settlements in all have happened.
     pub async fn settled(&self, n: u64) {
         let mut rx = self.settled.subscribe();
@@ -278,7 +288,12 @@ impl FleetState for ObservedState {
         candidates: &[spillway_shared::Candidate],
         tokens: u64,
     ) -> Result<spillway_shared::Admission, spillway_shared::StateError> {
-        self.inner.acquire(pool, candidates, tokens).await
+        let admission = self.inner.acquire(pool, candidates, tokens).await;
+        if let Ok(spillway_shared::Admission::Admitted { .. }) = &admission {
+            self.admitted
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        admission
     }
     async fn settle(
         &self,

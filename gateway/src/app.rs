@@ -6,6 +6,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{RawQuery, Request, State};
 use axum::http::{HeaderMap, HeaderName, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
@@ -139,36 +140,63 @@ pub fn app(gateway: Arc<Gateway>) -> Router {
             post(v1).fallback(method_not_allowed),
         )
         .route("/v1/{*operation}", post(v1).fallback(method_not_allowed))
-        .route("/openai/v1/models", get(models_list))
-        .route("/v1/models", get(models_list))
-        .route("/openai/v1/models/{model}", get(models_retrieve))
-        .route("/v1/models/{model}", get(models_retrieve))
+        .route("/openai/v1/models", get(models_list).fallback(get_only))
+        .route("/v1/models", get(models_list).fallback(get_only))
+        .route(
+            "/openai/v1/models/{model}",
+            get(models_retrieve).fallback(get_only),
+        )
+        .route(
+            "/v1/models/{model}",
+            get(models_retrieve).fallback(get_only),
+        )
         .route(
             "/openai/v1/responses/{id}",
-            get(stored_response).delete(stored_response),
+            get(stored_response)
+                .delete(stored_response)
+                .fallback(get_or_delete_only),
         )
         .route(
             "/v1/responses/{id}",
-            get(stored_response).delete(stored_response),
+            get(stored_response)
+                .delete(stored_response)
+                .fallback(get_or_delete_only),
         )
         .route(
             "/openai/v1/responses/{id}/input_items",
-            get(stored_response),
+            get(stored_response).fallback(get_only),
         )
-        .route("/v1/responses/{id}/input_items", get(stored_response))
-        .route("/openai/v1/responses/{id}/cancel", post(stored_response))
-        .route("/v1/responses/{id}/cancel", post(stored_response))
-        .route("/openai/realtime", get(realtime))
-        .route("/openai/v1/realtime", get(realtime_v1))
-        .route("/v1/realtime", get(realtime_v1))
+        .route(
+            "/v1/responses/{id}/input_items",
+            get(stored_response).fallback(get_only),
+        )
+        .route(
+            "/openai/v1/responses/{id}/cancel",
+            post(stored_response).fallback(method_not_allowed),
+        )
+        .route(
+            "/v1/responses/{id}/cancel",
+            post(stored_response).fallback(method_not_allowed),
+        )
+        .route("/openai/realtime", get(realtime).fallback(get_only))
+        .route("/openai/v1/realtime", get(realtime_v1).fallback(get_only))
+        .route("/v1/realtime", get(realtime_v1).fallback(get_only))
         // The Responses API's deployment-less preview form (`?api-version=...`).
         .route("/openai/responses", post(v1).fallback(method_not_allowed))
         .route(
             "/openai/responses/{id}",
-            get(stored_response).delete(stored_response),
+            get(stored_response)
+                .delete(stored_response)
+                .fallback(get_or_delete_only),
         )
-        .route("/openai/responses/{id}/input_items", get(stored_response))
-        .route("/openai/responses/{id}/cancel", post(stored_response))
+        .route(
+            "/openai/responses/{id}/input_items",
+            get(stored_response).fallback(get_only),
+        )
+        .route(
+            "/openai/responses/{id}/cancel",
+            post(stored_response).fallback(method_not_allowed),
+        )
         .fallback(|| async { GatewayError::NotFound })
         .layer(middleware::from_fn_with_state(
             gateway.slots.clone(),
@@ -219,7 +247,17 @@ async fn require_admin_token(
 }
 
 async fn method_not_allowed() -> GatewayError {
-    GatewayError::MethodNotAllowed
+    GatewayError::MethodNotAllowed { allow: "POST" }
+}
+
+async fn get_only() -> GatewayError {
+    GatewayError::MethodNotAllowed { allow: "GET" }
+}
+
+async fn get_or_delete_only() -> GatewayError {
+    GatewayError::MethodNotAllowed {
+        allow: "GET, DELETE",
+    }
 }
 
 async fn readyz(State(gateway): State<Arc<Gateway>>) -> Response {
@@ -290,9 +328,12 @@ async fn realtime(
     State(gateway): State<Arc<Gateway>>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-    upgrade: WebSocketUpgrade,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    proxy::realtime(gateway, upgrade, false, query, headers).await
+    match upgrade {
+        Ok(upgrade) => proxy::realtime(gateway, upgrade, false, query, headers).await,
+        Err(_) => GatewayError::UpgradeRequired.into_response(),
+    }
 }
 
 /// `GET /openai/v1/realtime?model=<pool>`, upgraded to a WebSocket.
@@ -300,9 +341,12 @@ async fn realtime_v1(
     State(gateway): State<Arc<Gateway>>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-    upgrade: WebSocketUpgrade,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    proxy::realtime(gateway, upgrade, true, query, headers).await
+    match upgrade {
+        Ok(upgrade) => proxy::realtime(gateway, upgrade, true, query, headers).await,
+        Err(_) => GatewayError::UpgradeRequired.into_response(),
+    }
 }
 
 async fn models_list(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {

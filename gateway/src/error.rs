@@ -31,8 +31,12 @@ pub enum GatewayError {
         response: String,
         retry_after: Duration,
     },
-    #[error("This path takes POST requests only.")]
-    MethodNotAllowed,
+    #[error("This path takes {allow} requests only.")]
+    MethodNotAllowed { allow: &'static str },
+    #[error(
+        "The realtime endpoint takes a WebSocket upgrade (GET with `connection: upgrade`, `upgrade: websocket`)."
+    )]
+    UpgradeRequired,
     #[error("No deployment of '{pool}' is in a region this request may use (data residency).")]
     NoMemberInRegions { pool: String },
     #[error("This key may not use the deployment '{pool}'.")]
@@ -85,7 +89,8 @@ impl GatewayError {
             Self::OwnerBusy { .. } | Self::ConsumerThrottled { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
@@ -110,7 +115,8 @@ impl GatewayError {
             Self::UnknownResponse(_) => "response_not_found",
             Self::OwnerBusy { .. } | Self::ConsumerThrottled { .. } => "429",
             Self::QuotaExceeded { .. } => "quota_exceeded",
-            Self::MethodNotAllowed => "405",
+            Self::MethodNotAllowed { .. } => "405",
+            Self::UpgradeRequired => "upgrade_required",
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::BodyTimeout { .. } => "request_timeout",
             Self::Overloaded => "overloaded",
@@ -147,10 +153,10 @@ impl IntoResponse for GatewayError {
             "error": { "code": self.code(), "message": self.to_string() }
         });
         let mut response = (self.status(), axum::Json(body)).into_response();
-        if matches!(self, Self::MethodNotAllowed) {
+        if let Self::MethodNotAllowed { allow } = self {
             response
                 .headers_mut()
-                .insert("allow", HeaderValue::from_static("POST"));
+                .insert("allow", HeaderValue::from_static(allow));
         }
         if let Some(after) = self.retry_after() {
             let headers = response.headers_mut();

@@ -9,6 +9,8 @@ pub mod demo;
 pub mod entra_clients;
 pub mod error;
 pub mod fleet_view;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod headers;
 pub mod http_server;
 pub mod load_shed;

@@ -17,6 +17,14 @@ mod upstream_path;
 mod usage;
 
 pub use realtime::handle as realtime;
+
+/// The parsers `crate::fuzzing` drives.
+#[doc(hidden)]
+pub mod fuzz_access {
+    pub use super::classify::{BackoffPolicy, classify_response, retry_after, upstream_hints};
+    pub use super::upstream_path::OperationPath;
+    pub use super::usage::UsageMeter;
+}
 pub use request_body::BodyLimits;
 pub use upstream_path::{OperationPath, PathRejection, check_segment};
 

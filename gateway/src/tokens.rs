@@ -248,13 +248,31 @@ pub struct TokenEstimate {
 impl TokenEstimate {
     /// What is charged against budgets before the request is sent.
     pub fn total(&self) -> u64 {
-        self.prompt + self.output
+        self.prompt.saturating_add(self.output)
     }
 }
+
+/// Most output a request is charged for: beyond any model's limit (the service refuses such a
+/// request), and far from where budget arithmetic could overflow.
+pub const MAX_OUTPUT_ESTIMATE: u64 = 10_000_000;
 
 /// What a request is charged before it is sent: prompt plus the most it may generate.
 /// Bodies that are not JSON (audio uploads) are charged a rough byte-based share.
 pub fn estimate(
+    encoding: Encoding,
+    operation: Operation,
+    fields: Option<&RequestFields>,
+    body_len: usize,
+    default_max_tokens: u64,
+) -> TokenEstimate {
+    let estimate = uncapped_estimate(encoding, operation, fields, body_len, default_max_tokens);
+    TokenEstimate {
+        output: estimate.output.min(MAX_OUTPUT_ESTIMATE),
+        ..estimate
+    }
+}
+
+fn uncapped_estimate(
     encoding: Encoding,
     operation: Operation,
     fields: Option<&RequestFields>,
@@ -275,7 +293,7 @@ pub fn estimate(
             let messages = fields.messages.get().map_or(&[][..], Vec::as_slice);
             TokenEstimate {
                 prompt: chat_prompt_tokens_in(encoding, messages) + tool_tokens(encoding, fields),
-                output: choices * fields.output_cap().unwrap_or(default_max_tokens),
+                output: choices.saturating_mul(fields.output_cap().unwrap_or(default_max_tokens)),
             }
         }
         Operation::Embeddings => TokenEstimate {
@@ -290,7 +308,7 @@ pub fn estimate(
                 .prompt
                 .get()
                 .map_or(0, |p| input_tokens_in(encoding, p)),
-            output: choices * fields.output_cap().unwrap_or(16),
+            output: choices.saturating_mul(fields.output_cap().unwrap_or(16)),
         },
         // Creating a response: its input (text or items, counted as chat messages), its
         // instructions and tools. Other Responses calls (retrieve, cancel) generate nothing.

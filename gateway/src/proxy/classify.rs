@@ -94,7 +94,10 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
 }
 
 fn positive_seconds(seconds: f64) -> Option<Duration> {
-    (seconds > 0.0 && seconds.is_finite()).then(|| Duration::from_secs_f64(seconds))
+    // `try_`: a value past what a Duration holds ("1e300") is no wait at all, not a panic.
+    (seconds > 0.0)
+        .then(|| Duration::try_from_secs_f64(seconds).ok())
+        .flatten()
 }
 
 /// `x-ratelimit-reset-*` values: plain seconds (`6`, `0.5`) or OpenAI durations
