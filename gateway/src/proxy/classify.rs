@@ -94,10 +94,12 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
 }
 
 fn positive_seconds(seconds: f64) -> Option<Duration> {
-    // `try_`: a value past what a Duration holds ("1e300") is no wait at all, not a panic.
+    // `try_`: a value past what a Duration holds ("1e300") is no hint, not a panic; one that
+    // rounds to nothing ("3e-31") is no hint either.
     (seconds > 0.0)
         .then(|| Duration::try_from_secs_f64(seconds).ok())
         .flatten()
+        .filter(|wait| !wait.is_zero())
 }
 
 /// `x-ratelimit-reset-*` values: plain seconds (`6`, `0.5`) or OpenAI durations
