@@ -13,6 +13,7 @@ mod request_body;
 mod select;
 mod settlement;
 mod sse;
+mod trace;
 mod upstream_path;
 mod usage;
 
@@ -36,7 +37,7 @@ use axum::response::{IntoResponse, Response};
 use settlement::OpenReservation;
 use spillway_shared::{Admission, BackendId, BackoffReason, Candidate, Receipt, UpstreamHints};
 use tokio::time::Instant;
-use tracing::{Instrument, info_span, warn};
+use tracing::{Instrument, warn};
 
 pub use admit::Inbound;
 use admit::{ProxyRequest, admit};
@@ -71,25 +72,12 @@ struct Failure {
 /// Serve one data-plane request; every response carries `x-spillway-backend` and
 /// `x-spillway-attempts`.
 pub async fn handle(gateway: &Gateway, inbound: Inbound) -> Response {
-    let span = info_span!(
-        "proxy",
-        pool = tracing::field::Empty,
-        consumer = tracing::field::Empty,
-        stream = tracing::field::Empty,
-        backend = tracing::field::Empty,
-        attempts = tracing::field::Empty,
-        status = tracing::field::Empty,
-    );
+    let span = trace::request_span(&inbound.method, &inbound.headers);
     let mut attempts = Attempts::default();
     let result = async {
         let request = admit(gateway, inbound).await?;
-        let span = tracing::Span::current();
-        span.record("pool", request.pool.name.as_str());
+        trace::record_admission(&tracing::Span::current(), &request);
         attempts.pool = Some(request.pool.name.clone());
-        span.record("stream", request.stream);
-        if let Some(consumer) = &request.consumer {
-            span.record("consumer", consumer.name.as_str());
-        }
         // After the span and the pool are recorded, so a refusal is logged and counted.
         let quota = consumer_quota::check(gateway, request.consumer.as_ref()).await?;
         let budget =
@@ -111,14 +99,18 @@ pub async fn handle(gateway: &Gateway, inbound: Inbound) -> Response {
     .instrument(span.clone())
     .await;
 
+    let error_code = result.as_ref().err().map(GatewayError::code);
     let mut response = result.unwrap_or_else(IntoResponse::into_response);
     let backend = attempts
         .last_backend
         .as_ref()
         .map_or("none", BackendId::as_str);
-    span.record("backend", backend);
-    span.record("attempts", i64::from(attempts.count));
-    span.record("status", i64::from(response.status().as_u16()));
+    trace::record_response(
+        &span,
+        response.status().as_u16(),
+        attempts.count,
+        error_code,
+    );
     if let Some(pool) = &attempts.pool {
         crate::metrics::request_served(
             pool,
@@ -245,7 +237,8 @@ async fn route(
             routing.attempt_timeout_ms
         };
         let timeout = remaining.min(Duration::from_millis(first_byte_ms));
-        match attempt(gateway, request, member, open, timeout, policy).await? {
+        let span = trace::attempt_span(&tracing::Span::current(), request, member, attempts.count);
+        match attempt(gateway, request, member, open, timeout, policy, span).await? {
             Outcome::Delivered(response) => return Ok(response),
             Outcome::Failed(failure) => attempts.failures.push(failure),
         }
@@ -271,12 +264,16 @@ async fn attempt(
     open: OpenReservation,
     timeout: Duration,
     policy: BackoffPolicy,
+    span: tracing::Span,
 ) -> Result<Outcome, GatewayError> {
     let backend = open.backend().clone();
-    let (backoff, hints, detail) = match forward::send(&gateway.http, member, request, timeout)
-        .await
-    {
+    let sent = forward::send(&gateway.http, member, request, timeout, &span)
+        .instrument(span.clone())
+        .await;
+    let answered = sent.is_ok();
+    let (backoff, hints, detail) = match sent {
         Ok(upstream) => {
+            trace::record_status(&span, upstream.status.as_u16());
             let hints = upstream_hints(&upstream.headers, upstream.started + upstream.ttfb);
             match classify_response(
                 upstream.status,
@@ -288,8 +285,21 @@ async fn attempt(
                     let remember = request
                         .remember_response
                         .then(|| Duration::from_secs(gateway.routing.response_affinity_ttl_s));
+                    let parent = tracing::Span::current();
+                    trace::record_member(&parent, member);
+                    let spans = trace::AnswerSpans {
+                        request: parent,
+                        attempt: span,
+                        started: request.received,
+                    };
+                    let answer = Answer {
+                        upstream,
+                        hints,
+                        remember_response: remember,
+                        spans,
+                    };
                     return Ok(Outcome::Delivered(deliver(
-                        request, member, open, upstream, hints, policy, remember,
+                        request, member, open, answer, policy,
                     )));
                 }
                 Verdict::Retry(backoff) => (backoff, hints, format!("HTTP {}", upstream.status)),
@@ -301,7 +311,9 @@ async fn attempt(
             failure.detail,
         ),
     };
+    trace::record_failure(&span, backoff.reason.as_str(), answered);
     warn!(
+        parent: &span,
         backend = %backend,
         reason = %backoff.reason,
         backoff_ms = backoff.duration.as_millis() as u64,
@@ -328,16 +340,29 @@ async fn attempt(
     }))
 }
 
+/// An upstream answer to deliver, with what its end must record.
+struct Answer {
+    upstream: forward::Upstream,
+    hints: UpstreamHints,
+    /// Remember for this long that the member holds the Responses API object it creates.
+    remember_response: Option<Duration>,
+    spans: trace::AnswerSpans,
+}
+
 /// Hand an answer to the relay, which settles the reservation when its body ends.
 fn deliver(
     request: &ProxyRequest,
     member: &Member,
     open: OpenReservation,
-    upstream: forward::Upstream,
-    hints: UpstreamHints,
+    answer: Answer,
     policy: BackoffPolicy,
-    remember_response: Option<Duration>,
 ) -> Response {
+    let Answer {
+        upstream,
+        hints,
+        remember_response,
+        spans,
+    } = answer;
     // Azure's own spillover answered: the tokens are the standard deployment's, and the PTU
     // is full.
     let spilled = azure_spilled_over(&upstream.headers);
@@ -362,6 +387,7 @@ fn deliver(
         remember_response,
         provisioned: member.backend.provisioned,
         consumer: request.consumer_spend.lock().expect("consumer lock").take(),
+        spans,
     };
     relay::to_client(
         upstream,

@@ -1,9 +1,26 @@
-//! Logs (`tracing`) and, when an OTLP endpoint is configured, traces exported over OTLP/HTTP.
+//! Logs and traces, independent of each other.
+//!
+//! - Logs go to stderr, filtered by `RUST_LOG` (default `info`), text or JSON.
+//! - Traces are exported over OTLP when an endpoint is configured (`telemetry.otlp_endpoint`,
+//!   `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or `OTEL_EXPORTER_OTLP_ENDPOINT`), whatever the log
+//!   level: Spillway's request and attempt spans are always recorded, and which traces are
+//!   kept is the sampler's call (`OTEL_TRACES_SAMPLER`/`_ARG`, parent-based by default).
+//!   `OTEL_EXPORTER_OTLP_PROTOCOL` picks `http/protobuf` (default) or `grpc`;
+//!   `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES` apply.
+//! - Export runs on the SDK's batch thread with a bounded queue: a slow or dead collector
+//!   costs dropped spans, never a blocked request.
+//! - W3C trace context (`traceparent`, `tracestate`) is the propagation format.
+
+use std::time::Duration;
 
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_otlp::{Protocol, WithExportConfig};
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+use tracing::Level;
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -15,49 +32,36 @@ pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
 }
 
-/// Install the global subscriber. `RUST_LOG` sets the filter (default `info`).
+/// Install the global subscriber and propagator.
 pub fn init(config: &TelemetryConfig) -> Result<Telemetry, String> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let logs = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = if config.log_format.as_deref() == Some("json") {
         tracing_subscriber::fmt::layer()
             .json()
             .with_writer(std::io::stderr)
+            .with_filter(logs)
             .boxed()
     } else {
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
+            .with_filter(logs)
             .boxed()
     };
 
-    let env_endpoint = [
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-        "OTEL_EXPORTER_OTLP_ENDPOINT",
-    ]
-    .iter()
-    .any(|v| std::env::var_os(v).is_some_and(|v| !v.is_empty()));
-    let provider = if config.otlp_endpoint.is_some() || env_endpoint {
-        let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_http();
-        if let Some(endpoint) = &config.otlp_endpoint {
-            exporter = exporter.with_endpoint(endpoint);
-        }
-        let exporter = exporter
-            .build()
-            .map_err(|e| format!("telemetry.otlp_endpoint: cannot build the OTLP exporter: {e}"))?;
-        Some(
-            SdkTracerProvider::builder()
-                .with_batch_exporter(exporter)
-                .with_resource(Resource::builder().with_service_name("spillway").build())
-                .build(),
-        )
-    } else {
-        None
-    };
-    let otel = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("spillway")));
+    let provider = tracer_provider(config)?;
+    // Spillway's own spans and events, whatever RUST_LOG says about logs.
+    let traced = Targets::new()
+        .with_target("spillway_gateway", Level::INFO)
+        .with_target("spillway_shared", Level::INFO)
+        .with_target("spillway", Level::INFO);
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("spillway"))
+            .with_filter(traced)
+    });
 
     tracing_subscriber::registry()
-        .with(filter)
         .with(fmt)
         .with(otel)
         .try_init()
@@ -65,8 +69,125 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, String> {
     Ok(Telemetry { provider })
 }
 
+/// The OTLP protocol the environment asks for (`grpc` or `http/protobuf`).
+fn protocol() -> Result<Protocol, String> {
+    let named = [
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    ]
+    .iter()
+    .find_map(|v| std::env::var(v).ok().filter(|v| !v.is_empty()));
+    match named.as_deref() {
+        None | Some("http/protobuf") => Ok(Protocol::HttpBinary),
+        Some("grpc") => Ok(Protocol::Grpc),
+        Some(other) => Err(format!(
+            "OTEL_EXPORTER_OTLP_PROTOCOL={other:?}: Spillway exports http/protobuf or grpc"
+        )),
+    }
+}
+
+fn tracer_provider(config: &TelemetryConfig) -> Result<Option<SdkTracerProvider>, String> {
+    let env_endpoint = [
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ]
+    .iter()
+    .any(|v| std::env::var_os(v).is_some_and(|v| !v.is_empty()));
+    if config.otlp_endpoint.is_none() && !env_endpoint {
+        return Ok(None);
+    }
+    let cannot = |e: &dyn std::fmt::Display| format!("cannot build the OTLP exporter: {e}");
+    let builder = SdkTracerProvider::builder().with_resource(resource());
+    let builder = match protocol()? {
+        Protocol::Grpc => {
+            // tonic needs a Tokio reactor, which the SDK's batch thread lacks: the exporter
+            // gets a small runtime of its own.
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("otlp-grpc")
+                .enable_all()
+                .build()
+                .map_err(|e| cannot(&e))?;
+            let _entered = runtime.enter();
+            let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+            if let Some(endpoint) = &config.otlp_endpoint {
+                exporter = exporter.with_endpoint(endpoint);
+            }
+            let exporter = exporter.build().map_err(|e| cannot(&e))?;
+            drop(_entered);
+            builder.with_batch_exporter(OnOwnRuntime {
+                inner: exporter,
+                runtime: Some(runtime),
+            })
+        }
+        _ => {
+            let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_http();
+            if let Some(endpoint) = &config.otlp_endpoint {
+                exporter = exporter.with_endpoint(endpoint);
+            }
+            builder.with_batch_exporter(exporter.build().map_err(|e| cannot(&e))?)
+        }
+    };
+    Ok(Some(builder.build()))
+}
+
+/// The environment's resource (`OTEL_RESOURCE_ATTRIBUTES`, `OTEL_SERVICE_NAME`), named
+/// `spillway` unless it names the service itself.
+fn resource() -> Resource {
+    let named = std::env::var("OTEL_SERVICE_NAME").is_ok_and(|v| !v.is_empty())
+        || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|v| v.contains("service.name="));
+    let builder = Resource::builder().with_attribute(opentelemetry::KeyValue::new(
+        "service.version",
+        env!("CARGO_PKG_VERSION"),
+    ));
+    if named {
+        builder.build()
+    } else {
+        builder.with_service_name("spillway").build()
+    }
+}
+
+/// A span exporter driven on its own Tokio runtime.
+#[derive(Debug)]
+struct OnOwnRuntime<E> {
+    inner: E,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl<E: SpanExporter> SpanExporter for OnOwnRuntime<E> {
+    fn export(
+        &self,
+        batch: Vec<SpanData>,
+    ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+        let runtime = self.runtime.as_ref().expect("runtime until dropped");
+        std::future::ready(runtime.block_on(self.inner.export(batch)))
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        let runtime = self.runtime.as_ref().expect("runtime until dropped");
+        let _entered = runtime.enter();
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+impl<E> Drop for OnOwnRuntime<E> {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 impl Telemetry {
-    /// Flush buffered spans. The exporter's HTTP client blocks, so this runs off the runtime.
+    /// Flush buffered spans. Exports block, so this runs off the async runtime.
     pub async fn shutdown(self) {
         if let Some(provider) = self.provider {
             let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;

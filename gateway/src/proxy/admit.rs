@@ -87,6 +87,9 @@ pub struct ProxyRequest {
     pub headers: HeaderMap,
     pub body: Bytes,
     pub stream: bool,
+    /// What it asks for (chat, embeddings, ...), and the output cap it names.
+    pub operation: Operation,
+    pub max_tokens: Option<u64>,
     /// The gateway asked upstream for the stream's usage chunk, which the client must not see.
     pub strip_usage: bool,
     /// Tokens charged against budgets before sending: prompt plus the output cap.
@@ -96,9 +99,12 @@ pub struct ProxyRequest {
     pub regions: Option<Vec<String>>,
     /// This replica's recent copy of the pool's fleet state (scores, learned reserve).
     pub view: Arc<MemberView>,
+    /// When the request arrived (its time to first token counts from here).
+    pub received: tokio::time::Instant,
 }
 
 pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, GatewayError> {
+    let received = tokio::time::Instant::now();
     let consumer = gateway
         .consumers
         .authenticate(&inbound.headers)
@@ -146,6 +152,7 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
     };
 
     let stream = fields.as_ref().is_some_and(RequestFields::stream);
+    let max_tokens = fields.as_ref().and_then(RequestFields::output_cap);
     let kind = Operation::of(operation.segments());
     // A request that names no output cap is charged what the pool's answers really take
     // (learned fleet-wide); `default_max_tokens` until enough answers were seen.
@@ -240,10 +247,13 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
         headers: gateway.headers.upstream_request(&inbound.headers),
         body,
         stream,
+        operation: kind,
+        max_tokens,
         strip_usage,
         estimate,
         consumer,
         view,
+        received,
     })
 }
 
@@ -255,6 +265,7 @@ async fn admit_stored(
     operation: OperationPath,
     consumer: Option<Consumer>,
 ) -> Result<ProxyRequest, GatewayError> {
+    let received = tokio::time::Instant::now();
     let id = operation
         .segments()
         .get(1)
@@ -302,10 +313,13 @@ async fn admit_stored(
         },
         body,
         stream: false,
+        operation: Operation::Responses,
+        max_tokens: None,
         strip_usage: false,
         consumer,
         view,
         pool,
+        received,
     })
 }
 

@@ -52,6 +52,7 @@ pub async fn send(
     member: &Member,
     request: &ProxyRequest,
     timeout: Duration,
+    span: &tracing::Span,
 ) -> Result<Upstream, TransportFailure> {
     let started = tokio::time::Instant::now();
     let attempt = async {
@@ -65,7 +66,7 @@ pub async fn send(
                     kind: FailureKind::Credential,
                     detail,
                 })?;
-        let mut builder = build(http, member, request);
+        let mut builder = build(http, member, request, span);
         if let Some((name, value)) = credential {
             builder = builder.header(name, value);
         }
@@ -101,6 +102,7 @@ fn build(
     http: &reqwest::Client,
     member: &Member,
     request: &ProxyRequest,
+    span: &tracing::Span,
 ) -> reqwest::RequestBuilder {
     let base = &member.backend.base_url;
     let (url, body) = match &request.route {
@@ -131,8 +133,11 @@ fn build(
             request.body.clone(),
         ),
     };
+    // The backend continues the attempt's trace (the client's, when it is not exported).
+    let mut headers = request.headers.clone();
+    super::trace::inject(span, &mut headers);
     http.request(request.method.clone(), url)
-        .headers(request.headers.clone())
+        .headers(headers)
         .body(body)
 }
 

@@ -36,6 +36,8 @@ pub struct Settlement {
     pub provisioned: bool,
     /// The consumer's budget reservation and quota, settled with every token served.
     pub consumer: Option<super::consumer_budget::ConsumerSpend>,
+    /// The request's and the delivering attempt's spans: open until the answer ends.
+    pub spans: super::trace::AnswerSpans,
 }
 
 /// `backend_host`: response headers naming it are not relayed.
@@ -185,6 +187,11 @@ impl Metered {
     fn settle(&mut self, ending: Ending) -> Option<PinRecord> {
         let s = self.settlement.take()?;
         let usage = self.meter.finish();
+        s.spans.record_end(
+            usage.map(|u| (u.prompt_tokens, u.completion_tokens)),
+            Some(self.started + self.ttfb),
+            self.meter.model(),
+        );
         let (tokens, output_tokens) = match (self.success, usage) {
             (false, _) => (0, 0),
             (true, Some(u)) => {

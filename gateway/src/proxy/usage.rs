@@ -34,6 +34,8 @@ pub struct UsageMeter {
     content_deltas: u64,
     /// The id of the Responses API object the answer carries (JSON: read at `finish`).
     response_id: Option<String>,
+    /// The model that answered, as the answer names it.
+    model: Option<String>,
 }
 
 impl UsageMeter {
@@ -121,6 +123,12 @@ impl UsageMeter {
             return false;
         };
         let mut usage_only = false;
+        // Azure's first chunk (prompt filter results) names no model: take the first that does.
+        if self.model.is_none()
+            && let Some(model) = event.model.get().filter(|m| !m.as_str().is_empty())
+        {
+            self.model = Some(model.as_str().to_owned());
+        }
         if let Some(usage) = event.usage {
             self.usage = Some(usage.into());
             usage_only = event.choices.as_ref().is_none_or(|c| c.is_empty());
@@ -144,6 +152,9 @@ impl UsageMeter {
             if self.response_id.is_none() {
                 self.response_id = response.id;
             }
+            if self.model.is_none() {
+                self.model = response.model;
+            }
         }
         if event.kind.get().map(Text::as_str) == Some("response.output_text.delta")
             && event.delta.get().is_some_and(|d| !d.as_str().is_empty())
@@ -161,6 +172,7 @@ impl UsageMeter {
             && let Ok(body) = serde_json::from_slice::<JsonBody>(&self.pending)
         {
             self.usage = body.usage.map(Usage::from);
+            self.model = body.model;
             if body.object.as_deref() == Some("response") {
                 self.response_id = body.id;
             }
@@ -172,6 +184,11 @@ impl UsageMeter {
     /// read once [`UsageMeter::finish`] ran.
     pub fn response_id(&self) -> Option<&str> {
         self.response_id.as_deref()
+    }
+
+    /// The model the answer names (`model`), read once [`UsageMeter::finish`] ran.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
     }
 
     /// Content pieces streamed so far (about one token each).
@@ -237,6 +254,8 @@ struct JsonBody {
     object: Option<String>,
     #[serde(default, deserialize_with = "lenient")]
     id: Option<String>,
+    #[serde(default, deserialize_with = "lenient")]
+    model: Option<String>,
 }
 
 /// One streamed event: a chat chunk (its `usage` and its choices' content deltas), or a
@@ -254,6 +273,8 @@ struct StreamEvent<'a> {
     delta: Lenient<Text<'a>>,
     #[serde(default, deserialize_with = "lenient")]
     response: Option<ResponseObject>,
+    #[serde(default, borrow)]
+    model: Lenient<Text<'a>>,
 }
 
 /// The response object a Responses API event carries: its id and usage are read.
@@ -263,6 +284,8 @@ struct ResponseObject {
     usage: Option<ReportedUsage>,
     #[serde(default, deserialize_with = "lenient")]
     id: Option<String>,
+    #[serde(default, deserialize_with = "lenient")]
+    model: Option<String>,
 }
 
 #[derive(Deserialize)]
