@@ -317,3 +317,94 @@ async fn metrics_show_requests_failures_and_a_degraded_replica() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_tokens_by_tier_latencies_budget_use_and_held_back_members() {
+    let sim = ptu_and_payg().await;
+    let fleet = ObservedState::new(std::sync::Arc::new(
+        spillway_shared::EmbeddedState::default(),
+    ));
+    let gw = start_gateway(&two_tiers(&sim, Some(PTU_TPM)), fleet.clone()).await;
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_url = format!("http://{}/metrics", admin.local_addr().unwrap());
+    tokio::spawn(spillway_gateway::http_server::serve(
+        admin,
+        spillway_gateway::admin(gw.gateway.clone()),
+        Default::default(),
+        std::future::pending(),
+    ));
+
+    // Two answers from the PTU (tier 1), a stream among them; then it fails once, is held
+    // back, and PAYG (tier 2) answers.
+    for stream in [false, true] {
+        let r = chat(&gw, "gpt-4o", &chat_body(stream)).await;
+        assert_eq!(header(&r, "x-spillway-backend"), "ptu");
+        r.bytes().await.unwrap();
+    }
+    force(&sim, "ptu", 503, None, None, Some(1));
+    let r = chat(&gw, "gpt-4o", &chat_body(false)).await;
+    assert_eq!(header(&r, "x-spillway-backend"), "payg");
+    r.bytes().await.unwrap();
+    // Answers are measured as they are settled: 3 answers, 1 failed attempt.
+    fleet.settled(4).await;
+
+    let text = client()
+        .get(&admin_url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |name: &str, needles: &[&str]| -> Option<f64> {
+        text.lines()
+            .filter(|l| l.starts_with(name) && needles.iter().all(|n| l.contains(n)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .reduce(f64::max)
+    };
+    let ptu_tokens = value(
+        "spillway_tokens_total{",
+        &[
+            "backend=\"ptu\"",
+            "tier=\"1\"",
+            "direction=\"output\"",
+            "consumer=\"none\"",
+        ],
+    );
+    assert!(ptu_tokens >= Some(16.0), "{text}");
+    assert!(
+        value(
+            "spillway_tokens_total{",
+            &["backend=\"payg\"", "tier=\"2\"", "direction=\"input\""]
+        ) > Some(0.0),
+        "{text}"
+    );
+    for histogram in [
+        "spillway_request_duration_seconds_bucket{",
+        "spillway_time_to_first_token_seconds_bucket{",
+        "spillway_token_estimate_ratio_bucket{",
+    ] {
+        assert!(
+            value(histogram, &["pool=\"gpt-4o\""]) > Some(0.0),
+            "{histogram}\n{text}"
+        );
+    }
+    assert!(
+        value(
+            "spillway_fleet_state_call_seconds_count",
+            &["op=\"acquire\""]
+        ) >= Some(3.0),
+        "{text}"
+    );
+    let used = value("spillway_budget_used_ratio", &["backend=\"ptu\""]).expect("budget use");
+    assert!(used > 0.0 && used < 1.0, "{text}");
+    assert!(
+        value("spillway_member_held_back_seconds", &["backend=\"ptu\""]) > Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        value("spillway_member_held_back_seconds", &["backend=\"payg\""]),
+        Some(0.0),
+        "{text}"
+    );
+}

@@ -99,7 +99,7 @@ impl Gateway {
         crate::metrics::handle(); // install the recorder before anything is counted
         Ok(Self {
             table: RoutingTable::build(config, credentials),
-            fleet,
+            fleet: Arc::new(crate::timed_fleet::TimedFleet::new(fleet)),
             http,
             consumers,
             routing: config.routing.clone(),
@@ -215,7 +215,7 @@ pub fn admin(gateway: Arc<Gateway>) -> Router {
     Router::new()
         .route(
             "/metrics",
-            get(|State(g): State<Arc<Gateway>>| async move { crate::metrics::render(&*g.fleet) }),
+            get(|State(g): State<Arc<Gateway>>| async move { crate::metrics::render(&g).await }),
         )
         .route_layer(middleware::from_fn_with_state(
             gateway.clone(),

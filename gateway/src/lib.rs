@@ -26,6 +26,7 @@ pub mod sim;
 pub mod state_table;
 pub mod table;
 pub mod telemetry;
+pub mod timed_fleet;
 pub mod tls;
 pub mod tokens;
 

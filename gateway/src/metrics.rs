@@ -2,16 +2,45 @@
 
 use std::sync::OnceLock;
 
-use metrics::Counter;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::time::Duration;
+
+use metrics::{Counter, Histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use spillway_shared::{BackendId, FleetState, PoolName};
+
+/// Buckets of the latency histograms (seconds): a fast embedding to a long stream.
+const SECONDS: [f64; 16] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+];
+/// Buckets of real over estimated prompt tokens (1 = exact).
+const RATIO: [f64; 11] = [0.25, 0.5, 0.75, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25, 1.5, 2.0];
+/// Buckets of fleet-state calls (seconds): a Redis round trip to the fallback's budget.
+const STATE_SECONDS: [f64; 10] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+];
 
 /// The process-wide recorder, installed on first use (one per process: tests run several
 /// gateways in one).
 pub fn handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new().build_recorder();
+        // Histograms, not summaries: they aggregate across replicas.
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS)
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("spillway_fleet_state_call_seconds".into()),
+                    &STATE_SECONDS,
+                )
+            })
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("spillway_token_estimate_ratio".into()),
+                    &RATIO,
+                )
+            })
+            .expect("bucket lists are not empty")
+            .build_recorder();
         let handle = recorder.handle();
         let _ = metrics::set_global_recorder(recorder);
         handle
@@ -88,6 +117,110 @@ pub fn prompt_tokens(pool: &PoolName, prompt: u64, cached: u64) {
     from_cache.increment(cached);
 }
 
+/// Who served an answer, for its metrics: bounded by the configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct AnswerLabels {
+    pub pool: PoolName,
+    pub backend: BackendId,
+    pub tier: u32,
+    pub consumer: Option<String>,
+}
+
+#[derive(Clone)]
+struct AnswerMetrics {
+    input_tokens: Counter,
+    output_tokens: Counter,
+    duration: Histogram,
+    first_token: Histogram,
+    estimate_ratio: Histogram,
+}
+
+/// An answer ended: its tokens (by pool, member, tier and consumer), its duration and time
+/// to first token, and how far its prompt estimate was from the real count.
+pub fn answer_finished(
+    labels: &AnswerLabels,
+    duration: Duration,
+    first_token: Option<Duration>,
+    usage: Option<(u64, u64)>,
+    estimated_prompt: u64,
+) {
+    static METRICS: OnceLock<quick_cache::sync::Cache<AnswerLabels, AnswerMetrics>> =
+        OnceLock::new();
+    let cache = METRICS.get_or_init(|| quick_cache::sync::Cache::new(4096));
+    let register = || {
+        handle();
+        let consumer = labels.consumer.clone().unwrap_or_else(|| "none".into());
+        let tokens = |direction: &'static str| {
+            let labels = [
+                ("pool", labels.pool.as_str().to_owned()),
+                ("backend", labels.backend.as_str().to_owned()),
+                ("tier", labels.tier.to_string()),
+                ("consumer", consumer.clone()),
+                ("direction", direction.to_owned()),
+            ];
+            metrics::counter!("spillway_tokens_total", &labels)
+        };
+        let by_member = [
+            ("pool", labels.pool.as_str().to_owned()),
+            ("backend", labels.backend.as_str().to_owned()),
+        ];
+        Ok::<_, std::convert::Infallible>(AnswerMetrics {
+            input_tokens: tokens("input"),
+            output_tokens: tokens("output"),
+            duration: metrics::histogram!("spillway_request_duration_seconds", &by_member),
+            first_token: metrics::histogram!("spillway_time_to_first_token_seconds", &by_member),
+            estimate_ratio: metrics::histogram!(
+                "spillway_token_estimate_ratio",
+                "pool" => labels.pool.as_str().to_owned()
+            ),
+        })
+    };
+    let m = match cache.get_or_insert_with(labels, register) {
+        Ok(m) => m,
+        Err(never) => match never {},
+    };
+    m.duration.record(duration.as_secs_f64());
+    if let Some(first) = first_token {
+        m.first_token.record(first.as_secs_f64());
+    }
+    if let Some((input, output)) = usage {
+        m.input_tokens.increment(input);
+        m.output_tokens.increment(output);
+        if estimated_prompt > 0 && input > 0 {
+            m.estimate_ratio
+                .record(input as f64 / estimated_prompt as f64);
+        }
+    }
+}
+
+/// A request answered by the gateway itself (an error, no upstream answer to relay).
+pub fn refusal_duration(pool: &PoolName, duration: Duration) {
+    metrics::histogram!(
+        "spillway_request_duration_seconds",
+        "pool" => pool.as_str().to_owned(),
+        "backend" => "none"
+    )
+    .record(duration.as_secs_f64());
+}
+
+/// One fleet-state call and how long it took (`op`: acquire, settle, snapshot, ...).
+pub fn fleet_state_call(op: &'static str, took: Duration) {
+    static HISTOGRAMS: OnceLock<quick_cache::sync::Cache<&'static str, Histogram>> =
+        OnceLock::new();
+    let cache = HISTOGRAMS.get_or_init(|| quick_cache::sync::Cache::new(64));
+    let register = || {
+        handle();
+        Ok::<_, std::convert::Infallible>(metrics::histogram!(
+            "spillway_fleet_state_call_seconds",
+            "op" => op
+        ))
+    };
+    match cache.get_or_insert_with(&op, register) {
+        Ok(h) => h.record(took.as_secs_f64()),
+        Err(never) => match never {},
+    }
+}
+
 /// One upstream attempt failed and the member was backed off (or counted by its breaker).
 pub fn upstream_failure(pool: &str, backend: &str, reason: &str) {
     let labels = [
@@ -103,11 +236,34 @@ pub fn request_shed() {
     metrics::counter!("spillway_requests_shed_total").increment(1);
 }
 
-/// The exposition text, with the state store's health read now.
-pub fn render(fleet: &dyn FleetState) -> String {
+/// The exposition text, with the state store's health and each member's budget use and
+/// backoff read now.
+pub async fn render(gateway: &crate::app::Gateway) -> String {
+    let fleet: &dyn FleetState = &*gateway.fleet;
     let health = fleet.health();
     metrics::gauge!("spillway_fleet_state_degraded").set(if health.degraded { 1.0 } else { 0.0 });
     metrics::gauge!("spillway_fleet_state_fallback_decisions")
         .set(health.fallback_decisions as f64);
+    for pool in gateway.table.pools() {
+        let candidates: Vec<_> = pool.members.iter().map(|m| pool.candidate(m)).collect();
+        let Ok(snapshot) = fleet.snapshot(&pool.name, &candidates).await else {
+            continue;
+        };
+        for (member, candidate) in snapshot.members.iter().zip(&candidates) {
+            let labels = [
+                ("pool", pool.name.as_str().to_owned()),
+                ("backend", member.backend.as_str().to_owned()),
+            ];
+            if let Some(limit) = candidate.tokens_per_window.filter(|&l| l > 0) {
+                metrics::gauge!("spillway_budget_used_ratio", &labels)
+                    .set(member.tokens_used as f64 / limit as f64);
+            }
+            metrics::gauge!("spillway_member_held_back_seconds", &labels)
+                .set(member.backoff.map_or(0.0, |b| b.duration.as_secs_f64()));
+            if let Some(utilization) = member.hints.utilization {
+                metrics::gauge!("spillway_member_utilization", &labels).set(utilization);
+            }
+        }
+    }
     handle().render()
 }

@@ -73,6 +73,7 @@ struct Failure {
 /// `x-spillway-attempts`.
 pub async fn handle(gateway: &Gateway, inbound: Inbound) -> Response {
     let span = trace::request_span(&inbound.method, &inbound.headers);
+    let received = Instant::now();
     let mut attempts = Attempts::default();
     let result = async {
         let request = admit(gateway, inbound).await?;
@@ -100,6 +101,9 @@ pub async fn handle(gateway: &Gateway, inbound: Inbound) -> Response {
     .await;
 
     let error_code = result.as_ref().err().map(GatewayError::code);
+    if let (Some(pool), Some(_)) = (&attempts.pool, error_code) {
+        crate::metrics::refusal_duration(pool, received.elapsed());
+    }
     let mut response = result.unwrap_or_else(IntoResponse::into_response);
     let backend = attempts
         .last_backend
@@ -388,6 +392,12 @@ fn deliver(
         provisioned: member.backend.provisioned,
         consumer: request.consumer_spend.lock().expect("consumer lock").take(),
         spans,
+        labels: crate::metrics::AnswerLabels {
+            pool: request.pool.name.clone(),
+            backend: member.backend.id.clone(),
+            tier: member.backend.priority,
+            consumer: request.consumer.as_ref().map(|c| c.name.clone()),
+        },
     };
     relay::to_client(
         upstream,

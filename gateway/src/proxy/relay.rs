@@ -38,6 +38,8 @@ pub struct Settlement {
     pub consumer: Option<super::consumer_budget::ConsumerSpend>,
     /// The request's and the delivering attempt's spans: open until the answer ends.
     pub spans: super::trace::AnswerSpans,
+    /// Who served it, for the metrics its end records.
+    pub labels: crate::metrics::AnswerLabels,
 }
 
 /// `backend_host`: response headers naming it are not relayed.
@@ -187,10 +189,16 @@ impl Metered {
     fn settle(&mut self, ending: Ending) -> Option<PinRecord> {
         let s = self.settlement.take()?;
         let usage = self.meter.finish();
-        s.spans.record_end(
-            usage.map(|u| (u.prompt_tokens, u.completion_tokens)),
-            Some(self.started + self.ttfb),
-            self.meter.model(),
+        let reported = usage.map(|u| (u.prompt_tokens, u.completion_tokens));
+        let first_byte = self.started + self.ttfb;
+        s.spans
+            .record_end(reported, Some(first_byte), self.meter.model());
+        crate::metrics::answer_finished(
+            &s.labels,
+            s.spans.started.elapsed(),
+            Some(first_byte.saturating_duration_since(s.spans.started)),
+            reported.filter(|_| self.success),
+            s.estimate.prompt,
         );
         let (tokens, output_tokens) = match (self.success, usage) {
             (false, _) => (0, 0),
