@@ -296,6 +296,9 @@ pub struct TelemetryConfig {
     pub otlp_endpoint: Option<String>,
     /// `json` for one JSON object per log line; anything else is human-readable text.
     pub log_format: Option<String>,
+    /// One JSON line per request on stdout (target `spillway::access`), whatever
+    /// `RUST_LOG` says.
+    pub access_log: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -1,6 +1,7 @@
 //! Spillway gateway: many stateless replicas in front of many Azure OpenAI deployments,
 //! sharing one view of the fleet, answering as one never-throttled endpoint.
 
+pub mod access_log;
 pub mod app;
 pub mod config;
 pub mod consumers;

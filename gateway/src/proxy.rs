@@ -54,8 +54,9 @@ use crate::table::Member;
 /// What survives across attempts of one request (pingora's per-request context).
 #[derive(Default)]
 struct Attempts {
-    /// The pool, once admission resolved it.
+    /// The pool and the consumer, once admission resolved them.
     pool: Option<spillway_shared::PoolName>,
+    consumer: Option<String>,
     count: u32,
     last_backend: Option<BackendId>,
     failures: Vec<Failure>,
@@ -79,6 +80,7 @@ pub async fn handle(gateway: &Gateway, inbound: Inbound) -> Response {
         let request = admit(gateway, inbound).await?;
         trace::record_admission(&tracing::Span::current(), &request);
         attempts.pool = Some(request.pool.name.clone());
+        attempts.consumer = request.consumer.as_ref().map(|c| c.name.clone());
         // After the span and the pool are recorded, so a refusal is logged and counted.
         let quota = consumer_quota::check(gateway, request.consumer.as_ref()).await?;
         let budget =
@@ -100,9 +102,27 @@ pub async fn handle(gateway: &Gateway, inbound: Inbound) -> Response {
     .instrument(span.clone())
     .await;
 
-    let error_code = result.as_ref().err().map(GatewayError::code);
-    if let (Some(pool), Some(_)) = (&attempts.pool, error_code) {
-        crate::metrics::refusal_duration(pool, received.elapsed());
+    let error = result
+        .as_ref()
+        .err()
+        .map(|e| (e.code(), e.status().as_u16()));
+    let error_code = error.map(|(code, _)| code);
+    if let Some((code, status)) = error {
+        if let Some(pool) = &attempts.pool {
+            crate::metrics::refusal_duration(pool, received.elapsed());
+        }
+        crate::access_log::write(&crate::access_log::AccessRecord {
+            consumer: attempts.consumer.as_deref(),
+            pool: attempts.pool.as_ref().map(|p| p.as_str()),
+            backend: attempts.last_backend.as_ref().map(BackendId::as_str),
+            tier: None,
+            attempts: attempts.count,
+            status,
+            tokens: None,
+            latency: received.elapsed(),
+            time_to_first_token: None,
+            error: Some(code),
+        });
     }
     let mut response = result.unwrap_or_else(IntoResponse::into_response);
     let backend = attempts
@@ -242,7 +262,18 @@ async fn route(
         };
         let timeout = remaining.min(Duration::from_millis(first_byte_ms));
         let span = trace::attempt_span(&tracing::Span::current(), request, member, attempts.count);
-        match attempt(gateway, request, member, open, timeout, policy, span).await? {
+        match attempt(
+            gateway,
+            request,
+            member,
+            open,
+            timeout,
+            policy,
+            span,
+            attempts.count,
+        )
+        .await?
+        {
             Outcome::Delivered(response) => return Ok(response),
             Outcome::Failed(failure) => attempts.failures.push(failure),
         }
@@ -269,6 +300,7 @@ async fn attempt(
     timeout: Duration,
     policy: BackoffPolicy,
     span: tracing::Span,
+    number: u32,
 ) -> Result<Outcome, GatewayError> {
     let backend = open.backend().clone();
     let sent = forward::send(&gateway.http, member, request, timeout, &span)
@@ -295,6 +327,8 @@ async fn attempt(
                         request: parent,
                         attempt: span,
                         started: request.received,
+                        attempts: number,
+                        status: upstream.status.as_u16(),
                     };
                     let answer = Answer {
                         upstream,

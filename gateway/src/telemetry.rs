@@ -9,6 +9,7 @@
 //!   `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES` apply.
 //! - Export runs on the SDK's batch thread with a bounded queue: a slow or dead collector
 //!   costs dropped spans, never a blocked request.
+//! - The access log (`telemetry.access_log`): one JSON line per request on stdout.
 //! - W3C trace context (`traceparent`, `tracestate`) is the propagation format.
 
 use std::time::Duration;
@@ -20,7 +21,7 @@ use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
 use tracing::Level;
-use tracing_subscriber::filter::Targets;
+use tracing_subscriber::filter::{Targets, filter_fn};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -36,25 +37,42 @@ pub struct Telemetry {
 pub fn init(config: &TelemetryConfig) -> Result<Telemetry, String> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let logs = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Access lines are the access log's alone, never in the logs.
+    let not_access = filter_fn(|meta| meta.target() != crate::access_log::TARGET);
     let fmt = if config.log_format.as_deref() == Some("json") {
         tracing_subscriber::fmt::layer()
             .json()
             .with_writer(std::io::stderr)
             .with_filter(logs)
+            .with_filter(not_access)
             .boxed()
     } else {
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             .with_filter(logs)
+            .with_filter(not_access)
             .boxed()
     };
+    let access = config.access_log.then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_writer(std::io::stdout)
+            .with_filter(Targets::new().with_target(crate::access_log::TARGET, Level::INFO))
+    });
 
     let provider = tracer_provider(config)?;
     // Spillway's own spans and events, whatever RUST_LOG says about logs.
     let traced = Targets::new()
         .with_target("spillway_gateway", Level::INFO)
         .with_target("spillway_shared", Level::INFO)
-        .with_target("spillway", Level::INFO);
+        .with_target("spillway", Level::INFO)
+        .with_target(
+            crate::access_log::TARGET,
+            tracing_subscriber::filter::LevelFilter::OFF,
+        );
     let otel = provider.as_ref().map(|p| {
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("spillway"))
@@ -63,6 +81,7 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, String> {
 
     tracing_subscriber::registry()
         .with(fmt)
+        .with(access)
         .with(otel)
         .try_init()
         .map_err(|e| format!("cannot install the log subscriber: {e}"))?;

@@ -193,13 +193,28 @@ impl Metered {
         let first_byte = self.started + self.ttfb;
         s.spans
             .record_end(reported, Some(first_byte), self.meter.model());
+        let latency = s.spans.started.elapsed();
+        let first_token = first_byte.saturating_duration_since(s.spans.started);
+        let reported = reported.filter(|_| self.success);
         crate::metrics::answer_finished(
             &s.labels,
-            s.spans.started.elapsed(),
-            Some(first_byte.saturating_duration_since(s.spans.started)),
-            reported.filter(|_| self.success),
+            latency,
+            Some(first_token),
+            reported,
             s.estimate.prompt,
         );
+        crate::access_log::write(&crate::access_log::AccessRecord {
+            consumer: s.labels.consumer.as_deref(),
+            pool: Some(s.labels.pool.as_str()),
+            backend: Some(s.labels.backend.as_str()),
+            tier: Some(s.labels.tier),
+            attempts: s.spans.attempts,
+            status: s.spans.status,
+            tokens: reported,
+            latency,
+            time_to_first_token: Some(first_token),
+            error: None,
+        });
         let (tokens, output_tokens) = match (self.success, usage) {
             (false, _) => (0, 0),
             (true, Some(u)) => {

@@ -160,6 +160,9 @@ pub struct AnswerSpans {
     pub attempt: Span,
     /// When the client's request arrived (time to first token is counted from it).
     pub started: Instant,
+    /// The attempt that answered (1 for the first), and the status it answered.
+    pub attempts: u32,
+    pub status: u16,
 }
 
 impl AnswerSpans {
