@@ -261,19 +261,9 @@ async fn route(
             routing.attempt_timeout_ms
         };
         let timeout = remaining.min(Duration::from_millis(first_byte_ms));
-        let span = trace::attempt_span(&tracing::Span::current(), request, member, attempts.count);
-        match attempt(
-            gateway,
-            request,
-            member,
-            open,
-            timeout,
-            policy,
-            span,
-            attempts.count,
-        )
-        .await?
-        {
+        let traced =
+            trace::attempt_span(&tracing::Span::current(), request, member, attempts.count);
+        match attempt(gateway, request, member, open, timeout, policy, traced).await? {
             Outcome::Delivered(response) => return Ok(response),
             Outcome::Failed(failure) => attempts.failures.push(failure),
         }
@@ -299,9 +289,9 @@ async fn attempt(
     open: OpenReservation,
     timeout: Duration,
     policy: BackoffPolicy,
-    span: tracing::Span,
-    number: u32,
+    traced: trace::Attempt,
 ) -> Result<Outcome, GatewayError> {
+    let trace::Attempt { number, span } = traced;
     let backend = open.backend().clone();
     let sent = forward::send(&gateway.http, member, request, timeout, &span)
         .instrument(span.clone())

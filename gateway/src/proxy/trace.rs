@@ -86,10 +86,21 @@ pub fn record_admission(span: &Span, request: &ProxyRequest) {
     }
 }
 
+/// One upstream attempt: its number (from 1) and its span.
+pub struct Attempt {
+    pub number: u32,
+    pub span: Span,
+}
+
 /// The span of attempt `number` (from 1) on `member`, a child of the request's.
-pub fn attempt_span(parent: &Span, request: &ProxyRequest, member: &Member, number: u32) -> Span {
+pub fn attempt_span(
+    parent: &Span,
+    request: &ProxyRequest,
+    member: &Member,
+    number: u32,
+) -> Attempt {
     let operation = operation_name(request.operation);
-    tracing::info_span!(
+    let span = tracing::info_span!(
         parent: parent,
         "attempt",
         otel.name = format!("{operation} {}", member.deployment),
@@ -111,7 +122,8 @@ pub fn attempt_span(parent: &Span, request: &ProxyRequest, member: &Member, numb
         spillway.attempt = i64::from(number),
         spillway.retry_reason = Empty,
         spillway.time_to_first_token_ms = Empty,
-    )
+    );
+    Attempt { number, span }
 }
 
 /// The member that answered, on the request's span.
