@@ -48,6 +48,8 @@ pub struct Gateway {
     pub retry_budget: RetryBudget,
     /// Response headers naming a consumer's remaining budget.
     pub consumer_headers: ConsumerHeaderNames,
+    /// The configuration this replica runs (for `GET /admin/config`, redacted).
+    pub config: Config,
 }
 
 pub struct ConsumerHeaderNames {
@@ -117,6 +119,7 @@ impl Gateway {
                 remaining_tokens: header_name(&config.headers.consumer_remaining_tokens),
                 remaining_requests: header_name(&config.headers.consumer_remaining_requests),
             },
+            config: config.clone(),
         })
     }
 }
@@ -217,12 +220,33 @@ pub fn admin(gateway: Arc<Gateway>) -> Router {
             "/metrics",
             get(|State(g): State<Arc<Gateway>>| async move { crate::metrics::render(&g).await }),
         )
+        .route("/admin/state", get(admin_state))
+        .route(
+            "/admin/config",
+            get(|State(g): State<Arc<Gateway>>| async move {
+                axum::Json(crate::config::redacted(&g.config))
+            }),
+        )
         .route_layer(middleware::from_fn_with_state(
             gateway.clone(),
             require_admin_token,
         ))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(gateway)
+}
+
+/// `GET /admin/state`: `spillway state --json`, from this replica.
+async fn admin_state(State(gateway): State<Arc<Gateway>>) -> Response {
+    match crate::state_table::collect(
+        &gateway.table,
+        &*gateway.fleet,
+        gateway.config.state.window_ms,
+    )
+    .await
+    {
+        Ok(report) => axum::Json(report).into_response(),
+        Err(e) => GatewayError::from(e).into_response(),
+    }
 }
 
 async fn require_admin_token(

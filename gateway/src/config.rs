@@ -5,10 +5,10 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The whole configuration file. Unknown keys are errors, so typos do not pass silently.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -33,7 +33,7 @@ pub struct Config {
     pub pools: BTreeMap<String, PoolConfig>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
     /// Tokenizer of the model behind the pool, for estimates.
@@ -55,7 +55,7 @@ impl Default for PoolConfig {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Data plane: the OpenAI / Azure OpenAI API, `/healthz`, `/readyz`.
@@ -87,7 +87,7 @@ pub struct ServerConfig {
     pub tls: Option<TlsConfig>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM: the server certificate first, then its chain.
@@ -117,7 +117,7 @@ impl Default for ServerConfig {
 
 /// Which client request headers are forwarded upstream (besides the built-in allow-list),
 /// and the names of the consumer budget headers on responses.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HeadersConfig {
     /// More header names to forward. Credentials and cookies are refused.
@@ -141,7 +141,7 @@ impl Default for HeadersConfig {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StateConfig {
     /// No URL: embedded in-process state. `redis://`, `rediss://` (TLS), with a password as
@@ -215,7 +215,7 @@ impl Config {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoutingConfig {
     /// Upstream attempts per request; default: every pool member once.
@@ -288,7 +288,7 @@ impl Default for RoutingConfig {
     }
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
     /// OTLP/HTTP traces endpoint, e.g. `http://127.0.0.1:4318/v1/traces`.
@@ -301,7 +301,7 @@ pub struct TelemetryConfig {
     pub access_log: bool,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     pub id: String,
@@ -328,7 +328,7 @@ pub struct BackendConfig {
     pub kind: BackendKind,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     Ptu,
@@ -341,7 +341,7 @@ fn one() -> u32 {
 }
 
 /// How the gateway authenticates to a backend. The client's own key is never forwarded.
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum BackendAuthConfig {
     /// `api-key` header, value read from the environment variable `env`.
@@ -374,7 +374,7 @@ pub enum BackendAuthConfig {
     None,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     /// Entra ID (JWT) bearer tokens; the application's id maps to a consumer's `client_id`.
@@ -382,7 +382,7 @@ pub struct AuthConfig {
     pub jwt: Option<JwtConfig>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct JwtConfig {
     /// The token's `iss`: `https://login.microsoftonline.com/<tenant>/v2.0` for v2 tokens,
@@ -419,7 +419,7 @@ fn default_jwt_leeway_s() -> u64 {
     30
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConsumerConfig {
     pub name: String,
@@ -461,6 +461,29 @@ pub struct ConsumerConfig {
     /// `hourly`, `daily`, `weekly` (from Monday) or `monthly` (the default), in UTC.
     #[serde(default)]
     pub token_quota_period: Option<crate::quota_period::QuotaPeriod>,
+}
+
+/// The configuration as JSON with every URL's password replaced (a Redis URL carries one);
+/// keys are never in it (only their hashes and the names of the variables holding them).
+pub fn redacted(config: &Config) -> serde_json::Value {
+    fn redact(value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::String(text) => {
+                if let Ok(mut url) = url::Url::parse(text)
+                    && url.password().is_some()
+                    && url.set_password(Some("REDACTED")).is_ok()
+                {
+                    *text = url.to_string();
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(redact),
+            serde_json::Value::Object(map) => map.values_mut().for_each(redact),
+            _ => {}
+        }
+    }
+    let mut value = serde_json::to_value(config).unwrap_or_default();
+    redact(&mut value);
+    value
 }
 
 /// One thing wrong with a configuration, with the key it is about.

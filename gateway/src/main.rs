@@ -44,6 +44,9 @@ enum Command {
     State {
         #[arg(long, env = "SPILLWAY_CONFIG")]
         config: PathBuf,
+        /// JSON (the same as `GET /admin/state`) instead of the table.
+        #[arg(long)]
+        json: bool,
     },
     /// Read a consumer key on stdin and print its SHA-256, for `key_sha256` in the
     /// configuration (the key is never echoed).
@@ -99,7 +102,7 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             println!("configuration OK");
             Ok(())
         }
-        Command::State { config } => {
+        Command::State { config, json } => {
             let config = Config::load(Some(&config))?;
             let Some(url) = config.state.redis_url.clone() else {
                 return Err("state.redis_url is not set: with the embedded store each replica keeps its own state, and there is no shared state to read".into());
@@ -108,10 +111,13 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             redis.ready(Duration::from_secs(5)).await?;
             let redis = Arc::new(redis);
             let gateway = spillway_gateway::Gateway::from_config(&config, redis.clone())?;
-            print!(
-                "{}",
-                state_table::render(&gateway.table, &*redis, config.state.window_ms).await?
-            );
+            let report =
+                state_table::collect(&gateway.table, &*redis, config.state.window_ms).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", state_table::render_report(&report));
+            }
             Ok(())
         }
         Command::HashKey => {

@@ -1,10 +1,10 @@
 //! The periods of a consumer's long token quota: calendar hours, days, ISO weeks (from
 //! Monday) and months, in UTC, so every replica agrees on when a period starts and ends.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use time::{Date, Duration, Month, OffsetDateTime, Time, Weekday};
 
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum QuotaPeriod {
     Hourly,

@@ -1,26 +1,136 @@
-//! `spillway state`: the fleet table operators read (per pool and backend: tier, region,
-//! backoff and why, usage against budget, latency), from the shared state.
+//! The fleet as operators read it (per pool and backend: tier, region, backoff and why, usage
+//! against budget, latency, utilization, estimation error, prompt cache), from the shared
+//! state: collected once into a [`FleetReport`], then shown as `spillway state`'s table,
+//! as JSON (`spillway state --json`, `GET /admin/state`), or by `spillway top`.
 
 use std::fmt::Write as _;
 
-use spillway_shared::{FleetState, Histogram, MemberSnapshot, StateError};
+use serde::Serialize;
+use spillway_shared::{FleetState, MemberSnapshot, StateError};
 
 use crate::table::RoutingTable;
 
+#[derive(Clone, Debug, Serialize)]
+pub struct FleetReport {
+    /// The store and its health (`redis`, `embedded`, `redis (degraded: ...)`).
+    pub store: String,
+    pub budget_window_s: u64,
+    pub pools: Vec<PoolReport>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PoolReport {
+    pub name: String,
+    pub members: Vec<MemberReport>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct MemberReport {
+    pub backend: String,
+    pub deployment: String,
+    pub tier: u32,
+    pub region: Option<String>,
+    /// `ok`, or why it is held back (`throttled`, `server_error`, ...).
+    pub state: String,
+    pub backoff_remaining_ms: Option<u64>,
+    pub tokens_used: u64,
+    pub tokens_budget: Option<u64>,
+    pub requests_used: u64,
+    pub requests_budget: Option<u64>,
+    pub ttfb_p50_ms: Option<u64>,
+    pub ttfb_p95_ms: Option<u64>,
+    pub total_p50_ms: Option<u64>,
+    pub total_p95_ms: Option<u64>,
+    /// PTU utilization last reported (0.95 = 95 %).
+    pub utilization: Option<f64>,
+    pub remaining_tokens: Option<u64>,
+    /// Completed requests: estimated and real tokens, prompt and cached prompt tokens.
+    pub estimated_tokens: u64,
+    pub actual_tokens: u64,
+    pub prompt_tokens: u64,
+    pub cached_tokens: u64,
+}
+
+impl MemberReport {
+    fn new(member: &crate::table::Member, state: &MemberSnapshot) -> Self {
+        let b = &member.backend;
+        Self {
+            backend: b.id.to_string(),
+            deployment: member.deployment.clone(),
+            tier: b.priority,
+            region: b.region.clone(),
+            state: state
+                .backoff
+                .map_or("ok".into(), |backoff| backoff.reason.to_string()),
+            backoff_remaining_ms: state.backoff.map(|b| b.duration.as_millis() as u64),
+            tokens_used: state.tokens_used,
+            tokens_budget: b.tpm,
+            requests_used: state.requests_used,
+            requests_budget: b.rpm,
+            ttfb_p50_ms: state.latency.ttfb_ms.quantile_ms(0.5),
+            ttfb_p95_ms: state.latency.ttfb_ms.quantile_ms(0.95),
+            total_p50_ms: state.latency.total_ms.quantile_ms(0.5),
+            total_p95_ms: state.latency.total_ms.quantile_ms(0.95),
+            utilization: state.hints.utilization,
+            remaining_tokens: state.hints.remaining_tokens,
+            estimated_tokens: state.estimated_tokens,
+            actual_tokens: state.actual_tokens,
+            prompt_tokens: state.prompt_tokens,
+            cached_tokens: state.cached_tokens,
+        }
+    }
+
+    /// How far estimates were from real usage (+ means over-estimated), as a share.
+    pub fn estimation_error(&self) -> Option<f64> {
+        (self.actual_tokens > 0).then(|| {
+            (self.estimated_tokens as f64 - self.actual_tokens as f64) / self.actual_tokens as f64
+        })
+    }
+}
+
+/// Read every pool's members from the fleet state.
+pub async fn collect(
+    table: &RoutingTable,
+    fleet: &dyn FleetState,
+    window_ms: u64,
+) -> Result<FleetReport, StateError> {
+    let mut pools = Vec::new();
+    for pool in table.pools() {
+        let snapshot = fleet.snapshot(&pool.name, &pool.candidates()).await?;
+        pools.push(PoolReport {
+            name: pool.name.to_string(),
+            members: pool
+                .members
+                .iter()
+                .zip(&snapshot.members)
+                .map(|(member, state)| MemberReport::new(member, state))
+                .collect(),
+        });
+    }
+    Ok(FleetReport {
+        store: fleet.describe(),
+        budget_window_s: window_ms / 1000,
+        pools,
+    })
+}
+
+/// `spillway state`'s table.
 pub async fn render(
     table: &RoutingTable,
     fleet: &dyn FleetState,
     window_ms: u64,
 ) -> Result<String, StateError> {
+    Ok(render_report(&collect(table, fleet, window_ms).await?))
+}
+
+pub fn render_report(report: &FleetReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
         "fleet state: {} (budget window {} s)",
-        fleet.describe(),
-        window_ms / 1000
+        report.store, report.budget_window_s
     );
-    for pool in table.pools() {
-        let snapshot = fleet.snapshot(&pool.name, &pool.candidates()).await?;
+    for pool in &report.pools {
         let _ = writeln!(out, "\npool {}", pool.name);
         let _ = writeln!(
             out,
@@ -37,28 +147,26 @@ pub async fn render(
             "est err",
             "cache"
         );
-        for (member, state) in pool.members.iter().zip(&snapshot.members) {
-            let b = &member.backend;
+        for m in &pool.members {
             let _ = writeln!(
                 out,
                 "  {:<22} {:>4} {:<14} {:<22} {:>17} {:>13} {:>15} {:>15} {:>6} {:>8} {:>6}",
-                b.id.as_str(),
-                b.priority,
-                b.region.as_deref().unwrap_or("-"),
-                backoff(state),
-                used(state.tokens_used, b.tpm),
-                used(state.requests_used, b.rpm),
-                quantiles(&state.latency.ttfb_ms),
-                quantiles(&state.latency.total_ms),
-                state
-                    .hints
-                    .utilization
+                m.backend,
+                m.tier,
+                m.region.as_deref().unwrap_or("-"),
+                backoff(m),
+                used(m.tokens_used, m.tokens_budget),
+                used(m.requests_used, m.requests_budget),
+                quantiles(m.ttfb_p50_ms, m.ttfb_p95_ms),
+                quantiles(m.total_p50_ms, m.total_p95_ms),
+                m.utilization
                     .map_or("-".into(), |u| format!("{:.0}%", u * 100.0)),
-                estimation_error(state),
-                cache_share(state.cached_tokens, state.prompt_tokens),
+                m.estimation_error()
+                    .map_or("-".into(), |e| format!("{:+.1}%", e * 100.0)),
+                cache_share(m.cached_tokens, m.prompt_tokens),
             );
         }
-        let (cached, prompt) = snapshot.members.iter().fold((0, 0), |(c, p), m| {
+        let (cached, prompt) = pool.members.iter().fold((0, 0), |(c, p), m| {
             (c + m.cached_tokens, p + m.prompt_tokens)
         });
         let _ = writeln!(
@@ -67,30 +175,21 @@ pub async fn render(
             cache_share(cached, prompt)
         );
     }
-    Ok(out)
+    out
 }
 
 /// The share of prompt tokens the prompt cache served (completed requests).
-fn cache_share(cached: u64, prompt: u64) -> String {
+pub fn cache_share(cached: u64, prompt: u64) -> String {
     if prompt == 0 {
         return "-".into();
     }
     format!("{:.0}%", cached as f64 * 100.0 / prompt as f64)
 }
 
-fn backoff(m: &MemberSnapshot) -> String {
-    m.backoff.map_or("-".into(), |b| {
-        format!("{:.1}s {}", b.duration.as_secs_f64(), b.reason)
+fn backoff(m: &MemberReport) -> String {
+    m.backoff_remaining_ms.map_or("-".into(), |ms| {
+        format!("{:.1}s {}", ms as f64 / 1000.0, m.state)
     })
-}
-
-/// How far estimates were from real usage, over completed requests (+ means over-estimated).
-fn estimation_error(m: &MemberSnapshot) -> String {
-    if m.actual_tokens == 0 {
-        return "-".into();
-    }
-    let error = (m.estimated_tokens as f64 - m.actual_tokens as f64) / m.actual_tokens as f64;
-    format!("{:+.1}%", error * 100.0)
 }
 
 fn used(n: u64, budget: Option<u64>) -> String {
@@ -100,8 +199,8 @@ fn used(n: u64, budget: Option<u64>) -> String {
     }
 }
 
-fn quantiles(h: &Histogram) -> String {
-    match (h.quantile_ms(0.5), h.quantile_ms(0.95)) {
+fn quantiles(p50: Option<u64>, p95: Option<u64>) -> String {
+    match (p50, p95) {
         (Some(p50), Some(p95)) => format!("≤{p50}/≤{p95} ms"),
         _ => "-".into(),
     }

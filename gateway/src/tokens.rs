@@ -3,7 +3,7 @@
 
 use std::hash::{Hash, Hasher};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tiktoken_rs::CoreBPE;
 
@@ -12,7 +12,7 @@ use crate::request_fields::{
 };
 
 /// The tokenizer of the model behind a pool.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Encoding {
     /// gpt-4o, gpt-4.1, o-series.

@@ -1,8 +1,8 @@
 //! No secret leaves the gateway. `spillway serve` runs as operators run it, with logs at
 //! debug and traces exported over OTLP, against Redis with a password, backends with API keys
 //! (one of them wrong) and a managed identity token, consumers with keys, an admin token, and
-//! Entra ID clients. Requests good and bad are sent, the admin listener and `spillway state`
-//! are read, Redis is killed mid-run; then everything the gateway wrote (its logs, the spans
+//! Entra ID clients. Requests good and bad are sent, the admin listener (`/metrics`,
+//! `/admin/state`, `/admin/config`) and `spillway state` (table and JSON) are read, Redis is killed mid-run; then everything the gateway wrote (its logs, the spans
 //! it exported, every answer's headers and body, `spillway state`'s output) is searched for
 //! every secret.
 
@@ -259,19 +259,63 @@ async fn no_secret_is_in_anything_the_gateway_writes() {
         .await,
         400
     );
-    let admin = format!("http://127.0.0.1:{admin_port}/metrics");
-    assert_eq!(record(http.get(&admin).bearer_auth(ADMIN_TOKEN)).await, 200);
-    assert_eq!(record(http.get(&admin).bearer_auth("wrong")).await, 401);
-    let state = spillway(&["state"]).output().unwrap();
-    assert!(
-        state.status.success(),
-        "{}",
-        String::from_utf8_lossy(&state.stderr)
+    let admin = |path: &str| format!("http://127.0.0.1:{admin_port}{path}");
+    for path in ["/metrics", "/admin/state", "/admin/config"] {
+        assert_eq!(
+            record(http.get(admin(path)).bearer_auth(ADMIN_TOKEN)).await,
+            200,
+            "{path}"
+        );
+        assert_eq!(
+            record(http.get(admin(path)).bearer_auth("wrong")).await,
+            401,
+            "{path}"
+        );
+    }
+    // The admin answers say what they should: the members, and the Redis URL redacted.
+    let config: serde_json::Value = http
+        .get(admin("/admin/config"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        config["state"]["redis_url"],
+        format!("redis://:REDACTED@127.0.0.1:{redis_port}")
     );
-    seen.borrow_mut()
-        .push_str(&String::from_utf8_lossy(&state.stdout));
-    seen.borrow_mut()
-        .push_str(&String::from_utf8_lossy(&state.stderr));
+    assert_eq!(config["backends"].as_array().map(Vec::len), Some(3));
+    let state: serde_json::Value = http
+        .get(admin("/admin/state"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(state["pools"][0]["name"], "gpt-4o", "{state}");
+    assert_eq!(
+        state["pools"][0]["members"].as_array().map(Vec::len),
+        Some(3)
+    );
+    for args in [&["state"][..], &["state", "--json"][..]] {
+        let state = spillway(args).output().unwrap();
+        assert!(
+            state.status.success(),
+            "{}",
+            String::from_utf8_lossy(&state.stderr)
+        );
+        seen.borrow_mut()
+            .push_str(&String::from_utf8_lossy(&state.stdout));
+        seen.borrow_mut()
+            .push_str(&String::from_utf8_lossy(&state.stderr));
+    }
+    let json = spillway(&["state", "--json"]).output().unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON");
+    assert_eq!(report["store"], "redis", "{report}");
 
     // Redis goes away: its errors are logged, and requests go on.
     drop(redis);
