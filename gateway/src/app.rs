@@ -50,6 +50,8 @@ pub struct Gateway {
     pub consumer_headers: ConsumerHeaderNames,
     /// The configuration this replica runs (for `GET /admin/config`, redacted).
     pub config: Config,
+    /// Stopping: /readyz says so, so load balancers send no more.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 pub struct ConsumerHeaderNames {
@@ -120,6 +122,7 @@ impl Gateway {
                 remaining_requests: header_name(&config.headers.consumer_remaining_requests),
             },
             config: config.clone(),
+            draining: Default::default(),
         })
     }
 }
@@ -285,6 +288,9 @@ async fn get_or_delete_only() -> GatewayError {
 }
 
 async fn readyz(State(gateway): State<Arc<Gateway>>) -> Response {
+    if gateway.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining: shutting down").into_response();
+    }
     match gateway.fleet.ping().await {
         Ok(()) => (
             StatusCode::OK,

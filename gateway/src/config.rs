@@ -82,6 +82,12 @@ pub struct ServerConfig {
     pub max_concurrent_requests: usize,
     /// This replica's region: its members win ties.
     pub region: Option<String>,
+    /// After SIGTERM: /readyz answers 503 at once, and everything is still served this long,
+    /// so load balancers stop sending first.
+    pub shutdown_delay_ms: u64,
+    /// Then new connections are refused and in-flight requests (streams too) get this long
+    /// to finish.
+    pub drain_timeout_ms: u64,
     /// Terminate TLS on the data plane (off by default: Application Gateway or Front Door
     /// usually does).
     pub tls: Option<TlsConfig>,
@@ -110,6 +116,8 @@ impl Default for ServerConfig {
             max_header_bytes: 64 * 1024,
             max_concurrent_requests: 1_024,
             region: None,
+            shutdown_delay_ms: 5_000,
+            drain_timeout_ms: 20_000,
             tls: None,
         }
     }

@@ -24,6 +24,8 @@ pub struct ConnectionLimits {
     pub header_timeout: Duration,
     pub max_headers: usize,
     pub max_header_bytes: usize,
+    /// After the shutdown signal, open connections get this long to finish.
+    pub drain_timeout: Duration,
 }
 
 impl ConnectionLimits {
@@ -32,6 +34,7 @@ impl ConnectionLimits {
             header_timeout: Duration::from_millis(server.header_timeout_ms),
             max_headers: server.max_headers,
             max_header_bytes: server.max_header_bytes,
+            drain_timeout: Duration::from_millis(server.drain_timeout_ms),
         }
     }
 }
@@ -115,7 +118,17 @@ async fn serve_with(
             }
         });
     }
-    graceful.shutdown().await;
+    // Connections finish their in-flight requests (HTTP/1 closes after the current
+    // answer, HTTP/2 sends GOAWAY), within the drain timeout.
+    if tokio::time::timeout(limits.drain_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            drain_timeout_ms = limits.drain_timeout.as_millis() as u64,
+            "drain timeout reached: closing the connections still open"
+        );
+    }
 }
 
 fn builder(limits: ConnectionLimits) -> auto::Builder<TokioExecutor> {

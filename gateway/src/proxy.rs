@@ -18,6 +18,7 @@ mod upstream_path;
 mod usage;
 
 pub use realtime::handle as realtime;
+pub use settlement::all_settled;
 
 /// The parsers `crate::fuzzing` drives.
 #[doc(hidden)]

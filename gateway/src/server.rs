@@ -109,19 +109,49 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     );
     let limits = ConnectionLimits::from_config(&config.server);
     let fleet = gateway.fleet.clone();
+    // SIGTERM: unready at once, still serving for the shutdown delay, then the listeners
+    // stop accepting and in-flight requests drain.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let delay = Duration::from_millis(config.server.shutdown_delay_ms);
+    let draining = gateway.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        draining
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        info!(
+            shutdown_delay_ms = delay.as_millis() as u64,
+            "stopping: /readyz now answers 503; draining"
+        );
+        tokio::time::sleep(delay).await;
+        let _ = stop.send(true);
+    });
+    let stop_accepting = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|&s| s).await;
+        }
+    };
     let router = app(gateway.clone());
-    let data_plane = async move {
-        match tls {
-            Some(tls) => {
-                http_server::serve_tls(listener, router, limits, tls, shutdown_signal()).await
+    let data_plane = {
+        let stop_accepting = stop_accepting.clone();
+        async move {
+            match tls {
+                Some(tls) => {
+                    http_server::serve_tls(listener, router, limits, tls, stop_accepting()).await
+                }
+                None => http_server::serve(listener, router, limits, stop_accepting()).await,
             }
-            None => http_server::serve(listener, router, limits, shutdown_signal()).await,
         }
     };
     tokio::join!(
         data_plane,
-        http_server::serve(admin_listener, admin(gateway), limits, shutdown_signal()),
+        http_server::serve(admin_listener, admin(gateway), limits, stop_accepting()),
     );
+    // Answers that ended settle in tasks of their own: let them land before leaving.
+    if !crate::proxy::all_settled(Duration::from_secs(5)).await {
+        warn!("some settlements were still running at exit");
+    }
     fleet.close().await;
     info!("spillway stopped");
     Ok(())

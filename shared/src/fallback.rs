@@ -493,7 +493,10 @@ impl FleetState for FallbackState {
     /// Read for routing scores and operators: from Redis when it answers in time (and
     /// remembered as the last shared view), else from the embedded state. Never changes
     /// the replica's health.
+    /// Give back leases, and hand Redis what this replica decided on its own (usage, quota
+    /// spends, backoffs) if it answers: a stopping replica leaves nothing owed behind.
     async fn close(&self) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.repay()).await;
         self.primary.close().await;
     }
 

@@ -108,7 +108,14 @@ impl OpenReservation {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         match settlement.as_mut().poll(&mut cx) {
             Poll::Ready(result) => Settling::Done(Some(result)),
-            Poll::Pending => Settling::Running(tokio::spawn(settlement)),
+            Poll::Pending => {
+                let running = Running::start();
+                Settling::Running(tokio::spawn(async move {
+                    let result = settlement.await;
+                    drop(running);
+                    result
+                }))
+            }
         }
     }
 
@@ -149,4 +156,40 @@ impl Drop for OpenReservation {
         let receipt = self.receipt(0);
         drop(self.start_settle(receipt));
     }
+}
+
+/// Settlements running in tasks of their own, so a stopping replica can wait for them.
+static RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static ALL_SETTLED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+struct Running;
+
+impl Running {
+    fn start() -> Self {
+        RUNNING.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Running
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if RUNNING.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            ALL_SETTLED.notify_waiters();
+        }
+    }
+}
+
+/// Wait, at most `within`, until no settlement is running; false if some still were.
+pub async fn all_settled(within: std::time::Duration) -> bool {
+    tokio::time::timeout(within, async {
+        loop {
+            let notified = ALL_SETTLED.notified();
+            if RUNNING.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    })
+    .await
+    .is_ok()
 }
