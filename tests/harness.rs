@@ -427,15 +427,18 @@ pub fn redis_section(url: &str, extra: &str) -> String {
 /// Send `count` chat requests, `concurrency` at a time, spread over `replicas`; returns the
 /// statuses in completion order.
 pub async fn offer_load(replicas: &[&Replica], count: usize, concurrency: usize) -> Vec<u16> {
+    let bases: Vec<String> = replicas.iter().map(|r| r.url.clone()).collect();
+    offer_load_to(&bases, count, concurrency).await
+}
+
+/// [`offer_load`] to gateways by base URL.
+pub async fn offer_load_to(bases: &[String], count: usize, concurrency: usize) -> Vec<u16> {
     use futures_util::StreamExt;
     let http = client();
-    let urls: Vec<String> = replicas
+    let urls: Vec<String> = bases
         .iter()
-        .map(|r| {
-            format!(
-                "{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
-                r.url
-            )
+        .map(|base| {
+            format!("{base}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21")
         })
         .collect();
     futures_util::stream::iter(0..count)

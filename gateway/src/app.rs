@@ -21,6 +21,7 @@ use crate::credentials::{BackendCredential, SharedCredentials};
 use crate::error::GatewayError;
 use crate::fleet_view::FleetView;
 use crate::headers::HeaderPolicy;
+use crate::live::{Current, Live};
 use crate::load_shed::{self, RequestSlots};
 use crate::proxy::{self, BodyLimits, Inbound};
 use crate::retry_budget::RetryBudget;
@@ -136,6 +137,12 @@ fn header_name(name: &str) -> HeaderName {
 /// API requests take one of the replica's request slots (503 when none is free); the
 /// probes do not, so a replica at its limit still answers them.
 pub fn app(gateway: Arc<Gateway>) -> Router {
+    app_live(Live::fixed(gateway))
+}
+
+/// [`app`], serving whichever configuration `live` holds when each request arrives.
+pub fn app_live(live: Arc<Live>) -> Router {
+    let slots = live.get().slots.clone();
     let api = Router::new()
         .route(
             "/openai/deployments/{pool}/{*operation}",
@@ -204,42 +211,60 @@ pub fn app(gateway: Arc<Gateway>) -> Router {
             post(stored_response).fallback(method_not_allowed),
         )
         .fallback(|| async { GatewayError::NotFound })
-        .layer(middleware::from_fn_with_state(
-            gateway.slots.clone(),
-            load_shed::shed,
-        ));
+        .layer(middleware::from_fn_with_state(slots, load_shed::shed));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .merge(api)
-        .with_state(gateway)
+        .with_state(live)
 }
 
 /// The admin router (operators only, `server.admin_listen`): Prometheus metrics and a probe.
 /// With `server.admin_token_env` set, everything but `/healthz` needs the bearer token.
 pub fn admin(gateway: Arc<Gateway>) -> Router {
+    admin_live(Live::fixed(gateway))
+}
+
+/// [`admin`] for a reloadable configuration, with `POST /admin/reload`.
+pub fn admin_live(live: Arc<Live>) -> Router {
     Router::new()
         .route(
             "/metrics",
-            get(|State(g): State<Arc<Gateway>>| async move { crate::metrics::render(&g).await }),
+            get(|Current(g): Current| async move { crate::metrics::render(&g).await }),
         )
         .route("/admin/state", get(admin_state))
         .route(
             "/admin/config",
-            get(|State(g): State<Arc<Gateway>>| async move {
-                axum::Json(crate::config::redacted(&g.config))
-            }),
+            get(
+                |Current(g): Current| async move { axum::Json(crate::config::redacted(&g.config)) },
+            ),
         )
+        .route("/admin/reload", post(admin_reload))
         .route_layer(middleware::from_fn_with_state(
-            gateway.clone(),
+            live.clone(),
             require_admin_token,
         ))
         .route("/healthz", get(|| async { "ok" }))
-        .with_state(gateway)
+        .with_state(live)
+}
+
+/// `POST /admin/reload`: as SIGHUP; 200, or 400 with what is wrong (the running
+/// configuration stays).
+async fn admin_reload(State(live): State<Arc<Live>>) -> Response {
+    match live.reload() {
+        Ok(()) => axum::Json(serde_json::json!({ "reloaded": true })).into_response(),
+        Err(problem) => (
+            StatusCode::BAD_REQUEST,
+            axum::Json(serde_json::json!({
+                "error": { "code": "invalid_configuration", "message": problem }
+            })),
+        )
+            .into_response(),
+    }
 }
 
 /// `GET /admin/state`: `spillway state --json`, from this replica.
-async fn admin_state(State(gateway): State<Arc<Gateway>>) -> Response {
+async fn admin_state(Current(gateway): Current) -> Response {
     match crate::state_table::collect(
         &gateway.table,
         &*gateway.fleet,
@@ -253,10 +278,11 @@ async fn admin_state(State(gateway): State<Arc<Gateway>>) -> Response {
 }
 
 async fn require_admin_token(
-    State(gateway): State<Arc<Gateway>>,
+    State(live): State<Arc<Live>>,
     request: Request,
     next: Next,
 ) -> Response {
+    let gateway = live.get();
     let Some(expected) = &gateway.admin_token else {
         return next.run(request).await;
     };
@@ -287,7 +313,7 @@ async fn get_or_delete_only() -> GatewayError {
     }
 }
 
-async fn readyz(State(gateway): State<Arc<Gateway>>) -> Response {
+async fn readyz(Current(gateway): Current) -> Response {
     if gateway.draining.load(std::sync::atomic::Ordering::Relaxed) {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining: shutting down").into_response();
     }
@@ -302,7 +328,7 @@ async fn readyz(State(gateway): State<Arc<Gateway>>) -> Response {
 }
 
 async fn deployment(
-    State(gateway): State<Arc<Gateway>>,
+    Current(gateway): Current,
     uri: Uri,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
@@ -329,7 +355,7 @@ async fn deployment(
 }
 
 async fn v1(
-    State(gateway): State<Arc<Gateway>>,
+    Current(gateway): Current,
     uri: Uri,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
@@ -342,7 +368,7 @@ async fn v1(
 /// `GET`/`DELETE /openai/v1/responses/{id}`, `GET .../input_items`, `POST .../cancel`:
 /// answered by the member holding the response, found in the fleet's affinity record.
 async fn stored_response(
-    State(gateway): State<Arc<Gateway>>,
+    Current(gateway): Current,
     method: Method,
     uri: Uri,
     RawQuery(query): RawQuery,
@@ -355,7 +381,7 @@ async fn stored_response(
 
 /// `GET /openai/realtime?api-version=...&deployment=<pool>`, upgraded to a WebSocket.
 async fn realtime(
-    State(gateway): State<Arc<Gateway>>,
+    Current(gateway): Current,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -368,7 +394,7 @@ async fn realtime(
 
 /// `GET /openai/v1/realtime?model=<pool>`, upgraded to a WebSocket.
 async fn realtime_v1(
-    State(gateway): State<Arc<Gateway>>,
+    Current(gateway): Current,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -379,14 +405,14 @@ async fn realtime_v1(
     }
 }
 
-async fn models_list(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+async fn models_list(Current(gateway): Current, headers: HeaderMap) -> Response {
     crate::models::list(&gateway, &headers)
         .await
         .into_response()
 }
 
 async fn models_retrieve(
-    State(gateway): State<Arc<Gateway>>,
+    Current(gateway): Current,
     axum::extract::Path(model): axum::extract::Path<String>,
     headers: HeaderMap,
 ) -> Response {

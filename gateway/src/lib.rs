@@ -14,6 +14,7 @@ pub mod fleet_view;
 pub mod fuzzing;
 pub mod headers;
 pub mod http_server;
+pub mod live;
 pub mod load_shed;
 pub mod metrics;
 pub mod models;

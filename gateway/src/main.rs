@@ -86,10 +86,10 @@ async fn main() -> ExitCode {
 
 async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     match command {
-        Command::Serve { config } => {
-            let config = Config::load(config.as_deref())?;
+        Command::Serve { config: path } => {
+            let config = Config::load(path.as_deref())?;
             let telemetry = telemetry::init(&config.telemetry)?;
-            let result = server::serve(config).await;
+            let result = server::serve(config, path).await;
             telemetry.shutdown().await;
             result
         }

@@ -8,9 +8,10 @@ use spillway_shared::{EmbeddedState, FallbackState, FleetState, RedisState};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use crate::app::{Gateway, admin, app};
+use crate::app::{Gateway, admin_live, app_live};
 use crate::config::{Config, ConfigError, ConfigProblem};
 use crate::http_server::{self, ConnectionLimits};
+use crate::live::Live;
 
 /// The fleet-state store the configuration asks for: embedded, or Redis with the embedded
 /// store as its fallback. Must run inside the runtime (Redis connects in the background).
@@ -59,7 +60,12 @@ pub fn redacted(url: &str) -> String {
 /// How long `serve` waits for Redis (connection and scripts) before it starts degraded.
 pub const REDIS_START_WAIT: Duration = Duration::from_secs(10);
 
-pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+/// Serve until stopped; `source` is the configuration file SIGHUP and `POST /admin/reload`
+/// read again.
+pub async fn serve(
+    config: Config,
+    source: Option<std::path::PathBuf>,
+) -> Result<(), Box<dyn std::error::Error>> {
     config.validate()?;
     // The listeners open (and /readyz answers) only once the fleet state is usable.
     let fleet: Arc<dyn FleetState> = match &config.state.redis_url {
@@ -75,7 +81,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             fleet
         }
     };
-    let gateway = Gateway::from_config(&config, fleet)?;
+    let gateway = Gateway::from_config(&config, fleet.clone())?;
     if gateway.consumers.is_open() {
         warn!("no [[consumers]] configured: the data plane accepts requests without a key");
     }
@@ -99,6 +105,9 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         })?;
     crate::tokens::warm_up();
     let gateway = Arc::new(gateway);
+    let live = Live::new(gateway.clone(), source, fleet);
+    #[cfg(unix)]
+    tokio::spawn(reload_on_sighup(live.clone()));
     info!(
         listen = %listener.local_addr()?,
         tls = tls.is_some(),
@@ -132,7 +141,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             let _ = stopped.wait_for(|&s| s).await;
         }
     };
-    let router = app(gateway.clone());
+    let router = app_live(live.clone());
     let data_plane = {
         let stop_accepting = stop_accepting.clone();
         async move {
@@ -146,7 +155,7 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     };
     tokio::join!(
         data_plane,
-        http_server::serve(admin_listener, admin(gateway), limits, stop_accepting()),
+        http_server::serve(admin_listener, admin_live(live), limits, stop_accepting()),
     );
     // Answers that ended settle in tasks of their own: let them land before leaving.
     if !crate::proxy::all_settled(Duration::from_secs(5)).await {
@@ -155,6 +164,18 @@ pub async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     fleet.close().await;
     info!("spillway stopped");
     Ok(())
+}
+
+/// SIGHUP: read the configuration again (see [`Live`]).
+#[cfg(unix)]
+async fn reload_on_sighup(live: Arc<Live>) {
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    else {
+        return;
+    };
+    while hangups.recv().await.is_some() {
+        let _ = live.reload();
+    }
 }
 
 /// Ctrl-C or SIGTERM (container stop) ends the server after in-flight requests finish.
