@@ -262,7 +262,7 @@ async fn an_admin_listener_off_loopback_without_a_token_refuses_to_start() {
     let config = backend(&sim, "ptu", 1)
         + "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"0.0.0.0:0\"\n";
     let config = Config::from_toml(&config).unwrap();
-    let error = tokio::time::timeout(EVENT_TIMEOUT, spillway_gateway::server::serve(config))
+    let error = tokio::time::timeout(EVENT_TIMEOUT, spillway_gateway::server::serve(config, None))
         .await
         .expect("serve returns at once")
         .expect_err("serve refuses to start");
