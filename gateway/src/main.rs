@@ -48,6 +48,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Probe a running gateway's `/readyz` (for a container's HEALTHCHECK: no curl needed);
+    /// exits 0 when it is ready.
+    Healthcheck {
+        /// The readiness URL.
+        #[arg(long, env = "SPILLWAY_HEALTHCHECK_URL", default_value = "http://127.0.0.1:8080/readyz")]
+        url: String,
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
     /// Read a consumer key on stdin and print its SHA-256, for `key_sha256` in the
     /// configuration (the key is never echoed).
     HashKey,
@@ -119,6 +129,23 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 print!("{}", state_table::render_report(&report));
             }
             Ok(())
+        }
+        Command::Healthcheck { url, timeout } => {
+            let answer = reqwest::Client::builder()
+                .timeout(timeout)
+                .build()?
+                .get(&url)
+                .send()
+                .await
+                .map_err(|e| format!("{url}: {e}"))?;
+            let status = answer.status();
+            let text = answer.text().await.unwrap_or_default();
+            if status.is_success() {
+                println!("{}", text.trim());
+                Ok(())
+            } else {
+                Err(format!("{url}: {status} {}", text.trim()).into())
+            }
         }
         Command::HashKey => {
             let mut input = String::new();
