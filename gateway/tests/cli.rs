@@ -119,7 +119,23 @@ fn the_shipped_compose_configurations_are_valid() {
     let sim =
         spillway_gateway::sim::SimConfig::load(std::path::Path::new(&format!("{root}sim.toml")))
             .unwrap();
-    assert_eq!(sim.resources.len(), 2);
+    assert_eq!(sim.resources.len(), 4, "PTU and PAYG in two regions");
+    // Every backend names a simulated resource, by port and region.
+    let gateway = spillway_gateway::config::Config::load(Some(std::path::Path::new(&format!(
+        "{root}spillway.toml"
+    ))))
+    .unwrap();
+    assert_eq!(gateway.backends.len(), sim.resources.len());
+    for backend in &gateway.backends {
+        let port = url::Url::parse(&backend.url).unwrap().port();
+        let resource = sim
+            .resources
+            .iter()
+            .find(|r| Some(r.listen.port()) == port)
+            .unwrap_or_else(|| panic!("no simulated resource on {}", backend.url));
+        assert_eq!(resource.name, backend.id);
+        assert_eq!(resource.region, backend.region);
+    }
 }
 
 #[test]

@@ -1,0 +1,208 @@
+#!/usr/bin/env bash
+# The docker-compose fleet as local processes, for machines without a container engine:
+# Redis, simulated PTU and PAYG deployments in two regions, three gateway replicas sharing
+# state through Redis, and nginx as a round-robin front standing in for Application Gateway.
+#
+#   scripts/fleet.sh up       build, start everything, wait until the front answers
+#   scripts/fleet.sh status   what runs, and the shared fleet state (spillway state)
+#   scripts/fleet.sh down     stop everything
+#
+# Ports (loopback only) start at FLEET_PORT (default 18100): front +0, replicas +1..+3,
+# their admin listeners +11..+13, Redis +20, simulated resources +31..+34.
+# Set OTEL_EXPORTER_OTLP_ENDPOINT to export the replicas' traces to a collector.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+base="${FLEET_PORT:-18100}"
+dir="${CARGO_TARGET_DIR:-target}/fleet"
+bin="${CARGO_TARGET_DIR:-target}/release/spillway"
+front=$((base)); redis=$((base + 20))
+
+log() { printf '==> %s\n' "$*"; }
+
+install_missing() {
+  local missing=()
+  command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+  command -v nginx >/dev/null 2>&1 || missing+=(nginx)
+  command -v curl >/dev/null 2>&1 || missing+=(curl)
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]}"
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+start() { # name, command...
+  local name="$1"; shift
+  "$@" >"$dir/$name.log" 2>&1 &
+  echo $! >"$dir/$name.pid"
+}
+
+wait_for() { # url, what
+  for _ in $(seq 1 150); do
+    if curl -fsS -o /dev/null "$1" 2>/dev/null; then return 0; fi
+    sleep 0.2
+  done
+  echo "fleet.sh: $2 did not come up; see $dir/*.log" >&2
+  return 1
+}
+
+write_configs() {
+  local regions=(eastus westus eastus westus) kinds=(ptu ptu payg payg) tpms=(20000 20000 450000 450000)
+  : >"$dir/sim.toml"
+  : >"$dir/backends.toml"
+  for i in 0 1 2 3; do
+    local name="${kinds[$i]}-${regions[$i]}" port=$((base + 31 + i)) priority=1
+    [ "${kinds[$i]}" = payg ] && priority=2
+    cat >>"$dir/sim.toml" <<EOT
+[[resources]]
+name = "$name"
+listen = "127.0.0.1:$port"
+region = "${regions[$i]}"
+[[resources.deployments]]
+name = "gpt-4o"
+kind = "${kinds[$i]}"
+tpm = ${tpms[$i]}
+
+EOT
+    cat >>"$dir/backends.toml" <<EOT
+[[backends]]
+id = "$name"
+url = "http://127.0.0.1:$port"
+region = "${regions[$i]}"
+priority = $priority
+kind = "${kinds[$i]}"
+$([ "${kinds[$i]}" = ptu ] && echo "tpm = ${tpms[$i]}")
+deployments = { "gpt-4o" = "gpt-4o" }
+
+EOT
+  done
+  for r in 1 2 3; do
+    cat >"$dir/replica-$r.toml" <<EOT
+[server]
+listen = "127.0.0.1:$((base + r))"
+admin_listen = "127.0.0.1:$((base + 10 + r))"
+
+[state]
+redis_url = "redis://127.0.0.1:$redis"
+
+[telemetry]
+access_log = true
+
+EOT
+    cat "$dir/backends.toml" >>"$dir/replica-$r.toml"
+  done
+  cat >"$dir/nginx.conf" <<EOT
+worker_processes 1;
+pid $PWD/$dir/nginx.pid;
+error_log $PWD/$dir/nginx-error.log;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $PWD/$dir/nginx-tmp;
+  proxy_temp_path $PWD/$dir/nginx-tmp;
+  upstream spillway {
+    server 127.0.0.1:$((base + 1)) max_fails=1 fail_timeout=5s;
+    server 127.0.0.1:$((base + 2)) max_fails=1 fail_timeout=5s;
+    server 127.0.0.1:$((base + 3)) max_fails=1 fail_timeout=5s;
+    keepalive 32;
+  }
+  server {
+    listen 127.0.0.1:$front;
+    client_max_body_size 16m;
+    location / {
+      proxy_pass http://spillway;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_read_timeout 300s;
+      proxy_next_upstream error timeout http_503;
+    }
+  }
+}
+EOT
+}
+
+up() {
+  install_missing
+  if [ -e "$dir/redis.pid" ] && kill -0 "$(cat "$dir/redis.pid")" 2>/dev/null; then
+    echo "fleet.sh: already up (scripts/fleet.sh down first)" >&2
+    exit 1
+  fi
+  for p in $front $((base + 1)) $((base + 2)) $((base + 3)) $((base + 11)) $((base + 12)) $((base + 13)) $redis $((base + 31)) $((base + 32)) $((base + 33)) $((base + 34)); do
+    port_free "$p" || { echo "fleet.sh: port $p is taken; set FLEET_PORT" >&2; exit 1; }
+  done
+  log "building spillway (release)"
+  cargo build --release --quiet --bin spillway
+  mkdir -p "$dir/nginx-tmp"
+  write_configs
+  log "starting redis on $redis"
+  start redis redis-server --port "$redis" --bind 127.0.0.1 --save "" --appendonly no
+  log "starting simulated deployments on $((base + 31))-$((base + 34))"
+  start sim "$bin" sim --config "$dir/sim.toml"
+  for r in 1 2 3; do
+    log "starting replica $r on $((base + r)) (admin $((base + 10 + r)))"
+    RUST_LOG="${RUST_LOG:-warn}" start "replica-$r" "$bin" serve --config "$dir/replica-$r.toml"
+  done
+  for r in 1 2 3; do
+    wait_for "http://127.0.0.1:$((base + r))/readyz" "replica $r"
+  done
+  log "starting the front (nginx) on $front"
+  nginx -c "$PWD/$dir/nginx.conf" -p "$PWD/$dir" -g 'daemon off;' >"$dir/nginx.log" 2>&1 &
+  wait_for "http://127.0.0.1:$front/readyz" "the front"
+  local answer
+  answer=$(curl -fsS "http://127.0.0.1:$front/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21" \
+    -H 'content-type: application/json' -d '{"messages":[{"role":"user","content":"hello"}],"max_tokens":5}')
+  case "$answer" in
+    *'"chat.completion"'*) ;;
+    *) echo "fleet.sh: the first request failed: $answer" >&2; exit 1 ;;
+  esac
+  cat <<EOT
+
+The fleet is up. Send requests to the front (as to https://<resource>.openai.azure.com):
+  curl -s 'http://127.0.0.1:$front/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21' \\
+       -H 'content-type: application/json' -d '{"messages":[{"role":"user","content":"hi"}]}'
+Shared state:   redis-cli -p $redis --scan --pattern 'spillway:*'
+Fleet table:    scripts/fleet.sh status
+Logs:           $dir/*.log (replicas write one JSON access line per request to theirs)
+Stop:           scripts/fleet.sh down
+EOT
+}
+
+status() {
+  local any=0
+  for name in redis sim replica-1 replica-2 replica-3 nginx; do
+    local pidfile="$dir/$name.pid"
+    if [ -e "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+      printf '%-10s running (pid %s)\n' "$name" "$(cat "$pidfile")"; any=1
+    else
+      printf '%-10s stopped\n' "$name"
+    fi
+  done
+  if [ $any -eq 1 ] && [ -x "$bin" ] && [ -e "$dir/replica-1.toml" ]; then
+    echo
+    "$bin" state --config "$dir/replica-1.toml" || true
+  fi
+}
+
+down() {
+  for name in nginx replica-1 replica-2 replica-3 sim redis; do
+    local pidfile="$dir/$name.pid"
+    if [ -e "$pidfile" ]; then
+      kill "$(cat "$pidfile")" 2>/dev/null || true
+      rm -f "$pidfile"
+    fi
+  done
+  log "fleet stopped"
+}
+
+case "${1:-}" in
+  up) up ;;
+  status) status ;;
+  down) down ;;
+  *) echo "usage: scripts/fleet.sh up|status|down" >&2; exit 2 ;;
+esac
