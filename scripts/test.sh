@@ -55,5 +55,8 @@ else
   echo "notice: cargo-deny could not be installed; dependency checks skipped"
 fi
 
+log "deployment files (Kubernetes manifests, docker-compose.yml)"
+scripts/check-deploy.sh
+
 log "OpenAI Python SDK through spillway serve"
 scripts/sdk-check.sh
