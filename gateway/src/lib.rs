@@ -31,5 +31,6 @@ pub mod telemetry;
 pub mod timed_fleet;
 pub mod tls;
 pub mod tokens;
+pub mod top;
 
 pub use app::{Gateway, admin, app};

@@ -52,11 +52,24 @@ enum Command {
     /// exits 0 when it is ready.
     Healthcheck {
         /// The readiness URL.
-        #[arg(long, env = "SPILLWAY_HEALTHCHECK_URL", default_value = "http://127.0.0.1:8080/readyz")]
+        #[arg(
+            long,
+            env = "SPILLWAY_HEALTHCHECK_URL",
+            default_value = "http://127.0.0.1:8080/readyz"
+        )]
         url: String,
         /// How long to wait for the answer.
         #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
         timeout: Duration,
+    },
+    /// The live fleet view: per pool and member, state, budget, utilization, latency and
+    /// throughput from the shared state, refreshed every second (`q` quits).
+    Top {
+        #[arg(long, env = "SPILLWAY_CONFIG")]
+        config: PathBuf,
+        /// Read this Redis instead of the configuration's `state.redis_url`.
+        #[arg(long)]
+        redis: Option<String>,
     },
     /// Read a consumer key on stdin and print its SHA-256, for `key_sha256` in the
     /// configuration (the key is never echoed).
@@ -128,6 +141,32 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             } else {
                 print!("{}", state_table::render_report(&report));
             }
+            Ok(())
+        }
+        Command::Top { config, redis } => {
+            let mut config = Config::load(Some(&config))?;
+            if let Some(url) = redis {
+                config.state.redis_url = Some(url);
+            }
+            let Some(url) = config.state.redis_url.clone() else {
+                return Err("state.redis_url is not set (or pass --redis): with the embedded store there is no shared state to watch".into());
+            };
+            let redis = Arc::new(server::redis_state(&config, &url)?);
+            redis.ready(Duration::from_secs(5)).await?;
+            let gateway = spillway_gateway::Gateway::from_config(&config, redis.clone())?;
+            let window_ms = config.state.window_ms;
+            spillway_gateway::top::run(
+                || {
+                    let (gateway, redis) = (&gateway, redis.clone());
+                    async move {
+                        state_table::collect(&gateway.table, &*redis, window_ms)
+                            .await
+                            .map_err(|e| e.to_string())
+                    }
+                },
+                Duration::from_secs(1),
+            )
+            .await?;
             Ok(())
         }
         Command::Healthcheck { url, timeout } => {

@@ -14,11 +14,17 @@ fn healthcheck(url: &str) -> std::process::Output {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthcheck_passes_only_on_a_ready_answer() {
     let app = axum::Router::new()
-        .route("/ready", axum::routing::get(|| async { "ready (state: embedded)" }))
+        .route(
+            "/ready",
+            axum::routing::get(|| async { "ready (state: embedded)" }),
+        )
         .route(
             "/draining",
             axum::routing::get(|| async {
-                (axum::http::StatusCode::SERVICE_UNAVAILABLE, "draining: shutting down")
+                (
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    "draining: shutting down",
+                )
             }),
         );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -41,11 +47,16 @@ async fn healthcheck_passes_only_on_a_ready_answer() {
     .await
     .unwrap();
     assert!(!draining.status.success());
-    assert!(String::from_utf8_lossy(&draining.stderr).contains("503"), "{draining:?}");
+    assert!(
+        String::from_utf8_lossy(&draining.stderr).contains("503"),
+        "{draining:?}"
+    );
 
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/readyz", closed.local_addr().unwrap());
     drop(closed);
-    let nobody = tokio::task::spawn_blocking(move || healthcheck(&url)).await.unwrap();
+    let nobody = tokio::task::spawn_blocking(move || healthcheck(&url))
+        .await
+        .unwrap();
     assert!(!nobody.status.success());
 }

@@ -1,0 +1,328 @@
+//! `spillway top`: the live fleet view an operator opens first during an incident. Every
+//! second it reads the shared state (the same [`FleetReport`] as `spillway state`) and draws,
+//! per pool, each member's tier, region, state (ok, or why it is held back and for how
+//! long), a budget bar, utilization, time to first byte, throughput over the budget window,
+//! and the pool's spillover share. `q` or Esc quits.
+
+use std::time::Duration;
+
+use ratatui::Frame;
+use ratatui::layout::{Constraint, Layout};
+use ratatui::style::{Color, Modifier, Style};
+use ratatui::text::{Line, Span};
+use ratatui::widgets::{Block, Cell, Paragraph, Row, Table};
+
+use crate::state_table::{FleetReport, MemberReport, PoolReport};
+
+/// One screen: the report and when it was read.
+pub struct TopView {
+    pub report: FleetReport,
+    pub read_at: String,
+    /// Why the last read failed, if it did (the previous report stays on screen).
+    pub error: Option<String>,
+}
+
+const BAR_CELLS: usize = 10;
+
+/// Draw the view (pure: tested with ratatui's test backend).
+pub fn draw(frame: &mut Frame, view: &TopView) {
+    let report = &view.report;
+    let heights: Vec<Constraint> = std::iter::once(Constraint::Length(2))
+        .chain(
+            report
+                .pools
+                .iter()
+                .map(|p| Constraint::Length(p.members.len() as u16 + 3)),
+        )
+        .chain(std::iter::once(Constraint::Min(0)))
+        .collect();
+    let areas = Layout::vertical(heights).split(frame.area());
+    let mut header = vec![Line::from(vec![
+        Span::styled("spillway top", Style::new().add_modifier(Modifier::BOLD)),
+        Span::raw(format!(
+            "  state: {}  window {} s  read {}  (q quits)",
+            report.store, report.budget_window_s, view.read_at
+        )),
+    ])];
+    if let Some(error) = &view.error {
+        header.push(Line::styled(
+            format!("last read failed: {error}"),
+            Style::new().fg(Color::Red),
+        ));
+    }
+    frame.render_widget(Paragraph::new(header), areas[0]);
+    for (pool, area) in report.pools.iter().zip(areas.iter().skip(1)) {
+        frame.render_widget(pool_table(pool, report.budget_window_s), *area);
+    }
+}
+
+fn pool_table(pool: &PoolReport, window_s: u64) -> Table<'static> {
+    let title = format!(
+        " pool {}  spillover {} of tokens this window ",
+        pool.name,
+        spillover(pool).map_or("-".into(), |s| format!("{:.0}%", s * 100.0))
+    );
+    let header = Row::new(
+        [
+            "backend",
+            "tier",
+            "region",
+            "state",
+            "budget",
+            "util",
+            "ttfb p50/p95",
+            "tok/s",
+            "req/s",
+        ]
+        .map(|h| Cell::from(h).style(Style::new().add_modifier(Modifier::BOLD))),
+    );
+    let rows = pool.members.iter().map(|m| member_row(m, window_s));
+    Table::new(
+        rows,
+        [
+            Constraint::Length(22),
+            Constraint::Length(4),
+            Constraint::Length(14),
+            Constraint::Length(20),
+            Constraint::Length(BAR_CELLS as u16 + 6),
+            Constraint::Length(6),
+            Constraint::Length(14),
+            Constraint::Length(8),
+            Constraint::Length(7),
+        ],
+    )
+    .header(header)
+    .block(Block::bordered().title(title))
+}
+
+fn member_row(m: &MemberReport, window_s: u64) -> Row<'static> {
+    let (state, color) = match m.backoff_remaining_ms {
+        None => ("ok".to_string(), Color::Green),
+        Some(ms) => (
+            format!("{} {:.1}s", m.state, ms as f64 / 1000.0),
+            if m.state == "throttled" {
+                Color::Yellow
+            } else {
+                Color::Red
+            },
+        ),
+    };
+    let per_second = |n: u64| format!("{:.1}", n as f64 / window_s.max(1) as f64);
+    Row::new(vec![
+        Cell::from(m.backend.clone()),
+        Cell::from(m.tier.to_string()),
+        Cell::from(m.region.clone().unwrap_or_else(|| "-".into())),
+        Cell::from(state).style(Style::new().fg(color)),
+        Cell::from(budget_bar(m.tokens_used, m.tokens_budget)),
+        Cell::from(
+            m.utilization
+                .map_or("-".into(), |u| format!("{:.0}%", u * 100.0)),
+        ),
+        Cell::from(match (m.ttfb_p50_ms, m.ttfb_p95_ms) {
+            (Some(p50), Some(p95)) => format!("{p50}/{p95} ms"),
+            _ => "-".into(),
+        }),
+        Cell::from(per_second(m.tokens_used)),
+        Cell::from(per_second(m.requests_used)),
+    ])
+}
+
+/// `█████░░░░░ 52%` of the window's token budget; `-` without one.
+pub fn budget_bar(used: u64, budget: Option<u64>) -> String {
+    let Some(budget) = budget.filter(|&b| b > 0) else {
+        return format!("{used} tok");
+    };
+    let share = used as f64 / budget as f64;
+    let filled = ((share * BAR_CELLS as f64).round() as usize).min(BAR_CELLS);
+    format!(
+        "{}{} {:>3.0}%",
+        "█".repeat(filled),
+        "░".repeat(BAR_CELLS - filled),
+        share * 100.0
+    )
+}
+
+/// Tokens served this window by members beyond the pool's first tier, as a share.
+pub fn spillover(pool: &PoolReport) -> Option<f64> {
+    let first = pool.members.iter().map(|m| m.tier).min()?;
+    let total: u64 = pool.members.iter().map(|m| m.tokens_used).sum();
+    let spilled: u64 = pool
+        .members
+        .iter()
+        .filter(|m| m.tier > first)
+        .map(|m| m.tokens_used)
+        .sum();
+    (total > 0).then(|| spilled as f64 / total as f64)
+}
+
+/// Run the terminal view until `q`, refreshing from `read` every `every`.
+pub async fn run<F, Fut>(mut read: F, every: Duration) -> std::io::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<FleetReport, String>>,
+{
+    use ratatui::crossterm::event::{self, Event, KeyCode};
+    let mut terminal = ratatui::init();
+    let mut view: Option<TopView> = None;
+    let result = loop {
+        let read_at = time::OffsetDateTime::now_utc()
+            .format(&time::macros::format_description!(
+                "[hour]:[minute]:[second]"
+            ))
+            .unwrap_or_default();
+        match read().await {
+            Ok(report) => {
+                view = Some(TopView {
+                    report,
+                    read_at,
+                    error: None,
+                })
+            }
+            Err(e) => {
+                if let Some(v) = &mut view {
+                    v.error = Some(e);
+                } else {
+                    break Err(std::io::Error::other(e));
+                }
+            }
+        }
+        if let Some(view) = &view
+            && let Err(e) = terminal.draw(|frame| draw(frame, view))
+        {
+            break Err(e);
+        }
+        // Wait for the next refresh, or a key.
+        let quit = tokio::task::block_in_place(|| -> std::io::Result<bool> {
+            if event::poll(every)?
+                && let Event::Key(key) = event::read()?
+            {
+                return Ok(matches!(key.code, KeyCode::Char('q') | KeyCode::Esc));
+            }
+            Ok(false)
+        });
+        match quit {
+            Ok(true) => break Ok(()),
+            Ok(false) => {}
+            Err(e) => break Err(e),
+        }
+    };
+    ratatui::restore();
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use ratatui::Terminal;
+    use ratatui::backend::TestBackend;
+
+    use super::*;
+
+    fn member(backend: &str, tier: u32, tokens: u64, backoff: Option<(&str, u64)>) -> MemberReport {
+        MemberReport {
+            backend: backend.into(),
+            deployment: "gpt-4o".into(),
+            tier,
+            region: Some("eastus".into()),
+            state: backoff.map_or("ok".into(), |(why, _)| why.into()),
+            backoff_remaining_ms: backoff.map(|(_, ms)| ms),
+            tokens_used: tokens,
+            tokens_budget: (tier == 1).then_some(1_000),
+            requests_used: 30,
+            requests_budget: None,
+            ttfb_p50_ms: Some(120),
+            ttfb_p95_ms: Some(480),
+            total_p50_ms: None,
+            total_p95_ms: None,
+            utilization: (tier == 1).then_some(0.87),
+            remaining_tokens: None,
+            estimated_tokens: 0,
+            actual_tokens: 0,
+            prompt_tokens: 0,
+            cached_tokens: 0,
+        }
+    }
+
+    fn screen(view: &TopView) -> String {
+        let mut terminal = Terminal::new(TestBackend::new(130, 16)).unwrap();
+        terminal.draw(|frame| draw(frame, view)).unwrap();
+        let buffer = terminal.backend().buffer().clone();
+        (0..buffer.area.height)
+            .map(|y| {
+                (0..buffer.area.width)
+                    .map(|x| buffer[(x, y)].symbol().to_string())
+                    .collect::<String>()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn the_view_shows_each_member_its_state_budget_and_the_spillover() {
+        let view = TopView {
+            report: FleetReport {
+                store: "redis".into(),
+                budget_window_s: 60,
+                pools: vec![PoolReport {
+                    name: "gpt-4o".into(),
+                    members: vec![
+                        member("ptu-eastus", 1, 520, None),
+                        member("ptu-westus", 1, 0, Some(("throttled", 4_200))),
+                        member("payg-eastus", 2, 480, None),
+                    ],
+                }],
+            },
+            read_at: "12:00:00".into(),
+            error: None,
+        };
+        let text = screen(&view);
+        for expected in [
+            "spillway top",
+            "state: redis",
+            "pool gpt-4o",
+            "spillover 48% of tokens",
+            "ptu-eastus",
+            "█████░░░░░  52%",
+            "87%",
+            "120/480 ms",
+            "throttled 4.2s",
+            "payg-eastus",
+            "480 tok",
+            "8.0",
+        ] {
+            assert!(
+                text.contains(expected),
+                "{expected:?} not on screen:\n{text}"
+            );
+        }
+        let rows: Vec<&str> = text.lines().collect();
+        let ptu = rows.iter().position(|l| l.contains("ptu-eastus")).unwrap();
+        let payg = rows.iter().position(|l| l.contains("payg-eastus")).unwrap();
+        assert!(ptu < payg, "members in preference order");
+    }
+
+    #[test]
+    fn a_failed_read_keeps_the_last_report_and_says_why() {
+        let view = TopView {
+            report: FleetReport {
+                store: "redis".into(),
+                budget_window_s: 60,
+                pools: vec![],
+            },
+            read_at: "12:00:01".into(),
+            error: Some("Redis unavailable".into()),
+        };
+        assert!(screen(&view).contains("last read failed: Redis unavailable"));
+    }
+
+    #[test]
+    fn budget_bars_and_spillover_shares() {
+        assert_eq!(budget_bar(0, Some(100)), "░░░░░░░░░░   0%");
+        assert_eq!(budget_bar(250, Some(100)), "██████████ 250%");
+        assert_eq!(budget_bar(7, None), "7 tok");
+        let pool = PoolReport {
+            name: "p".into(),
+            members: vec![member("a", 1, 0, None)],
+        };
+        assert_eq!(spillover(&pool), None, "nothing served yet");
+    }
+}
