@@ -142,6 +142,10 @@ up() {
   write_configs
   log "starting redis on $redis"
   start redis redis-server --port "$redis" --bind 127.0.0.1 --save "" --appendonly no
+  for _ in $(seq 1 100); do
+    [ "$(redis-cli -p "$redis" ping 2>/dev/null)" = PONG ] && break
+    sleep 0.1
+  done
   log "starting simulated deployments on $((base + 31))-$((base + 34))"
   start sim "$bin" sim --config "$dir/sim.toml"
   for r in 1 2 3; do

@@ -373,3 +373,34 @@ async fn a_client_leaving_mid_stream_is_charged_what_was_relayed() {
         served.total_tokens
     );
 }
+
+/// A replica started while Redis is down (a rollout during a Redis restart) serves on its
+/// share, and joins the fleet as soon as Redis answers: its decisions then reach Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_before_redis_joins_the_fleet_when_it_answers() {
+    let mut redis = RedisServer::start();
+    redis.kill();
+    let sim = tiers_a_and_b().await;
+    let config = backend(&sim, "a", 1) + &redis_section(&redis.url(), "");
+    let parsed = spillway_gateway::config::Config::from_toml(&config).unwrap();
+    let fleet = spillway_gateway::server::redis_fleet(&parsed, &redis.url()).unwrap();
+    assert!(
+        !fleet.wait_ready(Duration::from_millis(500)).await,
+        "nothing listens yet"
+    );
+    let gw = start_gateway(&config, fleet.clone()).await;
+    assert_eq!(
+        chat(&gw, "gpt-4o", &chat_body(false)).await.status(),
+        200,
+        "served on its share"
+    );
+    assert!(fleet.is_degraded());
+
+    redis.restart();
+    tokio::time::timeout(EVENT_TIMEOUT, fleet.wait_shared())
+        .await
+        .expect("the replica reconnects and decides on Redis again");
+    redis.reset_stats();
+    assert_eq!(chat(&gw, "gpt-4o", &chat_body(false)).await.status(), 200);
+    assert!(redis.calls("evalsha") > 0, "the decision was Redis's");
+}

@@ -117,8 +117,11 @@ impl RedisState {
         windows: Windows,
         command_timeout: Duration,
     ) -> Result<Self, StateError> {
-        let config = Config::from_url(url)
+        let mut config = Config::from_url(url)
             .map_err(|e| StateError::Unavailable(format!("state.redis_url: {e}")))?;
+        // A replica started while Redis is down keeps trying, as after a later disconnect:
+        // with fred's default it would give up on the first refusal and never join the fleet.
+        config.fail_fast = false;
         let client = Builder::from_config(config)
             .with_connection_config(|c| {
                 c.connection_timeout = Duration::from_secs(2);
