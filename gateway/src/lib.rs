@@ -18,6 +18,7 @@ pub mod live;
 pub mod load_shed;
 pub mod metrics;
 pub mod models;
+pub mod otel_metrics;
 pub mod proxy;
 pub mod quota_period;
 pub mod request_fields;

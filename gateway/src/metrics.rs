@@ -19,13 +19,23 @@ const STATE_SECONDS: [f64; 10] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
 ];
 
+/// An OTLP recorder to feed besides Prometheus, set by `crate::telemetry` before the
+/// recorder is installed.
+static ALSO_OTLP: std::sync::Mutex<Option<crate::otel_metrics::OtelRecorder>> =
+    std::sync::Mutex::new(None);
+
+/// Also push every metric over OTLP (call before anything is counted).
+pub fn also_export(recorder: crate::otel_metrics::OtelRecorder) {
+    *ALSO_OTLP.lock().expect("recorder lock") = Some(recorder);
+}
+
 /// The process-wide recorder, installed on first use (one per process: tests run several
 /// gateways in one).
 pub fn handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
         // Histograms, not summaries: they aggregate across replicas.
-        let recorder = PrometheusBuilder::new()
+        let prometheus = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS)
             .and_then(|b| {
                 b.set_buckets_for_metric(
@@ -41,8 +51,20 @@ pub fn handle() -> &'static PrometheusHandle {
             })
             .expect("bucket lists are not empty")
             .build_recorder();
-        let handle = recorder.handle();
-        let _ = metrics::set_global_recorder(recorder);
+        let handle = prometheus.handle();
+        let otlp = ALSO_OTLP.lock().expect("recorder lock").take();
+        match otlp {
+            Some(otlp) => {
+                let fanout = metrics_util::layers::FanoutBuilder::default()
+                    .add_recorder(prometheus)
+                    .add_recorder(otlp)
+                    .build();
+                let _ = metrics::set_global_recorder(fanout);
+            }
+            None => {
+                let _ = metrics::set_global_recorder(prometheus);
+            }
+        }
         handle
     })
 }

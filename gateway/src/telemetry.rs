@@ -9,6 +9,7 @@
 //!   `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES` apply.
 //! - Export runs on the SDK's batch thread with a bounded queue: a slow or dead collector
 //!   costs dropped spans, never a blocked request.
+//! - Metrics also go over OTLP when the environment names a collector (`crate::otel_metrics`).
 //! - The access log (`telemetry.access_log`): one JSON line per request on stdout.
 //! - W3C trace context (`traceparent`, `tracestate`) is the propagation format.
 
@@ -31,6 +32,7 @@ use crate::config::TelemetryConfig;
 /// Keeps the trace pipeline alive; call [`Telemetry::shutdown`] to flush before exit.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    meters: Option<opentelemetry_sdk::metrics::SdkMeterProvider>,
 }
 
 /// Install the global subscriber and propagator.
@@ -85,7 +87,47 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, String> {
         .with(otel)
         .try_init()
         .map_err(|e| format!("cannot install the log subscriber: {e}"))?;
-    Ok(Telemetry { provider })
+    let meters = meter_provider()?;
+    if let Some(meters) = &meters {
+        crate::metrics::also_export(crate::otel_metrics::OtelRecorder::new(meters));
+    }
+    Ok(Telemetry { provider, meters })
+}
+
+/// OTLP metrics, when the environment names a collector (see `crate::otel_metrics`).
+fn meter_provider() -> Result<Option<opentelemetry_sdk::metrics::SdkMeterProvider>, String> {
+    if !crate::otel_metrics::wanted() {
+        return Ok(None);
+    }
+    let cannot = |e: &dyn std::fmt::Display| format!("cannot build the OTLP metrics exporter: {e}");
+    let builder = opentelemetry_sdk::metrics::SdkMeterProvider::builder().with_resource(resource());
+    let builder = match protocol()? {
+        Protocol::Grpc => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("otlp-grpc-metrics")
+                .enable_all()
+                .build()
+                .map_err(|e| cannot(&e))?;
+            let _entered = runtime.enter();
+            let exporter = opentelemetry_otlp::MetricExporter::builder()
+                .with_tonic()
+                .build()
+                .map_err(|e| cannot(&e))?;
+            drop(_entered);
+            builder.with_periodic_exporter(OnOwnRuntime {
+                inner: exporter,
+                runtime: Some(runtime),
+            })
+        }
+        _ => builder.with_periodic_exporter(
+            opentelemetry_otlp::MetricExporter::builder()
+                .with_http()
+                .build()
+                .map_err(|e| cannot(&e))?,
+        ),
+    };
+    Ok(Some(builder.build()))
 }
 
 /// The OTLP protocol the environment asks for (`grpc` or `http/protobuf`).
@@ -197,6 +239,32 @@ impl<E: SpanExporter> SpanExporter for OnOwnRuntime<E> {
     }
 }
 
+impl<E: opentelemetry_sdk::metrics::exporter::PushMetricExporter>
+    opentelemetry_sdk::metrics::exporter::PushMetricExporter for OnOwnRuntime<E>
+{
+    fn export(
+        &self,
+        metrics: &opentelemetry_sdk::metrics::data::ResourceMetrics,
+    ) -> impl std::future::Future<Output = OTelSdkResult> + Send {
+        let runtime = self.runtime.as_ref().expect("runtime until dropped");
+        std::future::ready(runtime.block_on(self.inner.export(metrics)))
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        let runtime = self.runtime.as_ref().expect("runtime until dropped");
+        let _entered = runtime.enter();
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn temporality(&self) -> opentelemetry_sdk::metrics::Temporality {
+        self.inner.temporality()
+    }
+}
+
 impl<E> Drop for OnOwnRuntime<E> {
     fn drop(&mut self) {
         if let Some(runtime) = self.runtime.take() {
@@ -208,8 +276,15 @@ impl<E> Drop for OnOwnRuntime<E> {
 impl Telemetry {
     /// Flush buffered spans. Exports block, so this runs off the async runtime.
     pub async fn shutdown(self) {
-        if let Some(provider) = self.provider {
-            let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
-        }
+        let Self { provider, meters } = self;
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(meters) = meters {
+                let _ = meters.shutdown();
+            }
+            if let Some(provider) = provider {
+                let _ = provider.shutdown();
+            }
+        })
+        .await;
     }
 }

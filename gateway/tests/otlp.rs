@@ -12,6 +12,12 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::State;
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -35,6 +41,7 @@ const CLIENT_SPAN: &str = "00f067aa0ba902b7";
 #[derive(Default)]
 struct Collector {
     requests: Mutex<Vec<ExportTraceServiceRequest>>,
+    metrics: Mutex<Vec<ExportMetricsServiceRequest>>,
     raw: Mutex<Vec<Vec<u8>>>,
     received: Notify,
 }
@@ -48,6 +55,19 @@ impl Collector {
             .flat_map(|r| r.resource_spans.clone())
             .flat_map(|rs| rs.scope_spans)
             .flat_map(|ss| ss.spans)
+            .collect()
+    }
+
+    /// Names of the metrics received, and the pools their data points name.
+    fn metric_names(&self) -> Vec<String> {
+        self.metrics
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.resource_metrics.clone())
+            .flat_map(|rm| rm.scope_metrics)
+            .flat_map(|sm| sm.metrics)
+            .map(|m| m.name)
             .collect()
     }
 
@@ -75,7 +95,24 @@ async fn http_export(State(c): State<Arc<Collector>>, body: Bytes) -> &'static s
     ""
 }
 
+async fn http_metrics(State(c): State<Arc<Collector>>, body: Bytes) -> &'static str {
+    let request = ExportMetricsServiceRequest::decode(body.as_ref()).expect("valid OTLP protobuf");
+    c.metrics.lock().unwrap().push(request);
+    ""
+}
+
 struct GrpcCollector(Arc<Collector>);
+
+#[tonic::async_trait]
+impl MetricsService for GrpcCollector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        self.0.metrics.lock().unwrap().push(request.into_inner());
+        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+    }
+}
 
 #[tonic::async_trait]
 impl TraceService for GrpcCollector {
@@ -97,16 +134,19 @@ async fn collector(protocol: &str) -> (Arc<Collector>, String) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     if protocol == "grpc" {
-        let service = TraceServiceServer::new(GrpcCollector(collector.clone()));
+        let traces = TraceServiceServer::new(GrpcCollector(collector.clone()));
+        let metrics = MetricsServiceServer::new(GrpcCollector(collector.clone()));
         let incoming = tokio_stream_from(listener);
         tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(service)
+                .add_service(traces)
+                .add_service(metrics)
                 .serve_with_incoming(incoming),
         );
     } else {
         let app = axum::Router::new()
             .route("/v1/traces", axum::routing::post(http_export))
+            .route("/v1/metrics", axum::routing::post(http_metrics))
             .with_state(collector.clone());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     }
@@ -447,6 +487,13 @@ async fn spans_are_exported_over_http_at_warn_with_genai_attributes_and_trace_co
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_are_exported_over_grpc_named_spillway_by_default() {
     let (_sim, collector, _stderr) = run("grpc", &[]).await;
+    assert!(
+        collector
+            .metric_names()
+            .iter()
+            .any(|m| m == "spillway_requests_total"),
+        "metrics over gRPC too"
+    );
     assert_eq!(
         collector.resource().get("service.name").map(String::as_str),
         Some("spillway")
