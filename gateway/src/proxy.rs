@@ -19,6 +19,7 @@ mod usage;
 
 pub use realtime::handle as realtime;
 pub use settlement::all_settled;
+pub use trace::TARGET as SPANS_TARGET;
 
 /// The parsers `crate::fuzzing` drives.
 #[doc(hidden)]

@@ -29,6 +29,14 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::TelemetryConfig;
 
+/// Whether spans are exported: naming spans and passing trace context on cost something
+/// per request, for nothing when no collector reads them.
+static TRACES_EXPORTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+pub fn traces_exported() -> bool {
+    TRACES_EXPORTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Keeps the trace pipeline alive; call [`Telemetry::shutdown`] to flush before exit.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
@@ -39,8 +47,13 @@ pub struct Telemetry {
 pub fn init(config: &TelemetryConfig) -> Result<Telemetry, String> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let logs = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Access lines are the access log's alone, never in the logs.
-    let not_access = filter_fn(|meta| meta.target() != crate::access_log::TARGET);
+    // Access lines are the access log's alone, never in the logs; the request and attempt
+    // spans are for traces (logs carry their own fields): not formatting them for the log
+    // layer keeps an untraced request cheap.
+    let not_access = filter_fn(|meta| {
+        meta.target() != crate::access_log::TARGET
+            && !(meta.is_span() && meta.target() == crate::proxy::SPANS_TARGET)
+    });
     let fmt = if config.log_format.as_deref() == Some("json") {
         tracing_subscriber::fmt::layer()
             .json()
@@ -87,6 +100,7 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, String> {
         .with(otel)
         .try_init()
         .map_err(|e| format!("cannot install the log subscriber: {e}"))?;
+    TRACES_EXPORTED.store(provider.is_some(), std::sync::atomic::Ordering::Relaxed);
     let meters = meter_provider()?;
     if let Some(meters) = &meters {
         crate::metrics::also_export(crate::otel_metrics::OtelRecorder::new(meters));

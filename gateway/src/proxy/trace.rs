@@ -20,6 +20,9 @@ use super::admit::ProxyRequest;
 use crate::table::Member;
 use crate::tokens::Operation;
 
+/// The target of the request and attempt spans (kept out of the logs, see `telemetry`).
+pub const TARGET: &str = module_path!();
+
 /// `gen_ai.provider.name` (and the older `gen_ai.system`) of Azure OpenAI.
 const PROVIDER: &str = "azure.ai.openai";
 const SYSTEM: &str = "az.ai.openai";
@@ -51,7 +54,7 @@ pub fn request_span(method: &Method, headers: &HeaderMap) -> Span {
         spillway.attempts = Empty,
         spillway.time_to_first_token_ms = Empty,
     );
-    if headers.contains_key("traceparent") {
+    if !span.is_disabled() && headers.contains_key("traceparent") {
         let parent = opentelemetry::global::get_text_map_propagator(|p| {
             p.extract(&HeaderExtractor(headers))
         });
@@ -63,6 +66,9 @@ pub fn request_span(method: &Method, headers: &HeaderMap) -> Span {
 /// Name a span once its operation is known. The exported span starts when the request's
 /// span is first entered, after which only the OpenTelemetry span itself can be renamed.
 fn rename(span: &Span, name: String) {
+    if span.is_disabled() || !crate::telemetry::traces_exported() {
+        return;
+    }
     span.record("otel.name", name.as_str());
     opentelemetry::trace::TraceContextExt::span(&span.context()).update_name(name);
 }
@@ -70,6 +76,9 @@ fn rename(span: &Span, name: String) {
 /// What the request is, once admitted.
 pub fn record_admission(span: &Span, request: &ProxyRequest) {
     let operation = operation_name(request.operation);
+    if span.is_disabled() {
+        return;
+    }
     rename(span, format!("{operation} {}", request.pool.name));
     span.record("gen_ai.operation.name", operation);
     span.record("gen_ai.request.model", request.pool.name.as_str());
@@ -213,6 +222,9 @@ impl AnswerSpans {
 /// The trace context of `span`, as the headers the backend gets (none when the span is not
 /// exported, so the client's own context passes unchanged).
 pub fn inject(span: &Span, headers: &mut HeaderMap) {
+    if span.is_disabled() || !crate::telemetry::traces_exported() {
+        return;
+    }
     let context = span.context();
     if !opentelemetry::trace::TraceContextExt::span(&context)
         .span_context()
