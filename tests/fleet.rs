@@ -407,4 +407,15 @@ async fn metrics_show_tokens_by_tier_latencies_budget_use_and_held_back_members(
         Some(0.0),
         "{text}"
     );
+    // A 503 is a failure: the PTU's breaker counts as open while it is held back.
+    assert_eq!(
+        value("spillway_member_breaker_open", &["backend=\"ptu\""]),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        value("spillway_member_breaker_open", &["backend=\"payg\""]),
+        Some(0.0),
+        "{text}"
+    );
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use spillway_shared::{BackendId, FleetState, PoolName};
+use spillway_shared::{BackendId, BackoffReason, FleetState, PoolName};
 
 /// Buckets of the latency histograms (seconds): a fast embedding to a long stream.
 const SECONDS: [f64; 16] = [
@@ -282,6 +282,14 @@ pub async fn render(gateway: &crate::app::Gateway) -> String {
             }
             metrics::gauge!("spillway_member_held_back_seconds", &labels)
                 .set(member.backoff.map_or(0.0, |b| b.duration.as_secs_f64()));
+            // The breaker: open while a failure holds the member back (a 429 is throttling,
+            // not a failure), probing while one request tests a recovered member.
+            let reason = member.backoff.map(|b| b.reason);
+            let open = reason
+                .is_some_and(|r| !matches!(r, BackoffReason::Throttled | BackoffReason::Probing));
+            metrics::gauge!("spillway_member_breaker_open", &labels).set(f64::from(u8::from(open)));
+            metrics::gauge!("spillway_member_probing", &labels)
+                .set(f64::from(u8::from(reason == Some(BackoffReason::Probing))));
             if let Some(utilization) = member.hints.utilization {
                 metrics::gauge!("spillway_member_utilization", &labels).set(utilization);
             }
