@@ -2,19 +2,15 @@
 //! per request to stdout (and none to the logs), at any `RUST_LOG`: who, where, how many
 //! attempts, status, tokens, latency and time to first token; a stream's line once it ends.
 
+mod common;
+
+use common::{free_port, wait_ready};
+
 use std::io::BufRead;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use spillway_gateway::sim::{self, DeploymentKind, DeploymentSpec, ResourceSpec, SimConfig};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_json_line_per_request_on_stdout() {
@@ -72,19 +68,7 @@ async fn one_json_line_per_request_on_stdout() {
 
     let http = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
-    let ready = async {
-        loop {
-            if let Ok(r) = http.get(format!("{base}/readyz")).send().await
-                && r.status() == 200
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(30), ready)
-        .await
-        .expect("ready");
+    wait_ready(&base).await;
     let chat = |pool: &str| {
         format!("{base}/openai/deployments/{pool}/chat/completions?api-version=2024-10-21")
     };

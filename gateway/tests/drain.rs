@@ -3,27 +3,15 @@
 //! delay, then the stream in flight finishes whole, its reservation is settled in the shared
 //! state with the tokens really served, and the process exits cleanly. Default settings.
 
+mod common;
+
+use common::{KillOnDrop, free_port, sigterm};
+
 use std::io::Read;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use spillway_gateway::sim::{self, DeploymentKind, DeploymentSpec, ResourceSpec, SimConfig};
-
-struct KillOnDrop(Child);
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn redis_cli(port: u16, args: &[&str]) -> String {
     let out = Command::new("redis-cli")
@@ -118,14 +106,7 @@ async fn sigterm_drains_in_flight_streams_and_settles_them() {
     let mut stream = http.post(&chat).json(&body(true)).send().await.unwrap();
     assert_eq!(stream.status(), 200);
     let mut received = stream.chunk().await.unwrap().unwrap().to_vec();
-    let pid = gateway.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    sigterm(&gateway.0);
 
     // Unready at once (the first probe after the signal is handled says so) ...
     let unready = async {

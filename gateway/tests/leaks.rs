@@ -6,7 +6,11 @@
 //! it exported, every answer's headers and body, `spillway state`'s output) is searched for
 //! every secret.
 
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use common::{KillOnDrop, free_port, sigterm};
+
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,22 +39,6 @@ const SECRETS: [&str; 8] = [
     IDENTITY_HEADER,
     CLIENT_JWT,
 ];
-
-struct KillOnDrop(Child);
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Everything received on the loopback "collector" and identity endpoint.
 #[derive(Default)]
@@ -333,14 +321,7 @@ async fn no_secret_is_in_anything_the_gateway_writes() {
         .push_str(&String::from_utf8_lossy(&state.stderr));
 
     // SIGTERM flushes the spans.
-    let pid = gateway.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    sigterm(&gateway.0);
     tokio::time::timeout(Duration::from_secs(20), received.exported.notified())
         .await
         .expect("spans exported");

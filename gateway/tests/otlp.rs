@@ -5,8 +5,12 @@
 //! with a child per upstream attempt, GenAI and Spillway attributes, and the client's W3C
 //! trace context continued to the backend. No secret is in them.
 
+mod common;
+
+use common::{KillOnDrop, free_port, sigterm, wait_ready};
+
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -162,21 +166,6 @@ fn tokio_stream_from(
     })
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct KillOnDrop(Child);
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-    }
-}
-
 fn attribute(span: &Span, key: &str) -> Option<AnyValue> {
     span.attributes
         .iter()
@@ -261,19 +250,7 @@ async fn run(protocol: &str, env: &[(&str, &str)]) -> (sim::SimHandle, Arc<Colle
     // At warn there is no start-up line to wait for: the readiness probe says when.
     let http = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{port}");
-    let ready = async {
-        loop {
-            if let Ok(r) = http.get(format!("{base}/readyz")).send().await
-                && r.status() == 200
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(30), ready)
-        .await
-        .expect("the gateway becomes ready");
+    wait_ready(&base).await;
     let chat = format!("{base}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21");
     let plain = http
         .post(&chat)
@@ -297,14 +274,7 @@ async fn run(protocol: &str, env: &[(&str, &str)]) -> (sim::SimHandle, Arc<Colle
     assert!(streamed.text().await.unwrap().ends_with("data: [DONE]\n\n"));
 
     // SIGTERM: graceful shutdown flushes the batch exporter.
-    let pid = gateway.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    sigterm(&gateway.0);
     tokio::time::timeout(Duration::from_secs(20), collector.received.notified())
         .await
         .expect("spans exported");
