@@ -4,28 +4,18 @@
 
 mod common;
 
-use common::{free_port, wait_ready};
+use common::{free_port, instant_ptu, resource, wait_ready};
 
 use std::io::BufRead;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use spillway_gateway::sim::{self, DeploymentKind, DeploymentSpec, ResourceSpec, SimConfig};
+use spillway_gateway::sim::{self, SimConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_json_line_per_request_on_stdout() {
     let sim = sim::start(SimConfig {
-        resources: vec![ResourceSpec {
-            name: "ptu".into(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            api_key: None,
-            region: None,
-            deployments: vec![DeploymentSpec {
-                ttft_ms: 0,
-                ms_per_token: 0,
-                ..DeploymentSpec::new("gpt-4o", DeploymentKind::Ptu, 1_000_000)
-            }],
-        }],
+        resources: vec![resource("ptu", None, instant_ptu())],
     })
     .await
     .unwrap();

@@ -5,13 +5,13 @@
 
 mod common;
 
-use common::{KillOnDrop, free_port, sigterm};
+use common::{KillOnDrop, free_port, instant_ptu, resource, sigterm};
 
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use spillway_gateway::sim::{self, DeploymentKind, DeploymentSpec, ResourceSpec, SimConfig};
+use spillway_gateway::sim::{self, DeploymentSpec, SimConfig};
 
 fn redis_cli(port: u16, args: &[&str]) -> String {
     let out = Command::new("redis-cli")
@@ -26,19 +26,13 @@ fn redis_cli(port: u16, args: &[&str]) -> String {
 async fn sigterm_drains_in_flight_streams_and_settles_them() {
     // A stream of 130 tokens at 50 ms each outlives the shutdown delay (5 s): it is still
     // running when the listeners stop accepting, and drains.
+    let slow = DeploymentSpec {
+        ms_per_token: 50,
+        output_tokens: 130,
+        ..instant_ptu()
+    };
     let sim = sim::start(SimConfig {
-        resources: vec![ResourceSpec {
-            name: "ptu".into(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            api_key: None,
-            region: None,
-            deployments: vec![DeploymentSpec {
-                ttft_ms: 0,
-                ms_per_token: 50,
-                output_tokens: 130,
-                ..DeploymentSpec::new("gpt-4o", DeploymentKind::Ptu, 1_000_000)
-            }],
-        }],
+        resources: vec![resource("ptu", None, slow)],
     })
     .await
     .unwrap();

@@ -53,3 +53,32 @@ pub fn sigterm(child: &Child) {
             .success()
     );
 }
+
+/// A simulated resource named `name` serving `gpt-4o` as `deployment` describes, on a free
+/// loopback port, with `api_key` when given.
+pub fn resource(
+    name: &str,
+    api_key: Option<&str>,
+    deployment: spillway_gateway::sim::DeploymentSpec,
+) -> spillway_gateway::sim::ResourceSpec {
+    spillway_gateway::sim::ResourceSpec {
+        name: name.into(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        api_key: api_key.map(Into::into),
+        region: None,
+        deployments: vec![deployment],
+    }
+}
+
+/// A PTU `gpt-4o` deployment answering at once (no time to first token, no time per token).
+pub fn instant_ptu() -> spillway_gateway::sim::DeploymentSpec {
+    spillway_gateway::sim::DeploymentSpec {
+        ttft_ms: 0,
+        ms_per_token: 0,
+        ..spillway_gateway::sim::DeploymentSpec::new(
+            "gpt-4o",
+            spillway_gateway::sim::DeploymentKind::Ptu,
+            1_000_000,
+        )
+    }
+}
