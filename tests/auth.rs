@@ -44,19 +44,6 @@ fn keyed_backend(
     )
 }
 
-/// A chat completion through `gw` with the client key `key`.
-async fn chat_as(gw: &Replica, key: &str) -> reqwest::Result<reqwest::Response> {
-    client()
-        .post(format!(
-            "{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
-            gw.url
-        ))
-        .header("api-key", key)
-        .json(&chat_body(false))
-        .send()
-        .await
-}
-
 const CONSUMER: &str =
     "[[consumers]]\nname = \"chat-app\"\nkey_env = \"SPILLWAY_TEST_CLIENT_KEY\"\n";
 

@@ -19,30 +19,20 @@ async fn a_consumer_budget_is_spent_once_across_the_fleet() {
     let config = backend(&sim, "a", 1) + CONSUMERS + &redis_section(&redis.url(), "");
     let (r1, f1) = start_on_redis(&config).await;
     let (r2, f2) = start_on_redis(&config).await;
-    let send = |replica: &Replica, key: &'static str| {
-        client()
-            .post(format!(
-                "{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
-                replica.url
-            ))
-            .header("api-key", key)
-            .json(&chat_body(false))
-            .send()
-    };
 
     // Each request is 9 prompt + 8 output tokens: five fit in 100, the sixth does not,
     // whichever replica takes it.
     let mut remaining = Vec::new();
     for i in 0..5 {
         let replica = if i % 2 == 0 { &r1 } else { &r2 };
-        let answer = send(replica, "metered-key").await.unwrap();
+        let answer = chat_as(replica, "metered-key").await.unwrap();
         assert_eq!(answer.status(), 200, "request {i}");
         remaining.push(header(&answer, "x-ratelimit-remaining-tokens").to_owned());
         answer.bytes().await.unwrap();
     }
     assert_eq!(remaining, ["83", "66", "49", "32", "15"]);
     for replica in [&r1, &r2] {
-        let refused = send(replica, "metered-key").await.unwrap();
+        let refused = chat_as(replica, "metered-key").await.unwrap();
         assert_eq!(refused.status(), 429);
         assert!(header(&refused, "retry-after").parse::<u64>().unwrap() >= 1);
     }
@@ -53,7 +43,7 @@ async fn a_consumer_budget_is_spent_once_across_the_fleet() {
     );
 
     // Another consumer is unaffected, and gets the deployment's own headers.
-    let other = send(&r1, "free-key").await.unwrap();
+    let other = chat_as(&r1, "free-key").await.unwrap();
     assert_eq!(other.status(), 200);
     assert_ne!(header(&other, "x-ratelimit-remaining-tokens"), "15");
     for fleet in [&f1, &f2] {
@@ -136,28 +126,18 @@ async fn a_spent_token_quota_is_403_on_every_replica_until_the_period_renews() {
         (start_gateway(&config, observed.clone()).await, observed)
     };
     let ((r1, o1), (r2, o2)) = (replica().await, replica().await);
-    let send = |replica: &Replica, key: &'static str| {
-        client()
-            .post(format!(
-                "{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
-                replica.url
-            ))
-            .header("api-key", key)
-            .json(&chat_body(false))
-            .send()
-    };
 
     // 17 tokens a request: after two (34) the quota of 40 is not yet reached, so a third is
     // served whole (51); then it is spent, on both replicas.
     for (replica, observed, spends) in [(&r1, &o1, 1), (&r2, &o2, 1), (&r1, &o1, 2)] {
-        let answer = send(replica, "quota-key").await.unwrap();
+        let answer = chat_as(replica, "quota-key").await.unwrap();
         assert_eq!(answer.status(), 200);
         answer.bytes().await.unwrap();
         observed.quota_spent(spends).await;
     }
     let tomorrow = (time::OffsetDateTime::now_utc() + time::Duration::DAY).date();
     for replica in [&r1, &r2] {
-        let refused = send(replica, "quota-key").await.unwrap();
+        let refused = chat_as(replica, "quota-key").await.unwrap();
         assert_eq!(refused.status(), 403);
         let retry_after: u64 = header(&refused, "retry-after").parse().unwrap();
         assert!((1..=86_400).contains(&retry_after), "{retry_after}");
@@ -192,5 +172,5 @@ async fn a_spent_token_quota_is_403_on_every_replica_until_the_period_renews() {
         other => panic!("expected a 403, got {:?}", other.map(|(_, r)| r.status())),
     }
     // Another consumer is unaffected.
-    assert_eq!(send(&r2, "free-key").await.unwrap().status(), 200);
+    assert_eq!(chat_as(&r2, "free-key").await.unwrap().status(), 200);
 }

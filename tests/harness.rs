@@ -171,6 +171,19 @@ pub async fn chat(replica: &Replica, pool: &str, body: &Value) -> reqwest::Respo
         .expect("gateway answers")
 }
 
+/// [`chat`] to pool `gpt-4o` with a client key in `api-key`.
+pub async fn chat_as(gw: &Replica, key: &str) -> reqwest::Result<reqwest::Response> {
+    client()
+        .post(format!(
+            "{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+            gw.url
+        ))
+        .header("api-key", key)
+        .json(&chat_body(false))
+        .send()
+        .await
+}
+
 pub fn header<'a>(response: &'a reqwest::Response, name: &str) -> &'a str {
     response
         .headers()

@@ -261,29 +261,17 @@ async fn no_secret_is_in_anything_the_gateway_writes() {
         );
     }
     // The admin answers say what they should: the members, and the Redis URL redacted.
-    let config: serde_json::Value = http
-        .get(admin("/admin/config"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let admin_json = async |path: &str| -> serde_json::Value {
+        let answer = http.get(admin(path)).bearer_auth(ADMIN_TOKEN).send().await;
+        answer.unwrap().json().await.unwrap()
+    };
+    let config = admin_json("/admin/config").await;
     assert_eq!(
         config["state"]["redis_url"],
         format!("redis://:REDACTED@127.0.0.1:{redis_port}")
     );
     assert_eq!(config["backends"].as_array().map(Vec::len), Some(3));
-    let state: serde_json::Value = http
-        .get(admin("/admin/state"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let state = admin_json("/admin/state").await;
     assert_eq!(state["pools"][0]["name"], "gpt-4o", "{state}");
     assert_eq!(
         state["pools"][0]["members"].as_array().map(Vec::len),
