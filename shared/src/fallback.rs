@@ -215,7 +215,8 @@ impl FallbackState {
 
     /// Write what was decided locally to Redis: usage, and backoffs still in force. What
     /// cannot be written stays owed.
-    async fn repay(&self) {
+    /// True when nothing is owed any more.
+    async fn repay(&self) -> bool {
         self.restore_if_emptied().await;
         let Owed {
             usage,
@@ -266,6 +267,8 @@ impl FallbackState {
                 self.owe_backoff(&pool, &backend);
             }
         }
+        let owed = self.owed.lock().expect("lock");
+        owed.usage.is_empty() && owed.backoffs.is_empty() && owed.quotas.is_empty()
     }
 
     /// Announce this replica now (it also does every second); returns the live count.
@@ -332,12 +335,11 @@ async fn probe(state: Weak<FallbackState>, mut degraded: watch::Receiver<usize>)
                     None => state.primary.ping().await,
                 }
             };
-            let ok = matches!(tokio::time::timeout(state.budget, probe).await, Ok(Ok(())));
-            if ok {
-                // Repay at every chance, so replicas already back on shared state count
-                // what this one admitted alone.
-                state.repay().await;
-            }
+            let answered = matches!(tokio::time::timeout(state.budget, probe).await, Ok(Ok(())));
+            // Repay at every chance, so replicas already back on shared state count what this
+            // one admitted alone; a probe counts as healthy only once nothing is owed, so a
+            // replica is back on shared state with everything it decided alone written back.
+            let ok = answered && state.repay().await;
             if state.health.note_probe(entry.clone(), ok) {
                 state.announce().await;
                 info!(
@@ -361,7 +363,7 @@ async fn heartbeat(state: Weak<FallbackState>) {
             !owed.usage.is_empty() || !owed.quotas.is_empty()
         };
         if owes {
-            state.repay().await;
+            let _ = state.repay().await;
         }
     }
 }
