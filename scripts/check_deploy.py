@@ -4,7 +4,9 @@ Usage: check_deploy.py <spillway binary>
 
 - Every manifest in deploy/kubernetes/ validates (kubernetes-validate, strict).
 - The ConfigMap's spillway.toml passes `spillway check-config` (with the variables the AKS
-  workload identity webhook and the secrets would provide).
+  workload identity webhook and the Deployment's secrets would provide).
+- No manifest runs an anonymous data plane: a listener beyond loopback needs consumers or
+  Entra ID clients (the binary refuses it too; this names the file).
 - The pieces agree: selectors match the pod labels, the HPA and PDB target the Deployment,
   probes use /readyz and /healthz on the data-plane port, the pod uses workload identity
   through the annotated ServiceAccount, and the grace period covers preStop, the shutdown
@@ -80,6 +82,15 @@ def main():
         fail("server.listen is not the container's http port")
     if int(server["admin_listen"].rsplit(":", 1)[1]) != ports["admin"]:
         fail("server.admin_listen is not the container's admin port")
+    anonymous = not config.get("consumers") and not config.get("auth", {}).get("jwt")
+    listen_host = server["listen"].rsplit(":", 1)[0].strip("[]")
+    if anonymous and listen_host not in ("127.0.0.1", "::1", "localhost"):
+        fail(f"the ConfigMap serves {server['listen']} with no [[consumers]] and no [auth.jwt]: "
+             "an open proxy spending the backends' capacity")
+    for consumer in config.get("consumers", []):
+        variable = consumer.get("key_env")
+        if variable and variable not in secret_env(container):
+            fail(f"consumer {consumer['name']}: {variable} is not set from a Secret in the Deployment")
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     pre_stop_s = int(pre_stop[1]) if pre_stop[0] == "sleep" else 0
     needed = pre_stop_s + (server.get("shutdown_delay_ms", 5000) + server.get("drain_timeout_ms", 20000)) / 1000
@@ -91,17 +102,22 @@ def main():
         scratch = pathlib.Path(scratch)
         (scratch / "spillway.toml").write_text(toml_text)
         (scratch / "token").write_text("eyJ.service-account.token")
-        env = dict(os.environ,
-                   AZURE_CLIENT_ID="00000000-0000-0000-0000-000000000000",
+        env = dict(os.environ, **{name: f"secret-{name}" for name in secret_env(container)})
+        env.update(AZURE_CLIENT_ID="00000000-0000-0000-0000-000000000000",
                    AZURE_TENANT_ID="00000000-0000-0000-0000-000000000001",
                    AZURE_FEDERATED_TOKEN_FILE=str(scratch / "token"),
-                   SPILLWAY__STATE__REDIS_URL="rediss://:key@example.redis.cache.windows.net:6380",
-                   SPILLWAY_ADMIN_TOKEN="admin-token")
+                   SPILLWAY__STATE__REDIS_URL="rediss://:key@example.redis.cache.windows.net:6380")
         out = subprocess.run([spillway, "check-config", "--config", str(scratch / "spillway.toml")],
                              env=env, capture_output=True, text=True)
         if out.returncode != 0:
             fail(f"the ConfigMap's spillway.toml: {out.stderr.strip()}")
     print(f"check_deploy: {len(objects)} Kubernetes manifests valid and consistent")
+
+
+def secret_env(container):
+    """The container's variables that come from a Secret."""
+    return {e["name"] for e in container.get("env", [])
+            if "secretKeyRef" in e.get("valueFrom", {})}
 
 
 if __name__ == "__main__":

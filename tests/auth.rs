@@ -304,9 +304,10 @@ async fn a_consumer_keeps_to_its_pools_and_its_per_request_limits() {
         )
     };
 
-    // A pool outside the consumer's list: 403, nothing sent upstream, not listed.
+    // A pool outside the consumer's list: 404 as for a pool that does not exist (a key
+    // cannot enumerate pools), nothing sent upstream, not listed.
     let refused = send("limited-key", chat_body(false)).await.unwrap();
-    assert_eq!(code(refused).await, (403, "pool_not_allowed".to_owned()));
+    assert_eq!(code(refused).await, (404, "DeploymentNotFound".to_owned()));
     assert_eq!(sim.stats("ptu", "gpt-4o").requests, 0);
     let models: Value = client()
         .get(format!("{}/openai/v1/models", gw.url))

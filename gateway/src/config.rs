@@ -67,6 +67,11 @@ pub struct ServerConfig {
     pub admin_token_env: Option<String>,
     /// Largest request body accepted, in bytes (413 above it).
     pub max_body_bytes: usize,
+    /// Bytes of request bodies one replica holds at once, all requests together: past it a
+    /// request is refused with 503 before its body is read. Sized so bodies and what admission
+    /// builds from them stay inside the container's memory limit (512 MiB in the shipped
+    /// Deployment); at least `max_body_bytes`.
+    pub max_inflight_body_bytes: usize,
     /// A body over the limit is still read (and discarded) up to this many bytes, so the
     /// client, still sending, can read its 413; past it the connection is closed.
     pub max_drain_bytes: usize,
@@ -91,6 +96,9 @@ pub struct ServerConfig {
     /// Terminate TLS on the data plane (off by default: Application Gateway or Front Door
     /// usually does).
     pub tls: Option<TlsConfig>,
+    /// Serve a data plane beyond loopback with no `[[consumers]]` and no `[auth.jwt]`: anyone
+    /// who reaches it spends the backends' capacity. Off: such a configuration is refused.
+    pub allow_anonymous: bool,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -109,6 +117,7 @@ impl Default for ServerConfig {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             admin_token_env: None,
             max_body_bytes: 16 * 1024 * 1024,
+            max_inflight_body_bytes: 64 * 1024 * 1024,
             max_drain_bytes: 64 * 1024 * 1024,
             header_timeout_ms: 10_000,
             body_timeout_ms: 60_000,
@@ -119,6 +128,7 @@ impl Default for ServerConfig {
             shutdown_delay_ms: 5_000,
             drain_timeout_ms: 20_000,
             tls: None,
+            allow_anonymous: false,
         }
     }
 }
@@ -561,6 +571,7 @@ impl Config {
         self.validate_pools(&mut bad);
         self.validate_consumers(&mut bad);
         self.validate_jwt(&mut bad);
+        self.validate_anonymous(&mut bad);
         if problems.is_empty() {
             Ok(())
         } else {
@@ -853,6 +864,27 @@ impl Config {
 }
 
 impl Config {
+    /// The data plane serves anyone (no consumer keys, no Entra ID clients).
+    pub fn is_anonymous(&self) -> bool {
+        self.consumers.is_empty() && self.auth.jwt.is_none()
+    }
+
+    /// Fail closed: an anonymous data plane only on loopback, unless asked for by name.
+    fn validate_anonymous(&self, bad: &mut impl FnMut(String, String)) {
+        if self.is_anonymous()
+            && !self.server.listen.ip().is_loopback()
+            && !self.server.allow_anonymous
+        {
+            bad(
+                "consumers".into(),
+                format!(
+                    "none configured and no [auth.jwt], yet server.listen {} is not a loopback address: anyone reaching it would spend the backends' capacity. Add [[consumers]] (keys: `spillway hash-key`), or set server.allow_anonymous = true if a front door authenticates every request",
+                    self.server.listen
+                ),
+            );
+        }
+    }
+
     fn validate_jwt(&self, bad: &mut impl FnMut(String, String)) {
         let Some(jwt) = &self.auth.jwt else {
             return;
@@ -872,13 +904,11 @@ impl Config {
         match (&jwt.jwks_file, &jwt.jwks_url) {
             (Some(_), None) => {}
             (None, Some(url)) => {
-                if !matches!(
-                    url::Url::parse(url)
-                        .map(|u| u.scheme().to_owned())
-                        .as_deref(),
-                    Ok("https" | "http")
-                ) {
-                    bad("auth.jwt.jwks_url".into(), "must be an http(s) URL".into());
+                if !jwks_url_is_trusted(url) {
+                    bad(
+                        "auth.jwt.jwks_url".into(),
+                        "must be an https:// URL (http:// only to a loopback address): the keys it serves decide who is let in".into(),
+                    );
                 }
             }
             _ => bad(
@@ -915,6 +945,21 @@ impl ServerConfig {
             if value == 0 {
                 bad(key.into(), "must be greater than 0".into());
             }
+        }
+        if self.max_inflight_body_bytes < self.max_body_bytes {
+            bad(
+                "server.max_inflight_body_bytes".into(),
+                format!(
+                    "must be at least max_body_bytes ({}), or the largest body could never be admitted",
+                    self.max_body_bytes
+                ),
+            );
+        }
+        if self.max_body_bytes > u32::MAX as usize {
+            bad(
+                "server.max_body_bytes".into(),
+                "must be at most 4294967295".into(),
+            );
         }
         if self.max_header_bytes < 8_192 {
             bad(
@@ -964,6 +1009,23 @@ impl HeadersConfig {
                 );
             }
         }
+    }
+}
+
+/// A key set is fetched over TLS, or from this machine (tests, a local sidecar).
+fn jwks_url_is_trusted(url: &str) -> bool {
+    let Ok(url) = url::Url::parse(url) else {
+        return false;
+    };
+    match url.scheme() {
+        "https" => url.host().is_some(),
+        "http" => match url.host() {
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+            Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+            None => false,
+        },
+        _ => false,
     }
 }
 
@@ -1117,6 +1179,53 @@ mod tests {
                 .contains("budgets and backoffs are kept per pool"),
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn an_anonymous_data_plane_beyond_loopback_is_refused_unless_asked_for() {
+        let public = format!("[server]\nlisten = \"0.0.0.0:8080\"\n{MINIMAL}");
+        let p = problems(&public);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].key, "consumers");
+        assert!(p[0].problem.contains("allow_anonymous"), "{p:?}");
+        let v6 = format!("[server]\nlisten = \"[::]:8080\"\n{MINIMAL}");
+        assert_eq!(problems(&v6)[0].key, "consumers");
+        let allowed =
+            format!("[server]\nlisten = \"0.0.0.0:8080\"\nallow_anonymous = true\n{MINIMAL}");
+        Config::from_toml(&allowed).unwrap().validate().unwrap();
+        let with_consumer = format!(
+            "{public}\n[[consumers]]\nname = \"app\"\nkey_sha256 = \"{}\"\n",
+            "ab".repeat(32)
+        );
+        Config::from_toml(&with_consumer)
+            .unwrap()
+            .validate()
+            .unwrap();
+        for loopback in ["127.0.0.1:8080", "[::1]:8080"] {
+            let local = format!("[server]\nlisten = \"{loopback}\"\n{MINIMAL}");
+            Config::from_toml(&local).unwrap().validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_jwks_url_is_https_or_loopback() {
+        for ok in [
+            "https://login.microsoftonline.com/t/discovery/v2.0/keys",
+            "http://127.0.0.1:9/keys",
+            "http://[::1]:9/keys",
+            "http://localhost:9/keys",
+        ] {
+            assert!(jwks_url_is_trusted(ok), "{ok}");
+        }
+        for bad in [
+            "http://login.microsoftonline.com/keys",
+            "http://10.0.0.1/keys",
+            "ftp://x/keys",
+            "file:///etc/keys",
+            "not a url",
+        ] {
+            assert!(!jwks_url_is_trusted(bad), "{bad}");
+        }
     }
 
     #[test]

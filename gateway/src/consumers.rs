@@ -33,6 +33,13 @@ pub fn key_sha256_hex(key: &str) -> String {
     hex::encode(hash(key))
 }
 
+/// The tag stored responses carry for their creator: a hash of the consumer's name (its
+/// name is not written to the fleet state), compared on every later use of the response.
+pub fn owner_tag(consumer: &str) -> String {
+    let digest = Sha256::digest(format!("spillway-response-owner\0{consumer}").as_bytes());
+    hex::encode(&digest[..16])
+}
+
 fn hash(key: &str) -> KeyHash {
     Sha256::digest(key.as_bytes()).into()
 }
@@ -98,7 +105,7 @@ impl Consumers {
     }
 
     pub fn is_open(&self) -> bool {
-        self.keys.is_empty()
+        self.keys.is_empty() && self.jwt.is_none()
     }
 
     /// The consumer, `None` when access is open, or 401 (the same for every reason).

@@ -39,8 +39,6 @@ pub enum GatewayError {
     UpgradeRequired,
     #[error("No deployment of '{pool}' is in a region this request may use (data residency).")]
     NoMemberInRegions { pool: String },
-    #[error("This key may not use the deployment '{pool}'.")]
-    PoolNotAllowed { pool: String },
     #[error("This key's rate limit is reached. Please retry after {} seconds.", retry_seconds(*.retry_after))]
     ConsumerThrottled { retry_after: Duration },
     #[error(
@@ -61,6 +59,10 @@ pub enum GatewayError {
         "This gateway replica is at its limit of concurrent requests. Please retry after 1 second."
     )]
     Overloaded,
+    #[error(
+        "This gateway replica holds as many request bodies as its memory allows (server.max_inflight_body_bytes). Please retry after 1 second."
+    )]
+    BodiesInFlight,
     #[error("A valid admin bearer token is required.")]
     AdminUnauthorized,
     #[error("Every deployment of '{pool}' is rate limited. Please retry after {} seconds.", retry_seconds(*.retry_after))]
@@ -80,9 +82,7 @@ impl GatewayError {
         match self {
             Self::BadRequest(_) | Self::InvalidPath(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::NoMemberInRegions { .. }
-            | Self::PoolNotAllowed { .. }
-            | Self::QuotaExceeded { .. } => StatusCode::FORBIDDEN,
+            Self::NoMemberInRegions { .. } | Self::QuotaExceeded { .. } => StatusCode::FORBIDDEN,
             Self::UnknownPool(_) | Self::NotFound | Self::UnknownResponse(_) => {
                 StatusCode::NOT_FOUND
             }
@@ -93,7 +93,7 @@ impl GatewayError {
             Self::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
             Self::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
-            Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Overloaded | Self::BodiesInFlight => StatusCode::SERVICE_UNAVAILABLE,
             Self::AdminUnauthorized => StatusCode::UNAUTHORIZED,
             Self::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable { .. } | Self::State(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -109,7 +109,6 @@ impl GatewayError {
             Self::InvalidPath(_) => "invalid_path",
             Self::Unauthorized => "401",
             Self::NoMemberInRegions { .. } => "region_not_allowed",
-            Self::PoolNotAllowed { .. } => "pool_not_allowed",
             Self::UnknownPool(_) => "DeploymentNotFound",
             Self::NotFound => "404",
             Self::UnknownResponse(_) => "response_not_found",
@@ -119,7 +118,7 @@ impl GatewayError {
             Self::UpgradeRequired => "upgrade_required",
             Self::BodyTooLarge { .. } => "request_too_large",
             Self::BodyTimeout { .. } => "request_timeout",
-            Self::Overloaded => "overloaded",
+            Self::Overloaded | Self::BodiesInFlight => "overloaded",
             Self::AdminUnauthorized => "401",
             Self::Throttled { .. } => "429",
             Self::Unavailable { .. } => "no_backend_available",
@@ -136,7 +135,7 @@ impl GatewayError {
             | Self::OwnerBusy { retry_after, .. }
             | Self::ConsumerThrottled { retry_after }
             | Self::QuotaExceeded { retry_after, .. } => Some(*retry_after),
-            Self::Overloaded => Some(Duration::from_secs(1)),
+            Self::Overloaded | Self::BodiesInFlight => Some(Duration::from_secs(1)),
             _ => None,
         }
     }

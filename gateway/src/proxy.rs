@@ -7,6 +7,7 @@ mod classify;
 mod consumer_budget;
 mod consumer_quota;
 mod forward;
+mod outgoing_body;
 mod realtime;
 mod relay;
 mod request_body;
@@ -79,12 +80,11 @@ pub async fn handle(gateway: &Gateway, inbound: Inbound) -> Response {
     let received = Instant::now();
     let mut attempts = Attempts::default();
     let result = async {
-        let request = admit(gateway, inbound).await?;
+        // Admission records the pool and consumer in `attempts` as soon as it knows them, so
+        // a refusal is logged and counted with them.
+        let mut request = admit(gateway, inbound, &mut attempts).await?;
         trace::record_admission(&tracing::Span::current(), &request);
-        attempts.pool = Some(request.pool.name.clone());
-        attempts.consumer = request.consumer.as_ref().map(|c| c.name.clone());
-        // After the span and the pool are recorded, so a refusal is logged and counted.
-        let quota = consumer_quota::check(gateway, request.consumer.as_ref()).await?;
+        let quota = request.quota.take();
         let budget =
             consumer_budget::reserve(gateway, request.consumer.as_ref(), request.estimate.total())
                 .await?;
@@ -415,6 +415,10 @@ fn deliver(
         hints,
         spilled,
         remember_response,
+        owner: request
+            .consumer
+            .as_ref()
+            .map(|c| crate::consumers::owner_tag(&c.name)),
         provisioned: member.backend.provisioned,
         consumer: request.consumer_spend.lock().expect("consumer lock").take(),
         spans,

@@ -3,28 +3,39 @@
 //! that skips everything else. Reading the body into a `serde_json::Value` tree allocated
 //! and hashed every key (about 6k instructions for a one-line chat request, callgrind).
 //!
-//! Every field is lenient: a value of an unexpected type reads as absent, and the upstream
-//! answers it with its own message. Only broken JSON and a body that is not an object are
-//! refused by the gateway itself.
+//! Memory stays bounded by the body, not by its shape: lists (messages, content parts,
+//! embeddings inputs) are kept as raw slices of the body and read one element at a time
+//! ([`each_message`], [`Content::each_part`], [`input_tokens`]), so `[1,1,1,…]` or
+//! `[{},{},…]` costs no allocation per element.
+//!
+//! Scalar fields are lenient: a value of an unexpected type reads as absent, and the
+//! upstream answers it with its own message. Broken JSON, a body that is not an object, a
+//! field given twice, and messages that are not message objects are refused by the gateway.
 
 use std::borrow::Cow;
 use std::fmt;
 use std::marker::PhantomData;
+use std::ops::{ControlFlow, Range};
 
 use serde::de::value::{BorrowedStrDeserializer, MapAccessDeserializer, SeqAccessDeserializer};
-use serde::de::{self, IgnoredAny, IntoDeserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{
+    self, DeserializeSeed, IgnoredAny, IntoDeserializer, MapAccess, SeqAccess, Visitor,
+};
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
 /// What admission reads of a request body.
 #[derive(Default, Deserialize)]
 pub struct RequestFields<'a> {
+    /// The pool (v1 route), as sent: its place in the body is where the v1 route writes each
+    /// member's deployment name.
     #[serde(default, borrow)]
-    pub model: Lenient<Text<'a>>,
+    pub model: Option<&'a RawValue>,
     #[serde(default)]
     pub stream: Lenient<bool>,
-    #[serde(default)]
-    pub stream_options: Object<StreamOptions>,
+    /// As sent, `null` included (where the gateway asks for a stream's usage).
+    #[serde(default, borrow, deserialize_with = "present")]
+    pub stream_options: Option<&'a RawValue>,
     #[serde(default)]
     pub n: Lenient<u64>,
     #[serde(default)]
@@ -48,25 +59,30 @@ pub struct RequestFields<'a> {
     /// The Responses API's system prompt.
     #[serde(default, borrow)]
     pub instructions: Lenient<Text<'a>>,
+    /// Chat messages, as sent: read with [`each_message`].
     #[serde(default, borrow)]
-    pub messages: Lenient<Vec<Object<Message<'a>>>>,
+    pub messages: Option<&'a RawValue>,
     /// Tool and function definitions, as sent (counted from their JSON).
     #[serde(default, borrow)]
     pub tools: Option<&'a RawValue>,
     #[serde(default, borrow)]
     pub functions: Option<&'a RawValue>,
     /// Embeddings input (text or token ids) or Responses input (text or items): read by
-    /// the operation's rule, see [`RequestFields::embeddings_input`] and
-    /// [`RequestFields::responses_input`].
+    /// the operation's rule, see [`input_tokens`] and [`RequestFields::responses_input`].
     #[serde(default, borrow)]
     pub input: Option<&'a RawValue>,
-    /// Legacy completions prompt.
+    /// Legacy completions prompt (read with [`input_tokens`]).
     #[serde(default, borrow)]
-    pub prompt: Lenient<Input<'a>>,
+    pub prompt: Option<&'a RawValue>,
+    /// `model` read as text (set by [`RequestFields::parse`]).
+    #[serde(skip)]
+    model_name: Option<Text<'a>>,
 }
 
 impl<'a> RequestFields<'a> {
-    /// Read a JSON body. Errors are the client's: broken JSON, or JSON that is not an object.
+    /// Read a JSON body. Errors are the client's: broken JSON, JSON that is not an object, or
+    /// a field the gateway reads given twice (the gateway and the upstream could read
+    /// different ones).
     pub fn parse(body: &'a [u8]) -> Result<Self, FieldsError> {
         let first = body.iter().find(|b| !b.is_ascii_whitespace());
         if first != Some(&b'{') {
@@ -76,11 +92,15 @@ impl<'a> RequestFields<'a> {
                 Err(e) => FieldsError::Json(e),
             });
         }
-        serde_json::from_slice(body).map_err(FieldsError::Json)
+        let mut fields: Self = serde_json::from_slice(body).map_err(FieldsError::Json)?;
+        fields.model_name = fields
+            .model
+            .and_then(|raw| serde_json::from_str::<Text<'a>>(raw.get()).ok());
+        Ok(fields)
     }
 
     pub fn model(&self) -> Option<&str> {
-        self.model.get().map(Text::as_str)
+        self.model_name.as_ref().map(Text::as_str)
     }
 
     pub fn stream(&self) -> bool {
@@ -89,9 +109,17 @@ impl<'a> RequestFields<'a> {
 
     /// The client asked for the stream's usage chunk itself.
     pub fn asks_stream_usage(&self) -> bool {
-        self.stream_options
-            .get()
-            .is_some_and(|o| o.include_usage.0 == Some(true))
+        self.stream_options().is_some_and(|o| {
+            serde_json::from_str::<bool>(o.include_usage.map_or("", |r| r.get())).ok() == Some(true)
+        })
+    }
+
+    /// `stream_options` when it is an object.
+    pub fn stream_options(&self) -> Option<StreamOptions<'a>> {
+        let raw = self.stream_options?;
+        serde_json::from_str::<Object<StreamOptions<'a>>>(raw.get())
+            .ok()
+            .and_then(|o| o.0)
     }
 
     /// The output cap the client set: `max_completion_tokens`, else `max_tokens`, else
@@ -103,17 +131,46 @@ impl<'a> RequestFields<'a> {
             .or(self.max_output_tokens.0)
     }
 
-    /// `input` as embeddings read it: text, token ids, or lists of them.
-    pub fn embeddings_input(&self) -> Option<Input<'a>> {
-        self.input
-            .and_then(|raw| serde_json::from_str(raw.get()).ok())
+    /// `input` as the Responses API reads it: text, or a list of items (read with
+    /// [`each_message`]).
+    pub fn responses_input(&self) -> Option<ResponsesInput<'a>> {
+        let raw = self.input?;
+        match raw.get().as_bytes().first() {
+            Some(b'"') => serde_json::from_str::<Text<'a>>(raw.get())
+                .ok()
+                .map(|t| ResponsesInput::Text(t.0)),
+            Some(b'[') => Some(ResponsesInput::Items(raw)),
+            _ => None,
+        }
     }
 
-    /// `input` as the Responses API reads it: text, or a list of items (messages).
-    pub fn responses_input(&self) -> Option<ResponsesInput<'a>> {
-        self.input
-            .and_then(|raw| serde_json::from_str(raw.get()).ok())
+    /// The shapes the gateway relies on, checked without building anything: chat
+    /// `messages` (and, for a Responses API create, `input` items) are message objects whose
+    /// `content` is text, null, or a list of part objects. 400 otherwise, as the service
+    /// answers. (Embeddings input is checked as it is counted.)
+    pub fn check_shape(&self, responses_create: bool) -> Result<(), ShapeError> {
+        if let Some(messages) = self.messages {
+            each_message(messages, "messages", |_| ControlFlow::Continue(()))?;
+        }
+        if let Some(ResponsesInput::Items(items)) =
+            self.responses_input().filter(|_| responses_create)
+        {
+            each_message(items, "input", |_| ControlFlow::Continue(()))?;
+        }
+        Ok(())
     }
+}
+
+/// A field that is there, whatever its value (`null` too).
+fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&'de RawValue>::deserialize(deserializer).map(Some)
+}
+
+/// Where a raw value lies in the body it was read from (for byte edits).
+pub fn span_in(body: &[u8], raw: &RawValue) -> Range<usize> {
+    let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
+    debug_assert!(start + raw.get().len() <= body.len());
+    start..start + raw.get().len()
 }
 
 #[derive(Debug)]
@@ -122,32 +179,95 @@ pub enum FieldsError {
     NotAnObject,
 }
 
-#[derive(Default, Deserialize)]
-pub struct StreamOptions {
-    #[serde(default)]
-    pub include_usage: Lenient<bool>,
+/// A body of the wrong shape, with the field it is about (the message names the position,
+/// never echoes the content).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShapeError(pub String);
+
+impl fmt::Display for ShapeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
-/// One chat message: what the published counting rule reads.
 #[derive(Default, Deserialize)]
+pub struct StreamOptions<'a> {
+    /// As sent (its place in the body is where the gateway writes `true`).
+    #[serde(default, borrow)]
+    pub include_usage: Option<&'a RawValue>,
+}
+
+/// One chat message (or Responses input item): what the published counting rule reads.
 pub struct Message<'a> {
-    #[serde(default, borrow)]
-    pub role: Lenient<Text<'a>>,
-    #[serde(default, borrow)]
-    pub name: Lenient<Text<'a>>,
-    #[serde(default, borrow)]
+    pub role: Option<Text<'a>>,
+    pub name: Option<Text<'a>>,
     pub content: Content<'a>,
 }
 
-/// A message's content: text, or parts (text and images).
+/// A message as it is in the body; its content is checked and read by [`each_message`].
+#[derive(Deserialize)]
+struct RawMessage<'a> {
+    #[serde(default, borrow)]
+    role: Lenient<Text<'a>>,
+    #[serde(default, borrow)]
+    name: Lenient<Text<'a>>,
+    #[serde(default, borrow)]
+    content: Option<&'a RawValue>,
+}
+
+/// A message's content: text, or parts (text and images) read one at a time.
 #[derive(Default)]
 pub enum Content<'a> {
     #[default]
     Absent,
     Text(Cow<'a, str>),
-    Parts(Vec<Object<Part<'a>>>),
-    /// Any other shape (the upstream decides what it means).
-    Other,
+    Parts(&'a RawValue),
+}
+
+impl<'a> Content<'a> {
+    fn read(raw: Option<&'a RawValue>) -> Result<Self, &'static str> {
+        let Some(raw) = raw else {
+            return Ok(Self::Absent);
+        };
+        match raw.get().as_bytes().first() {
+            Some(b'"') => serde_json::from_str::<Text<'a>>(raw.get())
+                .map(|t| Self::Text(t.0))
+                .map_err(|_| "content is not valid text"),
+            Some(b'[') => {
+                let parts = Self::Parts(raw);
+                parts.each_part(|_| ControlFlow::Continue(()))?;
+                Ok(parts)
+            }
+            Some(b'n') => Ok(Self::Absent),
+            _ => Err("content must be text or a list of content parts"),
+        }
+    }
+
+    /// Each part of a list content, in order, until `visit` breaks. Every part is an object.
+    pub fn each_part(
+        &self,
+        mut visit: impl FnMut(&Part<'a>) -> ControlFlow<()>,
+    ) -> Result<(), &'static str> {
+        let Self::Parts(raw) = self else {
+            return Ok(());
+        };
+        let mut stopped = false;
+        let walk = Walk {
+            visit: &mut |part: StrictObject<Part<'a>>| {
+                let flow = visit(&part.0);
+                stopped = flow.is_break();
+                flow
+            },
+            index: &mut 0,
+            expecting: "a list of content parts",
+            _element: PhantomData,
+        };
+        match serde_json::Deserializer::from_str(raw.get()).deserialize_seq(walk) {
+            Ok(()) => Ok(()),
+            Err(_) if stopped => Ok(()),
+            Err(_) => Err("content parts must be objects"),
+        }
+    }
 }
 
 #[derive(Default, Deserialize)]
@@ -166,51 +286,239 @@ pub struct ImageUrl<'a> {
     pub detail: Lenient<Text<'a>>,
 }
 
-/// An embeddings `input` or completions `prompt`: text, token ids, or lists of either.
-pub enum Input<'a> {
-    Text(Cow<'a, str>),
-    /// A token id.
-    Number,
-    List(Vec<Input<'a>>),
-    Other,
-}
-
-/// A Responses API `input`: one text, or items read like chat messages (role and content;
-/// content parts of type `input_text`/`output_text` are text).
+/// A Responses API `input`: one text, or a list of items read like chat messages (role and
+/// content; content parts of type `input_text`/`output_text` are text).
 pub enum ResponsesInput<'a> {
     Text(Cow<'a, str>),
-    Items(Vec<Object<Message<'a>>>),
+    Items(&'a RawValue),
 }
 
-impl<'de: 'a, 'a> Deserialize<'de> for ResponsesInput<'a> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(ResponsesInputVisitor(PhantomData))
+/// Each message of `list` (chat `messages`, Responses `input` items), in order, one at a
+/// time, until `visit` breaks. Refused (naming `field[index]`): an element that is not an
+/// object, content that is neither text, null nor a list of part objects, a list that is not
+/// a list.
+pub fn each_message<'a>(
+    list: &'a RawValue,
+    field: &str,
+    mut visit: impl FnMut(&Message<'a>) -> ControlFlow<()>,
+) -> Result<(), ShapeError> {
+    let mut stopped = false;
+    let mut index = 0;
+    let mut problem = None;
+    let walk = Walk {
+        visit: &mut |raw: StrictObject<RawMessage<'a>>| {
+            let raw = raw.0;
+            let content = match Content::read(raw.content) {
+                Ok(content) => content,
+                Err(why) => {
+                    problem = Some(why);
+                    return ControlFlow::Break(());
+                }
+            };
+            let message = Message {
+                role: raw.role.0,
+                name: raw.name.0,
+                content,
+            };
+            let flow = visit(&message);
+            stopped = flow.is_break();
+            flow
+        },
+        index: &mut index,
+        expecting: "a list of message objects",
+        _element: PhantomData,
+    };
+    let result = serde_json::Deserializer::from_str(list.get()).deserialize_seq(walk);
+    if let Some(why) = problem {
+        return Err(ShapeError(format!("'{field}[{index}]': {why}.")));
+    }
+    match result {
+        Ok(()) => Ok(()),
+        Err(_) if stopped => Ok(()),
+        Err(_) if list.get().starts_with('[') => Err(ShapeError(format!(
+            "'{field}[{index}]' must be an object (a message)."
+        ))),
+        Err(_) => Err(ShapeError(format!(
+            "'{field}' must be a list of message objects."
+        ))),
     }
 }
 
-struct ResponsesInputVisitor<'a>(PhantomData<&'a ()>);
+/// An object read as `T`; anything else is an error (serde would read a struct from an
+/// array, by position).
+struct StrictObject<T>(T);
 
-impl<'de: 'a, 'a> Visitor<'de> for ResponsesInputVisitor<'a> {
-    type Value = ResponsesInput<'a>;
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for StrictObject<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Strict<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for Strict<T> {
+            type Value = StrictObject<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                T::deserialize(MapAccessDeserializer::new(map)).map(StrictObject)
+            }
+        }
+        deserializer.deserialize_map(Strict(PhantomData))
+    }
+}
+
+/// A JSON array walked element by element: each is read as `E`, handed to `visit` and
+/// dropped. A break from `visit` stops the walk with an error its caller recognizes.
+struct Walk<'v, E, F> {
+    visit: &'v mut F,
+    index: &'v mut usize,
+    expecting: &'static str,
+    _element: PhantomData<E>,
+}
+
+impl<'de, E: Deserialize<'de>, F: FnMut(E) -> ControlFlow<()>> Visitor<'de> for Walk<'_, E, F> {
+    type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("text or a list of input items")
+        f.write_str(self.expecting)
     }
 
-    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-        Ok(ResponsesInput::Text(Cow::Borrowed(v)))
-    }
-
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(ResponsesInput::Text(Cow::Owned(v.to_owned())))
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let mut items = Vec::new();
-        while let Some(item) = seq.next_element()? {
-            items.push(item);
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(element) = seq.next_element::<E>()? {
+            if (self.visit)(element).is_break() {
+                return Err(de::Error::custom("stopped"));
+            }
+            *self.index += 1;
         }
-        Ok(ResponsesInput::Items(items))
+        Ok(())
+    }
+}
+
+/// Tokens of an embeddings `input` or completions `prompt`: texts handed to `count` (which
+/// answers `None` to stop early), token ids one each, a list of token ids its length. Read
+/// one element at a time. Refused: objects, booleans or null inside.
+pub fn input_tokens(
+    raw: &RawValue,
+    count: &mut dyn FnMut(&str) -> Option<u64>,
+) -> Result<u64, ShapeError> {
+    let mut stopped = false;
+    let seed = InputSeed {
+        count,
+        stopped: &mut stopped,
+    };
+    match seed.deserialize(&mut serde_json::Deserializer::from_str(raw.get())) {
+        Ok(node) => Ok(node.tokens()),
+        Err(_) if stopped => Ok(u64::MAX),
+        Err(_) => Err(ShapeError(
+            "'input' must be text, token ids, or a list of them.".into(),
+        )),
+    }
+}
+
+/// What one input node counted.
+enum InputNode {
+    Text(u64),
+    Number,
+    List {
+        tokens: u64,
+        len: u64,
+        all_numbers: bool,
+    },
+}
+
+impl InputNode {
+    fn tokens(&self) -> u64 {
+        match *self {
+            Self::Text(n) => n,
+            Self::Number => 1,
+            Self::List {
+                tokens,
+                len,
+                all_numbers,
+            } => {
+                if all_numbers {
+                    len
+                } else {
+                    tokens
+                }
+            }
+        }
+    }
+}
+
+struct InputSeed<'c> {
+    count: &'c mut dyn FnMut(&str) -> Option<u64>,
+    stopped: &'c mut bool,
+}
+
+impl<'de> DeserializeSeed<'de> for InputSeed<'_> {
+    type Value = InputNode;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<InputNode, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for InputSeed<'_> {
+    type Value = InputNode;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("text, token ids, or a list of them")
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<InputNode, E> {
+        Ok(InputNode::Number)
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<InputNode, E> {
+        Ok(InputNode::Number)
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<InputNode, E> {
+        Ok(InputNode::Number)
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<InputNode, E> {
+        match (self.count)(v) {
+            Some(n) => Ok(InputNode::Text(n)),
+            None => {
+                *self.stopped = true;
+                Err(E::custom("stopped"))
+            }
+        }
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<InputNode, A::Error> {
+        let (mut tokens, mut len, mut all_numbers) = (0u64, 0u64, true);
+        loop {
+            let seed = InputSeed {
+                count: &mut *self.count,
+                stopped: &mut *self.stopped,
+            };
+            let Some(node) = seq.next_element_seed(seed)? else {
+                break;
+            };
+            len += 1;
+            match node {
+                InputNode::Number => {}
+                other => {
+                    all_numbers = false;
+                    tokens = tokens.saturating_add(other.tokens_as_item());
+                }
+            }
+        }
+        Ok(InputNode::List {
+            tokens,
+            len,
+            all_numbers,
+        })
+    }
+}
+
+impl InputNode {
+    /// What a node adds inside a list that is not all token ids (a stray id adds nothing).
+    fn tokens_as_item(&self) -> u64 {
+        match self {
+            Self::Number => 0,
+            other => other.tokens(),
+        }
     }
 }
 
@@ -413,137 +721,32 @@ impl<'de: 'a, 'a> Visitor<'de> for TextVisitor<'a> {
     }
 }
 
-impl<'de: 'a, 'a> Deserialize<'de> for Content<'a> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(ContentVisitor(PhantomData))
-    }
-}
-
-struct ContentVisitor<'a>(PhantomData<&'a ()>);
-
-/// Scalars that are not text are "some other content"; null is no content.
-macro_rules! other_scalars {
-    ($other:expr) => {
-        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-            Ok($other)
-        }
-        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-            Ok($other)
-        }
-        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-            Ok($other)
-        }
-        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-            Ok($other)
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-            Ok($other)
-        }
-    };
-}
-
-impl<'de: 'a, 'a> Visitor<'de> for ContentVisitor<'a> {
-    type Value = Content<'a>;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("message content")
-    }
-
-    other_scalars!(Content::Other);
-
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(Content::Absent)
-    }
-
-    fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(Content::Absent)
-    }
-
-    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-        Ok(Content::Text(Cow::Borrowed(v)))
-    }
-
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(Content::Text(Cow::Owned(v.to_owned())))
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let mut parts = Vec::new();
-        while let Some(part) = seq.next_element()? {
-            parts.push(part);
-        }
-        Ok(Content::Parts(parts))
-    }
-}
-
-impl<'de: 'a, 'a> Deserialize<'de> for Input<'a> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(InputVisitor(PhantomData))
-    }
-}
-
-struct InputVisitor<'a>(PhantomData<&'a ()>);
-
-impl<'de: 'a, 'a> Visitor<'de> for InputVisitor<'a> {
-    type Value = Input<'a>;
-
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("text, token ids, or a list of them")
-    }
-
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(Input::Other)
-    }
-
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(Input::Number)
-    }
-
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(Input::Number)
-    }
-
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(Input::Number)
-    }
-
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(Input::Other)
-    }
-
-    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-        Ok(Input::Text(Cow::Borrowed(v)))
-    }
-
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(Input::Text(Cow::Owned(v.to_owned())))
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        let mut items = Vec::new();
-        while let Some(item) = seq.next_element()? {
-            items.push(item);
-        }
-        Ok(Input::List(items))
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(Input::Other)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn messages_of(body: &[u8]) -> Result<Vec<(Option<String>, &'static str)>, ShapeError> {
+        let fields = RequestFields::parse(body).expect("valid JSON object");
+        let mut seen = Vec::new();
+        each_message(fields.messages.expect("messages"), "messages", |m| {
+            let kind = match &m.content {
+                Content::Absent => "absent",
+                Content::Text(_) => "text",
+                Content::Parts(_) => "parts",
+            };
+            seen.push((m.role.as_ref().map(|r| r.as_str().to_owned()), kind));
+            ControlFlow::Continue(())
+        })?;
+        Ok(seen)
+    }
+
     #[test]
-    fn fields_of_unexpected_types_read_as_absent_and_the_rest_still_reads() {
+    fn scalar_fields_of_unexpected_types_read_as_absent_and_the_rest_still_reads() {
         let body = br#"{"model": 7, "stream": "yes", "n": {"a": [1, {"b": 2}]},
             "max_tokens": -1, "max_completion_tokens": 12,
-            "messages": [{"role": 1, "content": "Hi \"you\""}, "not a message",
-                         {"role": "user", "content": [{"type": "text", "text": "x"}, 5]}],
+            "messages": [{"role": 1, "content": "Hi \"you\""},
+                         {"role": "user", "content": [{"type": "text", "text": "x"}, {}]},
+                         {"role": "assistant", "content": null}],
             "stream_options": [true], "tools": [{"type": "function"}], "extra": {"deep": [[[]]]}}"#;
         let fields = RequestFields::parse(body).expect("valid JSON object");
         assert_eq!(fields.model(), None);
@@ -552,17 +755,93 @@ mod tests {
         assert_eq!(fields.output_cap(), Some(12));
         assert!(!fields.asks_stream_usage());
         assert!(fields.tools.is_some());
-        let messages = fields.messages.0.expect("messages");
-        assert_eq!(messages.len(), 3);
-        let first = messages[0].get().expect("an object");
-        assert_eq!(first.role.0, None);
-        assert!(matches!(&first.content, Content::Text(t) if t == "Hi \"you\""));
-        assert!(messages[1].get().is_none());
-        let third = messages[2].get().expect("an object");
-        assert_eq!(third.role.get().map(Text::as_str), Some("user"));
-        assert!(
-            matches!(&third.content, Content::Parts(p) if p.len() == 2 && p[1].get().is_none())
+        fields.check_shape(true).expect("a valid shape");
+        assert_eq!(
+            messages_of(body).unwrap(),
+            [
+                (None, "text"),
+                (Some("user".into()), "parts"),
+                (Some("assistant".into()), "absent")
+            ]
         );
+    }
+
+    #[test]
+    fn messages_of_the_wrong_shape_are_refused_naming_the_position() {
+        for (body, position) in [
+            (&br#"{"messages": [1, 1, 1]}"#[..], "'messages[0]'"),
+            (
+                br#"{"messages": [{"role": "user"}, "hi"]}"#,
+                "'messages[1]'",
+            ),
+            (br#"{"messages": [{"content": 5}]}"#, "'messages[0]'"),
+            (
+                br#"{"messages": [{"content": {"text": "x"}}]}"#,
+                "'messages[0]'",
+            ),
+            (
+                br#"{"messages": [{}, {"content": [{"type": "text"}, 7]}]}"#,
+                "'messages[1]'",
+            ),
+            (
+                br#"{"messages": [["user", "positional"]]}"#,
+                "'messages[0]'",
+            ),
+            (br#"{"messages": "hello"}"#, "'messages'"),
+            (br#"{"input": [{"role": "user"}, 3]}"#, "'input[1]'"),
+        ] {
+            let fields = RequestFields::parse(body).unwrap();
+            let err = fields.check_shape(true).expect_err("refused");
+            assert!(
+                err.0.starts_with(position),
+                "{err} for {}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn a_field_given_twice_is_refused() {
+        assert!(matches!(
+            RequestFields::parse(br#"{"model": "a", "model": "b"}"#),
+            Err(FieldsError::Json(_))
+        ));
+    }
+
+    #[test]
+    fn a_walk_stops_when_asked() {
+        let fields = RequestFields::parse(br#"{"messages": [{}, {}, {}, 1]}"#).unwrap();
+        let mut seen = 0;
+        each_message(fields.messages.unwrap(), "messages", |_| {
+            seen += 1;
+            if seen == 2 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .expect("stopped before the bad element");
+        assert_eq!(seen, 2);
+    }
+
+    #[test]
+    fn inputs_are_counted_one_element_at_a_time() {
+        let count = |json: &str| {
+            let raw: &RawValue = serde_json::from_str(json).unwrap();
+            input_tokens(raw, &mut |text| Some(text.len() as u64))
+        };
+        assert_eq!(count(r#""abc""#), Ok(3));
+        assert_eq!(count("[1, 2, 3]"), Ok(3));
+        assert_eq!(count(r#"[[1, 2], "ab", 3]"#), Ok(4));
+        assert!(count(r#"[{"a": 1}]"#).is_err());
+        assert!(count("[true]").is_err());
+        let raw: &RawValue = serde_json::from_str(r#"["a", "b", "c"]"#).unwrap();
+        let mut calls = 0;
+        let stopped = input_tokens(raw, &mut |_| {
+            calls += 1;
+            (calls < 2).then_some(1)
+        });
+        assert_eq!((stopped, calls), (Ok(u64::MAX), 2));
     }
 
     #[test]
@@ -587,17 +866,18 @@ mod tests {
 
     #[test]
     fn strings_are_borrowed_unless_escaped() {
-        let fields =
-            RequestFields::parse(br#"{"model": "gpt-4o", "messages": [{"role": "u\u0073er"}]}"#)
-                .unwrap();
+        let body = br#"{"model": "gpt-4o", "messages": [{"role": "u\u0073er"}]}"#;
+        let fields = RequestFields::parse(body).unwrap();
         assert!(matches!(
-            fields.model.0,
+            fields.model_name,
             Some(Text(Cow::Borrowed("gpt-4o")))
         ));
-        let messages = fields.messages.0.unwrap();
-        assert!(matches!(
-            messages[0].get().unwrap().role.0,
-            Some(Text(Cow::Owned(ref s))) if s == "user"
-        ));
+        let mut owned = false;
+        each_message(fields.messages.unwrap(), "messages", |m| {
+            owned = matches!(&m.role, Some(Text(Cow::Owned(s))) if s == "user");
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert!(owned);
     }
 }

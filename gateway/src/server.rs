@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use spillway_shared::{EmbeddedState, FallbackState, FleetState, RedisState};
 use tokio::net::TcpListener;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::app::{Gateway, admin_live, app_live};
 use crate::config::{Config, ConfigError, ConfigProblem};
@@ -82,8 +82,19 @@ pub async fn serve(
         }
     };
     let gateway = Gateway::from_config(&config, fleet.clone())?;
-    if gateway.consumers.is_open() {
-        warn!("no [[consumers]] configured: the data plane accepts requests without a key");
+    if config.is_anonymous() {
+        if config.server.listen.ip().is_loopback() {
+            warn!(
+                listen = %config.server.listen,
+                "no [[consumers]] configured: the data plane on loopback accepts requests without a key"
+            );
+        } else {
+            // Only reachable with server.allow_anonymous = true (validate refuses it otherwise).
+            error!(
+                listen = %config.server.listen,
+                "ANONYMOUS DATA PLANE: server.allow_anonymous = true and no [[consumers]]: anyone reaching this listener spends the backends' capacity"
+            );
+        }
     }
     let tls = config
         .server

@@ -7,8 +7,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tiktoken_rs::CoreBPE;
 
+use std::ops::ControlFlow;
+
+use serde_json::value::RawValue;
+
 use crate::request_fields::{
-    Content, Input, Message, Object, Part, RequestFields, ResponsesInput, Text,
+    Content, Message, Part, RequestFields, ResponsesInput, ShapeError, Text, each_message,
+    input_tokens as walk_input,
 };
 
 /// The tokenizer of the model behind a pool.
@@ -90,50 +95,158 @@ pub fn count(text: &str) -> u64 {
     Encoding::O200kBase.count(text)
 }
 
-/// Prompt tokens of a chat request by OpenAI's published rule for the gpt-4o family:
-/// 3 per message, its role and content (and 1 more with a name), plus 3 to prime the reply.
-/// Image parts count as a low-detail image (85). For the simulator, which holds `Value`s.
-pub fn chat_prompt_tokens(messages: &[Value]) -> u64 {
-    let messages: Vec<Object<Message>> = messages
-        .iter()
-        .map(|m| Object::deserialize(m).unwrap_or_default())
-        .collect();
-    chat_prompt_tokens_in(Encoding::O200kBase, &messages)
+/// Texts are counted in pieces of at most this many bytes: tiktoken's merge keeps ~48 bytes
+/// of state per byte of one piece, so a 14 MiB word would take 670 MB. A cut costs at most
+/// a token or two per piece (cut at whitespace where one is near).
+const COUNT_PIECE_BYTES: usize = 16 * 1024;
+
+impl Encoding {
+    /// Tokens of `text`, counted piece by piece; `None` once the running total passes `limit`.
+    fn count_bounded(self, text: &str, mut so_far: u64, limit: u64) -> Option<u64> {
+        let start = so_far;
+        let mut rest = text;
+        while !rest.is_empty() {
+            let piece = piece_of(rest, COUNT_PIECE_BYTES);
+            so_far = so_far.saturating_add(self.count(piece));
+            if so_far > limit {
+                return None;
+            }
+            rest = &rest[piece.len()..];
+        }
+        Some(so_far - start)
+    }
 }
 
-/// [`chat_prompt_tokens`] of read messages, in a given encoding.
-pub fn chat_prompt_tokens_in(encoding: Encoding, messages: &[Object<Message>]) -> u64 {
-    let count = |text: &Text| encoding.count(text.as_str());
-    let mut total = 3;
-    for message in messages {
-        total += 3;
-        let Some(message) = message.get() else {
-            continue;
-        };
-        if let Some(role) = message.role.get() {
-            total += role_tokens(encoding, role.as_str());
-        }
-        if let Some(name) = message.name.get() {
-            total += count(name) + 1;
-        }
-        match &message.content {
-            Content::Text(text) => total += encoding.count(text),
-            Content::Parts(parts) => {
-                for part in parts.iter().filter_map(Object::get) {
-                    match part.kind.get().map(Text::as_str) {
-                        // `input_text`/`output_text`/`input_image`: Responses API items.
-                        Some("text" | "input_text" | "output_text") => {
-                            total += part.text.get().map_or(0, count)
-                        }
-                        Some("image_url" | "input_image") => total += image_tokens(part),
-                        _ => {}
-                    }
-                }
-            }
-            Content::Absent | Content::Other => {}
+/// The first piece of `text`: all of it when short, else at most `max` bytes, cut before
+/// the last whitespace in its second half (so words stay whole) or at a char boundary.
+fn piece_of(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    match text[max / 2..end].rfind(char::is_whitespace) {
+        Some(at) if max / 2 + at > 0 => &text[..max / 2 + at],
+        _ => &text[..end],
+    }
+}
+
+/// A prompt's running count, stopped as soon as it passes `limit` (a consumer's
+/// `max_prompt_tokens`): a prompt over it is refused, however much more there is to count.
+struct Tally {
+    encoding: Encoding,
+    total: u64,
+    limit: u64,
+}
+
+impl Tally {
+    fn new(encoding: Encoding, limit: u64) -> Self {
+        Self {
+            encoding,
+            total: 0,
+            limit,
         }
     }
-    total
+
+    fn add(&mut self, tokens: u64) -> ControlFlow<()> {
+        self.total = self.total.saturating_add(tokens);
+        if self.total > self.limit {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+
+    fn text(&mut self, text: &str) -> ControlFlow<()> {
+        match self.encoding.count_bounded(text, self.total, self.limit) {
+            Some(n) => self.add(n),
+            None => {
+                self.total = self.limit.saturating_add(1);
+                ControlFlow::Break(())
+            }
+        }
+    }
+
+    /// One message by OpenAI's published rule for the gpt-4o family: 3 per message, its
+    /// role and content (and 1 more with a name). Image parts count as an image.
+    fn message(&mut self, message: &Message) -> ControlFlow<()> {
+        self.add(3)?;
+        if let Some(role) = &message.role {
+            self.add(role_tokens(self.encoding, role.as_str()))?;
+        }
+        if let Some(name) = &message.name {
+            self.text(name.as_str())?;
+            self.add(1)?;
+        }
+        match &message.content {
+            Content::Text(text) => self.text(text),
+            content @ Content::Parts(_) => {
+                let mut flow = ControlFlow::Continue(());
+                // The parts were checked when the message was read.
+                let _ = content.each_part(|part| {
+                    flow = match part.kind.get().map(Text::as_str) {
+                        // `input_text`/`output_text`/`input_image`: Responses API items.
+                        Some("text" | "input_text" | "output_text") => part
+                            .text
+                            .get()
+                            .map_or(ControlFlow::Continue(()), |t| self.text(t.as_str())),
+                        Some("image_url" | "input_image") => self.add(image_tokens(part)),
+                        _ => ControlFlow::Continue(()),
+                    };
+                    flow
+                });
+                flow
+            }
+            Content::Absent => ControlFlow::Continue(()),
+        }
+    }
+
+    /// A list of messages, plus 3 to prime the reply.
+    fn messages(&mut self, list: &RawValue, field: &str) -> Result<ControlFlow<()>, ShapeError> {
+        let mut flow = self.add(3);
+        if flow.is_break() {
+            return Ok(flow);
+        }
+        each_message(list, field, |message| {
+            flow = self.message(message);
+            flow
+        })?;
+        Ok(flow)
+    }
+
+    /// An embeddings `input` or completions `prompt`.
+    fn input(&mut self, raw: &RawValue) -> Result<ControlFlow<()>, ShapeError> {
+        let encoding = self.encoding;
+        let (start, limit) = (self.total, self.limit);
+        let mut counted = 0u64;
+        let tokens = walk_input(raw, &mut |text| {
+            let n = encoding.count_bounded(text, start.saturating_add(counted), limit)?;
+            counted = counted.saturating_add(n);
+            Some(n)
+        })?;
+        Ok(self.add(tokens))
+    }
+}
+
+/// Prompt tokens of a chat request by OpenAI's published rule for the gpt-4o family:
+/// 3 per message, its role and content (and 1 more with a name), plus 3 to prime the reply.
+/// Image parts count as a low-detail image (85). For the simulator, which holds `Value`s
+/// (a message that is not an object counts 3).
+pub fn chat_prompt_tokens(messages: &[Value]) -> u64 {
+    let mut tally = Tally::new(Encoding::O200kBase, u64::MAX);
+    let _ = tally.add(3);
+    for message in messages {
+        let one = serde_json::to_string(&[message]).unwrap_or_default();
+        let Ok(raw) = serde_json::from_str::<&RawValue>(&one) else {
+            continue;
+        };
+        if each_message(raw, "messages", |m| tally.message(m)).is_err() {
+            let _ = tally.add(3);
+        }
+    }
+    tally.total
 }
 
 /// Tokens of a message's role. The usual roles come with every message and are counted once
@@ -173,33 +286,49 @@ fn image_tokens(part: &Part) -> u64 {
 }
 
 /// Tokens of an embeddings/completions `input` or `prompt`: text, texts, or token arrays.
-/// For the simulator, which holds `Value`s.
+/// For the simulator, which holds `Value`s (other shapes count 0).
 pub fn input_tokens(input: &Value) -> u64 {
-    Input::deserialize(input).map_or(0, |input| input_tokens_in(Encoding::O200kBase, &input))
-}
-
-pub fn input_tokens_in(encoding: Encoding, input: &Input) -> u64 {
-    match input {
-        Input::Text(text) => encoding.count(text),
-        Input::List(items) if items.iter().all(|i| matches!(i, Input::Number)) => {
-            items.len() as u64
-        }
-        Input::List(items) => items.iter().map(|i| input_tokens_in(encoding, i)).sum(),
-        Input::Number | Input::Other => 0,
-    }
-}
-
-/// Tool and function definitions are sent to the model as text; their JSON (compact, as
-/// re-serialized) is a conservative count of what they add to the prompt.
-fn tool_tokens(encoding: Encoding, fields: &RequestFields) -> u64 {
-    [fields.tools, fields.functions]
-        .into_iter()
-        .flatten()
-        .map(|raw| match serde_json::from_str::<Value>(raw.get()) {
-            Ok(Value::Null) | Err(_) => 0,
-            Ok(v) => encoding.count(&v.to_string()),
+    let text = input.to_string();
+    serde_json::from_str::<&RawValue>(&text)
+        .ok()
+        .and_then(|raw| {
+            let mut tally = Tally::new(Encoding::O200kBase, u64::MAX);
+            tally.input(raw).ok().map(|_| tally.total)
         })
-        .sum()
+        .unwrap_or(0)
+}
+
+/// Tool and function definitions are sent to the model as text; their JSON without the
+/// whitespace between tokens is a conservative count of what they add to the prompt.
+fn tool_tokens(tally: &mut Tally, fields: &RequestFields) -> ControlFlow<()> {
+    for raw in [fields.tools, fields.functions].into_iter().flatten() {
+        if raw.get() != "null" {
+            tally.text(&compact_json(raw.get()))?;
+        }
+    }
+    ControlFlow::Continue(())
+}
+
+/// Valid JSON text without the whitespace outside its strings (as `Value::to_string` would
+/// print it, without building the tree).
+fn compact_json(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for c in json.chars() {
+        if in_string {
+            out.push(c);
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => in_string = false,
+                _ => {}
+            }
+        } else if !c.is_ascii_whitespace() {
+            in_string = c == '"';
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// What kind of call a request is, read once from its validated operation path.
@@ -257,19 +386,28 @@ impl TokenEstimate {
 pub const MAX_OUTPUT_ESTIMATE: u64 = 10_000_000;
 
 /// What a request is charged before it is sent: prompt plus the most it may generate.
-/// Bodies that are not JSON (audio uploads) are charged a rough byte-based share.
+/// Bodies that are not JSON (audio uploads) are charged a rough byte-based share. Counting
+/// stops once the prompt passes `prompt_limit` (the estimate is then just over it).
 pub fn estimate(
     encoding: Encoding,
     operation: Operation,
     fields: Option<&RequestFields>,
     body_len: usize,
     default_max_tokens: u64,
-) -> TokenEstimate {
-    let estimate = uncapped_estimate(encoding, operation, fields, body_len, default_max_tokens);
-    TokenEstimate {
+    prompt_limit: u64,
+) -> Result<TokenEstimate, ShapeError> {
+    let estimate = uncapped_estimate(
+        encoding,
+        operation,
+        fields,
+        body_len,
+        default_max_tokens,
+        prompt_limit,
+    )?;
+    Ok(TokenEstimate {
         output: estimate.output.min(MAX_OUTPUT_ESTIMATE),
         ..estimate
-    }
+    })
 }
 
 fn uncapped_estimate(
@@ -278,62 +416,95 @@ fn uncapped_estimate(
     fields: Option<&RequestFields>,
     body_len: usize,
     default_max_tokens: u64,
-) -> TokenEstimate {
+    prompt_limit: u64,
+) -> Result<TokenEstimate, ShapeError> {
     let by_bytes = TokenEstimate {
         prompt: body_len as u64 / 4,
         output: 0,
     };
     let Some(fields) = fields else {
-        return by_bytes;
+        return Ok(by_bytes);
     };
+    let mut tally = Tally::new(encoding, prompt_limit);
     // `n` choices each generate up to the cap.
     let choices = fields.n.0.unwrap_or(1).max(1);
-    match operation {
+    Ok(match operation {
         Operation::ChatCompletions => {
-            let messages = fields.messages.get().map_or(&[][..], Vec::as_slice);
+            let flow = match fields.messages {
+                Some(list) => tally.messages(list, "messages")?,
+                None => tally.add(3),
+            };
+            if flow.is_continue() {
+                let _ = tool_tokens(&mut tally, fields);
+            }
             TokenEstimate {
-                prompt: chat_prompt_tokens_in(encoding, messages) + tool_tokens(encoding, fields),
+                prompt: tally.total,
                 output: choices.saturating_mul(fields.output_cap().unwrap_or(default_max_tokens)),
             }
         }
-        Operation::Embeddings => TokenEstimate {
-            prompt: fields
-                .embeddings_input()
-                .map_or(0, |i| input_tokens_in(encoding, &i)),
-            output: 0,
-        },
+        Operation::Embeddings => {
+            if let Some(input) = fields.input {
+                let _ = tally.input(input)?;
+            }
+            TokenEstimate {
+                prompt: tally.total,
+                output: 0,
+            }
+        }
         // Legacy completions default to 16 output tokens, as the service does.
-        Operation::Completions => TokenEstimate {
-            prompt: fields
-                .prompt
-                .get()
-                .map_or(0, |p| input_tokens_in(encoding, p)),
-            output: choices.saturating_mul(fields.output_cap().unwrap_or(16)),
-        },
+        Operation::Completions => {
+            if let Some(prompt) = fields.prompt {
+                let _ = tally.input(prompt)?;
+            }
+            TokenEstimate {
+                prompt: tally.total,
+                output: choices.saturating_mul(fields.output_cap().unwrap_or(16)),
+            }
+        }
         // Creating a response: its input (text or items, counted as chat messages), its
         // instructions and tools. Other Responses calls (retrieve, cancel) generate nothing.
-        Operation::Responses if fields.input.is_some() => TokenEstimate {
-            prompt: responses_prompt_tokens(encoding, fields),
-            output: fields.output_cap().unwrap_or(default_max_tokens),
-        },
+        Operation::Responses if fields.input.is_some() => {
+            responses_prompt(&mut tally, fields)?;
+            TokenEstimate {
+                prompt: tally.total,
+                output: fields.output_cap().unwrap_or(default_max_tokens),
+            }
+        }
         Operation::Responses | Operation::Other => by_bytes,
-    }
+    })
 }
 
 /// Prompt tokens of a Responses API request: `input` as text or as chat-like items, plus
 /// its `instructions` and tool definitions.
 pub fn responses_prompt_tokens(encoding: Encoding, fields: &RequestFields) -> u64 {
-    let input = match fields.responses_input() {
+    let mut tally = Tally::new(encoding, u64::MAX);
+    let _ = responses_prompt(&mut tally, fields);
+    tally.total
+}
+
+fn responses_prompt(tally: &mut Tally, fields: &RequestFields) -> Result<(), ShapeError> {
+    let flow = match fields.responses_input() {
         Some(ResponsesInput::Text(text)) => {
-            3 + 3 + role_tokens(encoding, "user") + encoding.count(&text)
+            let user = role_tokens(tally.encoding, "user");
+            match tally.add(3 + 3 + user) {
+                ControlFlow::Continue(()) => tally.text(&text),
+                stop => stop,
+            }
         }
-        Some(ResponsesInput::Items(items)) => chat_prompt_tokens_in(encoding, &items),
-        None => 0,
+        Some(ResponsesInput::Items(items)) => tally.messages(items, "input")?,
+        None => ControlFlow::Continue(()),
     };
-    let instructions = fields.instructions.get().map_or(0, |text| {
-        3 + role_tokens(encoding, "system") + encoding.count(text.as_str())
-    });
-    input + instructions + tool_tokens(encoding, fields)
+    if flow.is_break() {
+        return Ok(());
+    }
+    if let Some(text) = fields.instructions.get() {
+        let system = role_tokens(tally.encoding, "system");
+        if tally.add(3 + system).is_break() || tally.text(text.as_str()).is_break() {
+            return Ok(());
+        }
+    }
+    let _ = tool_tokens(tally, fields);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -346,7 +517,15 @@ mod tests {
     fn estimate_of(operation: Operation, body: &Value) -> TokenEstimate {
         let text = body.to_string();
         let read = RequestFields::parse(text.as_bytes()).expect("a JSON object");
-        estimate(Encoding::O200kBase, operation, Some(&read), text.len(), 256)
+        estimate(
+            Encoding::O200kBase,
+            operation,
+            Some(&read),
+            text.len(),
+            256,
+            u64::MAX,
+        )
+        .expect("a valid shape")
     }
 
     #[test]
@@ -400,19 +579,15 @@ mod tests {
                                 {"role": "user", "name": "ann", "content": "Hello there"}]}),
             json!({"messages": [{"role": "user", "content": [
                 {"type": "text", "text": "Look"}, {"type": "image_url", "image_url": {"url": "x"}},
-                {"type": "image_url", "image_url": "not an object"}, 7]},
-                "not a message", ["user", "positional"], {"content": null}, {"role": 3}]}),
+                {"type": "image_url", "image_url": "not an object"}, {}]},
+                {"content": null}, {"role": 3}]}),
             json!({"messages": []}),
         ];
         for body in bodies {
             let simulated = chat_prompt_tokens(body["messages"].as_array().unwrap());
             assert_eq!(estimate_of(CHAT, &body).prompt, simulated, "{body}");
         }
-        for input in [
-            json!("Hello"),
-            json!([[1, 2], "Hello", 3, {"a": 1}]),
-            json!([]),
-        ] {
+        for input in [json!("Hello"), json!([[1, 2], "Hello", 3]), json!([])] {
             let body = json!({ "input": input });
             assert_eq!(
                 estimate_of(Operation::Embeddings, &body).prompt,
@@ -480,7 +655,9 @@ mod tests {
         let emb = json!({"input": ["Hello there", "Hello"]});
         assert_eq!(estimate_of(Operation::Embeddings, &emb).total(), 3);
         assert_eq!(
-            estimate(o200k, Operation::Other, None, 4_000, 256).total(),
+            estimate(o200k, Operation::Other, None, 4_000, 256, u64::MAX)
+                .unwrap()
+                .total(),
             1_000
         );
     }
@@ -498,6 +675,48 @@ mod tests {
         assert_eq!(estimate_of(CHAT, &image).total(), 9 + 85 + 1);
         let tools = json!({"messages": [], "max_tokens": 0, "tools": [{"type": "function", "function": {"name": "f"}}]});
         assert!(estimate_of(CHAT, &tools).prompt > 3);
+    }
+
+    #[test]
+    fn counting_stops_past_the_limit_and_huge_words_are_counted_in_pieces() {
+        let word = "a".repeat(200_000);
+        let body = json!({"messages": [{"role": "user", "content": word}]}).to_string();
+        let fields = RequestFields::parse(body.as_bytes()).unwrap();
+        let full = estimate(
+            Encoding::O200kBase,
+            CHAT,
+            Some(&fields),
+            body.len(),
+            0,
+            u64::MAX,
+        )
+        .unwrap();
+        // tiktoken on the whole word would keep ~48 bytes per byte; in pieces, the count
+        // is within a token per piece of the whole.
+        let exact = Encoding::O200kBase.count_uncached(&word);
+        let pieces = word.len().div_ceil(COUNT_PIECE_BYTES) as u64;
+        assert!(
+            full.prompt >= exact + 7 && full.prompt <= exact + 7 + pieces,
+            "{full:?} vs {exact}"
+        );
+        let limited =
+            estimate(Encoding::O200kBase, CHAT, Some(&fields), body.len(), 0, 100).unwrap();
+        assert!(
+            limited.prompt > 100 && limited.prompt < full.prompt,
+            "{limited:?}"
+        );
+    }
+
+    #[test]
+    fn pieces_end_at_whitespace_or_a_char_boundary() {
+        let text = "é".repeat(10);
+        assert_eq!(piece_of(&text, 5), "éé");
+        assert_eq!(piece_of("ab cd ef", 7), "ab cd");
+        assert_eq!(piece_of("short", 64), "short");
+        assert_eq!(
+            compact_json("{ \"a b\" : [ 1 , \"\\\" x\" ] }"),
+            "{\"a b\":[1,\"\\\" x\"]}"
+        );
     }
 
     #[test]

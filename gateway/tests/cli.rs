@@ -107,12 +107,26 @@ fn the_demo_runs_and_reports_that_no_client_saw_a_429() {
 #[test]
 fn the_shipped_compose_configurations_are_valid() {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/");
-    let out = Command::new(env!("CARGO_BIN_EXE_spillway"))
-        .args(["check-config", "--config", &format!("{root}spillway.toml")])
-        .output()
-        .unwrap();
+    let check = |key: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_spillway"));
+        command.args(["check-config", "--config", &format!("{root}spillway.toml")]);
+        match key {
+            Some(key) => command.env("SPILLWAY_LOCAL_KEY", key),
+            None => command.env_remove("SPILLWAY_LOCAL_KEY"),
+        };
+        command.output().unwrap()
+    };
+    let out = check(Some("compose-key"));
     assert!(
         out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // It serves beyond loopback, so it authenticates: without its key it does not start.
+    let out = check(None);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("SPILLWAY_LOCAL_KEY is not set"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

@@ -631,6 +631,7 @@ pub async fn a_pinned_response_names_its_owner_and_unknown_ids_none(store: &dyn 
     let owner = crate::ResponseOwner {
         pool: pool("affinity"),
         backend: BackendId::new("east"),
+        consumer: Some("3f2a9c".into()),
     };
     let day = Duration::from_secs(86_400);
     store.pin_response("resp_1", &owner, day).await.unwrap();
@@ -639,6 +640,16 @@ pub async fn a_pinned_response_names_its_owner_and_unknown_ids_none(store: &dyn 
         Some(owner.clone())
     );
     assert_eq!(store.response_owner("resp_2").await.unwrap(), None);
+    // A response made on a gateway that authenticates no one has no consumer.
+    let anonymous = crate::ResponseOwner {
+        consumer: None,
+        ..owner.clone()
+    };
+    store.pin_response("resp_3", &anonymous, day).await.unwrap();
+    assert_eq!(
+        store.response_owner("resp_3").await.unwrap(),
+        Some(anonymous)
+    );
     // Ids beyond the bound are never kept (a client's path must not become a huge key).
     let long = "r".repeat(crate::MAX_RESPONSE_ID_BYTES + 1);
     store.pin_response(&long, &owner, day).await.unwrap();

@@ -30,7 +30,7 @@
 //! | `{prefix}:{<pool>}:latency:<backend>` | hash | `<metric>:<slot_start_ms>:le_<ms>` counts (`ttfb_ms`, `total_ms`, `ms_per_output_token`, `output_tokens`), their window sums `<metric>:w:le_<ms>`, `slot`, `summed` | 2 latency windows |
 //! | `{prefix}:{<pool>}:hints:<backend>`   | hash | `remaining_tokens`, `utilization` (share, 0.95 = 95 %), `updated_ms` (observation time), `admitted_tokens`, `estimated_tokens`, `actual_tokens`, `prompt_tokens`, `cached_tokens` | 2 latency windows |
 //! | `{prefix}:{<pool>}:pending`           | hash | reservation id → `<candidate>\|<bucket_ms>\|<tokens>\|<requests>` (a lease when requests > 1), or `released` | 2 windows |
-//! | `{prefix}:response:<id>`              | hash | `pool`, `backend`: the member holding that stored response          | `routing.response_affinity_ttl_s` |
+//! | `{prefix}:response:<id>`              | hash | `pool`, `backend`: the member holding that stored response; `consumer`: its creator's tag | `routing.response_affinity_ttl_s` |
 //! | `{prefix}:quota:{<consumer>:<period>:<start_s>}` | string | tokens served to a consumer in one quota period | the period's end |
 //! | `{prefix}:replicas`                   | zset | replica id → last heartbeat (ms)                                   | 2 × 5 s |
 //! | `{prefix}:generation`                 | string | the replica that wrote it; missing after Redis lost its data     | never |

@@ -826,6 +826,7 @@ impl FleetState for RedisState {
             owner.pool.to_string(),
             owner.backend.to_string(),
             ttl.as_millis().max(1).to_string(),
+            owner.consumer.clone().unwrap_or_default(),
         ];
         self.run(&self.pin_response, keys, args).await.map(|_| ())
     }
@@ -834,15 +835,19 @@ impl FleetState for RedisState {
         if response_id.len() > MAX_RESPONSE_ID_BYTES {
             return Ok(None);
         }
-        let (pool, backend): (Option<String>, Option<String>) = self
+        let (pool, backend, consumer): (Option<String>, Option<String>, Option<String>) = self
             .client
-            .hmget(self.keys.response(response_id), vec!["pool", "backend"])
+            .hmget(
+                self.keys.response(response_id),
+                vec!["pool", "backend", "consumer"],
+            )
             .await
             .map_err(unavailable)?;
         Ok(match (pool, backend) {
             (Some(pool), Some(backend)) => Some(ResponseOwner {
                 pool: PoolName::new(pool),
                 backend: BackendId::new(backend),
+                consumer: consumer.filter(|c| !c.is_empty()),
             }),
             _ => None,
         })

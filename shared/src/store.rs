@@ -378,6 +378,9 @@ pub enum StateError {
 pub struct ResponseOwner {
     pub pool: PoolName,
     pub backend: BackendId,
+    /// Who created it: an opaque tag of the consumer (a hash of its name), `None` when the
+    /// gateway authenticates no one. Only the same tag may read, continue or delete it.
+    pub consumer: Option<String>,
 }
 
 /// A long-period counter: a consumer's token quota for one hour, day, week or month. The

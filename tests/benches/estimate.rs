@@ -37,11 +37,9 @@ fn estimates(c: &mut Criterion) {
         });
         group.bench_with_input(BenchmarkId::new("parse_fields", bytes), &raw, |b, raw| {
             b.iter(|| {
-                RequestFields::parse(raw)
-                    .unwrap()
-                    .messages
-                    .0
-                    .map(|m| m.len())
+                let fields = RequestFields::parse(raw).unwrap();
+                fields.check_shape(false).unwrap();
+                fields.messages.map(|m| m.get().len())
             });
         });
         let mut seed = 0u64;
@@ -76,6 +74,7 @@ fn estimates(c: &mut Criterion) {
                         Some(&fields),
                         raw.len(),
                         256,
+                        u64::MAX,
                     )
                 });
             },

@@ -6,12 +6,12 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, header};
 use bytes::Bytes;
-use serde_json::{Map, Value};
-use spillway_shared::BackendId;
+use spillway_shared::{BackendId, QuotaCounter, ResponseOwner};
 
-use super::cache_affinity;
-use super::request_body;
+use super::outgoing_body::OutgoingBody;
+use super::request_body::{self, BodyPermit};
 use super::upstream_path::{OperationPath, PathRejection, QueryPairs, UpstreamApi, check_segment};
+use super::{Attempts, cache_affinity, consumer_budget, consumer_quota};
 use crate::app::Gateway;
 use crate::consumers::Consumer;
 use crate::error::GatewayError;
@@ -29,7 +29,6 @@ pub enum Route {
     /// rewritten to each backend's deployment name.
     V1 {
         operation: OperationPath,
-        body: Map<String, Value>,
         api: UpstreamApi<'static>,
     },
     /// `/openai/v1/responses/{id}[/...]`: a stored response's own path, forwarded as sent
@@ -85,7 +84,12 @@ pub struct ProxyRequest {
     pub consumer_spend: std::sync::Mutex<Option<super::consumer_budget::ConsumerSpend>>,
     pub query: QueryPairs,
     pub headers: HeaderMap,
-    pub body: Bytes,
+    /// The body as received (held once, shared by every attempt) and the gateway's edits.
+    pub body: OutgoingBody,
+    /// The body's share of the replica's bytes in flight, returned when the request is done.
+    pub _body_permit: BodyPermit,
+    /// The consumer's quota counter for this period, when it has a quota (checked not spent).
+    pub quota: Option<QuotaCounter>,
     pub stream: bool,
     /// What it asks for (chat, embeddings, ...), and the output cap it names.
     pub operation: Operation,
@@ -103,18 +107,23 @@ pub struct ProxyRequest {
     pub received: tokio::time::Instant,
 }
 
-pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, GatewayError> {
+pub async fn admit(
+    gateway: &Gateway,
+    inbound: Inbound,
+    attempts: &mut Attempts,
+) -> Result<ProxyRequest, GatewayError> {
     let received = tokio::time::Instant::now();
     let consumer = gateway
         .consumers
         .authenticate(&inbound.headers)
         .await?
         .cloned();
+    attempts.consumer = consumer.as_ref().map(|c| c.name.clone());
     // Path confinement: the operation is validated here, once, and only its segments are
     // ever used to build an upstream URL.
     let operation = OperationPath::parse(&inbound.operation).map_err(GatewayError::InvalidPath)?;
     if inbound.stored {
-        return admit_stored(gateway, inbound, operation, consumer).await;
+        return admit_stored(gateway, inbound, operation, consumer, attempts).await;
     }
     // The deployments route names its pool in the path: unknown pools fail before the body is read.
     let named_pool = inbound
@@ -123,15 +132,14 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
         .map(|name| {
             check_segment(name, 0)
                 .map_err(|_| GatewayError::InvalidPath(PathRejection::DeploymentName))?;
-            lookup(gateway, name)
+            lookup(gateway, consumer.as_ref(), name)
         })
         .transpose()?;
-
-    if let Some(pool) = &named_pool {
-        check_pool_allowed(consumer.as_ref(), pool)?;
-    }
-    let body = request_body::read(&inbound.headers, inbound.body, gateway.body_limits).await?;
-    let fields = read_fields(&inbound.headers, &body)?;
+    let (body, body_permit) =
+        request_body::read(&inbound.headers, inbound.body, &gateway.body_limits).await?;
+    let kind = Operation::of(operation.segments());
+    let creates_response = kind == Operation::Responses && operation.segments().len() == 1;
+    let fields = read_fields(&inbound.headers, &body, creates_response)?;
     let pool = match named_pool {
         Some(pool) => pool,
         None => {
@@ -145,41 +153,46 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
                     "Missing required field 'model' (the deployment to use).".into(),
                 )
             })?;
-            let pool = lookup(gateway, model)?;
-            check_pool_allowed(consumer.as_ref(), &pool)?;
-            pool
+            lookup(gateway, consumer.as_ref(), model)?
         }
     };
+    attempts.pool = Some(pool.name.clone());
 
     let stream = fields.as_ref().is_some_and(RequestFields::stream);
     let max_tokens = fields.as_ref().and_then(RequestFields::output_cap);
-    let kind = Operation::of(operation.segments());
+    // The consumer's allowances before its prompt is counted: a spent key costs no counting.
+    let quota = consumer_quota::check(gateway, consumer.as_ref()).await?;
+    consumer_budget::check_spent(gateway, consumer.as_ref(), body.len()).await?;
     // A request that names no output cap is charged what the pool's answers really take
     // (learned fleet-wide); `default_max_tokens` until enough answers were seen.
     let view = gateway.view.get(&gateway.fleet, &pool);
     let output_reserve = output_reserve(&view).unwrap_or(gateway.routing.default_max_tokens);
+    let prompt_limit = consumer
+        .as_ref()
+        .and_then(|c| c.max_prompt_tokens)
+        .unwrap_or(u64::MAX);
     let estimate = tokens::estimate(
         pool.encoding,
         kind,
         fields.as_ref(),
         body.len(),
         output_reserve,
-    );
+        prompt_limit,
+    )
+    .map_err(|e| GatewayError::BadRequest(e.to_string()))?;
+    if let Some(consumer) = &consumer {
+        check_consumer_limits(consumer, kind, &operation, fields.as_ref(), estimate)?;
+    }
     // A stream only reports its usage when asked: ask upstream, and hide the answer from a
     // client that did not ask, so it gets exactly the stream it requested.
     let add_stream_usage = stream
         && kind == Operation::ChatCompletions
         && fields.as_ref().is_some_and(|f| !f.asks_stream_usage());
-    if let Some(consumer) = &consumer {
-        check_consumer_limits(consumer, kind, &operation, fields.as_ref(), estimate)?;
-    }
-    let is_json = fields.is_some();
     let cache_key = fields
         .as_ref()
         .and_then(|f| cache_affinity::cache_key(f, estimate.prompt));
     // Responses API: a follow-up goes to the member holding what it continues; a create
     // that stores its response is remembered once answered.
-    let creates_response = kind == Operation::Responses && operation.segments().len() == 1;
     let remember_response =
         creates_response && fields.as_ref().is_some_and(|f| f.store.0 != Some(false));
     let previous = fields
@@ -187,47 +200,38 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
         .filter(|_| creates_response)
         .and_then(|f| f.previous_response_id.get())
         .map(|id| id.as_str().to_owned());
-    drop(fields);
-    let pinned = match previous {
-        Some(id) => pinned_member(gateway, &pool, id).await?,
-        None => None,
-    };
 
-    // Only a body the gateway edits (the v1 route's `model`, a stream's usage option) is
-    // read whole; the deployments route forwards the others byte for byte.
+    // The body is forwarded as received; the v1 route writes each member's deployment into
+    // `model`, and a stream's usage option is added: byte edits, never a re-serialized tree.
     let v1 = inbound.pool.is_none();
-    let (route, body, strip_usage) = if v1 || add_stream_usage {
-        let mut json = match parse_object(&body)? {
-            Some(json) => json,
-            None if v1 => unreachable!("the v1 route resolved its pool from the JSON body"),
-            None => {
-                return Err(GatewayError::BadRequest(
-                    "The request body must be a JSON object.".into(),
-                ));
-            }
-        };
-        let strip_usage = add_stream_usage && request_stream_usage(&mut json);
-        if v1 {
-            (
+    let (route, body, strip_usage) = match &fields {
+        Some(fields) => {
+            let mut out = if v1 {
+                OutgoingBody::with_model(body.clone(), fields)
+            } else {
+                OutgoingBody::unchanged(body.clone())
+            };
+            let strip_usage = add_stream_usage && out.request_stream_usage(fields);
+            let route = if v1 {
                 Route::V1 {
                     api: upstream_api(inbound.preview),
                     operation,
-                    body: json,
-                },
-                body,
-                strip_usage,
-            )
-        } else {
-            let edited = if strip_usage {
-                Bytes::from(serde_json::to_vec(&json).expect("a JSON map always serializes"))
+                }
             } else {
-                body
+                Route::Deployment { operation }
             };
-            (Route::Deployment { operation }, edited, strip_usage)
+            (route, out, strip_usage)
         }
-    } else {
-        debug_assert!(is_json || !add_stream_usage);
-        (Route::Deployment { operation }, body, false)
+        None => (
+            Route::Deployment { operation },
+            OutgoingBody::unchanged(body.clone()),
+            false,
+        ),
+    };
+    drop(fields);
+    let pinned = match previous {
+        Some(id) => pinned_member(gateway, &pool, consumer.as_ref(), id).await?,
+        None => None,
     };
 
     let regions = allowed_regions(
@@ -246,6 +250,8 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
         query: QueryPairs::parse(inbound.query.as_deref()),
         headers: gateway.headers.upstream_request(&inbound.headers),
         body,
+        _body_permit: body_permit,
+        quota,
         stream,
         operation: kind,
         max_tokens,
@@ -258,12 +264,14 @@ pub async fn admit(gateway: &Gateway, inbound: Inbound) -> Result<ProxyRequest, 
 }
 
 /// A request on a stored response's own path: it goes to the member holding it, in the
-/// pool it was created in, or is answered 404 when the fleet does not know the id.
+/// pool it was created in, or is answered 404 when the fleet does not know the id or it
+/// belongs to another consumer (the same answer: ids are not confirmed to strangers).
 async fn admit_stored(
     gateway: &Gateway,
     inbound: Inbound,
     operation: OperationPath,
     consumer: Option<Consumer>,
+    attempts: &mut Attempts,
 ) -> Result<ProxyRequest, GatewayError> {
     let received = tokio::time::Instant::now();
     let id = operation
@@ -275,17 +283,20 @@ async fn admit_stored(
         .fleet
         .response_owner(&id)
         .await?
+        .filter(|owner| owns(owner, consumer.as_ref()))
         .ok_or_else(|| GatewayError::UnknownResponse(id.clone()))?;
     let pool = gateway
         .table
         .pool(owner.pool.as_str())
         .cloned()
+        .filter(|pool| may_use(consumer.as_ref(), pool))
         .ok_or_else(|| GatewayError::UnknownResponse(id.clone()))?;
     if pool.member(&owner.backend).is_none() {
         return Err(GatewayError::UnknownResponse(id));
     }
-    check_pool_allowed(consumer.as_ref(), &pool)?;
-    let body = request_body::read(&inbound.headers, inbound.body, gateway.body_limits).await?;
+    attempts.pool = Some(pool.name.clone());
+    let (body, body_permit) =
+        request_body::read(&inbound.headers, inbound.body, &gateway.body_limits).await?;
     let view = gateway.view.get(&gateway.fleet, &pool);
     let regions = allowed_regions(
         pool.regions.as_deref(),
@@ -311,7 +322,9 @@ async fn admit_stored(
             prompt: body.len() as u64 / 4,
             output: 0,
         },
-        body,
+        body: OutgoingBody::unchanged(body),
+        _body_permit: body_permit,
+        quota: None,
         stream: false,
         operation: Operation::Responses,
         max_tokens: None,
@@ -323,17 +336,15 @@ async fn admit_stored(
     })
 }
 
-/// 403 when the consumer's `pools` leave this one out.
-pub(super) fn check_pool_allowed(
-    consumer: Option<&Consumer>,
-    pool: &Pool,
-) -> Result<(), GatewayError> {
-    match consumer {
-        Some(c) if !c.may_use(pool.name.as_str()) => Err(GatewayError::PoolNotAllowed {
-            pool: pool.name.to_string(),
-        }),
-        _ => Ok(()),
-    }
+/// A stored response belongs to the consumer that created it (any request, when the gateway
+/// authenticates no one).
+fn owns(owner: &ResponseOwner, consumer: Option<&Consumer>) -> bool {
+    owner.consumer == consumer.map(|c| crate::consumers::owner_tag(&c.name))
+}
+
+/// The consumer may use this pool (its `pools`, when set, name it).
+pub(super) fn may_use(consumer: Option<&Consumer>, pool: &Pool) -> bool {
+    consumer.is_none_or(|c| c.may_use(pool.name.as_str()))
 }
 
 /// The consumer's per-request limits: its largest prompt, and the most output a request may
@@ -361,8 +372,13 @@ fn check_consumer_limits(
     let Some(cap) = consumer.max_tokens.filter(|_| generates) else {
         return Ok(());
     };
+    // Each of `n` choices may generate up to the cap: the request asks for all of them.
+    let choices = fields.and_then(|f| f.n.0).unwrap_or(1).max(1);
     match fields.and_then(RequestFields::output_cap) {
-        Some(asked) if asked <= cap => Ok(()),
+        Some(asked) if asked.saturating_mul(choices) <= cap => Ok(()),
+        Some(asked) if choices > 1 => Err(GatewayError::BadRequest(format!(
+            "max_tokens of {asked} for each of n = {choices} choices is above this key's limit of {cap} tokens per request."
+        ))),
         Some(asked) => Err(GatewayError::BadRequest(format!(
             "max_tokens of {asked} is above this key's limit of {cap} tokens per request."
         ))),
@@ -383,18 +399,25 @@ fn upstream_api(preview: bool) -> UpstreamApi<'static> {
 
 /// The member a follow-up must go to: the one holding `previous` when the fleet remembers
 /// it in this pool; otherwise normal routing (the backend answers an id it does not know).
+/// Another consumer's response is 404, as for an id the fleet does not know.
 async fn pinned_member(
     gateway: &Gateway,
     pool: &Pool,
+    consumer: Option<&Consumer>,
     previous: String,
 ) -> Result<Option<Pinned>, GatewayError> {
-    let owner = gateway.fleet.response_owner(&previous).await?;
-    Ok(owner
-        .filter(|o| o.pool == pool.name && pool.member(&o.backend).is_some())
-        .map(|o| Pinned {
-            backend: o.backend,
+    let Some(owner) = gateway.fleet.response_owner(&previous).await? else {
+        return Ok(None);
+    };
+    if !owns(&owner, consumer) {
+        return Err(GatewayError::UnknownResponse(previous));
+    }
+    Ok(
+        (owner.pool == pool.name && pool.member(&owner.backend).is_some()).then_some(Pinned {
+            backend: owner.backend,
             response_id: previous,
-        }))
+        }),
+    )
 }
 
 /// Where a request may go: inside both the pool's and the consumer's regions, when set.
@@ -409,33 +432,17 @@ pub(super) fn allowed_regions(
     }
 }
 
-/// Set `stream_options.include_usage`; true when the client had not asked for it.
-fn request_stream_usage(body: &mut Map<String, Value>) -> bool {
-    let asked = body
-        .get("stream_options")
-        .and_then(|o| o.get("include_usage"))
-        .and_then(Value::as_bool)
-        == Some(true);
-    if asked {
-        return false;
-    }
-    let options = body
-        .entry("stream_options")
-        .or_insert_with(|| Value::Object(Map::new()));
-    match options {
-        Value::Object(options) => {
-            options.insert("include_usage".into(), Value::Bool(true));
-            true
-        }
-        // A malformed stream_options is the upstream's to reject, unchanged.
-        _ => false,
-    }
-}
-
-fn lookup(gateway: &Gateway, name: &str) -> Result<Arc<Pool>, GatewayError> {
+/// The pool named `name`, if the consumer may use it: a pool outside its `pools` is
+/// answered like an unknown one (404), so a key cannot enumerate the gateway's pools.
+pub(super) fn lookup(
+    gateway: &Gateway,
+    consumer: Option<&Consumer>,
+    name: &str,
+) -> Result<Arc<Pool>, GatewayError> {
     gateway
         .table
         .pool(name)
+        .filter(|pool| may_use(consumer, pool))
         .cloned()
         .ok_or_else(|| GatewayError::UnknownPool(name.to_owned()))
 }
@@ -445,6 +452,7 @@ fn lookup(gateway: &Gateway, name: &str) -> Result<Arc<Pool>, GatewayError> {
 fn read_fields<'a>(
     headers: &HeaderMap,
     body: &'a Bytes,
+    responses_create: bool,
 ) -> Result<Option<RequestFields<'a>>, GatewayError> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -456,22 +464,16 @@ fn read_fields<'a>(
         return Ok(None);
     }
     match RequestFields::parse(body) {
-        Ok(fields) => Ok(Some(fields)),
+        Ok(fields) => {
+            fields
+                .check_shape(responses_create)
+                .map_err(|e| GatewayError::BadRequest(e.to_string()))?;
+            Ok(Some(fields))
+        }
         Err(FieldsError::NotAnObject) => Err(GatewayError::BadRequest(
             "The request body must be a JSON object.".into(),
         )),
         Err(FieldsError::Json(e)) => Err(GatewayError::BadRequest(format!(
-            "The request body is not valid JSON: {e}"
-        ))),
-    }
-}
-
-/// The whole body as a JSON object, for the routes that edit it (already validated).
-fn parse_object(body: &Bytes) -> Result<Option<Map<String, Value>>, GatewayError> {
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(map)) => Ok(Some(map)),
-        Ok(_) => Ok(None),
-        Err(e) => Err(GatewayError::BadRequest(format!(
             "The request body is not valid JSON: {e}"
         ))),
     }

@@ -6,7 +6,9 @@
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 
-use crate::request_fields::{Content, Message, Object, RequestFields, ResponsesInput};
+use std::ops::ControlFlow;
+
+use crate::request_fields::{Content, Message, RequestFields, ResponsesInput, each_message};
 use crate::table::Member;
 
 /// Prompts shorter than this are not cached by the service: no key from their text.
@@ -33,42 +35,52 @@ pub fn cache_key(fields: &RequestFields, prompt_tokens: u64) -> Option<u64> {
         left > 0
     };
     let mut open = fields.instructions.get().is_none_or(|i| take(i.as_str()));
-    let responses = fields.responses_input();
-    let messages: Vec<&Message> = match (fields.messages.get(), &responses) {
-        (Some(messages), _) => messages.iter().filter_map(Object::get).collect(),
-        (None, Some(ResponsesInput::Items(items))) => {
-            items.iter().filter_map(Object::get).collect()
-        }
+    let list = match (fields.messages, fields.responses_input()) {
+        (Some(messages), _) => Some(messages),
+        (None, Some(ResponsesInput::Items(items))) => Some(items),
         (None, Some(ResponsesInput::Text(text))) => {
-            open = open && take(text);
-            Vec::new()
+            open = open && take(&text);
+            None
         }
-        (None, None) => Vec::new(),
+        (None, None) => None,
     };
-    for message in messages {
-        if !open {
-            break;
-        }
-        open = hash_message(message, &mut take);
+    if let Some(list) = list.filter(|_| open) {
+        // The shape was checked in admission; a walk that fails only ends the prefix.
+        let _ = each_message(list, "messages", |message| {
+            if hash_message(message, &mut take) {
+                ControlFlow::Continue(())
+            } else {
+                ControlFlow::Break(())
+            }
+        });
     }
     Some(hasher.finish())
 }
 
 /// Feed a message's role and text to `take`; false once the prefix is complete.
 fn hash_message(message: &Message, take: &mut impl FnMut(&str) -> bool) -> bool {
-    if let Some(role) = message.role.get()
+    if let Some(role) = &message.role
         && !take(role.as_str())
     {
         return false;
     }
     match &message.content {
         Content::Text(text) => take(text),
-        Content::Parts(parts) => parts
-            .iter()
-            .filter_map(|p| p.get())
-            .filter_map(|p| p.text.get())
-            .all(|text| take(text.as_str())),
-        Content::Absent | Content::Other => true,
+        parts @ Content::Parts(_) => {
+            let mut open = true;
+            let _ = parts.each_part(|part| {
+                if let Some(text) = part.text.get() {
+                    open = take(text.as_str());
+                }
+                if open {
+                    ControlFlow::Continue(())
+                } else {
+                    ControlFlow::Break(())
+                }
+            });
+            open
+        }
+        Content::Absent => true,
     }
 }
 

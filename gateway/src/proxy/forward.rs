@@ -7,7 +7,6 @@ use std::time::Duration;
 use axum::http::{HeaderMap, StatusCode};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use serde_json::Value;
 
 use super::admit::{ProxyRequest, Route};
 use super::upstream_path::{UpstreamApi, upstream_url};
@@ -105,34 +104,19 @@ fn build(
     span: &tracing::Span,
 ) -> reqwest::RequestBuilder {
     let base = &member.backend.base_url;
-    let (url, body) = match &request.route {
-        Route::Deployment { operation } => (
-            upstream_url(
-                base,
-                UpstreamApi::Deployment(&member.deployment),
-                operation,
-                &request.query,
-            ),
-            request.body.clone(),
-        ),
-        Route::V1 {
+    let url = match &request.route {
+        Route::Deployment { operation } => upstream_url(
+            base,
+            UpstreamApi::Deployment(&member.deployment),
             operation,
-            body,
-            api,
-        } => {
-            let mut body = body.clone();
-            body.insert("model".into(), Value::String(member.deployment.clone()));
-            let bytes = serde_json::to_vec(&body).expect("a JSON map always serializes");
-            (
-                upstream_url(base, *api, operation, &request.query),
-                Bytes::from(bytes),
-            )
-        }
-        Route::Stored { operation, api } => (
-            upstream_url(base, *api, operation, &request.query),
-            request.body.clone(),
+            &request.query,
         ),
+        Route::V1 { operation, api } | Route::Stored { operation, api } => {
+            upstream_url(base, *api, operation, &request.query)
+        }
     };
+    // The shared body bytes, with this member's deployment as `model` on the v1 route.
+    let body = request.body.for_member(&member.deployment);
     // The backend continues the attempt's trace (the client's, when it is not exported).
     let mut headers = request.headers.clone();
     super::trace::inject(span, &mut headers);

@@ -93,12 +93,7 @@ async fn connect(
             super::PathRejection::DeploymentName,
         ))
     })?;
-    let pool = gateway
-        .table
-        .pool(name)
-        .cloned()
-        .ok_or_else(|| refuse(GatewayError::UnknownPool(name.to_owned())))?;
-    super::admit::check_pool_allowed(consumer, &pool).map_err(refuse)?;
+    let pool = super::admit::lookup(gateway, consumer, name).map_err(refuse)?;
     let consumer_quota = consumer_quota::check(gateway, consumer)
         .await
         .map_err(refuse)?;

@@ -32,6 +32,8 @@ pub struct Settlement {
     /// member holds it. The answer's last bytes wait for the record, so a follow-up sent
     /// the moment the client has its answer finds it.
     pub remember_response: Option<std::time::Duration>,
+    /// The tag of the consumer the stored response belongs to (see `consumers::owner_tag`).
+    pub owner: Option<String>,
     /// A provisioned member: prompt tokens it served from its cache cost it nothing.
     pub provisioned: bool,
     /// The consumer's budget reservation and quota, settled with every token served.
@@ -256,7 +258,9 @@ impl Metered {
         };
         let pin = match (s.remember_response, self.meter.response_id()) {
             (Some(ttl), Some(id)) if completed => {
-                Some(Box::pin(s.open.pin_response(id.to_owned(), ttl)) as PinRecord)
+                Some(
+                    Box::pin(s.open.pin_response(id.to_owned(), ttl, s.owner.clone())) as PinRecord,
+                )
             }
             _ => None,
         };

@@ -73,11 +73,13 @@ impl OpenReservation {
         &self,
         response_id: String,
         ttl: std::time::Duration,
+        consumer: Option<String>,
     ) -> impl Future<Output = ()> + Send + 'static {
         let fleet = self.fleet.clone();
         let owner = ResponseOwner {
             pool: self.pool.clone(),
             backend: self.backend.clone(),
+            consumer,
         };
         async move {
             if let Err(e) = fleet.pin_response(&response_id, &owner, ttl).await {
