@@ -302,3 +302,111 @@ async fn the_preview_form_is_forwarded_in_its_form_and_pinned_the_same() {
         "{paths:?}"
     );
 }
+
+/// Every consumer reaches Azure with the same backend credential, so the gateway decides
+/// whose a stored response is: only its creator may read, list, cancel, delete or continue
+/// it; any other key gets the answer an unknown id gets (404 `response_not_found`), on every
+/// replica, and nothing is sent upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_response_belongs_to_the_consumer_that_created_it() {
+    let hash = spillway_gateway::consumers::key_sha256_hex;
+    let consumers = format!(
+        "[[consumers]]\nname = \"alice\"\nkey_sha256 = \"{}\"\n\
+         [[consumers]]\nname = \"bob\"\nkey_sha256 = \"{}\"\n",
+        hash("alice-key"),
+        hash("bob-key")
+    );
+    let sim = tiers_a_and_b().await;
+    let redis = RedisServer::start();
+    let config = backend(&sim, "a", 1) + &consumers + &redis_section(&redis.url(), "");
+    let (r1, _f1) = start_on_redis(&config).await;
+    let (r2, _f2) = start_on_redis(&config).await;
+
+    let created = client()
+        .post(format!("{}/openai/v1/responses", r1.url))
+        .header("api-key", "alice-key")
+        .json(&json!({ "model": "gpt-4o", "input": "Remember this." }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 200);
+    let id = created.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let upstream = || sim.stats("a", "gpt-4o").requests;
+    let sent_before = upstream();
+
+    let request = |replica: &Replica, key: &str, method: reqwest::Method, path: &str| {
+        client()
+            .request(method, format!("{}/openai/v1/{path}", replica.url))
+            .header("api-key", key)
+            .send()
+    };
+    let not_found = |answer: reqwest::Response| async move {
+        let status = answer.status().as_u16();
+        let body: Value = answer.json().await.unwrap();
+        (
+            status,
+            body["error"]["code"].as_str().unwrap_or("").to_owned(),
+        )
+    };
+    let gone = (404, "response_not_found".to_owned());
+    use reqwest::Method;
+    for replica in [&r1, &r2] {
+        for (method, path) in [
+            (Method::GET, format!("responses/{id}")),
+            (Method::GET, format!("responses/{id}/input_items")),
+            (Method::POST, format!("responses/{id}/cancel")),
+            (Method::DELETE, format!("responses/{id}")),
+        ] {
+            let answer = request(replica, "bob-key", method.clone(), &path)
+                .await
+                .unwrap();
+            assert_eq!(not_found(answer).await, gone, "bob: {method} {path}");
+        }
+        // Continuing it is refused the same way.
+        let follow_up = client()
+            .post(format!("{}/openai/v1/responses", replica.url))
+            .header("api-key", "bob-key")
+            .json(&json!({ "model": "gpt-4o", "input": "And?", "previous_response_id": id }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(not_found(follow_up).await, gone, "bob continues");
+    }
+    assert_eq!(upstream(), sent_before, "nothing of bob's went upstream");
+
+    // Its creator reaches it through any replica.
+    for replica in [&r1, &r2] {
+        let mine = request(
+            replica,
+            "alice-key",
+            Method::GET,
+            &format!("responses/{id}"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(mine.status(), 200);
+    }
+    let follow_up = client()
+        .post(format!("{}/openai/v1/responses", r2.url))
+        .header("api-key", "alice-key")
+        .json(&json!({ "model": "gpt-4o", "input": "And?", "previous_response_id": id }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(follow_up.status(), 200);
+    // The fleet's record names a tag of the creator, never the name or the key.
+    let keys = redis.cli(&["KEYS", &format!("*:response:{id}")]);
+    let key = keys
+        .lines()
+        .next()
+        .expect("the fleet remembers the response");
+    let record = redis.cli(&["HGETALL", key]);
+    assert!(!record.contains("alice"), "{record}");
+    assert!(
+        record.contains(&spillway_gateway::consumers::owner_tag("alice")),
+        "{record}"
+    );
+}

@@ -7,6 +7,7 @@ mod classify;
 mod consumer_budget;
 mod consumer_quota;
 mod forward;
+mod json_fields;
 mod outgoing_body;
 mod realtime;
 mod relay;

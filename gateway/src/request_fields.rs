@@ -92,6 +92,9 @@ impl<'a> RequestFields<'a> {
                 Err(e) => FieldsError::Json(e),
             });
         }
+        if !nesting_within(body, MAX_NESTING) {
+            return Err(FieldsError::TooDeep);
+        }
         let mut fields: Self = serde_json::from_slice(body).map_err(FieldsError::Json)?;
         fields.model_name = fields
             .model
@@ -177,6 +180,40 @@ pub fn span_in(body: &[u8], raw: &RawValue) -> Range<usize> {
 pub enum FieldsError {
     Json(serde_json::Error),
     NotAnObject,
+    /// Nested deeper than [`MAX_NESTING`] (no request needs it; parsers downstream may
+    /// recurse on it).
+    TooDeep,
+}
+
+/// Most levels of arrays and objects a body may nest (serde_json's own recursion limit).
+pub const MAX_NESTING: usize = 128;
+
+/// The body nests at most `max` levels (strings skipped). Skipping a value serde does not
+/// read is iterative and has no such limit, so it is checked here, in one pass.
+fn nesting_within(body: &[u8], max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut at = 0;
+    while at < body.len() {
+        match body[at] {
+            b'"' => {
+                // Skip the string: to its closing quote, past escaped characters.
+                at += 1;
+                while at < body.len() && body[at] != b'"' {
+                    at += if body[at] == b'\\' { 2 } else { 1 };
+                }
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return false;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        at += 1;
+    }
+    true
 }
 
 /// A body of the wrong shape, with the field it is about (the message names the position,
@@ -798,6 +835,18 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
+    }
+
+    #[test]
+    fn nesting_is_bounded_outside_strings() {
+        let deep = |n: usize| format!("{{\"x\":{}{}}}", "[".repeat(n), "]".repeat(n));
+        assert!(RequestFields::parse(deep(MAX_NESTING - 1).as_bytes()).is_ok());
+        assert!(matches!(
+            RequestFields::parse(deep(MAX_NESTING).as_bytes()),
+            Err(FieldsError::TooDeep)
+        ));
+        let in_string = format!("{{\"x\":\"{}\\\"\"}}", "[".repeat(1000));
+        assert!(RequestFields::parse(in_string.as_bytes()).is_ok());
     }
 
     #[test]

@@ -473,6 +473,10 @@ fn read_fields<'a>(
         Err(FieldsError::NotAnObject) => Err(GatewayError::BadRequest(
             "The request body must be a JSON object.".into(),
         )),
+        Err(FieldsError::TooDeep) => Err(GatewayError::BadRequest(format!(
+            "The request body nests arrays and objects deeper than {} levels.",
+            crate::request_fields::MAX_NESTING
+        ))),
         Err(FieldsError::Json(e)) => Err(GatewayError::BadRequest(format!(
             "The request body is not valid JSON: {e}"
         ))),

@@ -86,22 +86,27 @@ pub async fn read(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limits.max_bytes as u64) {
-        // A client waiting for `100 Continue` has sent nothing yet: answer at once. Otherwise
-        // take what it is sending, if that is within the drain bound.
+    // A refusal before the body is read: a client waiting for `100 Continue` has sent
+    // nothing yet and is answered at once; otherwise what it is sending is read and
+    // discarded (never held), within the drain bound, so it gets to read the answer.
+    let refuse = |body: Body, error: GatewayError| async move {
         let waits = headers
             .get(header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
         if !waits && declared.is_some_and(|n| n <= limits.max_drain_bytes as u64) {
             let _ = tokio::time::timeout(limits.timeout, drain(body, limits.max_drain_bytes)).await;
         }
-        return Err(too_large);
+        Err(error)
+    };
+    if declared.is_some_and(|n| n > limits.max_bytes as u64) {
+        return refuse(body, too_large).await;
     }
     // A declared length is taken from the budget at once (and the buffer sized to it);
     // a chunked body takes its share frame by frame.
     let declared = declared.map(|n| n as usize);
-    let mut permit = match declared {
-        Some(n) => limits.reserve(n)?,
+    let mut permit = match declared.map(|n| limits.reserve(n)) {
+        Some(Ok(permit)) => permit,
+        Some(Err(busy)) => return refuse(body, busy).await,
         None => BodyPermit::default(),
     };
     let read = async {

@@ -4,12 +4,17 @@
 use bytes::Bytes;
 use serde::Deserialize;
 
+use super::json_fields::{JsonFields, Path};
 use super::sse::{EventSplitter, event_data};
 use crate::request_fields::{Lenient, Text};
 
-/// A JSON body, or one SSE event, larger than this is not held for parsing: metering stops
-/// (the estimate stands) and, when stripping, the stream is passed on as it comes.
+/// One SSE event larger than this is not held for parsing: metering stops (the estimate
+/// stands) and, when stripping, the stream is passed on as it comes. (A JSON answer is never
+/// held: its fields are read as it streams past, whatever its size.)
 const MAX_HELD_BYTES: usize = 1 << 20;
+
+/// What is read of a JSON answer.
+const ANSWER_FIELDS: &[Path] = &[&["usage"], &["object"], &["id"], &["model"]];
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -20,13 +25,13 @@ pub struct Usage {
     pub cached_tokens: u64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct UsageMeter {
     sse: bool,
     /// Remove the usage the gateway asked for (the usage-only event, `"usage":null` fields).
     strip: bool,
-    /// JSON: the body so far.
-    pending: Vec<u8>,
+    /// JSON: the answer's fields, read as it streams past.
+    json: JsonFields,
     /// SSE: the event being received.
     events: EventSplitter,
     overflow: bool,
@@ -43,7 +48,13 @@ impl UsageMeter {
         Self {
             sse,
             strip: sse && strip,
-            ..Self::default()
+            json: JsonFields::new(ANSWER_FIELDS),
+            events: EventSplitter::default(),
+            overflow: false,
+            usage: None,
+            content_deltas: 0,
+            response_id: None,
+            model: None,
         }
     }
 
@@ -102,11 +113,7 @@ impl UsageMeter {
             }
             return;
         }
-        self.pending.extend_from_slice(chunk);
-        if self.pending.len() > MAX_HELD_BYTES {
-            self.overflow = true;
-            self.pending = Vec::new();
-        }
+        self.json.feed(chunk);
     }
 
     /// Read usage and content from one SSE event; true when it is a usage-only event.
@@ -166,15 +173,18 @@ impl UsageMeter {
 
     /// The usage the response reported, if any.
     pub fn finish(&mut self) -> Option<Usage> {
-        let unread = !self.sse && !self.overflow && self.usage.is_none();
-        if unread
-            && self.response_id.is_none()
-            && let Ok(body) = serde_json::from_slice::<JsonBody>(&self.pending)
-        {
-            self.usage = body.usage.map(Usage::from);
-            self.model = body.model;
-            if body.object.as_deref() == Some("response") {
-                self.response_id = body.id;
+        let unread = !self.sse && self.usage.is_none() && self.response_id.is_none();
+        if unread {
+            self.json.finish();
+            let read = |path: Path| self.json.get(path);
+            self.usage = read(&["usage"])
+                .and_then(|raw| serde_json::from_str::<ReportedUsage>(raw).ok())
+                .map(Usage::from);
+            self.model = read(&["model"]).and_then(|raw| serde_json::from_str(raw).ok());
+            let object: Option<String> =
+                read(&["object"]).and_then(|raw| serde_json::from_str(raw).ok());
+            if object.as_deref() == Some("response") {
+                self.response_id = read(&["id"]).and_then(|raw| serde_json::from_str(raw).ok());
             }
         }
         self.usage
@@ -242,20 +252,6 @@ impl From<ReportedUsage> for Usage {
                 .map_or(0, |d| d.cached_tokens.min(u.prompt_tokens)),
         }
     }
-}
-
-/// A JSON answer: only its `usage` is read (a `usage` that is not an object reads as none),
-/// and what it is (`object`, `id`: a Responses API object is pinned to its member).
-#[derive(Deserialize)]
-struct JsonBody {
-    #[serde(default, deserialize_with = "lenient")]
-    usage: Option<ReportedUsage>,
-    #[serde(default, deserialize_with = "lenient")]
-    object: Option<String>,
-    #[serde(default, deserialize_with = "lenient")]
-    id: Option<String>,
-    #[serde(default, deserialize_with = "lenient")]
-    model: Option<String>,
 }
 
 /// One streamed event: a chat chunk (its `usage` and its choices' content deltas), or a
