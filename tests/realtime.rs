@@ -116,3 +116,146 @@ async fn a_refused_handshake_fails_over_before_the_client_upgrade_completes() {
         other => panic!("expected a 429, got {:?}", other.map(|(_, r)| r.status())),
     }
 }
+
+/// Open a session as `key`; the upgrade's error status when it is refused.
+async fn open_as(gateway: &Replica, key: &str) -> Result<Client, u16> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let url = format!(
+        "{}/openai/realtime?api-version=2024-10-01-preview&deployment=gpt-4o",
+        gateway.url.replacen("http://", "ws://", 1)
+    );
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("api-key", key.parse().unwrap());
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((client, _)) => Ok(client),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            Err(response.status().as_u16())
+        }
+        Err(e) => panic!("the handshake failed: {e}"),
+    }
+}
+
+async fn send_event(client: &mut Client, event: Value) {
+    client
+        .send(Message::Text(event.to_string().into()))
+        .await
+        .unwrap();
+}
+
+/// The next event of type `kind`, skipping others.
+async fn event_of(client: &mut Client, kind: &str) -> Value {
+    loop {
+        let event = next_event(client).await;
+        if event["type"] == kind {
+            return event;
+        }
+    }
+}
+
+fn consumer(name: &str, extra: &str) -> String {
+    format!(
+        "[[consumers]]\nname = \"{name}\"\nkey_sha256 = \"{}\"\n{extra}",
+        spillway_gateway::consumers::key_sha256_hex(&format!("{name}-key"))
+    )
+}
+
+/// Budget, quota and `max_tokens` bind a Realtime session as they bind requests: each
+/// `response.create` is admitted before it is relayed (refused: an `error` event, and the
+/// session stays open), and the key's `max_tokens` is the session's output cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_stays_inside_its_consumers_limits() {
+    let sim = tiers_a_and_b().await;
+    let fleet = ObservedState::new(Arc::new(EmbeddedState::default()));
+    // The simulator answers 24 tokens unless capped; this key may ask for 5 per response,
+    // and make 2 requests a minute: the handshake and one response spend them.
+    let config = backend(&sim, "a", 1) + &consumer("voice", "max_tokens = 5\nrpm = 2\n");
+    let gw = start_gateway(&config, fleet.clone()).await;
+    let mut client = open_as(&gw, "voice-key").await.expect("the session opens");
+    assert_eq!(next_event(&mut client).await["type"], "session.created");
+    // The gateway set the session's cap to the key's max_tokens.
+    let updated = event_of(&mut client, "session.updated").await;
+    assert_eq!(updated["session"]["max_response_output_tokens"], 5);
+
+    // Asking for more than the key may: refused, never relayed.
+    for event in [
+        json!({ "type": "response.create", "event_id": "evt_1",
+            "response": { "max_output_tokens": 100 } }),
+        json!({ "type": "session.update", "session": { "max_response_output_tokens": "inf" } }),
+    ] {
+        send_event(&mut client, event).await;
+        let refused = event_of(&mut client, "error").await;
+        assert_eq!(refused["error"]["code"], "max_tokens_exceeded", "{refused}");
+    }
+    assert_eq!(sim.stats("a", "gpt-4o").succeeded, 0);
+
+    // A response is capped at 5 tokens, and charged to the member and to the key.
+    let done = one_response(&mut client, "Hello there").await;
+    assert_eq!(done["response"]["usage"]["output_tokens"], 5);
+    fleet.charged(2).await;
+
+    // The key's budget is spent: the next response is refused, the session stays open.
+    send_event(
+        &mut client,
+        json!({ "type": "response.create", "event_id": "evt_2" }),
+    )
+    .await;
+    let refused = event_of(&mut client, "error").await;
+    assert_eq!(refused["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(refused["error"]["event_id"], "evt_2");
+    send_event(
+        &mut client,
+        json!({ "type": "conversation.item.create", "item": { "type": "message", "role": "user",
+            "content": [{ "type": "input_text", "text": "Still here?" }] } }),
+    )
+    .await;
+    event_of(&mut client, "conversation.item.created").await;
+    assert_eq!(sim.stats("a", "gpt-4o").succeeded, 1, "one response served");
+}
+
+/// A session holds one of the replica's request slots until it ends, and a message over
+/// `server.max_ws_message_bytes` closes it (1009). Both settings are the point here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_count_as_requests_and_their_messages_are_bounded() {
+    let sim = tiers_a_and_b().await;
+    let config = "[server]\nmax_concurrent_requests = 2\nmax_ws_message_bytes = 65536\n".to_owned()
+        + &backend(&sim, "a", 1)
+        + &consumer("voice", "");
+    let gw = start_single(&config).await;
+    let mut first = open_as(&gw, "voice-key").await.expect("first session");
+    let _second = open_as(&gw, "voice-key").await.expect("second session");
+    assert_eq!(next_event(&mut first).await["type"], "session.created");
+    assert_eq!(
+        gw.gateway.slots.available(),
+        0,
+        "each open session holds a slot"
+    );
+    assert_eq!(open_as(&gw, "voice-key").await.err(), Some(503));
+
+    // A message over the limit closes the session with 1009 (message too big).
+    let big = json!({ "type": "input_audio_buffer.append", "audio": "A".repeat(100_000) });
+    first
+        .send(Message::Text(big.to_string().into()))
+        .await
+        .unwrap();
+    let closed = loop {
+        match tokio::time::timeout(EVENT_TIMEOUT, first.next())
+            .await
+            .expect("the gateway answers")
+        {
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => break None,
+        }
+    };
+    assert_eq!(closed, Some(1009));
+    // Its slot is free again once the session is over.
+    tokio::time::timeout(EVENT_TIMEOUT, gw.gateway.slots.freed())
+        .await
+        .expect("the closed session frees its slot");
+    let mut third = open_as(&gw, "voice-key")
+        .await
+        .expect("a slot is free again");
+    assert_eq!(next_event(&mut third).await["type"], "session.created");
+}

@@ -384,10 +384,12 @@ async fn realtime(
     Current(gateway): Current,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
+    slot: Option<axum::Extension<crate::load_shed::HeldSlot>>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    let slot = slot.map(|axum::Extension(slot)| slot);
     match upgrade {
-        Ok(upgrade) => proxy::realtime(gateway, upgrade, false, query, headers).await,
+        Ok(upgrade) => proxy::realtime(gateway, upgrade, false, query, headers, slot).await,
         Err(_) => GatewayError::UpgradeRequired.into_response(),
     }
 }
@@ -397,10 +399,12 @@ async fn realtime_v1(
     Current(gateway): Current,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
+    slot: Option<axum::Extension<crate::load_shed::HeldSlot>>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    let slot = slot.map(|axum::Extension(slot)| slot);
     match upgrade {
-        Ok(upgrade) => proxy::realtime(gateway, upgrade, true, query, headers).await,
+        Ok(upgrade) => proxy::realtime(gateway, upgrade, true, query, headers, slot).await,
         Err(_) => GatewayError::UpgradeRequired.into_response(),
     }
 }

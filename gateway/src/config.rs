@@ -83,8 +83,12 @@ pub struct ServerConfig {
     pub max_headers: usize,
     /// Largest request head in bytes (431 above it); at least 8192.
     pub max_header_bytes: usize,
-    /// Requests (streams included) one replica serves at once; past it, 503 at once.
+    /// Requests (streams and Realtime sessions included) one replica serves at once; past
+    /// it, 503 at once.
     pub max_concurrent_requests: usize,
+    /// Largest Realtime (WebSocket) message, either way, in bytes: a larger one closes the
+    /// session (1009).
+    pub max_ws_message_bytes: usize,
     /// This replica's region: its members win ties.
     pub region: Option<String>,
     /// After SIGTERM: /readyz answers 503 at once, and everything is still served this long,
@@ -124,6 +128,8 @@ impl Default for ServerConfig {
             max_headers: 100,
             max_header_bytes: 64 * 1024,
             max_concurrent_requests: 1_024,
+            // A second of 24 kHz 16-bit audio is 64 KiB as base64: room for long chunks.
+            max_ws_message_bytes: 4 * 1024 * 1024,
             region: None,
             shutdown_delay_ms: 5_000,
             drain_timeout_ms: 20_000,
@@ -940,6 +946,10 @@ impl ServerConfig {
             (
                 "server.max_concurrent_requests",
                 self.max_concurrent_requests as u64,
+            ),
+            (
+                "server.max_ws_message_bytes",
+                self.max_ws_message_bytes as u64,
             ),
         ] {
             if value == 0 {

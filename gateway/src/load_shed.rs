@@ -4,9 +4,11 @@
 //! tower's `ConcurrencyLimit` + `LoadShed` release their permit when the response head is
 //! ready, which would let streams (the long part of LLM traffic) pile up unbounded; here the
 //! permit travels inside the response body and is released when the body is done or dropped.
+//! A WebSocket session (whose upgrade answer has an empty body) takes the slot from the
+//! request ([`HeldSlot`]) and holds it until the session ends.
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use axum::body::{Body, Bytes, HttpBody};
@@ -38,24 +40,35 @@ impl RequestSlots {
 }
 
 /// `axum::middleware::from_fn_with_state` handler: take a slot or answer 503.
-pub async fn shed(State(slots): State<RequestSlots>, request: Request, next: Next) -> Response {
+pub async fn shed(State(slots): State<RequestSlots>, mut request: Request, next: Next) -> Response {
     let Ok(permit) = slots.0.clone().try_acquire_owned() else {
         crate::metrics::request_shed();
         return GatewayError::Overloaded.into_response();
     };
-    next.run(request).await.map(|body| {
-        Body::new(PermitBody {
-            body,
-            _permit: permit,
-        })
-    })
+    let slot = HeldSlot(Arc::new(Mutex::new(Some(permit))));
+    request.extensions_mut().insert(slot.clone());
+    next.run(request)
+        .await
+        .map(|body| Body::new(PermitBody { body, _slot: slot }))
+}
+
+/// A request's slot, in its extensions: whoever takes it holds the slot past the response
+/// (a WebSocket session); otherwise the response body frees it when done.
+#[derive(Clone, Debug)]
+pub struct HeldSlot(Arc<Mutex<Option<OwnedSemaphorePermit>>>);
+
+impl HeldSlot {
+    /// The slot itself, to be held as long as the work it stands for.
+    pub fn take(&self) -> Option<OwnedSemaphorePermit> {
+        self.0.lock().expect("slot lock").take()
+    }
 }
 
 /// A response body that holds its request's slot until it is finished or dropped.
 struct PermitBody {
     body: Body,
-    /// Held for its `Drop`, which frees the slot.
-    _permit: OwnedSemaphorePermit,
+    /// Held for its `Drop`, which frees the slot (unless it was taken).
+    _slot: HeldSlot,
 }
 
 impl HttpBody for PermitBody {

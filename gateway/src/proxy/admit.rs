@@ -10,7 +10,9 @@ use spillway_shared::{BackendId, QuotaCounter, ResponseOwner};
 
 use super::outgoing_body::OutgoingBody;
 use super::request_body::{self, BodyPermit};
-use super::upstream_path::{OperationPath, PathRejection, QueryPairs, UpstreamApi, check_segment};
+use super::upstream_path::{
+    OperationPath, PathRejection, QueryPairs, QueryRule, UpstreamApi, check_segment,
+};
 use super::{Attempts, cache_affinity, consumer_budget, consumer_quota};
 use crate::app::Gateway;
 use crate::consumers::Consumer;
@@ -122,6 +124,7 @@ pub async fn admit(
     // Path confinement: the operation is validated here, once, and only its segments are
     // ever used to build an upstream URL.
     let operation = OperationPath::parse(&inbound.operation).map_err(GatewayError::InvalidPath)?;
+    let query_rule = QueryRule::of(&inbound.method, &operation);
     if inbound.stored {
         return admit_stored(gateway, inbound, operation, consumer, attempts).await;
     }
@@ -247,7 +250,7 @@ pub async fn admit(
         remember_response,
         cache_key,
         consumer_spend: Default::default(),
-        query: QueryPairs::parse(inbound.query.as_deref()),
+        query: QueryPairs::parse(inbound.query.as_deref()).allowed(query_rule),
         headers: gateway.headers.upstream_request(&inbound.headers),
         body,
         _body_permit: body_permit,
@@ -274,6 +277,7 @@ async fn admit_stored(
     attempts: &mut Attempts,
 ) -> Result<ProxyRequest, GatewayError> {
     let received = tokio::time::Instant::now();
+    let query_rule = QueryRule::of(&inbound.method, &operation);
     let id = operation
         .segments()
         .get(1)
@@ -316,7 +320,7 @@ async fn admit_stored(
         remember_response: false,
         cache_key: None,
         consumer_spend: Default::default(),
-        query: QueryPairs::parse(inbound.query.as_deref()),
+        query: QueryPairs::parse(inbound.query.as_deref()).allowed(query_rule),
         headers: gateway.headers.upstream_request(&inbound.headers),
         estimate: TokenEstimate {
             prompt: body.len() as u64 / 4,

@@ -105,28 +105,33 @@ pub async fn check_spent(
     consumer: Option<&Consumer>,
     body_bytes: usize,
 ) -> Result<(), GatewayError> {
-    let Some(budget) = consumer
-        .filter(|_| body_bytes >= CHECK_BEFORE_COUNTING_BYTES)
-        .and_then(Budget::of)
-    else {
-        return Ok(());
+    match consumer.filter(|_| body_bytes >= CHECK_BEFORE_COUNTING_BYTES) {
+        Some(consumer) if spent(gateway, consumer).await => Err(GatewayError::ConsumerThrottled {
+            retry_after: Duration::from_secs(1),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The consumer's budget for this window is used up (tokens or requests). Unknown (the
+/// fleet state unreachable) reads as not spent: the reservation decides then.
+pub async fn spent(gateway: &Gateway, consumer: &Consumer) -> bool {
+    let Some(budget) = Budget::of(consumer) else {
+        return false;
     };
-    let snapshot = gateway
+    let Ok(snapshot) = gateway
         .fleet
         .snapshot(&budget.pool, std::slice::from_ref(&budget.candidate))
-        .await?;
-    let Some(state) = snapshot.members.first() else {
-        return Ok(());
+        .await
+    else {
+        return false;
     };
-    let spent = |limit: Option<u64>, used: u64| limit.is_some_and(|limit| used >= limit);
-    if spent(budget.candidate.tokens_per_window, state.tokens_used)
-        || spent(budget.candidate.requests_per_window, state.requests_used)
-    {
-        return Err(GatewayError::ConsumerThrottled {
-            retry_after: Duration::from_secs(1),
-        });
-    }
-    Ok(())
+    let Some(state) = snapshot.members.first() else {
+        return false;
+    };
+    let over = |limit: Option<u64>, used: u64| limit.is_some_and(|limit| used >= limit);
+    over(budget.candidate.tokens_per_window, state.tokens_used)
+        || over(budget.candidate.requests_per_window, state.requests_used)
 }
 
 /// Where usage that no reservation covers (a Realtime session's responses) is charged for

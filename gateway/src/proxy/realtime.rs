@@ -1,8 +1,16 @@
 //! The Realtime API: a WebSocket session, bound at its handshake to one member chosen by the
 //! same policy as any request (tiers, backoff, breaker, budgets, residency). The upstream
 //! handshake is made first, so a refused one (429, 5xx, unreachable) fails over to the next
-//! member before the client's upgrade completes. Then frames are relayed both ways unchanged,
-//! and each `response.done` event's usage is charged to the member's budget.
+//! member before the client's upgrade completes. Then frames are relayed both ways, and each
+//! `response.done` event's usage is charged to the member's budget.
+//!
+//! A session stays inside its consumer's limits: it holds one of the replica's request slots
+//! until it ends; messages are at most `server.max_ws_message_bytes`; each `response.create`
+//! is admitted against the consumer's budget and quota before it is relayed, and a consumer's
+//! `max_tokens` is the session's `max_response_output_tokens` (set by the gateway when the
+//! session opens; a larger value asked later is refused). A refused event is answered with
+//! an `error` event in the Realtime shape and the session stays open ([`refusal_event`]
+//! lists the codes).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -17,7 +25,9 @@ use spillway_shared::{
     Admission, BackendId, BackoffReason, Candidate, FleetState, PoolName, QuotaCounter, Receipt,
 };
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tracing::warn;
@@ -31,7 +41,10 @@ use super::settlement::OpenReservation;
 use super::upstream_path::{QueryPairs, check_segment, realtime_url};
 use super::{consumer_budget, consumer_quota};
 use crate::app::Gateway;
+use crate::consumers::Consumer;
 use crate::error::GatewayError;
+use crate::load_shed::HeldSlot;
+use crate::request_fields::{Lenient, Object, Text};
 use crate::table::Member;
 
 type Upstream = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -46,6 +59,8 @@ struct Session {
     consumer_budget: Option<(PoolName, BackendId)>,
     /// The consumer's quota counter (of the period the session began in).
     consumer_quota: Option<QuotaCounter>,
+    /// Who opened it (its limits apply to every response).
+    consumer: Option<Consumer>,
 }
 
 /// `GET /openai/realtime?deployment=<pool>` (`v1`: `/openai/v1/realtime?model=<pool>`).
@@ -55,13 +70,20 @@ pub async fn handle(
     v1: bool,
     query: Option<String>,
     headers: HeaderMap,
+    slot: Option<HeldSlot>,
 ) -> Response {
     let session = match connect(&gateway, v1, query.as_deref(), &headers).await {
         Ok(session) => session,
         Err(refusal) => return refusal,
     };
     let backend = HeaderValue::from_str(session.backend.as_str()).ok();
-    let mut response = upgrade.on_upgrade(move |client| relay(client, session));
+    // The session holds its request slot until it ends (it counts in max_concurrent_requests).
+    let slot = slot.and_then(|s| s.take());
+    let limit = gateway.config.server.max_ws_message_bytes;
+    let mut response = upgrade
+        .max_message_size(limit)
+        .max_frame_size(limit)
+        .on_upgrade(move |client| relay(client, session, gateway, slot));
     if let Some(backend) = backend {
         response.headers_mut().insert("x-spillway-backend", backend);
     }
@@ -170,36 +192,44 @@ async fn connect(
         );
         let url = realtime_url(&member.backend.base_url, v1, &member.deployment, &query);
         let timeout = Duration::from_millis(routing.stream_first_byte_timeout_ms);
-        let backoff = match handshake(member, url.as_str(), &client_headers, timeout).await {
-            Ok((upstream, response_headers)) => {
-                let hints = upstream_hints(&response_headers, tokio::time::Instant::now());
-                let receipt = Receipt {
-                    hints,
-                    ..open.receipt(0)
-                };
-                drop(open.settle(receipt));
-                return Ok(Session {
-                    upstream,
-                    fleet: gateway.fleet.clone(),
-                    pool: pool.name.clone(),
-                    backend,
-                    consumer_budget,
-                    consumer_quota,
-                });
-            }
-            Err(Refused::Http(status, response_headers, body)) => {
-                match classify_response(status, &response_headers, SystemTime::now(), policy) {
-                    // The client's own error (400, 404): theirs to read, unchanged.
-                    Verdict::Deliver => {
-                        let receipt = open.receipt(0);
-                        drop(open.settle(receipt));
-                        return Err((status, response_headers, body).into_response());
-                    }
-                    Verdict::Retry(backoff) => backoff,
+        let max_message = gateway.config.server.max_ws_message_bytes;
+        let backoff =
+            match handshake(member, url.as_str(), &client_headers, timeout, max_message).await {
+                Ok((upstream, response_headers)) => {
+                    let hints = upstream_hints(&response_headers, tokio::time::Instant::now());
+                    let receipt = Receipt {
+                        hints,
+                        ..open.receipt(0)
+                    };
+                    drop(open.settle(receipt));
+                    return Ok(Session {
+                        upstream,
+                        fleet: gateway.fleet.clone(),
+                        pool: pool.name.clone(),
+                        backend,
+                        consumer_budget,
+                        consumer_quota,
+                        consumer: consumer.cloned(),
+                    });
                 }
-            }
-            Err(Refused::Transport(kind)) => classify_transport_failure(kind, policy),
-        };
+                Err(Refused::Http(status, response_headers, body)) => {
+                    match classify_response(status, &response_headers, SystemTime::now(), policy) {
+                        // The client's own error (400, 404): theirs to read, its headers filtered
+                        // like any answer's (no cookies, nothing naming the backend).
+                        Verdict::Deliver => {
+                            let receipt = open.receipt(0);
+                            drop(open.settle(receipt));
+                            let headers = crate::headers::client_response_headers(
+                                &response_headers,
+                                member.backend.base_url.host_str(),
+                            );
+                            return Err((status, headers, body).into_response());
+                        }
+                        Verdict::Retry(backoff) => backoff,
+                    }
+                }
+                Err(Refused::Transport(kind)) => classify_transport_failure(kind, policy),
+            };
         warn!(backend = %backend, reason = %backoff.reason, "realtime handshake refused; trying the next member");
         crate::metrics::upstream_failure(
             pool.name.as_str(),
@@ -245,6 +275,7 @@ async fn handshake(
     url: &str,
     client_headers: &HeaderMap,
     timeout: Duration,
+    max_message: usize,
 ) -> Result<(Upstream, HeaderMap), Refused> {
     let credential = member
         .backend
@@ -261,7 +292,11 @@ async fn handshake(
     if let Some((name, value)) = credential {
         request.headers_mut().insert(name, value);
     }
-    match tokio::time::timeout(timeout, tokio_tungstenite::connect_async(request)).await {
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message));
+    let connecting = tokio_tungstenite::connect_async_with_config(request, Some(config), false);
+    match tokio::time::timeout(timeout, connecting).await {
         Ok(Ok((upstream, response))) => Ok((upstream, response.headers().clone())),
         Ok(Err(tungstenite::Error::Http(response))) => {
             let (parts, body) = response.into_parts();
@@ -276,8 +311,14 @@ async fn handshake(
     }
 }
 
-/// Relay frames both ways until either side closes; charge each completed response.
-async fn relay(client: WebSocket, session: Session) {
+/// Relay frames both ways until either side closes; charge each completed response. Client
+/// events pass the consumer's limits first (see [`admit_event`]).
+async fn relay(
+    client: WebSocket,
+    session: Session,
+    gateway: Arc<Gateway>,
+    _slot: Option<OwnedSemaphorePermit>,
+) {
     let Session {
         upstream,
         fleet,
@@ -285,11 +326,72 @@ async fn relay(client: WebSocket, session: Session) {
         backend,
         consumer_budget,
         consumer_quota,
+        consumer,
     } = session;
     let (mut to_upstream, mut from_upstream) = upstream.split();
     let (mut to_client, mut from_client) = client.split();
+    // The consumer's output cap is the session's from the start.
+    let cap = consumer.as_ref().and_then(|c| c.max_tokens);
+    if let Some(cap) = cap {
+        let update = serde_json::json!({ "type": "session.update",
+            "event_id": "evt_spillway_max_tokens",
+            "session": { "max_response_output_tokens": cap } });
+        if to_upstream
+            .send(Message::Text(update.to_string().into()))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+    // Everything for the client goes through one writer: the upstream's events and the
+    // gateway's own refusals. The upstream side holds the only strong sender, so the writer
+    // ends (and closes the client) when the upstream does.
+    let (to_writer, mut for_client) = mpsc::channel::<ws::Message>(64);
+    let refusals = to_writer.downgrade();
+    let (written, mut writer_done) = tokio::sync::watch::channel(false);
+    let write_client = async {
+        while let Some(message) = for_client.recv().await {
+            let closing = matches!(message, ws::Message::Close(_));
+            if to_client.send(message).await.is_err() || closing {
+                break;
+            }
+        }
+        let _ = to_client.close().await;
+        written.send_replace(true);
+    };
     let client_to_upstream = async {
-        while let Some(Ok(message)) = from_client.next().await {
+        loop {
+            let message = match from_client.next().await {
+                Some(Ok(message)) => message,
+                // Past `server.max_ws_message_bytes`: closed with 1009, said to the client.
+                Some(Err(e)) if too_big(&e) => {
+                    let close = ws::Message::Close(Some(ws::CloseFrame {
+                        code: 1009,
+                        reason: "message larger than server.max_ws_message_bytes".into(),
+                    }));
+                    if let Some(writer) = refusals.upgrade()
+                        && writer.send(close).await.is_ok()
+                    {
+                        drop(writer);
+                        let flushed = writer_done.wait_for(|done| *done);
+                        let _ = tokio::time::timeout(Duration::from_secs(1), flushed).await;
+                    }
+                    break;
+                }
+                Some(Err(_)) | None => break,
+            };
+            if let ws::Message::Text(text) = &message
+                && let Err(refusal) = admit_event(&gateway, consumer.as_ref(), text.as_str()).await
+            {
+                let Some(writer) = refusals.upgrade() else {
+                    break;
+                };
+                if writer.send(refusal).await.is_err() {
+                    break;
+                }
+                continue;
+            }
             let closing = matches!(message, ws::Message::Close(_));
             if to_upstream.send(upstream_message(message)).await.is_err() || closing {
                 break;
@@ -297,7 +399,7 @@ async fn relay(client: WebSocket, session: Session) {
         }
         let _ = to_upstream.close().await;
     };
-    let upstream_to_client = async {
+    let upstream_to_client = async move {
         while let Some(Ok(message)) = from_upstream.next().await {
             if let Message::Text(text) = &message
                 && let Some(tokens) = response_done_tokens(text.as_str())
@@ -325,16 +427,138 @@ async fn relay(client: WebSocket, session: Session) {
                 continue;
             };
             let closing = matches!(message, ws::Message::Close(_));
-            if to_client.send(message).await.is_err() || closing {
+            if to_writer.send(message).await.is_err() || closing {
                 break;
             }
         }
-        let _ = to_client.close().await;
     };
     tokio::select! {
         () = client_to_upstream => {}
-        () = upstream_to_client => {}
+        ((), ()) = async { tokio::join!(upstream_to_client, write_client) } => {}
     }
+}
+
+/// A client message over the size limit (the WebSocket's capacity error).
+fn too_big(error: &axum::Error) -> bool {
+    std::error::Error::source(error)
+        .and_then(|e| e.downcast_ref::<tungstenite::Error>())
+        .is_some_and(|e| matches!(e, tungstenite::Error::Capacity(_)))
+}
+
+/// What the gateway reads of a client event.
+#[derive(Deserialize)]
+struct ClientEvent<'a> {
+    #[serde(default, borrow, rename = "type")]
+    kind: Lenient<Text<'a>>,
+    #[serde(default, borrow)]
+    event_id: Lenient<Text<'a>>,
+    #[serde(default)]
+    session: Object<OutputCaps>,
+    #[serde(default)]
+    response: Object<OutputCaps>,
+}
+
+/// The output caps a `session.update` or `response.create` may set (`inf` or a count).
+#[derive(Default, Deserialize)]
+struct OutputCaps {
+    #[serde(default)]
+    max_response_output_tokens: Option<serde_json::Value>,
+    #[serde(default)]
+    max_output_tokens: Option<serde_json::Value>,
+}
+
+/// A client event passes when it is within the consumer's limits: a `session.update` or
+/// `response.create` asks for no more output than its `max_tokens`, and a `response.create`
+/// is admitted against its budget and quota (the response is charged when it is done).
+/// Events the gateway cannot read pass unchanged (the upstream answers them).
+async fn admit_event(
+    gateway: &Gateway,
+    consumer: Option<&Consumer>,
+    text: &str,
+) -> Result<(), ws::Message> {
+    let Some(consumer) = consumer else {
+        return Ok(());
+    };
+    if !text.contains("session.update") && !text.contains("response.create") {
+        return Ok(());
+    }
+    let Ok(event) = serde_json::from_str::<ClientEvent>(text) else {
+        return Ok(());
+    };
+    let kind = event.kind.get().map(Text::as_str);
+    let client_event = event.event_id.get().map(|t| t.as_str().to_owned());
+    let refuse = |code: &str, message: String, param: Option<&str>| {
+        refusal_event(code, &message, param, client_event.as_deref())
+    };
+    if !matches!(kind, Some("session.update" | "response.create")) {
+        return Ok(());
+    }
+    if let Some(cap) = consumer.max_tokens {
+        let (object, caps) = match kind {
+            Some("session.update") => ("session", event.session.get()),
+            _ => ("response", event.response.get()),
+        };
+        for (field, asked) in caps.into_iter().flat_map(|c| {
+            [
+                ("max_response_output_tokens", &c.max_response_output_tokens),
+                ("max_output_tokens", &c.max_output_tokens),
+            ]
+        }) {
+            let Some(asked) = asked else { continue };
+            if asked.as_u64().is_none_or(|n| n > cap) {
+                return Err(refuse(
+                    "max_tokens_exceeded",
+                    format!("{object}.{field} may be at most {cap} for this key."),
+                    Some(&format!("{object}.{field}")),
+                ));
+            }
+        }
+    }
+    if kind != Some("response.create") {
+        return Ok(());
+    }
+    // Unreachable fleet state is no refusal: the response is served (and charged when
+    // done), as an HTTP request would be on the replica's own share.
+    if let Err(GatewayError::QuotaExceeded { .. }) =
+        consumer_quota::check(gateway, Some(consumer)).await
+    {
+        return Err(refuse(
+            "quota_exceeded",
+            "This key's token quota for the period is used up; the session stays open.".into(),
+            None,
+        ));
+    }
+    if consumer_budget::spent(gateway, consumer).await {
+        return Err(refuse(
+            "rate_limit_exceeded",
+            "This key's rate limit is reached; the session stays open. Please retry the response later."
+                .into(),
+            None,
+        ));
+    }
+    Ok(())
+}
+
+/// A refused client event, answered in the Realtime API's error shape:
+/// `{"type":"error","error":{"type":"invalid_request_error","code":…,"message":…,"param":…,
+/// "event_id":<the client's event>}}`. Codes: `max_tokens_exceeded` (a cap above the key's
+/// `max_tokens`), `rate_limit_exceeded` (its budget is spent for now), `quota_exceeded` (its
+/// token quota is spent for the period).
+fn refusal_event(
+    code: &str,
+    message: &str,
+    param: Option<&str>,
+    client_event: Option<&str>,
+) -> ws::Message {
+    let kind = if code == "max_tokens_exceeded" {
+        "invalid_request_error"
+    } else {
+        "rate_limit_error"
+    };
+    let event = serde_json::json!({ "type": "error", "event_id": "evt_spillway_refusal",
+        "error": { "type": kind, "code": code, "message": message, "param": param,
+            "event_id": client_event } });
+    ws::Message::Text(event.to_string().into())
 }
 
 /// The usage of a `response.done` event (its total tokens), read without building the event.

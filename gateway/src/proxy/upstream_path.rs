@@ -139,7 +139,65 @@ impl QueryPairs {
     }
 }
 
+/// Which query parameters an upstream operation takes. Nothing else a client writes in its
+/// query string reaches the backend: not `api-key`, not `deployment`, not parameters the
+/// operation does not define.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueryRule {
+    /// Data-plane operations: `api-version` only.
+    Operation,
+    /// `GET responses/{id}`: and how to retrieve it.
+    RetrieveResponse,
+    /// `GET responses/{id}/input_items`: and the list's paging.
+    ListInputItems,
+}
+
+impl QueryRule {
+    /// The rule for a validated operation path and method.
+    pub fn of(method: &axum::http::Method, operation: &OperationPath) -> Self {
+        let segments = operation.segments();
+        let get = method == axum::http::Method::GET;
+        match segments {
+            [first, _] if first == "responses" && get => Self::RetrieveResponse,
+            [first, _, last] if first == "responses" && last == "input_items" && get => {
+                Self::ListInputItems
+            }
+            _ => Self::Operation,
+        }
+    }
+
+    fn allows(self, name: &str) -> bool {
+        const RETRIEVE: &[&str] = &[
+            "include",
+            "include[]",
+            "stream",
+            "starting_after",
+            "include_obfuscation",
+        ];
+        const LIST: &[&str] = &["include", "include[]", "after", "before", "limit", "order"];
+        name == "api-version"
+            || match self {
+                Self::Operation => false,
+                Self::RetrieveResponse => RETRIEVE.contains(&name),
+                Self::ListInputItems => LIST.contains(&name),
+            }
+    }
+}
+
 impl QueryPairs {
+    /// Only the pairs `rule` allows; a name given twice is kept once (the first), so the
+    /// gateway and the backend cannot read different values. (`include[]` may repeat.)
+    pub fn allowed(&self, rule: QueryRule) -> Self {
+        let mut kept: Vec<(String, String)> = Vec::new();
+        for (name, value) in &self.0 {
+            let repeatable = name == "include[]";
+            if rule.allows(name) && (repeatable || !kept.iter().any(|(k, _)| k == name)) {
+                kept.push((name.clone(), value.clone()));
+            }
+        }
+        Self(kept)
+    }
+
     /// The value of the first pair named `name`.
     pub fn get(&self, name: &str) -> Option<&str> {
         self.0
@@ -150,8 +208,9 @@ impl QueryPairs {
 }
 
 /// A Realtime session's upstream URL: the backend's host with a WebSocket scheme,
-/// `/openai/realtime?...&deployment=<deployment>` (or `/openai/v1/realtime?...&model=`), the
-/// client's other query pairs kept, its pool name and any key in the query dropped.
+/// `/openai/realtime?api-version=...&deployment=<deployment>` (or `/openai/v1/realtime?model=`):
+/// of the client's query only `api-version` (its first) is kept; the deployment is the
+/// gateway's alone, whatever the client wrote in any letter case.
 pub fn realtime_url(base: &Url, v1: bool, deployment: &str, query: &QueryPairs) -> Url {
     let mut url = base.clone();
     let scheme = if base.scheme() == "https" {
@@ -176,10 +235,8 @@ pub fn realtime_url(base: &Url, v1: bool, deployment: &str, query: &QueryPairs) 
     }
     let named = if v1 { "model" } else { "deployment" };
     let mut pairs = url.query_pairs_mut();
-    for (k, v) in &query.0 {
-        if !matches!(k.as_str(), "deployment" | "model" | "api-key") {
-            pairs.append_pair(k, v);
-        }
+    for (k, v) in &query.allowed(QueryRule::Operation).0 {
+        pairs.append_pair(k, v);
     }
     pairs.append_pair(named, deployment);
     drop(pairs);
@@ -316,7 +373,92 @@ mod tests {
         assert_eq!(url.path(), "/openai/deployments/a%2F..%2Fb/embeddings");
     }
 
+    #[test]
+    fn only_the_operations_parameters_are_kept_once_each() {
+        let query = QueryPairs::parse(Some(
+            "api-version=2024-10-21&foo=bar&deployment=emb-ptu&api-key=x&api-version=1999-01-01&limit=5&include[]=a&include[]=b",
+        ));
+        let op = |path: &str| OperationPath::parse(path).unwrap();
+        let get = axum::http::Method::GET;
+        let plain = query.allowed(QueryRule::of(
+            &axum::http::Method::POST,
+            &op("chat/completions"),
+        ));
+        assert_eq!(plain.0, [("api-version".into(), "2024-10-21".into())]);
+        let list = query.allowed(QueryRule::of(&get, &op("responses/resp_1/input_items")));
+        assert_eq!(
+            list.0.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+            ["api-version", "limit", "include[]", "include[]"]
+        );
+        // DELETE and cancel take no more than any operation.
+        let delete = QueryRule::of(&axum::http::Method::DELETE, &op("responses/resp_1"));
+        assert_eq!(delete, QueryRule::Operation);
+        let realtime = realtime_url(
+            &base(),
+            false,
+            "gpt-4o-east",
+            &QueryPairs::parse(Some(
+                "api-version=2025-04-01-preview&Deployment=emb-ptu&DEPLOYMENT=x&deployment=y&intent=z",
+            )),
+        );
+        assert_eq!(
+            realtime.query(),
+            Some("api-version=2025-04-01-preview&deployment=gpt-4o-east")
+        );
+    }
+
     proptest! {
+        /// Whatever query a client writes, the upstream URL has the member's host and path,
+        /// only parameters the operation takes, no credential, and (Realtime) exactly the
+        /// gateway's deployment.
+        #[test]
+        fn no_client_query_changes_the_deployment_host_path_or_credential(
+            pairs in proptest::collection::vec(
+                (
+                    "(api-version|API-VERSION|api-key|Api-Key|deployment|Deployment|model|MODEL|limit|include\\[\\]|@|%40|host|[a-z%&=#?/.]{1,8})",
+                    "[a-zA-Z0-9%&=#?/:@. -]{0,12}",
+                ),
+                0..8,
+            ),
+            raw_suffix in "[a-z0-9%&=#?/:@.+-]{0,16}",
+            get in any::<bool>(),
+        ) {
+            let mut raw: String = pairs
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join("&");
+            raw.push_str(&raw_suffix);
+            let query = QueryPairs::parse(Some(&raw));
+            let method = if get { axum::http::Method::GET } else { axum::http::Method::POST };
+            for path in ["chat/completions", "responses/resp_1", "responses/resp_1/input_items"] {
+                let op = OperationPath::parse(path).unwrap();
+                let allowed = query.allowed(QueryRule::of(&method, &op));
+                let url = upstream_url(&base(), UpstreamApi::Deployment("gpt-4o-east"), &op, &allowed);
+                prop_assert_eq!(url.host_str(), Some("127.0.0.1"));
+                prop_assert_eq!(url.port(), Some(9));
+                prop_assert_eq!(url.path(), format!("/openai/deployments/gpt-4o-east/{path}"));
+                prop_assert!(url.fragment().is_none());
+                for (name, _) in url.query_pairs() {
+                    prop_assert!(
+                        ["api-version", "include", "include[]", "stream", "starting_after",
+                         "include_obfuscation", "after", "before", "limit", "order"]
+                            .contains(&name.as_ref()),
+                        "{name} reached the backend from {raw:?}"
+                    );
+                }
+            }
+            let realtime = realtime_url(&base(), false, "gpt-4o-east", &query);
+            prop_assert_eq!(realtime.host_str(), Some("127.0.0.1"));
+            prop_assert_eq!(realtime.path(), "/openai/realtime");
+            let deployments: Vec<String> = realtime
+                .query_pairs()
+                .filter(|(k, _)| !k.eq_ignore_ascii_case("api-version"))
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
+            prop_assert_eq!(deployments, ["deployment=gpt-4o-east".to_owned()]);
+        }
+
         /// Whatever a client writes, an accepted path stays under the member's deployment (or
         /// under `/openai/v1/`), with exactly the segments that were validated.
         #[test]

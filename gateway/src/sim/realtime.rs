@@ -58,6 +58,8 @@ async fn serve(mut socket: WebSocket, deployment: Arc<Deployment>, session: u64)
     // The conversation's text so far: every response reads all of it.
     let mut conversation_tokens = 0u64;
     let mut responses = 0u64;
+    // The session's output cap (`session.update`'s `max_response_output_tokens`, "inf": none).
+    let mut session_cap: Option<u64> = None;
     while let Some(Ok(message)) = socket.recv().await {
         let Message::Text(text) = message else {
             continue;
@@ -78,10 +80,28 @@ async fn serve(mut socket: WebSocket, deployment: Arc<Deployment>, session: u64)
                     return;
                 }
             }
+            Some("session.update") => {
+                if let Some(cap) = event["session"].get("max_response_output_tokens") {
+                    session_cap = cap.as_u64();
+                }
+                let updated = json!({ "type": "session.updated",
+                    "session": { "id": format!("sess_sim{session:08}"),
+                        "max_response_output_tokens": session_cap.map_or(json!("inf"), |c| json!(c)) } });
+                if send(&mut socket, &updated).await.is_err() {
+                    return;
+                }
+            }
             Some("response.create") => {
                 responses += 1;
                 let id = format!("resp_rt{session}_{responses}");
-                let Ok(output) = respond(&mut socket, &deployment, &id, conversation_tokens).await
+                // A response's own cap, else the session's.
+                let asked = &event["response"];
+                let cap = asked
+                    .get("max_output_tokens")
+                    .or_else(|| asked.get("max_response_output_tokens"))
+                    .map_or(session_cap, Value::as_u64);
+                let Ok(output) =
+                    respond(&mut socket, &deployment, &id, conversation_tokens, cap).await
                 else {
                     return;
                 };
@@ -99,8 +119,9 @@ async fn respond(
     deployment: &Deployment,
     id: &str,
     input: u64,
+    cap: Option<u64>,
 ) -> Result<u64, axum::Error> {
-    let n = u64::from(deployment.spec.output_tokens);
+    let n = u64::from(deployment.spec.output_tokens).min(cap.unwrap_or(u64::MAX));
     let pieces = text::reply_pieces(n as u32);
     send(
         socket,
@@ -113,8 +134,13 @@ async fn respond(
         send(socket, &delta).await?;
     }
     record_served(deployment, input, n);
+    let status = if cap.is_some_and(|c| c < u64::from(deployment.spec.output_tokens)) {
+        "incomplete"
+    } else {
+        "completed"
+    };
     let done = json!({ "type": "response.done", "response": { "id": id, "object": "realtime.response",
-        "status": "completed",
+        "status": status,
         "output": [{ "type": "message", "role": "assistant",
             "content": [{ "type": "output_text", "text": pieces.concat() }] }],
         "usage": { "total_tokens": input + n, "input_tokens": input, "output_tokens": n,
