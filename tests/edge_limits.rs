@@ -317,4 +317,74 @@ async fn the_admin_listener_wants_its_bearer_token() {
     assert_eq!(ok.status, 200);
     assert!(String::from_utf8_lossy(&ok.body).contains("spillway_fleet_state_degraded"));
     assert_eq!(admin_get(&url, "/healthz", None).await.status, 200);
+
+    // A request naming a host that is not the listener's (a page's own name, rebound to
+    // this address) is refused whatever it carries; IP addresses and localhost are fine.
+    let port = wire::authority(&url).rsplit(':').next().unwrap().to_owned();
+    for (host, status) in [
+        (format!("evil.example:{port}"), 403),
+        ("evil.example".to_owned(), 403),
+        (format!("localhost:{port}"), 200),
+        (format!("127.0.0.1:{port}"), 200),
+        (format!("[::1]:{port}"), 200),
+    ] {
+        let request = format!(
+            "GET /metrics HTTP/1.1\r\nhost: {host}\r\nauthorization: Bearer {ADMIN_TOKEN}\r\nconnection: close\r\n\r\n"
+        );
+        let answer = wire::http1(&url, request.as_bytes()).await;
+        assert_eq!(answer.status, status, "host {host}");
+        if status == 403 {
+            assert_eq!(answer.error_code(), "host_not_allowed");
+        }
+    }
+}
+
+/// A listener serves at most `server.max_connections` connections at once (another waits to
+/// be accepted until one closes), and closes a connection that has had no request in flight
+/// for `server.idle_timeout_ms`, over HTTP/1.1 and HTTP/2 alike. Both settings are the point.
+#[tokio::test]
+async fn connections_are_capped_and_idle_ones_are_closed() {
+    let (_sim, gw) = gateway("[server]\nmax_connections = 2\nidle_timeout_ms = 400\n").await;
+    let request = wire::post_head(CHAT, BODY.len(), "") + BODY;
+    // Two keep-alive connections, each answered once and then idle.
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut stream = connect(&gw).await;
+        stream.write_all(request.as_bytes()).await.unwrap();
+        assert_eq!(wire::read_response(&mut stream).await.status, 200);
+        open.push(stream);
+    }
+    // A third is only served once one of them is gone (closed for idleness).
+    let mut third = connect(&gw).await;
+    third.write_all(request.as_bytes()).await.unwrap();
+    assert_eq!(wire::read_response(&mut third).await.status, 200);
+    let mut closed = false;
+    for stream in &mut open {
+        closed |= wire::closed_by_peer(stream, Duration::from_millis(50)).await;
+    }
+    assert!(closed, "the third was served before a slot was freed");
+
+    // HTTP/2: a connection with an answered request and nothing since is closed too.
+    let stream = TcpStream::connect(wire::authority(&gw.url)).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let connection = tokio::spawn(connection);
+    let post = hyper::Request::post(format!("http://{}{CHAT}", wire::authority(&gw.url)))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            BODY.as_bytes(),
+        )))
+        .unwrap();
+    let answer = sender.send_request(post).await.unwrap();
+    assert_eq!(answer.status(), 200);
+    drop(answer);
+    tokio::time::timeout(EVENT_TIMEOUT, connection)
+        .await
+        .expect("the idle HTTP/2 connection is closed by the gateway")
+        .unwrap()
+        .expect("closed gracefully (GOAWAY)");
 }

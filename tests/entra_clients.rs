@@ -253,3 +253,63 @@ async fn keys_can_come_from_a_file_and_a_bad_file_stops_the_start() {
         "{err}"
     );
 }
+
+/// Junk tokens while the key set cannot be had (the JWKS endpoint accepts connections and
+/// never answers): one fetch is tried, not one per token, and however many such requests wait
+/// for it, none holds a request slot, so keyed clients are still served. The slot count is
+/// the point here (2), the rest is the defaults.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_tokens_while_the_jwks_endpoint_hangs_cost_one_fetch_and_no_slot() {
+    let pki = Pki::new("jwt-hang");
+    let stranger = pki.signing_key("stranger");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let keys_url = format!("http://{}/keys", listener.local_addr().unwrap());
+    let (connected, mut connections) = tokio::sync::watch::channel(0u32);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket); // read nothing, answer nothing
+            connected.send_replace(held.len() as u32);
+        }
+    });
+    let sim = tiers_a_and_b().await;
+    let config = "[server]\nmax_concurrent_requests = 2\n".to_owned()
+        + &backend(&sim, "a", 1)
+        + &format!(
+            "[auth.jwt]\nissuer = \"{ISSUER}\"\naudiences = [\"{AUDIENCE}\"]\njwks_url = \"{keys_url}\"\n\
+             [[consumers]]\nname = \"chat-app\"\nclient_id = \"{APP}\"\n\
+             [[consumers]]\nname = \"keyed\"\nkey_sha256 = \"{}\"\n",
+            spillway_gateway::consumers::key_sha256_hex("plain-key")
+        );
+    let gw = start_single(&config).await;
+    let url = format!(
+        "{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+        gw.url
+    );
+    let junk: Vec<_> = (0..8)
+        .map(|i| {
+            let request = client()
+                .post(&url)
+                .bearer_auth(sign(&format!("made-up-{i}"), &stranger, &claims()))
+                .json(&chat_body(false))
+                .send();
+            tokio::spawn(request)
+        })
+        .collect();
+    tokio::time::timeout(EVENT_TIMEOUT, connections.wait_for(|&n| n >= 1))
+        .await
+        .expect("the key set is asked for")
+        .unwrap();
+    assert_eq!(
+        gw.gateway.slots.available(),
+        2,
+        "waiting junk holds no slot"
+    );
+    for _ in 0..3 {
+        assert_eq!(chat_as(&gw, "plain-key").await.unwrap().status(), 200);
+    }
+    for request in junk {
+        assert_eq!(request.await.unwrap().unwrap().status(), 401);
+    }
+    assert_eq!(*connections.borrow(), 1, "one fetch for every junk token");
+}

@@ -52,7 +52,20 @@ async fn a_reload_under_load_changes_routing_and_drops_nothing() {
     let served = serve(live.clone()).await;
     let replica_url = served.url.clone();
     let http = client();
-    let reload = || http.post(&served.admin).send();
+    let reload = || {
+        http.post(&served.admin)
+            .header("content-type", "application/json")
+            .body("{}")
+            .send()
+    };
+    // A cross-site form post (no JSON content type) reloads nothing.
+    let form = http
+        .post(&served.admin)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(form.status(), 415);
     let backend_of = async |url: &str| {
         let r = client()
             .post(format!(

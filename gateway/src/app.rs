@@ -3,7 +3,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::body::Body;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -12,6 +11,7 @@ use axum::http::{HeaderMap, HeaderName, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Router};
 use spillway_shared::FleetState;
 use subtle::ConstantTimeEq;
 
@@ -133,6 +133,39 @@ fn header_name(name: &str) -> HeaderName {
     HeaderName::from_bytes(name.as_bytes()).expect("header names are validated in config")
 }
 
+/// Who is calling: the consumer its credential names (`None` on a gateway that
+/// authenticates no one), settled once per request by [`identify`].
+#[derive(Clone, Debug)]
+pub struct Caller(pub Option<crate::consumers::Consumer>);
+
+/// Authenticate the request (401 in Azure's shape otherwise) and hand the consumer on.
+async fn identify(State(live): State<Arc<Live>>, mut request: Request, next: Next) -> Response {
+    let gateway = live.get();
+    let started = std::time::Instant::now();
+    match gateway.consumers.authenticate(request.headers()).await {
+        Ok(consumer) => {
+            let caller = Caller(consumer.cloned());
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
+        Err(refusal) => {
+            crate::access_log::write(&crate::access_log::AccessRecord {
+                consumer: None,
+                pool: None,
+                backend: None,
+                tier: None,
+                attempts: 0,
+                status: refusal.status().as_u16(),
+                tokens: None,
+                latency: started.elapsed(),
+                time_to_first_token: None,
+                error: Some(refusal.code()),
+            });
+            refusal.into_response()
+        }
+    }
+}
+
 /// The data-plane router: the Azure OpenAI and OpenAI v1 APIs plus health probes.
 /// API requests take one of the replica's request slots (503 when none is free); the
 /// probes do not, so a replica at its limit still answers them.
@@ -211,7 +244,11 @@ pub fn app_live(live: Arc<Live>) -> Router {
             post(stored_response).fallback(method_not_allowed),
         )
         .fallback(|| async { GatewayError::NotFound })
-        .layer(middleware::from_fn_with_state(slots, load_shed::shed));
+        .layer(middleware::from_fn_with_state(slots, load_shed::shed))
+        // Outermost: who is calling is settled before a slot is taken, so requests with
+        // bad credentials (a flood of junk tokens while the JWKS endpoint is slow) never
+        // hold one.
+        .layer(middleware::from_fn_with_state(live.clone(), identify));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -245,12 +282,56 @@ pub fn admin_live(live: Arc<Live>) -> Router {
             require_admin_token,
         ))
         .route("/healthz", get(|| async { "ok" }))
+        // Outermost: a page on another site reaching the listener through DNS rebinding
+        // names its own host, and is refused before anything else.
+        .layer(middleware::from_fn_with_state(live.clone(), admin_host))
         .with_state(live)
 }
 
+/// The admin listener answers requests addressed to it: by an IP address (Prometheus, the
+/// kubelet, `curl 127.0.0.1`), as `localhost`, or by a name in `server.admin_hosts`. Any
+/// other `Host` is a name someone else controls (DNS rebinding): 403.
+async fn admin_host(State(live): State<Arc<Live>>, request: Request, next: Next) -> Response {
+    let host = request
+        .uri()
+        .authority()
+        .map(|a| a.host().to_owned())
+        .or_else(|| {
+            let value = request.headers().get(axum::http::header::HOST)?;
+            let authority: axum::http::uri::Authority = value.to_str().ok()?.parse().ok()?;
+            Some(authority.host().to_owned())
+        });
+    let allowed = host.as_deref().is_none_or(|host| {
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        bare.parse::<std::net::IpAddr>().is_ok()
+            || bare.eq_ignore_ascii_case("localhost")
+            || live
+                .get()
+                .config
+                .server
+                .admin_hosts
+                .iter()
+                .any(|name| name.eq_ignore_ascii_case(bare))
+    });
+    if allowed {
+        next.run(request).await
+    } else {
+        GatewayError::AdminHost.into_response()
+    }
+}
+
 /// `POST /admin/reload`: as SIGHUP; 200, or 400 with what is wrong (the running
-/// configuration stays).
-async fn admin_reload(State(live): State<Arc<Live>>) -> Response {
+/// configuration stays). It takes `content-type: application/json` (a body of `{}` or
+/// none): a web page can send a form or text across sites without asking, never JSON.
+async fn admin_reload(State(live): State<Arc<Live>>, headers: HeaderMap) -> Response {
+    let json = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        return GatewayError::NotJson.into_response();
+    }
     match live.reload() {
         Ok(()) => axum::Json(serde_json::json!({ "reloaded": true })).into_response(),
         Err(problem) => (
@@ -329,6 +410,7 @@ async fn readyz(Current(gateway): Current) -> Response {
 
 async fn deployment(
     Current(gateway): Current,
+    Extension(Caller(consumer)): Extension<Caller>,
     uri: Uri,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
@@ -342,6 +424,7 @@ async fn deployment(
         .and_then(|rest| rest.split_once('/'))
         .unwrap_or_default();
     let inbound = Inbound {
+        consumer,
         pool: Some(pool.to_owned()),
         operation: operation.to_owned(),
         query,
@@ -356,12 +439,13 @@ async fn deployment(
 
 async fn v1(
     Current(gateway): Current,
+    Extension(Caller(consumer)): Extension<Caller>,
     uri: Uri,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let inbound = v1_inbound(Method::POST, &uri, query, headers, body, false);
+    let inbound = v1_inbound(consumer, Method::POST, &uri, query, headers, body, false);
     proxy::handle(&gateway, inbound).await
 }
 
@@ -369,27 +453,36 @@ async fn v1(
 /// answered by the member holding the response, found in the fleet's affinity record.
 async fn stored_response(
     Current(gateway): Current,
+    Extension(Caller(consumer)): Extension<Caller>,
     method: Method,
     uri: Uri,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let inbound = v1_inbound(method, &uri, query, headers, body, true);
+    let inbound = v1_inbound(consumer, method, &uri, query, headers, body, true);
     proxy::handle(&gateway, inbound).await
 }
 
 /// `GET /openai/realtime?api-version=...&deployment=<pool>`, upgraded to a WebSocket.
 async fn realtime(
     Current(gateway): Current,
+    Extension(Caller(consumer)): Extension<Caller>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-    slot: Option<axum::Extension<crate::load_shed::HeldSlot>>,
+    slot: Option<Extension<crate::load_shed::HeldSlot>>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    let slot = slot.map(|axum::Extension(slot)| slot);
+    let slot = slot.map(|Extension(slot)| slot);
+    let session = proxy::RealtimeRequest {
+        v1: false,
+        query,
+        headers,
+        consumer,
+        slot,
+    };
     match upgrade {
-        Ok(upgrade) => proxy::realtime(gateway, upgrade, false, query, headers, slot).await,
+        Ok(upgrade) => proxy::realtime(gateway, upgrade, session).await,
         Err(_) => GatewayError::UpgradeRequired.into_response(),
     }
 }
@@ -397,37 +490,45 @@ async fn realtime(
 /// `GET /openai/v1/realtime?model=<pool>`, upgraded to a WebSocket.
 async fn realtime_v1(
     Current(gateway): Current,
+    Extension(Caller(consumer)): Extension<Caller>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-    slot: Option<axum::Extension<crate::load_shed::HeldSlot>>,
+    slot: Option<Extension<crate::load_shed::HeldSlot>>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    let slot = slot.map(|axum::Extension(slot)| slot);
+    let slot = slot.map(|Extension(slot)| slot);
+    let session = proxy::RealtimeRequest {
+        v1: true,
+        query,
+        headers,
+        consumer,
+        slot,
+    };
     match upgrade {
-        Ok(upgrade) => proxy::realtime(gateway, upgrade, true, query, headers, slot).await,
+        Ok(upgrade) => proxy::realtime(gateway, upgrade, session).await,
         Err(_) => GatewayError::UpgradeRequired.into_response(),
     }
 }
 
-async fn models_list(Current(gateway): Current, headers: HeaderMap) -> Response {
-    crate::models::list(&gateway, &headers)
-        .await
-        .into_response()
+async fn models_list(
+    Current(gateway): Current,
+    Extension(Caller(consumer)): Extension<Caller>,
+) -> Response {
+    crate::models::list(&gateway, consumer.as_ref()).into_response()
 }
 
 async fn models_retrieve(
     Current(gateway): Current,
+    Extension(Caller(consumer)): Extension<Caller>,
     axum::extract::Path(model): axum::extract::Path<String>,
-    headers: HeaderMap,
 ) -> Response {
-    crate::models::retrieve(&gateway, &headers, &model)
-        .await
-        .into_response()
+    crate::models::retrieve(&gateway, consumer.as_ref(), &model).into_response()
 }
 
 /// A request on the v1 API: the operation is the path after `/openai/v1/` or `/v1/`; or on
 /// the Responses API's preview form, after `/openai/` (`responses...`).
 fn v1_inbound(
+    consumer: Option<crate::consumers::Consumer>,
     method: Method,
     uri: &Uri,
     query: Option<String>,
@@ -445,6 +546,7 @@ fn v1_inbound(
         .unwrap_or_default()
         .to_owned();
     Inbound {
+        consumer,
         pool: None,
         operation,
         query,

@@ -65,6 +65,9 @@ pub struct ServerConfig {
     pub admin_listen: SocketAddr,
     /// Environment variable holding the bearer token the admin listener requires.
     pub admin_token_env: Option<String>,
+    /// Host names the admin listener answers to besides IP addresses and `localhost` (e.g.
+    /// `spillway-admin.internal`); a request naming any other host is refused (DNS rebinding).
+    pub admin_hosts: Vec<String>,
     /// Largest request body accepted, in bytes (413 above it).
     pub max_body_bytes: usize,
     /// Bytes of request bodies one replica holds at once, all requests together: past it a
@@ -86,6 +89,13 @@ pub struct ServerConfig {
     /// Requests (streams and Realtime sessions included) one replica serves at once; past
     /// it, 503 at once.
     pub max_concurrent_requests: usize,
+    /// Connections one listener serves at once; past it, new ones wait in the kernel's
+    /// backlog until one closes.
+    pub max_connections: usize,
+    /// A connection (HTTP/1.1 or HTTP/2) with no request in flight for this long is closed
+    /// (above Application Gateway's 4-minute backend idle time, so the gateway is not the
+    /// one to close a connection the load balancer is about to reuse).
+    pub idle_timeout_ms: u64,
     /// Largest Realtime (WebSocket) message, either way, in bytes: a larger one closes the
     /// session (1009).
     pub max_ws_message_bytes: usize,
@@ -120,6 +130,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             admin_token_env: None,
+            admin_hosts: Vec::new(),
             max_body_bytes: 16 * 1024 * 1024,
             max_inflight_body_bytes: 64 * 1024 * 1024,
             max_drain_bytes: 64 * 1024 * 1024,
@@ -128,6 +139,8 @@ impl Default for ServerConfig {
             max_headers: 100,
             max_header_bytes: 64 * 1024,
             max_concurrent_requests: 1_024,
+            max_connections: 10_000,
+            idle_timeout_ms: 300_000,
             // A second of 24 kHz 16-bit audio is 64 KiB as base64: room for long chunks.
             max_ws_message_bytes: 4 * 1024 * 1024,
             region: None,
@@ -951,6 +964,8 @@ impl ServerConfig {
                 "server.max_ws_message_bytes",
                 self.max_ws_message_bytes as u64,
             ),
+            ("server.max_connections", self.max_connections as u64),
+            ("server.idle_timeout_ms", self.idle_timeout_ms),
         ] {
             if value == 0 {
                 bad(key.into(), "must be greater than 0".into());

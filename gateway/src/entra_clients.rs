@@ -6,7 +6,9 @@
 //!
 //! Keys from a URL are refreshed when older than `jwks_refresh_s`, and at once (at most every
 //! [`FORCED_REFRESH_INTERVAL`]) when a token names a key not held: Entra rolls its keys, and
-//! a flood of made-up key ids must not become a flood of fetches. One fetch at a time.
+//! a flood of made-up key ids must not become a flood of fetches. One fetch at a time, and a
+//! failed fetch (the endpoint down, before any key set was ever had too) is not tried again
+//! within the interval.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -179,10 +181,9 @@ impl JwtVerifier {
             return;
         };
         let ever_fetched = self.keys.read().expect("keys lock").fetched.is_some();
-        if forced
-            && ever_fetched
-            && last_forced.is_some_and(|at| at.elapsed() < FORCED_REFRESH_INTERVAL)
-        {
+        // `last_forced` also marks the last failed fetch, so an unreachable endpoint is asked
+        // at most once per interval whatever the tokens name.
+        if forced && last_forced.is_some_and(|at| at.elapsed() < FORCED_REFRESH_INTERVAL) {
             return;
         }
         if forced && ever_fetched {
@@ -197,7 +198,10 @@ impl JwtVerifier {
                 };
             }
             // The keys held stay in use; tokens signed by others are refused meanwhile.
-            Err(e) => warn!(error = %e, "cannot refresh the JWKS; keeping the keys held"),
+            Err(e) => {
+                *last_forced = Some(Instant::now());
+                warn!(error = %e, "cannot refresh the JWKS; keeping the keys held");
+            }
         }
     }
 }

@@ -65,6 +65,12 @@ pub enum GatewayError {
     BodiesInFlight,
     #[error("A valid admin bearer token is required.")]
     AdminUnauthorized,
+    #[error(
+        "This admin listener answers requests addressed to its IP address, localhost or a name in server.admin_hosts."
+    )]
+    AdminHost,
+    #[error("This endpoint takes 'content-type: application/json'.")]
+    NotJson,
     #[error("Every deployment of '{pool}' is rate limited. Please retry after {} seconds.", retry_seconds(*.retry_after))]
     Throttled { pool: String, retry_after: Duration },
     #[error("No deployment of '{pool}' is available. Please retry after {} seconds.", retry_seconds(*.retry_after))]
@@ -95,6 +101,8 @@ impl GatewayError {
             Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::Overloaded | Self::BodiesInFlight => StatusCode::SERVICE_UNAVAILABLE,
             Self::AdminUnauthorized => StatusCode::UNAUTHORIZED,
+            Self::AdminHost => StatusCode::FORBIDDEN,
+            Self::NotJson => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable { .. } | Self::State(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
@@ -120,6 +128,8 @@ impl GatewayError {
             Self::BodyTimeout { .. } => "request_timeout",
             Self::Overloaded | Self::BodiesInFlight => "overloaded",
             Self::AdminUnauthorized => "401",
+            Self::AdminHost => "host_not_allowed",
+            Self::NotJson => "unsupported_media_type",
             Self::Throttled { .. } => "429",
             Self::Unavailable { .. } => "no_backend_available",
             Self::BadGateway(_) => "bad_gateway",

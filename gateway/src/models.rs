@@ -3,16 +3,15 @@
 //! when the consumer may use it (its `pools`) and a member is in a region it may use.
 
 use axum::Json;
-use axum::http::HeaderMap;
 use serde_json::{Value, json};
 
 use crate::app::Gateway;
+use crate::consumers::Consumer;
 use crate::error::GatewayError;
 use crate::table::Pool;
 
-/// The list, or 401 for a missing or wrong key.
-pub async fn list(gateway: &Gateway, headers: &HeaderMap) -> Result<Json<Value>, GatewayError> {
-    let consumer = gateway.consumers.authenticate(headers).await?;
+/// The pools `consumer` may use (authenticated before: `app::Caller`).
+pub fn list(gateway: &Gateway, consumer: Option<&Consumer>) -> Json<Value> {
     let regions = consumer.and_then(|c| c.regions.as_deref());
     let data: Vec<Value> = gateway
         .table
@@ -21,16 +20,15 @@ pub async fn list(gateway: &Gateway, headers: &HeaderMap) -> Result<Json<Value>,
         .filter(|pool| usable(pool, regions))
         .map(|pool| model(pool))
         .collect();
-    Ok(Json(json!({ "object": "list", "data": data })))
+    Json(json!({ "object": "list", "data": data }))
 }
 
 /// One pool, or 404 when it does not exist or the consumer may not use it.
-pub async fn retrieve(
+pub fn retrieve(
     gateway: &Gateway,
-    headers: &HeaderMap,
+    consumer: Option<&Consumer>,
     name: &str,
 ) -> Result<Json<Value>, GatewayError> {
-    let consumer = gateway.consumers.authenticate(headers).await?;
     let regions = consumer.and_then(|c| c.regions.as_deref());
     let allowed = consumer.is_none_or(|c| c.may_use(name));
     match gateway.table.pool(name) {

@@ -19,7 +19,7 @@ mod trace;
 mod upstream_path;
 mod usage;
 
-pub use realtime::handle as realtime;
+pub use realtime::{RealtimeRequest, handle as realtime};
 pub use settlement::all_settled;
 pub use trace::TARGET as SPANS_TARGET;
 

@@ -51,6 +51,8 @@ pub struct Pinned {
 
 /// The request as the client sent it, before admission.
 pub struct Inbound {
+    /// Who sent it (authenticated before it took a slot: `app::Caller`).
+    pub consumer: Option<Consumer>,
     /// `Some` for the deployments route (the path segment as sent, still encoded); `None`
     /// when the pool is the body's `model`.
     pub pool: Option<String>,
@@ -111,15 +113,11 @@ pub struct ProxyRequest {
 
 pub async fn admit(
     gateway: &Gateway,
-    inbound: Inbound,
+    mut inbound: Inbound,
     attempts: &mut Attempts,
 ) -> Result<ProxyRequest, GatewayError> {
     let received = tokio::time::Instant::now();
-    let consumer = gateway
-        .consumers
-        .authenticate(&inbound.headers)
-        .await?
-        .cloned();
+    let consumer = inbound.consumer.take();
     attempts.consumer = consumer.as_ref().map(|c| c.name.clone());
     // Path confinement: the operation is validated here, once, and only its segments are
     // ever used to build an upstream URL.

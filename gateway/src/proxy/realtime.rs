@@ -63,16 +63,32 @@ struct Session {
     consumer: Option<Consumer>,
 }
 
+/// A Realtime handshake as the client sent it.
+pub struct RealtimeRequest {
+    /// `/openai/v1/realtime?model=` rather than `/openai/realtime?deployment=`.
+    pub v1: bool,
+    pub query: Option<String>,
+    pub headers: HeaderMap,
+    /// Who opened it (authenticated before it took a slot).
+    pub consumer: Option<Consumer>,
+    /// The request slot the session holds until it ends.
+    pub slot: Option<HeldSlot>,
+}
+
 /// `GET /openai/realtime?deployment=<pool>` (`v1`: `/openai/v1/realtime?model=<pool>`).
 pub async fn handle(
     gateway: Arc<Gateway>,
     upgrade: WebSocketUpgrade,
-    v1: bool,
-    query: Option<String>,
-    headers: HeaderMap,
-    slot: Option<HeldSlot>,
+    request: RealtimeRequest,
 ) -> Response {
-    let session = match connect(&gateway, v1, query.as_deref(), &headers).await {
+    let RealtimeRequest {
+        v1,
+        query,
+        headers,
+        consumer,
+        slot,
+    } = request;
+    let session = match connect(&gateway, v1, query.as_deref(), &headers, consumer.as_ref()).await {
         Ok(session) => session,
         Err(refusal) => return refusal,
     };
@@ -96,13 +112,9 @@ async fn connect(
     v1: bool,
     query: Option<&str>,
     headers: &HeaderMap,
+    consumer: Option<&Consumer>,
 ) -> Result<Session, Response> {
     let refuse = |e: GatewayError| e.into_response();
-    let consumer = gateway
-        .consumers
-        .authenticate(headers)
-        .await
-        .map_err(refuse)?;
     let query = QueryPairs::parse(query);
     let named = if v1 { "model" } else { "deployment" };
     let name = query.get(named).ok_or_else(|| {
