@@ -60,6 +60,83 @@ async fn malformed_json_is_a_400() {
     );
 }
 
+/// Bodies a chat or Responses request cannot have are refused by the gateway, naming where
+/// (never echoing the content), and never forwarded: messages that are not objects, content
+/// that is neither text nor a list of parts, parts that are not objects, a field given twice,
+/// nesting deeper than 128 levels, token-id inputs holding objects.
+#[tokio::test]
+async fn bodies_of_the_wrong_shape_are_400_and_never_forwarded() {
+    let (sim, gw) = gateway_with("").await;
+    let deep = format!(
+        "{{\"messages\":[],\"x\":{}{}}}",
+        "[".repeat(200),
+        "]".repeat(200)
+    );
+    let cases = [
+        (
+            "chat/completions",
+            r#"{"messages":[1,1,1]}"#.to_owned(),
+            "'messages[0]'",
+        ),
+        (
+            "chat/completions",
+            r#"{"messages":[{"role":"user","content":"hi"},"hi"]}"#.to_owned(),
+            "'messages[1]'",
+        ),
+        (
+            "chat/completions",
+            r#"{"messages":[{"role":"user","content":{"text":"hi"}}]}"#.to_owned(),
+            "content must be text or a list",
+        ),
+        (
+            "chat/completions",
+            r#"{"messages":[{"role":"user","content":[{"type":"text","text":"a"},7]}]}"#.to_owned(),
+            "content parts must be objects",
+        ),
+        (
+            "chat/completions",
+            r#"{"messages":"hello"}"#.to_owned(),
+            "must be a list of message objects",
+        ),
+        (
+            "chat/completions",
+            r#"{"max_tokens":1,"max_tokens":100000,"messages":[]}"#.to_owned(),
+            "duplicate field",
+        ),
+        ("chat/completions", deep, "deeper than 128"),
+        (
+            "embeddings",
+            r#"{"input":[1,2,{"a":1}]}"#.to_owned(),
+            "'input' must be",
+        ),
+    ];
+    for (operation, body, says) in cases {
+        let r = client()
+            .post(format!(
+                "{}/openai/deployments/gpt-4o/{operation}?api-version=2024-10-21",
+                gw.url
+            ))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        let (status, code, message) = error_of(r).await;
+        assert_eq!((status, code.as_str()), (400, "invalid_request"), "{body}");
+        assert!(message.contains(says), "{message} for {body}");
+    }
+    let responses = client()
+        .post(format!("{}/openai/v1/responses", gw.url))
+        .json(&json!({ "model": "gpt-4o", "input": [{ "role": "user", "content": "hi" }, 3] }))
+        .send()
+        .await
+        .unwrap();
+    let (status, _, message) = error_of(responses).await;
+    assert_eq!(status, 400);
+    assert!(message.contains("'input[1]'"), "{message}");
+    assert_eq!(sim.received_total(), 0, "nothing reached upstream");
+}
+
 #[tokio::test]
 async fn an_unknown_pool_is_a_404_deployment_not_found() {
     let (_sim, gw) = gateway_with("").await;

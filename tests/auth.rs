@@ -335,10 +335,14 @@ async fn a_consumer_keeps_to_its_pools_and_its_per_request_limits() {
             .status(),
         200
     );
+    // Three choices of 8 tokens each ask for 24, over the key's 16.
+    let mut three = ask(Some(8), "Hello");
+    three["n"] = 3.into();
     for body in [
         ask(None, "Hello"),
         ask(Some(32), "Hello"),
         ask(Some(8), &"word ".repeat(100)),
+        three,
     ] {
         let (status, error) = code(send("capped-key", body).await.unwrap()).await;
         assert_eq!((status, error.as_str()), (400, "invalid_request"));

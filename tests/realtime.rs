@@ -259,3 +259,44 @@ async fn sessions_count_as_requests_and_their_messages_are_bounded() {
         .expect("a slot is free again");
     assert_eq!(next_event(&mut third).await["type"], "session.created");
 }
+
+/// A handshake the backend refuses with the client's own error (400) is answered with that
+/// error, its headers filtered like any answer's: no cookie, nothing naming the backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_handshake_is_relayed_with_its_headers_filtered() {
+    let app = axum::Router::new().fallback(|| async {
+        (
+            axum::http::StatusCode::BAD_REQUEST,
+            [
+                ("set-cookie", "ARRAffinity=backend-7; Path=/"),
+                (
+                    "location",
+                    "https://backend-7.internal.example/openai/realtime",
+                ),
+                ("x-ms-region", "East US"),
+                ("content-type", "application/json"),
+            ],
+            r#"{"error":{"code":"BadRequest","message":"Unsupported api-version."}}"#,
+        )
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let gw = start_single(&backend_at("a", &upstream, 1)).await;
+    let url = format!(
+        "{}/openai/realtime?api-version=1999-01-01&deployment=gpt-4o",
+        gw.url.replacen("http://", "ws://", 1)
+    );
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 400);
+            let headers = response.headers();
+            assert!(headers.get("set-cookie").is_none(), "{headers:?}");
+            assert!(headers.get("location").is_none(), "{headers:?}");
+            assert_eq!(headers["x-ms-region"], "East US");
+            let body = String::from_utf8(response.body().clone().unwrap_or_default()).unwrap();
+            assert!(body.contains("Unsupported api-version"), "{body}");
+        }
+        other => panic!("expected the 400, got {:?}", other.map(|(_, r)| r.status())),
+    }
+}

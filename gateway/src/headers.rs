@@ -55,11 +55,15 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     HeaderName::from_static("proxy-connection"),
 ];
 
-/// Response headers the client never sees: cookies, and headers that describe the
-/// upstream's own network (alternative services, proxies on the way, forwarding).
-const RESPONSE_DROPPED: [&str; 9] = [
+/// Response headers the client never sees: cookies, redirects (the gateway follows none,
+/// and a backend's redirect names its network, not the client's), and headers that describe
+/// the upstream's own network (alternative services, proxies on the way, forwarding).
+const RESPONSE_DROPPED: [&str; 12] = [
     "set-cookie",
     "set-cookie2",
+    "location",
+    "content-location",
+    "refresh",
     "alt-svc",
     "via",
     "forwarded",
