@@ -466,29 +466,30 @@ async fn stored_response(
 
 /// `GET /openai/realtime?api-version=...&deployment=<pool>`, upgraded to a WebSocket.
 async fn realtime(
-    Current(gateway): Current,
-    Extension(Caller(consumer)): Extension<Caller>,
-    RawQuery(query): RawQuery,
+    gateway: Current,
+    caller: Extension<Caller>,
+    query: RawQuery,
     headers: HeaderMap,
     slot: Option<Extension<crate::load_shed::HeldSlot>>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    let slot = slot.map(|Extension(slot)| slot);
-    let session = proxy::RealtimeRequest {
-        v1: false,
-        query,
-        headers,
-        consumer,
-        slot,
-    };
-    match upgrade {
-        Ok(upgrade) => proxy::realtime(gateway, upgrade, session).await,
-        Err(_) => GatewayError::UpgradeRequired.into_response(),
-    }
+    realtime_session(false, gateway, caller, query, headers, slot, upgrade).await
 }
 
 /// `GET /openai/v1/realtime?model=<pool>`, upgraded to a WebSocket.
 async fn realtime_v1(
+    gateway: Current,
+    caller: Extension<Caller>,
+    query: RawQuery,
+    headers: HeaderMap,
+    slot: Option<Extension<crate::load_shed::HeldSlot>>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    realtime_session(true, gateway, caller, query, headers, slot, upgrade).await
+}
+
+async fn realtime_session(
+    v1: bool,
     Current(gateway): Current,
     Extension(Caller(consumer)): Extension<Caller>,
     RawQuery(query): RawQuery,
@@ -496,18 +497,17 @@ async fn realtime_v1(
     slot: Option<Extension<crate::load_shed::HeldSlot>>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    let slot = slot.map(|Extension(slot)| slot);
+    let Ok(upgrade) = upgrade else {
+        return GatewayError::UpgradeRequired.into_response();
+    };
     let session = proxy::RealtimeRequest {
-        v1: true,
+        v1,
         query,
         headers,
         consumer,
-        slot,
+        slot: slot.map(|Extension(slot)| slot),
     };
-    match upgrade {
-        Ok(upgrade) => proxy::realtime(gateway, upgrade, session).await,
-        Err(_) => GatewayError::UpgradeRequired.into_response(),
-    }
+    proxy::realtime(gateway, upgrade, session).await
 }
 
 async fn models_list(
