@@ -65,6 +65,8 @@ async fn clients_need_a_valid_key_and_the_backend_gets_its_own() {
     ] {
         let r = request.json(&body).send().await.unwrap();
         assert_eq!(r.status(), 401);
+        assert_eq!(header(&r, "x-spillway-backend"), "none");
+        assert_eq!(header(&r, "x-spillway-attempts"), "0");
         let err: Value = r.json().await.unwrap();
         assert_eq!(err["error"]["code"], "401");
     }

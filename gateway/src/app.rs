@@ -7,7 +7,7 @@ use axum::body::Body;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{RawQuery, Request, State};
-use axum::http::{HeaderMap, HeaderName, Method, StatusCode, Uri};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -161,7 +161,12 @@ async fn identify(State(live): State<Arc<Live>>, mut request: Request, next: Nex
                 time_to_first_token: None,
                 error: Some(refusal.code()),
             });
-            refusal.into_response()
+            // Like every data-plane answer: which backend (none) after how many attempts.
+            let mut response = refusal.into_response();
+            let headers = response.headers_mut();
+            headers.insert("x-spillway-backend", HeaderValue::from_static("none"));
+            headers.insert("x-spillway-attempts", HeaderValue::from(0u32));
+            response
         }
     }
 }
