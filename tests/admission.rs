@@ -135,6 +135,26 @@ async fn bodies_of_the_wrong_shape_are_400_and_never_forwarded() {
     assert_eq!(status, 400);
     assert!(message.contains("'input[1]'"), "{message}");
     assert_eq!(sim.received_total(), 0, "nothing reached upstream");
+
+    // The simulated service refuses the same messages itself, as Azure does.
+    for body in [
+        json!({ "messages": [1, 1] }),
+        json!({ "messages": [{ "role": "user", "content": { "text": "hi" } }] }),
+        json!({ "messages": [{ "role": "user", "content": ["hi"] }] }),
+    ] {
+        let direct = client()
+            .post(format!(
+                "{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+                sim.url("ptu")
+            ))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(direct.status(), 400, "{body}");
+        let error: Value = direct.json().await.unwrap();
+        assert_eq!(error["error"]["code"], "invalid_type", "{body}");
+    }
 }
 
 #[tokio::test]

@@ -158,6 +158,49 @@ async fn by_model(
     }
 }
 
+/// The service's 400 for a message that is not an object, or content that is neither text,
+/// null nor a list of parts (`invalid_type`, naming the parameter).
+fn message_shape(messages: &[Value]) -> Option<Response> {
+    let kind = |v: &Value| match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    };
+    let invalid = |param: String, expected: &str, got: &Value| {
+        let message = format!(
+            "Invalid type for '{param}': expected {expected}, but got {} instead.",
+            kind(got)
+        );
+        let body = json!({ "error": { "message": message, "type": "invalid_request_error",
+            "param": param, "code": "invalid_type" } });
+        Some((StatusCode::BAD_REQUEST, Json(body)).into_response())
+    };
+    for (i, message) in messages.iter().enumerate() {
+        let Some(fields) = message.as_object() else {
+            return invalid(format!("messages[{i}]"), "an object", message);
+        };
+        match fields.get("content") {
+            None | Some(Value::Null | Value::String(_)) => {}
+            Some(Value::Array(parts)) => {
+                if let Some((j, part)) = parts.iter().enumerate().find(|(_, p)| !p.is_object()) {
+                    return invalid(format!("messages[{i}].content[{j}]"), "an object", part);
+                }
+            }
+            Some(other) => {
+                return invalid(
+                    format!("messages[{i}].content"),
+                    "one of a string or array of objects",
+                    other,
+                );
+            }
+        }
+    }
+    None
+}
+
 pub(super) fn bad_request(message: &str) -> Response {
     // Azure's 400s carry OpenAI's fields: type, param, code (often null).
     let body = json!({ "error": { "message": message, "type": "invalid_request_error", "param": null, "code": null } });
@@ -411,6 +454,9 @@ async fn chat(
     let Some(messages) = request.get("messages").and_then(Value::as_array) else {
         return bad_request("'messages' is a required property");
     };
+    if let Some(refusal) = message_shape(messages) {
+        return refusal;
+    }
     let prompt = tokens::chat_prompt_tokens(messages);
     let cached = cached_chat_tokens(deployment, messages);
     let (n, cut) = output_tokens(deployment, request);
