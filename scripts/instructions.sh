@@ -8,6 +8,7 @@
 #
 #   scripts/instructions.sh                      # the release binary of this checkout
 #   BIN=/path/to/other/spillway scripts/instructions.sh   # another build, for a comparison
+#   KEEP=/tmp/profile scripts/instructions.sh    # keep the callgrind files (callgrind_annotate)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -90,6 +91,7 @@ EOF
 
 base=$(run "$WARMUP")
 more=$(run $((WARMUP + REQUESTS)))
+if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$work"/callgrind.* "$KEEP"/; fi
 echo "binary: $BIN"
 echo "instructions: $base for $WARMUP requests, $more for $((WARMUP + REQUESTS))"
 echo "per request: $(( (more - base) / REQUESTS ))"

@@ -85,8 +85,23 @@ impl JsonFields {
     }
 
     pub fn feed(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.byte(b);
+        let mut at = 0;
+        while at < bytes.len() {
+            // The bulk of an answer is text no one wants: skip to its end (or an escape).
+            if self.string
+                == (StringState::Inside {
+                    key: false,
+                    escaped: false,
+                })
+                && self.capture.is_none()
+            {
+                match memchr::memchr2(b'"', b'\\', &bytes[at..]) {
+                    Some(skip) => at += skip,
+                    None => return,
+                }
+            }
+            self.byte(bytes[at]);
+            at += 1;
         }
     }
 

@@ -9,8 +9,9 @@ use super::sse::{EventSplitter, event_data};
 use crate::request_fields::{Lenient, Text};
 
 /// One SSE event larger than this is not held for parsing: metering stops (the estimate
-/// stands) and, when stripping, the stream is passed on as it comes. (A JSON answer is never
-/// held: its fields are read as it streams past, whatever its size.)
+/// stands) and, when stripping, the stream is passed on as it comes. A JSON answer up to
+/// this size is held and read in one pass; a larger one is read by [`JsonFields`] as it
+/// streams past (holding nothing), so an answer of any size is metered by its usage.
 const MAX_HELD_BYTES: usize = 1 << 20;
 
 /// What is read of a JSON answer.
@@ -30,8 +31,10 @@ pub struct UsageMeter {
     sse: bool,
     /// Remove the usage the gateway asked for (the usage-only event, `"usage":null` fields).
     strip: bool,
-    /// JSON: the answer's fields, read as it streams past.
-    json: JsonFields,
+    /// JSON: the answer so far, while it is at most `MAX_HELD_BYTES`...
+    pending: Vec<u8>,
+    /// ... and past that, its fields, read as the rest streams past.
+    scanned: Option<JsonFields>,
     /// SSE: the event being received.
     events: EventSplitter,
     overflow: bool,
@@ -48,7 +51,8 @@ impl UsageMeter {
         Self {
             sse,
             strip: sse && strip,
-            json: JsonFields::new(ANSWER_FIELDS),
+            pending: Vec::new(),
+            scanned: None,
             events: EventSplitter::default(),
             overflow: false,
             usage: None,
@@ -113,7 +117,16 @@ impl UsageMeter {
             }
             return;
         }
-        self.json.feed(chunk);
+        if let Some(scanned) = &mut self.scanned {
+            scanned.feed(chunk);
+            return;
+        }
+        self.pending.extend_from_slice(chunk);
+        if self.pending.len() > MAX_HELD_BYTES {
+            let mut scanned = JsonFields::new(ANSWER_FIELDS);
+            scanned.feed(&std::mem::take(&mut self.pending));
+            self.scanned = Some(scanned);
+        }
     }
 
     /// Read usage and content from one SSE event; true when it is a usage-only event.
@@ -174,17 +187,33 @@ impl UsageMeter {
     /// The usage the response reported, if any.
     pub fn finish(&mut self) -> Option<Usage> {
         let unread = !self.sse && self.usage.is_none() && self.response_id.is_none();
-        if unread {
-            self.json.finish();
-            let read = |path: Path| self.json.get(path);
-            self.usage = read(&["usage"])
-                .and_then(|raw| serde_json::from_str::<ReportedUsage>(raw).ok())
-                .map(Usage::from);
-            self.model = read(&["model"]).and_then(|raw| serde_json::from_str(raw).ok());
-            let object: Option<String> =
-                read(&["object"]).and_then(|raw| serde_json::from_str(raw).ok());
-            if object.as_deref() == Some("response") {
-                self.response_id = read(&["id"]).and_then(|raw| serde_json::from_str(raw).ok());
+        if !unread {
+            return self.usage;
+        }
+        let body = match &mut self.scanned {
+            None => serde_json::from_slice::<JsonBody>(&self.pending).ok(),
+            Some(scanned) => {
+                scanned.finish();
+                let read = |path: Path| {
+                    scanned
+                        .get(path)
+                        .and_then(|raw| serde_json::from_str(raw).ok())
+                };
+                Some(JsonBody {
+                    usage: scanned
+                        .get(&["usage"])
+                        .and_then(|raw| serde_json::from_str::<ReportedUsage>(raw).ok()),
+                    object: read(&["object"]),
+                    id: read(&["id"]),
+                    model: read(&["model"]),
+                })
+            }
+        };
+        if let Some(body) = body {
+            self.usage = body.usage.map(Usage::from);
+            self.model = body.model;
+            if body.object.as_deref() == Some("response") {
+                self.response_id = body.id;
             }
         }
         self.usage
@@ -217,6 +246,20 @@ fn without_null_usage(event: &[u8]) -> Vec<u8> {
         }
     }
     event.to_vec()
+}
+
+/// A JSON answer: only its `usage` is read (a `usage` that is not an object reads as none),
+/// and what it is (`object`, `id`: a Responses API object is pinned to its member).
+#[derive(Deserialize)]
+struct JsonBody {
+    #[serde(default, deserialize_with = "lenient")]
+    usage: Option<ReportedUsage>,
+    #[serde(default, deserialize_with = "lenient")]
+    object: Option<String>,
+    #[serde(default, deserialize_with = "lenient")]
+    id: Option<String>,
+    #[serde(default, deserialize_with = "lenient")]
+    model: Option<String>,
 }
 
 /// `usage` as the service writes it (chat and completions: prompt/completion tokens;
