@@ -152,19 +152,29 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
                 return Err("state.redis_url is not set (or pass --redis): with the embedded store there is no shared state to watch".into());
             };
             let redis = Arc::new(server::redis_state(&config, &url)?);
-            redis.ready(Duration::from_secs(5)).await?;
             let gateway = spillway_gateway::Gateway::from_config(&config, redis.clone())?;
             let window_ms = config.state.window_ms;
+            // The screen says "connecting" at once; the first read waits for Redis.
+            let connected = std::sync::atomic::AtomicBool::new(false);
+            let store = redacted_url(&url);
             spillway_gateway::top::run(
                 || {
-                    let (gateway, redis) = (&gateway, redis.clone());
+                    let (gateway, redis, connected) = (&gateway, redis.clone(), &connected);
                     async move {
+                        if !connected.load(std::sync::atomic::Ordering::Relaxed) {
+                            redis
+                                .ready(Duration::from_secs(5))
+                                .await
+                                .map_err(|e| e.to_string())?;
+                            connected.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
                         state_table::collect(&gateway.table, &*redis, window_ms)
                             .await
                             .map_err(|e| e.to_string())
                     }
                 },
                 Duration::from_secs(1),
+                &store,
             )
             .await?;
             Ok(())
@@ -225,5 +235,17 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             })
             .await
         }
+    }
+}
+
+/// A state URL for the screen: its password replaced.
+fn redacted_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("REDACTED"));
+            parsed.to_string()
+        }
+        Ok(parsed) => parsed.to_string(),
+        Err(_) => "Redis".into(),
     }
 }

@@ -2,7 +2,8 @@
 //! second it reads the shared state (the same [`FleetReport`] as `spillway state`) and draws,
 //! per pool, each member's tier, region, state (ok, or why it is held back and for how
 //! long), a budget bar, utilization, time to first byte, throughput over the budget window,
-//! and the pool's spillover share. `q` or Esc quits.
+//! and the pool's spillover share. `q`, Esc or Ctrl-C quits (SIGTERM too), always giving the
+//! terminal back as it was.
 
 use std::time::Duration;
 
@@ -155,59 +156,136 @@ pub fn spillover(pool: &PoolReport) -> Option<f64> {
     (total > 0).then(|| spilled as f64 / total as f64)
 }
 
-/// Run the terminal view until `q`, refreshing from `read` every `every`.
-pub async fn run<F, Fut>(mut read: F, every: Duration) -> std::io::Result<()>
+/// Run the live view until `q`, Esc or Ctrl-C, or SIGTERM/SIGINT/SIGHUP; `connecting` names
+/// the store while the first read is under way. The terminal is restored on every way out
+/// (a panic too: ratatui's hook), and a missing or sizeless terminal is a clear error.
+pub async fn run<F, Fut>(mut read: F, every: Duration, connecting: &str) -> std::io::Result<()>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<FleetReport, String>>,
 {
-    use ratatui::crossterm::event::{self, Event, KeyCode};
-    let mut terminal = ratatui::init();
-    let mut view: Option<TopView> = None;
-    let result = loop {
-        let read_at = time::OffsetDateTime::now_utc()
-            .format(&time::macros::format_description!(
-                "[hour]:[minute]:[second]"
-            ))
-            .unwrap_or_default();
-        match read().await {
-            Ok(report) => {
-                view = Some(TopView {
-                    report,
-                    read_at,
-                    error: None,
-                })
+    use std::io::IsTerminal;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    if !std::io::stdout().is_terminal() || !std::io::stdin().is_terminal() {
+        return Err(std::io::Error::other(
+            "spillway top draws on a terminal, and this is not one: use `spillway state` (or `spillway state --json`) instead",
+        ));
+    }
+    let (columns, rows) = ratatui::crossterm::terminal::size()?;
+    if columns == 0 || rows == 0 {
+        return Err(std::io::Error::other(format!(
+            "the terminal has no size ({columns}x{rows}): set one (`stty cols 120 rows 40`) or use `spillway state`"
+        )));
+    }
+    // A signal only sets the flag: the loop below notices it within a tenth of a second and
+    // leaves through the same door as `q`, which restores the terminal.
+    let stop = Arc::new(AtomicBool::new(false));
+    let signals = tokio::spawn(stop_on_signals(stop.clone()));
+    let mut screen = Screen(ratatui::try_init()?);
+    let result = async {
+        screen.0.draw(|frame| {
+            let text = format!("spillway top: connecting to {connecting}…  (q quits)");
+            frame.render_widget(Paragraph::new(text), frame.area());
+        })?;
+        let mut view: Option<TopView> = None;
+        loop {
+            let read_at = time::OffsetDateTime::now_utc()
+                .format(&time::macros::format_description!(
+                    "[hour]:[minute]:[second]"
+                ))
+                .unwrap_or_default();
+            match read().await {
+                Ok(report) => {
+                    view = Some(TopView {
+                        report,
+                        read_at,
+                        error: None,
+                    })
+                }
+                Err(e) => match &mut view {
+                    Some(v) => v.error = Some(e),
+                    None => return Err(std::io::Error::other(e)),
+                },
             }
-            Err(e) => {
-                if let Some(v) = &mut view {
-                    v.error = Some(e);
-                } else {
-                    break Err(std::io::Error::other(e));
+            if let Some(view) = &view {
+                screen.0.draw(|frame| draw(frame, view))?;
+            }
+            if wait_for_quit(every, &stop)? {
+                return Ok(());
+            }
+        }
+    }
+    .await;
+    signals.abort();
+    drop(screen);
+    result
+}
+
+/// The terminal in raw mode on the alternate screen, given back (cursor shown, raw mode
+/// off, main screen) when dropped, whichever way `run` ends.
+struct Screen(ratatui::DefaultTerminal);
+
+impl Drop for Screen {
+    fn drop(&mut self) {
+        let _ = self.0.show_cursor();
+        ratatui::restore();
+    }
+}
+
+/// Wait up to `every` for a quitting key (`q`, Esc, Ctrl-C: raw mode turns Ctrl-C into a
+/// key) or a stop signal; true to quit.
+fn wait_for_quit(every: Duration, stop: &std::sync::atomic::AtomicBool) -> std::io::Result<bool> {
+    use ratatui::crossterm::event::{self, Event, KeyCode, KeyModifiers};
+    let slice = Duration::from_millis(100);
+    let deadline = std::time::Instant::now() + every;
+    tokio::task::block_in_place(|| {
+        loop {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return Ok(true);
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            if event::poll(left.min(slice))?
+                && let Event::Key(key) = event::read()?
+            {
+                let ctrl_c =
+                    key.code == KeyCode::Char('c') && key.modifiers.contains(KeyModifiers::CONTROL);
+                if ctrl_c || matches!(key.code, KeyCode::Char('q') | KeyCode::Esc) {
+                    return Ok(true);
                 }
             }
         }
-        if let Some(view) = &view
-            && let Err(e) = terminal.draw(|frame| draw(frame, view))
-        {
-            break Err(e);
+    })
+}
+
+/// Set `stop` on SIGTERM, SIGINT or SIGHUP (a closed terminal).
+async fn stop_on_signals(stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            _ = hup.recv() => {}
         }
-        // Wait for the next refresh, or a key.
-        let quit = tokio::task::block_in_place(|| -> std::io::Result<bool> {
-            if event::poll(every)?
-                && let Event::Key(key) = event::read()?
-            {
-                return Ok(matches!(key.code, KeyCode::Char('q') | KeyCode::Esc));
-            }
-            Ok(false)
-        });
-        match quit {
-            Ok(true) => break Ok(()),
-            Ok(false) => {}
-            Err(e) => break Err(e),
-        }
-    };
-    ratatui::restore();
-    result
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 #[cfg(test)]
