@@ -13,8 +13,14 @@ if ! "$venv/bin/python" -c 'import kubernetes_validate, yaml' 2>/dev/null; then
   timeout 600 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
     'kubernetes-validate>=1.31' pyyaml
 fi
-cargo build --quiet --bin spillway
-"$venv/bin/python" scripts/check_deploy.py "${CARGO_TARGET_DIR:-target}/debug/spillway"
+# A release binary newer than every source is used as it is; otherwise a debug one is built.
+target="${CARGO_TARGET_DIR:-target}"
+bin="$target/release/spillway"
+if [ ! -x "$bin" ] || [ -n "$(find gateway/src shared/src Cargo.lock -newer "$bin" -print -quit)" ]; then
+  cargo build --quiet --bin spillway
+  bin="$target/debug/spillway"
+fi
+"$venv/bin/python" scripts/check_deploy.py "$bin"
 
 if ! command -v docker-compose >/dev/null 2>&1; then
   sudo=""
@@ -26,7 +32,7 @@ if command -v docker-compose >/dev/null 2>&1; then
   SPILLWAY_LOCAL_KEY=check-deploy docker-compose -f docker-compose.yml config -q
   # deploy/spillway.toml (the compose and image configuration) passes check-config too.
   SPILLWAY_LOCAL_KEY=check-deploy SPILLWAY__STATE__REDIS_URL=redis://127.0.0.1:1 \
-    "${CARGO_TARGET_DIR:-target}/debug/spillway" check-config --config deploy/spillway.toml >/dev/null
+    "$bin" check-config --config deploy/spillway.toml >/dev/null
   echo "check-deploy: docker-compose.yml valid"
 else
   echo "notice: docker-compose could not be installed here; docker-compose.yml not validated"

@@ -63,22 +63,29 @@ pub struct ConsumerHeaderNames {
 impl Gateway {
     /// Validate `config` and resolve its secrets; the fleet state is chosen by the caller.
     pub fn from_config(config: &Config, fleet: Arc<dyn FleetState>) -> Result<Self, ConfigError> {
-        config.validate()?;
-        let invalid = |key: String, problem: String| {
-            ConfigError::Invalid(vec![ConfigProblem { key, problem }])
+        // Every problem in one report: the configuration's own, then what resolving its
+        // credentials, keys and tokens finds (each once, naming its key).
+        let mut problems = match config.validate() {
+            Ok(()) => Vec::new(),
+            Err(ConfigError::Invalid(problems)) => problems,
+            Err(other) => return Err(other),
+        };
+        let mut problem = |key: String, text: String| {
+            if !problems.iter().any(|p| p.key == key) {
+                problems.push(ConfigProblem { key, problem: text });
+            }
         };
         let mut shared = SharedCredentials::default();
-        let credentials = config
-            .backends
-            .iter()
-            .enumerate()
-            .map(|(i, b)| {
-                BackendCredential::from_config(b, &mut shared)
-                    .map_err(|p| invalid(format!("backends[{i}].auth"), p))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut credentials = Vec::with_capacity(config.backends.len());
+        for (i, b) in config.backends.iter().enumerate() {
+            match BackendCredential::from_config(b, &mut shared) {
+                Ok(credential) => credentials.push(credential),
+                Err(p) => problem(format!("backends[{i}].auth"), p),
+            }
+        }
         let consumers = Consumers::from_config(&config.consumers, config.auth.jwt.as_ref())
-            .map_err(|p| invalid("consumers".into(), p))?;
+            .map_err(|p| problem("consumers".into(), p))
+            .ok();
         let http = reqwest::Client::builder()
             // An upstream's redirect is answered to the client, never followed: the request
             // (and its credential) goes only where the routing table says.
@@ -87,19 +94,26 @@ impl Gateway {
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| {
-                invalid(
+                problem(
                     "routing".into(),
                     format!("cannot build the HTTP client: {e}"),
                 )
-            })?;
+            })
+            .ok();
         let admin_token = match &config.server.admin_token_env {
-            Some(var) => Some(Secret::new(std::env::var(var).map_err(|_| {
-                invalid(
-                    "server.admin_token_env".into(),
-                    format!("environment variable {var} is not set"),
-                )
-            })?)),
+            Some(var) => std::env::var(var)
+                .map(Secret::new)
+                .map_err(|_| {
+                    problem(
+                        "server.admin_token_env".into(),
+                        format!("environment variable {var} is not set"),
+                    )
+                })
+                .ok(),
             None => None,
+        };
+        let (Some(consumers), Some(http), true) = (consumers, http, problems.is_empty()) else {
+            return Err(ConfigError::Invalid(problems));
         };
         crate::metrics::handle(); // install the recorder before anything is counted
         Ok(Self {

@@ -578,17 +578,28 @@ impl Config {
             .try_deserialize()?)
     }
 
-    /// Everything that can be checked without touching the network.
+    /// Everything that can be checked without touching the network, environment variables
+    /// and files (TLS, JWKS) included.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_as(Resolve::Online)
+    }
+
+    /// The configuration alone: nothing it names (environment variables, files) is read.
+    /// What CI or a laptop can check of a production file.
+    pub fn validate_offline(&self) -> Result<(), ConfigError> {
+        self.validate_as(Resolve::Offline)
+    }
+
+    fn validate_as(&self, resolve: Resolve) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
         let mut bad = |key: String, problem: String| problems.push(ConfigProblem { key, problem });
-        self.server.validate(&mut bad);
+        self.server.validate(resolve, &mut bad);
         self.headers.validate(&mut bad);
         self.state.validate(&mut bad);
         self.routing.validate(&mut bad);
-        self.validate_backends(&mut bad);
+        self.validate_backends(resolve, &mut bad);
         self.validate_pools(&mut bad);
-        self.validate_consumers(&mut bad);
+        self.validate_consumers(resolve, &mut bad);
         self.validate_jwt(&mut bad);
         self.validate_anonymous(&mut bad);
         if problems.is_empty() {
@@ -702,7 +713,7 @@ impl RoutingConfig {
 }
 
 impl Config {
-    fn validate_backends(&self, bad: &mut impl FnMut(String, String)) {
+    fn validate_backends(&self, resolve: Resolve, bad: &mut impl FnMut(String, String)) {
         if self.backends.is_empty() {
             bad(
                 "backends".into(),
@@ -789,7 +800,7 @@ impl Config {
                 }
             }
             if let BackendAuthConfig::ApiKey { env } = &b.auth {
-                check_env(bad, at("auth.env"), env);
+                check_env(resolve, bad, at("auth.env"), env);
             }
         }
     }
@@ -818,7 +829,7 @@ impl Config {
         }
     }
 
-    fn validate_consumers(&self, bad: &mut impl FnMut(String, String)) {
+    fn validate_consumers(&self, resolve: Resolve, bad: &mut impl FnMut(String, String)) {
         let mut names = BTreeSet::new();
         let mut client_ids = BTreeSet::new();
         for (i, c) in self.consumers.iter().enumerate() {
@@ -853,7 +864,9 @@ impl Config {
                         );
                     }
                 }
-                (None, Some(var)) => check_env(bad, format!("consumers[{i}].key_env"), var),
+                (None, Some(var)) => {
+                    check_env(resolve, bad, format!("consumers[{i}].key_env"), var)
+                }
                 _ => bad(
                     format!("consumers[{i}]"),
                     "needs exactly one of key_sha256 and key_env (or only a client_id)".into(),
@@ -945,8 +958,9 @@ impl Config {
 }
 
 impl ServerConfig {
-    fn validate(&self, bad: &mut impl FnMut(String, String)) {
+    fn validate(&self, resolve: Resolve, bad: &mut impl FnMut(String, String)) {
         if let Some(tls) = &self.tls
+            && resolve == Resolve::Online
             && let Err(e) = crate::tls::acceptor(tls)
         {
             bad("server.tls".into(), e);
@@ -993,7 +1007,7 @@ impl ServerConfig {
             );
         }
         match &self.admin_token_env {
-            Some(var) => check_env(bad, "server.admin_token_env".into(), var),
+            Some(var) => check_env(resolve, bad, "server.admin_token_env".into(), var),
             None if !self.admin_listen.ip().is_loopback() => bad(
                 "server.admin_token_env".into(),
                 format!(
@@ -1054,7 +1068,17 @@ fn jwks_url_is_trusted(url: &str) -> bool {
     }
 }
 
-fn check_env(bad: &mut impl FnMut(String, String), key: String, var: &str) {
+/// Whether validation reads what the configuration names (environment variables, files).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Resolve {
+    Online,
+    Offline,
+}
+
+fn check_env(resolve: Resolve, bad: &mut impl FnMut(String, String), key: String, var: &str) {
+    if resolve == Resolve::Offline {
+        return;
+    }
     match std::env::var(var) {
         Ok(v) if !v.is_empty() => {}
         Ok(_) => bad(key, format!("environment variable {var} is empty")),

@@ -39,6 +39,10 @@ enum Command {
     CheckConfig {
         #[arg(long, env = "SPILLWAY_CONFIG")]
         config: PathBuf,
+        /// Check the file alone: environment variables, files and credentials it names are
+        /// not read (what CI or a laptop can check of a production configuration).
+        #[arg(long)]
+        offline: bool,
     },
     /// Print the shared fleet state (backoffs, budgets, latency) from Redis, for operators.
     State {
@@ -116,7 +120,20 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             telemetry.shutdown().await;
             result
         }
-        Command::CheckConfig { config } => {
+        Command::CheckConfig {
+            config,
+            offline: true,
+        } => {
+            Config::load(Some(&config))?.validate_offline()?;
+            println!(
+                "configuration OK (offline: environment variables, files and credentials were not read; run without --offline where the replicas run to check those too)"
+            );
+            Ok(())
+        }
+        Command::CheckConfig {
+            config,
+            offline: false,
+        } => {
             let config = Config::load(Some(&config))?;
             // Validation only: no connection to the state store.
             let fleet = Arc::new(EmbeddedState::new(config.windows()));

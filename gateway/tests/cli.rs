@@ -213,3 +213,72 @@ fn a_consumer_needs_exactly_one_well_formed_key() {
     );
     assert!(spillway(&["check-config"], Some(&good)).status.success());
 }
+
+/// `check-config` reports every problem in one run, each naming its key, the configuration's
+/// own and what resolving its variables and credentials finds; `--offline` checks the file
+/// alone, without any of the variables a pod would have.
+#[test]
+fn check_config_reports_every_problem_at_once_and_offline_reads_nothing_else() {
+    let config = r#"
+[server]
+listen = "0.0.0.0:8080"
+admin_listen = "0.0.0.0:9090"
+admin_token_env = "SPILLWAY_CLI_TEST_UNSET_ADMIN"
+
+[[backends]]
+id = "ptu"
+url = "https://contoso.openai.azure.com"
+auth = { type = "workload-identity" }
+deployments = { "gpt-4o" = "gpt-4o" }
+
+[[backends]]
+id = "payg"
+url = "https://contoso-payg.openai.azure.com"
+auth = { type = "api-key", env = "SPILLWAY_CLI_TEST_UNSET_KEY" }
+deployments = { "gpt-4o" = "gpt-4o-payg" }
+
+[[consumers]]
+name = "app"
+key_env = "SPILLWAY_CLI_TEST_UNSET_CONSUMER"
+"#;
+    let dir = scratch_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("spillway.toml");
+    std::fs::write(&path, config).unwrap();
+    let run = |offline: bool| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_spillway"));
+        command.arg("check-config").arg("--config").arg(&path);
+        if offline {
+            command.arg("--offline");
+        }
+        for var in [
+            "AZURE_CLIENT_ID",
+            "AZURE_TENANT_ID",
+            "AZURE_FEDERATED_TOKEN_FILE",
+        ] {
+            command.env_remove(var);
+        }
+        command.output().unwrap()
+    };
+    let out = run(false);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    for key in [
+        "server.admin_token_env",
+        "backends[0].auth",
+        "backends[1].auth.env",
+        "consumers[0].key_env",
+    ] {
+        assert!(
+            stderr.contains(&format!("  - {key}: ")),
+            "{key} missing:\n{stderr}"
+        );
+    }
+    let offline = run(true);
+    assert!(
+        offline.status.success(),
+        "{}",
+        String::from_utf8_lossy(&offline.stderr)
+    );
+    assert!(String::from_utf8_lossy(&offline.stdout).contains("offline"));
+}
