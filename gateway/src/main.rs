@@ -83,6 +83,11 @@ enum Command {
         /// Simulator TOML; without it, two PTU and two PAYG resources are started.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Listen on fixed ports: the resources take this port and the ones after it, in
+        /// order (so a pasted `[[backends]]` keeps working after a restart). Without it, a
+        /// resource listens where its `listen` says (any free port by default).
+        #[arg(long)]
+        port_base: Option<u16>,
     },
     /// The one-command showcase: simulated deployments, a gateway fleet and a load ramp.
     Demo {
@@ -229,12 +234,21 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             println!("{}", spillway_gateway::consumers::key_sha256_hex(key));
             Ok(())
         }
-        Command::Sim { config } => {
+        Command::Sim { config, port_base } => {
             let _telemetry = telemetry::init(&Default::default())?;
-            let config = match config {
+            let mut config = match config {
                 Some(path) => sim::SimConfig::load(&path)?,
                 None => sim::SimConfig::example_fleet(),
             };
+            if let Some(base) = port_base {
+                for (i, resource) in config.resources.iter_mut().enumerate() {
+                    let port = u16::try_from(i)
+                        .ok()
+                        .and_then(|i| base.checked_add(i))
+                        .ok_or("--port-base: the resources' ports would pass 65535")?;
+                    resource.listen.set_port(port);
+                }
+            }
             let handle = sim::start(config).await?;
             print!("{}", handle.describe());
             server::shutdown_signal().await;

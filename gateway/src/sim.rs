@@ -180,9 +180,13 @@ impl SimHandle {
                 .iter()
                 .map(|d| format!("\"{0}\" = \"{0}\"", d.name))
                 .collect();
+            // The gateway budgets each member at the backend's `tpm`: the simulator's own
+            // (the smallest of the resource's deployments), so it spills on budget before
+            // the simulator throttles.
+            let tpm = r.spec.deployments.iter().map(|d| d.tpm).min().unwrap_or(0);
             let _ = writeln!(
                 out,
-                "\n[[backends]]\nid = \"{}\"\nurl = \"{}\"\nregion = \"{}\"\npriority = {}\nkind = \"{}\"\ndeployments = {{ {} }}",
+                "\n[[backends]]\nid = \"{}\"\nurl = \"{}\"\nregion = \"{}\"\npriority = {}\nkind = \"{}\"\ntpm = {tpm}\ndeployments = {{ {} }}",
                 r.spec.name,
                 self.url(&r.spec.name),
                 r.spec.region.as_deref().unwrap_or("local"),

@@ -282,3 +282,48 @@ key_env = "SPILLWAY_CLI_TEST_UNSET_CONSUMER"
     );
     assert!(String::from_utf8_lossy(&offline.stdout).contains("offline"));
 }
+
+/// `spillway sim --port-base N` listens on N, N+1, ... in order, and the `[[backends]]` it
+/// prints carry the simulator's `tpm`, so the pasted configuration spills on budget and
+/// passes `check-config` as it is.
+#[test]
+fn the_simulator_takes_fixed_ports_and_prints_backends_with_their_budgets() {
+    use std::io::{BufRead, BufReader};
+    // Four consecutive free ports.
+    let base = (20_000u16..60_000)
+        .step_by(97)
+        .find(|&p| (p..p + 4).all(|q| std::net::TcpListener::bind(("127.0.0.1", q)).is_ok()))
+        .expect("four free ports in a row");
+    let mut sim = Command::new(env!("CARGO_BIN_EXE_spillway"))
+        .args(["sim", "--port-base", &base.to_string()])
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut printed = String::new();
+    for line in BufReader::new(sim.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        let done = line == "# sim ready";
+        printed.push_str(&line);
+        printed.push('\n');
+        if done {
+            break;
+        }
+    }
+    let _ = sim.kill();
+    let _ = sim.wait();
+    for port in base..base + 4 {
+        assert!(
+            printed.contains(&format!("url = \"http://127.0.0.1:{port}\"")),
+            "{printed}"
+        );
+    }
+    assert!(printed.contains("tpm = 20000"), "{printed}");
+    assert!(printed.contains("tpm = 450000"), "{printed}");
+    let out = spillway(&["check-config"], Some(&printed));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
