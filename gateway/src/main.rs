@@ -120,6 +120,9 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
     match command {
         Command::Serve { config: path } => {
             let config = Config::load(path.as_deref())?;
+            if path.is_none() && config.backends.is_empty() {
+                return Err("no configuration: pass --config <file> or set SPILLWAY_CONFIG (`spillway sim` prints [[backends]] to start from; `spillway demo` runs everything at once)".into());
+            }
             let telemetry = telemetry::init(&config.telemetry)?;
             let result = server::serve(config, path).await;
             telemetry.shutdown().await;
@@ -150,7 +153,7 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
         Command::State { config, json } => {
             let config = Config::load(Some(&config))?;
             let Some(url) = config.state.redis_url.clone() else {
-                return Err("state.redis_url is not set: with the embedded store each replica keeps its own state, and there is no shared state to read".into());
+                return Err(format!("state.redis_url is not set: with the embedded store each replica keeps its own state, and there is no shared state to read; read one replica's with `curl http://{}/admin/state`", config.server.admin_listen).into());
             };
             let redis = server::redis_state(&config, &url)?;
             redis.ready(Duration::from_secs(5)).await?;

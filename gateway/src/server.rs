@@ -135,10 +135,18 @@ pub async fn serve(
     let delay = Duration::from_millis(config.server.shutdown_delay_ms);
     let draining = gateway.clone();
     tokio::spawn(async move {
-        shutdown_signal().await;
+        let signal = shutdown_signal().await;
         draining
             .draining
             .store(true, std::sync::atomic::Ordering::Relaxed);
+        // The delay lets a load balancer stop sending; Ctrl-C in a terminal has none to wait
+        // for (in-flight requests still finish).
+        use std::io::IsTerminal;
+        let delay = if signal == Stop::Interrupt && std::io::stdin().is_terminal() {
+            Duration::ZERO
+        } else {
+            delay
+        };
         info!(
             shutdown_delay_ms = delay.as_millis() as u64,
             "stopping: /readyz now answers 503; draining"
@@ -189,8 +197,17 @@ async fn reload_on_sighup(live: Arc<Live>) {
     }
 }
 
+/// What asked the server to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// Ctrl-C (SIGINT).
+    Interrupt,
+    /// SIGTERM (a container stop).
+    Terminate,
+}
+
 /// Ctrl-C or SIGTERM (container stop) ends the server after in-flight requests finish.
-pub async fn shutdown_signal() {
+pub async fn shutdown_signal() -> Stop {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -205,7 +222,7 @@ pub async fn shutdown_signal() {
     };
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tokio::select! { _ = ctrl_c => Stop::Interrupt, _ = term => Stop::Terminate }
 }
 
 #[cfg(test)]

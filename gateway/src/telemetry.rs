@@ -64,7 +64,10 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, String> {
             .with_filter(not_access)
             .boxed()
     } else {
+        // Colours for a person at a terminal; plain text for files and log collectors.
+        use std::io::IsTerminal;
         tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::stderr().is_terminal())
             .with_writer(std::io::stderr)
             .with_filter(logs)
             .with_filter(not_access)

@@ -158,6 +158,7 @@ fn state_explains_that_embedded_state_is_not_shared() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("state.redis_url is not set"), "{stderr}");
+    assert!(stderr.contains("/admin/state"), "{stderr}");
 }
 
 /// `spillway hash-key` with `stdin` as its input.
@@ -325,5 +326,17 @@ fn the_simulator_takes_fixed_ports_and_prints_backends_with_their_budgets() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `spillway` with no configuration at all says how to give one.
+#[test]
+fn serve_without_a_configuration_says_how_to_give_one() {
+    let out = spillway(&[], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--config") && stderr.contains("SPILLWAY_CONFIG"),
+        "{stderr}"
     );
 }

@@ -130,6 +130,10 @@ async fn sigterm_drains_in_flight_streams_and_settles_them() {
     assert!(logs.contains("draining"), "{logs}");
     assert!(logs.contains("spillway stopped"), "{logs}");
     assert!(
+        !logs.contains('\x1b'),
+        "no colour codes in a log file: {logs:?}"
+    );
+    assert!(
         !logs.contains("still running"),
         "every settlement landed before exit: {logs}"
     );
