@@ -4,8 +4,13 @@
 # state through Redis, and nginx as a round-robin front standing in for Application Gateway.
 #
 #   scripts/fleet.sh up       build, start everything, wait until the front answers
-#   scripts/fleet.sh status   what runs, and the shared fleet state (spillway state)
-#   scripts/fleet.sh down     stop everything
+#   scripts/fleet.sh status   what runs (a replica stopping says "draining"), and the shared
+#                             fleet state (spillway state)
+#   scripts/fleet.sh down     stop the front, then the replicas (waiting for their drain),
+#                             then the simulator and Redis; returns once all have exited
+#
+# It serves two pools: gpt-4o (chat, completions, Responses, Realtime) and
+# text-embedding-3-small (embeddings), each on PTU first and PAYG after, in two regions.
 #
 # Ports (loopback only) start at FLEET_PORT (default 18100): front +0, replicas +1..+3,
 # their admin listeners +11..+13, Redis +20, simulated resources +31..+34.
@@ -67,6 +72,10 @@ region = "${regions[$i]}"
 name = "gpt-4o"
 kind = "${kinds[$i]}"
 tpm = ${tpms[$i]}
+[[resources.deployments]]
+name = "text-embedding-3-small"
+kind = "${kinds[$i]}"
+tpm = ${tpms[$i]}
 
 EOT
     cat >>"$dir/backends.toml" <<EOT
@@ -77,7 +86,7 @@ region = "${regions[$i]}"
 priority = $priority
 kind = "${kinds[$i]}"
 $([ "${kinds[$i]}" = ptu ] && echo "tpm = ${tpms[$i]}")
-deployments = { "gpt-4o" = "gpt-4o" }
+deployments = { "gpt-4o" = "gpt-4o", "text-embedding-3-small" = "text-embedding-3-small" }
 
 EOT
   done
@@ -86,6 +95,8 @@ EOT
 [server]
 listen = "127.0.0.1:$((base + r))"
 admin_listen = "127.0.0.1:$((base + 10 + r))"
+# \`down\` stops the front first: no load balancer needs the delay to stop sending.
+shutdown_delay_ms = 500
 
 [state]
 redis_url = "redis://127.0.0.1:$redis"
@@ -170,6 +181,8 @@ up() {
 The fleet is up. Send requests to the front (as to https://<resource>.openai.azure.com):
   curl -s 'http://127.0.0.1:$front/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21' \\
        -H 'content-type: application/json' -d '{"messages":[{"role":"user","content":"hi"}]}'
+Embeddings:     curl -s 'http://127.0.0.1:$front/openai/deployments/text-embedding-3-small/embeddings?api-version=2024-10-21' \\
+                     -H 'content-type: application/json' -d '{"input":"hi"}'
 Shared state:   redis-cli -p $redis --scan --pattern 'spillway:*'
 Fleet table:    scripts/fleet.sh status
 Logs:           $dir/*.log (replicas write one JSON access line per request to theirs)
@@ -177,12 +190,18 @@ Stop:           scripts/fleet.sh down
 EOT
 }
 
+alive() { [ -e "$dir/$1.pid" ] && kill -0 "$(cat "$dir/$1.pid")" 2>/dev/null; }
+
 status() {
   local any=0
   for name in redis sim replica-1 replica-2 replica-3 nginx; do
-    local pidfile="$dir/$name.pid"
-    if [ -e "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-      printf '%-10s running (pid %s)\n' "$name" "$(cat "$pidfile")"; any=1
+    if alive "$name"; then
+      local state=running
+      # A replica answering /readyz 503 has been told to stop and is draining.
+      if [[ $name == replica-* ]] && [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$((base + ${name#replica-}))/readyz")" = 503 ]; then
+        state=draining
+      fi
+      printf '%-10s %s (pid %s)\n' "$name" "$state" "$(cat "$dir/$name.pid")"; any=1
     else
       printf '%-10s stopped\n' "$name"
     fi
@@ -193,14 +212,32 @@ status() {
   fi
 }
 
-down() {
-  for name in nginx replica-1 replica-2 replica-3 sim redis; do
-    local pidfile="$dir/$name.pid"
-    if [ -e "$pidfile" ]; then
-      kill "$(cat "$pidfile")" 2>/dev/null || true
-      rm -f "$pidfile"
-    fi
+# Stop these (SIGTERM) and wait until every one has exited (at most `within` seconds).
+stop_all() { # within, names...
+  local within=$1; shift
+  for name in "$@"; do
+    alive "$name" && kill "$(cat "$dir/$name.pid")" 2>/dev/null || true
   done
+  for name in "$@"; do
+    for _ in $(seq 1 $((within * 10))); do
+      alive "$name" || break
+      sleep 0.1
+    done
+    if alive "$name"; then
+      echo "fleet.sh: $name did not stop within ${within}s; killing it" >&2
+      kill -9 "$(cat "$dir/$name.pid")" 2>/dev/null || true
+    fi
+    rm -f "$dir/$name.pid"
+  done
+}
+
+down() {
+  log "stopping the front"
+  stop_all 10 nginx
+  log "stopping the replicas (they finish what is in flight)"
+  stop_all 30 replica-1 replica-2 replica-3
+  log "stopping the simulator and Redis"
+  stop_all 10 sim redis
   log "fleet stopped"
 }
 

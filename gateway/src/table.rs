@@ -140,8 +140,14 @@ impl RoutingTable {
         self.pools.values()
     }
 
-    /// Human-readable table for `spillway check-config`.
+    /// Human-readable table for `spillway check-config`, its columns as wide as the
+    /// longest id, deployment and region.
     pub fn render(&self) -> String {
+        let members = || self.pools().flat_map(|p| p.members.iter());
+        let width = |f: &dyn Fn(&Member) -> usize| members().map(f).max().unwrap_or(0);
+        let id_width = width(&|m| m.backend.id.as_str().len());
+        let deployment_width = width(&|m| m.deployment.len());
+        let region_width = width(&|m| m.backend.region.as_deref().unwrap_or("-").len());
         let mut out = String::new();
         for pool in self.pools() {
             let _ = writeln!(out, "pool {}", pool.name);
@@ -154,8 +160,8 @@ impl RoutingTable {
                 }
                 let _ = writeln!(
                     out,
-                    "    {:<24} deployment={:<20} weight={:<3} region={:<16} tpm={:<8} rpm={:<6} auth={} url={}",
-                    b.id,
+                    "    {:<id_width$}  deployment={:<deployment_width$}  weight={:<3} region={:<region_width$}  tpm={:<8} rpm={:<6} auth={} url={}",
+                    b.id.as_str(),
                     m.deployment,
                     b.weight,
                     b.region.as_deref().unwrap_or("-"),
