@@ -175,8 +175,14 @@ pub fn render_report(report: &FleetReport) -> String {
             cache_share(cached, prompt)
         );
     }
+    out.push_str(LEGEND);
     out
 }
+
+/// What the less obvious columns mean, under every table.
+pub const LEGEND: &str = "\nttfb, total: latency quantiles read from histogram buckets, so \"≤512\" means at most 512 ms.\n\
+est err: estimated minus real tokens of completed requests, over the real ones; + means budgets\n\
+reserved more than was used (headroom held back), - less (the window may briefly run over).\n";
 
 /// The share of prompt tokens the prompt cache served (completed requests).
 pub fn cache_share(cached: u64, prompt: u64) -> String {
@@ -201,6 +207,7 @@ fn used(n: u64, budget: Option<u64>) -> String {
 
 fn quantiles(p50: Option<u64>, p95: Option<u64>) -> String {
     match (p50, p95) {
+        // Upper bounds of histogram buckets: "≤" says so.
         (Some(p50), Some(p95)) => format!("≤{p50}/≤{p95} ms"),
         _ => "-".into(),
     }

@@ -41,7 +41,7 @@ pub fn draw(frame: &mut Frame, view: &TopView) {
     let mut header = vec![Line::from(vec![
         Span::styled("spillway top", Style::new().add_modifier(Modifier::BOLD)),
         Span::raw(format!(
-            "  state: {}  window {} s  read {}  (q quits)",
+            "  state: {}  window {} s  read {}  (q, Esc or Ctrl-C quits)",
             report.store, report.budget_window_s, view.read_at
         )),
     ])];
@@ -119,8 +119,9 @@ fn member_row(m: &MemberReport, window_s: u64) -> Row<'static> {
             m.utilization
                 .map_or("-".into(), |u| format!("{:.0}%", u * 100.0)),
         ),
+        // Upper bounds of histogram buckets, as in `spillway state`.
         Cell::from(match (m.ttfb_p50_ms, m.ttfb_p95_ms) {
-            (Some(p50), Some(p95)) => format!("{p50}/{p95} ms"),
+            (Some(p50), Some(p95)) => format!("≤{p50}/≤{p95} ms"),
             _ => "-".into(),
         }),
         Cell::from(per_second(m.tokens_used)),
@@ -186,7 +187,8 @@ where
     let mut screen = Screen(ratatui::try_init()?);
     let result = async {
         screen.0.draw(|frame| {
-            let text = format!("spillway top: connecting to {connecting}…  (q quits)");
+            let text =
+                format!("spillway top: connecting to {connecting}…  (q, Esc or Ctrl-C quits)");
             frame.render_widget(Paragraph::new(text), frame.area());
         })?;
         let mut view: Option<TopView> = None;
@@ -361,7 +363,7 @@ mod tests {
             "ptu-eastus",
             "█████░░░░░  52%",
             "87%",
-            "120/480 ms",
+            "≤120/≤480 ms",
             "throttled 4.2s",
             "payg-eastus",
             "480 tok",
