@@ -119,6 +119,8 @@ pub async fn serve(
     let live = Live::new(gateway.clone(), source, fleet);
     #[cfg(unix)]
     tokio::spawn(reload_on_sighup(live.clone()));
+    // Signals are caught from here on (before the listeners announce themselves).
+    let stopping = shutdown_signal();
     info!(
         listen = %listener.local_addr()?,
         tls = tls.is_some(),
@@ -135,7 +137,7 @@ pub async fn serve(
     let delay = Duration::from_millis(config.server.shutdown_delay_ms);
     let draining = gateway.clone();
     tokio::spawn(async move {
-        let signal = shutdown_signal().await;
+        let signal = stopping.await;
         draining
             .draining
             .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -207,22 +209,34 @@ pub enum Stop {
 }
 
 /// Ctrl-C or SIGTERM (container stop) ends the server after in-flight requests finish.
-pub async fn shutdown_signal() -> Stop {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// The handlers are in place when this returns (a signal right after start is caught), the
+/// future resolves on the first signal.
+pub fn shutdown_signal() -> impl Future<Output = Stop> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let interrupt = signal(SignalKind::interrupt()).ok();
+        let terminate = signal(SignalKind::terminate()).ok();
+        async move {
+            let wait = |s: Option<tokio::signal::unix::Signal>| async move {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = wait(interrupt) => Stop::Interrupt,
+                () = wait(terminate) => Stop::Terminate,
             }
-            Err(_) => std::future::pending().await,
         }
-    };
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => Stop::Interrupt, _ = term => Stop::Terminate }
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+        Stop::Interrupt
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
-//! `spillway top` in a pseudo-terminal: it says it is connecting at once, draws the fleet,
-//! and gives the terminal back as it found it (main screen, cursor shown, raw mode off)
-//! whether it is stopped by SIGTERM or by Ctrl-C; without a terminal, or with one of no
-//! size, it says so and exits with an error instead of panicking.
+//! The binary in a pseudo-terminal, as an operator runs it. `spillway top` says it is
+//! connecting at once, draws the fleet, and gives the terminal back as it found it (main
+//! screen, cursor shown, raw mode off) whether it is stopped by SIGTERM or by Ctrl-C; without
+//! a terminal, or with one of no size, it says so and exits with an error instead of
+//! panicking. `spillway serve` stopped with Ctrl-C in a terminal skips the load balancer's
+//! delay, and its logs there are coloured (in a file they are not: `drain.rs`).
 
 mod common;
 
@@ -66,6 +68,12 @@ struct Top {
 }
 
 fn top(fleet: &Fleet, columns: u16, rows: u16) -> Top {
+    let config = fleet.config.to_str().unwrap().to_owned();
+    in_terminal(&["top", "--config", &config], columns, rows)
+}
+
+/// `spillway <args>` on a new pseudo-terminal.
+fn in_terminal(args: &[&str], columns: u16, rows: u16) -> Top {
     let size = Winsize {
         ws_row: rows,
         ws_col: columns,
@@ -77,15 +85,21 @@ fn top(fleet: &Fleet, columns: u16, rows: u16) -> Top {
     let stdio = || Stdio::from(slave.try_clone().unwrap());
     let mut command = Command::new(env!("CARGO_BIN_EXE_spillway"));
     command
-        .args(["top", "--config"])
-        .arg(&fleet.config)
-        .env("RUST_LOG", "error")
+        .args(args)
+        .env("RUST_LOG", "info")
         .stdin(stdio())
         .stdout(stdio())
         .stderr(stdio());
-    // Its own session, so the pseudo-terminal is the only terminal it could use.
+    // Its own session, with the pseudo-terminal as its controlling terminal: the only one it
+    // can use, and the one whose Ctrl-C becomes its SIGINT.
     unsafe {
-        command.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(Into::into));
+        command.pre_exec(|| {
+            nix::unistd::setsid()?;
+            if libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
     let child = KillOnDrop(command.spawn().unwrap());
     drop(slave);
@@ -198,4 +212,38 @@ fn without_a_terminal_or_its_size_it_says_so() {
     assert_eq!(status.code(), Some(1), "{printed}");
     assert!(printed.contains("no size"), "{printed}");
     assert!(sizeless.cooked());
+}
+
+#[test]
+fn ctrl_c_in_a_terminal_stops_serve_without_the_load_balancer_delay() {
+    let dir = std::env::temp_dir().join(format!("spillway-tty-serve-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("spillway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{}\"\nadmin_listen = \"127.0.0.1:{}\"\n\
+             [[backends]]\nid = \"ptu\"\nurl = \"http://127.0.0.1:9\"\n\
+             deployments = {{ \"gpt-4o\" = \"gpt-4o\" }}\n",
+            free_port(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let mut serve = in_terminal(&["serve", "--config", config.to_str().unwrap()], 120, 40);
+    serve.wait_for("spillway serving");
+    assert!(serve.seen.contains('\x1b'), "coloured on a terminal");
+    let from = serve.seen.len();
+    serve.master.write_all(b"\x03").unwrap();
+    let (status, after) = serve.exit(from);
+    assert!(status.success(), "{status}\n{after}");
+    assert!(
+        after.contains("shutdown_delay_ms") && after.contains("0"),
+        "{after}"
+    );
+    assert!(
+        !after.contains("5000"),
+        "the default 5 s delay is for load balancers: {after}"
+    );
+    assert!(after.contains("spillway stopped"), "{after}");
 }
