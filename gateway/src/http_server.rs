@@ -117,8 +117,13 @@ async fn serve_with(
             (builder.clone(), router.clone(), tls.clone(), stop.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            if !sends_within(&stream, limits.header_timeout).await {
-                return; // silent connection: never reaches hyper
+            let mut stopping = stop.clone();
+            tokio::select! {
+                sends = sends_within(&stream, limits.header_timeout) => if !sends {
+                    return; // silent connection: never reaches hyper
+                },
+                // Stopping: a connection that has sent nothing yet is simply closed.
+                _ = stopping.wait_for(|stopping| *stopping) => return,
             }
             let Some(tls) = tls else {
                 return serve_connection(&builder, stream, router, limits, stop).await;
