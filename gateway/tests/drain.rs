@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{KillOnDrop, free_port, instant_ptu, resource, sigterm};
+use common::{KillOnDrop, free_port, instant_ptu, redis_server, resource, sigterm};
 
 use std::io::Read;
 use std::process::{Command, Stdio};
@@ -38,16 +38,7 @@ async fn sigterm_drains_in_flight_streams_and_settles_them() {
     .unwrap();
     let dir = std::env::temp_dir().join(format!("spillway-drain-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let redis_port = free_port();
-    let _redis = KillOnDrop(
-        Command::new("redis-server")
-            .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .current_dir(&dir)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed"),
-    );
+    let (_redis, redis_port) = redis_server(&dir, &[]);
     let up = async {
         while redis_cli(redis_port, &["PING"]).trim() != "PONG" {
             tokio::time::sleep(Duration::from_millis(20)).await;

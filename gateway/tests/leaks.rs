@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::{KillOnDrop, free_port, sigterm};
+use common::{KillOnDrop, free_port, redis_server, sigterm};
 
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -111,23 +111,7 @@ async fn no_secret_is_in_anything_the_gateway_writes() {
 
     let dir = std::env::temp_dir().join(format!("spillway-leaks-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let redis_port = free_port();
-    let redis = KillOnDrop(
-        Command::new("redis-server")
-            .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"])
-            .args([
-                "--requirepass",
-                REDIS_PASSWORD,
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .current_dir(&dir)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (scripts/test.sh installs it)"),
-    );
+    let (redis, redis_port) = redis_server(&dir, &["--requirepass", REDIS_PASSWORD]);
     std::fs::write(dir.join("jwks.json"), r#"{"keys":[]}"#).unwrap();
 
     let (port, admin_port) = (free_port(), free_port());

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{KillOnDrop, free_port, sigterm};
+use common::{KillOnDrop, free_port, redis_server, sigterm};
 
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
@@ -32,16 +32,7 @@ struct Fleet {
 fn fleet(tag: &str) -> Fleet {
     let dir = std::env::temp_dir().join(format!("spillway-top-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let port = free_port();
-    let redis = KillOnDrop(
-        Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .current_dir(&dir)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (scripts/test.sh installs it)"),
-    );
+    let (redis, port) = redis_server(&dir, &[]);
     let config = dir.join("spillway.toml");
     std::fs::write(
         &config,

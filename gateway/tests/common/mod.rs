@@ -24,6 +24,21 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// A `redis-server` on a free loopback port, working in `dir`, with `extra` arguments (a
+/// password); killed with its test. Its port.
+pub fn redis_server(dir: &std::path::Path, extra: &[&str]) -> (KillOnDrop, u16) {
+    let port = free_port();
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .args(extra)
+        .current_dir(dir)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server is installed (scripts/test.sh installs it)");
+    (KillOnDrop(child), port)
+}
+
 /// Wait until `{base}/readyz` answers 200 (a gateway at `RUST_LOG=warn` logs no start line).
 pub async fn wait_ready(base: &str) {
     let http = reqwest::Client::new();
