@@ -152,15 +152,22 @@ fn header_name(name: &str) -> HeaderName {
 #[derive(Clone, Debug)]
 pub struct Caller(pub Option<crate::consumers::Consumer>);
 
-/// Authenticate the request (401 in Azure's shape otherwise) and hand the consumer on.
-async fn identify(State(live): State<Arc<Live>>, mut request: Request, next: Next) -> Response {
+/// Authenticate the request (401 in Azure's shape otherwise) and hand the consumer on, then
+/// take one of the replica's request slots (503 when none is free): in that order, so
+/// requests with bad credentials (a flood of junk tokens while the JWKS endpoint is slow)
+/// never hold one. One layer for both, as every API request passes it.
+async fn identify(
+    State((live, slots)): State<(Arc<Live>, RequestSlots)>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let gateway = live.get();
     let started = std::time::Instant::now();
     match gateway.consumers.authenticate(request.headers()).await {
         Ok(consumer) => {
             let caller = Caller(consumer.cloned());
             request.extensions_mut().insert(caller);
-            next.run(request).await
+            load_shed::in_slot(&slots, request, next).await
         }
         Err(refusal) => {
             crate::access_log::write(&crate::access_log::AccessRecord {
@@ -263,11 +270,10 @@ pub fn app_live(live: Arc<Live>) -> Router {
             post(stored_response).fallback(method_not_allowed),
         )
         .fallback(|| async { GatewayError::NotFound })
-        .layer(middleware::from_fn_with_state(slots, load_shed::shed))
-        // Outermost: who is calling is settled before a slot is taken, so requests with
-        // bad credentials (a flood of junk tokens while the JWKS endpoint is slow) never
-        // hold one.
-        .layer(middleware::from_fn_with_state(live.clone(), identify));
+        .layer(middleware::from_fn_with_state(
+            (live.clone(), slots),
+            identify,
+        ));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))

@@ -6,7 +6,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -200,18 +200,21 @@ async fn serve_connection<S>(
     }
 }
 
-/// Requests in flight on one connection, and when the last one ended.
+/// Requests in flight on one connection, and when the last one ended (milliseconds since
+/// the connection opened: an atomic, no lock on the request path).
 #[derive(Debug)]
 struct Activity {
     in_flight: AtomicUsize,
-    idle_since: std::sync::Mutex<tokio::time::Instant>,
+    opened: tokio::time::Instant,
+    idle_since_ms: AtomicU64,
 }
 
 impl Default for Activity {
     fn default() -> Self {
         Self {
             in_flight: AtomicUsize::new(0),
-            idle_since: std::sync::Mutex::new(tokio::time::Instant::now()),
+            opened: tokio::time::Instant::now(),
+            idle_since_ms: AtomicU64::new(0),
         }
     }
 }
@@ -228,24 +231,30 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        *self.0.idle_since.lock().expect("activity lock") = tokio::time::Instant::now();
+        self.0.touch();
         self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
 impl Activity {
+    /// Mark now as the last activity.
+    fn touch(&self) {
+        let now = self.opened.elapsed().as_millis() as u64;
+        self.idle_since_ms.store(now, Ordering::Relaxed);
+    }
+
     /// Resolves once no request has been in flight for `timeout`.
     async fn idle_for(&self, timeout: Duration) {
         loop {
-            let since = *self.idle_since.lock().expect("activity lock");
-            tokio::time::sleep_until(since + timeout).await;
-            let still = *self.idle_since.lock().expect("activity lock") == since;
+            let since = self.idle_since_ms.load(Ordering::Relaxed);
+            tokio::time::sleep_until(self.opened + Duration::from_millis(since) + timeout).await;
+            let still = self.idle_since_ms.load(Ordering::Relaxed) == since;
             if still && self.in_flight.load(Ordering::SeqCst) == 0 {
                 return;
             }
             if still {
                 // Busy with a long answer: look again a timeout later.
-                *self.idle_since.lock().expect("activity lock") = tokio::time::Instant::now();
+                self.touch();
             }
         }
     }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use axum::body::{Body, Bytes, HttpBody};
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -39,8 +39,9 @@ impl RequestSlots {
     }
 }
 
-/// `axum::middleware::from_fn_with_state` handler: take a slot or answer 503.
-pub async fn shed(State(slots): State<RequestSlots>, mut request: Request, next: Next) -> Response {
+/// Run the rest of the stack in one of `slots`, or answer 503 at once (for middleware that
+/// does its own work first, such as authentication).
+pub async fn in_slot(slots: &RequestSlots, mut request: Request, next: Next) -> Response {
     let Ok(permit) = slots.0.clone().try_acquire_owned() else {
         crate::metrics::request_shed();
         return GatewayError::Overloaded.into_response();
