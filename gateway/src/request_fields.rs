@@ -149,8 +149,9 @@ impl<'a> RequestFields<'a> {
 
     /// The shapes the gateway relies on, checked without building anything: chat
     /// `messages` (and, for a Responses API create, `input` items) are message objects whose
-    /// `content` is text, null, or a list of part objects. 400 otherwise, as the service
-    /// answers. (Embeddings input is checked as it is counted.)
+    /// `content` is text, null, or a list of part objects. Admission gets the same answer
+    /// from counting the prompt (`tokens::estimate` walks these lists with the same rules),
+    /// so it does not walk them twice; this is the rule on its own.
     pub fn check_shape(&self, responses_create: bool) -> Result<(), ShapeError> {
         if let Some(messages) = self.messages {
             each_message(messages, "messages", |_| ControlFlow::Continue(()))?;

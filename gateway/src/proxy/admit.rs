@@ -140,7 +140,7 @@ pub async fn admit(
         request_body::read(&inbound.headers, inbound.body, &gateway.body_limits).await?;
     let kind = Operation::of(operation.segments());
     let creates_response = kind == Operation::Responses && operation.segments().len() == 1;
-    let fields = read_fields(&inbound.headers, &body, creates_response)?;
+    let fields = read_fields(&inbound.headers, &body)?;
     let pool = match named_pool {
         Some(pool) => pool,
         None => {
@@ -454,7 +454,6 @@ pub(super) fn lookup(
 fn read_fields<'a>(
     headers: &HeaderMap,
     body: &'a Bytes,
-    responses_create: bool,
 ) -> Result<Option<RequestFields<'a>>, GatewayError> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -465,13 +464,10 @@ fn read_fields<'a>(
     if !is_json || (content_type.is_empty() && body.is_empty()) {
         return Ok(None);
     }
+    // The shapes of messages and inputs are checked as they are counted (`tokens::estimate`
+    // walks them strictly), before anything is forwarded.
     match RequestFields::parse(body) {
-        Ok(fields) => {
-            fields
-                .check_shape(responses_create)
-                .map_err(|e| GatewayError::BadRequest(e.to_string()))?;
-            Ok(Some(fields))
-        }
+        Ok(fields) => Ok(Some(fields)),
         Err(FieldsError::NotAnObject) => Err(GatewayError::BadRequest(
             "The request body must be a JSON object.".into(),
         )),
