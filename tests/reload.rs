@@ -164,5 +164,20 @@ async fn a_reload_under_load_changes_routing_and_drops_nothing() {
             .contains("state: changes need a restart"),
         "{body}"
     );
+    // So does what the connection loop and the replica's body budget were built with.
+    std::fs::write(
+        &path,
+        keyed.clone() + "[server]\nmax_inflight_body_bytes = 33554432\nidle_timeout_ms = 1000\n",
+    )
+    .unwrap();
+    let refused = reload().await.unwrap();
+    assert_eq!(refused.status(), 400);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("server.max_inflight_body_bytes")
+            && message.contains("server.idle_timeout_ms"),
+        "{body}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -71,6 +71,10 @@ impl Live {
             Gateway::from_config(&config, self.fleet.clone()).map_err(|e| e.to_string())?;
         // What belongs to the replica, not to the configuration, carries over.
         next.slots = running.slots.clone();
+        next.body_limits = next
+            .body_limits
+            .clone()
+            .sharing_budget_with(&running.body_limits);
         next.view = running.view.clone();
         next.draining = std::sync::atomic::AtomicBool::new(
             running.draining.load(std::sync::atomic::Ordering::Relaxed),
@@ -89,6 +93,9 @@ fn restart_only_changes(running: &Config, next: &Config) -> Result<(), String> {
         "/server/admin_listen",
         "/server/tls",
         "/server/max_concurrent_requests",
+        "/server/max_inflight_body_bytes",
+        "/server/max_connections",
+        "/server/idle_timeout_ms",
         "/state",
         "/telemetry",
     ]

@@ -37,6 +37,13 @@ impl BodyLimits {
         }
     }
 
+    /// These limits, counting bodies in flight with `running`'s budget (a reload keeps the
+    /// replica's one count of what it holds).
+    pub fn sharing_budget_with(mut self, running: &Self) -> Self {
+        self.in_flight = running.in_flight.clone();
+        self
+    }
+
     /// Bytes of body the replica could still take (tests, metrics).
     pub fn available_bytes(&self) -> usize {
         self.in_flight.available_permits()
@@ -151,5 +158,29 @@ async fn drain(mut body: Body, budget: usize) {
             return;
         }
         left -= data.len();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_sharing_a_budget_count_the_same_bytes() {
+        let server = ServerConfig::default();
+        let running = BodyLimits::from_config(&server);
+        let reloaded = BodyLimits::from_config(&ServerConfig {
+            max_body_bytes: 1024,
+            ..server.clone()
+        })
+        .sharing_budget_with(&running);
+        let held = running.reserve(1000).unwrap();
+        assert_eq!(
+            reloaded.available_bytes(),
+            server.max_inflight_body_bytes - 1000
+        );
+        assert_eq!(reloaded.max_bytes, 1024, "its own limits");
+        drop(held);
+        assert_eq!(reloaded.available_bytes(), server.max_inflight_body_bytes);
     }
 }
