@@ -96,6 +96,12 @@ fn restart_only_changes(running: &Config, next: &Config) -> Result<(), String> {
         "/server/max_inflight_body_bytes",
         "/server/max_connections",
         "/server/idle_timeout_ms",
+        // The connection loop and the stop sequence are built with these at start.
+        "/server/header_timeout_ms",
+        "/server/max_headers",
+        "/server/max_header_bytes",
+        "/server/shutdown_delay_ms",
+        "/server/drain_timeout_ms",
         "/state",
         "/telemetry",
     ]
