@@ -154,12 +154,12 @@ impl<'a> RequestFields<'a> {
     /// so it does not walk them twice; this is the rule on its own.
     pub fn check_shape(&self, responses_create: bool) -> Result<(), ShapeError> {
         if let Some(messages) = self.messages {
-            each_message(messages, "messages", |_| ControlFlow::Continue(()))?;
+            let _ = each_message(messages, "messages", |_| ControlFlow::Continue(()))?;
         }
         if let Some(ResponsesInput::Items(items)) =
             self.responses_input().filter(|_| responses_create)
         {
-            each_message(items, "input", |_| ControlFlow::Continue(()))?;
+            let _ = each_message(items, "input", |_| ControlFlow::Continue(()))?;
         }
         Ok(())
     }
@@ -273,7 +273,7 @@ impl<'a> Content<'a> {
                 .map_err(|_| "content is not valid text"),
             Some(b'[') => {
                 let parts = Self::Parts(raw);
-                parts.each_part(|_| ControlFlow::Continue(()))?;
+                let _ = parts.each_part(|_| ControlFlow::Continue(()))?;
                 Ok(parts)
             }
             Some(b'n') => Ok(Self::Absent),
@@ -281,13 +281,14 @@ impl<'a> Content<'a> {
         }
     }
 
-    /// Each part of a list content, in order, until `visit` breaks. Every part is an object.
+    /// Each part of a list content, in order, until `visit` breaks (then `Break`). Every
+    /// part is an object.
     pub fn each_part(
         &self,
         mut visit: impl FnMut(&Part<'a>) -> ControlFlow<()>,
-    ) -> Result<(), &'static str> {
+    ) -> Result<ControlFlow<()>, &'static str> {
         let Self::Parts(raw) = self else {
-            return Ok(());
+            return Ok(ControlFlow::Continue(()));
         };
         let mut stopped = false;
         let walk = Walk {
@@ -301,8 +302,8 @@ impl<'a> Content<'a> {
             _element: PhantomData,
         };
         match serde_json::Deserializer::from_str(raw.get()).deserialize_seq(walk) {
-            Ok(()) => Ok(()),
-            Err(_) if stopped => Ok(()),
+            Ok(()) => Ok(ControlFlow::Continue(())),
+            Err(_) if stopped => Ok(ControlFlow::Break(())),
             Err(_) => Err("content parts must be objects"),
         }
     }
@@ -332,14 +333,14 @@ pub enum ResponsesInput<'a> {
 }
 
 /// Each message of `list` (chat `messages`, Responses `input` items), in order, one at a
-/// time, until `visit` breaks. Refused (naming `field[index]`): an element that is not an
+/// time, until `visit` breaks (then `Break`). Refused (naming `field[index]`): an element that is not an
 /// object, content that is neither text, null nor a list of part objects, a list that is not
 /// a list.
 pub fn each_message<'a>(
     list: &'a RawValue,
     field: &str,
     mut visit: impl FnMut(&Message<'a>) -> ControlFlow<()>,
-) -> Result<(), ShapeError> {
+) -> Result<ControlFlow<()>, ShapeError> {
     let mut stopped = false;
     let mut index = 0;
     let mut problem = None;
@@ -371,8 +372,8 @@ pub fn each_message<'a>(
         return Err(ShapeError(format!("'{field}[{index}]': {why}.")));
     }
     match result {
-        Ok(()) => Ok(()),
-        Err(_) if stopped => Ok(()),
+        Ok(()) => Ok(ControlFlow::Continue(())),
+        Err(_) if stopped => Ok(ControlFlow::Break(())),
         Err(_) if list.get().starts_with('[') => Err(ShapeError(format!(
             "'{field}[{index}]' must be an object (a message)."
         ))),
@@ -766,7 +767,7 @@ mod tests {
     fn messages_of(body: &[u8]) -> Result<Vec<(Option<String>, &'static str)>, ShapeError> {
         let fields = RequestFields::parse(body).expect("valid JSON object");
         let mut seen = Vec::new();
-        each_message(fields.messages.expect("messages"), "messages", |m| {
+        let _ = each_message(fields.messages.expect("messages"), "messages", |m| {
             let kind = match &m.content {
                 Content::Absent => "absent",
                 Content::Text(_) => "text",
@@ -862,7 +863,7 @@ mod tests {
     fn a_walk_stops_when_asked() {
         let fields = RequestFields::parse(br#"{"messages": [{}, {}, {}, 1]}"#).unwrap();
         let mut seen = 0;
-        each_message(fields.messages.unwrap(), "messages", |_| {
+        let stopped = each_message(fields.messages.unwrap(), "messages", |_| {
             seen += 1;
             if seen == 2 {
                 ControlFlow::Break(())
@@ -871,6 +872,7 @@ mod tests {
             }
         })
         .expect("stopped before the bad element");
+        assert_eq!(stopped, ControlFlow::Break(()));
         assert_eq!(seen, 2);
     }
 
@@ -923,7 +925,7 @@ mod tests {
             Some(Text(Cow::Borrowed("gpt-4o")))
         ));
         let mut owned = false;
-        each_message(fields.messages.unwrap(), "messages", |m| {
+        let _ = each_message(fields.messages.unwrap(), "messages", |m| {
             owned = matches!(&m.role, Some(Text(Cow::Owned(s))) if s == "user");
             ControlFlow::Continue(())
         })

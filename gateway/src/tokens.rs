@@ -182,38 +182,28 @@ impl Tally {
         }
         match &message.content {
             Content::Text(text) => self.text(text),
-            content @ Content::Parts(_) => {
-                let mut flow = ControlFlow::Continue(());
-                // The parts were checked when the message was read.
-                let _ = content.each_part(|part| {
-                    flow = match part.kind.get().map(Text::as_str) {
-                        // `input_text`/`output_text`/`input_image`: Responses API items.
-                        Some("text" | "input_text" | "output_text") => part
-                            .text
-                            .get()
-                            .map_or(ControlFlow::Continue(()), |t| self.text(t.as_str())),
-                        Some("image_url" | "input_image") => self.add(image_tokens(part)),
-                        _ => ControlFlow::Continue(()),
-                    };
-                    flow
-                });
-                flow
-            }
+            // The parts were checked when the message was read.
+            content @ Content::Parts(_) => content
+                .each_part(|part| match part.kind.get().map(Text::as_str) {
+                    // `input_text`/`output_text`/`input_image`: Responses API items.
+                    Some("text" | "input_text" | "output_text") => part
+                        .text
+                        .get()
+                        .map_or(ControlFlow::Continue(()), |t| self.text(t.as_str())),
+                    Some("image_url" | "input_image") => self.add(image_tokens(part)),
+                    _ => ControlFlow::Continue(()),
+                })
+                .unwrap_or(ControlFlow::Continue(())),
             Content::Absent => ControlFlow::Continue(()),
         }
     }
 
     /// A list of messages, plus 3 to prime the reply.
     fn messages(&mut self, list: &RawValue, field: &str) -> Result<ControlFlow<()>, ShapeError> {
-        let mut flow = self.add(3);
-        if flow.is_break() {
-            return Ok(flow);
+        if self.add(3).is_break() {
+            return Ok(ControlFlow::Break(()));
         }
-        each_message(list, field, |message| {
-            flow = self.message(message);
-            flow
-        })?;
-        Ok(flow)
+        each_message(list, field, |message| self.message(message))
     }
 
     /// An embeddings `input` or completions `prompt`.

@@ -66,20 +66,12 @@ fn hash_message(message: &Message, take: &mut impl FnMut(&str) -> bool) -> bool 
     }
     match &message.content {
         Content::Text(text) => take(text),
-        parts @ Content::Parts(_) => {
-            let mut open = true;
-            let _ = parts.each_part(|part| {
-                if let Some(text) = part.text.get() {
-                    open = take(text.as_str());
-                }
-                if open {
-                    ControlFlow::Continue(())
-                } else {
-                    ControlFlow::Break(())
-                }
-            });
-            open
-        }
+        parts @ Content::Parts(_) => parts
+            .each_part(|part| match part.text.get() {
+                Some(text) if !take(text.as_str()) => ControlFlow::Break(()),
+                _ => ControlFlow::Continue(()),
+            })
+            .is_ok_and(|flow| flow.is_continue()),
         Content::Absent => true,
     }
 }
