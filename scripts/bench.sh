@@ -9,6 +9,7 @@
 #   scripts/bench.sh            # ROUNDS=3 SECONDS_PER_RUN=5 by default
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/mock-azure.sh
 
 ROUNDS=${ROUNDS:-3}
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-5}
@@ -35,26 +36,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 wait_port() { for _ in $(seq 200); do (echo >"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; exit 1; }
 
 backend=$(free_port); proxy=$(free_port); redis_port=$(free_port)
-answer='{"id":"chatcmpl-bench","object":"chat.completion","created":1,"model":"gpt-4o","choices":[{"index":0,"finish_reason":"stop","message":{"role":"assistant","content":"Hi"}}],"usage":{"prompt_tokens":9,"completion_tokens":1,"total_tokens":10}}'
-mkdir -p "$work/nginx"
-cat >"$work/nginx/nginx.conf" <<EOF
-worker_processes 1;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log;
-events { worker_connections 1024; }
-http {
-  access_log off;
-  client_body_temp_path $work/nginx/body; proxy_temp_path $work/nginx/proxy;
-  fastcgi_temp_path $work/nginx/fcgi; uwsgi_temp_path $work/nginx/uwsgi; scgi_temp_path $work/nginx/scgi;
-  upstream backend { server 127.0.0.1:$backend; keepalive 64; }
-  server { listen 127.0.0.1:$backend;
-    location / { default_type application/json; return 200 '$answer'; } }
-  server { listen 127.0.0.1:$proxy;
-    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; } }
-}
-EOF
-nginx -c "$work/nginx/nginx.conf" -p "$work/nginx" -g 'daemon off;' &
-pids+=($!)
+pids+=("$(start_mock_azure "$work" "$backend" "$proxy")")
 redis-server --port "$redis_port" --save "" --appendonly no >/dev/null &
 pids+=($!)
 wait_port "$backend"; wait_port "$proxy"; wait_port "$redis_port"

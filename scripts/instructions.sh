@@ -11,6 +11,7 @@
 #   KEEP=/tmp/profile scripts/instructions.sh    # keep the callgrind files (callgrind_annotate)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/mock-azure.sh
 
 WARMUP=${WARMUP:-300}
 REQUESTS=${REQUESTS:-2000}
@@ -34,23 +35,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 wait_ready() { for _ in $(seq 1200); do curl -fs "http://127.0.0.1:$1/readyz" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "gateway on $1 never ready" >&2; exit 1; }
 
 backend=$(free_port)
-answer='{"id":"chatcmpl-bench","object":"chat.completion","created":1,"model":"gpt-4o","choices":[{"index":0,"finish_reason":"stop","message":{"role":"assistant","content":"Hi"}}],"usage":{"prompt_tokens":9,"completion_tokens":1,"total_tokens":10}}'
-mkdir -p "$work/nginx"
-cat >"$work/nginx/nginx.conf" <<EOF
-worker_processes 1;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log;
-events { worker_connections 256; }
-http {
-  access_log off;
-  client_body_temp_path $work/nginx/body; proxy_temp_path $work/nginx/proxy;
-  fastcgi_temp_path $work/nginx/fcgi; uwsgi_temp_path $work/nginx/uwsgi; scgi_temp_path $work/nginx/scgi;
-  server { listen 127.0.0.1:$backend;
-    location / { default_type application/json; return 200 '$answer'; } }
-}
-EOF
-nginx -c "$work/nginx/nginx.conf" -p "$work/nginx" -g 'daemon off;' &
-pids+=($!)
+pids+=("$(start_mock_azure "$work" "$backend")")
 
 # One run: start the gateway under callgrind, send `n` requests, stop it, print its total.
 run() {
