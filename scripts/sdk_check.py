@@ -62,6 +62,16 @@ def start_redis():
 
 
 def start_gateway(binary, backends, state=""):
+    # A port found free can be taken before the gateway binds it (another process's outgoing
+    # connection): such a start fails at once, and is tried again on other ports.
+    for _ in range(3):
+        started = try_start_gateway(binary, backends, state)
+        if started is not None:
+            return started
+    raise SystemExit("spillway serve exited during start-up (three times)")
+
+
+def try_start_gateway(binary, backends, state):
     port = free_port()
     config = f'[server]\nlisten = "127.0.0.1:{port}"\nadmin_listen = "127.0.0.1:{free_port()}"\n'
     config += f'max_body_bytes = {MAX_BODY_BYTES}\n'
@@ -77,7 +87,7 @@ def start_gateway(binary, backends, state=""):
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if gateway.poll() is not None:
-            raise SystemExit("spillway serve exited during start-up")
+            return None
         try:
             urllib.request.urlopen(url + "/readyz", timeout=1)
             return gateway, url
