@@ -300,3 +300,81 @@ async fn a_refused_handshake_is_relayed_with_its_headers_filtered() {
         other => panic!("expected the 400, got {:?}", other.map(|(_, r)| r.status())),
     }
 }
+
+/// The status of a handshake the gateway refuses, and how many members it tried.
+async fn refused_handshake(gateway: &Replica) -> (u16, String) {
+    let url = format!(
+        "{}/openai/v1/realtime?model=gpt-4o",
+        gateway.url.replacen("http://", "ws://", 1)
+    );
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let attempts = response
+                .headers()
+                .get("x-spillway-attempts")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned();
+            (response.status().as_u16(), attempts)
+        }
+        other => panic!(
+            "expected a refusal, got {:?}",
+            other.map(|(_, r)| r.status())
+        ),
+    }
+}
+
+/// Handshakes go through the same loop as any request: `routing.max_attempts` caps them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_makes_at_most_max_attempts() {
+    let sim = tiers_a_and_b().await;
+    let config = backend(&sim, "a", 1) + &backend(&sim, "b", 2) + "[routing]\nmax_attempts = 1\n";
+    let gw = start_single(&config).await;
+    force(&sim, "a", 429, Some(30_000), None, Some(1));
+    assert_eq!(refused_handshake(&gw).await, (429, "1".to_owned()));
+    assert_eq!(sim.stats("b", "gpt-4o").requests, 0, "one attempt only");
+}
+
+/// A failed handshake spends the retry budget like a failed request: with none left, the
+/// next member is not tried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_fails_over_only_within_the_retry_budget() {
+    let sim = tiers_a_and_b().await;
+    let config = backend(&sim, "a", 1)
+        + &backend(&sim, "b", 2)
+        + "[routing]\nretry_ratio = 0.0\nmin_retries_per_second = 0.0\nbreaker_failures = 1000\n";
+    let gw = start_single(&config).await;
+    fail_every_request(&sim, "a");
+    // The budget starts with 10 retries (see tests/routing.rs): each handshake spends one.
+    for _ in 0..10 {
+        let (_client, member) = open(&gw, "/openai/v1/realtime?model=gpt-4o").await;
+        assert_eq!(member, "b");
+    }
+    let (status, attempts) = refused_handshake(&gw).await;
+    assert_eq!((status, attempts.as_str()), (502, "1"), "no retry left");
+    assert_eq!(sim.stats("b", "gpt-4o").requests, 10);
+}
+
+/// `routing.request_timeout_ms` bounds the whole handshake, across members: a member that
+/// accepts the connection and never answers uses it up, and the client gets 504.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_ends_at_the_request_timeout() {
+    let sim = tiers_a_and_b().await;
+    // Accepts connections and never answers: the upgrade hangs.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_url = format!("http://{}", silent.local_addr().unwrap());
+    let accepting = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let config = backend_at("a", &silent_url, 1)
+        + &backend(&sim, "b", 2)
+        + "[routing]\nrequest_timeout_ms = 300\n";
+    let gw = start_single(&config).await;
+    let (status, attempts) = refused_handshake(&gw).await;
+    assert_eq!((status, attempts.as_str()), (504, "1"));
+    assert_eq!(sim.stats("b", "gpt-4o").requests, 0, "no time left for b");
+    accepting.abort();
+}

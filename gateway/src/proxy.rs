@@ -1,5 +1,8 @@
 //! The request's life, phase by phase: admit → (select → forward → classify)* → relay.
-//! This is the only place that loops over attempts.
+//! `route` is the only place that loops over attempts, for every operation: the attempt is
+//! a [`Step`] (an HTTP send here, a WebSocket handshake in `realtime`), and the candidates,
+//! retry budget, `max_attempts`, `request_timeout` and the error when none answers are
+//! `route`'s alone.
 
 mod admit;
 mod cache_affinity;
@@ -52,8 +55,11 @@ use classify::{
 use consumer_budget::ConsumerSpend;
 
 use crate::app::Gateway;
+use crate::config::RoutingConfig;
 use crate::error::GatewayError;
-use crate::table::Member;
+use crate::fleet_view::MemberView;
+use crate::table::{Member, Pool};
+use crate::tokens::{Operation, TokenEstimate};
 
 /// What survives across attempts of one request (pingora's per-request context).
 #[derive(Default)]
@@ -93,7 +99,7 @@ pub async fn handle(gateway: &Gateway, inbound: Inbound) -> Response {
             budget,
             quota: quota.map(|counter| (gateway.fleet.clone(), counter)),
         });
-        let mut response = route(gateway, &request, &mut attempts).await?;
+        let mut response = route(gateway, &HttpSend(&request), &mut attempts).await?;
         consumer_budget::remaining_headers(
             gateway,
             request.consumer.as_ref(),
@@ -154,15 +160,50 @@ pub async fn handle(gateway: &Gateway, inbound: Inbound) -> Response {
     response
 }
 
+/// Where a request may be placed and what it will cost: what `route` needs from any
+/// operation, HTTP or Realtime.
+struct Placement<'a> {
+    pub pool: &'a Pool,
+    /// Regions it may be served from (pool ∩ consumer); `None`: anywhere.
+    pub regions: Option<&'a [String]>,
+    /// Only this member may serve it.
+    pub pinned: Option<&'a admit::Pinned>,
+    pub estimate: TokenEstimate,
+    pub cache_key: Option<u64>,
+    pub view: &'a MemberView,
+    pub operation: Operation,
+}
+
+/// One upstream attempt on a member `route` reserved: an HTTP send, or a WebSocket
+/// handshake. Everything else (candidates, budgets, timeouts, backoff) is `route`'s.
+trait Step {
+    /// What a successful attempt hands back.
+    type Delivered;
+    fn placement(&self) -> Placement<'_>;
+    /// How long the attempt may wait for its first byte (an answer, a stream's first chunk,
+    /// an upgrade).
+    fn first_byte_ms(&self, routing: &RoutingConfig) -> u64;
+    fn attempt(
+        &self,
+        gateway: &Gateway,
+        member: &Member,
+        open: OpenReservation,
+        timeout: Duration,
+        policy: BackoffPolicy,
+        traced: trace::Attempt,
+    ) -> impl Future<Output = Result<Outcome<Self::Delivered>, GatewayError>> + Send;
+}
+
 /// Try members until one answers with something to deliver, within the attempt and time
 /// budgets. Failed members are put in backoff in the shared state before moving on.
-async fn route(
+async fn route<S: Step>(
     gateway: &Gateway,
-    request: &ProxyRequest,
+    step: &S,
     attempts: &mut Attempts,
-) -> Result<Response, GatewayError> {
+) -> Result<S::Delivered, GatewayError> {
     let routing = &gateway.routing;
-    let pool = &request.pool;
+    let placement = step.placement();
+    let pool = placement.pool;
     let policy = BackoffPolicy {
         default: Duration::from_millis(routing.default_backoff_ms),
         max: Duration::from_millis(routing.max_backoff_ms),
@@ -170,13 +211,8 @@ async fn route(
     // Data residency: members outside the allowed regions are never candidates. A pinned
     // request has one candidate: the member holding the response it names.
     let members: Vec<&Member> = pool
-        .members_in(request.regions.as_deref())
-        .filter(|m| {
-            request
-                .pinned
-                .as_ref()
-                .is_none_or(|p| p.backend == m.backend.id)
-        })
+        .members_in(placement.regions)
+        .filter(|m| placement.pinned.is_none_or(|p| p.backend == m.backend.id))
         .collect();
     if members.is_empty() {
         return Err(GatewayError::NoMemberInRegions {
@@ -190,8 +226,8 @@ async fn route(
     let preferences = select::Preferences {
         own_region: gateway.region.clone(),
         explore_share: routing.explore_share,
-        expected_output_tokens: request.estimate.output,
-        cache_key: request.cache_key,
+        expected_output_tokens: placement.estimate.output,
+        cache_key: placement.cache_key,
     };
     let deadline = Instant::now() + Duration::from_millis(routing.request_timeout_ms);
     let mut tried = HashSet::new();
@@ -219,14 +255,14 @@ async fn route(
         let order = select::candidate_order(
             &members,
             &tried,
-            &request.view,
+            placement.view,
             &preferences,
             &mut rand::rng(),
         );
         let candidates: Vec<Candidate> = order.iter().map(|m| pool.candidate(m)).collect();
         let open = match gateway
             .fleet
-            .acquire(&pool.name, &candidates, request.estimate.total())
+            .acquire(&pool.name, &candidates, placement.estimate.total())
             .await?
         {
             Admission::Admitted {
@@ -257,35 +293,77 @@ async fn route(
         attempts.count += 1;
         attempts.last_backend = Some(backend.clone());
 
-        // A stream's first byte should come soon; a plain answer's comes after the whole reply.
-        let first_byte_ms = if request.stream {
-            routing.stream_first_byte_timeout_ms
-        } else {
-            routing.attempt_timeout_ms
-        };
-        let timeout = remaining.min(Duration::from_millis(first_byte_ms));
-        let traced =
-            trace::attempt_span(&tracing::Span::current(), request, member, attempts.count);
-        match attempt(gateway, request, member, open, timeout, policy, traced).await? {
-            Outcome::Delivered(response) => return Ok(response),
+        let timeout = remaining.min(Duration::from_millis(step.first_byte_ms(routing)));
+        let traced = trace::attempt_span(
+            &tracing::Span::current(),
+            placement.operation,
+            member,
+            attempts.count,
+        );
+        match step
+            .attempt(gateway, member, open, timeout, policy, traced)
+            .await?
+        {
+            Outcome::Delivered(delivered) => return Ok(delivered),
             Outcome::Failed(failure) => attempts.failures.push(failure),
         }
     }
-    Err(exhausted(request, attempts, refusal))
+    Err(exhausted(&placement, attempts, refusal))
 }
 
 /// What became of one attempt.
-enum Outcome {
-    /// Something to deliver (a success, or the client's own error): the response, its body
-    /// still streaming.
-    Delivered(Response),
+enum Outcome<D> {
+    /// Something to deliver (a success, or the client's own error): for HTTP the response,
+    /// its body still streaming.
+    Delivered(D),
     /// The member failed; it is backed off and its reservation released.
     Failed(Failure),
 }
 
+/// The HTTP attempt: send the request to a member.
+struct HttpSend<'a>(&'a ProxyRequest);
+
+impl Step for HttpSend<'_> {
+    type Delivered = Response;
+
+    fn placement(&self) -> Placement<'_> {
+        let request = self.0;
+        Placement {
+            pool: &request.pool,
+            regions: request.regions.as_deref(),
+            pinned: request.pinned.as_ref(),
+            estimate: request.estimate,
+            cache_key: request.cache_key,
+            view: &request.view,
+            operation: request.operation,
+        }
+    }
+
+    fn first_byte_ms(&self, routing: &RoutingConfig) -> u64 {
+        // A stream's first byte should come soon; a plain answer's comes after the whole reply.
+        if self.0.stream {
+            routing.stream_first_byte_timeout_ms
+        } else {
+            routing.attempt_timeout_ms
+        }
+    }
+
+    async fn attempt(
+        &self,
+        gateway: &Gateway,
+        member: &Member,
+        open: OpenReservation,
+        timeout: Duration,
+        policy: BackoffPolicy,
+        traced: trace::Attempt,
+    ) -> Result<Outcome<Response>, GatewayError> {
+        send(gateway, self.0, member, open, timeout, policy, traced).await
+    }
+}
+
 /// One upstream attempt on `member` under its open reservation: deliver, or settle the
 /// failure (release and backoff in one round trip) and report it.
-async fn attempt(
+async fn send(
     gateway: &Gateway,
     request: &ProxyRequest,
     member: &Member,
@@ -293,9 +371,8 @@ async fn attempt(
     timeout: Duration,
     policy: BackoffPolicy,
     traced: trace::Attempt,
-) -> Result<Outcome, GatewayError> {
+) -> Result<Outcome<Response>, GatewayError> {
     let trace::Attempt { number, span } = traced;
-    let backend = open.backend().clone();
     let sent = forward::send(&gateway.http, member, request, timeout, &span)
         .instrument(span.clone())
         .await;
@@ -342,27 +419,55 @@ async fn attempt(
             failure.detail,
         ),
     };
-    trace::record_failure(&span, backoff.reason.as_str(), answered);
+    let failed = AttemptFailure {
+        backoff,
+        hints,
+        detail,
+        answered,
+    };
+    fail(&request.pool.name, open, failed, &span).await
+}
+
+/// Why an attempt failed, and what the member said on the way.
+struct AttemptFailure {
+    pub backoff: spillway_shared::Backoff,
+    pub hints: UpstreamHints,
+    pub detail: String,
+    /// The member answered (with a status that is retried), rather than not at all.
+    pub answered: bool,
+}
+
+/// Record a failed attempt, back its member off and release its reservation (one round
+/// trip, in a task of its own so a client going away now cannot lose the backoff).
+async fn fail<D>(
+    pool: &spillway_shared::PoolName,
+    open: OpenReservation,
+    failed: AttemptFailure,
+    span: &tracing::Span,
+) -> Result<Outcome<D>, GatewayError> {
+    let AttemptFailure {
+        backoff,
+        hints,
+        detail,
+        answered,
+    } = failed;
+    let backend = open.backend().clone();
+    trace::record_failure(span, backoff.reason.as_str(), answered);
     warn!(
-        parent: &span,
+        parent: span,
         backend = %backend,
         reason = %backoff.reason,
         backoff_ms = backoff.duration.as_millis() as u64,
         %detail,
         "upstream attempt failed; backing off and trying the next member"
     );
-    let pool = &request.pool.name;
     crate::metrics::upstream_failure(pool.as_str(), backend.as_str(), backoff.reason.as_str());
-    // One round trip: release the reservation and start the backoff. It runs in a task of its
-    // own, so a client going away now cannot lose the backoff.
     let receipt = Receipt {
         hints,
         backoff: Some(backoff),
         ..open.receipt(0)
     };
-    if let Err(e) = open.settle(receipt).await {
-        return Err(e.into());
-    }
+    open.settle(receipt).await?;
     Ok(Outcome::Failed(Failure {
         backend,
         reason: backoff.reason,
@@ -442,11 +547,7 @@ fn deliver(
 /// (with the time the first member frees up), 502/504 when this request's attempts failed,
 /// 503 when every member is held back by earlier failures. No store call: the members this
 /// request tried carry their backoffs, and the refusal covers the others.
-fn exhausted(
-    request: &ProxyRequest,
-    attempts: &Attempts,
-    refusal: Option<Refusal>,
-) -> GatewayError {
+fn exhausted(request: &Placement, attempts: &Attempts, refusal: Option<Refusal>) -> GatewayError {
     let retry_after = attempts
         .failures
         .iter()
@@ -458,7 +559,7 @@ fn exhausted(
         .max(Duration::from_millis(1));
     let name = request.pool.name.to_string();
     // Nowhere else to go: a pinned request waits for its member, whatever held it back.
-    if let Some(pinned) = &request.pinned {
+    if let Some(pinned) = request.pinned {
         let held_back = attempts
             .failures
             .last()

@@ -2,6 +2,14 @@
 //! outage cannot turn into a retry storm. Each replica keeps its own budget; as every
 //! replica caps its retries to that share of its own traffic, the fleet's retries are capped
 //! to the same share of the fleet's traffic, with no shared state.
+//!
+//! Why not `tower::retry::budget::TpsBudget` (the same idea, from Finagle): it starts with no
+//! credit beyond its per-second floor and keeps none, where this budget starts full (ten
+//! seconds of floor, at least 10 retries), so a replica that just started, or one configured
+//! with no floor, can still fail over its first requests during an outage (pinned by
+//! `tests/routing.rs::a_spent_retry_budget_stops_failover`); its floor is a whole number of
+//! retries per second where `routing.min_retries_per_second` takes fractions; and it panics
+//! on parameters out of its range where configuration errors are reported by name.
 
 use std::sync::Mutex;
 

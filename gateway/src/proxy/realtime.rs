@@ -1,7 +1,8 @@
 //! The Realtime API: a WebSocket session, bound at its handshake to one member chosen by the
-//! same policy as any request (tiers, backoff, breaker, budgets, residency). The upstream
-//! handshake is made first, so a refused one (429, 5xx, unreachable) fails over to the next
-//! member before the client's upgrade completes. Then frames are relayed both ways, and each
+//! same loop as any request (`proxy::route`: tiers, backoff, breaker, budgets, residency,
+//! retry budget, `max_attempts`, `request_timeout`). The upstream handshake is the attempt,
+//! made first, so a refused one (429, 5xx, unreachable) fails over to the next member
+//! before the client's upgrade completes. Then frames are relayed both ways, and each
 //! `response.done` event's usage is charged to the member's budget.
 //!
 //! A session stays inside its consumer's limits: it holds one of the replica's request slots
@@ -12,7 +13,6 @@
 //! an `error` event in the Realtime shape and the session stays open ([`refusal_event`]
 //! lists the codes).
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -21,31 +21,32 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
-use spillway_shared::{
-    Admission, BackendId, BackoffReason, Candidate, FleetState, PoolName, QuotaCounter, Receipt,
-};
+use spillway_shared::{BackendId, FleetState, PoolName, QuotaCounter, Receipt};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-use tracing::warn;
+use tracing::{Instrument, warn};
 
 use super::classify::{
     BackoffPolicy, Verdict, classify_response, classify_transport_failure, upstream_hints,
 };
 use super::forward::FailureKind;
-use super::select;
 use super::settlement::OpenReservation;
 use super::upstream_path::{QueryPairs, check_segment, realtime_url};
+use super::{AttemptFailure, Attempts, Outcome, Placement, Step, trace};
 use super::{consumer_budget, consumer_quota};
 use crate::app::Gateway;
+use crate::config::RoutingConfig;
 use crate::consumers::Consumer;
 use crate::error::GatewayError;
+use crate::fleet_view::MemberView;
 use crate::load_shed::HeldSlot;
 use crate::request_fields::{Lenient, Object, Text};
-use crate::table::Member;
+use crate::table::{Member, Pool};
+use crate::tokens::{Operation, TokenEstimate};
 
 type Upstream = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -88,11 +89,29 @@ pub async fn handle(
         consumer,
         slot,
     } = request;
-    let session = match connect(&gateway, v1, query.as_deref(), &headers, consumer.as_ref()).await {
-        Ok(session) => session,
-        Err(refusal) => return refusal,
+    let mut attempts = Attempts::default();
+    let opened = async {
+        let admitted = admit_session(&gateway, v1, query.as_deref(), &headers, consumer).await?;
+        let opened = super::route(&gateway, &admitted, &mut attempts).await?;
+        Ok::<_, GatewayError>((opened, admitted))
+    }
+    .await;
+    let (session, backend) = match opened {
+        Ok((Opened::Session(upstream, backend), admitted)) => {
+            let session = Session {
+                upstream: *upstream,
+                fleet: gateway.fleet.clone(),
+                pool: admitted.pool.name.clone(),
+                backend: backend.clone(),
+                consumer_budget: consumer_budget::charge_target(admitted.consumer.as_ref()),
+                consumer_quota: admitted.quota,
+                consumer: admitted.consumer,
+            };
+            (session, backend)
+        }
+        Ok((Opened::Refused(response), _)) => return with_attempts(response, &attempts),
+        Err(refusal) => return with_attempts(refusal.into_response(), &attempts),
     };
-    let backend = HeaderValue::from_str(session.backend.as_str()).ok();
     // The session holds its request slot until it ends (it counts in max_concurrent_requests).
     let slot = slot.and_then(|s| s.take());
     let limit = gateway.config.server.max_ws_message_bytes;
@@ -100,178 +119,171 @@ pub async fn handle(
         .max_message_size(limit)
         .max_frame_size(limit)
         .on_upgrade(move |client| relay(client, session, gateway, slot));
-    if let Some(backend) = backend {
+    if let Ok(backend) = HeaderValue::from_str(backend.as_str()) {
         response.headers_mut().insert("x-spillway-backend", backend);
     }
+    with_attempts(response, &attempts)
+}
+
+/// Every handshake answer says how many members were tried, like any request's.
+fn with_attempts(mut response: Response, attempts: &Attempts) -> Response {
+    response
+        .headers_mut()
+        .insert("x-spillway-attempts", HeaderValue::from(attempts.count));
     response
 }
 
-/// Choose a member and open its upstream WebSocket, failing over like any request.
-async fn connect(
+/// A session admitted: the pool it may open on, and what its handshakes send.
+struct AdmittedSession {
+    pool: Arc<Pool>,
+    regions: Option<Vec<String>>,
+    view: Arc<MemberView>,
+    v1: bool,
+    query: QueryPairs,
+    client_headers: HeaderMap,
+    max_message: usize,
+    consumer: Option<Consumer>,
+    /// The consumer's quota counter (of the period the session began in).
+    quota: Option<QuotaCounter>,
+}
+
+/// The handshake's admission: the pool named in the query, the consumer's pools, regions,
+/// quota and budget. A consumer whose budget is spent opens no session; the handshake
+/// counts one request (the reservation is released at once, its responses are charged as
+/// they complete).
+async fn admit_session(
     gateway: &Gateway,
     v1: bool,
     query: Option<&str>,
     headers: &HeaderMap,
-    consumer: Option<&Consumer>,
-) -> Result<Session, Response> {
-    let refuse = |e: GatewayError| e.into_response();
+    consumer: Option<Consumer>,
+) -> Result<AdmittedSession, GatewayError> {
     let query = QueryPairs::parse(query);
     let named = if v1 { "model" } else { "deployment" };
     let name = query.get(named).ok_or_else(|| {
-        refuse(GatewayError::BadRequest(format!(
+        GatewayError::BadRequest(format!(
             "The realtime endpoint takes the deployment to use as '?{named}=<name>'."
-        )))
-    })?;
-    check_segment(name, 0).map_err(|_| {
-        refuse(GatewayError::InvalidPath(
-            super::PathRejection::DeploymentName,
         ))
     })?;
-    let pool = super::admit::lookup(gateway, consumer, name).map_err(refuse)?;
-    let consumer_quota = consumer_quota::check(gateway, consumer)
-        .await
-        .map_err(refuse)?;
-    // A consumer whose budget is spent opens no session; the handshake counts one request
-    // (the reservation is released at once, its responses are charged as they complete).
-    drop(
-        consumer_budget::reserve(gateway, consumer, 0)
-            .await
-            .map_err(refuse)?,
-    );
-    let consumer_budget = consumer_budget::charge_target(consumer);
+    check_segment(name, 0)
+        .map_err(|_| GatewayError::InvalidPath(super::PathRejection::DeploymentName))?;
+    let pool = super::admit::lookup(gateway, consumer.as_ref(), name)?;
+    let quota = consumer_quota::check(gateway, consumer.as_ref()).await?;
+    drop(consumer_budget::reserve(gateway, consumer.as_ref(), 0).await?);
     let regions = super::admit::allowed_regions(
         pool.regions.as_deref(),
-        consumer.and_then(|c| c.regions.as_deref()),
+        consumer.as_ref().and_then(|c| c.regions.as_deref()),
     );
-    let members: Vec<&Member> = pool.members_in(regions.as_deref()).collect();
-    if members.is_empty() {
-        return Err(refuse(GatewayError::NoMemberInRegions {
-            pool: pool.name.to_string(),
-        }));
-    }
-    let routing = &gateway.routing;
-    let policy = BackoffPolicy {
-        default: Duration::from_millis(routing.default_backoff_ms),
-        max: Duration::from_millis(routing.max_backoff_ms),
-    };
-    let view = gateway.view.get(&gateway.fleet, &pool);
-    let preferences = select::Preferences {
-        own_region: gateway.region.clone(),
-        explore_share: routing.explore_share,
-        ..Default::default()
-    };
-    let client_headers = gateway.headers.upstream_request(headers);
-    let mut tried = HashSet::new();
-    let mut throttled = None;
-    let mut held_back = None;
-    let mut failures = Vec::new();
-    while tried.len() < members.len() {
-        let order =
-            select::candidate_order(&members, &tried, &view, &preferences, &mut rand::rng());
-        let candidates: Vec<Candidate> = order.iter().map(|m| pool.candidate(m)).collect();
-        // The session's responses are charged as they complete; the handshake reserves none.
-        let admission = gateway
-            .fleet
-            .acquire(&pool.name, &candidates, 0)
-            .await
-            .map_err(|e| refuse(e.into()))?;
-        let (backend, reservation) = match admission {
-            Admission::Admitted {
-                backend,
-                reservation,
-            } => (backend, reservation),
-            Admission::Exhausted {
-                retry_after,
-                throttled: by_throttling,
-            } => {
-                if by_throttling || throttled.is_some() {
-                    throttled =
-                        Some(throttled.map_or(retry_after, |t: Duration| t.min(retry_after)));
-                }
-                held_back = Some(retry_after);
-                break;
-            }
-        };
-        let Some(member) = pool.member(&backend) else {
-            break;
-        };
-        tried.insert(backend.clone());
-        let open = OpenReservation::new(
-            gateway.fleet.clone(),
-            pool.name.clone(),
-            backend.clone(),
-            reservation,
-        );
-        let url = realtime_url(&member.backend.base_url, v1, &member.deployment, &query);
-        let timeout = Duration::from_millis(routing.stream_first_byte_timeout_ms);
-        let max_message = gateway.config.server.max_ws_message_bytes;
-        let backoff =
-            match handshake(member, url.as_str(), &client_headers, timeout, max_message).await {
-                Ok((upstream, response_headers)) => {
-                    let hints = upstream_hints(&response_headers, tokio::time::Instant::now());
-                    let receipt = Receipt {
-                        hints,
-                        ..open.receipt(0)
-                    };
-                    drop(open.settle(receipt));
-                    return Ok(Session {
-                        upstream,
-                        fleet: gateway.fleet.clone(),
-                        pool: pool.name.clone(),
-                        backend,
-                        consumer_budget,
-                        consumer_quota,
-                        consumer: consumer.cloned(),
-                    });
-                }
-                Err(Refused::Http(status, response_headers, body)) => {
-                    match classify_response(status, &response_headers, SystemTime::now(), policy) {
-                        // The client's own error (400, 404): theirs to read, its headers filtered
-                        // like any answer's (no cookies, nothing naming the backend).
-                        Verdict::Deliver => {
-                            let receipt = open.receipt(0);
-                            drop(open.settle(receipt));
-                            let headers = crate::headers::client_response_headers(
-                                &response_headers,
-                                member.backend.base_url.host_str(),
-                            );
-                            return Err((status, headers, body).into_response());
-                        }
-                        Verdict::Retry(backoff) => backoff,
-                    }
-                }
-                Err(Refused::Transport(kind)) => classify_transport_failure(kind, policy),
-            };
-        warn!(backend = %backend, reason = %backoff.reason, "realtime handshake refused; trying the next member");
-        crate::metrics::upstream_failure(
-            pool.name.as_str(),
-            backend.as_str(),
-            backoff.reason.as_str(),
-        );
-        if backoff.reason == BackoffReason::Throttled {
-            throttled = Some(throttled.map_or(backoff.duration, |t| t.min(backoff.duration)));
+    Ok(AdmittedSession {
+        view: gateway.view.get(&gateway.fleet, &pool),
+        regions,
+        pool,
+        v1,
+        query,
+        client_headers: gateway.headers.upstream_request(headers),
+        max_message: gateway.config.server.max_ws_message_bytes,
+        consumer,
+        quota,
+    })
+}
+
+/// What a handshake that was answered brings back.
+enum Opened {
+    /// The upstream upgraded: the session's member and its socket.
+    Session(Box<Upstream>, BackendId),
+    /// The member refused with the client's own error (400, 404): theirs to read, its
+    /// headers filtered like any answer's (no cookies, nothing naming the backend).
+    Refused(Response),
+}
+
+impl Step for AdmittedSession {
+    type Delivered = Opened;
+
+    fn placement(&self) -> Placement<'_> {
+        Placement {
+            pool: &self.pool,
+            regions: self.regions.as_deref(),
+            pinned: None,
+            // The session's responses are charged as they complete; the handshake reserves none.
+            estimate: TokenEstimate::default(),
+            cache_key: None,
+            view: &self.view,
+            operation: Operation::Other,
         }
-        failures.push(format!("{backend}: {}", backoff.reason));
-        let receipt = Receipt {
-            backoff: Some(backoff),
-            ..open.receipt(0)
-        };
-        drop(open.settle(receipt));
     }
-    let pool_name = pool.name.to_string();
-    Err(refuse(match throttled {
-        Some(retry_after) => GatewayError::Throttled {
-            pool: pool_name,
-            retry_after: retry_after.max(Duration::from_millis(1)),
-        },
-        None if failures.is_empty() => GatewayError::Unavailable {
-            pool: pool_name,
-            retry_after: held_back
-                .unwrap_or(Duration::from_secs(1))
-                .max(Duration::from_millis(1)),
-        },
-        None => GatewayError::BadGateway(failures.join("; ")),
-    }))
+
+    fn first_byte_ms(&self, routing: &RoutingConfig) -> u64 {
+        routing.stream_first_byte_timeout_ms
+    }
+
+    async fn attempt(
+        &self,
+        _gateway: &Gateway,
+        member: &Member,
+        open: OpenReservation,
+        timeout: Duration,
+        policy: BackoffPolicy,
+        traced: trace::Attempt,
+    ) -> Result<Outcome<Opened>, GatewayError> {
+        let span = traced.span;
+        let url = realtime_url(
+            &member.backend.base_url,
+            self.v1,
+            &member.deployment,
+            &self.query,
+        );
+        let handshake = handshake(
+            member,
+            url.as_str(),
+            &self.client_headers,
+            timeout,
+            self.max_message,
+        );
+        let failed = match handshake.instrument(span.clone()).await {
+            Ok((upstream, response_headers)) => {
+                trace::record_status(&span, 101);
+                let hints = upstream_hints(&response_headers, tokio::time::Instant::now());
+                let receipt = Receipt {
+                    hints,
+                    ..open.receipt(0)
+                };
+                let backend = open.backend().clone();
+                drop(open.settle(receipt));
+                return Ok(Outcome::Delivered(Opened::Session(
+                    Box::new(upstream),
+                    backend,
+                )));
+            }
+            Err(Refused::Http(status, response_headers, body)) => {
+                trace::record_status(&span, status.as_u16());
+                match classify_response(status, &response_headers, SystemTime::now(), policy) {
+                    Verdict::Deliver => {
+                        let receipt = open.receipt(0);
+                        drop(open.settle(receipt));
+                        let headers = crate::headers::client_response_headers(
+                            &response_headers,
+                            member.backend.base_url.host_str(),
+                        );
+                        let refused = (status, headers, body).into_response();
+                        return Ok(Outcome::Delivered(Opened::Refused(refused)));
+                    }
+                    Verdict::Retry(backoff) => AttemptFailure {
+                        backoff,
+                        hints: upstream_hints(&response_headers, tokio::time::Instant::now()),
+                        detail: format!("handshake answered HTTP {status}"),
+                        answered: true,
+                    },
+                }
+            }
+            Err(Refused::Transport(kind)) => AttemptFailure {
+                backoff: classify_transport_failure(kind, policy),
+                hints: Default::default(),
+                detail: format!("handshake failed: {kind:?}"),
+                answered: false,
+            },
+        };
+        super::fail(&self.pool.name, open, failed, &span).await
+    }
 }
 
 /// Why an upstream handshake did not open a session.

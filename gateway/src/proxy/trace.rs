@@ -102,13 +102,8 @@ pub struct Attempt {
 }
 
 /// The span of attempt `number` (from 1) on `member`, a child of the request's.
-pub fn attempt_span(
-    parent: &Span,
-    request: &ProxyRequest,
-    member: &Member,
-    number: u32,
-) -> Attempt {
-    let operation = operation_name(request.operation);
+pub fn attempt_span(parent: &Span, operation: Operation, member: &Member, number: u32) -> Attempt {
+    let operation = operation_name(operation);
     let span = tracing::info_span!(
         parent: parent,
         "attempt",
