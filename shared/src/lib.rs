@@ -50,6 +50,7 @@ mod last_view;
 pub mod lease;
 mod memory;
 mod redis;
+mod scripts;
 mod settle_batch;
 mod store;
 mod window;

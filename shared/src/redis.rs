@@ -12,6 +12,10 @@ use tokio::sync::{mpsc, oneshot};
 use crate::keys::{KeySchema, MemberKeys};
 use crate::lease::{Grant, LeasePolicy, Leases, Local, Unused};
 use crate::memory::ms_per_output_token;
+use crate::scripts::{
+    AcquireArgs, CandidateArgs, ChargeArgs, HeartbeatArgs, LeaseArgs, Limit, PinArgs, QuotaArgs,
+    ReceiptRecord, ReleaseArgs, Scripts, SnapshotArgs,
+};
 use crate::settle_batch::{Batcher, SettleJob, Work, label};
 use crate::store::{
     Admission, BackendId, Backoff, BackoffReason, Candidate, FleetState, LATENCY_BOUNDS_MS,
@@ -24,14 +28,7 @@ pub struct RedisState {
     client: Client,
     keys: KeySchema,
     windows: Windows,
-    acquire: Script,
-    settle: Script,
-    snapshot: Script,
-    heartbeat: Script,
-    charge: Script,
-    release: Script,
-    pin_response: Script,
-    spend_quota: Script,
+    scripts: Scripts,
     /// Reservation ids: unique per store instance (prefix) and counted.
     id_prefix: String,
     next_id: std::sync::atomic::AtomicU64,
@@ -138,14 +135,7 @@ impl RedisState {
             client,
             keys: KeySchema::new(key_prefix),
             windows,
-            acquire: Script::from_lua(include_str!("lua/acquire.lua")),
-            settle: Script::from_lua(include_str!("lua/settle.lua")),
-            snapshot: Script::from_lua(include_str!("lua/snapshot.lua")),
-            heartbeat: Script::from_lua(include_str!("lua/heartbeat.lua")),
-            charge: Script::from_lua(include_str!("lua/charge.lua")),
-            release: Script::from_lua(include_str!("lua/release.lua")),
-            pin_response: Script::from_lua(include_str!("lua/pin_response.lua")),
-            spend_quota: Script::from_lua(include_str!("lua/spend_quota.lua")),
+            scripts: Scripts::load(),
             id_prefix: format!(
                 "{:x}",
                 std::time::SystemTime::now()
@@ -170,15 +160,16 @@ impl RedisState {
     pub async fn ready(&self, within: Duration) -> Result<(), StateError> {
         tokio::time::timeout(within, async {
             self.client.wait_for_connect().await.map_err(unavailable)?;
+            let s = &self.scripts;
             for script in [
-                &self.acquire,
-                &self.settle,
-                &self.snapshot,
-                &self.heartbeat,
-                &self.charge,
-                &self.release,
-                &self.pin_response,
-                &self.spend_quota,
+                &s.acquire,
+                &s.settle,
+                &s.snapshot,
+                &s.heartbeat,
+                &s.charge,
+                &s.release,
+                &s.pin_response,
+                &s.spend_quota,
             ] {
                 script.load(&self.client).await.map_err(unavailable)?;
             }
@@ -241,7 +232,7 @@ impl RedisState {
             let (tx, rx) = mpsc::unbounded_channel();
             let batcher = Batcher {
                 client: self.client.clone(),
-                script: self.settle.clone(),
+                script: self.scripts.settle.clone(),
                 keys: self.keys.clone(),
                 windows: self.windows,
                 clock_ms: self.clock_ms.clone(),
@@ -275,12 +266,13 @@ impl RedisState {
         let k = self.member_keys(&unused.pool, &unused.backend);
         let keys = vec![self.keys.pending(&unused.pool), k.usage, k.backoff];
         let ttl = 2 * (self.windows.budget.as_millis() as u64 + self.windows.bucket_ms());
-        let args = vec![
-            self.reservation_key(unused.id),
-            ttl.to_string(),
-            format!("{}|{}", unused.tokens, unused.requests),
-        ];
-        let (client, script) = (self.client.clone(), self.release.clone());
+        let args = ReleaseArgs {
+            reservation_id: self.reservation_key(unused.id),
+            ttl_ms: ttl,
+            part: format!("{}|{}", unused.tokens, unused.requests),
+        }
+        .to_args();
+        let (client, script) = (self.client.clone(), self.scripts.release.clone());
         async move {
             let given: Result<Value, _> = script.evalsha_with_reload(&client, keys, args).await;
             if let Err(e) = given {
@@ -317,86 +309,64 @@ impl RedisState {
             keys.extend([k.usage, k.backoff]);
         }
         let ttl = 2 * (self.windows.budget.as_millis() as u64 + self.windows.bucket_ms());
-        let args = vec![self.reservation_key(id), ttl.to_string()];
-        Ok(int(&self.run(&self.release, keys, args).await?)? == 1)
+        let args = ReleaseArgs {
+            reservation_id: self.reservation_key(id),
+            ttl_ms: ttl,
+            part: String::new(),
+        }
+        .to_args();
+        Ok(int(&self.run(&self.scripts.release, keys, args).await?)? == 1)
     }
 
-    /// ARGV of `settle.lua`; without a receipt only the backoff is applied, with no breaker
-    /// (`backoff`).
-    fn settle_args(&self, receipt: Option<&Receipt>, backoff: Option<Backoff>) -> Vec<String> {
-        let none = String::new;
-        let (bucket, reserved, used) = match receipt {
-            Some(r) => (
-                r.reservation.bucket_ms.to_string(),
-                r.reservation.tokens.to_string(),
-                r.tokens.to_string(),
-            ),
-            None => (none(), none(), none()),
-        };
-        let (ttfb, total, per_token) = match receipt.and_then(|r| r.latency.as_ref()) {
-            Some(s) => (
-                label(s.ttfb.as_millis() as u64),
-                label(s.total.as_millis() as u64),
-                ms_per_output_token(s).map(label).unwrap_or_default(),
-            ),
-            None => (none(), none(), none()),
-        };
+    /// `settle.lua`'s receipt record; without a receipt only the backoff is applied, with no
+    /// breaker (`backoff`).
+    fn receipt_record(&self, receipt: Option<&Receipt>, backoff: Option<Backoff>) -> ReceiptRecord {
+        let w = &self.windows;
+        let latency = receipt.and_then(|r| r.latency.as_ref());
         let hints = receipt.map(|r| r.hints).unwrap_or_default();
-        let (backoff_ms, reason) = match backoff {
-            Some(b) => (
-                (b.duration.as_millis() as u64).to_string(),
-                b.reason.as_str().to_string(),
-            ),
-            None => (none(), none()),
-        };
-        vec![
-            bucket,
-            reserved,
-            used,
-            ttfb,
-            total,
-            per_token,
-            hints
-                .remaining_tokens
-                .map(|v| v.to_string())
+        ReceiptRecord {
+            bucket_ms: receipt.map(|r| r.reservation.bucket_ms),
+            reserved: receipt.map(|r| r.reservation.tokens),
+            used: receipt.map(|r| r.tokens),
+            ttfb_label: latency
+                .map(|s| label(s.ttfb.as_millis() as u64))
                 .unwrap_or_default(),
-            hints.utilization.map(|v| v.to_string()).unwrap_or_default(),
-            backoff_ms,
-            reason,
-            self.windows.slot_ms().to_string(),
-            (self.windows.latency.as_millis() as u64).to_string(),
-            self.clock(),
-            if receipt.is_some() {
-                self.windows.breaker_failures.to_string()
+            total_label: latency
+                .map(|s| label(s.total.as_millis() as u64))
+                .unwrap_or_default(),
+            per_token_label: latency
+                .and_then(ms_per_output_token)
+                .map(label)
+                .unwrap_or_default(),
+            remaining_tokens: hints.remaining_tokens,
+            utilization: hints.utilization,
+            backoff_ms: backoff.map(|b| b.duration.as_millis() as u64),
+            backoff_reason: backoff
+                .map(|b| b.reason.as_str().to_string())
+                .unwrap_or_default(),
+            slot_ms: w.slot_ms(),
+            latency_window_ms: w.latency.as_millis() as u64,
+            clock: self.clock(),
+            breaker_failures: if receipt.is_some() {
+                w.breaker_failures
             } else {
-                "0".into()
+                0
             },
-            (self.windows.breaker_max.as_millis() as u64).to_string(),
-            self.windows.breaker_failure_rate.to_string(),
-            self.windows.breaker_min_requests.to_string(),
-            (self.windows.breaker_window.as_millis() as u64).to_string(),
-            receipt
-                .map(|r| r.reservation.ledger.to_string())
-                .unwrap_or_default(),
-            receipt
-                .map(|r| r.reservation.admitted_ms.to_string())
-                .unwrap_or_default(),
-            (hints.age().as_millis() as u64).to_string(),
-            self.reservation_key(receipt.map_or(0, |r| r.reservation.id)),
-            receipt
-                .and_then(|r| r.latency)
+            breaker_max_ms: w.breaker_max.as_millis() as u64,
+            breaker_failure_rate: w.breaker_failure_rate,
+            breaker_min_outcomes: w.breaker_min_requests,
+            breaker_window_ms: w.breaker_window.as_millis() as u64,
+            ledger_mark: receipt.map(|r| r.reservation.ledger),
+            admitted_ms: receipt.map(|r| r.reservation.admitted_ms),
+            hints_age_ms: hints.age().as_millis() as u64,
+            reservation_id: self.reservation_key(receipt.map_or(0, |r| r.reservation.id)),
+            output_tokens_label: latency
                 .filter(|s| s.output_tokens > 0)
                 .map(|s| label(s.output_tokens))
                 .unwrap_or_default(),
-            receipt
-                .and_then(|r| r.latency)
-                .map_or(0, |s| s.prompt_tokens)
-                .to_string(),
-            receipt
-                .and_then(|r| r.latency)
-                .map_or(0, |s| s.cached_tokens)
-                .to_string(),
-        ]
+            prompt_tokens: latency.map_or(0, |s| s.prompt_tokens),
+            cached_tokens: latency.map_or(0, |s| s.cached_tokens),
+        }
     }
 
     /// Set the generation marker unless it exists; true when this call set it, i.e. Redis
@@ -429,13 +399,14 @@ impl RedisState {
     pub async fn heartbeat(&self, replica: &str, ttl: Duration) -> Result<u32, StateError> {
         // Leases nobody took from since they expired are given back here at the latest.
         self.give_back(self.leases.expired(tokio::time::Instant::now()));
-        let args = vec![
-            replica.to_owned(),
-            (ttl.as_millis() as u64).to_string(),
-            self.clock(),
-        ];
+        let args = HeartbeatArgs {
+            replica: replica.to_owned(),
+            ttl_ms: ttl.as_millis() as u64,
+            clock: self.clock(),
+        }
+        .to_args();
         let reply = self
-            .run(&self.heartbeat, vec![self.keys.replicas()], args)
+            .run(&self.scripts.heartbeat, vec![self.keys.replicas()], args)
             .await?;
         Ok(int(&reply)?.clamp(1, i64::from(u32::MAX)) as u32)
     }
@@ -538,25 +509,31 @@ impl RedisState {
         let now = tokio::time::Instant::now();
         let mut keys = Vec::with_capacity(1 + candidates.len() * 3);
         keys.push(self.keys.pending(pool));
-        let mut args = vec![
-            estimated_tokens.to_string(),
-            self.windows.bucket_ms().to_string(),
-            (self.windows.budget.as_millis() as u64).to_string(),
-            self.clock(),
-            (self.windows.hint_ttl.as_millis() as u64).to_string(),
-            (self.windows.breaker_probe.as_millis() as u64).to_string(),
-            self.reservation_key(id),
-        ];
-        let limit = |v: Option<u64>| v.map_or("-1".into(), |v| v.to_string());
+        let mut args = AcquireArgs {
+            estimate: estimated_tokens,
+            bucket_ms: self.windows.bucket_ms(),
+            window_ms: self.windows.budget.as_millis() as u64,
+            clock: self.clock(),
+            hint_ttl_ms: self.windows.hint_ttl.as_millis() as u64,
+            probe_ms: self.windows.breaker_probe.as_millis() as u64,
+            reservation_id: self.reservation_key(id),
+        }
+        .to_args();
         for c in candidates {
             let k = self.member_keys(pool, &c.backend);
             keys.extend([k.backoff, k.usage, k.hints]);
-            args.push(limit(c.tokens_per_window));
-            args.push(limit(c.requests_per_window));
-            args.push(c.spill_utilization.map_or("-1".into(), |v| v.to_string()));
+            CandidateArgs {
+                tokens_per_window: Limit(c.tokens_per_window),
+                requests_per_window: Limit(c.requests_per_window),
+                spill_utilization: Limit(c.spill_utilization),
+            }
+            .push_to(&mut args);
         }
-        args.push(self.leases.wanted(pool, now).to_string());
-        let reply = array(self.run(&self.acquire, keys, args).await?)?;
+        LeaseArgs {
+            wanted: u64::from(self.leases.wanted(pool, now)),
+        }
+        .push_to(&mut args);
+        let reply = array(self.run(&self.scripts.acquire, keys, args).await?)?;
         let (flag, a, b, ledger, admitted, granted) = match reply.as_slice() {
             [flag, a, b] => (flag, a, b, None, None, None),
             [flag, a, b, ledger, admitted, granted] => {
@@ -632,7 +609,7 @@ impl RedisState {
         keys: Vec<String>,
         args: Vec<String>,
     ) -> Result<Value, StateError> {
-        self.run(&self.acquire, keys, args).await
+        self.run(&self.scripts.acquire, keys, args).await
     }
 
     pub fn client(&self) -> &Client {
@@ -713,7 +690,7 @@ impl FleetState for RedisState {
         let work = if receipt.backoff.is_none() && receipt.reservation.id == 0 {
             Work::Summable(receipt)
         } else {
-            Work::Record(self.settle_args(Some(&receipt), receipt.backoff))
+            Work::Record(self.receipt_record(Some(&receipt), receipt.backoff))
         };
         self.run_settle(pool, backend, work).await
     }
@@ -726,15 +703,14 @@ impl FleetState for RedisState {
         reservation: Reservation,
     ) -> Result<(), StateError> {
         // The settle script with no reservation, latency or backoff: hints only.
-        let mut args = self.settle_args(None, None);
-        args[6] = hints
-            .remaining_tokens
-            .map(|v| v.to_string())
-            .unwrap_or_default();
-        args[7] = hints.utilization.map(|v| v.to_string()).unwrap_or_default();
-        args[18] = reservation.ledger.to_string();
-        args[20] = (hints.age().as_millis() as u64).to_string();
-        self.run_settle(pool, backend, Work::Record(args)).await
+        let record = ReceiptRecord {
+            remaining_tokens: hints.remaining_tokens,
+            utilization: hints.utilization,
+            ledger_mark: Some(reservation.ledger),
+            hints_age_ms: hints.age().as_millis() as u64,
+            ..self.receipt_record(None, None)
+        };
+        self.run_settle(pool, backend, Work::Record(record)).await
     }
 
     async fn backoff(
@@ -744,8 +720,8 @@ impl FleetState for RedisState {
         backoff: Backoff,
     ) -> Result<(), StateError> {
         self.give_back(self.leases.revoke(pool, backend));
-        let args = self.settle_args(None, Some(backoff));
-        self.run_settle(pool, backend, Work::Record(args)).await
+        let record = self.receipt_record(None, Some(backoff));
+        self.run_settle(pool, backend, Work::Record(record)).await
     }
 
     async fn snapshot(
@@ -766,14 +742,15 @@ impl FleetState for RedisState {
                 [k.backoff, k.usage, k.latency, k.hints]
             })
             .collect();
-        let args = vec![
-            self.windows.bucket_ms().to_string(),
-            (self.windows.budget.as_millis() as u64).to_string(),
-            self.windows.slot_ms().to_string(),
-            (self.windows.latency.as_millis() as u64).to_string(),
-            self.clock(),
-        ];
-        let reply = array(self.run(&self.snapshot, keys, args).await?)?;
+        let args = SnapshotArgs {
+            bucket_ms: self.windows.bucket_ms(),
+            window_ms: self.windows.budget.as_millis() as u64,
+            slot_ms: self.windows.slot_ms(),
+            latency_window_ms: self.windows.latency.as_millis() as u64,
+            clock: self.clock(),
+        }
+        .to_args();
+        let reply = array(self.run(&self.scripts.snapshot, keys, args).await?)?;
         if reply.len() != members.len() {
             return Err(StateError::Protocol(format!(
                 "snapshot returned {} members",
@@ -801,14 +778,16 @@ impl FleetState for RedisState {
         requests: u64,
     ) -> Result<(), StateError> {
         let k = self.member_keys(pool, backend);
-        let args = vec![
-            tokens.to_string(),
-            requests.to_string(),
-            self.windows.bucket_ms().to_string(),
-            (self.windows.budget.as_millis() as u64).to_string(),
-            self.clock(),
-        ];
-        self.run(&self.charge, vec![k.usage, k.hints], args).await?;
+        let args = ChargeArgs {
+            tokens,
+            requests,
+            bucket_ms: self.windows.bucket_ms(),
+            window_ms: self.windows.budget.as_millis() as u64,
+            clock: self.clock(),
+        }
+        .to_args();
+        self.run(&self.scripts.charge, vec![k.usage, k.hints], args)
+            .await?;
         Ok(())
     }
 
@@ -822,13 +801,16 @@ impl FleetState for RedisState {
             return Ok(());
         }
         let keys = vec![self.keys.response(response_id)];
-        let args = vec![
-            owner.pool.to_string(),
-            owner.backend.to_string(),
-            ttl.as_millis().max(1).to_string(),
-            owner.consumer.clone().unwrap_or_default(),
-        ];
-        self.run(&self.pin_response, keys, args).await.map(|_| ())
+        let args = PinArgs {
+            pool: owner.pool.to_string(),
+            backend: owner.backend.to_string(),
+            ttl_ms: (ttl.as_millis() as u64).max(1),
+            consumer: owner.consumer.clone().unwrap_or_default(),
+        }
+        .to_args();
+        self.run(&self.scripts.pin_response, keys, args)
+            .await
+            .map(|_| ())
     }
 
     async fn response_owner(&self, response_id: &str) -> Result<Option<ResponseOwner>, StateError> {
@@ -858,8 +840,12 @@ impl FleetState for RedisState {
             return Err(StateError::Protocol("quota counter name too long".into()));
         }
         let keys = vec![self.keys.quota(&counter.name)];
-        let args = vec![tokens.to_string(), counter.expires_at_ms.max(1).to_string()];
-        match self.run(&self.spend_quota, keys, args).await? {
+        let args = QuotaArgs {
+            tokens,
+            expires_at_ms: counter.expires_at_ms.max(1),
+        }
+        .to_args();
+        match self.run(&self.scripts.spend_quota, keys, args).await? {
             Value::Integer(total) => Ok(total.max(0) as u64),
             other => Err(StateError::Protocol(format!(
                 "spend_quota answered {other:?}"

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::keys::KeySchema;
 use crate::memory::ms_per_output_token;
+use crate::scripts::{RECEIPT_KIND, ReceiptRecord, SUM_KIND, SumRecord};
 use crate::store::{
     BackendId, Histogram, LATENCY_BOUNDS_MS, PoolName, Receipt, StateError, UpstreamHints, Windows,
 };
@@ -23,8 +24,8 @@ const MAX_JOBS: usize = 1024;
 
 /// What one queued call to `settle.lua` carries.
 pub(crate) enum Work {
-    /// One receipt record's 23 arguments (failures, backoffs, hints, reservations by id).
-    Record(Vec<String>),
+    /// One receipt record (failures, backoffs, hints, reservations by id).
+    Record(ReceiptRecord),
     /// A receipt that may be summed with others of its member: no backoff, no reservation id
     /// (an admission on a lease).
     Summable(Receipt),
@@ -113,8 +114,8 @@ impl Batcher {
                         self.push_sum(&pool, &backend, &sum, &mut keys, &mut args);
                     }
                     keys.extend(self.member_keys(&pool, &job.backend));
-                    args.push("r".to_string());
-                    args.extend(record);
+                    args.push(RECEIPT_KIND.to_string());
+                    record.push_to(&mut args);
                 }
             }
         }
@@ -151,8 +152,9 @@ impl Batcher {
         args: &mut Vec<String>,
     ) {
         keys.extend(self.member_keys(pool, backend));
-        args.push("a".to_string());
-        args.extend(sum.args(&self.windows, clock(&self.clock_ms)));
+        args.push(SUM_KIND.to_string());
+        sum.record(&self.windows, clock(&self.clock_ms))
+            .push_to(args);
     }
 }
 
@@ -222,8 +224,8 @@ impl Sum {
         }
     }
 
-    /// The sum record's 17 arguments (see settle.lua).
-    fn args(&self, windows: &Windows, clock: String) -> Vec<String> {
+    /// The sum record (see settle.lua).
+    fn record(&self, windows: &Windows, clock: String) -> SumRecord {
         let corrections = self
             .corrections
             .iter()
@@ -237,27 +239,24 @@ impl Sum {
             .collect::<Vec<_>>()
             .join(",");
         let (hints, ledger) = self.hints.unwrap_or_default();
-        vec![
+        SumRecord {
             corrections,
             histogram,
-            self.completed.to_string(),
-            self.estimated.to_string(),
-            self.actual.to_string(),
-            self.completed.to_string(),
-            self.admitted_ms.to_string(),
-            hints
-                .remaining_tokens
-                .map(|v| v.to_string())
-                .unwrap_or_default(),
-            hints.utilization.map(|v| v.to_string()).unwrap_or_default(),
-            ledger.to_string(),
-            (hints.age().as_millis() as u64).to_string(),
-            windows.slot_ms().to_string(),
-            (windows.latency.as_millis() as u64).to_string(),
+            completed: self.completed,
+            estimated: self.estimated,
+            actual: self.actual,
+            successes: self.completed,
+            admitted_ms: self.admitted_ms,
+            remaining_tokens: hints.remaining_tokens,
+            utilization: hints.utilization,
+            ledger_mark: ledger,
+            hints_age_ms: hints.age().as_millis() as u64,
+            slot_ms: windows.slot_ms(),
+            latency_window_ms: windows.latency.as_millis() as u64,
             clock,
-            (windows.breaker_window.as_millis() as u64).to_string(),
-            self.prompt.to_string(),
-            self.cached.to_string(),
-        ]
+            breaker_window_ms: windows.breaker_window.as_millis() as u64,
+            prompt_tokens: self.prompt,
+            cached_tokens: self.cached,
+        }
     }
 }

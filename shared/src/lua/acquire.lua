@@ -8,17 +8,19 @@
 --   KEYS[3i]    {prefix}:{pool}:usage:<backend>    hash tokens:<bucket_start_ms>, requests:<bucket_start_ms>
 --   KEYS[3i+1]  {prefix}:{pool}:hints:<backend>    hash remaining_tokens, utilization, updated_ms,
 --                                                  admitted_tokens (running count)
--- ARGV[1]  estimated tokens of the request (whole number >= 0)
--- ARGV[2]  budget bucket length, ms          ARGV[3]  budget window length, ms
--- ARGV[4]  "" to take the time from Redis TIME; a time in ms only in tests
--- ARGV[5]  how long an upstream's capacity hints stay trusted, ms
--- ARGV[6]  circuit breaker probe: after a cool-down one request is admitted and the others
---          are held back this long (ms) while it probes
--- ARGV[7]  the reservation's id ("" none); an id already released admits nothing
--- ARGV[5+3i], ARGV[6+3i], ARGV[7+3i]  candidate i's token and request budget per window,
---          and the utilization (share) above which it is skipped; -1: none
--- ARGV[#ARGV] (last)  lease: how many requests like this one the replica would like to admit
---          on its own (0 or 1: this request only). See "Leases" below.
+-- ARGV: an ACQUIRE record, a CANDIDATE record per candidate (in the keys' order), a LEASE
+-- record (scripts.rs AcquireArgs, CandidateArgs, LeaseArgs):
+--   estimate             estimated tokens of the request (whole number >= 0)
+--   bucket_ms, window_ms budget bucket and window lengths
+--   clock                "" to take the time from Redis TIME; a time in ms only in tests
+--   hint_ttl_ms          how long an upstream's capacity hints stay trusted
+--   probe_ms             circuit breaker probe: after a cool-down one request is admitted and
+--                        the others are held back this long while it probes
+--   reservation_id       "" none; an id already released admits nothing
+--   candidate: tokens_per_window, requests_per_window, and the utilization (share) above
+--              which it is skipped, spill_utilization; -1: none
+--   lease: wanted        how many requests like this one the replica would like to admit on
+--                        its own (0 or 1: this request only). See "Leases" below.
 -- Returns {1, i, bucket_start_ms, ledger, now_ms, n}  candidate i admits n requests (the
 --                                      estimate n times and n requests are charged to its
 --                                      bucket starting at bucket_start_ms; n > 1 is a lease);
@@ -42,37 +44,38 @@
 -- an eighth of the budget left in the window, so near a budget's edge every request is
 -- decided here, one by one. The replica gives back what it did not use (release.lua).
 
-local estimate = tonumber(ARGV[1])
-local bucket = tonumber(ARGV[2])
-local window = tonumber(ARGV[3])
+local ACQUIRE = fields{'estimate', 'bucket_ms', 'window_ms', 'clock', 'hint_ttl_ms', 'probe_ms', 'reservation_id'}
+local CANDIDATE = fields{'tokens_per_window', 'requests_per_window', 'spill_utilization'}
+local LEASE = fields{'wanted'}
+
+local args = read(ACQUIRE, 1)
+local estimate = tonumber(args.estimate)
+local bucket = tonumber(args.bucket_ms)
+local window = tonumber(args.window_ms)
 if estimate == nil or estimate < 0 or estimate ~= math.floor(estimate) then
-  return redis.error_reply('ERR spillway: estimated tokens must be a whole number >= 0')
+  return fail('estimated tokens must be a whole number >= 0')
 end
 if bucket == nil or bucket < 1 or window == nil or window < 1 then
-  return redis.error_reply('ERR spillway: bucket and window lengths must be >= 1 ms')
+  return fail('bucket and window lengths must be >= 1 ms')
 end
-if #KEYS < 4 or (#KEYS - 1) % 3 ~= 0 or #ARGV ~= 7 + #KEYS then
-  return redis.error_reply('ERR spillway: expected the pending key, then 3 keys and 3 limits per candidate, then the lease')
+local candidates = (#KEYS - 1) / 3
+if #KEYS < 4 or (#KEYS - 1) % 3 ~= 0
+    or #ARGV ~= ACQUIRE.length + candidates * CANDIDATE.length + LEASE.length then
+  return fail('expected the pending key, then 3 keys and 3 limits per candidate, then the lease')
 end
-local wanted = tonumber(ARGV[#ARGV])
+local wanted = tonumber(read(LEASE, #ARGV - LEASE.length + 1).wanted)
 if wanted == nil or wanted < 0 or wanted ~= math.floor(wanted) then
-  return redis.error_reply('ERR spillway: the lease must be a whole number of requests >= 0')
+  return fail('the lease must be a whole number of requests >= 0')
 end
-local pending_key, id = KEYS[1], ARGV[7]
+local pending_key, id = KEYS[1], args.reservation_id
 if id ~= '' and redis.call('HEXISTS', pending_key, id) == 1 then
   -- Released before it ran (its caller gave up on it): admit nothing.
   return {0, 0, 0}
 end
-local hint_ttl = tonumber(ARGV[5]) or 0
-local probe = tonumber(ARGV[6]) or 0
+local hint_ttl = tonumber(args.hint_ttl_ms) or 0
+local probe = tonumber(args.probe_ms) or 0
 
-local now
-if ARGV[4] ~= '' then
-  now = tonumber(ARGV[4])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+local now = clock_ms(args.clock)
 
 local function fits(used_tokens, used_requests, tpm, rpm)
   local tokens_ok = tpm < 0 or used_tokens + estimate <= tpm or used_tokens == 0
@@ -82,8 +85,6 @@ end
 
 local earliest = -1
 local throttled = 0
-
-local function fmt(n) return string.format('%d', n) end
 
 -- Usage in the window as running sums: the hash keeps `sum_tokens`, `sum_requests`, the
 -- `oldest` and `newest` bucket starts and `bucket_ms` beside the buckets. Buckets that left
@@ -165,9 +166,11 @@ local function hinted_cap(hints_key, spill)
   return wanted
 end
 
-for i = 1, (#KEYS - 1) / 3 do
+for i = 1, candidates do
   local backoff_key, usage_key, hints_key = KEYS[3 * i - 1], KEYS[3 * i], KEYS[3 * i + 1]
-  local tpm, rpm, spill = tonumber(ARGV[5 + 3 * i]), tonumber(ARGV[6 + 3 * i]), tonumber(ARGV[7 + 3 * i])
+  local limits = read(CANDIDATE, ACQUIRE.length + CANDIDATE.length * (i - 1) + 1)
+  local tpm, rpm = tonumber(limits.tokens_per_window), tonumber(limits.requests_per_window)
+  local spill = tonumber(limits.spill_utilization)
   local wait
   local backoff = redis.call('HMGET', backoff_key, 'until_ms', 'reason', 'opened', 'failures')
   local until_ms = tonumber(backoff[1])
@@ -193,7 +196,7 @@ for i = 1, (#KEYS - 1) / 3 do
       end
       local charged = estimate * n
       local start = now - (now % bucket)
-      local field = string.format('%d', start)
+      local field = fmt(start)
       redis.call('HINCRBY', usage_key, 'tokens:' .. field, charged)
       redis.call('HINCRBY', usage_key, 'requests:' .. field, n)
       redis.call('HINCRBY', usage_key, 'sum_tokens', charged)
@@ -210,7 +213,7 @@ for i = 1, (#KEYS - 1) / 3 do
       local h = redis.call('HMGET', hints_key, 'remaining_tokens', 'updated_ms')
       if tonumber(h[1]) ~= nil and tonumber(h[2]) ~= nil and tonumber(h[2]) + hint_ttl > now then
         -- Formatted: a zero charge would be sent as "-0", which HINCRBY refuses.
-        redis.call('HINCRBY', hints_key, 'remaining_tokens', string.format('%d', -charged))
+        redis.call('HINCRBY', hints_key, 'remaining_tokens', fmt(-charged))
       end
       local ledger = redis.call('HINCRBY', hints_key, 'admitted_tokens', charged)
       if redis.call('PTTL', hints_key) < 0 then
@@ -219,12 +222,12 @@ for i = 1, (#KEYS - 1) / 3 do
       if probe_hint then
         -- The last hint said "full" and has expired: this request probes; the others keep
         -- treating the hint as fresh until its answer brings a new one.
-        redis.call('HSET', hints_key, 'updated_ms', string.format('%d', now))
+        redis.call('HSET', hints_key, 'updated_ms', fmt(now))
       end
       if (tonumber(backoff[3]) or 0) > 0 or backoff[2] == 'throttled' or backoff[2] == 'probing' then
         -- Half-open breaker, or a 429's backoff over: this request probes; the others wait
         -- for its outcome.
-        redis.call('HSET', backoff_key, 'until_ms', string.format('%d', now + probe), 'reason', 'probing')
+        redis.call('HSET', backoff_key, 'until_ms', fmt(now + probe), 'reason', 'probing')
         redis.call('PEXPIRE', backoff_key, math.max(redis.call('PTTL', backoff_key), probe))
       end
       return {1, i, start, ledger, now, n}

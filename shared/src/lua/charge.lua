@@ -4,27 +4,24 @@
 --
 -- KEYS[1]  {prefix}:{pool}:usage:<backend>   hash tokens:<bucket_start_ms>, requests:<bucket_start_ms>
 -- KEYS[2]  {prefix}:{pool}:hints:<backend>   hash admitted_tokens (the hint ledger)
--- ARGV[1]  tokens (whole number >= 0)   ARGV[2]  requests (whole number >= 0)
--- ARGV[3]  budget bucket length, ms     ARGV[4]  budget window length, ms
--- ARGV[5]  "" to take the time from Redis TIME; a time in ms only in tests
+-- ARGV: one record (scripts.rs ChargeArgs)
+--   tokens, requests      whole numbers >= 0
+--   bucket_ms, window_ms  budget bucket and window lengths
+--   clock                 "" to take the time from Redis TIME; a time in ms only in tests
 -- Returns 1. Errors "ERR spillway: ..." on malformed arguments.
+local CHARGE = fields{'tokens', 'requests', 'bucket_ms', 'window_ms', 'clock'}
 
-local tokens, requests = tonumber(ARGV[1]), tonumber(ARGV[2])
-local bucket, window = tonumber(ARGV[3]), tonumber(ARGV[4])
-if #KEYS ~= 2 or #ARGV ~= 5 or tokens == nil or tokens < 0 or requests == nil or requests < 0 then
-  return redis.error_reply('ERR spillway: charge takes 2 keys, tokens, requests, bucket, window, clock')
+local args = read(CHARGE, 1)
+local tokens, requests = tonumber(args.tokens), tonumber(args.requests)
+local bucket, window = tonumber(args.bucket_ms), tonumber(args.window_ms)
+if #KEYS ~= 2 or #ARGV ~= CHARGE.length or tokens == nil or tokens < 0 or requests == nil or requests < 0 then
+  return fail('charge takes 2 keys, tokens, requests, bucket, window, clock')
 end
 if bucket == nil or bucket < 1 or window == nil or window < 1 then
-  return redis.error_reply('ERR spillway: bucket and window lengths must be >= 1 ms')
+  return fail('bucket and window lengths must be >= 1 ms')
 end
-local now
-if ARGV[5] ~= '' then
-  now = tonumber(ARGV[5])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local field = string.format('%d', now - (now % bucket))
+local now = clock_ms(args.clock)
+local field = fmt(now - (now % bucket))
 redis.call('HINCRBY', KEYS[1], 'tokens:' .. field, tokens)
 redis.call('HINCRBY', KEYS[1], 'requests:' .. field, requests)
 -- The running sums (acquire.lua), when kept, move with the bucket.

@@ -2,33 +2,36 @@
 -- replica's side but may still have run in Redis). Idempotent; a release that arrives before
 -- its acquire leaves a mark that makes the acquire admit nothing.
 --
--- Also how a replica gives back the unused part of a lease (ARGV[3]).
+-- Also how a replica gives back the unused part of a lease (`part`).
 --
 -- KEYS[1]  {prefix}:{pool}:pending   hash reservation id -> "<candidate i>|<bucket>|<tokens>|<requests>"
 -- KEYS[2i], KEYS[2i+1]  {prefix}:{pool}:usage:<backend> and :backoff:<backend> of candidate i,
---          in the acquire's order; with ARGV[3], just the leased member's two keys
+--          in the acquire's order; with a part, just the leased member's two keys
 -- A released reservation that was a probe (breaker half-open, or after a 429) ends the
 -- probe's hold, so the next request probes instead of everyone waiting for an outcome that
 -- will never come.
--- ARGV[1]  the reservation's id      ARGV[2]  how long the mark is kept, ms
--- ARGV[3]  optional "<tokens>|<requests>": give back only this much of it (a lease's unused
---          part); without it, all of it
+-- ARGV: one record (scripts.rs ReleaseArgs)
+--   reservation_id  the reservation's id      ttl_ms  how long the mark is kept
+--   part            "<tokens>|<requests>": give back only this much of it (a lease's unused
+--                   part); "" all of it
 -- Returns 1 when a reservation was given back, 0 otherwise.
 -- Errors  "ERR spillway: ..." on malformed arguments.
+local RELEASE = fields{'reservation_id', 'ttl_ms', 'part'}
 
-local ttl = tonumber(ARGV[2])
-if #KEYS < 3 or #KEYS % 2 ~= 1 or #ARGV < 2 or #ARGV > 3 or ARGV[1] == '' or ttl == nil or ttl < 1 then
-  return redis.error_reply('ERR spillway: release takes the pending key, usage keys, an id, a ttl and an optional amount')
+local args = read(RELEASE, 1)
+local ttl = tonumber(args.ttl_ms)
+if #KEYS < 3 or #KEYS % 2 ~= 1 or #ARGV ~= RELEASE.length or args.reservation_id == '' or ttl == nil or ttl < 1 then
+  return fail('release takes the pending key, usage keys, an id, a ttl and an amount')
 end
 local part_tokens, part_requests
-if ARGV[3] ~= nil then
-  part_tokens, part_requests = string.match(ARGV[3], '^(%d+)|(%d+)$')
+if args.part ~= '' then
+  part_tokens, part_requests = string.match(args.part, '^(%d+)|(%d+)$')
   if part_tokens == nil then
-    return redis.error_reply('ERR spillway: the amount given back must read <tokens>|<requests>')
+    return fail('the amount given back must read <tokens>|<requests>')
   end
 end
-local entry = redis.call('HGET', KEYS[1], ARGV[1])
-redis.call('HSET', KEYS[1], ARGV[1], 'released')
+local entry = redis.call('HGET', KEYS[1], args.reservation_id)
+redis.call('HSET', KEYS[1], args.reservation_id, 'released')
 if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
 if entry == false or entry == 'released' then return 0 end
 local i, bucket, tokens, requests = string.match(entry, '^(%d+)|(%d+)|(%d+)|?(%d*)$')

@@ -1,15 +1,14 @@
 -- settle: what became of admitted requests, in one round trip; also the backoff operation.
 -- Takes any number of records of one pool, applied in order (a replica sends what queued
 -- while its previous call was on the wire). Each record is 5 keys (below) and, in ARGV, a
--- kind followed by its arguments:
---   "r" and 25 arguments: one receipt (below);
---   "a" and 17 arguments: the sum of a member's completed requests on a lease:
---     1 token corrections "<bucket>=<used - reserved>,..."  2 histogram "<metric>:le_<b>=<n>,..."
---     3 completed   4 their estimated tokens   5 their actual tokens   6 successes
---     7 latest admission time, ms (breaker epoch)   8 remaining tokens ("" none)
---     9 utilization ("" none)   10 ledger mark of those hints   11 their age, ms
---     12 latency slot, ms   13 latency window, ms   14 clock ("" Redis TIME)
---     15 breaker outcome window, ms   16 their prompt tokens   17 of which cached
+-- kind followed by its fields (scripts.rs ReceiptRecord and SumRecord, same names):
+--   "r" and a RECEIPT: one receipt (below);
+--   "a" and a SUM: the sum of a member's completed requests on a lease: token `corrections`
+--     "<bucket>=<used - reserved>,...", `histogram` "<metric>:le_<b>=<n>,...", how many
+--     `completed`, their `estimated`, `actual`, `prompt_tokens` and `cached_tokens`, their
+--     `successes` and latest `admitted_ms` (breaker epoch), the newest hints
+--     (`remaining_tokens`, `utilization`, "" none) with their `ledger_mark` and `hints_age_ms`,
+--     and the windows as in a receipt.
 -- The first record's clock is the batch's.
 --
 -- Per receipt record:
@@ -21,26 +20,29 @@
 -- KEYS[4]  {prefix}:{pool}:hints:<backend>    hash remaining_tokens, utilization, updated_ms,
 --                                              estimated_tokens, actual_tokens (completed requests)
 -- KEYS[5]  {prefix}:{pool}:pending              hash of open reservations (see acquire.lua)
--- ARGV[1]  reservation bucket start, ms ("" when settling no reservation)
--- ARGV[2]  tokens reserved   ARGV[3]  tokens really used
--- ARGV[4..6]  histogram labels for ttfb_ms, total_ms, ms_per_output_token ("" to record none)
--- ARGV[7]  x-ratelimit-remaining-tokens ("" none)   ARGV[8]  utilization share ("" none)
--- ARGV[9]  backoff length, ms ("" none)             ARGV[10] backoff reason
--- ARGV[11] latency slot length, ms                  ARGV[12] latency window, ms
--- ARGV[13] "" to take the time from Redis TIME; a time in ms only in tests
--- ARGV[14] circuit breaker: consecutive failures that open it (0: a plain backoff, no breaker)
--- ARGV[15] longest breaker cool-down, ms
--- ARGV[16] failure share that also opens it   ARGV[17] ... with at least this many outcomes
--- ARGV[18] ... within this window, ms (fields rate_start_ms, rate_ok, rate_failed)
--- ARGV[19] the reservation's ledger mark ("" none): remaining_tokens is stored less the
---          tokens admitted after this request, which the upstream had not seen
--- ARGV[20] when the request was admitted, ms ("" now): the breaker epoch
--- ARGV[21] how long ago the hints in ARGV[7..8] were observed, ms ("" 0): hints are kept
---          only when observed after the ones held (updated_ms is the observation time)
--- ARGV[22] the reservation's id ("" none): its usage is corrected only while it is open, so a
---          settle applies once, and never after a release
--- ARGV[23] histogram label for the request's output tokens ("" none), metric output_tokens
--- ARGV[24] prompt tokens the answer reported   ARGV[25] of which its prompt cache served
+-- RECEIPT fields:
+--   bucket_ms        reservation bucket start, ms ("" when settling no reservation)
+--   reserved, used   tokens reserved and really used
+--   ttfb_label, total_label, per_token_label, output_tokens_label  histogram labels
+--                    (`le_<bound>`) for ttfb_ms, total_ms, ms_per_output_token, output_tokens
+--                    ("" to record none)
+--   remaining_tokens x-ratelimit-remaining-tokens ("" none)   utilization  share ("" none)
+--   backoff_ms       backoff length, ms ("" none)             backoff_reason
+--   slot_ms, latency_window_ms  latency slot length and window, ms
+--   clock            "" to take the time from Redis TIME; a time in ms only in tests
+--   breaker_failures consecutive failures that open the breaker (0: a plain backoff)
+--   breaker_max_ms   longest breaker cool-down
+--   breaker_failure_rate  failure share that also opens it, with at least
+--                    breaker_min_outcomes outcomes within breaker_window_ms (fields
+--                    rate_start_ms, rate_ok, rate_failed)
+--   ledger_mark      the reservation's ledger mark ("" none): remaining_tokens is stored less
+--                    the tokens admitted after this request, which the upstream had not seen
+--   admitted_ms      when the request was admitted ("" now): the breaker epoch
+--   hints_age_ms     how long ago the hints were observed: hints are kept only when observed
+--                    after the ones held (updated_ms is the observation time)
+--   reservation_id   "" none: its usage is corrected only while it is open, so a settle
+--                    applies once, and never after a release
+--   prompt_tokens, cached_tokens  prompt tokens the answer reported, of which its cache served
 -- Returns 1. Errors "ERR spillway: ..." on malformed arguments.
 --
 -- Breaker: a failure that is not throttling counts toward `failures`; at the threshold the
@@ -58,33 +60,36 @@
 -- the batch ends, or just before a failure of the same member, so a failure still follows
 -- the successes sent before it. The whole batch shares one clock reading.
 
--- Read the records' layout first: a malformed batch changes nothing.
-local starts, kinds = {}, {}
+local RECEIPT = fields{'bucket_ms', 'reserved', 'used', 'ttfb_label', 'total_label',
+  'per_token_label', 'remaining_tokens', 'utilization', 'backoff_ms', 'backoff_reason', 'slot_ms',
+  'latency_window_ms', 'clock', 'breaker_failures', 'breaker_max_ms', 'breaker_failure_rate',
+  'breaker_min_outcomes', 'breaker_window_ms', 'ledger_mark', 'admitted_ms', 'hints_age_ms',
+  'reservation_id', 'output_tokens_label', 'prompt_tokens', 'cached_tokens'}
+local SUM = fields{'corrections', 'histogram', 'completed', 'estimated', 'actual', 'successes',
+  'admitted_ms', 'remaining_tokens', 'utilization', 'ledger_mark', 'hints_age_ms', 'slot_ms',
+  'latency_window_ms', 'clock', 'breaker_window_ms', 'prompt_tokens', 'cached_tokens'}
+local LAYOUTS = {r = RECEIPT, a = SUM}
+
+-- Read the records first: a malformed batch changes nothing.
+local records, kinds = {}, {}
 do
   local p = 1
   while p <= #ARGV do
     local kind = ARGV[p]
-    local length = (kind == 'r' and 25) or (kind == 'a' and 17) or nil
-    if length == nil or p + length > #ARGV then
-      return redis.error_reply('ERR spillway: settle records are "r" and 25 arguments or "a" and 17')
+    local layout = LAYOUTS[kind]
+    if layout == nil or p + layout.length > #ARGV then
+      return fail('settle records are "r" and a RECEIPT or "a" and a SUM (scripts.rs)')
     end
-    starts[#starts + 1], kinds[#kinds + 1] = p, kind
-    p = p + length + 1
+    records[#records + 1], kinds[#kinds + 1] = read(layout, p + 1), kind
+    p = p + layout.length + 1
   end
 end
-if #starts == 0 or #KEYS ~= 5 * #starts then
-  return redis.error_reply('ERR spillway: settle takes 5 keys per record')
+if #records == 0 or #KEYS ~= 5 * #records then
+  return fail('settle takes 5 keys per record')
 end
 
-local now
-local first_clock = (kinds[1] == 'r' and ARGV[starts[1] + 13]) or ARGV[starts[1] + 14]
-if first_clock ~= '' then
-  now = tonumber(first_clock)
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local fmt = function(n) return string.format('%d', n) end
+-- The first record's clock is the batch's.
+local now = clock_ms(records[1].clock)
 
 -- Count outcomes in the breaker window; returns successes and failures in it.
 local function count_outcomes(backoff_key, rate_window, ok, failed)
@@ -120,7 +125,7 @@ end
 
 local function flush(m)
   local backoff_key, usage_key, latency_key, hints_key = m.keys[1], m.keys[2], m.keys[3], m.keys[4]
-  local slot_length, latency_window = tonumber(m.args[11]), tonumber(m.args[12])
+  local slot_length, latency_window = tonumber(m.args.slot_ms), tonumber(m.args.latency_window_ms)
   -- Token corrections, per bucket; a bucket that left the window changes nothing.
   local moved = 0
   for _, field in ipairs(m.usage_order) do
@@ -195,7 +200,7 @@ local function flush(m)
   -- Completed requests count as successes, close the breaker and end a probe (unless all
   -- of them were admitted before it last opened).
   if m.successes > 0 then
-    local rate_window = tonumber(m.args[18]) or 0
+    local rate_window = tonumber(m.args.breaker_window_ms) or 0
     count_outcomes(backoff_key, rate_window, m.successes, 0)
     if redis.call('PTTL', backoff_key) < rate_window then
       redis.call('PEXPIRE', backoff_key, math.max(rate_window, 1))
@@ -214,15 +219,15 @@ end
 -- A backoff (a failed attempt, or the plain backoff operation), applied at once.
 local function back_off(keys, args)
   local backoff_key = keys[1]
-  local length, reason = tonumber(args[9]), args[10]
+  local length, reason = tonumber(args.backoff_ms), args.backoff_reason
   if length == nil or length < 0 then
-    return redis.error_reply('ERR spillway: backoff length must be a number >= 0')
+    return fail('backoff length must be a number >= 0')
   end
-  local threshold, max_cooldown = tonumber(args[14]) or 0, tonumber(args[15]) or 0
-  local failure_rate, min_outcomes = tonumber(args[16]) or 2, tonumber(args[17]) or 0
-  local rate_window = tonumber(args[18]) or 0
+  local threshold, max_cooldown = tonumber(args.breaker_failures) or 0, tonumber(args.breaker_max_ms) or 0
+  local failure_rate, min_outcomes = tonumber(args.breaker_failure_rate) or 2, tonumber(args.breaker_min_outcomes) or 0
+  local rate_window = tonumber(args.breaker_window_ms) or 0
   if threshold > 0 and reason ~= 'throttled' then
-    local before, opened = from_before(backoff_key, tonumber(args[20]) or now)
+    local before, opened = from_before(backoff_key, tonumber(args.admitted_ms) or now)
     if before then
       count_outcomes(backoff_key, rate_window, 0, 1)
       length = nil
@@ -276,33 +281,32 @@ end
 
 -- A sum record: added to its member's gathered state as the receipts it stands for would be.
 local function add_sum(keys, a)
-  local m = member(keys, {[11] = a[12], [12] = a[13], [18] = a[15]})
-  for bucket, delta in string.gmatch(a[1], '(%d+)=(%-?%d+)') do
+  local m = member(keys, a)
+  for bucket, delta in string.gmatch(a.corrections, '(%d+)=(%-?%d+)') do
     add_correction(m, 'tokens:' .. bucket, tonumber(delta))
   end
-  for label, n in string.gmatch(a[2], '([%a_]+:le_%w+)=(%d+)') do
+  for label, n in string.gmatch(a.histogram, '([%a_]+:le_%w+)=(%d+)') do
     add_samples(m, label, tonumber(n))
   end
-  m.completed = m.completed + (tonumber(a[3]) or 0)
-  m.estimated = m.estimated + (tonumber(a[4]) or 0)
-  m.actual = m.actual + (tonumber(a[5]) or 0)
-  m.prompt = m.prompt + (tonumber(a[16]) or 0)
-  m.cached = m.cached + (tonumber(a[17]) or 0)
-  local successes = tonumber(a[6]) or 0
+  m.completed = m.completed + (tonumber(a.completed) or 0)
+  m.estimated = m.estimated + (tonumber(a.estimated) or 0)
+  m.actual = m.actual + (tonumber(a.actual) or 0)
+  m.prompt = m.prompt + (tonumber(a.prompt_tokens) or 0)
+  m.cached = m.cached + (tonumber(a.cached_tokens) or 0)
+  local successes = tonumber(a.successes) or 0
   if successes > 0 then
     m.successes = m.successes + successes
-    m.admitted = math.max(m.admitted, tonumber(a[7]) or now)
+    m.admitted = math.max(m.admitted, tonumber(a.admitted_ms) or now)
   end
-  if a[8] ~= '' or a[9] ~= '' then
-    add_hints(m, now - (tonumber(a[11]) or 0), tonumber(a[8]), tonumber(a[10]), (a[9] ~= '' and a[9]) or nil)
+  if a.remaining_tokens ~= '' or a.utilization ~= '' then
+    add_hints(m, now - (tonumber(a.hints_age_ms) or 0), tonumber(a.remaining_tokens),
+      tonumber(a.ledger_mark), (a.utilization ~= '' and a.utilization) or nil)
   end
 end
 
-for j = 1, #starts do
-  local keys, args = {}, {}
+for j = 1, #records do
+  local keys, args = {}, records[j]
   for k = 1, 5 do keys[k] = KEYS[5 * (j - 1) + k] end
-  local length = (kinds[j] == 'r' and 25) or 17
-  for a = 1, length do args[a] = ARGV[starts[j] + a] end
   if kinds[j] == 'a' then
     add_sum(keys, args)
   else
@@ -310,22 +314,22 @@ for j = 1, #starts do
 
     -- Replace the estimate with the real count, once, while the reservation is open.
     local open_reservation = true
-    if args[22] ~= '' then
-      local entry = redis.call('HGET', keys[5], args[22])
+    if args.reservation_id ~= '' then
+      local entry = redis.call('HGET', keys[5], args.reservation_id)
       open_reservation = entry ~= false and entry ~= 'released'
-      if open_reservation then redis.call('HDEL', keys[5], args[22]) end
+      if open_reservation then redis.call('HDEL', keys[5], args.reservation_id) end
     end
-    if args[1] ~= '' and open_reservation then
-      local reserved, used = tonumber(args[2]), tonumber(args[3])
+    if args.bucket_ms ~= '' and open_reservation then
+      local reserved, used = tonumber(args.reserved), tonumber(args.used)
       if reserved == nil or used == nil or reserved < 0 or used < 0 then
-        return redis.error_reply('ERR spillway: token counts must be numbers >= 0')
+        return fail('token counts must be numbers >= 0')
       end
-      add_correction(m, 'tokens:' .. args[1], used - reserved)
+      add_correction(m, 'tokens:' .. args.bucket_ms, used - reserved)
     end
 
     -- Latency samples; a sample means the request completed.
-    local metrics = {{'ttfb_ms', args[4]}, {'total_ms', args[5]}, {'ms_per_output_token', args[6]},
-      {'output_tokens', args[23]}}
+    local metrics = {{'ttfb_ms', args.ttfb_label}, {'total_ms', args.total_label},
+      {'ms_per_output_token', args.per_token_label}, {'output_tokens', args.output_tokens_label}}
     local sampled = false
     for _, metric in ipairs(metrics) do
       if metric[2] ~= '' then
@@ -333,28 +337,28 @@ for j = 1, #starts do
         sampled = true
       end
     end
-    if sampled and args[1] ~= '' then
+    if sampled and args.bucket_ms ~= '' then
       m.completed = m.completed + 1
-      m.estimated = m.estimated + (tonumber(args[2]) or 0)
-      m.actual = m.actual + (tonumber(args[3]) or 0)
-      m.prompt = m.prompt + (tonumber(args[24]) or 0)
-      m.cached = m.cached + (tonumber(args[25]) or 0)
+      m.estimated = m.estimated + (tonumber(args.reserved) or 0)
+      m.actual = m.actual + (tonumber(args.used) or 0)
+      m.prompt = m.prompt + (tonumber(args.prompt_tokens) or 0)
+      m.cached = m.cached + (tonumber(args.cached_tokens) or 0)
     end
 
     -- Capacity hints: keep the newest observation of the batch.
-    if args[7] ~= '' or args[8] ~= '' then
-      add_hints(m, now - (tonumber(args[21]) or 0), tonumber(args[7]), tonumber(args[19]),
-        (args[8] ~= '' and args[8]) or nil)
+    if args.remaining_tokens ~= '' or args.utilization ~= '' then
+      add_hints(m, now - (tonumber(args.hints_age_ms) or 0), tonumber(args.remaining_tokens),
+        tonumber(args.ledger_mark), (args.utilization ~= '' and args.utilization) or nil)
     end
 
-    if args[9] ~= '' then
+    if args.backoff_ms ~= '' then
       -- A failure follows what was gathered before it.
       flush(m)
       local failed = back_off(keys, args)
       if failed ~= nil then return failed end
-    elseif args[4] ~= '' then
+    elseif args.ttfb_label ~= '' then
       m.successes = m.successes + 1
-      m.admitted = math.max(m.admitted, tonumber(args[20]) or now)
+      m.admitted = math.max(m.admitted, tonumber(args.admitted_ms) or now)
     end
   end
 end

@@ -1,9 +1,10 @@
 -- snapshot: everything a router or operator needs about some pool members, read-only.
 --
 -- KEYS, four per member i: backoff, usage, latency, hints keys (as in settle.lua)
--- ARGV[1]  budget bucket length, ms   ARGV[2]  budget window, ms
--- ARGV[3]  latency slot length, ms    ARGV[4]  latency window, ms
--- ARGV[5]  "" to take the time from Redis TIME; a time in ms only in tests
+-- ARGV: one record (scripts.rs SnapshotArgs)
+--   bucket_ms, window_ms          budget bucket length and window
+--   slot_ms, latency_window_ms    latency slot length and window
+--   clock                         "" to take the time from Redis TIME; a time in ms only in tests
 -- Returns one entry per member:
 --   {backoff_remaining_ms (0: none), reason, tokens_used, requests_used,
 --    remaining_tokens ("": none), utilization ("": none), {field, count, field, count, ...},
@@ -17,20 +18,15 @@
 -- settle: a member nobody settled on for a while still shows the slots that have since aged
 -- out, until a whole latency window has passed without any (then it shows none).
 
-if #KEYS == 0 or #KEYS % 4 ~= 0 or #ARGV ~= 5 then
-  return redis.error_reply('ERR spillway: snapshot takes 4 keys per member and 5 arguments')
-end
-local now
-if ARGV[5] ~= '' then
-  now = tonumber(ARGV[5])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local bucket, window = tonumber(ARGV[1]), tonumber(ARGV[2])
-local slot_length, latency_window = tonumber(ARGV[3]), tonumber(ARGV[4])
+local SNAPSHOT = fields{'bucket_ms', 'window_ms', 'slot_ms', 'latency_window_ms', 'clock'}
 
-local function fmt(n) return string.format('%d', n) end
+if #KEYS == 0 or #KEYS % 4 ~= 0 or #ARGV ~= SNAPSHOT.length then
+  return fail('snapshot takes 4 keys per member and 5 arguments')
+end
+local args = read(SNAPSHOT, 1)
+local now = clock_ms(args.clock)
+local bucket, window = tonumber(args.bucket_ms), tonumber(args.window_ms)
+local slot_length, latency_window = tonumber(args.slot_ms), tonumber(args.latency_window_ms)
 
 -- The window's latency sums: every metric at every bucket bound (see store.rs).
 local summary_fields = {}
