@@ -2,11 +2,13 @@
 //! store, and the Lua scripts' own edge cases on a pinned clock.
 
 use std::ops::Deref;
+use std::sync::Arc;
 use std::time::Duration;
 
+use spillway_shared::contract::Subject;
 use spillway_shared::{
-    Admission, BackendId, Candidate, ClockControl, FleetState, PoolName, RedisState, StateError,
-    Windows,
+    Admission, BackendId, Candidate, ClockControl, EmbeddedState, FallbackState, FleetState,
+    PoolName, RedisState, StateError, Windows,
 };
 use spillway_tests::redis_server::RedisServer;
 
@@ -40,47 +42,40 @@ async fn redis() -> Served {
     served(Windows::default()).await
 }
 
-spillway_shared::fleet_state_contract!(redis());
+/// The contract on Redis: each check on a store of its own server.
+async fn redis_subject(windows: Windows) -> Subject {
+    let Served { store, server } = served(windows).await;
+    Subject::keeping(Arc::new(store), server)
+}
+
+spillway_shared::fleet_state_contract!(redis_subject);
 
 /// The same suite through `FallbackState` on a healthy Redis, as `serve` builds it.
 mod through_fallback {
     use super::*;
 
-    pub struct Fallback {
-        store: std::sync::Arc<spillway_shared::FallbackState>,
-        _server: RedisServer,
+    async fn fallback(windows: Windows) -> Subject {
+        let Served { store, server } = served(windows).await;
+        let store = FallbackState::new(store, EmbeddedState::new(windows), Duration::from_secs(1));
+        Subject::keeping(store, server)
     }
 
-    impl Deref for Fallback {
-        type Target = spillway_shared::FallbackState;
-        fn deref(&self) -> &Self::Target {
-            &self.store
-        }
-    }
-
-    async fn fallback() -> Fallback {
-        let Served { store, server } = redis().await;
-        let store = spillway_shared::FallbackState::new(
-            store,
-            spillway_shared::EmbeddedState::default(),
-            Duration::from_secs(1),
-        );
-        Fallback {
-            store,
-            _server: server,
-        }
-    }
-
-    spillway_shared::fleet_state_contract!(fallback());
+    spillway_shared::fleet_state_contract!(fallback);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_probe_reopens_a_breaker_the_failure_rate_opened() {
-    let store = served(spillway_shared::contract::rate_breaker_windows()).await;
-    spillway_shared::contract::a_failed_probe_reopens_a_breaker_the_failure_rate_opened(
-        &*store, &*store,
-    )
-    .await;
+/// And through `FallbackState` with Redis gone: every rule holds deciding alone.
+mod through_fallback_with_redis_down {
+    use super::*;
+
+    async fn fallback_alone(windows: Windows) -> Subject {
+        let Served { store, mut server } = served(windows).await;
+        server.kill();
+        let budget = Duration::from_millis(100);
+        let store = FallbackState::new(store, EmbeddedState::new(windows), budget);
+        Subject::keeping(store, server)
+    }
+
+    spillway_shared::fleet_state_contract!(fallback_alone);
 }
 
 fn small_windows() -> Windows {
@@ -649,4 +644,64 @@ async fn snapshots_read_the_windows_sums_at_constant_cost() {
     store.snapshot(&pool, &c).await.unwrap();
     assert_eq!(store.server.calls("evalsha"), 1);
     assert_eq!(store.server.calls("hgetall"), 0);
+}
+
+/// What a replica decided alone while Redis was down reaches Redis once it answers: the usage
+/// it admitted and the backoff it learned (the contract above checks the deciding alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_fallback_decided_alone_is_written_back() {
+    let Served { store, mut server } = redis().await;
+    let fallback = FallbackState::new(store, EmbeddedState::default(), Duration::from_millis(100));
+    server.kill();
+    let pool = PoolName::new("written-back");
+    let members = [
+        Candidate::unlimited(BackendId::new("a")),
+        Candidate::unlimited(BackendId::new("b")),
+    ];
+    let within = Duration::from_secs(30);
+    // Calls that find Redis gone turn the pool degraded (every decision local).
+    for _ in 0..spillway_shared::fallback::ENTER_AFTER {
+        fallback.acquire(&pool, &members, 0).await.unwrap();
+    }
+    tokio::time::timeout(within, fallback.wait_degraded())
+        .await
+        .expect("degraded");
+    let Admission::Admitted {
+        backend,
+        reservation,
+    } = fallback.acquire(&pool, &members, 100).await.unwrap()
+    else {
+        panic!("decided alone");
+    };
+    let throttled = spillway_shared::Backoff {
+        duration: Duration::from_secs(60),
+        reason: spillway_shared::BackoffReason::Throttled,
+    };
+    let receipt = spillway_shared::Receipt {
+        reservation,
+        tokens: 250,
+        latency: None,
+        hints: Default::default(),
+        backoff: Some(throttled),
+    };
+    fallback.settle(&pool, &backend, receipt).await.unwrap();
+
+    server.restart();
+    tokio::time::timeout(within, fallback.wait_shared())
+        .await
+        .expect("back on Redis");
+    let direct = RedisState::new(
+        &server.url(),
+        "spillway-test",
+        Windows::default(),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    direct.ready(Duration::from_secs(10)).await.unwrap();
+    let shared = direct.snapshot(&pool, &members).await.unwrap();
+    let a = &shared.members[0];
+    assert_eq!(a.tokens_used, 250, "the usage admitted alone");
+    let backoff = a.backoff.expect("the backoff learned alone");
+    assert_eq!(backoff.reason, spillway_shared::BackoffReason::Throttled);
+    assert!(backoff.duration > Duration::from_secs(30), "{backoff:?}");
 }

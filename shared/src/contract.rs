@@ -1,14 +1,125 @@
-//! The behaviour every `FleetState` store must show, as one suite instantiated per store with
+//! The behaviour every `FleetState` store must show: one suite, run on each store by
 //! [`fleet_state_contract!`](crate::fleet_state_contract). Time-driven rules (cool-downs,
 //! probes, windows) move the store's clock with [`ClockControl`] instead of waiting; each
-//! check uses its own pool.
+//! check uses its own pool and a fresh store built with the windows it needs.
+//!
+//! The checks are listed once, in [`CHECKS`], and nowhere per store. A check is a private
+//! function: one left out of the list is dead code, which the build (clippy `-D warnings`)
+//! refuses, so adding a check cannot forget a store.
 
+use std::any::Any;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::store::{
     Admission, BackendId, Backoff, BackoffReason, Candidate, ClockControl, FleetState,
-    LatencySample, PoolName, Receipt, UpstreamHints,
+    LatencySample, PoolName, Receipt, UpstreamHints, Windows,
 };
+
+/// A store under test: its state and its clock.
+pub trait ContractStore: FleetState + ClockControl {}
+
+impl<T: FleetState + ClockControl + ?Sized> ContractStore for T {}
+
+/// A store built for one check, with whatever must live as long as it (a Redis server).
+pub struct Subject {
+    pub store: Arc<dyn ContractStore>,
+    pub keep: Box<dyn Any + Send + Sync>,
+}
+
+impl Subject {
+    pub fn new(store: Arc<dyn ContractStore>) -> Self {
+        Self::keeping(store, ())
+    }
+
+    pub fn keeping(store: Arc<dyn ContractStore>, keep: impl Any + Send + Sync) -> Self {
+        Self {
+            store,
+            keep: Box::new(keep),
+        }
+    }
+}
+
+type Run = fn(Arc<dyn ContractStore>) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// One rule of the contract.
+pub struct Check {
+    pub name: &'static str,
+    /// The windows the store must be built with.
+    pub windows: fn() -> Windows,
+    pub run: Run,
+}
+
+/// Run every check on a fresh store from `make` (given the check's windows), each in a task of
+/// its own; fails naming every check that failed (their panics are printed above).
+pub async fn run_all<F, Fut>(make: F)
+where
+    F: Fn(Windows) -> Fut,
+    Fut: Future<Output = Subject>,
+{
+    let mut failed = Vec::new();
+    for check in CHECKS {
+        let subject = make((check.windows)()).await;
+        let outcome = tokio::spawn((check.run)(subject.store.clone())).await;
+        if outcome.is_err() {
+            failed.push(check.name);
+        }
+        subject.store.close().await;
+        drop(subject);
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {} contract checks failed: {failed:?}",
+        failed.len(),
+        CHECKS.len()
+    );
+}
+
+/// Lists the checks: `name(store)` or `name(store, clock)`, optionally `with <windows fn>`.
+macro_rules! checks {
+    ($( $name:ident ( $($arg:ident),+ ) $(with $windows:path)? ;)*) => {
+        /// Every check of the contract.
+        pub const CHECKS: &[Check] = &[$(Check {
+            name: stringify!($name),
+            windows: checks!(@windows $($windows)?),
+            run: |store| Box::pin(async move { checks!(@call $name store $($arg)+) }),
+        }),*];
+    };
+    (@windows) => { Windows::default };
+    (@windows $windows:path) => { $windows };
+    (@call $name:ident $s:ident store) => { $name(&*$s).await };
+    (@call $name:ident $s:ident store clock) => { $name(&*$s, &*$s).await };
+}
+
+checks! {
+    acquire_takes_the_first_candidate_not_in_backoff(store);
+    exhausted_reports_the_earliest_deadline_and_why(store);
+    backoff_keeps_the_later_deadline(store);
+    budgets_admit_up_to_the_limit_then_refuse_as_throttled(store);
+    settle_replaces_the_estimate_with_real_usage(store);
+    a_settle_corrects_usage_once(store);
+    requests_per_window_are_bounded(store);
+    an_oversized_request_is_admitted_into_an_empty_window_only(store);
+    settle_without_acquire_changes_no_budget(store);
+    settle_records_latency_hints_and_backoff_in_one_call(store);
+    pools_and_unknown_backends_are_independent(store);
+    a_fresh_hint_of_high_utilization_or_too_few_tokens_skips_a_member(store);
+    a_later_observed_hint_wins_over_an_earlier_one_settled_later(store);
+    admissions_use_up_the_hinted_room_down_to_none(store);
+    a_pinned_response_names_its_owner_and_unknown_ids_none(store);
+    charged_usage_counts_against_the_budget(store);
+    charged_usage_is_on_the_hint_ledger_and_not_an_estimate(store);
+    completed_requests_report_what_the_prompt_cache_served(store);
+    quota_counters_add_up_apart_and_end_with_their_period(store);
+    consecutive_failures_open_the_breaker_for_ever_longer(store, clock);
+    a_probe_success_closes_the_breaker(store, clock);
+    outcomes_from_before_the_breaker_opened_neither_close_nor_reopen_it(store, clock);
+    a_failed_probe_reopens_a_breaker_the_failure_rate_opened(store, clock) with rate_breaker_windows;
+    after_a_429_backoff_one_request_probes_before_the_fleet_resumes(store, clock);
+    a_budget_frees_when_its_bucket_leaves_the_window(store, clock);
+}
 
 fn pool(name: &str) -> PoolName {
     // Unique per run so a shared Redis never sees one run's keys in another.
@@ -74,7 +185,7 @@ fn receipt(reservation: crate::Reservation, tokens: u64) -> Receipt {
     }
 }
 
-pub async fn acquire_takes_the_first_candidate_not_in_backoff(store: &dyn FleetState) {
+async fn acquire_takes_the_first_candidate_not_in_backoff(store: &dyn FleetState) {
     let p = pool("order");
     let c = [open("a"), open("b")];
     assert_eq!(admitted(store, &p, &c, 10).await.unwrap().0.as_str(), "a");
@@ -85,7 +196,7 @@ pub async fn acquire_takes_the_first_candidate_not_in_backoff(store: &dyn FleetS
     assert_eq!(admitted(store, &p, &c, 10).await.unwrap().0.as_str(), "b");
 }
 
-pub async fn exhausted_reports_the_earliest_deadline_and_why(store: &dyn FleetState) {
+async fn exhausted_reports_the_earliest_deadline_and_why(store: &dyn FleetState) {
     let p = pool("exhausted");
     let c = [open("a"), open("b")];
     store
@@ -113,7 +224,7 @@ pub async fn exhausted_reports_the_earliest_deadline_and_why(store: &dyn FleetSt
     }
 }
 
-pub async fn backoff_keeps_the_later_deadline(store: &dyn FleetState) {
+async fn backoff_keeps_the_later_deadline(store: &dyn FleetState) {
     let p = pool("later");
     let c = [open("a")];
     store
@@ -137,7 +248,7 @@ pub async fn backoff_keeps_the_later_deadline(store: &dyn FleetState) {
     assert!(b.duration > Duration::from_millis(45_000), "{b:?}");
 }
 
-pub async fn budgets_admit_up_to_the_limit_then_refuse_as_throttled(store: &dyn FleetState) {
+async fn budgets_admit_up_to_the_limit_then_refuse_as_throttled(store: &dyn FleetState) {
     let p = pool("budget");
     let c = [budget("ptu", 100, None), open("payg")];
     assert_eq!(admitted(store, &p, &c, 60).await.unwrap().0.as_str(), "ptu");
@@ -164,7 +275,7 @@ pub async fn budgets_admit_up_to_the_limit_then_refuse_as_throttled(store: &dyn 
     );
 }
 
-pub async fn completed_requests_report_what_the_prompt_cache_served(store: &dyn FleetState) {
+async fn completed_requests_report_what_the_prompt_cache_served(store: &dyn FleetState) {
     let p = pool("cache-share");
     let c = [open("a")];
     for (prompt, cached) in [(2_000, 0), (2_000, 1_920)] {
@@ -192,7 +303,7 @@ pub async fn completed_requests_report_what_the_prompt_cache_served(store: &dyn 
     );
 }
 
-pub async fn charged_usage_counts_against_the_budget(store: &dyn FleetState) {
+async fn charged_usage_counts_against_the_budget(store: &dyn FleetState) {
     let p = pool("charged");
     let c = [budget("ptu", 100, None)];
     store
@@ -211,7 +322,7 @@ pub async fn charged_usage_counts_against_the_budget(store: &dyn FleetState) {
     );
 }
 
-pub async fn settle_replaces_the_estimate_with_real_usage(store: &dyn FleetState) {
+async fn settle_replaces_the_estimate_with_real_usage(store: &dyn FleetState) {
     let p = pool("settle");
     let c = [budget("ptu", 100, None)];
     let (backend, reservation) = admitted(store, &p, &c, 90).await.unwrap();
@@ -228,7 +339,79 @@ pub async fn settle_replaces_the_estimate_with_real_usage(store: &dyn FleetState
     assert_eq!(snap.members[0].tokens_used, 50);
 }
 
-pub async fn requests_per_window_are_bounded(store: &dyn FleetState) {
+async fn a_settle_corrects_usage_once(store: &dyn FleetState) {
+    let p = pool("settle-once");
+    let c = [budget("a", 1_000, None)];
+    let (backend, reservation) = admitted(store, &p, &c, 100).await.unwrap();
+    store
+        .settle(&p, &backend, receipt(reservation, 30))
+        .await
+        .unwrap();
+    // The same receipt again (a retried call): its estimate was already replaced.
+    store
+        .settle(&p, &backend, receipt(reservation, 30))
+        .await
+        .unwrap();
+    let snap = store.snapshot(&p, &c).await.unwrap();
+    assert_eq!(snap.members[0].tokens_used, 30, "corrected once");
+}
+
+async fn admissions_use_up_the_hinted_room_down_to_none(store: &dyn FleetState) {
+    let p = pool("hint-room");
+    let c = [open("a")];
+    let (a, first) = admitted(store, &p, &c, 100).await.unwrap();
+    let hints = UpstreamHints {
+        remaining_tokens: Some(250),
+        utilization: None,
+        observed: None,
+    };
+    store.observe(&p, &a, hints, first).await.unwrap();
+    let remaining = async || {
+        let snap = store.snapshot(&p, &c).await.unwrap();
+        snap.members[0].hints.remaining_tokens
+    };
+    assert!(admitted(store, &p, &c, 100).await.is_some());
+    assert!(admitted(store, &p, &c, 100).await.is_some());
+    assert_eq!(remaining().await, Some(50));
+    assert!(
+        admitted(store, &p, &c, 100).await.is_none(),
+        "50 left: a request of 100 waits"
+    );
+    assert!(admitted(store, &p, &c, 50).await.is_some());
+    assert!(admitted(store, &p, &c, 0).await.is_some());
+    assert_eq!(
+        remaining().await,
+        Some(0),
+        "none left, never less, never 'no hint'"
+    );
+}
+
+async fn charged_usage_is_on_the_hint_ledger_and_not_an_estimate(store: &dyn FleetState) {
+    let p = pool("charge-ledger");
+    let c = [open("a")];
+    let (a, r) = admitted(store, &p, &c, 10).await.unwrap();
+    // Served meanwhile without a reservation (a Realtime response, or decided on a replica's
+    // own state): 400 tokens the upstream counts too.
+    store.charge(&p, &a, 400, 1).await.unwrap();
+    // The answer to `r` says 1,000 left, as it stood before those 400 reached it.
+    let hints = UpstreamHints {
+        remaining_tokens: Some(1_000),
+        utilization: None,
+        observed: None,
+    };
+    store.observe(&p, &a, hints, r).await.unwrap();
+    let snap = store.snapshot(&p, &c).await.unwrap();
+    let m = &snap.members[0];
+    assert_eq!(m.hints.remaining_tokens, Some(600), "on the hint ledger");
+    assert_eq!(
+        (m.estimated_tokens, m.actual_tokens),
+        (0, 0),
+        "no estimate was made for them"
+    );
+    assert_eq!((m.tokens_used, m.requests_used), (410, 2));
+}
+
+async fn requests_per_window_are_bounded(store: &dyn FleetState) {
     let p = pool("rpm");
     let c = [budget("a", 1_000_000, Some(2))];
     assert!(
@@ -239,14 +422,14 @@ pub async fn requests_per_window_are_bounded(store: &dyn FleetState) {
     assert!(admitted(store, &p, &c, 0).await.is_none());
 }
 
-pub async fn an_oversized_request_is_admitted_into_an_empty_window_only(store: &dyn FleetState) {
+async fn an_oversized_request_is_admitted_into_an_empty_window_only(store: &dyn FleetState) {
     let p = pool("oversized");
     let c = [budget("a", 100, None)];
     assert!(admitted(store, &p, &c, 500).await.is_some());
     assert!(admitted(store, &p, &c, 500).await.is_none());
 }
 
-pub async fn settle_without_acquire_changes_no_budget(store: &dyn FleetState) {
+async fn settle_without_acquire_changes_no_budget(store: &dyn FleetState) {
     let p = pool("stray");
     let c = [budget("a", 100, None)];
     let stray = crate::Reservation {
@@ -268,7 +451,7 @@ pub async fn settle_without_acquire_changes_no_budget(store: &dyn FleetState) {
     );
 }
 
-pub async fn settle_records_latency_hints_and_backoff_in_one_call(store: &dyn FleetState) {
+async fn settle_records_latency_hints_and_backoff_in_one_call(store: &dyn FleetState) {
     let p = pool("receipt");
     let c = [open("a")];
     let (backend, reservation) = admitted(store, &p, &c, 10).await.unwrap();
@@ -311,7 +494,7 @@ pub async fn settle_records_latency_hints_and_backoff_in_one_call(store: &dyn Fl
     );
 }
 
-pub async fn pools_and_unknown_backends_are_independent(store: &dyn FleetState) {
+async fn pools_and_unknown_backends_are_independent(store: &dyn FleetState) {
     let (p1, p2) = (pool("one"), pool("two"));
     let c = [open("a")];
     store
@@ -326,9 +509,7 @@ pub async fn pools_and_unknown_backends_are_independent(store: &dyn FleetState) 
     );
 }
 
-pub async fn a_fresh_hint_of_high_utilization_or_too_few_tokens_skips_a_member(
-    store: &dyn FleetState,
-) {
+async fn a_fresh_hint_of_high_utilization_or_too_few_tokens_skips_a_member(store: &dyn FleetState) {
     let p = pool("hints");
     let ptu = Candidate {
         spill_utilization: Some(0.95),
@@ -413,7 +594,7 @@ fn completed(reservation: crate::Reservation) -> Receipt {
     }
 }
 
-pub async fn a_later_observed_hint_wins_over_an_earlier_one_settled_later(store: &dyn FleetState) {
+async fn a_later_observed_hint_wins_over_an_earlier_one_settled_later(store: &dyn FleetState) {
     let p = pool("hints-order");
     let mut ptu = open("ptu");
     ptu.spill_utilization = Some(0.95);
@@ -482,7 +663,7 @@ async fn backoff_of(store: &dyn FleetState, p: &PoolName, c: &[Candidate]) -> Op
     store.snapshot(p, c).await.unwrap().members[0].backoff
 }
 
-pub async fn consecutive_failures_open_the_breaker_for_ever_longer(
+async fn consecutive_failures_open_the_breaker_for_ever_longer(
     store: &dyn FleetState,
     clock: &dyn ClockControl,
 ) {
@@ -509,7 +690,7 @@ pub async fn consecutive_failures_open_the_breaker_for_ever_longer(
     );
 }
 
-pub async fn a_probe_success_closes_the_breaker(store: &dyn FleetState, clock: &dyn ClockControl) {
+async fn a_probe_success_closes_the_breaker(store: &dyn FleetState, clock: &dyn ClockControl) {
     let p = pool("breaker-close");
     let c = [open("a")];
     let (a, r) = admitted(store, &p, &c, 1).await.unwrap();
@@ -529,7 +710,7 @@ pub async fn a_probe_success_closes_the_breaker(store: &dyn FleetState, clock: &
     assert!(b.duration <= Duration::from_millis(10_000), "{b:?}");
 }
 
-pub async fn outcomes_from_before_the_breaker_opened_neither_close_nor_reopen_it(
+async fn outcomes_from_before_the_breaker_opened_neither_close_nor_reopen_it(
     store: &dyn FleetState,
     clock: &dyn ClockControl,
 ) {
@@ -559,7 +740,7 @@ pub async fn outcomes_from_before_the_breaker_opened_neither_close_nor_reopen_it
     assert!(backoff_of(store, &p, &c).await.is_none());
 }
 
-pub async fn a_failed_probe_reopens_a_breaker_the_failure_rate_opened(
+async fn a_failed_probe_reopens_a_breaker_the_failure_rate_opened(
     store: &dyn FleetState,
     clock: &dyn ClockControl,
 ) {
@@ -584,7 +765,7 @@ pub async fn a_failed_probe_reopens_a_breaker_the_failure_rate_opened(
     );
 }
 
-pub async fn after_a_429_backoff_one_request_probes_before_the_fleet_resumes(
+async fn after_a_429_backoff_one_request_probes_before_the_fleet_resumes(
     store: &dyn FleetState,
     clock: &dyn ClockControl,
 ) {
@@ -609,7 +790,7 @@ pub async fn after_a_429_backoff_one_request_probes_before_the_fleet_resumes(
     assert!(admitted(store, &p, &c, 1).await.is_some(), "for everyone");
 }
 
-pub async fn a_budget_frees_when_its_bucket_leaves_the_window(
+async fn a_budget_frees_when_its_bucket_leaves_the_window(
     store: &dyn FleetState,
     clock: &dyn ClockControl,
 ) {
@@ -627,7 +808,7 @@ pub async fn a_budget_frees_when_its_bucket_leaves_the_window(
     );
 }
 
-pub async fn a_pinned_response_names_its_owner_and_unknown_ids_none(store: &dyn FleetState) {
+async fn a_pinned_response_names_its_owner_and_unknown_ids_none(store: &dyn FleetState) {
     let owner = crate::ResponseOwner {
         pool: pool("affinity"),
         backend: BackendId::new("east"),
@@ -656,7 +837,7 @@ pub async fn a_pinned_response_names_its_owner_and_unknown_ids_none(store: &dyn 
     assert_eq!(store.response_owner(&long).await.unwrap(), None);
 }
 
-pub async fn quota_counters_add_up_apart_and_end_with_their_period(store: &dyn FleetState) {
+async fn quota_counters_add_up_apart_and_end_with_their_period(store: &dyn FleetState) {
     let unix_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -694,53 +875,14 @@ pub fn rate_breaker_windows() -> crate::Windows {
     }
 }
 
-/// One `#[tokio::test]` per contract check, each on a store built by `$make` (an async
-/// expression yielding something that derefs to `dyn FleetState`).
+/// The contract as one `#[tokio::test]`, each check on a fresh store from `$make`: an async
+/// function taking the check's [`Windows`] and returning a [`Subject`].
 #[macro_export]
 macro_rules! fleet_state_contract {
     ($make:expr) => {
-        $crate::fleet_state_contract!(@tests $make;
-            acquire_takes_the_first_candidate_not_in_backoff,
-            exhausted_reports_the_earliest_deadline_and_why,
-            backoff_keeps_the_later_deadline,
-            budgets_admit_up_to_the_limit_then_refuse_as_throttled,
-            settle_replaces_the_estimate_with_real_usage,
-            requests_per_window_are_bounded,
-            an_oversized_request_is_admitted_into_an_empty_window_only,
-            settle_without_acquire_changes_no_budget,
-            settle_records_latency_hints_and_backoff_in_one_call,
-            pools_and_unknown_backends_are_independent,
-            a_fresh_hint_of_high_utilization_or_too_few_tokens_skips_a_member,
-            a_later_observed_hint_wins_over_an_earlier_one_settled_later,
-            a_pinned_response_names_its_owner_and_unknown_ids_none,
-            charged_usage_counts_against_the_budget,
-            completed_requests_report_what_the_prompt_cache_served,
-            quota_counters_add_up_apart_and_end_with_their_period,
-        );
-        $crate::fleet_state_contract!(@timed $make;
-            consecutive_failures_open_the_breaker_for_ever_longer,
-            a_probe_success_closes_the_breaker,
-            outcomes_from_before_the_breaker_opened_neither_close_nor_reopen_it,
-            after_a_429_backoff_one_request_probes_before_the_fleet_resumes,
-            a_budget_frees_when_its_bucket_leaves_the_window,
-        );
-    };
-    (@tests $make:expr; $($name:ident),* $(,)?) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let store = $make.await;
-                $crate::contract::$name(&*store).await;
-            }
-        )*
-    };
-    (@timed $make:expr; $($name:ident),* $(,)?) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() {
-                let store = $make.await;
-                $crate::contract::$name(&*store, &*store).await;
-            }
-        )*
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn fleet_state_contract() {
+            $crate::contract::run_all($make).await;
+        }
     };
 }

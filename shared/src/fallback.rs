@@ -583,6 +583,14 @@ impl FleetState for FallbackState {
             Ok(total)
         };
         let local = async {
+            // A counter whose period is over is gone at once, as in Redis (PEXPIREAT in the
+            // past): it counts nothing and owes nothing.
+            let unix_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            if counter.expires_at_ms <= unix_ms {
+                return Ok(tokens);
+            }
             let mut owed = self.owed.lock().expect("fallback lock");
             let owed = owed.quotas.entry(counter.clone()).or_default();
             *owed += tokens;

@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use crate::store::{
     Admission, BackendId, Backoff, BackoffReason, Candidate, FleetState, LatencyHistograms,
     MAX_QUOTA_NAME_BYTES, MAX_RESPONSE_ID_BYTES, MemberSnapshot, PoolName, PoolSnapshot,
-    QuotaCounter, Receipt, ResponseOwner, StateError, UpstreamHints, Windows,
+    QuotaCounter, Receipt, Reservation, ResponseOwner, StateError, UpstreamHints, Windows,
 };
 use crate::window::Usage;
 
@@ -29,6 +29,8 @@ pub struct EmbeddedState {
     responses: Mutex<HashMap<String, (ResponseOwner, u64)>>,
     /// Quota counters: name → tokens and expiry (unix ms).
     quotas: Mutex<HashMap<String, (u64, u64)>>,
+    /// Reservation ids, as in Redis: a settle corrects usage once, while its id is open.
+    next_id: std::sync::atomic::AtomicU64,
 }
 
 /// Quota counters kept at most; when full, expired ones are dropped first.
@@ -63,7 +65,13 @@ struct Member {
     outcomes: (u64, u32, u32),
     /// Running count of admitted tokens (the hint ledger).
     admitted_tokens: u64,
+    /// Open reservations: id → bucket start (ms). A settle corrects usage only while its id
+    /// is here (once); entries whose bucket left the window are dropped as it grows.
+    open: HashMap<u64, u64>,
 }
+
+/// Open reservations a member holds before those whose bucket left the window are dropped.
+const OPEN_RESERVATIONS_PRUNED_AT: usize = 4_096;
 
 impl Default for EmbeddedState {
     fn default() -> Self {
@@ -80,6 +88,7 @@ impl EmbeddedState {
             members: Mutex::new(HashMap::new()),
             responses: Mutex::new(HashMap::new()),
             quotas: Mutex::new(HashMap::new()),
+            next_id: std::sync::atomic::AtomicU64::new(1),
         }
     }
 
@@ -110,6 +119,20 @@ impl EmbeddedState {
 }
 
 impl Member {
+    fn open_reservation(&mut self, reservation: &Reservation, now_ms: u64, w: &Windows) {
+        if self.open.len() >= OPEN_RESERVATIONS_PRUNED_AT {
+            let horizon = (w.budget.as_millis() as u64) + w.bucket_ms();
+            self.open
+                .retain(|_, bucket_ms| *bucket_ms + horizon > now_ms);
+        }
+        self.open.insert(reservation.id, reservation.bucket_ms);
+    }
+
+    /// Whether a settle of `reservation` may correct usage: once per id (id 0: not tracked).
+    fn close_reservation(&mut self, reservation: &Reservation) -> bool {
+        reservation.id == 0 || self.open.remove(&reservation.id).is_some()
+    }
+
     fn remaining_backoff(&mut self, now_ms: u64) -> Option<Backoff> {
         match self.backoff {
             Some((until, reason)) if until > now_ms => Some(Backoff {
@@ -302,6 +325,10 @@ impl FleetState for EmbeddedState {
                     Ok(mut reservation) => {
                         member.admitted_tokens += estimated_tokens;
                         reservation.ledger = member.admitted_tokens;
+                        reservation.id = self
+                            .next_id
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        member.open_reservation(&reservation, now, &self.windows);
                         // Hint ledger: requests admitted since the upstream's last answer use
                         // up its remaining tokens, so concurrent requests see the room shrink.
                         if member.hints_ms.is_some_and(|at| at + hint_ttl > now) {
@@ -350,7 +377,9 @@ impl FleetState for EmbeddedState {
         let now = self.now_ms();
         let w = self.windows;
         self.with_member(pool, backend, |m| {
-            m.usage.settle(receipt.reservation, receipt.tokens);
+            if m.close_reservation(&receipt.reservation) {
+                m.usage.settle(receipt.reservation, receipt.tokens);
+            }
             if receipt.latency.is_some() {
                 m.estimated_tokens += receipt.reservation.tokens;
                 m.actual_tokens += receipt.tokens;
@@ -449,7 +478,9 @@ impl FleetState for EmbeddedState {
         let now = self.now_ms();
         self.with_member(pool, backend, |m| {
             m.usage.charge(now, &self.windows, tokens, requests);
-            m.actual_tokens += tokens;
+            // Served tokens the upstream counts: on the hint ledger, as admissions are. Not
+            // in estimated/actual: no estimate was made for them.
+            m.admitted_tokens += tokens;
         });
         Ok(())
     }

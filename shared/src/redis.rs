@@ -916,7 +916,12 @@ fn parse_member(candidate: &Candidate, entry: Value) -> Result<MemberSnapshot, S
         tokens_used: int(&tokens)?.max(0) as u64,
         requests_used: int(&requests)?.max(0) as u64,
         hints: UpstreamHints {
-            remaining_tokens: text(&remaining_tokens).parse().ok(),
+            // Kept at 0 or more since acquire.lua floors it; one written below by an older
+            // release still reads as "none left", not as "no hint".
+            remaining_tokens: text(&remaining_tokens)
+                .parse::<i64>()
+                .ok()
+                .map(|r| r.max(0) as u64),
             utilization: text(&utilization).parse().ok(),
             observed: None,
         },

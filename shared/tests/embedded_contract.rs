@@ -2,19 +2,11 @@
 
 use std::sync::Arc;
 
-use spillway_shared::EmbeddedState;
+use spillway_shared::contract::Subject;
+use spillway_shared::{EmbeddedState, Windows};
 
-async fn embedded() -> Arc<EmbeddedState> {
-    Arc::new(EmbeddedState::default())
+async fn embedded(windows: Windows) -> Subject {
+    Subject::new(Arc::new(EmbeddedState::new(windows)))
 }
 
-spillway_shared::fleet_state_contract!(embedded());
-
-#[tokio::test]
-async fn a_failed_probe_reopens_a_breaker_the_failure_rate_opened() {
-    let store = EmbeddedState::new(spillway_shared::contract::rate_breaker_windows());
-    spillway_shared::contract::a_failed_probe_reopens_a_breaker_the_failure_rate_opened(
-        &store, &store,
-    )
-    .await;
-}
+spillway_shared::fleet_state_contract!(embedded);

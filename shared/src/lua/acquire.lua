@@ -209,11 +209,11 @@ for i = 1, candidates do
         redis.call('PEXPIRE', pending_key, 2 * (window + bucket))
       end
       -- Hint ledger: requests admitted since the upstream's last answer use up its
-      -- remaining tokens, so concurrent requests see the room shrink.
+      -- remaining tokens, so concurrent requests see the room shrink; never below none.
       local h = redis.call('HMGET', hints_key, 'remaining_tokens', 'updated_ms')
-      if tonumber(h[1]) ~= nil and tonumber(h[2]) ~= nil and tonumber(h[2]) + hint_ttl > now then
-        -- Formatted: a zero charge would be sent as "-0", which HINCRBY refuses.
-        redis.call('HINCRBY', hints_key, 'remaining_tokens', fmt(-charged))
+      local remaining = tonumber(h[1])
+      if remaining ~= nil and tonumber(h[2]) ~= nil and tonumber(h[2]) + hint_ttl > now then
+        redis.call('HSET', hints_key, 'remaining_tokens', fmt(math.max(remaining - charged, 0)))
       end
       local ledger = redis.call('HINCRBY', hints_key, 'admitted_tokens', charged)
       if redis.call('PTTL', hints_key) < 0 then
