@@ -32,6 +32,8 @@ cargo fmt --all -- --check
 
 log "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+# The gateway without the simulator (`spillway sim`, `spillway demo`) still builds.
+cargo clippy -p spillway-gateway --no-default-features -- -D warnings
 
 log "cargo test"
 cargo test --workspace

@@ -293,106 +293,23 @@ impl ObservedState {
     }
 }
 
-#[async_trait::async_trait]
-impl FleetState for ObservedState {
-    async fn acquire(
-        &self,
-        pool: &spillway_shared::PoolName,
-        candidates: &[spillway_shared::Candidate],
-        tokens: u64,
-    ) -> Result<spillway_shared::Admission, spillway_shared::StateError> {
-        let admission = self.inner.acquire(pool, candidates, tokens).await;
-        if let Ok(spillway_shared::Admission::Admitted { .. }) = &admission {
-            self.admitted
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+impl spillway_shared::FleetLayer for ObservedState {
+    fn inner(&self) -> &dyn FleetState {
+        &*self.inner
+    }
+
+    fn ended(&self, call: spillway_shared::Call, _took: Duration) {
+        use spillway_shared::Call;
+        match call {
+            Call::Acquire { admitted: true } => {
+                self.admitted
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            Call::Settle => self.settled.send_modify(|n| *n += 1),
+            Call::Charge => self.charged.send_modify(|n| *n += 1),
+            Call::SpendQuota { tokens } if tokens > 0 => self.quota_spends.send_modify(|n| *n += 1),
+            _ => {}
         }
-        admission
-    }
-    async fn settle(
-        &self,
-        pool: &spillway_shared::PoolName,
-        backend: &spillway_shared::BackendId,
-        receipt: spillway_shared::Receipt,
-    ) -> Result<(), spillway_shared::StateError> {
-        let result = self.inner.settle(pool, backend, receipt).await;
-        self.settled.send_modify(|n| *n += 1);
-        result
-    }
-    async fn observe(
-        &self,
-        pool: &spillway_shared::PoolName,
-        backend: &spillway_shared::BackendId,
-        hints: spillway_shared::UpstreamHints,
-        reservation: spillway_shared::Reservation,
-    ) -> Result<(), spillway_shared::StateError> {
-        self.inner.observe(pool, backend, hints, reservation).await
-    }
-    async fn backoff(
-        &self,
-        pool: &spillway_shared::PoolName,
-        backend: &spillway_shared::BackendId,
-        backoff: spillway_shared::Backoff,
-    ) -> Result<(), spillway_shared::StateError> {
-        self.inner.backoff(pool, backend, backoff).await
-    }
-    async fn snapshot(
-        &self,
-        pool: &spillway_shared::PoolName,
-        members: &[spillway_shared::Candidate],
-    ) -> Result<spillway_shared::PoolSnapshot, spillway_shared::StateError> {
-        self.inner.snapshot(pool, members).await
-    }
-    async fn charge(
-        &self,
-        pool: &spillway_shared::PoolName,
-        backend: &spillway_shared::BackendId,
-        tokens: u64,
-        requests: u64,
-    ) -> Result<(), spillway_shared::StateError> {
-        let result = self.inner.charge(pool, backend, tokens, requests).await;
-        self.charged.send_modify(|n| *n += 1);
-        result
-    }
-
-    async fn pin_response(
-        &self,
-        response_id: &str,
-        owner: &spillway_shared::ResponseOwner,
-        ttl: Duration,
-    ) -> Result<(), spillway_shared::StateError> {
-        self.inner.pin_response(response_id, owner, ttl).await
-    }
-
-    async fn response_owner(
-        &self,
-        response_id: &str,
-    ) -> Result<Option<spillway_shared::ResponseOwner>, spillway_shared::StateError> {
-        self.inner.response_owner(response_id).await
-    }
-
-    async fn spend_quota(
-        &self,
-        counter: &spillway_shared::QuotaCounter,
-        tokens: u64,
-    ) -> Result<u64, spillway_shared::StateError> {
-        let result = self.inner.spend_quota(counter, tokens).await;
-        if tokens > 0 {
-            self.quota_spends.send_modify(|n| *n += 1);
-        }
-        result
-    }
-    async fn ping(&self) -> Result<(), spillway_shared::StateError> {
-        self.inner.ping().await
-    }
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-    fn health(&self) -> spillway_shared::StoreHealth {
-        self.inner.health()
-    }
-
-    async fn close(&self) {
-        self.inner.close().await
     }
 }
 

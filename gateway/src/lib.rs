@@ -6,6 +6,7 @@ pub mod app;
 pub mod config;
 pub mod consumers;
 pub mod credentials;
+#[cfg(feature = "simulator")]
 pub mod demo;
 pub mod entra_clients;
 pub mod error;
@@ -25,7 +26,6 @@ pub mod request_fields;
 pub mod retry_budget;
 pub mod secret;
 pub mod server;
-pub mod sim;
 pub mod state_table;
 pub mod table;
 pub mod telemetry;
@@ -35,3 +35,7 @@ pub mod tokens;
 pub mod top;
 
 pub use app::{Gateway, admin, app};
+/// The simulated Azure OpenAI resources (crate `spillway-simulator`), for `spillway sim`,
+/// `spillway demo` and tests; a build without the `simulator` feature has neither.
+#[cfg(feature = "simulator")]
+pub use spillway_simulator as sim;

@@ -8,7 +8,9 @@ use clap::{Parser, Subcommand};
 use spillway_gateway::config::Config;
 use std::sync::Arc;
 
-use spillway_gateway::{demo, server, sim, state_table, telemetry};
+#[cfg(feature = "simulator")]
+use spillway_gateway::{demo, sim};
+use spillway_gateway::{server, state_table, telemetry};
 use spillway_shared::EmbeddedState;
 
 // Small short-lived allocations per request are the gateway's main allocator load; glibc's
@@ -79,6 +81,7 @@ enum Command {
     /// configuration (the key is never echoed).
     HashKey,
     /// Run simulated Azure OpenAI deployments on loopback.
+    #[cfg(feature = "simulator")]
     Sim {
         /// Simulator TOML; without it, two PTU and two PAYG resources are started.
         #[arg(long)]
@@ -90,6 +93,7 @@ enum Command {
         port_base: Option<u16>,
     },
     /// The one-command showcase: simulated deployments, a gateway fleet and a load ramp.
+    #[cfg(feature = "simulator")]
     Demo {
         #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
         duration: Duration,
@@ -237,6 +241,7 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             println!("{}", spillway_gateway::consumers::key_sha256_hex(key));
             Ok(())
         }
+        #[cfg(feature = "simulator")]
         Command::Sim { config, port_base } => {
             let _telemetry = telemetry::init(&Default::default())?;
             let mut config = match config {
@@ -257,6 +262,7 @@ async fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             server::shutdown_signal().await;
             Ok(())
         }
+        #[cfg(feature = "simulator")]
         Command::Demo {
             duration,
             replicas,

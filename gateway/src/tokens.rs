@@ -4,7 +4,6 @@
 use std::hash::{Hash, Hasher};
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use tiktoken_rs::CoreBPE;
 
 use std::ops::ControlFlow;
@@ -90,11 +89,6 @@ pub fn warm_up() {
     Encoding::Cl100kBase.count("warm up");
 }
 
-/// Tokens of `text` in o200k (the simulator's and gpt-4o's encoding).
-pub fn count(text: &str) -> u64 {
-    Encoding::O200kBase.count(text)
-}
-
 /// Texts are counted in pieces of at most this many bytes: tiktoken's merge keeps ~48 bytes
 /// of state per byte of one piece, so a 14 MiB word would take 670 MB. A cut costs at most
 /// a token or two per piece (cut at whitespace where one is near).
@@ -123,12 +117,15 @@ fn piece_of(text: &str, max: usize) -> &str {
     if text.len() <= max {
         return text;
     }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    match text[max / 2..end].rfind(char::is_whitespace) {
-        Some(at) if max / 2 + at > 0 => &text[..max / 2 + at],
+    let boundary_below = |mut at: usize| {
+        while !text.is_char_boundary(at) {
+            at -= 1;
+        }
+        at
+    };
+    let (half, end) = (boundary_below(max / 2), boundary_below(max));
+    match text[half..end].rfind(char::is_whitespace) {
+        Some(at) if half + at > 0 => &text[..half + at],
         _ => &text[..end],
     }
 }
@@ -220,25 +217,6 @@ impl Tally {
     }
 }
 
-/// Prompt tokens of a chat request by OpenAI's published rule for the gpt-4o family:
-/// 3 per message, its role and content (and 1 more with a name), plus 3 to prime the reply.
-/// Image parts count as a low-detail image (85). For the simulator, which holds `Value`s
-/// (a message that is not an object counts 3).
-pub fn chat_prompt_tokens(messages: &[Value]) -> u64 {
-    let mut tally = Tally::new(Encoding::O200kBase, u64::MAX);
-    let _ = tally.add(3);
-    for message in messages {
-        let one = serde_json::to_string(&[message]).unwrap_or_default();
-        let Ok(raw) = serde_json::from_str::<&RawValue>(&one) else {
-            continue;
-        };
-        if each_message(raw, "messages", |m| tally.message(m)).is_err() {
-            let _ = tally.add(3);
-        }
-    }
-    tally.total
-}
-
 /// Tokens of a message's role. The usual roles come with every message and are counted once
 /// per encoding (tiktoken takes ~5k instructions even for one word); others are counted.
 fn role_tokens(encoding: Encoding, role: &str) -> u64 {
@@ -273,19 +251,6 @@ fn image_tokens(part: &Part) -> u64 {
         Some("low") => 85,
         _ => 85 + 170 * 6,
     }
-}
-
-/// Tokens of an embeddings/completions `input` or `prompt`: text, texts, or token arrays.
-/// For the simulator, which holds `Value`s (other shapes count 0).
-pub fn input_tokens(input: &Value) -> u64 {
-    let text = input.to_string();
-    serde_json::from_str::<&RawValue>(&text)
-        .ok()
-        .and_then(|raw| {
-            let mut tally = Tally::new(Encoding::O200kBase, u64::MAX);
-            tally.input(raw).ok().map(|_| tally.total)
-        })
-        .unwrap_or(0)
 }
 
 /// Tool and function definitions are sent to the model as text; their JSON without the
@@ -464,14 +429,6 @@ fn uncapped_estimate(
     })
 }
 
-/// Prompt tokens of a Responses API request: `input` as text or as chat-like items, plus
-/// its `instructions` and tool definitions.
-pub fn responses_prompt_tokens(encoding: Encoding, fields: &RequestFields) -> u64 {
-    let mut tally = Tally::new(encoding, u64::MAX);
-    let _ = responses_prompt(&mut tally, fields);
-    tally.total
-}
-
 fn responses_prompt(tally: &mut Tally, fields: &RequestFields) -> Result<(), ShapeError> {
     let flow = match fields.responses_input() {
         Some(ResponsesInput::Text(text)) => {
@@ -504,7 +461,7 @@ mod tests {
 
     const CHAT: Operation = Operation::ChatCompletions;
 
-    fn estimate_of(operation: Operation, body: &Value) -> TokenEstimate {
+    fn estimate_of(operation: Operation, body: &serde_json::Value) -> TokenEstimate {
         let text = body.to_string();
         let read = RequestFields::parse(text.as_bytes()).expect("a JSON object");
         estimate(
@@ -562,32 +519,6 @@ mod tests {
     }
 
     #[test]
-    fn the_simulator_and_the_gateway_count_the_same_prompt() {
-        // The simulator counts from `Value`s, admission from the body's bytes: one rule.
-        let bodies = [
-            json!({"messages": [{"role": "system", "content": "Be brief. \"Quoted\""},
-                                {"role": "user", "name": "ann", "content": "Hello there"}]}),
-            json!({"messages": [{"role": "user", "content": [
-                {"type": "text", "text": "Look"}, {"type": "image_url", "image_url": {"url": "x"}},
-                {"type": "image_url", "image_url": "not an object"}, {}]},
-                {"content": null}, {"role": 3}]}),
-            json!({"messages": []}),
-        ];
-        for body in bodies {
-            let simulated = chat_prompt_tokens(body["messages"].as_array().unwrap());
-            assert_eq!(estimate_of(CHAT, &body).prompt, simulated, "{body}");
-        }
-        for input in [json!("Hello"), json!([[1, 2], "Hello", 3]), json!([])] {
-            let body = json!({ "input": input });
-            assert_eq!(
-                estimate_of(Operation::Embeddings, &body).prompt,
-                input_tokens(&input),
-                "{input}"
-            );
-        }
-    }
-
-    #[test]
     fn responses_requests_count_input_instructions_and_the_output_cap() {
         let responses = Operation::Responses;
         // Text input is one user message: the same as the chat request with that message.
@@ -607,17 +538,20 @@ mod tests {
 
     #[test]
     fn chat_prompt_counts_follow_the_published_rule() {
-        let messages = [json!({"role": "user", "content": "Hello there"})];
+        let body = json!({"messages": [{"role": "user", "content": "Hello there"}]});
         // 3 (priming) + 3 (message) + "user" (1) + "Hello there" (2)
-        assert_eq!(chat_prompt_tokens(&messages), 9);
+        assert_eq!(estimate_of(CHAT, &body).prompt, 9);
     }
 
     #[test]
-    fn input_tokens_accepts_every_input_form() {
-        assert_eq!(input_tokens(&json!("Hello there")), 2);
-        assert_eq!(input_tokens(&json!(["Hello there", "Hello"])), 3);
-        assert_eq!(input_tokens(&json!([1, 2, 3])), 3);
-        assert_eq!(input_tokens(&json!([[1, 2], [3]])), 3);
+    fn inputs_count_in_every_form() {
+        let embeddings = |input: serde_json::Value| {
+            estimate_of(Operation::Embeddings, &json!({ "input": input })).prompt
+        };
+        assert_eq!(embeddings(json!("Hello there")), 2);
+        assert_eq!(embeddings(json!(["Hello there", "Hello"])), 3);
+        assert_eq!(embeddings(json!([1, 2, 3])), 3);
+        assert_eq!(embeddings(json!([[1, 2], [3]])), 3);
     }
 
     #[test]
@@ -703,6 +637,9 @@ mod tests {
         assert_eq!(piece_of(&text, 5), "éé");
         assert_eq!(piece_of("ab cd ef", 7), "ab cd");
         assert_eq!(piece_of("short", 64), "short");
+        // The half-way point inside a character too (a request once panicked here).
+        let wide = format!("a{}", "🎉".repeat(10));
+        assert_eq!(piece_of(&wide, 20), format!("a{}", "🎉".repeat(4)));
         assert_eq!(
             compact_json("{ \"a b\" : [ 1 , \"\\\" x\" ] }"),
             "{\"a b\":[1,\"\\\" x\"]}"

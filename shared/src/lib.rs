@@ -47,6 +47,7 @@ pub mod fallback;
 mod health;
 mod keys;
 mod last_view;
+mod layer;
 pub mod lease;
 mod memory;
 mod redis;
@@ -57,6 +58,7 @@ mod window;
 
 pub use fallback::FallbackState;
 pub use keys::{KeySchema, MemberKeys};
+pub use layer::{Call, FleetLayer};
 pub use lease::LeasePolicy;
 pub use redis::RedisState;
 

@@ -427,7 +427,7 @@ fn cached_chat_tokens(deployment: &Deployment, messages: &[Value]) -> u64 {
         Value::Array(prefix.to_vec()).to_string().hash(&mut hasher);
         hasher.finish()
     };
-    deployment.cached_prompt_tokens(key, tokens::chat_prompt_tokens(prefix))
+    deployment.cached_prompt_tokens(key, tokens::chat_prompt(prefix))
 }
 
 pub(super) fn record_served(deployment: &Deployment, prompt: u64, completion: u64) {
@@ -457,7 +457,7 @@ async fn chat(
     if let Some(refusal) = message_shape(messages) {
         return refusal;
     }
-    let prompt = tokens::chat_prompt_tokens(messages);
+    let prompt = tokens::chat_prompt(messages);
     let cached = cached_chat_tokens(deployment, messages);
     let (n, cut) = output_tokens(deployment, request);
     let headers = match charge(
@@ -651,7 +651,7 @@ async fn completions(
     let Some(prompt_value) = request.get("prompt") else {
         return bad_request("'prompt' is a required property");
     };
-    let prompt = tokens::input_tokens(prompt_value);
+    let prompt = tokens::input(prompt_value);
     let (n, cut) = output_tokens(deployment, request);
     let headers = match charge(
         deployment,
@@ -685,7 +685,7 @@ async fn embeddings(deployment: &Arc<Deployment>, request: &Value, api_version: 
         Some(v @ (Value::String(_) | Value::Array(_))) => vec![v.clone()],
         _ => return bad_request("'input' is a required property"),
     };
-    let prompt: u64 = inputs.iter().map(tokens::input_tokens).sum();
+    let prompt: u64 = inputs.iter().map(tokens::input).sum();
     let headers = match charge(deployment, prompt, "Embeddings_Create", api_version) {
         Charge::Admitted(h) => h,
         Charge::Throttled(response) => return response,

@@ -9,6 +9,7 @@ mod limiter;
 mod realtime;
 mod responses;
 mod text;
+pub mod tokens;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

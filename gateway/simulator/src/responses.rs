@@ -22,8 +22,7 @@ use super::api::{
     record_served, unauthorized, with_headers,
 };
 use super::text;
-use crate::request_fields::RequestFields;
-use crate::tokens::{self, Encoding};
+use crate::tokens;
 
 /// Responses this resource created and stored (`"store": false` ones are not).
 #[derive(Default)]
@@ -78,8 +77,7 @@ pub async fn create(
             "The API deployment for this resource does not exist. If you created the deployment within the last 5 minutes, please wait a moment and try again.",
         );
     };
-    let fields = RequestFields::parse(&body).expect("a JSON object was parsed above");
-    if fields.input.is_none() {
+    if request.get("input").is_none() {
         return bad_request("Missing required parameter: 'input'.");
     }
     deployment.record(|s| s.requests += 1);
@@ -100,8 +98,10 @@ pub async fn create(
             None => return previous_response_not_found(id),
         },
     };
-    let prompt = tokens::responses_prompt_tokens(Encoding::O200kBase, &fields) + earlier_tokens;
-    let cap = fields.output_cap();
+    let prompt = tokens::responses_prompt(&request) + earlier_tokens;
+    let cap = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
+        .iter()
+        .find_map(|field| request.get(*field).and_then(Value::as_u64));
     let spec_tokens = u64::from(deployment.spec.output_tokens);
     let (n, cut) = match cap {
         Some(cap) if cap < spec_tokens => (cap, true),
