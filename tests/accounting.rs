@@ -297,7 +297,7 @@ async fn long_answers_without_max_tokens_are_charged_a_learned_reserve() {
         r.gateway.view.refresh(&*r.gateway.fleet, &pool).await;
         let view = r.gateway.view.get(&r.gateway.fleet, &pool);
         assert_eq!(
-            spillway_gateway::fleet_view::output_reserve(&view),
+            spillway_gateway::proxy::fleet_view::output_reserve(&view),
             Some(1_024),
             "every replica charges the learned reserve (600 → its 1,024 bucket)"
         );

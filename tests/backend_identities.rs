@@ -117,12 +117,12 @@ fn workload_identity_and_azure_cli_tokens_authenticate_backends() {
         let app = axum::Router::new()
             .route("/{tenant}/oauth2/v2.0/token", axum::routing::post(token))
             .with_state(authority.clone());
-        let tls = spillway_gateway::tls::acceptor(&spillway_gateway::config::TlsConfig {
+        let tls = spillway_gateway::edge::tls::acceptor(&spillway_gateway::config::TlsConfig {
             cert_file: certs.cert.clone(),
             key_file: certs.key.clone(),
         })
         .unwrap();
-        tokio::spawn(spillway_gateway::http_server::serve_tls(
+        tokio::spawn(spillway_gateway::edge::http_server::serve_tls(
             tokio::net::TcpListener::from_std(listener).unwrap(),
             app,
             Default::default(),

@@ -118,7 +118,7 @@ async fn a_spent_token_quota_is_403_on_every_replica_until_the_period_renews() {
     let redis = RedisServer::start();
     let consumers = QUOTA_CONSUMERS.replace(
         "QUOTA_HASH",
-        &spillway_gateway::consumers::key_sha256_hex("quota-key"),
+        &spillway_gateway::auth::consumers::key_sha256_hex("quota-key"),
     );
     let config = backend(&sim, "a", 1) + &consumers + &redis_section(&redis.url(), "");
     let replica = || async {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use spillway_gateway::config::Config;
-use spillway_gateway::http_server::{self, ConnectionLimits};
+use spillway_gateway::edge::http_server::{self, ConnectionLimits};
 use spillway_gateway::sim::SimHandle;
 use spillway_tests::wire::{self, WireResponse};
 use spillway_tests::*;

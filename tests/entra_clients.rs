@@ -92,7 +92,7 @@ async fn entra_tokens_name_consumers_and_nothing_else_gets_in() {
             "[auth.jwt]\nissuer = \"{ISSUER}\"\naudiences = [\"{AUDIENCE}\"]\njwks_url = \"{keys_url}\"\n\
              [[consumers]]\nname = \"chat-app\"\nclient_id = \"{APP}\"\npools = [\"gpt-4o\"]\n\
              [[consumers]]\nname = \"keyed\"\nkey_sha256 = \"{}\"\n",
-            spillway_gateway::consumers::key_sha256_hex("plain-key")
+            spillway_gateway::auth::consumers::key_sha256_hex("plain-key")
         );
     let gw = start_single(&config).await;
     let send = |bearer: String, pool: &'static str| {
@@ -244,7 +244,7 @@ async fn keys_can_come_from_a_file_and_a_bad_file_stops_the_start() {
     std::fs::write(&file, "not json").unwrap();
     let parsed = spillway_gateway::config::Config::from_toml(&config(&file)).unwrap();
     let fleet = Arc::new(spillway_shared::EmbeddedState::default());
-    let err = spillway_gateway::app::Gateway::from_config(&parsed, fleet)
+    let err = spillway_gateway::proxy::Gateway::from_config(&parsed, fleet)
         .err()
         .expect("an unreadable key set stops the start")
         .to_string();
@@ -279,7 +279,7 @@ async fn junk_tokens_while_the_jwks_endpoint_hangs_cost_one_fetch_and_no_slot() 
             "[auth.jwt]\nissuer = \"{ISSUER}\"\naudiences = [\"{AUDIENCE}\"]\njwks_url = \"{keys_url}\"\n\
              [[consumers]]\nname = \"chat-app\"\nclient_id = \"{APP}\"\n\
              [[consumers]]\nname = \"keyed\"\nkey_sha256 = \"{}\"\n",
-            spillway_gateway::consumers::key_sha256_hex("plain-key")
+            spillway_gateway::auth::consumers::key_sha256_hex("plain-key")
         );
     let gw = start_single(&config).await;
     let url = format!(

@@ -3,9 +3,9 @@
 //! may differ by at most the tolerance README documents. A counting bug in either shows here.
 
 use serde_json::{Value, json};
-use spillway_gateway::request_fields::RequestFields;
+use spillway_gateway::proxy::request_fields::RequestFields;
+use spillway_gateway::proxy::tokens::{self, Encoding, Operation};
 use spillway_gateway::sim::tokens as simulated;
-use spillway_gateway::tokens::{self, Encoding, Operation};
 
 /// README, "Token estimates": at most 2 tokens, or 0.1 % of the prompt, apart (texts are
 /// counted in pieces on the way in, and a cut between pieces may split what the service

@@ -246,7 +246,7 @@ async fn operators_read_the_fleet_table_from_redis() {
     // A separate reader, as `spillway state` is.
     let reader = spillway_gateway::server::redis_state(&config, &redis.url()).unwrap();
     reader.ready(Duration::from_secs(5)).await.unwrap();
-    let table = spillway_gateway::state_table::render(&gw.gateway.table, &reader, 20_000)
+    let table = spillway_gateway::ops::state_table::render(&gw.gateway.table, &reader, 20_000)
         .await
         .unwrap();
     let ptu = table
@@ -271,7 +271,7 @@ async fn metrics_show_requests_failures_and_a_degraded_replica() {
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin_url = format!("http://{}/metrics", admin.local_addr().unwrap());
     let router = spillway_gateway::admin(gw.gateway.clone());
-    tokio::spawn(spillway_gateway::http_server::serve(
+    tokio::spawn(spillway_gateway::edge::http_server::serve(
         admin,
         router,
         Default::default(),
@@ -327,7 +327,7 @@ async fn metrics_show_tokens_by_tier_latencies_budget_use_and_held_back_members(
     let gw = start_gateway(&two_tiers(&sim, Some(PTU_TPM)), fleet.clone()).await;
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin_url = format!("http://{}/metrics", admin.local_addr().unwrap());
-    tokio::spawn(spillway_gateway::http_server::serve(
+    tokio::spawn(spillway_gateway::edge::http_server::serve(
         admin,
         spillway_gateway::admin(gw.gateway.clone()),
         Default::default(),

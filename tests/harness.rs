@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use spillway_gateway::config::Config;
-use spillway_gateway::http_server::{self, ConnectionLimits};
+use spillway_gateway::edge::http_server::{self, ConnectionLimits};
 use spillway_gateway::sim::{
     self, DeploymentKind, DeploymentSpec, ResourceSpec, SimConfig, SimHandle,
 };

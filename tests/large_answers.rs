@@ -60,7 +60,7 @@ async fn a_large_answer_is_charged_its_usage_not_its_estimate() {
     ];
     let consumer = format!(
         "[[consumers]]\nname = \"metered\"\ntpm = 3000\nkey_sha256 = \"{}\"\n",
-        spillway_gateway::consumers::key_sha256_hex("metered-key")
+        spillway_gateway::auth::consumers::key_sha256_hex("metered-key")
     );
     for (path, body, answer) in cases {
         let answer = Bytes::from(answer.to_string());

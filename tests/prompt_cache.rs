@@ -69,9 +69,10 @@ async fn a_long_prompt_keeps_to_one_member_and_its_cached_tokens_cost_the_ptu_no
     );
 
     // Operators see the hit share per pool in `spillway state`.
-    let table = spillway_gateway::state_table::render(&gw.gateway.table, &*fleet.inner, 60_000)
-        .await
-        .unwrap();
+    let table =
+        spillway_gateway::ops::state_table::render(&gw.gateway.table, &*fleet.inner, 60_000)
+            .await
+            .unwrap();
     let line = table
         .lines()
         .find(|l| l.contains("prompt cache:"))

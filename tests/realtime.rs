@@ -157,7 +157,7 @@ async fn event_of(client: &mut Client, kind: &str) -> Value {
 fn consumer(name: &str, extra: &str) -> String {
     format!(
         "[[consumers]]\nname = \"{name}\"\nkey_sha256 = \"{}\"\n{extra}",
-        spillway_gateway::consumers::key_sha256_hex(&format!("{name}-key"))
+        spillway_gateway::auth::consumers::key_sha256_hex(&format!("{name}-key"))
     )
 }
 

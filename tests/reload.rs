@@ -5,7 +5,8 @@
 
 use std::sync::Arc;
 
-use spillway_gateway::app::{Gateway, admin_live, app_live};
+use spillway_gateway::Gateway;
+use spillway_gateway::app::{admin_live, app_live};
 use spillway_gateway::config::Config;
 use spillway_gateway::live::Live;
 use spillway_shared::{EmbeddedState, FleetState};
@@ -24,7 +25,7 @@ async fn serve(live: Arc<Live>) -> Served {
         admin: format!("http://{}/admin/reload", admin.local_addr().unwrap()),
     };
     for (listener, router) in [(data, app_live(live.clone())), (admin, admin_live(live))] {
-        tokio::spawn(spillway_gateway::http_server::serve(
+        tokio::spawn(spillway_gateway::edge::http_server::serve(
             listener,
             router,
             Default::default(),
@@ -130,7 +131,7 @@ async fn a_reload_under_load_changes_routing_and_drops_nothing() {
     let keyed = a_and_b.clone()
         + &format!(
             "[[consumers]]\nname = \"app\"\nkey_sha256 = \"{}\"\n",
-            spillway_gateway::consumers::key_sha256_hex("reload-key")
+            spillway_gateway::auth::consumers::key_sha256_hex("reload-key")
         );
     std::fs::write(&path, &keyed).unwrap();
     assert_eq!(reload().await.unwrap().status(), 200);

@@ -309,7 +309,7 @@ async fn the_preview_form_is_forwarded_in_its_form_and_pinned_the_same() {
 /// replica, and nothing is sent upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stored_response_belongs_to_the_consumer_that_created_it() {
-    let hash = spillway_gateway::consumers::key_sha256_hex;
+    let hash = spillway_gateway::auth::consumers::key_sha256_hex;
     let consumers = format!(
         "[[consumers]]\nname = \"alice\"\nkey_sha256 = \"{}\"\n\
          [[consumers]]\nname = \"bob\"\nkey_sha256 = \"{}\"\n",
@@ -406,7 +406,7 @@ async fn a_stored_response_belongs_to_the_consumer_that_created_it() {
     let record = redis.cli(&["HGETALL", key]);
     assert!(!record.contains("alice"), "{record}");
     assert!(
-        record.contains(&spillway_gateway::consumers::owner_tag("alice")),
+        record.contains(&spillway_gateway::auth::consumers::owner_tag("alice")),
         "{record}"
     );
 }

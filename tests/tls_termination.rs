@@ -4,9 +4,10 @@
 
 use std::sync::Arc;
 
-use spillway_gateway::app::{Gateway, app};
+use spillway_gateway::Gateway;
+use spillway_gateway::app::app;
 use spillway_gateway::config::{Config, TlsConfig};
-use spillway_gateway::http_server::{self, ConnectionLimits};
+use spillway_gateway::edge::http_server::{self, ConnectionLimits};
 use spillway_tests::pki::Pki;
 use spillway_tests::*;
 
@@ -29,7 +30,7 @@ async fn the_data_plane_serves_https_to_clients_that_trust_it() {
         listener,
         app(gateway),
         ConnectionLimits::default(),
-        spillway_gateway::tls::acceptor(&tls).unwrap(),
+        spillway_gateway::edge::tls::acceptor(&tls).unwrap(),
         std::future::pending(),
     ));
     let ca = reqwest::Certificate::from_pem(&std::fs::read(&certs.ca).unwrap()).unwrap();

@@ -1,156 +1,30 @@
-//! The gateway's shared parts (`Gateway`) and its data-plane router (`app`).
+//! The routers: the data plane (`app`: who is calling, then the proxy) and the admin
+//! listener (`admin`). What every request reads is `proxy::Gateway`.
+
+mod models; // `GET /openai/models`
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{RawQuery, Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
-use spillway_shared::FleetState;
 use subtle::ConstantTimeEq;
 
-use crate::config::{Config, ConfigError, ConfigProblem, RoutingConfig};
-use crate::consumers::Consumers;
-use crate::credentials::{BackendCredential, SharedCredentials};
+use crate::edge::load_shed::{self, RequestSlots};
 use crate::error::GatewayError;
-use crate::fleet_view::FleetView;
-use crate::headers::HeaderPolicy;
 use crate::live::{Current, Live};
-use crate::load_shed::{self, RequestSlots};
-use crate::proxy::{self, BodyLimits, Inbound};
-use crate::retry_budget::RetryBudget;
-use crate::secret::Secret;
-use crate::table::RoutingTable;
-
-/// Everything a request needs, shared by all requests of one replica.
-pub struct Gateway {
-    pub table: RoutingTable,
-    pub fleet: Arc<dyn FleetState>,
-    pub http: reqwest::Client,
-    pub consumers: Consumers,
-    pub routing: RoutingConfig,
-    pub body_limits: BodyLimits,
-    /// Which client headers go upstream.
-    pub headers: HeaderPolicy,
-    /// Concurrent data-plane requests (streams included) this replica still takes.
-    pub slots: RequestSlots,
-    /// Bearer token the admin listener requires (`server.admin_token_env`).
-    pub admin_token: Option<Secret>,
-    /// This replica's region (wins ties).
-    pub region: Option<String>,
-    /// Recent fleet latency and budgets, for scoring members.
-    pub view: Arc<FleetView>,
-    pub retry_budget: RetryBudget,
-    /// Response headers naming a consumer's remaining budget.
-    pub consumer_headers: ConsumerHeaderNames,
-    /// The configuration this replica runs (for `GET /admin/config`, redacted).
-    pub config: Config,
-    /// Stopping: /readyz says so, so load balancers send no more.
-    pub draining: std::sync::atomic::AtomicBool,
-}
-
-pub struct ConsumerHeaderNames {
-    pub remaining_tokens: HeaderName,
-    pub remaining_requests: HeaderName,
-}
-
-impl Gateway {
-    /// Validate `config` and resolve its secrets; the fleet state is chosen by the caller.
-    pub fn from_config(config: &Config, fleet: Arc<dyn FleetState>) -> Result<Self, ConfigError> {
-        // Every problem in one report: the configuration's own, then what resolving its
-        // credentials, keys and tokens finds (each once, naming its key).
-        let mut problems = match config.validate() {
-            Ok(()) => Vec::new(),
-            Err(ConfigError::Invalid(problems)) => problems,
-            Err(other) => return Err(other),
-        };
-        let mut problem = |key: String, text: String| {
-            if !problems.iter().any(|p| p.key == key) {
-                problems.push(ConfigProblem { key, problem: text });
-            }
-        };
-        let mut shared = SharedCredentials::default();
-        let mut credentials = Vec::with_capacity(config.backends.len());
-        for (i, b) in config.backends.iter().enumerate() {
-            match BackendCredential::from_config(b, &mut shared) {
-                Ok(credential) => credentials.push(credential),
-                Err(p) => problem(format!("backends[{i}].auth"), p),
-            }
-        }
-        let consumers = Consumers::from_config(&config.consumers, config.auth.jwt.as_ref())
-            .map_err(|p| problem("consumers".into(), p))
-            .ok();
-        let http = reqwest::Client::builder()
-            // An upstream's redirect is answered to the client, never followed: the request
-            // (and its credential) goes only where the routing table says.
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(Duration::from_millis(config.routing.connect_timeout_ms))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build()
-            .map_err(|e| {
-                problem(
-                    "routing".into(),
-                    format!("cannot build the HTTP client: {e}"),
-                )
-            })
-            .ok();
-        let admin_token = match &config.server.admin_token_env {
-            Some(var) => std::env::var(var)
-                .map(Secret::new)
-                .map_err(|_| {
-                    problem(
-                        "server.admin_token_env".into(),
-                        format!("environment variable {var} is not set"),
-                    )
-                })
-                .ok(),
-            None => None,
-        };
-        let (Some(consumers), Some(http), true) = (consumers, http, problems.is_empty()) else {
-            return Err(ConfigError::Invalid(problems));
-        };
-        crate::metrics::handle(); // install the recorder before anything is counted
-        Ok(Self {
-            table: RoutingTable::build(config, credentials),
-            fleet: Arc::new(crate::timed_fleet::TimedFleet::new(fleet)),
-            http,
-            consumers,
-            routing: config.routing.clone(),
-            body_limits: BodyLimits::from_config(&config.server),
-            headers: HeaderPolicy::new(&config.headers.forward, config.headers.forward_x_forwarded),
-            slots: RequestSlots::new(config.server.max_concurrent_requests),
-            admin_token,
-            region: config.server.region.clone(),
-            view: FleetView::new(Duration::from_millis(config.routing.view_refresh_ms)),
-            retry_budget: RetryBudget::new(
-                config.routing.retry_ratio,
-                config.routing.min_retries_per_second,
-            ),
-            consumer_headers: ConsumerHeaderNames {
-                remaining_tokens: header_name(&config.headers.consumer_remaining_tokens),
-                remaining_requests: header_name(&config.headers.consumer_remaining_requests),
-            },
-            config: config.clone(),
-            draining: Default::default(),
-        })
-    }
-}
-
-/// A header name the configuration validated.
-fn header_name(name: &str) -> HeaderName {
-    HeaderName::from_bytes(name.as_bytes()).expect("header names are validated in config")
-}
+use crate::proxy::{self, Gateway, Inbound};
 
 /// Who is calling: the consumer its credential names (`None` on a gateway that
 /// authenticates no one), settled once per request by [`identify`].
 #[derive(Clone, Debug)]
-pub struct Caller(pub Option<crate::consumers::Consumer>);
+pub struct Caller(pub Option<crate::auth::consumers::Consumer>);
 
 /// Authenticate the request (401 in Azure's shape otherwise) and hand the consumer on, then
 /// take one of the replica's request slots (503 when none is free): in that order, so
@@ -170,7 +44,7 @@ async fn identify(
             load_shed::in_slot(&slots, request, next).await
         }
         Err(refusal) => {
-            crate::access_log::write(&crate::access_log::AccessRecord {
+            crate::ops::access_log::write(&crate::ops::access_log::AccessRecord {
                 consumer: None,
                 pool: None,
                 backend: None,
@@ -292,7 +166,9 @@ pub fn admin_live(live: Arc<Live>) -> Router {
     Router::new()
         .route(
             "/metrics",
-            get(|Current(g): Current| async move { crate::metrics::render(&g).await }),
+            get(|Current(g): Current| async move {
+                crate::ops::metrics::render(&*g.fleet, &g.table).await
+            }),
         )
         .route("/admin/state", get(admin_state))
         .route(
@@ -371,7 +247,7 @@ async fn admin_reload(State(live): State<Arc<Live>>, headers: HeaderMap) -> Resp
 
 /// `GET /admin/state`: `spillway state --json`, from this replica.
 async fn admin_state(Current(gateway): Current) -> Response {
-    match crate::state_table::collect(
+    match crate::ops::state_table::collect(
         &gateway.table,
         &*gateway.fleet,
         gateway.config.state.window_ms,
@@ -495,7 +371,7 @@ async fn realtime(
     caller: Extension<Caller>,
     query: RawQuery,
     headers: HeaderMap,
-    slot: Option<Extension<crate::load_shed::HeldSlot>>,
+    slot: Option<Extension<crate::edge::load_shed::HeldSlot>>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     realtime_session(false, gateway, caller, query, headers, slot, upgrade).await
@@ -507,7 +383,7 @@ async fn realtime_v1(
     caller: Extension<Caller>,
     query: RawQuery,
     headers: HeaderMap,
-    slot: Option<Extension<crate::load_shed::HeldSlot>>,
+    slot: Option<Extension<crate::edge::load_shed::HeldSlot>>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     realtime_session(true, gateway, caller, query, headers, slot, upgrade).await
@@ -519,7 +395,7 @@ async fn realtime_session(
     Extension(Caller(consumer)): Extension<Caller>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
-    slot: Option<Extension<crate::load_shed::HeldSlot>>,
+    slot: Option<Extension<crate::edge::load_shed::HeldSlot>>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     let Ok(upgrade) = upgrade else {
@@ -539,7 +415,7 @@ async fn models_list(
     Current(gateway): Current,
     Extension(Caller(consumer)): Extension<Caller>,
 ) -> Response {
-    crate::models::list(&gateway, consumer.as_ref()).into_response()
+    models::list(&gateway, consumer.as_ref()).into_response()
 }
 
 async fn models_retrieve(
@@ -547,13 +423,13 @@ async fn models_retrieve(
     Extension(Caller(consumer)): Extension<Caller>,
     axum::extract::Path(model): axum::extract::Path<String>,
 ) -> Response {
-    crate::models::retrieve(&gateway, consumer.as_ref(), &model).into_response()
+    models::retrieve(&gateway, consumer.as_ref(), &model).into_response()
 }
 
 /// A request on the v1 API: the operation is the path after `/openai/v1/` or `/v1/`; or on
 /// the Responses API's preview form, after `/openai/` (`responses...`).
 fn v1_inbound(
-    consumer: Option<crate::consumers::Consumer>,
+    consumer: Option<crate::auth::consumers::Consumer>,
     method: Method,
     uri: &Uri,
     query: Option<String>,

@@ -10,8 +10,9 @@ use std::time::Duration;
 use spillway_shared::{EmbeddedState, FleetState};
 use tokio::net::TcpListener;
 
-use crate::app::{Gateway, app};
+use crate::app::app;
 use crate::config::Config;
+use crate::proxy::Gateway;
 use crate::server;
 use crate::sim::{self, DeploymentKind, DeploymentSpec, ResourceSpec, SimConfig, SimHandle};
 use load::{LoadPlan, Outcomes};
@@ -176,8 +177,8 @@ async fn start_replica(
     let gateway = Arc::new(Gateway::from_config(config, fleet)?);
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
-    let limits = crate::http_server::ConnectionLimits::from_config(&config.server);
-    let task = tokio::spawn(crate::http_server::serve(
+    let limits = crate::edge::http_server::ConnectionLimits::from_config(&config.server);
+    let task = tokio::spawn(crate::edge::http_server::serve(
         listener,
         app(gateway),
         limits,

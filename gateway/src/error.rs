@@ -11,7 +11,7 @@ pub enum GatewayError {
     #[error("{0}")]
     BadRequest(String),
     #[error("The request path is not allowed: {0}.")]
-    InvalidPath(crate::proxy::PathRejection),
+    InvalidPath(crate::path_segment::PathRejection),
     #[error(
         "Access denied due to a missing or invalid key. Send your Spillway key in the 'api-key' header or as 'Authorization: Bearer <key>'."
     )]

@@ -10,8 +10,8 @@ use bytes::Bytes;
 use crate::proxy::fuzz_access::{
     BackoffPolicy, OperationPath, UsageMeter, classify_response, retry_after, upstream_hints,
 };
-use crate::request_fields::RequestFields;
-use crate::tokens::{Encoding, Operation, estimate};
+use crate::proxy::request_fields::RequestFields;
+use crate::proxy::tokens::{Encoding, Operation, estimate};
 
 /// SSE framing and the usage reader: the stream cut into chunks at sizes taken from the
 /// input. Unstripped, the relay passes every byte on unchanged; stripped, it never emits
@@ -113,7 +113,7 @@ pub fn admission(data: &[u8]) {
                     4096,
                     limit,
                 ) {
-                    assert!(e.output <= crate::tokens::MAX_OUTPUT_ESTIMATE);
+                    assert!(e.output <= crate::proxy::tokens::MAX_OUTPUT_ESTIMATE);
                 }
             }
         }

@@ -14,8 +14,8 @@ use axum::http::request::Parts;
 use spillway_shared::FleetState;
 use tracing::{info, warn};
 
-use crate::app::Gateway;
 use crate::config::Config;
+use crate::proxy::Gateway;
 
 pub struct Live {
     current: ArcSwap<Gateway>,

@@ -9,22 +9,27 @@ mod cache_affinity;
 mod classify;
 mod consumer_budget;
 mod consumer_quota;
+pub mod fleet_view;
 mod forward;
+mod gateway;
+mod http_attempt;
 mod json_fields;
 mod outgoing_body;
 mod realtime;
 mod relay;
 mod request_body;
+pub mod request_fields;
+pub mod retry_budget;
 mod select;
 mod settlement;
 mod sse;
+pub mod tokens;
 mod trace;
 mod upstream_path;
 mod usage;
 
 pub use realtime::{RealtimeRequest, handle as realtime};
 pub use settlement::all_settled;
-pub use trace::TARGET as SPANS_TARGET;
 
 /// The parsers `crate::fuzzing` drives.
 #[doc(hidden)]
@@ -33,11 +38,13 @@ pub mod fuzz_access {
     pub use super::upstream_path::OperationPath;
     pub use super::usage::UsageMeter;
 }
+pub use crate::path_segment::{PathRejection, check_segment};
+pub use gateway::{ConsumerHeaderNames, Gateway};
 pub use request_body::BodyLimits;
-pub use upstream_path::{OperationPath, PathRejection, check_segment};
+pub use upstream_path::OperationPath;
 
 use std::collections::HashSet;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
@@ -48,18 +55,15 @@ use tracing::{Instrument, warn};
 
 pub use admit::Inbound;
 use admit::{ProxyRequest, admit};
-use classify::{
-    BackoffPolicy, Verdict, azure_spilled_over, classify_response, classify_transport_failure,
-    upstream_hints,
-};
+use classify::BackoffPolicy;
 use consumer_budget::ConsumerSpend;
+use http_attempt::HttpSend;
 
-use crate::app::Gateway;
 use crate::config::RoutingConfig;
 use crate::error::GatewayError;
-use crate::fleet_view::MemberView;
-use crate::table::{Member, Pool};
-use crate::tokens::{Operation, TokenEstimate};
+use crate::proxy::fleet_view::MemberView;
+use crate::proxy::tokens::{Operation, TokenEstimate};
+use crate::routing_table::{Member, Pool};
 
 /// What survives across attempts of one request (pingora's per-request context).
 #[derive(Default)]
@@ -95,11 +99,18 @@ pub async fn handle(gateway: &Gateway, inbound: Inbound) -> Response {
         let budget =
             consumer_budget::reserve(gateway, request.consumer.as_ref(), request.estimate.total())
                 .await?;
-        *request.consumer_spend.lock().expect("consumer lock") = Some(ConsumerSpend {
+        // The consumer's spend goes with the attempt that delivers (and is charged when its
+        // answer ends); dropped unsettled when none does.
+        let spend = ConsumerSpend {
             budget,
             quota: quota.map(|counter| (gateway.fleet.clone(), counter)),
-        });
-        let mut response = route(gateway, &HttpSend(&request), &mut attempts).await?;
+        };
+        let mut send = HttpSend {
+            request: &request,
+            spend: Some(spend),
+        };
+        let placement = request.placement();
+        let mut response = route(gateway, &placement, &mut send, &mut attempts).await?;
         consumer_budget::remaining_headers(
             gateway,
             request.consumer.as_ref(),
@@ -118,9 +129,9 @@ pub async fn handle(gateway: &Gateway, inbound: Inbound) -> Response {
     let error_code = error.map(|(code, _)| code);
     if let Some((code, status)) = error {
         if let Some(pool) = &attempts.pool {
-            crate::metrics::refusal_duration(pool, received.elapsed());
+            crate::ops::metrics::refusal_duration(pool, received.elapsed());
         }
-        crate::access_log::write(&crate::access_log::AccessRecord {
+        crate::ops::access_log::write(&crate::ops::access_log::AccessRecord {
             consumer: attempts.consumer.as_deref(),
             pool: attempts.pool.as_ref().map(|p| p.as_str()),
             backend: attempts.last_backend.as_ref().map(BackendId::as_str),
@@ -145,7 +156,7 @@ pub async fn handle(gateway: &Gateway, inbound: Inbound) -> Response {
         error_code,
     );
     if let Some(pool) = &attempts.pool {
-        crate::metrics::request_served(
+        crate::ops::metrics::request_served(
             pool,
             attempts.last_backend.as_ref(),
             response.status().as_u16(),
@@ -179,12 +190,11 @@ struct Placement<'a> {
 trait Step {
     /// What a successful attempt hands back.
     type Delivered;
-    fn placement(&self) -> Placement<'_>;
     /// How long the attempt may wait for its first byte (an answer, a stream's first chunk,
     /// an upgrade).
     fn first_byte_ms(&self, routing: &RoutingConfig) -> u64;
     fn attempt(
-        &self,
+        &mut self,
         gateway: &Gateway,
         member: &Member,
         open: OpenReservation,
@@ -198,11 +208,11 @@ trait Step {
 /// budgets. Failed members are put in backoff in the shared state before moving on.
 async fn route<S: Step>(
     gateway: &Gateway,
-    step: &S,
+    placement: &Placement<'_>,
+    step: &mut S,
     attempts: &mut Attempts,
 ) -> Result<S::Delivered, GatewayError> {
     let routing = &gateway.routing;
-    let placement = step.placement();
     let pool = placement.pool;
     let policy = BackoffPolicy {
         default: Duration::from_millis(routing.default_backoff_ms),
@@ -308,7 +318,7 @@ async fn route<S: Step>(
             Outcome::Failed(failure) => attempts.failures.push(failure),
         }
     }
-    Err(exhausted(&placement, attempts, refusal))
+    Err(exhausted(placement, attempts, refusal))
 }
 
 /// What became of one attempt.
@@ -320,112 +330,18 @@ enum Outcome<D> {
     Failed(Failure),
 }
 
-/// The HTTP attempt: send the request to a member.
-struct HttpSend<'a>(&'a ProxyRequest);
-
-impl Step for HttpSend<'_> {
-    type Delivered = Response;
-
+impl ProxyRequest {
     fn placement(&self) -> Placement<'_> {
-        let request = self.0;
         Placement {
-            pool: &request.pool,
-            regions: request.regions.as_deref(),
-            pinned: request.pinned.as_ref(),
-            estimate: request.estimate,
-            cache_key: request.cache_key,
-            view: &request.view,
-            operation: request.operation,
+            pool: &self.pool,
+            regions: self.regions.as_deref(),
+            pinned: self.pinned.as_ref(),
+            estimate: self.estimate,
+            cache_key: self.cache_key,
+            view: &self.view,
+            operation: self.operation,
         }
     }
-
-    fn first_byte_ms(&self, routing: &RoutingConfig) -> u64 {
-        // A stream's first byte should come soon; a plain answer's comes after the whole reply.
-        if self.0.stream {
-            routing.stream_first_byte_timeout_ms
-        } else {
-            routing.attempt_timeout_ms
-        }
-    }
-
-    async fn attempt(
-        &self,
-        gateway: &Gateway,
-        member: &Member,
-        open: OpenReservation,
-        timeout: Duration,
-        policy: BackoffPolicy,
-        traced: trace::Attempt,
-    ) -> Result<Outcome<Response>, GatewayError> {
-        send(gateway, self.0, member, open, timeout, policy, traced).await
-    }
-}
-
-/// One upstream attempt on `member` under its open reservation: deliver, or settle the
-/// failure (release and backoff in one round trip) and report it.
-async fn send(
-    gateway: &Gateway,
-    request: &ProxyRequest,
-    member: &Member,
-    open: OpenReservation,
-    timeout: Duration,
-    policy: BackoffPolicy,
-    traced: trace::Attempt,
-) -> Result<Outcome<Response>, GatewayError> {
-    let trace::Attempt { number, span } = traced;
-    let sent = forward::send(&gateway.http, member, request, timeout, &span)
-        .instrument(span.clone())
-        .await;
-    let answered = sent.is_ok();
-    let (backoff, hints, detail) = match sent {
-        Ok(upstream) => {
-            trace::record_status(&span, upstream.status.as_u16());
-            let hints = upstream_hints(&upstream.headers, upstream.started + upstream.ttfb);
-            match classify_response(
-                upstream.status,
-                &upstream.headers,
-                SystemTime::now(),
-                policy,
-            ) {
-                Verdict::Deliver => {
-                    let remember = request
-                        .remember_response
-                        .then(|| Duration::from_secs(gateway.routing.response_affinity_ttl_s));
-                    let parent = tracing::Span::current();
-                    trace::record_member(&parent, member);
-                    let spans = trace::AnswerSpans {
-                        request: parent,
-                        attempt: span,
-                        started: request.received,
-                        attempts: number,
-                        status: upstream.status.as_u16(),
-                    };
-                    let answer = Answer {
-                        upstream,
-                        hints,
-                        remember_response: remember,
-                        spans,
-                    };
-                    return Ok(Outcome::Delivered(deliver(
-                        request, member, open, answer, policy,
-                    )));
-                }
-                Verdict::Retry(backoff) => (backoff, hints, format!("HTTP {}", upstream.status)),
-            }
-        }
-        Err(failure) => (
-            classify_transport_failure(failure.kind, policy),
-            UpstreamHints::default(),
-            failure.detail,
-        ),
-    };
-    let failed = AttemptFailure {
-        backoff,
-        hints,
-        detail,
-        answered,
-    };
-    fail(&request.pool.name, open, failed, &span).await
 }
 
 /// Why an attempt failed, and what the member said on the way.
@@ -461,7 +377,7 @@ async fn fail<D>(
         %detail,
         "upstream attempt failed; backing off and trying the next member"
     );
-    crate::metrics::upstream_failure(pool.as_str(), backend.as_str(), backoff.reason.as_str());
+    crate::ops::metrics::upstream_failure(pool.as_str(), backend.as_str(), backoff.reason.as_str());
     let receipt = Receipt {
         hints,
         backoff: Some(backoff),
@@ -474,73 +390,6 @@ async fn fail<D>(
         backoff: backoff.duration,
         detail,
     }))
-}
-
-/// An upstream answer to deliver, with what its end must record.
-struct Answer {
-    upstream: forward::Upstream,
-    hints: UpstreamHints,
-    /// Remember for this long that the member holds the Responses API object it creates.
-    remember_response: Option<Duration>,
-    spans: trace::AnswerSpans,
-}
-
-/// Hand an answer to the relay, which settles the reservation when its body ends.
-fn deliver(
-    request: &ProxyRequest,
-    member: &Member,
-    open: OpenReservation,
-    answer: Answer,
-    policy: BackoffPolicy,
-) -> Response {
-    let Answer {
-        upstream,
-        hints,
-        remember_response,
-        spans,
-    } = answer;
-    // Azure's own spillover answered: the tokens are the standard deployment's, and the PTU
-    // is full.
-    let spilled = azure_spilled_over(&upstream.headers);
-    let hints = if spilled {
-        UpstreamHints {
-            remaining_tokens: Some(0),
-            utilization: Some(1.0),
-            ..hints
-        }
-    } else {
-        hints
-    };
-    if request.stream || spilled {
-        open.observe_now(hints);
-    }
-    let settlement = relay::Settlement {
-        open,
-        estimate: request.estimate,
-        failure_backoff: policy.default,
-        hints,
-        spilled,
-        remember_response,
-        owner: request
-            .consumer
-            .as_ref()
-            .map(|c| crate::consumers::owner_tag(&c.name)),
-        provisioned: member.backend.provisioned,
-        consumer: request.consumer_spend.lock().expect("consumer lock").take(),
-        spans,
-        labels: crate::metrics::AnswerLabels {
-            pool: request.pool.name.clone(),
-            backend: member.backend.id.clone(),
-            tier: member.backend.priority,
-            consumer: request.consumer.as_ref().map(|c| c.name.clone()),
-        },
-    };
-    relay::to_client(
-        upstream,
-        settlement,
-        request.strip_usage,
-        member.backend.base_url.host_str(),
-    )
 }
 
 /// The error for a request no member would take: 429 when throttling or budgets are why

@@ -8,10 +8,11 @@ use spillway_shared::{EmbeddedState, FallbackState, FleetState, RedisState};
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
-use crate::app::{Gateway, admin_live, app_live};
+use crate::app::{admin_live, app_live};
 use crate::config::{Config, ConfigError, ConfigProblem};
-use crate::http_server::{self, ConnectionLimits};
+use crate::edge::http_server::{self, ConnectionLimits};
 use crate::live::Live;
+use crate::proxy::Gateway;
 
 /// The fleet-state store the configuration asks for: embedded, or Redis with the embedded
 /// store as its fallback. Must run inside the runtime (Redis connects in the background).
@@ -100,7 +101,7 @@ pub async fn serve(
         .server
         .tls
         .as_ref()
-        .map(crate::tls::acceptor)
+        .map(crate::edge::tls::acceptor)
         .transpose()
         .map_err(|e| format!("server.tls: {e}"))?;
     let listener = TcpListener::bind(config.server.listen)
@@ -114,7 +115,7 @@ pub async fn serve(
                 config.server.admin_listen
             )
         })?;
-    crate::tokens::warm_up();
+    crate::proxy::tokens::warm_up();
     let gateway = Arc::new(gateway);
     let live = Live::new(gateway.clone(), source, fleet);
     #[cfg(unix)]

@@ -27,7 +27,7 @@ async fn one_json_line_per_request_on_stdout() {
          [[consumers]]\nname = \"chat-app\"\nkey_sha256 = \"{}\"\n\
          [[backends]]\nid = \"ptu\"\nurl = \"{}\"\ndeployments = {{ \"gpt-4o\" = \"gpt-4o\" }}\n",
         free_port(),
-        spillway_gateway::consumers::key_sha256_hex("access-key"),
+        spillway_gateway::auth::consumers::key_sha256_hex("access-key"),
         sim.url("ptu")
     );
     std::fs::write(dir.join("spillway.toml"), config).unwrap();

@@ -6,8 +6,8 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use serde_json::json;
-use spillway_gateway::request_fields::RequestFields;
-use spillway_gateway::tokens::{Encoding, Operation, estimate};
+use spillway_gateway::proxy::request_fields::RequestFields;
+use spillway_gateway::proxy::tokens::{Encoding, Operation, estimate};
 
 /// English-like text of about `bytes` bytes.
 fn prose(bytes: usize) -> String {

@@ -51,6 +51,7 @@ impl Drop for SimHandle {
 
 /// Bind every resource and start serving.
 pub async fn start(config: SimConfig) -> std::io::Result<SimHandle> {
+    tokio::task::spawn_blocking(tokens::warm_up).await?;
     let changed = watch::Sender::new(0u64);
     let mut resources = Vec::new();
     for spec in config.resources {

@@ -10,17 +10,16 @@ use spillway_shared::{BackendId, QuotaCounter, ResponseOwner};
 
 use super::outgoing_body::OutgoingBody;
 use super::request_body::{self, BodyPermit};
-use super::upstream_path::{
-    OperationPath, PathRejection, QueryPairs, QueryRule, UpstreamApi, check_segment,
-};
+use super::upstream_path::{OperationPath, QueryPairs, QueryRule, UpstreamApi};
 use super::{Attempts, cache_affinity, consumer_budget, consumer_quota};
-use crate::app::Gateway;
-use crate::consumers::Consumer;
+use crate::auth::consumers::Consumer;
 use crate::error::GatewayError;
-use crate::fleet_view::{MemberView, output_reserve};
-use crate::request_fields::{FieldsError, RequestFields};
-use crate::table::Pool;
-use crate::tokens::{self, Operation, TokenEstimate};
+use crate::path_segment::{PathRejection, check_segment};
+use crate::proxy::Gateway;
+use crate::proxy::fleet_view::{MemberView, output_reserve};
+use crate::proxy::request_fields::{FieldsError, RequestFields};
+use crate::proxy::tokens::{self, Operation, TokenEstimate};
+use crate::routing_table::Pool;
 
 /// How the client addressed the pool, which decides the upstream path.
 #[derive(Clone, Debug)]
@@ -83,9 +82,6 @@ pub struct ProxyRequest {
     pub remember_response: bool,
     /// Prompt-cache affinity key (see `cache_affinity`).
     pub cache_key: Option<u64>,
-    /// The consumer's budget reservation (see `consumer_budget`), taken by the attempt that
-    /// delivers; released when none does.
-    pub consumer_spend: std::sync::Mutex<Option<super::consumer_budget::ConsumerSpend>>,
     pub query: QueryPairs,
     pub headers: HeaderMap,
     /// The body as received (held once, shared by every attempt) and the gateway's edits.
@@ -111,37 +107,115 @@ pub struct ProxyRequest {
     pub received: tokio::time::Instant,
 }
 
+/// Admission as a straight line of steps, each computed once and handed on by value: the
+/// operation (path, query, headers) → where it goes (a pool, or the member holding a stored
+/// response) → the body → what it asks for (fields, estimate, the consumer's limits) → the
+/// body's edits.
 pub async fn admit(
     gateway: &Gateway,
-    mut inbound: Inbound,
+    inbound: Inbound,
     attempts: &mut Attempts,
 ) -> Result<ProxyRequest, GatewayError> {
     let received = tokio::time::Instant::now();
-    let consumer = inbound.consumer.take();
+    let Inbound {
+        consumer,
+        pool: named,
+        operation,
+        query,
+        method,
+        stored,
+        preview,
+        headers,
+        body,
+    } = inbound;
     attempts.consumer = consumer.as_ref().map(|c| c.name.clone());
+
     // Path confinement: the operation is validated here, once, and only its segments are
     // ever used to build an upstream URL.
-    let operation = OperationPath::parse(&inbound.operation).map_err(GatewayError::InvalidPath)?;
-    let query_rule = QueryRule::of(&inbound.method, &operation);
-    if inbound.stored {
-        return admit_stored(gateway, inbound, operation, consumer, attempts).await;
-    }
-    // The deployments route names its pool in the path: unknown pools fail before the body is read.
-    let named_pool = inbound
-        .pool
-        .as_deref()
-        .map(|name| {
-            check_segment(name, 0)
+    let operation = OperationPath::parse(&operation).map_err(GatewayError::InvalidPath)?;
+    let query = QueryPairs::parse(query.as_deref()).allowed(QueryRule::of(&method, &operation));
+    let upstream_headers = gateway.headers.upstream_request(&headers);
+    let api = if preview {
+        UpstreamApi::Preview
+    } else {
+        UpstreamApi::V1
+    };
+
+    // Where it goes, when the path says: unknown pools and responses fail before the body
+    // is read.
+    let addressed = match (stored, named) {
+        (true, _) => stored_owner(gateway, consumer.as_ref(), &operation).await?,
+        (false, Some(name)) => {
+            check_segment(&name, 0)
                 .map_err(|_| GatewayError::InvalidPath(PathRejection::DeploymentName))?;
-            lookup(gateway, consumer.as_ref(), name)
-        })
-        .transpose()?;
-    let (body, body_permit) =
-        request_body::read(&inbound.headers, inbound.body, &gateway.body_limits).await?;
-    let kind = Operation::of(operation.segments());
-    let creates_response = kind == Operation::Responses && operation.segments().len() == 1;
-    let fields = read_fields(&inbound.headers, &body)?;
-    let pool = match named_pool {
+            Addressed::Deployment(lookup(gateway, consumer.as_ref(), &name)?)
+        }
+        (false, None) => Addressed::Model,
+    };
+    if let Addressed::Deployment(pool) | Addressed::Stored { pool, .. } = &addressed {
+        attempts.pool = Some(pool.name.clone());
+    }
+
+    let (body, body_permit) = request_body::read(&headers, body, &gateway.body_limits).await?;
+
+    let target = match addressed {
+        Addressed::Stored { pool, pinned } => {
+            let view = gateway.view.get(&gateway.fleet, &pool);
+            Ok(Admitted::stored(pool, view, pinned, operation, api, body.clone()))
+        }
+        Addressed::Deployment(pool) => Err((Some(pool), Route::Deployment { operation })),
+        Addressed::Model => Err((None, Route::V1 { operation, api })),
+    };
+    let admitted = match target {
+        Ok(stored) => stored,
+        Err(target) => {
+            let consumer = consumer.as_ref();
+            read_and_ask(gateway, consumer, target, &headers, &body, attempts).await?
+        }
+    };
+    Ok(admitted.into_request(Envelope {
+        method,
+        query,
+        headers: upstream_headers,
+        body_permit,
+        consumer,
+        received,
+    }))
+}
+
+/// What the request carries whatever it asks for.
+struct Envelope {
+    method: Method,
+    query: QueryPairs,
+    headers: HeaderMap,
+    body_permit: BodyPermit,
+    consumer: Option<Consumer>,
+    received: tokio::time::Instant,
+}
+
+/// Where the path says a request goes.
+enum Addressed {
+    /// `/openai/deployments/{pool}/...`.
+    Deployment(Arc<Pool>),
+    /// `/openai/v1/...`: the pool is the body's `model`.
+    Model,
+    /// `/openai/v1/responses/{id}[/...]`: the member holding that response, in the pool it
+    /// was created in.
+    Stored { pool: Arc<Pool>, pinned: Pinned },
+}
+
+/// Read a JSON body's fields (the pool is its `model` when the path named none), then what
+/// it asks for, then its edits.
+async fn read_and_ask(
+    gateway: &Gateway,
+    consumer: Option<&Consumer>,
+    (named, route): (Option<Arc<Pool>>, Route),
+    headers: &HeaderMap,
+    body: &Bytes,
+    attempts: &mut Attempts,
+) -> Result<Admitted, GatewayError> {
+    let fields = read_fields(headers, body)?;
+    let pool = match named {
         Some(pool) => pool,
         None => {
             let fields = fields.as_ref().ok_or_else(|| {
@@ -154,128 +228,237 @@ pub async fn admit(
                     "Missing required field 'model' (the deployment to use).".into(),
                 )
             })?;
-            lookup(gateway, consumer.as_ref(), model)?
+            let pool = lookup(gateway, consumer, model)?;
+            attempts.pool = Some(pool.name.clone());
+            pool
         }
     };
-    attempts.pool = Some(pool.name.clone());
+    let view = gateway.view.get(&gateway.fleet, &pool);
+    let operation = match &route {
+        Route::Deployment { operation }
+        | Route::V1 { operation, .. }
+        | Route::Stored { operation, .. } => operation,
+    };
+    let asked = ask(
+        gateway,
+        consumer,
+        &pool,
+        &view,
+        (operation, fields.as_ref(), body),
+    )
+    .await?;
+    Admitted::asked(gateway, consumer, (pool, view, route), fields, body, asked).await
+}
 
-    let stream = fields.as_ref().is_some_and(RequestFields::stream);
-    let max_tokens = fields.as_ref().and_then(RequestFields::output_cap);
-    // The consumer's allowances before its prompt is counted: a spent key costs no counting.
-    let quota = consumer_quota::check(gateway, consumer.as_ref()).await?;
-    consumer_budget::check_spent(gateway, consumer.as_ref(), body.len()).await?;
+/// What a request asks for, read from its fields once.
+struct Asked {
+    operation: Operation,
+    stream: bool,
+    max_tokens: Option<u64>,
+    /// Tokens charged against budgets before sending: prompt plus the output cap.
+    estimate: TokenEstimate,
+    /// The consumer's quota counter for this period (checked, not spent).
+    quota: Option<QuotaCounter>,
+    cache_key: Option<u64>,
+    /// A Responses API create that stores its response.
+    remember_response: bool,
+    /// The response a Responses API create continues.
+    previous: Option<String>,
+    /// A stream that did not ask for its usage: the gateway asks (and hides it).
+    add_stream_usage: bool,
+}
+
+/// Read what the request asks for and check it against the consumer's allowances: its
+/// quota and budget before its prompt is counted (a spent key costs no counting), then its
+/// per-request limits.
+async fn ask(
+    gateway: &Gateway,
+    consumer: Option<&Consumer>,
+    pool: &Pool,
+    view: &MemberView,
+    (operation, fields, body): (&OperationPath, Option<&RequestFields<'_>>, &Bytes),
+) -> Result<Asked, GatewayError> {
+    let kind = Operation::of(operation.segments());
+    let creates_response = kind == Operation::Responses && operation.segments().len() == 1;
+    let quota = consumer_quota::check(gateway, consumer).await?;
+    consumer_budget::check_spent(gateway, consumer, body.len()).await?;
     // A request that names no output cap is charged what the pool's answers really take
     // (learned fleet-wide); `default_max_tokens` until enough answers were seen.
-    let view = gateway.view.get(&gateway.fleet, &pool);
-    let output_reserve = output_reserve(&view).unwrap_or(gateway.routing.default_max_tokens);
+    let output_reserve = output_reserve(view).unwrap_or(gateway.routing.default_max_tokens);
     let prompt_limit = consumer
-        .as_ref()
         .and_then(|c| c.max_prompt_tokens)
         .unwrap_or(u64::MAX);
     let estimate = tokens::estimate(
         pool.encoding,
         kind,
-        fields.as_ref(),
+        fields,
         body.len(),
         output_reserve,
         prompt_limit,
     )
     .map_err(|e| GatewayError::BadRequest(e.to_string()))?;
-    if let Some(consumer) = &consumer {
-        check_consumer_limits(consumer, kind, &operation, fields.as_ref(), estimate)?;
+    if let Some(consumer) = consumer {
+        check_consumer_limits(consumer, kind, operation, fields, estimate)?;
     }
-    // A stream only reports its usage when asked: ask upstream, and hide the answer from a
-    // client that did not ask, so it gets exactly the stream it requested.
-    let add_stream_usage = stream
-        && kind == Operation::ChatCompletions
-        && fields.as_ref().is_some_and(|f| !f.asks_stream_usage());
-    let cache_key = fields
-        .as_ref()
-        .and_then(|f| cache_affinity::cache_key(f, estimate.prompt));
-    // Responses API: a follow-up goes to the member holding what it continues; a create
-    // that stores its response is remembered once answered.
-    let remember_response =
-        creates_response && fields.as_ref().is_some_and(|f| f.store.0 != Some(false));
-    let previous = fields
-        .as_ref()
-        .filter(|_| creates_response)
-        .and_then(|f| f.previous_response_id.get())
-        .map(|id| id.as_str().to_owned());
-
-    // The body is forwarded as received; the v1 route writes each member's deployment into
-    // `model`, and a stream's usage option is added: byte edits, never a re-serialized tree.
-    let v1 = inbound.pool.is_none();
-    let (route, body, strip_usage) = match &fields {
-        Some(fields) => {
-            let mut out = if v1 {
-                OutgoingBody::with_model(body.clone(), fields)
-            } else {
-                OutgoingBody::unchanged(body.clone())
-            };
-            let strip_usage = add_stream_usage && out.request_stream_usage(fields);
-            let route = if v1 {
-                Route::V1 {
-                    api: upstream_api(inbound.preview),
-                    operation,
-                }
-            } else {
-                Route::Deployment { operation }
-            };
-            (route, out, strip_usage)
-        }
-        None => (
-            Route::Deployment { operation },
-            OutgoingBody::unchanged(body.clone()),
-            false,
-        ),
-    };
-    drop(fields);
-    let pinned = match previous {
-        Some(id) => pinned_member(gateway, &pool, consumer.as_ref(), id).await?,
-        None => None,
-    };
-
-    let regions = allowed_regions(
-        pool.regions.as_deref(),
-        consumer.as_ref().and_then(|c| c.regions.as_deref()),
-    );
-    Ok(ProxyRequest {
-        regions,
-        pool,
-        route,
-        method: inbound.method,
-        pinned,
-        remember_response,
-        cache_key,
-        consumer_spend: Default::default(),
-        query: QueryPairs::parse(inbound.query.as_deref()).allowed(query_rule),
-        headers: gateway.headers.upstream_request(&inbound.headers),
-        body,
-        _body_permit: body_permit,
-        quota,
-        stream,
+    let stream = fields.is_some_and(RequestFields::stream);
+    Ok(Asked {
         operation: kind,
-        max_tokens,
-        strip_usage,
+        stream,
+        max_tokens: fields.and_then(RequestFields::output_cap),
         estimate,
-        consumer,
-        view,
-        received,
+        quota,
+        cache_key: fields.and_then(|f| cache_affinity::cache_key(f, estimate.prompt)),
+        // Responses API: a create that stores its response is remembered once answered; a
+        // follow-up goes to the member holding what it continues.
+        remember_response: creates_response && fields.is_some_and(|f| f.store.0 != Some(false)),
+        previous: fields
+            .filter(|_| creates_response)
+            .and_then(|f| f.previous_response_id.get())
+            .map(|id| id.as_str().to_owned()),
+        // A stream only reports its usage when asked: ask upstream, and hide the answer from
+        // a client that did not ask, so it gets exactly the stream it requested.
+        add_stream_usage: stream
+            && kind == Operation::ChatCompletions
+            && fields.is_some_and(|f| !f.asks_stream_usage()),
     })
 }
 
-/// A request on a stored response's own path: it goes to the member holding it, in the
-/// pool it was created in, or is answered 404 when the fleet does not know the id or it
-/// belongs to another consumer (the same answer: ids are not confirmed to strangers).
-async fn admit_stored(
+/// A request admitted to its pool, with its body as it will be forwarded.
+struct Admitted {
+    pool: Arc<Pool>,
+    /// This replica's recent copy of the pool's fleet state.
+    view: Arc<MemberView>,
+    route: Route,
+    pinned: Option<Pinned>,
+    body: OutgoingBody,
+    strip_usage: bool,
+    asked: Asked,
+}
+
+impl Admitted {
+    /// The request ready for `route`: it may be served inside both the pool's and the
+    /// consumer's regions.
+    fn into_request(self, envelope: Envelope) -> ProxyRequest {
+        let Admitted {
+            pool,
+            view,
+            route,
+            pinned,
+            body,
+            strip_usage,
+            asked,
+        } = self;
+        let consumer = envelope.consumer;
+        let regions = allowed_regions(
+            pool.regions.as_deref(),
+            consumer.as_ref().and_then(|c| c.regions.as_deref()),
+        );
+        ProxyRequest {
+            view,
+            regions,
+            pool,
+            route,
+            method: envelope.method,
+            pinned,
+            remember_response: asked.remember_response,
+            cache_key: asked.cache_key,
+            query: envelope.query,
+            headers: envelope.headers,
+            body,
+            _body_permit: envelope.body_permit,
+            quota: asked.quota,
+            stream: asked.stream,
+            operation: asked.operation,
+            max_tokens: asked.max_tokens,
+            strip_usage,
+            estimate: asked.estimate,
+            consumer,
+            received: envelope.received,
+        }
+    }
+
+    /// A request on a stored response's own path: forwarded as sent (method and body) to
+    /// the member holding it; it generates nothing.
+    fn stored(
+        pool: Arc<Pool>,
+        view: Arc<MemberView>,
+        pinned: Pinned,
+        operation: OperationPath,
+        api: UpstreamApi<'static>,
+        body: Bytes,
+    ) -> Self {
+        let asked = Asked {
+            operation: Operation::Responses,
+            stream: false,
+            max_tokens: None,
+            estimate: TokenEstimate {
+                prompt: body.len() as u64 / 4,
+                output: 0,
+            },
+            quota: None,
+            cache_key: None,
+            remember_response: false,
+            previous: None,
+            add_stream_usage: false,
+        };
+        Self {
+            pool,
+            view,
+            route: Route::Stored { operation, api },
+            pinned: Some(pinned),
+            body: OutgoingBody::unchanged(body),
+            strip_usage: false,
+            asked,
+        }
+    }
+
+    /// A request whose fields were read: its body's edits (byte splices, never a
+    /// re-serialized tree: the v1 route writes each member's deployment into `model`, and a
+    /// stream's usage option is added), and the member a Responses follow-up must go to.
+    async fn asked(
+        gateway: &Gateway,
+        consumer: Option<&Consumer>,
+        (pool, view, route): (Arc<Pool>, Arc<MemberView>, Route),
+        fields: Option<RequestFields<'_>>,
+        body: &Bytes,
+        asked: Asked,
+    ) -> Result<Self, GatewayError> {
+        let (body, strip_usage) = match &fields {
+            Some(fields) => {
+                let mut out = match route {
+                    Route::V1 { .. } => OutgoingBody::with_model(body.clone(), fields),
+                    _ => OutgoingBody::unchanged(body.clone()),
+                };
+                let strip_usage = asked.add_stream_usage && out.request_stream_usage(fields);
+                (out, strip_usage)
+            }
+            None => (OutgoingBody::unchanged(body.clone()), false),
+        };
+        drop(fields);
+        let pinned = match &asked.previous {
+            Some(id) => pinned_member(gateway, &pool, consumer, id.clone()).await?,
+            None => None,
+        };
+        Ok(Self {
+            pool,
+            view,
+            route,
+            pinned,
+            body,
+            strip_usage,
+            asked,
+        })
+    }
+}
+
+/// The member holding the stored response a path names, in the pool it was created in; 404
+/// when the fleet does not know the id or it belongs to another consumer (the same answer:
+/// ids are not confirmed to strangers).
+async fn stored_owner(
     gateway: &Gateway,
-    inbound: Inbound,
-    operation: OperationPath,
-    consumer: Option<Consumer>,
-    attempts: &mut Attempts,
-) -> Result<ProxyRequest, GatewayError> {
-    let received = tokio::time::Instant::now();
-    let query_rule = QueryRule::of(&inbound.method, &operation);
+    consumer: Option<&Consumer>,
+    operation: &OperationPath,
+) -> Result<Addressed, GatewayError> {
     let id = operation
         .segments()
         .get(1)
@@ -285,63 +468,26 @@ async fn admit_stored(
         .fleet
         .response_owner(&id)
         .await?
-        .filter(|owner| owns(owner, consumer.as_ref()))
+        .filter(|owner| owns(owner, consumer))
         .ok_or_else(|| GatewayError::UnknownResponse(id.clone()))?;
-    let pool = gateway
-        .table
-        .pool(owner.pool.as_str())
-        .cloned()
-        .filter(|pool| may_use(consumer.as_ref(), pool))
-        .ok_or_else(|| GatewayError::UnknownResponse(id.clone()))?;
+    let pool = lookup(gateway, consumer, owner.pool.as_str())
+        .map_err(|_| GatewayError::UnknownResponse(id.clone()))?;
     if pool.member(&owner.backend).is_none() {
         return Err(GatewayError::UnknownResponse(id));
     }
-    attempts.pool = Some(pool.name.clone());
-    let (body, body_permit) =
-        request_body::read(&inbound.headers, inbound.body, &gateway.body_limits).await?;
-    let view = gateway.view.get(&gateway.fleet, &pool);
-    let regions = allowed_regions(
-        pool.regions.as_deref(),
-        consumer.as_ref().and_then(|c| c.regions.as_deref()),
-    );
-    Ok(ProxyRequest {
-        regions,
-        route: Route::Stored {
-            operation,
-            api: upstream_api(inbound.preview),
-        },
-        method: inbound.method,
-        pinned: Some(Pinned {
+    Ok(Addressed::Stored {
+        pool,
+        pinned: Pinned {
             backend: owner.backend,
             response_id: id,
-        }),
-        remember_response: false,
-        cache_key: None,
-        consumer_spend: Default::default(),
-        query: QueryPairs::parse(inbound.query.as_deref()).allowed(query_rule),
-        headers: gateway.headers.upstream_request(&inbound.headers),
-        estimate: TokenEstimate {
-            prompt: body.len() as u64 / 4,
-            output: 0,
         },
-        body: OutgoingBody::unchanged(body),
-        _body_permit: body_permit,
-        quota: None,
-        stream: false,
-        operation: Operation::Responses,
-        max_tokens: None,
-        strip_usage: false,
-        consumer,
-        view,
-        pool,
-        received,
     })
 }
 
 /// A stored response belongs to the consumer that created it (any request, when the gateway
 /// authenticates no one).
 fn owns(owner: &ResponseOwner, consumer: Option<&Consumer>) -> bool {
-    owner.consumer == consumer.map(|c| crate::consumers::owner_tag(&c.name))
+    owner.consumer == consumer.map(|c| crate::auth::consumers::owner_tag(&c.name))
 }
 
 /// The consumer may use this pool (its `pools`, when set, name it).
@@ -387,15 +533,6 @@ fn check_consumer_limits(
         None => Err(GatewayError::BadRequest(format!(
             "This key must set max_tokens (or max_completion_tokens, max_output_tokens) to at most {cap}."
         ))),
-    }
-}
-
-/// The upstream form of a request whose deployment is named in its body.
-fn upstream_api(preview: bool) -> UpstreamApi<'static> {
-    if preview {
-        UpstreamApi::Preview
-    } else {
-        UpstreamApi::V1
     }
 }
 
@@ -460,7 +597,7 @@ fn read_fields<'a>(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let is_json = content_type.is_empty()
-        || crate::headers::contains_ignoring_case(content_type.as_bytes(), b"json");
+        || crate::edge::headers::contains_ignoring_case(content_type.as_bytes(), b"json");
     if !is_json || (content_type.is_empty() && body.is_empty()) {
         return Ok(None);
     }
@@ -473,7 +610,7 @@ fn read_fields<'a>(
         )),
         Err(FieldsError::TooDeep) => Err(GatewayError::BadRequest(format!(
             "The request body nests arrays and objects deeper than {} levels.",
-            crate::request_fields::MAX_NESTING
+            crate::proxy::request_fields::MAX_NESTING
         ))),
         Err(FieldsError::Json(e)) => Err(GatewayError::BadRequest(format!(
             "The request body is not valid JSON: {e}"

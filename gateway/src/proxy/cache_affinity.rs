@@ -8,8 +8,8 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 
 use std::ops::ControlFlow;
 
-use crate::request_fields::{Content, Message, RequestFields, ResponsesInput, each_message};
-use crate::table::Member;
+use crate::proxy::request_fields::{Content, Message, RequestFields, ResponsesInput, each_message};
+use crate::routing_table::Member;
 
 /// Prompts shorter than this are not cached by the service: no key from their text.
 pub const MIN_CACHED_PROMPT_TOKENS: u64 = 1_024;

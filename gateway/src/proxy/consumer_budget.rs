@@ -12,9 +12,9 @@ use spillway_shared::{Admission, BackendId, Candidate, FleetState, PoolName, Quo
 use tracing::warn;
 
 use super::settlement::OpenReservation;
-use crate::app::Gateway;
-use crate::consumers::Consumer;
+use crate::auth::consumers::Consumer;
 use crate::error::GatewayError;
+use crate::proxy::Gateway;
 
 /// The consumer's budget as the fleet state holds it.
 struct Budget {

@@ -10,9 +10,9 @@ use spillway_shared::QuotaCounter;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::app::Gateway;
-use crate::consumers::Consumer;
+use crate::auth::consumers::Consumer;
 use crate::error::GatewayError;
+use crate::proxy::Gateway;
 
 /// The counter of `consumer`'s current period, when it has a quota.
 fn counter(consumer: &Consumer, now: SystemTime) -> Option<(u64, QuotaCounter, OffsetDateTime)> {

@@ -10,7 +10,7 @@ use futures_util::{Stream, StreamExt};
 
 use super::admit::{ProxyRequest, Route};
 use super::upstream_path::{UpstreamApi, upstream_url};
-use crate::table::Member;
+use crate::routing_table::Member;
 
 pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>;
 

@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 
-use crate::request_fields::{RequestFields, span_in};
+use crate::proxy::request_fields::{RequestFields, span_in};
 
 /// The request body and where the gateway edits it.
 #[derive(Clone, Debug, Default)]

@@ -16,8 +16,8 @@ use spillway_shared::{Backoff, BackoffReason, LatencySample, Receipt, UpstreamHi
 use super::forward::{BodyStream, Upstream};
 use super::settlement::OpenReservation;
 use super::usage::UsageMeter;
-use crate::headers::client_response_headers;
-use crate::tokens::TokenEstimate;
+use crate::edge::headers::client_response_headers;
+use crate::proxy::tokens::TokenEstimate;
 
 /// Everything needed to settle an attempt once its body has been relayed.
 pub struct Settlement {
@@ -41,7 +41,7 @@ pub struct Settlement {
     /// The request's and the delivering attempt's spans: open until the answer ends.
     pub spans: super::trace::AnswerSpans,
     /// Who served it, for the metrics its end records.
-    pub labels: crate::metrics::AnswerLabels,
+    pub labels: crate::ops::metrics::AnswerLabels,
 }
 
 /// `backend_host`: response headers naming it are not relayed.
@@ -198,14 +198,14 @@ impl Metered {
         let latency = s.spans.started.elapsed();
         let first_token = first_byte.saturating_duration_since(s.spans.started);
         let reported = reported.filter(|_| self.success);
-        crate::metrics::answer_finished(
+        crate::ops::metrics::answer_finished(
             &s.labels,
             latency,
             Some(first_token),
             reported,
             s.estimate.prompt,
         );
-        crate::access_log::write(&crate::access_log::AccessRecord {
+        crate::ops::access_log::write(&crate::ops::access_log::AccessRecord {
             consumer: s.labels.consumer.as_deref(),
             pool: Some(s.labels.pool.as_str()),
             backend: Some(s.labels.backend.as_str()),
@@ -220,7 +220,7 @@ impl Metered {
         let (tokens, output_tokens) = match (self.success, usage) {
             (false, _) => (0, 0),
             (true, Some(u)) => {
-                crate::metrics::prompt_tokens(s.open.pool(), u.prompt_tokens, u.cached_tokens);
+                crate::ops::metrics::prompt_tokens(s.open.pool(), u.prompt_tokens, u.cached_tokens);
                 let free = if s.provisioned { u.cached_tokens } else { 0 };
                 (u.total_tokens.saturating_sub(free), u.completion_tokens)
             }

@@ -58,7 +58,7 @@ impl BodyLimits {
             .try_acquire_many_owned(n)
             .map(|p| BodyPermit(Some(p)))
             .map_err(|_| {
-                crate::metrics::request_shed();
+                crate::ops::metrics::request_shed();
                 GatewayError::BodiesInFlight
             })
     }

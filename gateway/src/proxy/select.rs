@@ -10,7 +10,7 @@ use rand::Rng;
 use spillway_shared::{BackendId, MemberSnapshot};
 
 use super::cache_affinity;
-use crate::table::Member;
+use crate::routing_table::Member;
 
 /// What shapes the choice beyond the members themselves.
 #[derive(Clone, Debug, Default)]
@@ -113,8 +113,8 @@ mod tests {
     use spillway_shared::{LatencyHistograms, UpstreamHints};
 
     use super::*;
-    use crate::credentials::BackendCredential;
-    use crate::table::Backend;
+    use crate::auth::credentials::BackendCredential;
+    use crate::routing_table::Backend;
 
     fn member(id: &str, priority: u32, weight: u32, region: &str) -> Member {
         Member {

@@ -3,7 +3,7 @@
 //! conventions and Spillway's own attributes. The client's W3C trace context is continued,
 //! and each attempt's is passed to the backend.
 //!
-//! Spans are recorded whatever the log level (see `crate::telemetry`); a span's fields are
+//! Spans are recorded whatever the log level (see `crate::ops::telemetry`); a span's fields are
 //! filled as the request goes: admission, each attempt, and the answer's end (usage, time to
 //! first token).
 
@@ -17,11 +17,11 @@ use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::admit::ProxyRequest;
-use crate::table::Member;
-use crate::tokens::Operation;
+use crate::proxy::tokens::Operation;
+use crate::routing_table::Member;
 
-/// The target of the request and attempt spans (kept out of the logs, see `telemetry`).
-pub const TARGET: &str = module_path!();
+// The spans here have this module's path as their target: `ops::telemetry::SPANS_TARGET`
+// names it (the test below holds the two together) to keep them out of the logs.
 
 /// `gen_ai.provider.name` (and the older `gen_ai.system`) of Azure OpenAI.
 const PROVIDER: &str = "azure.ai.openai";
@@ -66,7 +66,7 @@ pub fn request_span(method: &Method, headers: &HeaderMap) -> Span {
 /// Name a span once its operation is known. The exported span starts when the request's
 /// span is first entered, after which only the OpenTelemetry span itself can be renamed.
 fn rename(span: &Span, name: String) {
-    if span.is_disabled() || !crate::telemetry::traces_exported() {
+    if span.is_disabled() || !crate::ops::telemetry::traces_exported() {
         return;
     }
     span.record("otel.name", name.as_str());
@@ -217,7 +217,7 @@ impl AnswerSpans {
 /// The trace context of `span`, as the headers the backend gets (none when the span is not
 /// exported, so the client's own context passes unchanged).
 pub fn inject(span: &Span, headers: &mut HeaderMap) {
-    if span.is_disabled() || !crate::telemetry::traces_exported() {
+    if span.is_disabled() || !crate::ops::telemetry::traces_exported() {
         return;
     }
     let context = span.context();
@@ -263,5 +263,16 @@ impl Injector for HeaderInjector<'_> {
         ) {
             self.0.insert(name, value);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_spans_target_is_this_modules_path() {
+        assert_eq!(
+            crate::ops::telemetry::SPANS_TARGET,
+            module_path!().trim_end_matches("::tests")
+        );
     }
 }

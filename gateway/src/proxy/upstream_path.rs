@@ -2,79 +2,17 @@
 //! and upstream URLs are built only from the backend's base, the member's deployment and
 //! those segments, so no request can leave the pool it was admitted to.
 //!
-//! A segment may hold RFC 3986 unreserved characters only (`A-Z a-z 0-9 - . _ ~`) and may
-//! not start or end with a dot. That one rule refuses every traversal form: `.`/`..`, any
-//! percent-encoding (`%2e`, `%2f`, `%5c`, double encoding, overlong UTF-8), `;` parameters,
-//! backslashes, empty segments (`//`, a trailing `/`) and trailing dots.
-
-use std::fmt;
+//! Each segment passes `path_segment::check_segment` (the one rule, shared with the
+//! configuration's deployment names).
 
 use url::Url;
 
-/// At most this many segments after the deployment (Azure's deepest data-plane path has 4).
-const MAX_SEGMENTS: usize = 8;
-/// At most this many bytes per segment (ids are far shorter).
-const MAX_SEGMENT_BYTES: usize = 128;
+use crate::path_segment::{MAX_SEGMENTS, PathRejection, check_segment};
 
 /// The operation part of a request path (`chat/completions`, `embeddings`, ...), validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OperationPath {
     segments: Vec<String>,
-}
-
-/// Why a path was refused; the message names the segment by position, never echoes it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum PathRejection {
-    /// The deployment (pool) name in `/openai/deployments/{name}/` is not a plain name.
-    DeploymentName,
-    Empty,
-    TooManySegments,
-    EmptySegment {
-        position: usize,
-    },
-    TooLong {
-        position: usize,
-    },
-    DotSegment {
-        position: usize,
-    },
-    Character {
-        position: usize,
-    },
-}
-
-impl fmt::Display for PathRejection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::DeploymentName => write!(
-                f,
-                "the deployment name must use only letters, digits, '-', '.', '_', '~' and not start or end with '.'"
-            ),
-            Self::Empty => write!(f, "the path names no operation"),
-            Self::TooManySegments => {
-                write!(f, "the operation has more than {MAX_SEGMENTS} segments")
-            }
-            Self::EmptySegment { position } => {
-                write!(
-                    f,
-                    "operation segment {position} is empty ('//' or a trailing '/')"
-                )
-            }
-            Self::TooLong { position } => {
-                write!(
-                    f,
-                    "operation segment {position} is longer than {MAX_SEGMENT_BYTES} bytes"
-                )
-            }
-            Self::DotSegment { position } => {
-                write!(f, "operation segment {position} starts or ends with '.'")
-            }
-            Self::Character { position } => write!(
-                f,
-                "operation segment {position} holds a character other than letters, digits, '-', '.', '_', '~' (percent-encoding is not accepted)"
-            ),
-        }
-    }
 }
 
 impl OperationPath {
@@ -98,28 +36,6 @@ impl OperationPath {
     pub fn segments(&self) -> &[String] {
         &self.segments
     }
-}
-
-/// One segment: a name made of unreserved characters that is not, and cannot be read as,
-/// a dot segment by any server along the way.
-pub fn check_segment(segment: &str, position: usize) -> Result<(), PathRejection> {
-    if segment.is_empty() {
-        return Err(PathRejection::EmptySegment { position });
-    }
-    if segment.len() > MAX_SEGMENT_BYTES {
-        return Err(PathRejection::TooLong { position });
-    }
-    if !segment
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
-    {
-        return Err(PathRejection::Character { position });
-    }
-    // Covers `.`, `..`, and names with trailing dots, which some servers strip.
-    if segment.starts_with('.') || segment.ends_with('.') {
-        return Err(PathRejection::DotSegment { position });
-    }
-    Ok(())
 }
 
 /// The client's query string as decoded pairs, re-encoded when the upstream URL is built.

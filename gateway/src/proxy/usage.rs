@@ -6,7 +6,7 @@ use serde::Deserialize;
 
 use super::json_fields::{JsonFields, Path};
 use super::sse::{EventSplitter, event_data};
-use crate::request_fields::{Lenient, Text};
+use crate::proxy::request_fields::{Lenient, Text};
 
 /// One SSE event larger than this is not held for parsing: metering stops (the estimate
 /// stands) and, when stripping, the stream is passed on as it comes. A JSON answer up to

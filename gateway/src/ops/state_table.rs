@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 use spillway_shared::{FleetState, MemberSnapshot, StateError};
 
-use crate::table::RoutingTable;
+use crate::routing_table::RoutingTable;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct FleetReport {
@@ -52,7 +52,7 @@ pub struct MemberReport {
 }
 
 impl MemberReport {
-    fn new(member: &crate::table::Member, state: &MemberSnapshot) -> Self {
+    fn new(member: &crate::routing_table::Member, state: &MemberSnapshot) -> Self {
         let b = &member.backend;
         Self {
             backend: b.id.to_string(),

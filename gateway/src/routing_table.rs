@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use spillway_shared::{BackendId, Candidate, PoolName};
 
+use crate::auth::credentials::BackendCredential;
 use crate::config::Config;
-use crate::credentials::BackendCredential;
 
 /// One Azure OpenAI resource the gateway may send traffic to.
 #[derive(Debug)]
@@ -37,7 +37,7 @@ pub struct Member {
 #[derive(Debug)]
 pub struct Pool {
     pub name: PoolName,
-    pub encoding: crate::tokens::Encoding,
+    pub encoding: crate::config::Encoding,
     /// Members reporting this utilization or more are skipped (proactive spill-over).
     pub spill_utilization: f64,
     /// Requests to this pool only go to members in these regions.

@@ -5,10 +5,10 @@
 use axum::Json;
 use serde_json::{Value, json};
 
-use crate::app::Gateway;
-use crate::consumers::Consumer;
+use crate::auth::consumers::Consumer;
 use crate::error::GatewayError;
-use crate::table::Pool;
+use crate::proxy::Gateway;
+use crate::routing_table::Pool;
 
 /// The pools `consumer` may use (authenticated before: `app::Caller`).
 pub fn list(gateway: &Gateway, consumer: Option<&Consumer>) -> Json<Value> {

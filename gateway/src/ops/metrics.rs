@@ -19,13 +19,13 @@ const STATE_SECONDS: [f64; 10] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
 ];
 
-/// An OTLP recorder to feed besides Prometheus, set by `crate::telemetry` before the
+/// An OTLP recorder to feed besides Prometheus, set by `crate::ops::telemetry` before the
 /// recorder is installed.
-static ALSO_OTLP: std::sync::Mutex<Option<crate::otel_metrics::OtelRecorder>> =
+static ALSO_OTLP: std::sync::Mutex<Option<crate::ops::otel_metrics::OtelRecorder>> =
     std::sync::Mutex::new(None);
 
 /// Also push every metric over OTLP (call before anything is counted).
-pub fn also_export(recorder: crate::otel_metrics::OtelRecorder) {
+pub fn also_export(recorder: crate::ops::otel_metrics::OtelRecorder) {
     *ALSO_OTLP.lock().expect("recorder lock") = Some(recorder);
 }
 
@@ -260,13 +260,12 @@ pub fn request_shed() {
 
 /// The exposition text, with the state store's health and each member's budget use and
 /// backoff read now.
-pub async fn render(gateway: &crate::app::Gateway) -> String {
-    let fleet: &dyn FleetState = &*gateway.fleet;
+pub async fn render(fleet: &dyn FleetState, table: &crate::routing_table::RoutingTable) -> String {
     let health = fleet.health();
     metrics::gauge!("spillway_fleet_state_degraded").set(if health.degraded { 1.0 } else { 0.0 });
     metrics::gauge!("spillway_fleet_state_fallback_decisions")
         .set(health.fallback_decisions as f64);
-    for pool in gateway.table.pools() {
+    for pool in table.pools() {
         let candidates: Vec<_> = pool.members.iter().map(|m| pool.candidate(m)).collect();
         let Ok(snapshot) = fleet.snapshot(&pool.name, &candidates).await else {
             continue;

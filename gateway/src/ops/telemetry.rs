@@ -9,7 +9,7 @@
 //!   `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_SERVICE_NAME` and `OTEL_RESOURCE_ATTRIBUTES` apply.
 //! - Export runs on the SDK's batch thread with a bounded queue: a slow or dead collector
 //!   costs dropped spans, never a blocked request.
-//! - Metrics also go over OTLP when the environment names a collector (`crate::otel_metrics`).
+//! - Metrics also go over OTLP when the environment names a collector (`crate::ops::otel_metrics`).
 //! - The access log (`telemetry.access_log`): one JSON line per request on stdout.
 //! - W3C trace context (`traceparent`, `tracestate`) is the propagation format.
 
@@ -28,6 +28,10 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::TelemetryConfig;
+
+/// The tracing target of the request and attempt spans (`proxy::trace`'s module path):
+/// traces carry them, the logs do not.
+pub const SPANS_TARGET: &str = "spillway_gateway::proxy::trace";
 
 /// Whether spans are exported: naming spans and passing trace context on cost something
 /// per request, for nothing when no collector reads them.
@@ -54,8 +58,8 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, String> {
     // disabled log lines stay free.
     let not_access = Targets::new()
         .with_default(LevelFilter::TRACE)
-        .with_target(crate::access_log::TARGET, LevelFilter::OFF)
-        .with_target(crate::proxy::SPANS_TARGET, LevelFilter::OFF);
+        .with_target(crate::ops::access_log::TARGET, LevelFilter::OFF)
+        .with_target(SPANS_TARGET, LevelFilter::OFF);
     let fmt = if config.log_format.as_deref() == Some("json") {
         tracing_subscriber::fmt::layer()
             .json()
@@ -80,7 +84,7 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, String> {
             .with_current_span(false)
             .with_span_list(false)
             .with_writer(std::io::stdout)
-            .with_filter(Targets::new().with_target(crate::access_log::TARGET, Level::INFO))
+            .with_filter(Targets::new().with_target(crate::ops::access_log::TARGET, Level::INFO))
     });
 
     let provider = tracer_provider(config)?;
@@ -90,7 +94,7 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, String> {
         .with_target("spillway_shared", Level::INFO)
         .with_target("spillway", Level::INFO)
         .with_target(
-            crate::access_log::TARGET,
+            crate::ops::access_log::TARGET,
             tracing_subscriber::filter::LevelFilter::OFF,
         );
     let otel = provider.as_ref().map(|p| {
@@ -108,14 +112,14 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, String> {
     TRACES_EXPORTED.store(provider.is_some(), std::sync::atomic::Ordering::Relaxed);
     let meters = meter_provider()?;
     if let Some(meters) = &meters {
-        crate::metrics::also_export(crate::otel_metrics::OtelRecorder::new(meters));
+        crate::ops::metrics::also_export(crate::ops::otel_metrics::OtelRecorder::new(meters));
     }
     Ok(Telemetry { provider, meters })
 }
 
-/// OTLP metrics, when the environment names a collector (see `crate::otel_metrics`).
+/// OTLP metrics, when the environment names a collector (see `crate::ops::otel_metrics`).
 fn meter_provider() -> Result<Option<opentelemetry_sdk::metrics::SdkMeterProvider>, String> {
-    if !crate::otel_metrics::wanted() {
+    if !crate::ops::otel_metrics::wanted() {
         return Ok(None);
     }
     let cannot = |e: &dyn std::fmt::Display| format!("cannot build the OTLP metrics exporter: {e}");

@@ -1,5 +1,5 @@
 //! The access log: one JSON line per client request on stdout, when
-//! `telemetry.access_log = true` (the layer is installed by `crate::telemetry`; without it
+//! `telemetry.access_log = true` (the layer is installed by `crate::ops::telemetry`; without it
 //! these events are disabled at their call site and cost nothing). A streamed answer's line
 //! is written when its last byte is sent, with its tokens and time to first token.
 

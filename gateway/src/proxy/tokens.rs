@@ -3,28 +3,18 @@
 
 use std::hash::{Hash, Hasher};
 
-use serde::{Deserialize, Serialize};
 use tiktoken_rs::CoreBPE;
 
 use std::ops::ControlFlow;
 
 use serde_json::value::RawValue;
 
-use crate::request_fields::{
+use crate::proxy::request_fields::{
     Content, Message, Part, RequestFields, ResponsesInput, ShapeError, Text, each_message,
     input_tokens as walk_input,
 };
 
-/// The tokenizer of the model behind a pool.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Encoding {
-    /// gpt-4o, gpt-4.1, o-series.
-    #[default]
-    O200kBase,
-    /// gpt-4, gpt-3.5-turbo, text-embedding-3-*, ada-002.
-    Cl100kBase,
-}
+pub use crate::config::Encoding;
 
 impl Encoding {
     fn bpe(self) -> &'static CoreBPE {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use spillway_shared::{BackendId, FleetState, MemberSnapshot, PoolName};
 use tokio::time::Instant;
 
-use crate::table::Pool;
+use crate::routing_table::Pool;
 
 pub type MemberView = HashMap<BackendId, MemberSnapshot>;
 

@@ -1,7 +1,7 @@
 //! Client authentication: which consumer sent this request, by its key or its Entra ID
 //! token. Only SHA-256 hashes of the keys are held: a presented key is hashed and compared,
 //! in constant time, with every consumer's hash. A bearer token shaped like a JWT is checked
-//! as one when `[auth.jwt]` is configured ([`crate::entra_clients`]).
+//! as one when `[auth.jwt]` is configured ([`crate::auth::entra_clients`]).
 
 use std::collections::HashMap;
 
@@ -10,10 +10,10 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tracing::debug;
 
+use crate::auth::entra_clients::JwtVerifier;
+use crate::config::quota_period::QuotaPeriod;
 use crate::config::{ConsumerConfig, JwtConfig};
-use crate::entra_clients::JwtVerifier;
 use crate::error::GatewayError;
-use crate::quota_period::QuotaPeriod;
 
 /// A key's SHA-256.
 type KeyHash = [u8; 32];

@@ -43,7 +43,7 @@ impl RequestSlots {
 /// does its own work first, such as authentication).
 pub async fn in_slot(slots: &RequestSlots, mut request: Request, next: Next) -> Response {
     let Ok(permit) = slots.0.clone().try_acquire_owned() else {
-        crate::metrics::request_shed();
+        crate::ops::metrics::request_shed();
         return GatewayError::Overloaded.into_response();
     };
     let slot = HeldSlot(Arc::new(Mutex::new(Some(permit))));

@@ -13,7 +13,7 @@ use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Cell, Paragraph, Row, Table};
 
-use crate::state_table::{FleetReport, MemberReport, PoolReport};
+use crate::ops::state_table::{FleetReport, MemberReport, PoolReport};
 
 /// One screen: the report and when it was read.
 pub struct TopView {

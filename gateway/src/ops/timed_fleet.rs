@@ -23,6 +23,6 @@ impl FleetLayer for TimedFleet {
     }
 
     fn ended(&self, call: Call, took: Duration) {
-        crate::metrics::fleet_state_call(call.name(), took);
+        crate::ops::metrics::fleet_state_call(call.name(), took);
     }
 }

@@ -19,8 +19,8 @@ use azure_identity::{
     WorkloadIdentityCredential, WorkloadIdentityCredentialOptions,
 };
 
+use crate::auth::secret::Secret;
 use crate::config::{BackendAuthConfig, BackendConfig};
-use crate::secret::Secret;
 
 /// Entra ID scope of Azure OpenAI (Cognitive Services).
 pub const COGNITIVE_SERVICES_SCOPE: &str = "https://cognitiveservices.azure.com/.default";

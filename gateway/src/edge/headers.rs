@@ -33,14 +33,7 @@ const CLIENT_ADDRESS: [&str; 5] = [
     "x-forwarded-port",
 ];
 
-/// Never forwarded, whatever the configuration says: credentials and cookies.
-pub const NEVER_FORWARDED: [&str; 5] = [
-    "authorization",
-    "api-key",
-    "cookie",
-    "proxy-authorization",
-    "ocp-apim-subscription-key",
-];
+pub use crate::config::NEVER_FORWARDED;
 
 /// Connection-level headers (RFC 9110 §7.6.1); headers named in `Connection` are too.
 const HOP_BY_HOP: [HeaderName; 9] = [
