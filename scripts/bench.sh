@@ -7,6 +7,9 @@
 # nginx arm. Loopback only; never part of the test suite.
 #
 #   scripts/bench.sh            # ROUNDS=3 SECONDS_PER_RUN=5 by default
+#   BASE=/path/to/old/spillway scripts/bench.sh   # also that build's two arms (base-embedded,
+#                                                  # base-redis), interleaved: a before/after
+#                                                  # comparison measured in the same run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/mock-azure.sh
@@ -41,8 +44,8 @@ redis-server --port "$redis_port" --save "" --appendonly no >/dev/null &
 pids+=($!)
 wait_port "$backend"; wait_port "$proxy"; wait_port "$redis_port"
 
-start_gateway() { # name, extra [state] lines
-  local port admin
+start_gateway() { # name, extra [state] lines[, binary]
+  local port admin gateway_bin=${3:-$bin}
   port=$(free_port); admin=$(free_port)
   cat >"$work/$1.toml" <<EOF
 [server]
@@ -55,7 +58,7 @@ id = "backend"
 url = "http://127.0.0.1:$backend"
 deployments = { "gpt-4o" = "gpt-4o" }
 EOF
-  RUST_LOG=error "$bin" serve --config "$work/$1.toml" >/dev/null 2>&1 &
+  RUST_LOG=error "$gateway_bin" serve --config "$work/$1.toml" >/dev/null 2>&1 &
   echo $! >>"$work/gateway.pids"
   wait_port "$port"
   echo "$port"
@@ -79,6 +82,13 @@ run() { # arm, port, connections -> "p50 p99 rps"
 }
 arms=(direct nginx embedded redis)
 declare -A port=([direct]=$backend [nginx]=$proxy [embedded]=$embedded [redis]=$on_redis)
+if [ -n "${BASE:-}" ]; then
+  # The base build's gateways share the Redis server under their own key prefix.
+  port[base-embedded]=$(start_gateway base-embedded "" "$BASE")
+  port[base-redis]=$(start_gateway base-redis "redis_url = \"redis://127.0.0.1:$redis_port\"
+key_prefix = \"spillway-base\"" "$BASE")
+  arms+=(base-embedded base-redis)
+fi
 # Per round: each arm's added latency over the direct arm and its throughput over the nginx
 # arm, all measured within the same minute; the summary is the median of those per-round
 # figures, so a machine that drifts between rounds (shared cores) shifts no ratio.
@@ -103,10 +113,10 @@ median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{v[NR]=$1} END {print v[i
 echo "# scripts/bench.sh: ${ROUNDS} interleaved rounds of ${SECONDS_PER_RUN}s per arm; medians of"
 echo "# per-round figures: latency with 1 connection (added over direct), throughput with 32"
 echo "# (ratio to the nginx arm of the same round)"
-printf '%-10s %14s %14s %12s %10s\n' arm "added p50 µs" "added p99 µs" "requests/s" "vs nginx"
+printf '%-14s %14s %14s %12s %10s\n' arm "added p50 µs" "added p99 µs" "requests/s" "vs nginx"
 for arm in "${arms[@]}"; do
   m50=$(echo "${added50[$arm]}" | median); m99=$(echo "${added99[$arm]}" | median)
   r=$(echo "${rps[$arm]}" | median); q=$(echo "${ratio[$arm]}" | median)
   awk -v arm="$arm" -v a="$m50" -v b="$m99" -v r="$r" -v q="$q" \
-    'BEGIN { printf "%-10s %14.0f %14.0f %12.0f %9.2fx\n", arm, a, b, r, q }'
+    'BEGIN { printf "%-14s %14.0f %14.0f %12.0f %9.2fx\n", arm, a, b, r, q }'
 done

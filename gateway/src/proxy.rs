@@ -218,17 +218,7 @@ async fn route<S: Step>(
         default: Duration::from_millis(routing.default_backoff_ms),
         max: Duration::from_millis(routing.max_backoff_ms),
     };
-    // Data residency: members outside the allowed regions are never candidates. A pinned
-    // request has one candidate: the member holding the response it names.
-    let members: Vec<&Member> = pool
-        .members_in(placement.regions)
-        .filter(|m| placement.pinned.is_none_or(|p| p.backend == m.backend.id))
-        .collect();
-    if members.is_empty() {
-        return Err(GatewayError::NoMemberInRegions {
-            pool: pool.name.to_string(),
-        });
-    }
+    let members = placement.members()?;
     let max_attempts = routing
         .max_attempts
         .map_or(members.len(), |n| n as usize)
@@ -269,29 +259,10 @@ async fn route<S: Step>(
             &preferences,
             &mut rand::rng(),
         );
-        let candidates: Vec<Candidate> = order.iter().map(|m| pool.candidate(m)).collect();
-        let open = match gateway
-            .fleet
-            .acquire(&pool.name, &candidates, placement.estimate.total())
-            .await?
-        {
-            Admission::Admitted {
-                backend,
-                reservation,
-            } => OpenReservation::new(
-                gateway.fleet.clone(),
-                pool.name.clone(),
-                backend,
-                reservation,
-            ),
-            Admission::Exhausted {
-                retry_after,
-                throttled,
-            } => {
-                refusal = Some(Refusal {
-                    retry_after,
-                    throttled,
-                });
+        let open = match reserve(gateway, placement, &order).await? {
+            Ok(open) => open,
+            Err(refused) => {
+                refusal = Some(refused);
                 break;
             }
         };
@@ -319,6 +290,57 @@ async fn route<S: Step>(
         }
     }
     Err(exhausted(placement, attempts, refusal))
+}
+
+impl Placement<'_> {
+    /// The members it may go to. Data residency: members outside the allowed regions are
+    /// never candidates. A pinned request has one: the member holding the response it names.
+    fn members(&self) -> Result<Vec<&Member>, GatewayError> {
+        let members: Vec<&Member> = self
+            .pool
+            .members_in(self.regions)
+            .filter(|m| self.pinned.is_none_or(|p| p.backend == m.backend.id))
+            .collect();
+        if members.is_empty() {
+            return Err(GatewayError::NoMemberInRegions {
+                pool: self.pool.name.to_string(),
+            });
+        }
+        Ok(members)
+    }
+}
+
+/// Reserve the estimate on the first of `order` the fleet state admits it to, or say why
+/// none would take it.
+async fn reserve(
+    gateway: &Gateway,
+    placement: &Placement<'_>,
+    order: &[&Member],
+) -> Result<Result<OpenReservation, Refusal>, GatewayError> {
+    let pool = placement.pool;
+    let candidates: Vec<Candidate> = order.iter().map(|m| pool.candidate(m)).collect();
+    let admission = gateway
+        .fleet
+        .acquire(&pool.name, &candidates, placement.estimate.total())
+        .await?;
+    Ok(match admission {
+        Admission::Admitted {
+            backend,
+            reservation,
+        } => Ok(OpenReservation::new(
+            gateway.fleet.clone(),
+            pool.name.clone(),
+            backend,
+            reservation,
+        )),
+        Admission::Exhausted {
+            retry_after,
+            throttled,
+        } => Err(Refusal {
+            retry_after,
+            throttled,
+        }),
+    })
 }
 
 /// What became of one attempt.

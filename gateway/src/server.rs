@@ -61,18 +61,13 @@ pub fn redacted(url: &str) -> String {
 /// How long `serve` waits for Redis (connection and scripts) before it starts degraded.
 pub const REDIS_START_WAIT: Duration = Duration::from_secs(10);
 
-/// Serve until stopped; `source` is the configuration file SIGHUP and `POST /admin/reload`
-/// read again.
-pub async fn serve(
-    config: Config,
-    source: Option<std::path::PathBuf>,
-) -> Result<(), Box<dyn std::error::Error>> {
-    config.validate()?;
-    // The listeners open (and /readyz answers) only once the fleet state is usable.
-    let fleet: Arc<dyn FleetState> = match &config.state.redis_url {
-        None => fleet_state(&config)?,
+/// The fleet state this replica decides with; the listeners open (and /readyz answers) only
+/// once it is usable.
+async fn start_fleet(config: &Config) -> Result<Arc<dyn FleetState>, Box<dyn std::error::Error>> {
+    Ok(match &config.state.redis_url {
+        None => fleet_state(config)?,
         Some(url) => {
-            let fleet = redis_fleet(&config, url)?;
+            let fleet = redis_fleet(config, url)?;
             if !fleet.wait_ready(REDIS_START_WAIT).await {
                 warn!(
                     wait_ms = REDIS_START_WAIT.as_millis() as u64,
@@ -81,22 +76,69 @@ pub async fn serve(
             }
             fleet
         }
-    };
-    let gateway = Gateway::from_config(&config, fleet.clone())?;
-    if config.is_anonymous() {
-        if config.server.listen.ip().is_loopback() {
-            warn!(
-                listen = %config.server.listen,
-                "no [[consumers]] configured: the data plane on loopback accepts requests without a key"
-            );
-        } else {
-            // Only reachable with server.allow_anonymous = true (validate refuses it otherwise).
-            error!(
-                listen = %config.server.listen,
-                "ANONYMOUS DATA PLANE: server.allow_anonymous = true and no [[consumers]]: anyone reaching this listener spends the backends' capacity"
-            );
-        }
+    })
+}
+
+/// Say so loudly when anyone reaching the data plane may spend the backends' capacity.
+fn warn_if_anonymous(config: &Config) {
+    if !config.is_anonymous() {
+        return;
     }
+    if config.server.listen.ip().is_loopback() {
+        warn!(
+            listen = %config.server.listen,
+            "no [[consumers]] configured: the data plane on loopback accepts requests without a key"
+        );
+    } else {
+        // Only reachable with server.allow_anonymous = true (validate refuses it otherwise).
+        error!(
+            listen = %config.server.listen,
+            "ANONYMOUS DATA PLANE: server.allow_anonymous = true and no [[consumers]]: anyone reaching this listener spends the backends' capacity"
+        );
+    }
+}
+
+/// On a stop signal: unready at once, still serving for the shutdown delay, then the
+/// listeners stop accepting (the receiver turns true) and in-flight requests drain.
+fn stop_sequence(
+    gateway: Arc<Gateway>,
+    stopping: impl Future<Output = Stop> + Send + 'static,
+    delay: Duration,
+) -> tokio::sync::watch::Receiver<bool> {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let signal = stopping.await;
+        gateway
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        // The delay lets a load balancer stop sending; Ctrl-C in a terminal has none to wait
+        // for (in-flight requests still finish).
+        use std::io::IsTerminal;
+        let delay = if signal == Stop::Interrupt && std::io::stdin().is_terminal() {
+            Duration::ZERO
+        } else {
+            delay
+        };
+        info!(
+            shutdown_delay_ms = delay.as_millis() as u64,
+            "stopping: /readyz now answers 503; draining"
+        );
+        tokio::time::sleep(delay).await;
+        let _ = stop.send(true);
+    });
+    stopped
+}
+
+/// Serve until stopped; `source` is the configuration file SIGHUP and `POST /admin/reload`
+/// read again.
+pub async fn serve(
+    config: Config,
+    source: Option<std::path::PathBuf>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    config.validate()?;
+    let fleet = start_fleet(&config).await?;
+    let gateway = Gateway::from_config(&config, fleet.clone())?;
+    warn_if_anonymous(&config);
     let tls = config
         .server
         .tls
@@ -132,31 +174,8 @@ pub async fn serve(
     );
     let limits = ConnectionLimits::from_config(&config.server);
     let fleet = gateway.fleet.clone();
-    // SIGTERM: unready at once, still serving for the shutdown delay, then the listeners
-    // stop accepting and in-flight requests drain.
-    let (stop, stopped) = tokio::sync::watch::channel(false);
     let delay = Duration::from_millis(config.server.shutdown_delay_ms);
-    let draining = gateway.clone();
-    tokio::spawn(async move {
-        let signal = stopping.await;
-        draining
-            .draining
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        // The delay lets a load balancer stop sending; Ctrl-C in a terminal has none to wait
-        // for (in-flight requests still finish).
-        use std::io::IsTerminal;
-        let delay = if signal == Stop::Interrupt && std::io::stdin().is_terminal() {
-            Duration::ZERO
-        } else {
-            delay
-        };
-        info!(
-            shutdown_delay_ms = delay.as_millis() as u64,
-            "stopping: /readyz now answers 503; draining"
-        );
-        tokio::time::sleep(delay).await;
-        let _ = stop.send(true);
-    });
+    let stopped = stop_sequence(gateway.clone(), stopping, delay);
     let stop_accepting = move || {
         let mut stopped = stopped.clone();
         async move {

@@ -9,19 +9,23 @@ use fred::prelude::*;
 use fred::types::scripts::Script;
 use tokio::sync::{mpsc, oneshot};
 
+mod acquire;
+mod reply;
+
+use reply::{array, int, parse_member};
+
 use crate::keys::{KeySchema, MemberKeys};
-use crate::lease::{Grant, LeasePolicy, Leases, Local, Unused};
+use crate::lease::{LeasePolicy, Leases, Unused};
 use crate::memory::ms_per_output_token;
 use crate::scripts::{
-    AcquireArgs, CandidateArgs, ChargeArgs, HeartbeatArgs, LeaseArgs, Limit, PinArgs, QuotaArgs,
-    ReceiptRecord, ReleaseArgs, Scripts, SnapshotArgs,
+    ChargeArgs, HeartbeatArgs, PinArgs, QuotaArgs, ReceiptRecord, ReleaseArgs, Scripts,
+    SnapshotArgs,
 };
 use crate::settle_batch::{Batcher, SettleJob, Work, label};
 use crate::store::{
-    Admission, BackendId, Backoff, BackoffReason, Candidate, FleetState, LATENCY_BOUNDS_MS,
-    LatencyHistograms, MAX_QUOTA_NAME_BYTES, MAX_RESPONSE_ID_BYTES, MemberSnapshot, PoolName,
-    PoolSnapshot, QuotaCounter, Receipt, Reservation, ResponseOwner, StateError, UpstreamHints,
-    Windows,
+    Admission, BackendId, Backoff, Candidate, FleetState, MAX_QUOTA_NAME_BYTES,
+    MAX_RESPONSE_ID_BYTES, PoolName, PoolSnapshot, QuotaCounter, Receipt, Reservation,
+    ResponseOwner, StateError, UpstreamHints, Windows,
 };
 
 pub struct RedisState {
@@ -415,244 +419,9 @@ impl RedisState {
         self.windows
     }
 
-    /// `acquire`, with the reservation id the caller chose (to release it if it gives up).
-    pub async fn acquire_with_id(
-        &self,
-        pool: &PoolName,
-        candidates: &[Candidate],
-        estimated_tokens: u64,
-        id: u64,
-    ) -> Result<Admission, StateError> {
-        Ok(self
-            .acquire_charging(pool, candidates, estimated_tokens, id)
-            .await?
-            .admission)
-    }
-
-    /// `acquire_with_id`, also saying what it charged in Redis.
-    pub async fn acquire_charging(
-        &self,
-        pool: &PoolName,
-        candidates: &[Candidate],
-        estimated_tokens: u64,
-        id: u64,
-    ) -> Result<Acquired, StateError> {
-        if candidates.is_empty() {
-            return Ok(Acquired::local(Admission::Exhausted {
-                retry_after: Duration::ZERO,
-                throttled: false,
-            }));
-        }
-        if self.leases.policy().enabled() {
-            if let Some(admission) = self.admit_on_lease(pool, candidates, estimated_tokens) {
-                return Ok(Acquired::local(admission));
-            }
-            if let Some(refill) = self.leases.refill_lock(pool) {
-                // Leases are being granted here: one refill at a time; whoever waited for it
-                // first looks at the lease it brought.
-                let _one_at_a_time = refill.lock().await;
-                if let Some(admission) = self.admit_on_lease(pool, candidates, estimated_tokens) {
-                    return Ok(Acquired::local(admission));
-                }
-                return self
-                    .acquire_from_redis(pool, candidates, estimated_tokens, id)
-                    .await;
-            }
-        }
-        self.acquire_from_redis(pool, candidates, estimated_tokens, id)
-            .await
-    }
-
-    /// The first candidate, in preference order, this replica can admit on a lease, unless a
-    /// candidate of an earlier tier must be asked in Redis first. Inside a tier the order is
-    /// advice: a member of the tier that needs asking may still be admitted on its lease.
-    fn admit_on_lease(
-        &self,
-        pool: &PoolName,
-        candidates: &[Candidate],
-        estimated_tokens: u64,
-    ) -> Option<Admission> {
-        let now = tokio::time::Instant::now();
-        let mut ended = Vec::new();
-        let mut admitted = None;
-        let mut asking_tier = None;
-        for c in candidates {
-            if asking_tier.is_some_and(|tier| tier != c.tier) {
-                break; // a later tier only after Redis has refused this one
-            }
-            let (local, unused) = self.leases.take(pool, &c.backend, estimated_tokens, now);
-            ended.extend(unused);
-            match local {
-                Local::Admitted(reservation) => {
-                    admitted = Some(Admission::Admitted {
-                        backend: c.backend.clone(),
-                        reservation,
-                    });
-                    break;
-                }
-                Local::PassedOver => continue,
-                Local::Ask => asking_tier = Some(c.tier),
-            }
-        }
-        self.give_back(ended);
-        admitted
-    }
-
-    /// One `acquire.lua` call (asking for a lease when this replica's demand is high).
-    async fn acquire_from_redis(
-        &self,
-        pool: &PoolName,
-        candidates: &[Candidate],
-        estimated_tokens: u64,
-        id: u64,
-    ) -> Result<Acquired, StateError> {
-        let now = tokio::time::Instant::now();
-        let mut keys = Vec::with_capacity(1 + candidates.len() * 3);
-        keys.push(self.keys.pending(pool));
-        let mut args = AcquireArgs {
-            estimate: estimated_tokens,
-            bucket_ms: self.windows.bucket_ms(),
-            window_ms: self.windows.budget.as_millis() as u64,
-            clock: self.clock(),
-            hint_ttl_ms: self.windows.hint_ttl.as_millis() as u64,
-            probe_ms: self.windows.breaker_probe.as_millis() as u64,
-            reservation_id: self.reservation_key(id),
-        }
-        .to_args();
-        for c in candidates {
-            let k = self.member_keys(pool, &c.backend);
-            keys.extend([k.backoff, k.usage, k.hints]);
-            CandidateArgs {
-                tokens_per_window: Limit(c.tokens_per_window),
-                requests_per_window: Limit(c.requests_per_window),
-                spill_utilization: Limit(c.spill_utilization),
-            }
-            .push_to(&mut args);
-        }
-        LeaseArgs {
-            wanted: u64::from(self.leases.wanted(pool, now)),
-        }
-        .push_to(&mut args);
-        let reply = array(self.run(&self.scripts.acquire, keys, args).await?)?;
-        let (flag, a, b, ledger, admitted, granted) = match reply.as_slice() {
-            [flag, a, b] => (flag, a, b, None, None, None),
-            [flag, a, b, ledger, admitted, granted] => {
-                (flag, a, b, Some(ledger), Some(admitted), Some(granted))
-            }
-            _ => return Err(StateError::Protocol(format!("acquire returned {reply:?}"))),
-        };
-        if int(flag)? == 1 {
-            let index = int(a)? as usize;
-            let candidate = candidates
-                .get(index.wrapping_sub(1))
-                .ok_or_else(|| StateError::Protocol(format!("acquire chose candidate {index}")))?;
-            let mut reservation = Reservation {
-                bucket_ms: int(b)? as u64,
-                tokens: estimated_tokens,
-                ledger: ledger.map(int).transpose()?.unwrap_or(0).max(0) as u64,
-                admitted_ms: admitted.map(int).transpose()?.unwrap_or(0).max(0) as u64,
-                issuer: crate::store::Issuer::Redis,
-                id,
-            };
-            let granted = granted.map(int).transpose()?.unwrap_or(1).max(1) as u64;
-            if granted > 1 {
-                // A lease: its id is the lease's (given back by it); this request's part is
-                // settled like any other of the lease's.
-                reservation.id = 0;
-                let passed_over: Vec<BackendId> = candidates[..index - 1]
-                    .iter()
-                    .map(|c| c.backend.clone())
-                    .collect();
-                let replaced = self.leases.admitted(
-                    Grant {
-                        pool,
-                        backend: &candidate.backend,
-                        first: &reservation,
-                        id,
-                        requests: granted,
-                        passed_over: &passed_over,
-                    },
-                    now,
-                );
-                self.give_back(replaced);
-            } else if self.leases.policy().enabled() {
-                // Counted as demand: it sizes this replica's next lease.
-                let single = Grant {
-                    pool,
-                    backend: &candidate.backend,
-                    first: &reservation,
-                    id,
-                    requests: 1,
-                    passed_over: &[],
-                };
-                self.leases.admitted(single, now);
-            }
-            Ok(Acquired {
-                admission: Admission::Admitted {
-                    backend: candidate.backend.clone(),
-                    reservation,
-                },
-                charged: (estimated_tokens * granted, granted),
-            })
-        } else {
-            Ok(Acquired::local(Admission::Exhausted {
-                retry_after: Duration::from_millis(int(a)?.max(0) as u64),
-                throttled: int(b)? == 1,
-            }))
-        }
-    }
-
-    /// The raw `acquire` script, for script-level tests.
-    #[doc(hidden)]
-    pub async fn eval_acquire(
-        &self,
-        keys: Vec<String>,
-        args: Vec<String>,
-    ) -> Result<Value, StateError> {
-        self.run(&self.scripts.acquire, keys, args).await
-    }
-
     pub fn client(&self) -> &Client {
         &self.client
     }
-}
-
-fn int(value: &Value) -> Result<i64, StateError> {
-    match value {
-        Value::Integer(n) => Ok(*n),
-        Value::String(s) => s
-            .parse()
-            .map_err(|_| StateError::Protocol(format!("not a number: {s}"))),
-        Value::Bytes(b) => std::str::from_utf8(b)
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| StateError::Protocol("not a number".into())),
-        other => Err(StateError::Protocol(format!(
-            "expected a number, got {other:?}"
-        ))),
-    }
-}
-
-fn text(value: &Value) -> String {
-    value.as_string().unwrap_or_default()
-}
-
-fn array(value: Value) -> Result<Vec<Value>, StateError> {
-    match value {
-        Value::Array(items) => Ok(items),
-        other => Err(StateError::Protocol(format!(
-            "expected an array, got {other:?}"
-        ))),
-    }
-}
-
-fn bucket_of_label(label: &str) -> Option<usize> {
-    let bound = label.strip_prefix("le_")?;
-    if bound == "inf" {
-        return Some(LATENCY_BOUNDS_MS.len());
-    }
-    let bound: u64 = bound.parse().ok()?;
-    LATENCY_BOUNDS_MS.iter().position(|&b| b == bound)
 }
 
 impl crate::store::ClockControl for RedisState {
@@ -865,70 +634,4 @@ impl FleetState for RedisState {
     fn describe(&self) -> String {
         "redis".into()
     }
-}
-
-fn parse_member(candidate: &Candidate, entry: Value) -> Result<MemberSnapshot, StateError> {
-    let fields = array(entry)?;
-    let [
-        remaining,
-        reason,
-        tokens,
-        requests,
-        remaining_tokens,
-        utilization,
-        latency,
-        estimated,
-        actual,
-        prompt,
-        cached,
-    ] = <[Value; 11]>::try_from(fields)
-        .map_err(|f| StateError::Protocol(format!("snapshot entry has {} fields", f.len())))?;
-    let remaining = int(&remaining)?;
-    let backoff = (remaining > 0).then(|| Backoff {
-        duration: Duration::from_millis(remaining as u64),
-        reason: BackoffReason::parse(&text(&reason)).unwrap_or(BackoffReason::ServerError),
-    });
-    let mut histograms = LatencyHistograms::default();
-    let latency = array(latency)?;
-    for pair in latency.chunks(2) {
-        let [field, count] = pair else { continue };
-        let field = text(field);
-        let mut parts = field.splitn(3, ':');
-        let (Some(metric), Some(_slot), Some(bucket)) = (parts.next(), parts.next(), parts.next())
-        else {
-            continue;
-        };
-        let Some(index) = bucket_of_label(bucket) else {
-            continue;
-        };
-        let histogram = match metric {
-            "ttfb_ms" => &mut histograms.ttfb_ms,
-            "total_ms" => &mut histograms.total_ms,
-            "ms_per_output_token" => &mut histograms.ms_per_output_token,
-            "output_tokens" => &mut histograms.output_tokens,
-            _ => continue,
-        };
-        histogram.counts[index] += int(count)?.max(0) as u64;
-    }
-    Ok(MemberSnapshot {
-        backend: candidate.backend.clone(),
-        backoff,
-        tokens_used: int(&tokens)?.max(0) as u64,
-        requests_used: int(&requests)?.max(0) as u64,
-        hints: UpstreamHints {
-            // Kept at 0 or more since acquire.lua floors it; one written below by an older
-            // release still reads as "none left", not as "no hint".
-            remaining_tokens: text(&remaining_tokens)
-                .parse::<i64>()
-                .ok()
-                .map(|r| r.max(0) as u64),
-            utilization: text(&utilization).parse().ok(),
-            observed: None,
-        },
-        latency: histograms,
-        estimated_tokens: int(&estimated)?.max(0) as u64,
-        actual_tokens: int(&actual)?.max(0) as u64,
-        prompt_tokens: int(&prompt)?.max(0) as u64,
-        cached_tokens: int(&cached)?.max(0) as u64,
-    })
 }

@@ -161,7 +161,14 @@ pub async fn admit(
     let target = match addressed {
         Addressed::Stored { pool, pinned } => {
             let view = gateway.view.get(&gateway.fleet, &pool);
-            Ok(Admitted::stored(pool, view, pinned, operation, api, body.clone()))
+            Ok(Admitted::stored(
+                pool,
+                view,
+                pinned,
+                operation,
+                api,
+                body.clone(),
+            ))
         }
         Addressed::Deployment(pool) => Err((Some(pool), Route::Deployment { operation })),
         Addressed::Model => Err((None, Route::V1 { operation, api })),

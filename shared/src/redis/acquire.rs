@@ -1,0 +1,231 @@
+//! `acquire` on Redis: from this replica's budget leases when it holds one, else one
+//! `acquire.lua` call (asking for a lease when this replica's demand is high).
+
+use std::time::Duration;
+
+use fred::prelude::*;
+
+use super::reply::{array, int};
+use super::{Acquired, RedisState};
+use crate::lease::{Grant, Local};
+use crate::scripts::{AcquireArgs, CandidateArgs, LeaseArgs, Limit};
+use crate::store::{Admission, BackendId, Candidate, PoolName, Reservation, StateError};
+
+impl RedisState {
+    /// `acquire`, with the reservation id the caller chose (to release it if it gives up).
+    pub async fn acquire_with_id(
+        &self,
+        pool: &PoolName,
+        candidates: &[Candidate],
+        estimated_tokens: u64,
+        id: u64,
+    ) -> Result<Admission, StateError> {
+        Ok(self
+            .acquire_charging(pool, candidates, estimated_tokens, id)
+            .await?
+            .admission)
+    }
+
+    /// `acquire_with_id`, also saying what it charged in Redis.
+    pub async fn acquire_charging(
+        &self,
+        pool: &PoolName,
+        candidates: &[Candidate],
+        estimated_tokens: u64,
+        id: u64,
+    ) -> Result<Acquired, StateError> {
+        if candidates.is_empty() {
+            return Ok(Acquired::local(Admission::Exhausted {
+                retry_after: Duration::ZERO,
+                throttled: false,
+            }));
+        }
+        if self.leases.policy().enabled() {
+            if let Some(admission) = self.admit_on_lease(pool, candidates, estimated_tokens) {
+                return Ok(Acquired::local(admission));
+            }
+            if let Some(refill) = self.leases.refill_lock(pool) {
+                // Leases are being granted here: one refill at a time; whoever waited for it
+                // first looks at the lease it brought.
+                let _one_at_a_time = refill.lock().await;
+                if let Some(admission) = self.admit_on_lease(pool, candidates, estimated_tokens) {
+                    return Ok(Acquired::local(admission));
+                }
+                return self
+                    .acquire_from_redis(pool, candidates, estimated_tokens, id)
+                    .await;
+            }
+        }
+        self.acquire_from_redis(pool, candidates, estimated_tokens, id)
+            .await
+    }
+
+    /// The first candidate, in preference order, this replica can admit on a lease, unless a
+    /// candidate of an earlier tier must be asked in Redis first. Inside a tier the order is
+    /// advice: a member of the tier that needs asking may still be admitted on its lease.
+    fn admit_on_lease(
+        &self,
+        pool: &PoolName,
+        candidates: &[Candidate],
+        estimated_tokens: u64,
+    ) -> Option<Admission> {
+        let now = tokio::time::Instant::now();
+        let mut ended = Vec::new();
+        let mut admitted = None;
+        let mut asking_tier = None;
+        for c in candidates {
+            if asking_tier.is_some_and(|tier| tier != c.tier) {
+                break; // a later tier only after Redis has refused this one
+            }
+            let (local, unused) = self.leases.take(pool, &c.backend, estimated_tokens, now);
+            ended.extend(unused);
+            match local {
+                Local::Admitted(reservation) => {
+                    admitted = Some(Admission::Admitted {
+                        backend: c.backend.clone(),
+                        reservation,
+                    });
+                    break;
+                }
+                Local::PassedOver => continue,
+                Local::Ask => asking_tier = Some(c.tier),
+            }
+        }
+        self.give_back(ended);
+        admitted
+    }
+
+    /// One `acquire.lua` call (asking for a lease when this replica's demand is high).
+    async fn acquire_from_redis(
+        &self,
+        pool: &PoolName,
+        candidates: &[Candidate],
+        estimated_tokens: u64,
+        id: u64,
+    ) -> Result<Acquired, StateError> {
+        let now = tokio::time::Instant::now();
+        let mut keys = Vec::with_capacity(1 + candidates.len() * 3);
+        keys.push(self.keys.pending(pool));
+        let mut args = AcquireArgs {
+            estimate: estimated_tokens,
+            bucket_ms: self.windows.bucket_ms(),
+            window_ms: self.windows.budget.as_millis() as u64,
+            clock: self.clock(),
+            hint_ttl_ms: self.windows.hint_ttl.as_millis() as u64,
+            probe_ms: self.windows.breaker_probe.as_millis() as u64,
+            reservation_id: self.reservation_key(id),
+        }
+        .to_args();
+        for c in candidates {
+            let k = self.member_keys(pool, &c.backend);
+            keys.extend([k.backoff, k.usage, k.hints]);
+            CandidateArgs {
+                tokens_per_window: Limit(c.tokens_per_window),
+                requests_per_window: Limit(c.requests_per_window),
+                spill_utilization: Limit(c.spill_utilization),
+            }
+            .push_to(&mut args);
+        }
+        LeaseArgs {
+            wanted: u64::from(self.leases.wanted(pool, now)),
+        }
+        .push_to(&mut args);
+        let reply = array(self.run(&self.scripts.acquire, keys, args).await?)?;
+        let (flag, a, b, ledger, admitted, granted) = match reply.as_slice() {
+            [flag, a, b] => (flag, a, b, None, None, None),
+            [flag, a, b, ledger, admitted, granted] => {
+                (flag, a, b, Some(ledger), Some(admitted), Some(granted))
+            }
+            _ => return Err(StateError::Protocol(format!("acquire returned {reply:?}"))),
+        };
+        if int(flag)? == 1 {
+            let index = int(a)? as usize;
+            let candidate = candidates
+                .get(index.wrapping_sub(1))
+                .ok_or_else(|| StateError::Protocol(format!("acquire chose candidate {index}")))?;
+            let mut reservation = Reservation {
+                bucket_ms: int(b)? as u64,
+                tokens: estimated_tokens,
+                ledger: ledger.map(int).transpose()?.unwrap_or(0).max(0) as u64,
+                admitted_ms: admitted.map(int).transpose()?.unwrap_or(0).max(0) as u64,
+                issuer: crate::store::Issuer::Redis,
+                id,
+            };
+            let granted = granted.map(int).transpose()?.unwrap_or(1).max(1) as u64;
+            if granted > 1 {
+                // A lease: its id is the lease's (given back by it); this request's part is
+                // settled like any other of the lease's.
+                reservation.id = 0;
+            }
+            let passed_over = &candidates[..index - 1];
+            self.note_admission(
+                pool,
+                passed_over,
+                candidate,
+                &reservation,
+                (id, granted),
+                now,
+            );
+            Ok(Acquired {
+                admission: Admission::Admitted {
+                    backend: candidate.backend.clone(),
+                    reservation,
+                },
+                charged: (estimated_tokens * granted, granted),
+            })
+        } else {
+            Ok(Acquired::local(Admission::Exhausted {
+                retry_after: Duration::from_millis(int(a)?.max(0) as u64),
+                throttled: int(b)? == 1,
+            }))
+        }
+    }
+
+    /// Tell the leases what `acquire.lua` admitted: a lease of `granted` requests on
+    /// `candidate` (its `id`), or, with leases on, one request counted as demand (it sizes
+    /// this replica's next lease).
+    fn note_admission(
+        &self,
+        pool: &PoolName,
+        passed_over: &[Candidate],
+        candidate: &Candidate,
+        first: &Reservation,
+        (id, granted): (u64, u64),
+        now: tokio::time::Instant,
+    ) {
+        if granted > 1 {
+            let passed_over: Vec<BackendId> =
+                passed_over.iter().map(|c| c.backend.clone()).collect();
+            let grant = Grant {
+                pool,
+                backend: &candidate.backend,
+                first,
+                id,
+                requests: granted,
+                passed_over: &passed_over,
+            };
+            let replaced = self.leases.admitted(grant, now);
+            self.give_back(replaced);
+        } else if self.leases.policy().enabled() {
+            let single = Grant {
+                pool,
+                backend: &candidate.backend,
+                first,
+                id,
+                requests: 1,
+                passed_over: &[],
+            };
+            self.leases.admitted(single, now);
+        }
+    }
+
+    /// The raw `acquire` script, for script-level tests.
+    #[doc(hidden)]
+    pub async fn eval_acquire(
+        &self,
+        keys: Vec<String>,
+        args: Vec<String>,
+    ) -> Result<Value, StateError> {
+        self.run(&self.scripts.acquire, keys, args).await
+    }
+}
