@@ -76,78 +76,58 @@ pub fn app(gateway: Arc<Gateway>) -> Router {
 /// [`app`], serving whichever configuration `live` holds when each request arrives.
 pub fn app_live(live: Arc<Live>) -> Router {
     let slots = live.get().slots.clone();
-    let api = Router::new()
+    let mut api = Router::new()
         .route(
             "/openai/deployments/{pool}/{*operation}",
             post(deployment).fallback(method_not_allowed),
         )
-        .route(
-            "/openai/v1/{*operation}",
-            post(v1).fallback(method_not_allowed),
-        )
-        .route("/v1/{*operation}", post(v1).fallback(method_not_allowed))
-        .route("/openai/v1/models", get(models_list).fallback(get_only))
-        .route("/v1/models", get(models_list).fallback(get_only))
-        .route(
-            "/openai/v1/models/{model}",
-            get(models_retrieve).fallback(get_only),
-        )
-        .route(
-            "/v1/models/{model}",
-            get(models_retrieve).fallback(get_only),
-        )
-        .route(
-            "/openai/v1/responses/{id}",
-            get(stored_response)
-                .delete(stored_response)
-                .fallback(get_or_delete_only),
-        )
-        .route(
-            "/v1/responses/{id}",
-            get(stored_response)
-                .delete(stored_response)
-                .fallback(get_or_delete_only),
-        )
-        .route(
-            "/openai/v1/responses/{id}/input_items",
-            get(stored_response).fallback(get_only),
-        )
-        .route(
-            "/v1/responses/{id}/input_items",
-            get(stored_response).fallback(get_only),
-        )
-        .route(
-            "/openai/v1/responses/{id}/cancel",
-            post(stored_response).fallback(method_not_allowed),
-        )
-        .route(
-            "/v1/responses/{id}/cancel",
-            post(stored_response).fallback(method_not_allowed),
-        )
         .route("/openai/realtime", get(realtime).fallback(get_only))
-        .route("/openai/v1/realtime", get(realtime_v1).fallback(get_only))
-        .route("/v1/realtime", get(realtime_v1).fallback(get_only))
         // The Responses API's deployment-less preview form (`?api-version=...`).
-        .route("/openai/responses", post(v1).fallback(method_not_allowed))
-        .route(
-            "/openai/responses/{id}",
-            get(stored_response)
-                .delete(stored_response)
-                .fallback(get_or_delete_only),
-        )
-        .route(
-            "/openai/responses/{id}/input_items",
-            get(stored_response).fallback(get_only),
-        )
-        .route(
-            "/openai/responses/{id}/cancel",
-            post(stored_response).fallback(method_not_allowed),
-        )
-        .fallback(|| async { GatewayError::NotFound })
-        .layer(middleware::from_fn_with_state(
-            (live.clone(), slots),
-            identify,
-        ));
+        .route("/openai/responses", post(v1).fallback(method_not_allowed));
+    // The v1 API, under both of its prefixes.
+    for prefix in ["/openai/v1", "/v1"] {
+        api = api
+            .route(
+                &format!("{prefix}/{{*operation}}"),
+                post(v1).fallback(method_not_allowed),
+            )
+            .route(
+                &format!("{prefix}/models"),
+                get(models_list).fallback(get_only),
+            )
+            .route(
+                &format!("{prefix}/models/{{model}}"),
+                get(models_retrieve).fallback(get_only),
+            )
+            .route(
+                &format!("{prefix}/realtime"),
+                get(realtime_v1).fallback(get_only),
+            );
+    }
+    // A stored response's own paths, on the v1 API and on the preview form.
+    for responses in ["/openai/v1/responses", "/v1/responses", "/openai/responses"] {
+        api = api
+            .route(
+                &format!("{responses}/{{id}}"),
+                get(stored_response)
+                    .delete(stored_response)
+                    .fallback(get_or_delete_only),
+            )
+            .route(
+                &format!("{responses}/{{id}}/input_items"),
+                get(stored_response).fallback(get_only),
+            )
+            .route(
+                &format!("{responses}/{{id}}/cancel"),
+                post(stored_response).fallback(method_not_allowed),
+            );
+    }
+    let api =
+        api.fallback(|| async { GatewayError::NotFound })
+            .layer(middleware::from_fn_with_state(
+                (live.clone(), slots),
+                identify,
+            ));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
