@@ -122,27 +122,9 @@ pub async fn handle(gateway: &Gateway, inbound: Inbound) -> Response {
     .instrument(span.clone())
     .await;
 
-    let error = result
-        .as_ref()
-        .err()
-        .map(|e| (e.code(), e.status().as_u16()));
-    let error_code = error.map(|(code, _)| code);
-    if let Some((code, status)) = error {
-        if let Some(pool) = &attempts.pool {
-            crate::ops::metrics::refusal_duration(pool, received.elapsed());
-        }
-        crate::ops::access_log::write(&crate::ops::access_log::AccessRecord {
-            consumer: attempts.consumer.as_deref(),
-            pool: attempts.pool.as_ref().map(|p| p.as_str()),
-            backend: attempts.last_backend.as_ref().map(BackendId::as_str),
-            tier: None,
-            attempts: attempts.count,
-            status,
-            tokens: None,
-            latency: received.elapsed(),
-            time_to_first_token: None,
-            error: Some(code),
-        });
+    let error_code = result.as_ref().err().map(GatewayError::code);
+    if let Err(refusal) = &result {
+        log_refusal(refusal, &attempts, received);
     }
     let mut response = result.unwrap_or_else(IntoResponse::into_response);
     let backend = attempts
@@ -169,6 +151,26 @@ pub async fn handle(gateway: &Gateway, inbound: Inbound) -> Response {
     }
     headers.insert("x-spillway-attempts", HeaderValue::from(attempts.count));
     response
+}
+
+/// A refused request's access line and refusal time (a delivered one's are written when its
+/// answer ends).
+fn log_refusal(refusal: &GatewayError, attempts: &Attempts, received: Instant) {
+    if let Some(pool) = &attempts.pool {
+        crate::ops::metrics::refusal_duration(pool, received.elapsed());
+    }
+    crate::ops::access_log::write(&crate::ops::access_log::AccessRecord {
+        consumer: attempts.consumer.as_deref(),
+        pool: attempts.pool.as_ref().map(|p| p.as_str()),
+        backend: attempts.last_backend.as_ref().map(BackendId::as_str),
+        tier: None,
+        attempts: attempts.count,
+        status: refusal.status().as_u16(),
+        tokens: None,
+        latency: received.elapsed(),
+        time_to_first_token: None,
+        error: Some(refusal.code()),
+    });
 }
 
 /// Where a request may be placed and what it will cost: what `route` needs from any
