@@ -2,6 +2,7 @@
 //! local development. Each resource listens on its own port and serves its deployments.
 
 mod api;
+mod chat;
 pub mod config;
 mod deployment;
 mod journal;
