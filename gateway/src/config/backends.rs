@@ -136,65 +136,7 @@ impl Config {
             } else if !ids.insert(b.id.as_str()) {
                 bad(at("id"), format!("{:?} is used by another backend", b.id));
             }
-            match reqwest::Url::parse(&b.url) {
-                Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
-                Ok(_) => bad(
-                    at("url"),
-                    format!("{:?} must be an http(s) URL with a host", b.url),
-                ),
-                Err(e) => bad(at("url"), format!("{:?} is not a URL: {e}", b.url)),
-            }
-            if b.priority == 0 {
-                bad(
-                    at("priority"),
-                    "must be at least 1 (1 is tried first)".into(),
-                );
-            }
-            if b.tpm == Some(0) {
-                bad(
-                    at("tpm"),
-                    "must be at least 1 (leave it out for no budget)".into(),
-                );
-            }
-            if b.rpm == Some(0) {
-                bad(
-                    at("rpm"),
-                    "must be at least 1 (leave it out for no budget)".into(),
-                );
-            }
-            if b.weight == 0 {
-                bad(at("weight"), "must be at least 1".into());
-            }
-            if b.deployments.is_empty() {
-                bad(
-                    at("deployments"),
-                    "maps no pool to a deployment; this backend would never be used".into(),
-                );
-            }
-            for (pool, deployment) in &b.deployments {
-                // Both appear as one URL path segment (the pool in client paths, the
-                // deployment upstream), so both follow the path-segment rule.
-                let plain = |name: &str| crate::path_segment::check_segment(name, 0).is_ok();
-                if !plain(pool) || !plain(deployment) {
-                    bad(
-                        at(&format!("deployments.{pool}")),
-                        "pool and deployment names must be non-empty and use only letters, digits, '-', '.', '_', '~', not starting or ending with '.'".into(),
-                    );
-                }
-            }
-            // Budgets and backoffs are kept per pool: two pools on one deployment would each
-            // spend its whole capacity.
-            let mut by_deployment: BTreeMap<&str, &str> = BTreeMap::new();
-            for (pool, deployment) in &b.deployments {
-                if let Some(other) = by_deployment.insert(deployment, pool) {
-                    bad(
-                        at("deployments"),
-                        format!(
-                            "pools {other:?} and {pool:?} both name deployment {deployment:?}: budgets and backoffs are kept per pool, so each would spend its whole capacity; map one pool to it (clients can share that pool name)"
-                        ),
-                    );
-                }
-            }
+            b.validate(&at, bad);
             if let BackendAuthConfig::ApiKey { env } = &b.auth {
                 check_env(resolve, bad, at("auth.env"), env);
             }
@@ -220,6 +162,72 @@ impl Config {
                     format!("pools.{name}"),
                     "no backend serves this pool (check the name against backends' deployments)"
                         .into(),
+                );
+            }
+        }
+    }
+}
+
+impl BackendConfig {
+    /// One backend's own fields (`at` names a field's key).
+    fn validate(&self, at: &impl Fn(&str) -> String, bad: &mut impl FnMut(String, String)) {
+        let b = self;
+        match reqwest::Url::parse(&b.url) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+            Ok(_) => bad(
+                at("url"),
+                format!("{:?} must be an http(s) URL with a host", b.url),
+            ),
+            Err(e) => bad(at("url"), format!("{:?} is not a URL: {e}", b.url)),
+        }
+        if b.priority == 0 {
+            bad(
+                at("priority"),
+                "must be at least 1 (1 is tried first)".into(),
+            );
+        }
+        if b.tpm == Some(0) {
+            bad(
+                at("tpm"),
+                "must be at least 1 (leave it out for no budget)".into(),
+            );
+        }
+        if b.rpm == Some(0) {
+            bad(
+                at("rpm"),
+                "must be at least 1 (leave it out for no budget)".into(),
+            );
+        }
+        if b.weight == 0 {
+            bad(at("weight"), "must be at least 1".into());
+        }
+        if b.deployments.is_empty() {
+            bad(
+                at("deployments"),
+                "maps no pool to a deployment; this backend would never be used".into(),
+            );
+        }
+        for (pool, deployment) in &b.deployments {
+            // Both appear as one URL path segment (the pool in client paths, the
+            // deployment upstream), so both follow the path-segment rule.
+            let plain = |name: &str| crate::path_segment::check_segment(name, 0).is_ok();
+            if !plain(pool) || !plain(deployment) {
+                bad(
+                    at(&format!("deployments.{pool}")),
+                    "pool and deployment names must be non-empty and use only letters, digits, '-', '.', '_', '~', not starting or ending with '.'".into(),
+                );
+            }
+        }
+        // Budgets and backoffs are kept per pool: two pools on one deployment would each
+        // spend its whole capacity.
+        let mut by_deployment: BTreeMap<&str, &str> = BTreeMap::new();
+        for (pool, deployment) in &b.deployments {
+            if let Some(other) = by_deployment.insert(deployment, pool) {
+                bad(
+                    at("deployments"),
+                    format!(
+                        "pools {other:?} and {pool:?} both name deployment {deployment:?}: budgets and backoffs are kept per pool, so each would spend its whole capacity; map one pool to it (clients can share that pool name)"
+                    ),
                 );
             }
         }
