@@ -297,8 +297,8 @@ async fn long_answers_without_max_tokens_are_charged_a_learned_reserve() {
         r.gateway.view.refresh(&*r.gateway.fleet, &pool).await;
         let view = r.gateway.view.get(&r.gateway.fleet, &pool);
         assert_eq!(
-            spillway_gateway::proxy::fleet_view::output_reserve(&view),
-            Some(1_024),
+            spillway_gateway::proxy::fleet_view::output_reserve(&view, 256),
+            1_024,
             "every replica charges the learned reserve (600 → its 1,024 bucket)"
         );
     }
@@ -332,5 +332,83 @@ async fn long_answers_without_max_tokens_are_charged_a_learned_reserve() {
     assert!(
         served as f64 >= BUDGET as f64 * 0.6,
         "PTU served only {served} of {BUDGET}"
+    );
+}
+
+/// A cold fleet (a fresh Redis) learns what its answers take from the first ones: after one
+/// long answer per replica, a burst of uncapped requests is charged at least that much each,
+/// so the PTU is not overrun while they are in flight (with the fixed 256-token default it
+/// served 1.35× its budget, issue 20).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_fleet_reserves_what_its_first_answers_took() {
+    use spillway_gateway::sim::DeploymentSpec;
+    let redis = spillway_tests::redis_server::RedisServer::start();
+    let long = |kind| DeploymentSpec {
+        ttft_ms: 50,
+        ms_per_token: 0,
+        jitter: 0.0,
+        output_tokens: 600,
+        ..DeploymentSpec::new("gpt-4o", kind, 100_000_000)
+    };
+    let sim = start_sim(vec![
+        resource("ptu", vec![long(DeploymentKind::Ptu)]),
+        resource("payg", vec![long(DeploymentKind::Payg)]),
+    ])
+    .await;
+    const ANSWER: u64 = 609;
+    const BUDGET: u64 = 10 * ANSWER;
+    let config = backend(&sim, "ptu", 1)
+        .replace("id = \"ptu\"\n", &format!("id = \"ptu\"\ntpm = {BUDGET}\n"))
+        + &backend(&sim, "payg", 2)
+        + &redis_section(&redis.url(), "");
+    let parsed = spillway_gateway::config::Config::from_toml(&config).unwrap();
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        let fleet = spillway_gateway::server::redis_fleet(&parsed, &redis.url()).unwrap();
+        fleet.wait_ready(EVENT_TIMEOUT).await;
+        let fleet = ObservedState::new(fleet);
+        let replica = start_gateway(&config, fleet.clone()).await;
+        replicas.push((replica, fleet));
+    }
+    let no_cap = json!({ "messages": [{ "role": "user", "content": "Hello there" }] });
+
+    // One answer per replica, then each replica's view of the pool as it refreshes it.
+    for (replica, fleet) in &replicas {
+        let r = chat(replica, "gpt-4o", &no_cap).await;
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+        fleet.settled(1).await;
+    }
+    let pool = replicas[0].0.gateway.table.pool("gpt-4o").unwrap().clone();
+    for (replica, _) in &replicas {
+        let gateway = &replica.gateway;
+        gateway.view.refresh(&*gateway.fleet, &pool).await;
+    }
+
+    // The burst: 30 requests, 15 in flight, spread over the three replicas.
+    let http = client();
+    let statuses: Vec<u16> = futures_util::stream::iter(0..30)
+        .map(|i| {
+            let url = format!(
+                "{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
+                replicas[i % 3].0.url
+            );
+            let (http, body) = (http.clone(), no_cap.clone());
+            async move {
+                let r = http.post(url).json(&body).send().await.unwrap();
+                let status = r.status().as_u16();
+                r.bytes().await.unwrap();
+                status
+            }
+        })
+        .buffer_unordered(15)
+        .collect()
+        .await;
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    let served = sim.stats("ptu", "gpt-4o").total_tokens;
+    eprintln!("cold start: PTU served {served} of a {BUDGET} budget");
+    assert!(
+        served as f64 <= BUDGET as f64 * 1.05,
+        "PTU served {served} for a budget of {BUDGET}"
     );
 }

@@ -290,8 +290,8 @@ async fn ask(
     let quota = consumer_quota::check(gateway, consumer).await?;
     consumer_budget::check_spent(gateway, consumer, body.len()).await?;
     // A request that names no output cap is charged what the pool's answers really take
-    // (learned fleet-wide); `default_max_tokens` until enough answers were seen.
-    let output_reserve = output_reserve(view).unwrap_or(gateway.routing.default_max_tokens);
+    // (learned fleet-wide, from its first answers on; see `fleet_view::output_reserve`).
+    let output_reserve = output_reserve(view, gateway.routing.default_max_tokens);
     let prompt_limit = consumer
         .and_then(|c| c.max_prompt_tokens)
         .unwrap_or(u64::MAX);
