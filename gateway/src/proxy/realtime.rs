@@ -10,7 +10,7 @@
 //! is admitted against the consumer's budget and quota before it is relayed, and a consumer's
 //! `max_tokens` is the session's `max_response_output_tokens` (set by the gateway when the
 //! session opens; a larger value asked later is refused). A refused event is answered with
-//! an `error` event in the Realtime shape and the session stays open ([`refusal_event`]
+//! an `error` event in the Realtime shape and the session stays open (`relay::refusal_event`
 //! lists the codes).
 
 mod relay;
@@ -23,9 +23,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use spillway_shared::{BackendId, FleetState, PoolName, QuotaCounter, Receipt};
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::{self};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tracing::{Instrument, warn};
 
