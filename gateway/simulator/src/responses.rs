@@ -56,34 +56,52 @@ impl StoredResponses {
 }
 
 /// `POST /openai/v1/responses` (and the preview form `/openai/responses?api-version=`).
+/// A create the service takes: authorized, JSON, a known deployment, an `input`, and no
+/// injected failure this time (the request counts on the deployment either way). The error
+/// is the answer itself, handed straight back by the handler.
+#[allow(clippy::result_large_err)]
+fn accepted(
+    state: &ResourceState,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<(Value, Arc<super::deployment::Deployment>), Response> {
+    if !authorized(state, headers) {
+        return Err(unauthorized());
+    }
+    let Ok(request @ Value::Object(_)) = serde_json::from_slice::<Value>(body) else {
+        return Err(bad_request(
+            "We could not parse the JSON body of your request.",
+        ));
+    };
+    let Some(model) = request.get("model").and_then(Value::as_str) else {
+        return Err(bad_request("'model' is a required property"));
+    };
+    let Some(deployment) = state.deployments.get(model).cloned() else {
+        return Err(azure_error(
+            StatusCode::NOT_FOUND,
+            "DeploymentNotFound",
+            "The API deployment for this resource does not exist. If you created the deployment within the last 5 minutes, please wait a moment and try again.",
+        ));
+    };
+    if request.get("input").is_none() {
+        return Err(bad_request("Missing required parameter: 'input'."));
+    }
+    deployment.record(|s| s.requests += 1);
+    if let Some(failure) = injected_failure(&deployment) {
+        return Err(failure);
+    }
+    Ok((request, deployment))
+}
+
 pub async fn create(
     State(state): State<Arc<ResourceState>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if !authorized(&state, &headers) {
-        return unauthorized();
-    }
-    let Ok(request @ Value::Object(_)) = serde_json::from_slice::<Value>(&body) else {
-        return bad_request("We could not parse the JSON body of your request.");
+    let (request, deployment) = match accepted(&state, &headers, &body) {
+        Ok(accepted) => accepted,
+        Err(refusal) => return refusal,
     };
-    let Some(model) = request.get("model").and_then(Value::as_str) else {
-        return bad_request("'model' is a required property");
-    };
-    let Some(deployment) = state.deployments.get(model).cloned() else {
-        return azure_error(
-            StatusCode::NOT_FOUND,
-            "DeploymentNotFound",
-            "The API deployment for this resource does not exist. If you created the deployment within the last 5 minutes, please wait a moment and try again.",
-        );
-    };
-    if request.get("input").is_none() {
-        return bad_request("Missing required parameter: 'input'.");
-    }
-    deployment.record(|s| s.requests += 1);
-    if let Some(failure) = injected_failure(&deployment) {
-        return failure;
-    }
 
     // The service reads the whole conversation: a follow-up's input includes what came
     // before it, which only this resource knows.
