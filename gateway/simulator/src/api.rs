@@ -56,25 +56,31 @@ impl ResourceState {
 }
 
 pub fn router(state: Arc<ResourceState>) -> Router {
-    let mut router = Router::new().route(
-        "/openai/deployments/{deployment}/{*operation}",
-        post(by_path),
-    );
-    // The Responses API, on the v1 path and on the preview form.
-    for prefix in ["/openai/v1/responses", "/openai/responses"] {
-        router = router
-            .route(prefix, post(responses::create))
-            .route(
-                &format!("{prefix}/{{id}}"),
-                get(responses::retrieve).delete(responses::delete),
-            )
-            .route(
-                &format!("{prefix}/{{id}}/input_items"),
-                get(responses::input_items_of),
-            )
-            .route(&format!("{prefix}/{{id}}/cancel"), post(responses::cancel));
-    }
-    router
+    Router::new()
+        .route(
+            "/openai/deployments/{deployment}/{*operation}",
+            post(by_path),
+        )
+        .route("/openai/v1/responses", post(responses::create))
+        .route("/openai/responses", post(responses::create))
+        .route(
+            "/openai/v1/responses/{id}",
+            get(responses::retrieve).delete(responses::delete),
+        )
+        .route(
+            "/openai/v1/responses/{id}/input_items",
+            get(responses::input_items_of),
+        )
+        .route("/openai/v1/responses/{id}/cancel", post(responses::cancel))
+        .route(
+            "/openai/responses/{id}",
+            get(responses::retrieve).delete(responses::delete),
+        )
+        .route(
+            "/openai/responses/{id}/input_items",
+            get(responses::input_items_of),
+        )
+        .route("/openai/responses/{id}/cancel", post(responses::cancel))
         .route("/openai/realtime", get(realtime::upgrade))
         .route("/openai/v1/realtime", get(realtime::upgrade))
         .route("/openai/v1/{*operation}", post(by_model))
