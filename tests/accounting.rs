@@ -250,21 +250,11 @@ async fn tokens_served_by_azure_spillover_are_not_charged_to_the_ptu() {
     );
 }
 
-/// Tokens of one answer of the long-answer fleet: 600 to a 9-token prompt.
-const LONG_ANSWER: u64 = 609;
-
-/// Three replicas on one Redis in front of a PTU (`tpm = budget`) and a PAYG whose answers
-/// take 600 tokens, 50 ms to the head (so requests stay in flight).
-struct LongAnswerFleet {
-    sim: spillway_gateway::sim::SimHandle,
-    replicas: Vec<Replica>,
-    observed: Vec<Arc<ObservedState>>,
-    _redis: spillway_tests::redis_server::RedisServer,
-}
-
-async fn long_answer_fleet(budget: u64) -> LongAnswerFleet {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_answers_without_max_tokens_are_charged_a_learned_reserve() {
     use spillway_gateway::sim::DeploymentSpec;
     let redis = spillway_tests::redis_server::RedisServer::start();
+    // Answers of 600 tokens to a 9-token prompt; 50 ms to the head keeps requests in flight.
     let long = |kind| DeploymentSpec {
         ttft_ms: 50,
         ms_per_token: 0,
@@ -277,8 +267,10 @@ async fn long_answer_fleet(budget: u64) -> LongAnswerFleet {
         resource("payg", vec![long(DeploymentKind::Payg)]),
     ])
     .await;
+    const ANSWER: u64 = 609;
+    const BUDGET: u64 = 60 * ANSWER;
     let config = backend(&sim, "ptu", 1)
-        .replace("id = \"ptu\"\n", &format!("id = \"ptu\"\ntpm = {budget}\n"))
+        .replace("id = \"ptu\"\n", &format!("id = \"ptu\"\ntpm = {BUDGET}\n"))
         + &backend(&sim, "payg", 2)
         + &redis_section(&redis.url(), "");
     let parsed = spillway_gateway::config::Config::from_toml(&config).unwrap();
@@ -291,23 +283,6 @@ async fn long_answer_fleet(budget: u64) -> LongAnswerFleet {
         replicas.push(start_gateway(&config, fleet.clone()).await);
         observed.push(fleet);
     }
-    LongAnswerFleet {
-        sim,
-        replicas,
-        observed,
-        _redis: redis,
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn long_answers_without_max_tokens_are_charged_a_learned_reserve() {
-    const BUDGET: u64 = 60 * LONG_ANSWER;
-    let LongAnswerFleet {
-        sim,
-        replicas,
-        observed,
-        _redis,
-    } = long_answer_fleet(BUDGET).await;
     let no_cap = json!({ "messages": [{ "role": "user", "content": "Hello there" }] });
 
     // Warm-up, one request at a time: the pool learns what its answers take.
@@ -366,24 +341,46 @@ async fn long_answers_without_max_tokens_are_charged_a_learned_reserve() {
 /// served 1.35× its budget, issue 20).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_fleet_reserves_what_its_first_answers_took() {
-    const BUDGET: u64 = 10 * LONG_ANSWER;
-    let LongAnswerFleet {
-        sim,
-        replicas,
-        observed,
-        _redis,
-    } = long_answer_fleet(BUDGET).await;
+    use spillway_gateway::sim::DeploymentSpec;
+    let redis = spillway_tests::redis_server::RedisServer::start();
+    let long = |kind| DeploymentSpec {
+        ttft_ms: 50,
+        ms_per_token: 0,
+        jitter: 0.0,
+        output_tokens: 600,
+        ..DeploymentSpec::new("gpt-4o", kind, 100_000_000)
+    };
+    let sim = start_sim(vec![
+        resource("ptu", vec![long(DeploymentKind::Ptu)]),
+        resource("payg", vec![long(DeploymentKind::Payg)]),
+    ])
+    .await;
+    const ANSWER: u64 = 609;
+    const BUDGET: u64 = 10 * ANSWER;
+    let config = backend(&sim, "ptu", 1)
+        .replace("id = \"ptu\"\n", &format!("id = \"ptu\"\ntpm = {BUDGET}\n"))
+        + &backend(&sim, "payg", 2)
+        + &redis_section(&redis.url(), "");
+    let parsed = spillway_gateway::config::Config::from_toml(&config).unwrap();
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        let fleet = spillway_gateway::server::redis_fleet(&parsed, &redis.url()).unwrap();
+        fleet.wait_ready(EVENT_TIMEOUT).await;
+        let fleet = ObservedState::new(fleet);
+        let replica = start_gateway(&config, fleet.clone()).await;
+        replicas.push((replica, fleet));
+    }
     let no_cap = json!({ "messages": [{ "role": "user", "content": "Hello there" }] });
 
     // One answer per replica, then each replica's view of the pool as it refreshes it.
-    for (replica, fleet) in replicas.iter().zip(&observed) {
+    for (replica, fleet) in &replicas {
         let r = chat(replica, "gpt-4o", &no_cap).await;
         assert_eq!(r.status(), 200);
         r.bytes().await.unwrap();
         fleet.settled(1).await;
     }
-    let pool = replicas[0].gateway.table.pool("gpt-4o").unwrap().clone();
-    for replica in &replicas {
+    let pool = replicas[0].0.gateway.table.pool("gpt-4o").unwrap().clone();
+    for (replica, _) in &replicas {
         let gateway = &replica.gateway;
         gateway.view.refresh(&*gateway.fleet, &pool).await;
     }
@@ -394,7 +391,7 @@ async fn a_cold_fleet_reserves_what_its_first_answers_took() {
         .map(|i| {
             let url = format!(
                 "{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
-                replicas[i % 3].url
+                replicas[i % 3].0.url
             );
             let (http, body) = (http.clone(), no_cap.clone());
             async move {
