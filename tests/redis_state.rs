@@ -705,3 +705,64 @@ async fn what_the_fallback_decided_alone_is_written_back() {
     assert_eq!(backoff.reason, spillway_shared::BackoffReason::Throttled);
     assert!(backoff.duration > Duration::from_secs(30), "{backoff:?}");
 }
+
+/// A restore runs once however often it is asked: the call that finds the pool's generation
+/// marker missing sets it and adds the usage in one step; the same call made again (its answer
+/// was lost) finds the marker and writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_made_twice_counts_once() {
+    let store = redis().await;
+    let pool = PoolName::new("restored");
+    let a = [Candidate::unlimited(BackendId::new("a"))];
+    let usage = [(BackendId::new("a"), (300, 3))];
+    let first = store.restore(&pool, "r1:0", &usage).await.unwrap();
+    let again = store.restore(&pool, "r1:1", &usage).await.unwrap();
+    assert_eq!((first.as_str(), again.as_str()), ("r1:0", "r1:0"));
+    let shared = store.snapshot(&pool, &a).await.unwrap();
+    assert_eq!(
+        (
+            shared.members[0].tokens_used,
+            shared.members[0].requests_used
+        ),
+        (300, 3)
+    );
+    assert_eq!(
+        store.generation(&pool).await.unwrap().as_deref(),
+        Some("r1:0")
+    );
+}
+
+/// Redis loses a pool's data while every replica is up and healthy (FLUSHALL stands for a
+/// restart without persistence, or a failover to an empty node), and the restore's answer is
+/// lost (writes paused past the call's time): the last shared view's usage is back in Redis,
+/// exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_redis_lost_unnoticed_is_restored_once() {
+    let Served { store, server } = redis().await;
+    let fallback = FallbackState::new(store, EmbeddedState::default(), Duration::from_millis(100));
+    let pool = PoolName::new("lost");
+    let members = [Candidate::unlimited(BackendId::new("a"))];
+    fallback
+        .charge(&pool, &members[0].backend, 500, 5)
+        .await
+        .unwrap();
+    // The first read marks the pool's generation and is the view kept.
+    let seen = fallback.snapshot(&pool, &members).await.unwrap();
+    assert_eq!(seen.members[0].tokens_used, 500);
+
+    server.cli(&["FLUSHALL"]);
+    server.cli(&["CLIENT", "PAUSE", "30000", "WRITE"]);
+    // Reads still answer: the marker is missing; the restore waits behind the pause.
+    let emptied = fallback.snapshot(&pool, &members).await.unwrap();
+    assert_eq!(emptied.members[0].tokens_used, 0);
+    server.cli(&["CLIENT", "UNPAUSE"]);
+
+    for _ in 0..3 {
+        let back = fallback.snapshot(&pool, &members).await.unwrap();
+        assert_eq!(
+            (back.members[0].tokens_used, back.members[0].requests_used),
+            (500, 5),
+            "the view's usage, restored once"
+        );
+    }
+}

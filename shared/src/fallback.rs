@@ -12,6 +12,9 @@
 //! - What was decided locally reaches Redis once it answers: the usage admitted locally is
 //!   charged to the shared buckets, and backoffs and open breakers still in force are written
 //!   back (a later deadline wins).
+//! - A Redis that lost a pool's data (restarted empty) gets the usage of the last shared view
+//!   back, once per pool: the pool's generation marker is missing, and the replica that sets
+//!   it again restores in the same step (`restore.lua`).
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -61,6 +64,8 @@ pub struct FallbackState {
     /// Each quota counter's total as Redis last answered it, so a quota keeps counting from
     /// there while Redis is away.
     quotas_seen: Mutex<HashMap<String, u64>>,
+    /// Generation markers this replica has offered (`<replica>:<n>`).
+    claims: AtomicU64,
 }
 
 /// What was decided locally and still has to reach Redis.
@@ -89,6 +94,7 @@ impl FallbackState {
             view: LastView::default(),
             owed: Mutex::new(Owed::default()),
             quotas_seen: Mutex::new(HashMap::new()),
+            claims: AtomicU64::new(0),
         });
         tokio::spawn(probe(Arc::downgrade(&state), state.health.subscribe()));
         tokio::spawn(heartbeat(Arc::downgrade(&state)));
@@ -100,7 +106,6 @@ impl FallbackState {
     pub async fn wait_ready(&self, within: Duration) -> bool {
         match self.primary.ready(within).await {
             Ok(()) => {
-                let _ = self.primary.claim_generation(&self.replica).await;
                 self.announce().await;
                 true
             }
@@ -185,39 +190,52 @@ impl FallbackState {
         owed.backoffs.insert((pool.clone(), backend.clone()));
     }
 
-    /// Redis came back without the fleet's state (restarted empty): the first replica to
-    /// notice puts back the usage of the last shared view it holds, so budgets spent before
-    /// the outage are not spent again.
-    async fn restore_if_emptied(&self) {
-        let Ok(Ok(true)) = tokio::time::timeout(
-            SNAPSHOT_BUDGET,
-            self.primary.claim_generation(&self.replica),
-        )
-        .await
-        else {
-            return;
+    /// Make sure Redis holds `pool`'s history. When the pool's generation marker is missing
+    /// (first start, or Redis lost the pool's data), `restore.lua` sets it and puts back the
+    /// usage this replica last read under an earlier generation, in one step; when it is
+    /// there (Redis kept its data, or another replica restored first), nothing is written.
+    /// Safe to repeat after a lost answer.
+    async fn restore(&self, pool: &PoolName) -> Result<Restore, StateError> {
+        let usage = match self.view.generation(pool) {
+            Some(_) => {
+                let window = self.primary.windows().budget;
+                self.view.pool_usage(pool, self.live_replicas(), window)
+            }
+            None => Vec::new(),
         };
-        let views = self
-            .view
-            .fleet_usage(self.live_replicas(), self.primary.windows().budget);
-        warn!(
-            members = views.len(),
-            "fleet state: Redis came back empty; restoring the usage of the last shared view"
+        let claim = format!(
+            "{}:{}",
+            self.replica,
+            self.claims.fetch_add(1, Ordering::Relaxed)
         );
-        for ((pool, backend), (tokens, requests)) in views {
-            let _ = tokio::time::timeout(
-                SNAPSHOT_BUDGET,
-                self.primary.charge(&pool, &backend, tokens, requests),
-            )
-            .await;
-        }
+        let restore = self.primary.restore(pool, &claim, &usage);
+        let generation = tokio::time::timeout(SNAPSHOT_BUDGET, restore)
+            .await
+            .map_err(|_| StateError::Unavailable("restore: no answer in time".into()))??;
+        let outcome = if generation != claim {
+            Restore::Found
+        } else if usage.iter().all(|(_, used)| *used == (0, 0)) {
+            Restore::Marked
+        } else {
+            warn!(
+                pool = pool.as_str(),
+                members = usage.len(),
+                "fleet state: Redis had lost this pool's usage; restored the last shared view's"
+            );
+            Restore::Restored
+        };
+        self.view.note_generation(pool, generation);
+        Ok(outcome)
     }
 
     /// Write what was decided locally to Redis: usage, and backoffs still in force. What
     /// cannot be written stays owed.
     /// True when nothing is owed any more.
     async fn repay(&self) -> bool {
-        self.restore_if_emptied().await;
+        let mut restored = true;
+        for pool in self.view.pools() {
+            restored &= self.restore(&pool).await.is_ok();
+        }
         let Owed {
             usage,
             backoffs,
@@ -268,7 +286,7 @@ impl FallbackState {
             }
         }
         let owed = self.owed.lock().expect("lock");
-        owed.usage.is_empty() && owed.backoffs.is_empty() && owed.quotas.is_empty()
+        restored && owed.usage.is_empty() && owed.backoffs.is_empty() && owed.quotas.is_empty()
     }
 
     /// Announce this replica now (it also does every second); returns the live count.
@@ -283,6 +301,17 @@ impl FallbackState {
         }
         self.live_replicas()
     }
+}
+
+/// What [`FallbackState::restore`] found.
+enum Restore {
+    /// The pool's marker was there: Redis holds its history (or another replica restored it).
+    Found,
+    /// The marker was missing and this replica set it, with nothing to put back: what Redis
+    /// holds now is all of this generation's history.
+    Marked,
+    /// The marker was missing; this replica set it and put back its last view's usage.
+    Restored,
 }
 
 /// Release an abandoned reservation once Redis answers (commands on one connection run in
@@ -509,9 +538,28 @@ impl FleetState for FallbackState {
     ) -> Result<PoolSnapshot, StateError> {
         if !self.health.is_degraded(pool) {
             let budget = SNAPSHOT_BUDGET.max(self.budget);
-            match tokio::time::timeout(budget, self.primary.snapshot(pool, members)).await {
-                Ok(Ok(snapshot)) => {
-                    self.view.note(&snapshot);
+            // One round trip: the two commands go out together on the connection.
+            let read = async {
+                tokio::try_join!(
+                    self.primary.snapshot(pool, members),
+                    self.primary.generation(pool)
+                )
+            };
+            match tokio::time::timeout(budget, read).await {
+                Ok(Ok((snapshot, generation))) => {
+                    match generation {
+                        Some(generation) => {
+                            self.view.note(&snapshot);
+                            self.view.note_generation(pool, generation);
+                        }
+                        // The pool's first read, or Redis lost its data unnoticed: mark it, or
+                        // put the history back (then this read is out of date at once).
+                        None => {
+                            if let Ok(Restore::Marked) = self.restore(pool).await {
+                                self.view.note(&snapshot);
+                            }
+                        }
+                    }
                     return Ok(snapshot);
                 }
                 Ok(Err(e @ StateError::Protocol(_))) => return Err(e),

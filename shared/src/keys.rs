@@ -33,7 +33,6 @@ impl KeySchema {
         format!("{}:{{{}}}:pending", self.prefix, pool)
     }
 
-    /// The fleet's generation marker: gone when Redis lost its data (restarted empty).
     /// The member holding a stored Responses API object (a hash: `pool`, `backend`; expires).
     pub fn response(&self, response_id: &str) -> String {
         format!("{}:response:{}", self.prefix, response_id)
@@ -44,8 +43,10 @@ impl KeySchema {
         format!("{}:quota:{{{}}}", self.prefix, counter)
     }
 
-    pub fn generation(&self) -> String {
-        format!("{}:generation", self.prefix)
+    /// A pool's generation marker: gone when Redis lost the pool's data (restarted empty,
+    /// failed over to an empty node); set again by the replica that restores it.
+    pub fn generation(&self, pool: &PoolName) -> String {
+        format!("{}:{{{}}}:generation", self.prefix, pool)
     }
 
     /// The sorted set of live replicas (heartbeats).
@@ -75,5 +76,9 @@ mod tests {
         assert_eq!(keys.usage, "spillway:{gpt-4o}:usage:ptu-eastus");
         assert_eq!(keys.latency, "spillway:{gpt-4o}:latency:ptu-eastus");
         assert_eq!(keys.hints, "spillway:{gpt-4o}:hints:ptu-eastus");
+        assert_eq!(
+            KeySchema::new("spillway").generation(&PoolName::new("gpt-4o")),
+            "spillway:{gpt-4o}:generation"
+        );
     }
 }

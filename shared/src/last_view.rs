@@ -16,6 +16,9 @@ type MemberKey = (PoolName, BackendId);
 #[derive(Debug, Default)]
 pub struct LastView {
     members: Mutex<HashMap<MemberKey, Seen>>,
+    /// Each pool's generation marker as last read with its usage: the usage seen under a
+    /// generation is the history to put back when Redis no longer has that generation.
+    generations: Mutex<HashMap<PoolName, String>>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -109,15 +112,37 @@ impl LastView {
             .collect()
     }
 
-    /// The fleet's usage of every member seen within `window`: (tokens, requests).
-    pub fn fleet_usage(&self, live: u32, window: Duration) -> Vec<(MemberKey, (u64, u64))> {
+    /// Remember the generation `pool`'s usage was read under.
+    pub fn note_generation(&self, pool: &PoolName, generation: String) {
+        let mut generations = self.generations.lock().expect("last view lock");
+        generations.insert(pool.clone(), generation);
+    }
+
+    pub fn generation(&self, pool: &PoolName) -> Option<String> {
+        let generations = self.generations.lock().expect("last view lock");
+        generations.get(pool).cloned()
+    }
+
+    /// The pools whose usage was read under a known generation.
+    pub fn pools(&self) -> Vec<PoolName> {
+        let generations = self.generations.lock().expect("last view lock");
+        generations.keys().cloned().collect()
+    }
+
+    /// The fleet's usage of `pool`'s members seen within `window`: (tokens, requests).
+    pub fn pool_usage(
+        &self,
+        pool: &PoolName,
+        live: u32,
+        window: Duration,
+    ) -> Vec<(BackendId, (u64, u64))> {
         let live = u64::from(live.max(1));
         self.members
             .lock()
             .expect("last view lock")
             .iter()
-            .filter(|(_, s)| s.at.elapsed() < window)
-            .map(|(k, s)| (k.clone(), s.fleet_usage(live)))
+            .filter(|((p, _), s)| p == pool && s.at.elapsed() < window)
+            .map(|((_, backend), s)| (backend.clone(), s.fleet_usage(live)))
             .collect()
     }
 }

@@ -33,7 +33,7 @@
 //! | `{prefix}:response:<id>`              | hash | `pool`, `backend`: the member holding that stored response; `consumer`: its creator's tag | `routing.response_affinity_ttl_s` |
 //! | `{prefix}:quota:{<consumer>:<period>:<start_s>}` | string | tokens served to a consumer in one quota period | the period's end |
 //! | `{prefix}:replicas`                   | zset | replica id → last heartbeat (ms)                                   | 2 × 5 s |
-//! | `{prefix}:generation`                 | string | the replica that wrote it; missing after Redis lost its data     | never |
+//! | `{prefix}:{<pool>}:generation`        | string | `<replica>:<n>`, set by the replica that restored the pool (or first read it); missing after Redis lost the pool's data | never |
 //!
 //! Times are Redis `TIME` in Unix milliseconds. A reservation never settled (a replica died)
 //! stays charged at its estimate until its bucket leaves the window; one whose acquire a

@@ -18,8 +18,8 @@ use crate::keys::{KeySchema, MemberKeys};
 use crate::lease::{LeasePolicy, Leases, Unused};
 use crate::memory::ms_per_output_token;
 use crate::scripts::{
-    ChargeArgs, HeartbeatArgs, PinArgs, QuotaArgs, ReceiptRecord, ReleaseArgs, Scripts,
-    SnapshotArgs,
+    ChargeArgs, HeartbeatArgs, PinArgs, QuotaArgs, ReceiptRecord, ReleaseArgs, RestoreArgs,
+    Scripts, SnapshotArgs, UsageArgs,
 };
 use crate::settle_batch::{Batcher, SettleJob, Work, label};
 use crate::store::{
@@ -171,6 +171,7 @@ impl RedisState {
                 &s.snapshot,
                 &s.heartbeat,
                 &s.charge,
+                &s.restore,
                 &s.release,
                 &s.pin_response,
                 &s.spend_quota,
@@ -373,21 +374,45 @@ impl RedisState {
         }
     }
 
-    /// Set the generation marker unless it exists; true when this call set it, i.e. Redis
-    /// holds no fleet state yet (first start, or restarted empty).
-    pub async fn claim_generation(&self, owner: &str) -> Result<bool, StateError> {
-        let set: Option<String> = self
-            .client
-            .set(
-                self.keys.generation(),
-                owner,
-                None,
-                Some(fred::types::SetOptions::NX),
-                false,
-            )
+    /// The pool's generation marker: `None` when Redis holds none of the pool's history
+    /// (first start, or Redis lost its data).
+    pub async fn generation(&self, pool: &PoolName) -> Result<Option<String>, StateError> {
+        self.client
+            .get(self.keys.generation(pool))
             .await
-            .map_err(unavailable)?;
-        Ok(set.is_some())
+            .map_err(unavailable)
+    }
+
+    /// `restore.lua`: when the pool has no generation marker, set it to `generation` and put
+    /// back `usage` (tokens, requests per member), in one step. Returns the generation in
+    /// force; safe to call again when an answer was lost.
+    pub async fn restore(
+        &self,
+        pool: &PoolName,
+        generation: &str,
+        usage: &[(BackendId, (u64, u64))],
+    ) -> Result<String, StateError> {
+        let mut keys = vec![self.keys.generation(pool)];
+        let mut args = RestoreArgs {
+            generation: generation.to_owned(),
+            bucket_ms: self.windows.bucket_ms(),
+            window_ms: self.windows.budget.as_millis() as u64,
+            clock: self.clock(),
+        }
+        .to_args();
+        for (backend, (tokens, requests)) in usage {
+            let k = self.member_keys(pool, backend);
+            keys.extend([k.usage, k.hints]);
+            UsageArgs {
+                tokens: *tokens,
+                requests: *requests,
+            }
+            .push_to(&mut args);
+        }
+        let reply = self.run(&self.scripts.restore, keys, args).await?;
+        reply
+            .into_string()
+            .ok_or_else(|| StateError::Protocol("restore returned no generation".into()))
     }
 
     /// A cheap read on the node that holds `pool`'s keys: is that node answering?

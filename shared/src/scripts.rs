@@ -220,6 +220,21 @@ records! {
         clock: String,
     }
 
+    /// `restore.lua`: the claim, before the members' usage.
+    RestoreArgs = "RESTORE" in "restore.lua" {
+        /// The value the pool's generation marker is set to when it is missing.
+        generation: String,
+        bucket_ms: u64,
+        window_ms: u64,
+        clock: String,
+    }
+
+    /// `restore.lua`: one member's usage to put back.
+    UsageArgs = "USAGE" in "restore.lua" {
+        tokens: u64,
+        requests: u64,
+    }
+
     /// `release.lua`.
     ReleaseArgs = "RELEASE" in "release.lua" {
         reservation_id: String,
@@ -261,6 +276,7 @@ pub(crate) struct Scripts {
     pub snapshot: Script,
     pub heartbeat: Script,
     pub charge: Script,
+    pub restore: Script,
     pub release: Script,
     pub pin_response: Script,
     pub spend_quota: Script,
@@ -268,13 +284,22 @@ pub(crate) struct Scripts {
 
 impl Scripts {
     pub fn load() -> Self {
-        let script = |body: &str| Script::from_lua(format!("{PREAMBLE}{body}"));
+        // A `#!lua flags=...` line must stay the first (read-only scripts declare
+        // `no-writes`, so they run while writes are paused, as in a failover).
+        let script = |body: &str| match body.strip_prefix("#!") {
+            Some(rest) => {
+                let (flags, body) = rest.split_once('\n').unwrap_or((rest, ""));
+                Script::from_lua(format!("#!{flags}\n{PREAMBLE}{body}"))
+            }
+            None => Script::from_lua(format!("{PREAMBLE}{body}")),
+        };
         Self {
             acquire: script(include_str!("lua/acquire.lua")),
             settle: script(include_str!("lua/settle.lua")),
             snapshot: script(include_str!("lua/snapshot.lua")),
             heartbeat: script(include_str!("lua/heartbeat.lua")),
             charge: script(include_str!("lua/charge.lua")),
+            restore: script(include_str!("lua/restore.lua")),
             release: script(include_str!("lua/release.lua")),
             pin_response: script(include_str!("lua/pin_response.lua")),
             spend_quota: script(include_str!("lua/spend_quota.lua")),
@@ -293,6 +318,7 @@ mod tests {
             "snapshot.lua" => include_str!("lua/snapshot.lua"),
             "heartbeat.lua" => include_str!("lua/heartbeat.lua"),
             "charge.lua" => include_str!("lua/charge.lua"),
+            "restore.lua" => include_str!("lua/restore.lua"),
             "release.lua" => include_str!("lua/release.lua"),
             "pin_response.lua" => include_str!("lua/pin_response.lua"),
             "spend_quota.lua" => include_str!("lua/spend_quota.lua"),

@@ -21,16 +21,5 @@ if bucket == nil or bucket < 1 or window == nil or window < 1 then
   return fail('bucket and window lengths must be >= 1 ms')
 end
 local now = clock_ms(args.clock)
-local field = fmt(now - (now % bucket))
-redis.call('HINCRBY', KEYS[1], 'tokens:' .. field, tokens)
-redis.call('HINCRBY', KEYS[1], 'requests:' .. field, requests)
--- The running sums (acquire.lua), when kept, move with the bucket.
-if redis.call('HEXISTS', KEYS[1], 'sum_tokens') == 1 then
-  redis.call('HINCRBY', KEYS[1], 'sum_tokens', tokens)
-  redis.call('HINCRBY', KEYS[1], 'sum_requests', requests)
-  redis.call('HSET', KEYS[1], 'newest', field)
-  if redis.call('HEXISTS', KEYS[1], 'oldest') == 0 then redis.call('HSET', KEYS[1], 'oldest', field) end
-end
-redis.call('PEXPIRE', KEYS[1], 2 * (window + bucket))
-redis.call('HINCRBY', KEYS[2], 'admitted_tokens', tokens)
+add_usage(KEYS[1], KEYS[2], tokens, requests, now, bucket, window)
 return 1

@@ -26,3 +26,20 @@ local function fmt(n) return string.format('%d', n) end
 
 local function fail(message) return redis.error_reply('ERR spillway: ' .. message) end
 
+
+-- Add usage a replica already served to a member's current budget bucket (charge.lua,
+-- restore.lua): the bucket, the running sums acquire.lua keeps when it keeps them, the
+-- key's lifetime, and the hint ledger.
+local function add_usage(usage_key, hints_key, tokens, requests, now, bucket, window)
+  local field = fmt(now - (now % bucket))
+  redis.call('HINCRBY', usage_key, 'tokens:' .. field, tokens)
+  redis.call('HINCRBY', usage_key, 'requests:' .. field, requests)
+  if redis.call('HEXISTS', usage_key, 'sum_tokens') == 1 then
+    redis.call('HINCRBY', usage_key, 'sum_tokens', tokens)
+    redis.call('HINCRBY', usage_key, 'sum_requests', requests)
+    redis.call('HSET', usage_key, 'newest', field)
+    if redis.call('HEXISTS', usage_key, 'oldest') == 0 then redis.call('HSET', usage_key, 'oldest', field) end
+  end
+  redis.call('PEXPIRE', usage_key, 2 * (window + bucket))
+  redis.call('HINCRBY', hints_key, 'admitted_tokens', tokens)
+end

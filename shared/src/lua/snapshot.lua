@@ -1,3 +1,4 @@
+#!lua flags=no-writes
 -- snapshot: everything a router or operator needs about some pool members, read-only.
 --
 -- KEYS, four per member i: backoff, usage, latency, hints keys (as in settle.lua)
