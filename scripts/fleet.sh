@@ -4,6 +4,10 @@
 # state through Redis, and nginx as a round-robin front standing in for Application Gateway.
 #
 #   scripts/fleet.sh up       build, start everything, wait until the front answers
+#   scripts/fleet.sh up --redis-delay-ms N
+#                             the same fleet "across regions": replica 1 next to Redis, replicas
+#                             2 and 3 reach it through a proxy adding N ms each way (40: about
+#                             Sweden Central to East US). Nothing else is configured differently.
 #   scripts/fleet.sh status   what runs (a replica stopping says "draining"), and the shared
 #                             fleet state (spillway state)
 #   scripts/fleet.sh down     stop the front, then the replicas (waiting for their drain),
@@ -13,7 +17,8 @@
 # text-embedding-3-small (embeddings), each on PTU first and PAYG after, in two regions.
 #
 # Ports (loopback only) start at FLEET_PORT (default 18100): front +0, replicas +1..+3,
-# their admin listeners +11..+13, Redis +20, simulated resources +31..+34.
+# their admin listeners +11..+13, Redis +20 (+21: Redis through the delay proxy), simulated
+# resources +31..+34.
 # Set OTEL_EXPORTER_OTLP_ENDPOINT to export the replicas' traces to a collector.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +26,8 @@ cd "$(dirname "$0")/.."
 base="${FLEET_PORT:-18100}"
 dir="${CARGO_TARGET_DIR:-target}/fleet"
 bin="${CARGO_TARGET_DIR:-target}/release/spillway"
-front=$((base)); redis=$((base + 20))
+front=$((base)); redis=$((base + 20)); far_redis=$((base + 21))
+delay_ms=0
 
 log() { printf '==> %s\n' "$*"; }
 
@@ -91,6 +97,8 @@ deployments = { "gpt-4o" = "gpt-4o", "text-embedding-3-small" = "text-embedding-
 EOT
   done
   for r in 1 2 3; do
+    local redis_port=$redis
+    [ "$delay_ms" -gt 0 ] && [ "$r" -gt 1 ] && redis_port=$far_redis
     cat >"$dir/replica-$r.toml" <<EOT
 [server]
 listen = "127.0.0.1:$((base + r))"
@@ -99,7 +107,7 @@ admin_listen = "127.0.0.1:$((base + 10 + r))"
 shutdown_delay_ms = 500
 
 [state]
-redis_url = "redis://127.0.0.1:$redis"
+redis_url = "redis://127.0.0.1:$redis_port"
 
 [telemetry]
 access_log = true
@@ -149,6 +157,10 @@ up() {
   done
   log "building spillway (release)"
   cargo build --release --quiet --bin spillway
+  if [ "$delay_ms" -gt 0 ]; then
+    port_free "$far_redis" || { echo "fleet.sh: port $far_redis is taken; set FLEET_PORT" >&2; exit 1; }
+    cargo build --release --quiet -p spillway-tests --bin spillway-delay-proxy
+  fi
   mkdir -p "$dir/nginx-tmp"
   write_configs
   log "starting redis on $redis"
@@ -157,6 +169,11 @@ up() {
     [ "$(redis-cli -p "$redis" ping 2>/dev/null)" = PONG ] && break
     sleep 0.1
   done
+  if [ "$delay_ms" -gt 0 ]; then
+    log "starting the delay proxy on $far_redis: Redis ${delay_ms} ms away (each way) for replicas 2 and 3"
+    start delay-proxy "${CARGO_TARGET_DIR:-target}/release/spillway-delay-proxy" \
+      "127.0.0.1:$far_redis" "127.0.0.1:$redis" "$delay_ms"
+  fi
   log "starting simulated deployments on $((base + 31))-$((base + 34))"
   start sim "$bin" sim --config "$dir/sim.toml"
   for r in 1 2 3; do
@@ -194,7 +211,7 @@ alive() { [ -e "$dir/$1.pid" ] && kill -0 "$(cat "$dir/$1.pid")" 2>/dev/null; }
 
 status() {
   local any=0
-  for name in redis sim replica-1 replica-2 replica-3 nginx; do
+  for name in redis delay-proxy sim replica-1 replica-2 replica-3 nginx; do
     if alive "$name"; then
       local state=running
       # A replica answering /readyz 503 has been told to stop and is draining.
@@ -202,7 +219,7 @@ status() {
         state=draining
       fi
       printf '%-10s %s (pid %s)\n' "$name" "$state" "$(cat "$dir/$name.pid")"; any=1
-    else
+    elif [ "$name" != delay-proxy ]; then
       printf '%-10s stopped\n' "$name"
     fi
   done
@@ -237,13 +254,23 @@ down() {
   log "stopping the replicas (they finish what is in flight)"
   stop_all 30 replica-1 replica-2 replica-3
   log "stopping the simulator and Redis"
-  stop_all 10 sim redis
+  stop_all 10 sim delay-proxy redis
   log "fleet stopped"
 }
 
 case "${1:-}" in
-  up) up ;;
+  up)
+    shift
+    while [ $# -gt 0 ]; do
+      case "$1" in
+        --redis-delay-ms)
+          [[ "${2:-}" =~ ^[0-9]+$ ]] || { echo "fleet.sh: --redis-delay-ms takes milliseconds (each way)" >&2; exit 2; }
+          delay_ms=$2; shift 2 ;;
+        *) echo "usage: scripts/fleet.sh up [--redis-delay-ms N]" >&2; exit 2 ;;
+      esac
+    done
+    up ;;
   status) status ;;
   down) down ;;
-  *) echo "usage: scripts/fleet.sh up|status|down" >&2; exit 2 ;;
+  *) echo "usage: scripts/fleet.sh up [--redis-delay-ms N]|status|down" >&2; exit 2 ;;
 esac

@@ -29,17 +29,27 @@ impl DelayProxy {
     /// Listen on a free loopback port and relay every connection to `target`, each byte
     /// arriving `one_way` after it was sent.
     pub async fn start(target: SocketAddr, one_way: Duration) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::start_at(loopback, target, one_way)
             .await
-            .expect("a loopback port");
-        let addr = listener.local_addr().expect("bound");
+            .expect("a loopback port")
+    }
+
+    /// [`Self::start`] on the address `listen` (`scripts/fleet.sh --redis-delay-ms`).
+    pub async fn start_at(
+        listen: SocketAddr,
+        target: SocketAddr,
+        one_way: Duration,
+    ) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(listen).await?;
+        let addr = listener.local_addr()?;
         let task = tokio::spawn(async move {
             let mut connections = tokio::task::JoinSet::new();
             while let Ok((client, _)) = listener.accept().await {
                 connections.spawn(relay(client, target, one_way));
             }
         });
-        Self { addr, task }
+        Ok(Self { addr, task })
     }
 
     /// `redis://` URL of the proxy, for a Redis behind it.

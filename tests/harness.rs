@@ -1,6 +1,7 @@
 //! Test harness: simulated Azure OpenAI resources and gateway replicas on loopback port 0.
 
 pub mod delay_proxy;
+pub mod far_fleet;
 pub mod pki;
 pub mod redis_server;
 pub mod wire;

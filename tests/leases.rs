@@ -119,7 +119,12 @@ async fn a_busy_replica_admits_most_requests_without_a_round_trip() {
         requests >= 200 && tokens >= 2_000,
         "{tokens} tokens, {requests} requests"
     );
-    assert!(requests < 200 + 32, "at most one lease's rest: {requests}");
+    // Held unused: the refill sent ahead of demand, and what was left of the lease it
+    // replaced (given back in the background).
+    assert!(
+        requests < 200 + 2 * 32,
+        "at most a lease and another's rest: {requests}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,6 +161,11 @@ async fn three_leasing_replicas_never_admit_past_the_budget_and_use_all_of_it() 
         admitted >= budget - 3 * 10,
         "leases left unused at most a request's worth each: {admitted} of {budget}"
     );
+    // A refill sent ahead of demand may land after its replica's last admission: stopping
+    // gives it back, and Redis then counts exactly what was admitted.
+    for store in &replicas {
+        store.close().await;
+    }
     assert_eq!(charged(&replicas[0], &pool, &c).await.0, admitted);
 }
 
@@ -400,7 +410,7 @@ async fn a_lease_serves_its_whole_tier_but_never_jumps_a_tier() {
     // Build demand and a lease on ptu-a.
     admit_all(&store, &pool, &[a.clone(), b.clone()], 40, 10).await;
 
-    server.reset_stats();
+    let waited = store.acquires_waited();
     let Admission::Admitted { backend, .. } = store
         .acquire(&pool, &[b.clone(), a.clone()], 10)
         .await
@@ -409,14 +419,15 @@ async fn a_lease_serves_its_whole_tier_but_never_jumps_a_tier() {
         panic!("admitted")
     };
     assert_eq!(backend.as_str(), "ptu-a", "admitted on the tier's lease");
-    assert_eq!(server.calls("evalsha"), 0, "no round trip");
+    // (A refill may leave in the background; the request did not wait for one.)
+    assert_eq!(store.acquires_waited(), waited, "no round trip");
 
     // PAYG (tier 2) holds a lease; a PTU of tier 1 holds none and was never passed over.
     let payg = member("payg", 2);
     let other_pool = PoolName::new("tiers-payg");
     admit_all(&store, &other_pool, std::slice::from_ref(&payg), 40, 10).await;
     let ptu = member("ptu-c", 1);
-    server.reset_stats();
+    let waited = store.acquires_waited();
     let Admission::Admitted { backend, .. } = store
         .acquire(&other_pool, &[ptu.clone(), payg.clone()], 10)
         .await
@@ -429,5 +440,5 @@ async fn a_lease_serves_its_whole_tier_but_never_jumps_a_tier() {
         "ptu-c",
         "Redis was asked about the PTU first"
     );
-    assert_eq!(server.calls("evalsha"), 1);
+    assert_eq!(store.acquires_waited(), waited + 1);
 }

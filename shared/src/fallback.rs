@@ -1,8 +1,10 @@
 //! `FallbackState`: Redis is a dependency, not a single point of failure, and not a way
 //! around the budgets either.
 //!
-//! - Every decision (acquire, settle, observe, backoff) goes to Redis within a time budget.
-//!   A call that fails or is slow is decided on this replica's embedded state, for that call.
+//! - Every decision (acquire, settle, observe, backoff) goes to Redis within a time budget
+//!   that follows the measured round trip ([`crate::round_trip`]; `redis_timeout_ms` is its
+//!   floor), so a Redis a region away is slow, not down. A call that fails or overruns it is
+//!   decided on this replica's embedded state, for that call.
 //! - Health is per pool (so per Redis node in a cluster) and has hysteresis
 //!   ([`crate::health`]): a pool turns degraded (every decision local) only after
 //!   [`ENTER_AFTER`] such calls within a second, and back after [`LEAVE_AFTER`] timely
@@ -32,6 +34,7 @@ use tracing::{info, warn};
 
 use crate::memory::EmbeddedState;
 use crate::redis::RedisState;
+use crate::round_trip::CEILING;
 use crate::store::{
     Admission, BackendId, Backoff, Candidate, ClockControl, FleetState, Issuer, PoolName,
     PoolSnapshot, QuotaCounter, Receipt, Reservation, ResponseOwner, StateError, UpstreamHints,
@@ -106,6 +109,10 @@ impl FallbackState {
     pub async fn wait_ready(&self, within: Duration) -> bool {
         match self.primary.ready(within).await {
             Ok(()) => {
+                // A first measure of the distance, before the first decision waits on it.
+                for _ in 0..3 {
+                    let _ = tokio::time::timeout(CEILING, self.primary.ping()).await;
+                }
                 self.announce().await;
                 true
             }
@@ -159,13 +166,36 @@ impl FallbackState {
         shared: impl Future<Output = Result<T, StateError>>,
         local: impl Future<Output = Result<T, StateError>>,
     ) -> Result<T, StateError> {
+        self.decide_within(pool, self.call_timeout(), shared, local)
+            .await
+    }
+
+    /// A settle, an observation or a backoff rides `settle.lua`'s next batch, which leaves
+    /// once the batch ahead of it is answered: two round trips.
+    async fn decide_batched(
+        &self,
+        pool: &PoolName,
+        shared: impl Future<Output = Result<(), StateError>>,
+        local: impl Future<Output = Result<(), StateError>>,
+    ) -> Result<(), StateError> {
+        self.decide_within(pool, 2 * self.call_timeout(), shared, local)
+            .await
+    }
+
+    async fn decide_within<T>(
+        &self,
+        pool: &PoolName,
+        within: Duration,
+        shared: impl Future<Output = Result<T, StateError>>,
+        local: impl Future<Output = Result<T, StateError>>,
+    ) -> Result<T, StateError> {
         if !self.health.is_degraded(pool) {
-            let why = match tokio::time::timeout(self.budget, shared).await {
+            let why = match tokio::time::timeout(within, shared).await {
                 Ok(Ok(value)) => return Ok(value),
                 // A script rejecting its arguments is a bug here, not an outage.
                 Ok(Err(e @ StateError::Protocol(_))) => return Err(e),
                 Ok(Err(e)) => e.to_string(),
-                Err(_) => format!("no answer within {} ms", self.budget.as_millis()),
+                Err(_) => format!("no answer within {} ms", within.as_millis()),
             };
             if self.health.note_bad_call(pool) {
                 self.log_degraded(Some(pool), &why);
@@ -173,6 +203,22 @@ impl FallbackState {
         }
         self.fallback_calls.fetch_add(1, Ordering::Relaxed);
         local.await
+    }
+
+    /// How long a decision waits for Redis: the measured round trip's allowance, never less
+    /// than `state.redis_timeout_ms` ([`crate::round_trip`]).
+    pub fn call_timeout(&self) -> Duration {
+        self.primary.call_timeout(self.budget)
+    }
+
+    /// Requests that waited for a round trip to Redis to be admitted.
+    pub fn acquires_waited(&self) -> u64 {
+        self.primary.acquires_waited()
+    }
+
+    /// The typical round trip to Redis measured by this replica.
+    pub fn round_trip(&self) -> Option<Duration> {
+        self.primary.round_trip()
     }
 
     fn owe_usage(&self, pool: &PoolName, backend: &BackendId, tokens: u64, requests: u64) {
@@ -291,11 +337,8 @@ impl FallbackState {
 
     /// Announce this replica now (it also does every second); returns the live count.
     pub async fn announce(&self) -> u32 {
-        let beat = tokio::time::timeout(
-            SNAPSHOT_BUDGET,
-            self.primary.heartbeat(&self.replica, LIVE_TTL),
-        )
-        .await;
+        let beat =
+            tokio::time::timeout(CEILING, self.primary.heartbeat(&self.replica, LIVE_TTL)).await;
         if let Ok(Ok(live)) = beat {
             self.live_replicas.store(live, Ordering::Relaxed);
         }
@@ -364,7 +407,11 @@ async fn probe(state: Weak<FallbackState>, mut degraded: watch::Receiver<usize>)
                     None => state.primary.ping().await,
                 }
             };
-            let answered = matches!(tokio::time::timeout(state.budget, probe).await, Ok(Ok(())));
+            // Waited for up to the ceiling, so a Redis that moved further away is measured
+            // (and the timeout follows); in time only within the timeout that follows.
+            let started = Instant::now();
+            let answered = matches!(tokio::time::timeout(CEILING, probe).await, Ok(Ok(())))
+                && started.elapsed() <= state.call_timeout();
             // Repay at every chance, so replicas already back on shared state count what this
             // one admitted alone; a probe counts as healthy only once nothing is owed, so a
             // replica is back on shared state with everything it decided alone written back.
@@ -439,7 +486,9 @@ impl FleetState for FallbackState {
             self.local.acquire(pool, &shares, tokens).await
         };
         let tried_shared = !self.health.is_degraded(pool);
-        let admission = self.decide(pool, shared, local).await;
+        // It may wait for a lease on its way (a round trip), then make its own call.
+        let within = 2 * self.call_timeout();
+        let admission = self.decide_within(pool, within, shared, local).await;
         if tried_shared && !answered.load(Ordering::Relaxed) {
             // Given up on here, the script may still run in Redis: release what it reserves.
             tokio::spawn(release_abandoned(
@@ -477,7 +526,7 @@ impl FleetState for FallbackState {
                     }
                     self.local.settle(pool, backend, receipt.clone()).await
                 };
-                self.decide(
+                self.decide_batched(
                     pool,
                     self.primary.settle(pool, backend, receipt.clone()),
                     local,
@@ -497,7 +546,7 @@ impl FleetState for FallbackState {
         match reservation.issuer {
             Issuer::Embedded => self.local.observe(pool, backend, hints, reservation).await,
             Issuer::Redis => {
-                self.decide(
+                self.decide_batched(
                     pool,
                     self.primary.observe(pool, backend, hints, reservation),
                     self.local.observe(pool, backend, hints, reservation),
@@ -517,7 +566,7 @@ impl FleetState for FallbackState {
             self.owe_backoff(pool, backend);
             self.local.backoff(pool, backend, backoff).await
         };
-        self.decide(pool, self.primary.backoff(pool, backend, backoff), local)
+        self.decide_batched(pool, self.primary.backoff(pool, backend, backoff), local)
             .await
     }
 
@@ -537,7 +586,7 @@ impl FleetState for FallbackState {
         members: &[Candidate],
     ) -> Result<PoolSnapshot, StateError> {
         if !self.health.is_degraded(pool) {
-            let budget = SNAPSHOT_BUDGET.max(self.budget);
+            let budget = SNAPSHOT_BUDGET.max(self.call_timeout());
             // One round trip: the two commands go out together on the connection.
             let read = async {
                 tokio::try_join!(
@@ -598,7 +647,7 @@ impl FleetState for FallbackState {
         self.local.pin_response(response_id, owner, ttl).await?;
         if !self.health.is_degraded(&owner.pool) {
             let shared = self.primary.pin_response(response_id, owner, ttl);
-            match tokio::time::timeout(self.budget, shared).await {
+            match tokio::time::timeout(self.call_timeout(), shared).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => warn!(error = %e, "response affinity not shared (kept locally)"),
                 Err(_) => warn!("response affinity not shared in time (kept locally)"),
@@ -611,7 +660,7 @@ impl FleetState for FallbackState {
     /// own pins.
     async fn response_owner(&self, response_id: &str) -> Result<Option<ResponseOwner>, StateError> {
         let shared = self.primary.response_owner(response_id);
-        if let Ok(Ok(Some(owner))) = tokio::time::timeout(self.budget, shared).await {
+        if let Ok(Ok(Some(owner))) = tokio::time::timeout(self.call_timeout(), shared).await {
             return Ok(Some(owner));
         }
         self.local.response_owner(response_id).await
@@ -653,10 +702,22 @@ impl FleetState for FallbackState {
         Ok(())
     }
 
+    async fn replicas(&self) -> Result<Vec<crate::store::ReplicaDistance>, StateError> {
+        tokio::time::timeout(
+            SNAPSHOT_BUDGET.max(self.call_timeout()),
+            self.primary.replicas(),
+        )
+        .await
+        .map_err(|_| StateError::Unavailable("no answer in time".into()))?
+    }
+
     fn health(&self) -> crate::store::StoreHealth {
         crate::store::StoreHealth {
             degraded: self.is_degraded(),
             fallback_decisions: self.fallback_calls(),
+            round_trip: self.round_trip(),
+            call_timeout: Some(self.call_timeout()),
+            acquires_waited: self.acquires_waited(),
         }
     }
 

@@ -54,6 +54,12 @@ impl KeySchema {
         format!("{}:replicas", self.prefix)
     }
 
+    /// Each live replica's round trip to Redis (a hash), in the replicas' slot: its hash tag
+    /// is the replicas key's whole name.
+    pub fn replica_round_trips(&self) -> String {
+        format!("{{{}}}:round_trips", self.replicas())
+    }
+
     pub fn member(&self, pool: &PoolName, backend: &BackendId) -> MemberKeys {
         MemberKeys {
             backoff: self.key(pool, "backoff", backend),
@@ -76,9 +82,20 @@ mod tests {
         assert_eq!(keys.usage, "spillway:{gpt-4o}:usage:ptu-eastus");
         assert_eq!(keys.latency, "spillway:{gpt-4o}:latency:ptu-eastus");
         assert_eq!(keys.hints, "spillway:{gpt-4o}:hints:ptu-eastus");
+        let schema = KeySchema::new("spillway");
         assert_eq!(
-            KeySchema::new("spillway").generation(&PoolName::new("gpt-4o")),
+            schema.generation(&PoolName::new("gpt-4o")),
             "spillway:{gpt-4o}:generation"
+        );
+        // heartbeat.lua writes both in one call: one slot in a cluster.
+        assert_eq!(
+            schema.replica_round_trips(),
+            "{spillway:replicas}:round_trips"
+        );
+        let slot = |key: &str| fred::util::redis_keyslot(key.as_bytes());
+        assert_eq!(
+            slot(&schema.replicas()),
+            slot(&schema.replica_round_trips())
         );
     }
 }

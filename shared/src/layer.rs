@@ -165,6 +165,10 @@ impl<L: FleetLayer> FleetState for L {
         self.inner().close().await
     }
 
+    async fn replicas(&self) -> Result<Vec<crate::store::ReplicaDistance>, StateError> {
+        self.inner().replicas().await
+    }
+
     fn describe(&self) -> String {
         self.inner().describe()
     }

@@ -6,9 +6,16 @@
 //! window (the `pending` entry `id` in Redis). It lives for `ttl`; what is left when it ends
 //! (expired, replaced, or revoked by a failure on that member) is given back by id.
 //!
-//! A lease is sized by demand: the requests this replica admitted in the pool in the last
-//! `ttl`, capped by `max_requests` (and by the script, which never grants more than an eighth
-//! of the budget left). A replica admitting fewer than two requests per `ttl` asks for none.
+//! A lease is sized by demand and distance: it lives `ttl` plus two round trips to Redis (its
+//! horizon), and covers what this replica admitted in the pool per `ttl` lately, over that
+//! horizon, capped by `max_requests` per `ttl` (and by the script, which never grants more than
+//! an eighth of the budget left). A replica admitting fewer than two requests per `ttl` asks
+//! for none.
+//!
+//! Leases are refilled ahead of demand: once a lease holds no more than what demand takes in
+//! two round trips and 5 ms (or has that little time left), one refill per pool is sent
+//! in the background and requests go on admitting on what is left meanwhile. A request waits
+//! for Redis only when no lease is held and none is coming.
 //!
 //! While a replica admits on a lease for a lower-preference member, the members the script
 //! passed over are not asked again for `ttl`: the lease is only worth having if a request does
@@ -21,6 +28,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::store::{BackendId, Issuer, PoolName, Reservation};
+
+/// A refill is sent when the lease holds what demand takes in two round trips plus this: one
+/// round trip for the refill, one for the jitter around it.
+const REFILL_MARGIN: Duration = Duration::from_millis(5);
 
 /// How leases are sized and how long they live.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,6 +106,11 @@ struct Book {
     /// refill instead of each asking Redis for a lease of their own.
     refills: HashMap<PoolName, Arc<tokio::sync::Mutex<()>>>,
     leasing: HashMap<PoolName, bool>,
+    /// Pools with a refill ahead of demand in flight.
+    refilling: std::collections::HashSet<PoolName>,
+    /// Bumped whenever a lease in the pool is revoked or ended: a refill sent before lands
+    /// given back whole, not handed out.
+    epochs: HashMap<PoolName, u64>,
 }
 
 /// This replica's leases, by pool member.
@@ -115,6 +131,11 @@ pub struct Grant<'a> {
     pub requests: u64,
     /// The candidates the script refused before this one.
     pub passed_over: &'a [BackendId],
+    /// Whether a request is among `requests` (it asked); a refill ahead of demand leases
+    /// them all.
+    pub caller: bool,
+    /// A refill's [`Leases::epoch`] when it was sent: revoked since, the grant is given back.
+    pub sent_at: Option<u64>,
 }
 
 /// What the book says about a candidate, in preference order.
@@ -137,6 +158,12 @@ impl Leases {
 
     pub fn policy(&self) -> LeasePolicy {
         self.policy
+    }
+
+    /// How long a lease granted now lives, `round_trip` from Redis: `ttl` of use after the
+    /// round trip that brings the next one, and the one that gives it back.
+    pub fn horizon(&self, round_trip: Duration) -> Duration {
+        self.policy.ttl + 2 * round_trip
     }
 
     /// Take one admission of `tokens` on `backend` from its lease, if one is live and holds
@@ -199,8 +226,9 @@ impl Leases {
         Some(book.refills.entry(pool.clone()).or_default().clone())
     }
 
-    /// How many requests to ask for in `pool` (0: no lease), from this replica's demand.
-    pub fn wanted(&self, pool: &PoolName, now: Instant) -> u32 {
+    /// How many requests to ask for in `pool` (0: no lease): this replica's demand over a
+    /// lease's horizon at `round_trip` from Redis.
+    pub fn wanted(&self, pool: &PoolName, now: Instant, round_trip: Duration) -> u32 {
         if !self.policy.enabled() {
             return 0;
         }
@@ -209,14 +237,63 @@ impl Leases {
         demand.roll(now, self.policy.ttl);
         let recent = demand.previous.max(demand.current);
         if recent < 2 {
-            0
-        } else {
-            recent.min(self.policy.max_requests)
+            return 0;
         }
+        let periods = self.horizon(round_trip).as_secs_f64() / self.policy.ttl.as_secs_f64();
+        let cap = (f64::from(self.policy.max_requests) * periods) as u32;
+        ((f64::from(recent) * periods).ceil() as u32).min(cap)
     }
 
-    /// An acquire admitted `grant`; returns the unused part of a lease it replaces.
-    pub fn admitted(&self, grant: Grant<'_>, now: Instant) -> Option<Unused> {
+    /// After an admission on `backend`'s lease: whether to refill `pool`'s leases now, ahead
+    /// of demand (the lease holds what two round trips and 5 ms take, or has that little
+    /// time left). True at most once until [`Self::refill_done`].
+    pub fn refill_due(
+        &self,
+        pool: &PoolName,
+        backend: &BackendId,
+        now: Instant,
+        round_trip: Duration,
+    ) -> bool {
+        let mut book = self.book.lock().expect("lease book");
+        if book.refilling.contains(pool) {
+            return false;
+        }
+        let recent = book
+            .demand
+            .get(pool)
+            .map_or(0, |d| d.previous.max(d.current));
+        let Some(lease) = book.leases.get(&(pool.clone(), backend.clone())) else {
+            return false;
+        };
+        if recent < 2 {
+            return false;
+        }
+        let ahead = 2 * round_trip + REFILL_MARGIN;
+        let low =
+            (f64::from(recent) * ahead.as_secs_f64() / self.policy.ttl.as_secs_f64()).ceil() as u64;
+        let due = lease.requests <= low || lease.expires <= now + ahead;
+        if due {
+            book.refilling.insert(pool.clone());
+        }
+        due
+    }
+
+    /// `pool`'s revocation count: a refill notes it when sent, and its grant is kept only if
+    /// no lease was revoked meanwhile ([`Grant::sent_at`]).
+    pub fn epoch(&self, pool: &PoolName) -> u64 {
+        let book = self.book.lock().expect("lease book");
+        book.epochs.get(pool).copied().unwrap_or(0)
+    }
+
+    /// The refill [`Self::refill_due`] asked for has landed (or failed).
+    pub fn refill_done(&self, pool: &PoolName) {
+        let mut book = self.book.lock().expect("lease book");
+        book.refilling.remove(pool);
+    }
+
+    /// An acquire admitted `grant`, to live `horizon`; returns the unused part of a lease it
+    /// replaces.
+    pub fn admitted(&self, grant: Grant<'_>, now: Instant, horizon: Duration) -> Option<Unused> {
         let Grant {
             pool,
             backend,
@@ -224,18 +301,40 @@ impl Leases {
             id: lease_id,
             requests,
             passed_over,
+            caller,
+            sent_at,
         } = grant;
         let key = (pool.clone(), backend.clone());
         let mut book = self.book.lock().expect("lease book");
-        book.demand
-            .entry(pool.clone())
-            .or_default()
-            .count(now, self.policy.ttl);
-        book.leasing.insert(pool.clone(), requests >= 2);
-        if requests < 2 {
+        let epoch = book.epochs.get(pool).copied().unwrap_or(0);
+        if sent_at.is_some_and(|sent| sent != epoch) {
+            // A failure or another replica's backoff ended leases while this was on its way.
+            return (requests > 0).then(|| Unused {
+                pool: pool.clone(),
+                backend: backend.clone(),
+                id: lease_id,
+                tokens: first.tokens * requests,
+                requests,
+            });
+        }
+        if caller {
+            book.demand
+                .entry(pool.clone())
+                .or_default()
+                .count(now, self.policy.ttl);
+        }
+        let leased = if caller {
+            requests.saturating_sub(1)
+        } else {
+            requests
+        };
+        if caller || leased > 0 {
+            book.leasing.insert(pool.clone(), leased > 0);
+        }
+        if leased == 0 {
             return None;
         }
-        let expires = now + self.policy.ttl;
+        let expires = now + horizon;
         for skipped in passed_over {
             book.passed_over
                 .insert((pool.clone(), skipped.clone()), expires);
@@ -245,8 +344,8 @@ impl Leases {
             bucket_ms: first.bucket_ms,
             ledger: first.ledger,
             admitted_ms: first.admitted_ms,
-            tokens: first.tokens * (requests - 1),
-            requests: requests - 1,
+            tokens: first.tokens * leased,
+            requests: leased,
             expires,
         };
         let replaced = book.leases.insert(key.clone(), lease);
@@ -259,8 +358,26 @@ impl Leases {
         let key = (pool.clone(), backend.clone());
         let mut book = self.book.lock().expect("lease book");
         book.passed_over.retain(|(p, _), _| p != pool);
+        *book.epochs.entry(pool.clone()).or_default() += 1;
         let ended = book.leases.remove(&key);
         ended.and_then(|l| l.unused(&key))
+    }
+
+    /// Another replica held `backend` back: end this replica's lease on it (the members
+    /// passed over stay so: the fleet's view has not changed for them).
+    pub fn end(&self, pool: &PoolName, backend: &BackendId) -> Option<Unused> {
+        let key = (pool.clone(), backend.clone());
+        let mut book = self.book.lock().expect("lease book");
+        *book.epochs.entry(pool.clone()).or_default() += 1;
+        let ended = book.leases.remove(&key);
+        ended.and_then(|l| l.unused(&key))
+    }
+
+    /// Every pool's refill lock: held by a refill on its way (a stopping replica waits for
+    /// them, so what they bring is given back too).
+    pub fn refill_locks(&self) -> Vec<Arc<tokio::sync::Mutex<()>>> {
+        let book = self.book.lock().expect("lease book");
+        book.refills.values().cloned().collect()
     }
 
     /// End every lease (the replica is stopping); their unused parts, for giving back.
@@ -317,6 +434,8 @@ impl Demand {
 mod tests {
     use super::*;
 
+    const HORIZON: Duration = Duration::from_millis(100);
+
     fn policy() -> LeasePolicy {
         LeasePolicy {
             max_requests: 8,
@@ -350,6 +469,8 @@ mod tests {
             id,
             requests,
             passed_over,
+            caller: true,
+            sent_at: None,
         }
     }
 
@@ -375,9 +496,12 @@ mod tests {
                         first: &first(10),
                         id: 9,
                         requests: 3,
-                        passed_over: &[]
+                        passed_over: &[],
+                        caller: true,
+                        sent_at: None,
                     },
                     now,
+                    HORIZON,
                 )
                 .is_none()
         );
@@ -397,7 +521,7 @@ mod tests {
         let (pool, ptu, _) = names();
         let leases = Leases::new(policy());
         let now = Instant::now();
-        leases.admitted(grant(&pool, &ptu, &first(10), 9, 3, &[]), now);
+        leases.admitted(grant(&pool, &ptu, &first(10), 9, 3, &[]), now, HORIZON);
         assert!(matches!(leases.take(&pool, &ptu, 25, now).0, Local::Ask));
         assert!(matches!(
             leases.take(&pool, &ptu, 20, now).0,
@@ -410,7 +534,7 @@ mod tests {
         let (pool, ptu, _) = names();
         let leases = Leases::new(policy());
         let now = Instant::now();
-        leases.admitted(grant(&pool, &ptu, &first(10), 9, 4, &[]), now);
+        leases.admitted(grant(&pool, &ptu, &first(10), 9, 4, &[]), now, HORIZON);
         leases.take(&pool, &ptu, 10, now);
         let later = now + Duration::from_millis(100);
         let (local, unused) = leases.take(&pool, &ptu, 10, later);
@@ -436,6 +560,7 @@ mod tests {
         leases.admitted(
             grant(&pool, &payg, &first(10), 9, 4, std::slice::from_ref(&ptu)),
             now,
+            HORIZON,
         );
         assert!(matches!(
             leases.take(&pool, &ptu, 10, now).0,
@@ -450,6 +575,7 @@ mod tests {
         leases.admitted(
             grant(&pool, &payg, &first(10), 10, 4, std::slice::from_ref(&ptu)),
             now,
+            HORIZON,
         );
         let unused = leases.revoke(&pool, &payg).unwrap();
         assert_eq!((unused.id, unused.requests), (10, 3));
@@ -461,15 +587,86 @@ mod tests {
         let (pool, ptu, _) = names();
         let leases = Leases::new(policy());
         let now = Instant::now();
-        assert_eq!(leases.wanted(&pool, now), 0);
-        leases.admitted(grant(&pool, &ptu, &first(1), 1, 1, &[]), now);
-        assert_eq!(leases.wanted(&pool, now), 0, "one request is no demand");
+        assert_eq!(leases.wanted(&pool, now, Duration::ZERO), 0);
+        leases.admitted(grant(&pool, &ptu, &first(1), 1, 1, &[]), now, HORIZON);
+        assert_eq!(
+            leases.wanted(&pool, now, Duration::ZERO),
+            0,
+            "one request is no demand"
+        );
         for _ in 0..20 {
-            leases.admitted(grant(&pool, &ptu, &first(1), 1, 1, &[]), now);
+            leases.admitted(grant(&pool, &ptu, &first(1), 1, 1, &[]), now, HORIZON);
         }
-        assert_eq!(leases.wanted(&pool, now), 8, "capped by the policy");
+        assert_eq!(
+            leases.wanted(&pool, now, Duration::ZERO),
+            8,
+            "capped by the policy"
+        );
         // Two periods of silence: no demand left.
-        assert_eq!(leases.wanted(&pool, now + Duration::from_millis(250)), 0);
-        assert_eq!(Leases::new(LeasePolicy::OFF).wanted(&pool, now), 0);
+        assert_eq!(
+            leases.wanted(&pool, now + Duration::from_millis(250), Duration::ZERO),
+            0
+        );
+        assert_eq!(
+            Leases::new(LeasePolicy::OFF).wanted(&pool, now, Duration::ZERO),
+            0
+        );
+    }
+
+    #[test]
+    fn far_from_redis_a_lease_covers_its_round_trips() {
+        let (pool, ptu, _) = names();
+        let leases = Leases::new(policy());
+        let now = Instant::now();
+        for _ in 0..3 {
+            leases.admitted(grant(&pool, &ptu, &first(1), 1, 1, &[]), now, HORIZON);
+        }
+        assert_eq!(leases.wanted(&pool, now, Duration::ZERO), 3);
+        let far = Duration::from_millis(80);
+        assert_eq!(leases.horizon(far), Duration::from_millis(260));
+        assert_eq!(
+            leases.wanted(&pool, now, far),
+            8,
+            "3 per 100 ms over 260 ms"
+        );
+        for _ in 0..20 {
+            leases.admitted(grant(&pool, &ptu, &first(1), 1, 1, &[]), now, HORIZON);
+        }
+        assert_eq!(leases.wanted(&pool, now, far), 20, "capped at 8 per 100 ms");
+    }
+
+    #[test]
+    fn a_lease_running_low_is_refilled_once_ahead_of_demand() {
+        let (pool, ptu, _) = names();
+        let leases = Leases::new(policy());
+        let now = Instant::now();
+        for _ in 0..8 {
+            leases.admitted(grant(&pool, &ptu, &first(1), 1, 1, &[]), now, HORIZON);
+        }
+        let one = first(1);
+        let refill = Grant {
+            caller: false,
+            sent_at: Some(0),
+            ..grant(&pool, &ptu, &one, 2, 8, &[])
+        };
+        leases.admitted(refill, now, HORIZON);
+        let rt = Duration::from_millis(15);
+        // Two round trips and 5 ms take a third of a ttl's demand.
+        let mut due = Vec::new();
+        for _ in 0..8 {
+            assert!(matches!(
+                leases.take(&pool, &ptu, 1, now).0,
+                Local::Admitted(_)
+            ));
+            due.push(leases.refill_due(&pool, &ptu, now, rt));
+        }
+        assert_eq!(due.iter().filter(|d| **d).count(), 1, "{due:?}");
+        let at = due.iter().position(|d| *d).unwrap();
+        assert!((2..6).contains(&at), "ahead of the lease's end: {due:?}");
+        leases.refill_done(&pool);
+        assert!(
+            leases.refill_due(&pool, &ptu, now, rt),
+            "still low, asked again"
+        );
     }
 }

@@ -33,6 +33,7 @@
 //! | `{prefix}:response:<id>`              | hash | `pool`, `backend`: the member holding that stored response; `consumer`: its creator's tag | `routing.response_affinity_ttl_s` |
 //! | `{prefix}:quota:{<consumer>:<period>:<start_s>}` | string | tokens served to a consumer in one quota period | the period's end |
 //! | `{prefix}:replicas`                   | zset | replica id → last heartbeat (ms)                                   | 2 × 5 s |
+//! | `{{prefix}:replicas}:round_trips`      | hash | live replica id → its typical round trip to Redis (µs)             | 2 × 5 s |
 //! | `{prefix}:{<pool>}:generation`        | string | `<replica>:<n>`, set by the replica that restored the pool (or first read it); missing after Redis lost the pool's data | never |
 //!
 //! Times are Redis `TIME` in Unix milliseconds. A reservation never settled (a replica died)
@@ -51,6 +52,7 @@ mod layer;
 pub mod lease;
 mod memory;
 mod redis;
+pub mod round_trip;
 mod scripts;
 mod settle_batch;
 mod store;
@@ -69,4 +71,4 @@ pub use store::{
     MAX_RESPONSE_ID_BYTES, MemberSnapshot, PoolName, PoolSnapshot, QuotaCounter, Receipt,
     Reservation, ResponseOwner, StateError, UpstreamHints, Windows,
 };
-pub use store::{ClockControl, StoreHealth};
+pub use store::{ClockControl, ReplicaDistance, StoreHealth};

@@ -17,6 +17,7 @@ use reply::{array, int, parse_member};
 use crate::keys::{KeySchema, MemberKeys};
 use crate::lease::{LeasePolicy, Leases, Unused};
 use crate::memory::ms_per_output_token;
+use crate::round_trip::RoundTrips;
 use crate::scripts::{
     ChargeArgs, HeartbeatArgs, PinArgs, QuotaArgs, ReceiptRecord, ReleaseArgs, RestoreArgs,
     Scripts, SnapshotArgs, UsageArgs,
@@ -24,11 +25,25 @@ use crate::scripts::{
 use crate::settle_batch::{Batcher, SettleJob, Work, label};
 use crate::store::{
     Admission, BackendId, Backoff, Candidate, FleetState, MAX_QUOTA_NAME_BYTES,
-    MAX_RESPONSE_ID_BYTES, PoolName, PoolSnapshot, QuotaCounter, Receipt, Reservation,
-    ResponseOwner, StateError, UpstreamHints, Windows,
+    MAX_RESPONSE_ID_BYTES, MemberSnapshot, PoolName, PoolSnapshot, QuotaCounter, Receipt,
+    Reservation, ResponseOwner, StateError, UpstreamHints, Windows,
 };
 
+/// Cheap to clone: one store, shared by the tasks it starts (lease refills, give-backs).
+#[derive(Clone)]
 pub struct RedisState {
+    inner: Arc<Inner>,
+}
+
+impl std::ops::Deref for RedisState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
+}
+
+#[doc(hidden)]
+pub struct Inner {
     client: Client,
     keys: KeySchema,
     windows: Windows,
@@ -42,6 +57,18 @@ pub struct RedisState {
     /// Receipts on their way to `settle.lua`, sent in batches by one task (started with the
     /// first settle).
     settles: OnceLock<mpsc::UnboundedSender<SettleJob>>,
+    /// Round trips to Redis as measured here: the calls' timeout follows them.
+    round_trips: RoundTrips,
+    /// Requests that waited for an `acquire.lua` call (no lease held, or none left).
+    waited: std::sync::atomic::AtomicU64,
+    /// Give-backs on their way, so a stopping replica can wait for them.
+    giving_back: Arc<GivingBack>,
+}
+
+#[derive(Default)]
+struct GivingBack {
+    count: std::sync::atomic::AtomicUsize,
+    done: tokio::sync::Notify,
 }
 
 fn unavailable(e: fred::error::Error) -> StateError {
@@ -135,7 +162,7 @@ impl RedisState {
             .build()
             .map_err(unavailable)?;
         client.connect();
-        Ok(Self {
+        let inner = Inner {
             client,
             keys: KeySchema::new(key_prefix),
             windows,
@@ -151,12 +178,20 @@ impl RedisState {
             clock_ms: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             leases: Leases::new(LeasePolicy::OFF),
             settles: OnceLock::new(),
+            round_trips: RoundTrips::default(),
+            waited: std::sync::atomic::AtomicU64::new(0),
+            giving_back: Arc::default(),
+        };
+        Ok(Self {
+            inner: Arc::new(inner),
         })
     }
 
     /// Admit from budget leases (see [`crate::lease`]); off unless set.
     pub fn with_leases(mut self, policy: LeasePolicy) -> Self {
-        self.leases = Leases::new(policy);
+        Arc::get_mut(&mut self.inner)
+            .expect("leases are set before the store is shared")
+            .leases = Leases::new(policy);
         self
     }
 
@@ -220,10 +255,29 @@ impl RedisState {
         keys: Vec<String>,
         args: Vec<String>,
     ) -> Result<Value, StateError> {
-        script
+        let started = tokio::time::Instant::now();
+        let value = script
             .evalsha_with_reload(&self.client, keys, args)
             .await
-            .map_err(script_error)
+            .map_err(script_error)?;
+        self.round_trips.record(started.elapsed());
+        Ok(value)
+    }
+
+    /// How long a call may take before the caller abandons it: follows the measured round
+    /// trip, never below `floor` ([`crate::round_trip`]).
+    pub fn call_timeout(&self, floor: Duration) -> Duration {
+        self.round_trips.timeout(floor)
+    }
+
+    /// Requests that waited for Redis to admit them (the rest were admitted on a lease).
+    pub fn acquires_waited(&self) -> u64 {
+        self.waited.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The typical round trip measured so far.
+    pub fn round_trip(&self) -> Option<Duration> {
+        self.round_trips.typical()
     }
 
     /// Queue `work` for `settle.lua` (sent with whatever else is queued) and wait for it.
@@ -263,7 +317,37 @@ impl RedisState {
     /// Give back what leases did not use (`release.lua` with an amount), in the background.
     fn give_back(&self, unused: impl IntoIterator<Item = Unused>) {
         for u in unused {
-            tokio::spawn(self.give_back_call(u));
+            let call = self.give_back_call(u);
+            let giving = self.giving_back.clone();
+            giving
+                .count
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                call.await;
+                if giving
+                    .count
+                    .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
+                    == 1
+                {
+                    giving.done.notify_waiters();
+                }
+            });
+        }
+    }
+
+    /// Until every give-back sent so far has been answered (a stopping replica).
+    async fn given_back(&self) {
+        loop {
+            let done = self.giving_back.done.notified();
+            if self
+                .giving_back
+                .count
+                .load(std::sync::atomic::Ordering::SeqCst)
+                == 0
+            {
+                return;
+            }
+            done.await;
         }
     }
 
@@ -417,11 +501,13 @@ impl RedisState {
 
     /// A cheap read on the node that holds `pool`'s keys: is that node answering?
     pub async fn probe_pool(&self, pool: &PoolName) -> Result<(), StateError> {
+        let started = tokio::time::Instant::now();
         self.client
             .exists::<i64, _>(self.keys.pending(pool))
             .await
-            .map(|_| ())
-            .map_err(unavailable)
+            .map_err(unavailable)?;
+        self.round_trips.record(started.elapsed());
+        Ok(())
     }
 
     /// Record this replica as live; returns how many replicas are (`heartbeat.lua`).
@@ -431,12 +517,12 @@ impl RedisState {
         let args = HeartbeatArgs {
             replica: replica.to_owned(),
             ttl_ms: ttl.as_millis() as u64,
+            round_trip_us: self.round_trip().map(|rt| rt.as_micros() as u64),
             clock: self.clock(),
         }
         .to_args();
-        let reply = self
-            .run(&self.scripts.heartbeat, vec![self.keys.replicas()], args)
-            .await?;
+        let keys = vec![self.keys.replicas(), self.keys.replica_round_trips()];
+        let reply = self.run(&self.scripts.heartbeat, keys, args).await?;
         Ok(int(&reply)?.clamp(1, i64::from(u32::MAX)) as u32)
     }
 
@@ -551,11 +637,17 @@ impl FleetState for RedisState {
                 reply.len()
             )));
         }
-        let members = members
+        let members: Vec<MemberSnapshot> = members
             .iter()
             .zip(reply)
             .map(|(c, entry)| parse_member(c, entry))
             .collect::<Result<_, _>>()?;
+        // A member another replica has held back (a 429, an open breaker) is no longer
+        // admitted on here either: this replica's lease on it ends now, not at its expiry.
+        for held_back in members.iter().filter(|m| m.backoff.is_some()) {
+            let ended = self.leases.end(pool, &held_back.backend);
+            self.give_back(ended);
+        }
         Ok(PoolSnapshot {
             pool: pool.clone(),
             members,
@@ -648,12 +740,40 @@ impl FleetState for RedisState {
     }
 
     async fn ping(&self) -> Result<(), StateError> {
-        self.client.ping::<()>(None).await.map_err(unavailable)
+        let started = tokio::time::Instant::now();
+        self.client.ping::<()>(None).await.map_err(unavailable)?;
+        self.round_trips.record(started.elapsed());
+        Ok(())
     }
 
     async fn close(&self) {
+        // Refills on their way land first, so their leases are given back with the rest.
+        let landed = async {
+            for refill in self.leases.refill_locks() {
+                drop(refill.lock().await);
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), landed).await;
         let unused = self.leases.end_all();
         futures_util::future::join_all(unused.into_iter().map(|u| self.give_back_call(u))).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.given_back()).await;
+    }
+
+    async fn replicas(&self) -> Result<Vec<crate::store::ReplicaDistance>, StateError> {
+        let seen: std::collections::HashMap<String, u64> = self
+            .client
+            .hgetall(self.keys.replica_round_trips())
+            .await
+            .map_err(unavailable)?;
+        let mut replicas: Vec<_> = seen
+            .into_iter()
+            .map(|(replica, us)| crate::store::ReplicaDistance {
+                replica,
+                round_trip: Duration::from_micros(us),
+            })
+            .collect();
+        replicas.sort_by(|a, b| a.replica.cmp(&b.replica));
+        Ok(replicas)
     }
 
     fn describe(&self) -> String {

@@ -208,6 +208,8 @@ records! {
         replica: String,
         /// A replica counts as live this long after its last heartbeat, ms.
         ttl_ms: u64,
+        /// This replica's typical round trip to Redis, µs (`None`: not measured yet).
+        round_trip_us: Option<u64>,
         clock: String,
     }
 

@@ -476,6 +476,12 @@ pub trait FleetState: Send + Sync + 'static {
     /// fleet can spend it at once.
     async fn close(&self) {}
 
+    /// The live replicas sharing this store and how far each is from it, as each last
+    /// reported (empty for a store of one replica's own).
+    async fn replicas(&self) -> Result<Vec<ReplicaDistance>, StateError> {
+        Ok(Vec::new())
+    }
+
     /// A word for operators: `embedded`, `redis`, `redis (degraded: embedded fallback)`.
     fn describe(&self) -> String;
 
@@ -492,6 +498,13 @@ pub trait ClockControl: Send + Sync {
     fn advance_clock(&self, by: Duration);
 }
 
+/// A live replica and its round trip to the shared store, as it measured it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaDistance {
+    pub replica: String,
+    pub round_trip: Duration,
+}
+
 /// A store's health, for metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StoreHealth {
@@ -499,4 +512,12 @@ pub struct StoreHealth {
     pub degraded: bool,
     /// Decisions taken on the fallback since start.
     pub fallback_decisions: u64,
+    /// The typical round trip to Redis, as this replica measures it (`None`: no Redis, or
+    /// nothing measured yet).
+    pub round_trip: Option<Duration>,
+    /// How long a call to Redis may take before it is abandoned, following the round trip.
+    pub call_timeout: Option<Duration>,
+    /// Requests that waited for a round trip to Redis to be admitted (the rest were admitted
+    /// on a budget lease).
+    pub acquires_waited: u64,
 }

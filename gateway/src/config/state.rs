@@ -16,15 +16,19 @@ pub struct StateConfig {
     pub window_buckets: u32,
     /// Latency samples are kept for this long.
     pub latency_window_ms: u64,
-    /// A Redis call slower than this is abandoned (its reservation released later) and that
-    /// decision is made on this replica's share of the budgets; after 3 within a second the
-    /// pool is degraded until Redis has answered in time for 2 s (8 probes in a row).
+    /// The floor of a Redis call's timeout, which follows the measured round trip (2 × its
+    /// p90, at most 1 s): a call slower than that is abandoned (its reservation released
+    /// later) and that decision is made on this replica's share of the budgets; after 3
+    /// within a second the pool is degraded until Redis has answered in time for 2 s (8
+    /// probes in a row).
     pub redis_timeout_ms: u64,
-    /// On Redis, a replica admitting many requests takes up to this many admissions in one
-    /// script call (a budget lease) and hands them out itself; 0 or 1: every request asks
-    /// Redis. A lease never holds more than an eighth of a member's budget left.
+    /// On Redis, a replica admitting many requests takes up to this many admissions per
+    /// `lease_ms` of a lease's life in one script call (a budget lease) and hands them out
+    /// itself; 0 or 1: every request asks Redis. A lease never holds more than an eighth of a
+    /// member's budget left.
     pub lease_requests: u32,
-    /// How long a lease, and a PTU's "full" seen by it, is trusted without asking Redis.
+    /// How long a lease, and a PTU's "full" seen by it, is trusted without asking Redis, plus
+    /// two measured round trips to Redis.
     pub lease_ms: u64,
 }
 

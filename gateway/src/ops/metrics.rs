@@ -265,6 +265,14 @@ pub async fn render(fleet: &dyn FleetState, table: &crate::routing_table::Routin
     metrics::gauge!("spillway_fleet_state_degraded").set(if health.degraded { 1.0 } else { 0.0 });
     metrics::gauge!("spillway_fleet_state_fallback_decisions")
         .set(health.fallback_decisions as f64);
+    // How far this replica is from Redis, and what follows from it.
+    if let Some(round_trip) = health.round_trip {
+        metrics::gauge!("spillway_fleet_state_round_trip_seconds").set(round_trip.as_secs_f64());
+    }
+    if let Some(timeout) = health.call_timeout {
+        metrics::gauge!("spillway_fleet_state_call_timeout_seconds").set(timeout.as_secs_f64());
+    }
+    metrics::gauge!("spillway_fleet_state_acquires_waited").set(health.acquires_waited as f64);
     for pool in table.pools() {
         let candidates: Vec<_> = pool.members.iter().map(|m| pool.candidate(m)).collect();
         let Ok(snapshot) = fleet.snapshot(&pool.name, &candidates).await else {

@@ -15,7 +15,36 @@ pub struct FleetReport {
     /// The store and its health (`redis`, `embedded`, `redis (degraded: ...)`).
     pub store: String,
     pub budget_window_s: u64,
+    /// The live replicas sharing the store and their distance to it (none on the embedded
+    /// store).
+    pub replicas: Vec<ReplicaReport>,
     pub pools: Vec<PoolReport>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ReplicaReport {
+    pub replica: String,
+    /// Its typical round trip to Redis, as it last reported it.
+    pub round_trip_ms: f64,
+}
+
+impl FleetReport {
+    /// "3 replicas, round trip to Redis 0.4 / 84.1 / 85.0 ms", or `None` with none reported.
+    pub fn distances(&self) -> Option<String> {
+        if self.replicas.is_empty() {
+            return None;
+        }
+        let trips: Vec<String> = self
+            .replicas
+            .iter()
+            .map(|r| format!("{:.1}", r.round_trip_ms))
+            .collect();
+        Some(format!(
+            "{} replicas, round trip to Redis {} ms",
+            self.replicas.len(),
+            trips.join(" / ")
+        ))
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -107,9 +136,21 @@ pub async fn collect(
                 .collect(),
         });
     }
+    // Distances are a footnote: a store that cannot tell them still shows its pools.
+    let replicas = fleet
+        .replicas()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|r| ReplicaReport {
+            replica: r.replica,
+            round_trip_ms: r.round_trip.as_secs_f64() * 1000.0,
+        })
+        .collect();
     Ok(FleetReport {
         store: fleet.describe(),
         budget_window_s: window_ms / 1000,
+        replicas,
         pools,
     })
 }
@@ -130,6 +171,9 @@ pub fn render_report(report: &FleetReport) -> String {
         "fleet state: {} (budget window {} s)",
         report.store, report.budget_window_s
     );
+    if let Some(distances) = report.distances() {
+        let _ = writeln!(out, "{distances}");
+    }
     for pool in &report.pools {
         let _ = writeln!(out, "\npool {}", pool.name);
         let _ = writeln!(

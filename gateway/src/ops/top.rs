@@ -28,7 +28,8 @@ const BAR_CELLS: usize = 10;
 /// Draw the view (pure: tested with ratatui's test backend).
 pub fn draw(frame: &mut Frame, view: &TopView) {
     let report = &view.report;
-    let heights: Vec<Constraint> = std::iter::once(Constraint::Length(2))
+    let header_lines = 2 + u16::from(!report.replicas.is_empty());
+    let heights: Vec<Constraint> = std::iter::once(Constraint::Length(header_lines))
         .chain(
             report
                 .pools
@@ -45,6 +46,9 @@ pub fn draw(frame: &mut Frame, view: &TopView) {
             report.store, report.budget_window_s, view.read_at
         )),
     ])];
+    if let Some(distances) = report.distances() {
+        header.push(Line::raw(distances));
+    }
     if let Some(error) = &view.error {
         header.push(Line::styled(
             format!("last read failed: {error}"),
@@ -296,6 +300,7 @@ mod tests {
     use ratatui::backend::TestBackend;
 
     use super::*;
+    use crate::ops::state_table::ReplicaReport;
 
     fn member(backend: &str, tier: u32, tokens: u64, backoff: Option<(&str, u64)>) -> MemberReport {
         MemberReport {
@@ -342,6 +347,16 @@ mod tests {
             report: FleetReport {
                 store: "redis".into(),
                 budget_window_s: 60,
+                replicas: vec![
+                    ReplicaReport {
+                        replica: "a".into(),
+                        round_trip_ms: 0.4,
+                    },
+                    ReplicaReport {
+                        replica: "b".into(),
+                        round_trip_ms: 84.1,
+                    },
+                ],
                 pools: vec![PoolReport {
                     name: "gpt-4o".into(),
                     members: vec![
@@ -368,6 +383,7 @@ mod tests {
             "payg-eastus",
             "480 tok",
             "8.0",
+            "2 replicas, round trip to Redis 0.4 / 84.1 ms",
         ] {
             assert!(
                 text.contains(expected),
@@ -386,6 +402,7 @@ mod tests {
             report: FleetReport {
                 store: "redis".into(),
                 budget_window_s: 60,
+                replicas: vec![],
                 pools: vec![],
             },
             read_at: "12:00:01".into(),

@@ -1,5 +1,6 @@
-//! `acquire` on Redis: from this replica's budget leases when it holds one, else one
-//! `acquire.lua` call (asking for a lease when this replica's demand is high).
+//! `acquire` on Redis: from this replica's budget leases when it holds one (refilling them in
+//! the background, ahead of demand), else one `acquire.lua` call (asking for a lease when this
+//! replica's demand is high).
 
 use std::time::Duration;
 
@@ -42,22 +43,73 @@ impl RedisState {
         }
         if self.leases.policy().enabled() {
             if let Some(admission) = self.admit_on_lease(pool, candidates, estimated_tokens) {
+                self.refill_ahead(pool, candidates, estimated_tokens, &admission);
                 return Ok(Acquired::local(admission));
             }
             if let Some(refill) = self.leases.refill_lock(pool) {
-                // Leases are being granted here: one refill at a time; whoever waited for it
-                // first looks at the lease it brought.
-                let _one_at_a_time = refill.lock().await;
+                // Leases are being granted here: a refill on its way is waited for (once),
+                // and whoever finds none on its way is the refill the others wait for.
+                match refill.clone().try_lock_owned() {
+                    Ok(_refilling) => {
+                        return self
+                            .acquire_from_redis(pool, candidates, estimated_tokens, id, None)
+                            .await;
+                    }
+                    Err(_) => drop(refill.lock().await),
+                }
                 if let Some(admission) = self.admit_on_lease(pool, candidates, estimated_tokens) {
+                    self.refill_ahead(pool, candidates, estimated_tokens, &admission);
                     return Ok(Acquired::local(admission));
                 }
-                return self
-                    .acquire_from_redis(pool, candidates, estimated_tokens, id)
-                    .await;
             }
         }
-        self.acquire_from_redis(pool, candidates, estimated_tokens, id)
+        self.acquire_from_redis(pool, candidates, estimated_tokens, id, None)
             .await
+    }
+
+    /// After an admission on a lease: when the lease runs low, refill the pool's leases in
+    /// the background (one `acquire.lua` call for requests like this one, all of them
+    /// leased), holding the pool's refill lock so a request that finds the lease spent waits
+    /// for this refill instead of sending its own.
+    fn refill_ahead(
+        &self,
+        pool: &PoolName,
+        candidates: &[Candidate],
+        estimated_tokens: u64,
+        admission: &Admission,
+    ) {
+        let Admission::Admitted { backend, .. } = admission else {
+            return;
+        };
+        let now = tokio::time::Instant::now();
+        let round_trip = self.round_trip().unwrap_or_default();
+        if !self.leases.refill_due(pool, backend, now, round_trip) {
+            return;
+        }
+        // Taken here, before the task starts: a stopping replica that takes every refill lock
+        // then waits for this refill to land.
+        let Some(refilling) = self
+            .leases
+            .refill_lock(pool)
+            .and_then(|lock| lock.try_lock_owned().ok())
+        else {
+            // A request is fetching a lease right now: that is the refill.
+            self.leases.refill_done(pool);
+            return;
+        };
+        let (store, pool, candidates) = (self.clone(), pool.clone(), candidates.to_vec());
+        let sent_at = self.leases.epoch(&pool);
+        tokio::spawn(async move {
+            let id = store.next_reservation_id();
+            let refilled = store
+                .acquire_from_redis(&pool, &candidates, estimated_tokens, id, Some(sent_at))
+                .await;
+            if let Err(e) = refilled {
+                tracing::debug!(error = %e, "fleet state: a lease refill failed");
+            }
+            store.leases.refill_done(&pool);
+            drop(refilling);
+        });
     }
 
     /// The first candidate, in preference order, this replica can admit on a lease, unless a
@@ -95,15 +147,24 @@ impl RedisState {
         admitted
     }
 
-    /// One `acquire.lua` call (asking for a lease when this replica's demand is high).
+    /// One `acquire.lua` call (asking for a lease when this replica's demand is high): for a
+    /// request (`refill` is `None`), or to refill the leases ahead of demand (`refill` is the
+    /// pool's lease epoch when it was sent).
     async fn acquire_from_redis(
         &self,
         pool: &PoolName,
         candidates: &[Candidate],
         estimated_tokens: u64,
         id: u64,
+        refill: Option<u64>,
     ) -> Result<Acquired, StateError> {
+        let caller = refill.is_none();
         let now = tokio::time::Instant::now();
+        let round_trip = self.round_trip().unwrap_or_default();
+        if caller {
+            self.waited
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let mut keys = Vec::with_capacity(1 + candidates.len() * 3);
         keys.push(self.keys.pending(pool));
         let mut args = AcquireArgs {
@@ -127,7 +188,7 @@ impl RedisState {
             .push_to(&mut args);
         }
         LeaseArgs {
-            wanted: u64::from(self.leases.wanted(pool, now)),
+            wanted: u64::from(self.leases.wanted(pool, now, round_trip)),
         }
         .push_to(&mut args);
         let reply = array(self.run(&self.scripts.acquire, keys, args).await?)?;
@@ -152,19 +213,20 @@ impl RedisState {
                 id,
             };
             let granted = granted.map(int).transpose()?.unwrap_or(1).max(1) as u64;
-            if granted > 1 {
+            if granted > 1 || !caller {
                 // A lease: its id is the lease's (given back by it); this request's part is
                 // settled like any other of the lease's.
                 reservation.id = 0;
             }
             let passed_over = &candidates[..index - 1];
+            let horizon = self.leases.horizon(round_trip);
             self.note_admission(
                 pool,
                 passed_over,
                 candidate,
                 &reservation,
-                (id, granted),
-                now,
+                (id, granted, refill),
+                (now, horizon),
             );
             Ok(Acquired {
                 admission: Admission::Admitted {
@@ -190,10 +252,10 @@ impl RedisState {
         passed_over: &[Candidate],
         candidate: &Candidate,
         first: &Reservation,
-        (id, granted): (u64, u64),
-        now: tokio::time::Instant,
+        (id, granted, refill): (u64, u64, Option<u64>),
+        (now, horizon): (tokio::time::Instant, Duration),
     ) {
-        if granted > 1 {
+        if granted > 1 || refill.is_some() {
             let passed_over: Vec<BackendId> =
                 passed_over.iter().map(|c| c.backend.clone()).collect();
             let grant = Grant {
@@ -203,8 +265,10 @@ impl RedisState {
                 id,
                 requests: granted,
                 passed_over: &passed_over,
+                caller: refill.is_none(),
+                sent_at: refill,
             };
-            let replaced = self.leases.admitted(grant, now);
+            let replaced = self.leases.admitted(grant, now, horizon);
             self.give_back(replaced);
         } else if self.leases.policy().enabled() {
             let single = Grant {
@@ -214,8 +278,10 @@ impl RedisState {
                 id,
                 requests: 1,
                 passed_over: &[],
+                caller: true,
+                sent_at: None,
             };
-            self.leases.admitted(single, now);
+            self.leases.admitted(single, now, horizon);
         }
     }
 
