@@ -67,6 +67,7 @@ async fn twice_the_budget(one_way: [Duration; 3]) {
     // The steady state: the PTU full, every request on PAYG. Requests are admitted on leases
     // refilled ahead of demand; hardly any waits for Redis.
     let steady = PTU_REQUESTS as usize;
+    let refill_waits_before: u64 = fleet.states.iter().map(|s| s.refill_waits()).sum();
     let statuses = offer_load(&refs, steady, 12).await;
     assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
     let waited_steady = fleet
@@ -75,7 +76,11 @@ async fn twice_the_budget(one_way: [Duration; 3]) {
         .map(|s| s.acquires_waited())
         .sum::<u64>()
         - waited;
-    eprintln!("{one_way:?}: then {waited_steady} of {steady} requests waited for Redis");
+    let refill_waits =
+        fleet.states.iter().map(|s| s.refill_waits()).sum::<u64>() - refill_waits_before;
+    eprintln!(
+        "{one_way:?}: then {waited_steady} of {steady} requests waited for Redis; {refill_waits} for a refill on its way"
+    );
     assert!(
         waited_steady as f64 <= steady as f64 * 0.05,
         "{waited_steady} of {steady} requests waited for Redis in the steady state"

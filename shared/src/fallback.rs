@@ -216,6 +216,11 @@ impl FallbackState {
         self.primary.acquires_waited()
     }
 
+    /// Requests that found their lease spent and waited for the refill on its way.
+    pub fn refill_waits(&self) -> u64 {
+        self.primary.refill_waits()
+    }
+
     /// The typical round trip to Redis measured by this replica.
     pub fn round_trip(&self) -> Option<Duration> {
         self.primary.round_trip()

@@ -235,13 +235,25 @@ impl Leases {
         let mut book = self.book.lock().expect("lease book");
         let demand = book.demand.entry(pool.clone()).or_default();
         demand.roll(now, self.policy.ttl);
-        let recent = demand.previous.max(demand.current);
+        let recent = demand.per_period(now, self.policy.ttl);
         if recent < 2 {
             return 0;
         }
-        let periods = self.horizon(round_trip).as_secs_f64() / self.policy.ttl.as_secs_f64();
-        let cap = (f64::from(self.policy.max_requests) * periods) as u32;
+        let ttl = self.policy.ttl.as_secs_f64();
+        let periods = self.horizon(round_trip).as_secs_f64() / ttl;
+        // The cap never makes a replica wait: a lease may hold twice what demand takes until
+        // the next one can land (so a refill leaves when it is half used), however far Redis
+        // is; the script's eighth of the budget left still bounds it.
+        let bridge = self.low_water(recent, round_trip);
+        let cap = (f64::from(self.policy.max_requests) * periods).max(2.0 * bridge) as u32;
         ((f64::from(recent) * periods).ceil() as u32).min(cap)
+    }
+
+    /// What `recent` admissions per `ttl` take in two round trips and [`REFILL_MARGIN`]: the
+    /// lease level at which a refill is sent.
+    fn low_water(&self, recent: u32, round_trip: Duration) -> f64 {
+        let ahead = 2 * round_trip + REFILL_MARGIN;
+        (f64::from(recent) * ahead.as_secs_f64() / self.policy.ttl.as_secs_f64()).ceil()
     }
 
     /// After an admission on `backend`'s lease: whether to refill `pool`'s leases now, ahead
@@ -261,17 +273,15 @@ impl Leases {
         let recent = book
             .demand
             .get(pool)
-            .map_or(0, |d| d.previous.max(d.current));
+            .map_or(0, |d| d.per_period(now, self.policy.ttl));
         let Some(lease) = book.leases.get(&(pool.clone(), backend.clone())) else {
             return false;
         };
         if recent < 2 {
             return false;
         }
-        let ahead = 2 * round_trip + REFILL_MARGIN;
-        let low =
-            (f64::from(recent) * ahead.as_secs_f64() / self.policy.ttl.as_secs_f64()).ceil() as u64;
-        let due = lease.requests <= low || lease.expires <= now + ahead;
+        let low = self.low_water(recent, round_trip) as u64;
+        let due = lease.requests <= low || lease.expires <= now + 2 * round_trip + REFILL_MARGIN;
         if due {
             book.refilling.insert(pool.clone());
         }
@@ -358,9 +368,7 @@ impl Leases {
         let key = (pool.clone(), backend.clone());
         let mut book = self.book.lock().expect("lease book");
         book.passed_over.retain(|(p, _), _| p != pool);
-        *book.epochs.entry(pool.clone()).or_default() += 1;
-        let ended = book.leases.remove(&key);
-        ended.and_then(|l| l.unused(&key))
+        Self::end_lease(&mut book, key)
     }
 
     /// Another replica held `backend` back: end this replica's lease on it (the members
@@ -368,9 +376,15 @@ impl Leases {
     pub fn end(&self, pool: &PoolName, backend: &BackendId) -> Option<Unused> {
         let key = (pool.clone(), backend.clone());
         let mut book = self.book.lock().expect("lease book");
-        *book.epochs.entry(pool.clone()).or_default() += 1;
-        let ended = book.leases.remove(&key);
-        ended.and_then(|l| l.unused(&key))
+        Self::end_lease(&mut book, key)
+    }
+
+    /// Remove a lease; if there was one, a refill on its way in its pool is given back when it
+    /// lands (it was asked for on a view this ending just changed).
+    fn end_lease(book: &mut Book, key: Key) -> Option<Unused> {
+        let ended = book.leases.remove(&key)?;
+        *book.epochs.entry(key.0.clone()).or_default() += 1;
+        ended.unused(&key)
     }
 
     /// Every pool's refill lock: held by a refill on its way (a stopping replica waits for
@@ -427,6 +441,21 @@ impl Demand {
     fn count(&mut self, now: Instant, period: Duration) {
         self.roll(now, period);
         self.current = self.current.saturating_add(1);
+    }
+
+    /// Admissions per `period` lately: the previous period's, or the current one's pace if
+    /// higher (a burst counts at once, not a period later). The pace is taken over at least a
+    /// quarter period, so the first admissions of a period do not read as a flood.
+    fn per_period(&self, now: Instant, period: Duration) -> u32 {
+        if self.current < 2 {
+            return self.previous.max(self.current);
+        }
+        let elapsed = self
+            .period_start
+            .map_or(period, |start| now.saturating_duration_since(start))
+            .clamp(period / 4, period);
+        let pace = f64::from(self.current) * period.as_secs_f64() / elapsed.as_secs_f64();
+        self.previous.max(pace.ceil() as u32)
     }
 }
 
@@ -599,6 +628,11 @@ mod tests {
         }
         assert_eq!(
             leases.wanted(&pool, now, Duration::ZERO),
+            10,
+            "21 at once: a pace of 84 per 100 ms; capped by the policy or twice what 5 ms take"
+        );
+        assert_eq!(
+            leases.wanted(&pool, now + Duration::from_millis(100), Duration::ZERO),
             8,
             "capped by the policy"
         );
@@ -621,6 +655,8 @@ mod tests {
         for _ in 0..3 {
             leases.admitted(grant(&pool, &ptu, &first(1), 1, 1, &[]), now, HORIZON);
         }
+        // Read a period later: 3 per 100 ms (the pace of a period just begun reads higher).
+        let now = now + Duration::from_millis(100);
         assert_eq!(leases.wanted(&pool, now, Duration::ZERO), 3);
         let far = Duration::from_millis(80);
         assert_eq!(leases.horizon(far), Duration::from_millis(260));
@@ -632,7 +668,18 @@ mod tests {
         for _ in 0..20 {
             leases.admitted(grant(&pool, &ptu, &first(1), 1, 1, &[]), now, HORIZON);
         }
-        assert_eq!(leases.wanted(&pool, now, far), 20, "capped at 8 per 100 ms");
+        let now = now + Duration::from_millis(100);
+        assert_eq!(
+            leases.wanted(&pool, now, Duration::from_millis(1)),
+            8,
+            "near: capped at 8 per 100 ms"
+        );
+        // Far, the cap gives way: 20 per 100 ms take 33 until the next lease can land.
+        assert_eq!(
+            leases.wanted(&pool, now, far),
+            52,
+            "20 per 100 ms over 260 ms"
+        );
     }
 
     #[test]
@@ -650,8 +697,7 @@ mod tests {
             ..grant(&pool, &ptu, &one, 2, 8, &[])
         };
         leases.admitted(refill, now, HORIZON);
-        let rt = Duration::from_millis(15);
-        // Two round trips and 5 ms take a third of a ttl's demand.
+        let rt = Duration::from_millis(1);
         let mut due = Vec::new();
         for _ in 0..8 {
             assert!(matches!(

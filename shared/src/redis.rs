@@ -61,6 +61,8 @@ pub struct Inner {
     round_trips: RoundTrips,
     /// Requests that waited for an `acquire.lua` call (no lease held, or none left).
     waited: std::sync::atomic::AtomicU64,
+    /// Requests that found the lease spent and waited for the refill on its way.
+    waited_for_refill: std::sync::atomic::AtomicU64,
     /// Give-backs on their way, so a stopping replica can wait for them.
     giving_back: Arc<GivingBack>,
 }
@@ -181,6 +183,7 @@ impl RedisState {
             round_trips: RoundTrips::default(),
             waited: std::sync::atomic::AtomicU64::new(0),
             giving_back: Arc::default(),
+            waited_for_refill: std::sync::atomic::AtomicU64::new(0),
         };
         Ok(Self {
             inner: Arc::new(inner),
@@ -273,6 +276,12 @@ impl RedisState {
     /// Requests that waited for Redis to admit them (the rest were admitted on a lease).
     pub fn acquires_waited(&self) -> u64 {
         self.waited.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Requests that found their lease spent and waited for the refill on its way.
+    pub fn refill_waits(&self) -> u64 {
+        self.waited_for_refill
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The typical round trip measured so far.

@@ -55,7 +55,11 @@ impl RedisState {
                             .acquire_from_redis(pool, candidates, estimated_tokens, id, None)
                             .await;
                     }
-                    Err(_) => drop(refill.lock().await),
+                    Err(_) => {
+                        self.waited_for_refill
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        drop(refill.lock().await);
+                    }
                 }
                 if let Some(admission) = self.admit_on_lease(pool, candidates, estimated_tokens) {
                     self.refill_ahead(pool, candidates, estimated_tokens, &admission);
