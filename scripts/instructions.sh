@@ -9,6 +9,7 @@
 #   scripts/instructions.sh                      # the release binary of this checkout
 #   BIN=/path/to/other/spillway scripts/instructions.sh   # another build, for a comparison
 #   KEEP=/tmp/profile scripts/instructions.sh    # keep the callgrind files (callgrind_annotate)
+#   STORE=redis scripts/instructions.sh          # on a local redis-server (default leases)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/mock-azure.sh
@@ -17,10 +18,11 @@ WARMUP=${WARMUP:-300}
 REQUESTS=${REQUESTS:-2000}
 
 need() { command -v "$1" >/dev/null 2>&1; }
-if ! need valgrind || ! need nginx; then
+STORE=${STORE:-embedded}
+if ! need valgrind || ! need nginx || { [ "$STORE" = redis ] && ! need redis-server; }; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq valgrind nginx-light >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq valgrind nginx-light redis-server >/dev/null
 fi
 if [ -z "${BIN:-}" ]; then
   cargo build --quiet --release --bin spillway
@@ -36,6 +38,14 @@ wait_ready() { for _ in $(seq 1200); do curl -fs "http://127.0.0.1:$1/readyz" >/
 
 backend=$(free_port)
 pids+=("$(start_mock_azure "$work" "$backend")")
+state=""
+if [ "$STORE" = redis ]; then
+  redis_port=$(free_port)
+  redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null 2>&1 &
+  pids+=("$!")
+  for _ in $(seq 100); do [ "$(redis-cli -p "$redis_port" ping 2>/dev/null)" = PONG ] && break; sleep 0.1; done
+  state="redis_url = \"redis://127.0.0.1:$redis_port\""
+fi
 
 # One run: start the gateway under callgrind, send `n` requests, stop it, print its total.
 run() {
@@ -54,6 +64,8 @@ kind = "ptu"
 tpm = 1000000000
 deployments = { "gpt-4o" = "gpt-4o" }
 EOF
+  # Each run on a key prefix of its own: the two runs' budgets and leases do not meet.
+  [ -n "$state" ] && printf '[state]\n%s\nkey_prefix = "instr-%s"\n' "$state" "$n" >>"$work/spillway.toml"
   RUST_LOG=error valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.$n" \
     "$BIN" serve --config "$work/spillway.toml" >/dev/null 2>"$work/valgrind.$n" &
   local gateway=$!
@@ -77,6 +89,6 @@ EOF
 base=$(run "$WARMUP")
 more=$(run $((WARMUP + REQUESTS)))
 if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$work"/callgrind.* "$KEEP"/; fi
-echo "binary: $BIN"
+echo "binary: $BIN (store: $STORE)"
 echo "instructions: $base for $WARMUP requests, $more for $((WARMUP + REQUESTS))"
 echo "per request: $(( (more - base) / REQUESTS ))"
