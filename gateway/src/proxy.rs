@@ -25,6 +25,7 @@ mod settlement;
 mod sse;
 pub mod tokens;
 mod trace;
+mod upstream_client;
 mod upstream_path;
 mod usage;
 

@@ -157,7 +157,6 @@ pub async fn serve(
                 config.server.admin_listen
             )
         })?;
-    crate::proxy::tokens::warm_up();
     let gateway = Arc::new(gateway);
     let live = Live::new(gateway.clone(), source, fleet);
     #[cfg(unix)]

@@ -7,7 +7,7 @@ use axum::http::{HeaderMap, HeaderName, header};
 /// Client headers forwarded upstream by default: content type and negotiation, the client's
 /// identity and trace context, and OpenAI / Azure OpenAI request options.
 /// `accept-encoding` is left out on purpose: the gateway reads every body for its usage, so
-/// its own HTTP client negotiates compression with the backend and decompresses.
+/// it asks backends for answers as they are (no compression to undo on every answer).
 pub const FORWARDED_BY_DEFAULT: [&str; 12] = [
     "content-type",
     "accept",

@@ -4,15 +4,18 @@
 use std::pin::Pin;
 use std::time::Duration;
 
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, Request, StatusCode, Uri};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
+use http_body_util::BodyDataStream;
 
 use super::admit::{ProxyRequest, Route};
+use super::outgoing_body::Chunks;
+use super::upstream_client::{self, SendError, UpstreamClient};
 use super::upstream_path::{UpstreamApi, upstream_url};
 use crate::routing_table::Member;
 
-pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>;
+pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, hyper::Error>> + Send>>;
 
 /// A response head from upstream with its body still streaming.
 pub struct Upstream {
@@ -47,7 +50,7 @@ pub enum FailureKind {
 /// Send `request` to `member`. Success responses are committed only once their first body
 /// chunk has arrived, so a backend that fails before sending anything can still be retried.
 pub async fn send(
-    http: &reqwest::Client,
+    http: &UpstreamClient,
     member: &Member,
     request: &ProxyRequest,
     timeout: Duration,
@@ -65,19 +68,19 @@ pub async fn send(
                     kind: FailureKind::Credential,
                     detail,
                 })?;
-        let mut builder = build(http, member, request, span);
+        let mut outgoing = build(member, request, span)?;
         if let Some((name, value)) = credential {
-            builder = builder.header(name, value);
+            outgoing.headers_mut().insert(name, value);
         }
-        let mut response = builder.send().await.map_err(transport)?;
-        let status = response.status();
-        let headers = std::mem::take(response.headers_mut());
-        let mut body: BodyStream = Box::pin(response.bytes_stream());
+        let response = http.send(outgoing).await.map_err(transport)?;
+        let (head, incoming) = response.into_parts();
+        let (status, headers) = (head.status, head.headers);
+        let mut body: BodyStream = Box::pin(BodyDataStream::new(incoming));
         let mut first = None;
         if status.is_success()
             && let Some(chunk) = body.next().await
         {
-            first = Some(chunk.map_err(transport)?);
+            first = Some(chunk.map_err(broken_body)?);
         }
         Ok(Upstream {
             status,
@@ -97,12 +100,12 @@ pub async fn send(
     }
 }
 
+/// The request for `member`: its URL, the client's forwarded headers and this member's body.
 fn build(
-    http: &reqwest::Client,
     member: &Member,
     request: &ProxyRequest,
     span: &tracing::Span,
-) -> reqwest::RequestBuilder {
+) -> Result<Request<Chunks>, TransportFailure> {
     let base = &member.backend.base_url;
     let url = match &request.route {
         Route::Deployment { operation } => upstream_url(
@@ -115,40 +118,52 @@ fn build(
             upstream_url(base, *api, operation, &request.query)
         }
     };
+    let uri = Uri::try_from(url.as_str()).map_err(|e| TransportFailure {
+        kind: FailureKind::Connection,
+        detail: format!("request failed: the upstream URL is not a URI: {e}"),
+    })?;
     // The shared body bytes, with this member's deployment as `model` on the v1 route.
-    let body = request.body.for_member(&member.deployment);
+    let mut outgoing = Request::new(request.body.for_member(&member.deployment));
+    *outgoing.method_mut() = request.method.clone();
+    *outgoing.uri_mut() = uri;
     // The backend continues the attempt's trace (the client's, when it is not exported).
-    let mut headers = request.headers.clone();
-    super::trace::inject(span, &mut headers);
-    http.request(request.method.clone(), url)
-        .headers(headers)
-        .body(body)
+    let headers = outgoing.headers_mut();
+    headers.clone_from(&request.headers);
+    super::trace::inject(span, headers);
+    Ok(outgoing)
 }
 
-fn transport(e: reqwest::Error) -> TransportFailure {
-    let kind = if e.is_timeout() {
+fn transport(e: SendError) -> TransportFailure {
+    let kind = if upstream_client::timed_out(&e) {
         FailureKind::Timeout
     } else {
         FailureKind::Connection
     };
-    TransportFailure {
-        kind,
-        detail: describe(&e),
-    }
-}
-
-/// Error text for logs and client messages: the kind of failure, never a credential.
-fn describe(e: &reqwest::Error) -> String {
-    let kind = if e.is_connect() {
+    let what = if e.is_connect() {
         "connection failed"
-    } else if e.is_timeout() {
+    } else if kind == FailureKind::Timeout {
         "timed out"
-    } else if e.is_body() || e.is_decode() {
-        "response body failed"
     } else {
         "request failed"
     };
-    let mut source = std::error::Error::source(e);
+    TransportFailure {
+        kind,
+        detail: describe(what, &e),
+    }
+}
+
+/// The answer's head came, then its body broke before its first chunk.
+fn broken_body(e: hyper::Error) -> TransportFailure {
+    TransportFailure {
+        kind: FailureKind::Connection,
+        detail: describe("response body failed", &e),
+    }
+}
+
+/// Error text for logs and client messages: the kind of failure and its root cause, never a
+/// credential (no error here carries a header).
+fn describe(kind: &str, e: &(dyn std::error::Error + 'static)) -> String {
+    let mut source = e.source();
     let mut root = None;
     while let Some(s) = source {
         root = Some(s.to_string());
@@ -156,6 +171,6 @@ fn describe(e: &reqwest::Error) -> String {
     }
     match root {
         Some(root) => format!("{kind}: {root}"),
-        None => kind.to_string(),
+        None => format!("{kind}: {e}"),
     }
 }

@@ -22,7 +22,7 @@ use crate::routing_table::RoutingTable;
 pub struct Gateway {
     pub table: RoutingTable,
     pub fleet: Arc<dyn FleetState>,
-    pub http: reqwest::Client,
+    pub http: super::upstream_client::UpstreamClient,
     pub consumers: Consumers,
     pub routing: RoutingConfig,
     pub body_limits: BodyLimits,
@@ -76,20 +76,18 @@ impl Gateway {
         let consumers = Consumers::from_config(&config.consumers, config.auth.jwt.as_ref())
             .map_err(|p| problem("consumers".into(), p))
             .ok();
-        let http = reqwest::Client::builder()
-            // An upstream's redirect is answered to the client, never followed: the request
-            // (and its credential) goes only where the routing table says.
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(Duration::from_millis(config.routing.connect_timeout_ms))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build()
-            .map_err(|e| {
-                problem(
-                    "routing".into(),
-                    format!("cannot build the HTTP client: {e}"),
-                )
-            })
-            .ok();
+        // An upstream's redirect is answered to the client, never followed: the request
+        // (and its credential) goes only where the routing table says.
+        let http = super::upstream_client::UpstreamClient::new(Duration::from_millis(
+            config.routing.connect_timeout_ms,
+        ))
+        .map_err(|e| {
+            problem(
+                "routing".into(),
+                format!("cannot build the HTTP client: {e}"),
+            )
+        })
+        .ok();
         let admin_token = match &config.server.admin_token_env {
             Some(var) => std::env::var(var)
                 .map(Secret::new)

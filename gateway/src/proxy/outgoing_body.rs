@@ -86,9 +86,9 @@ impl OutgoingBody {
 
     /// The bytes for one attempt: `deployment` written as `model` when the body's model is
     /// rewritten. Shares the body's bytes (no copy).
-    pub fn for_member(&self, deployment: &str) -> reqwest::Body {
+    pub fn for_member(&self, deployment: &str) -> Chunks {
         if self.model.is_none() && self.edits.is_empty() {
-            return reqwest::Body::from(self.bytes.clone());
+            return Chunks::one(self.bytes.clone());
         }
         let model = self.model.clone().map(|range| {
             let name = serde_json::to_string(deployment).expect("a string always serializes");
@@ -110,7 +110,7 @@ impl OutgoingBody {
         }
         chunks.push_back(self.bytes.slice(at..));
         chunks.retain(|c| !c.is_empty());
-        reqwest::Body::wrap(Chunks::new(chunks))
+        Chunks::new(chunks)
     }
 
     /// The body as one contiguous copy, as an attempt sends it (tests).
@@ -141,15 +141,29 @@ impl OutgoingBody {
 }
 
 /// A body of shared chunks with its exact length known (sent with `content-length`).
-struct Chunks {
+pub struct Chunks {
+    /// The body unedited (most requests): one chunk, no queue to allocate.
+    whole: Option<Bytes>,
     chunks: VecDeque<Bytes>,
     left: u64,
 }
 
 impl Chunks {
+    fn one(bytes: Bytes) -> Self {
+        Self {
+            left: bytes.len() as u64,
+            whole: (!bytes.is_empty()).then_some(bytes),
+            chunks: VecDeque::new(),
+        }
+    }
+
     fn new(chunks: VecDeque<Bytes>) -> Self {
         let left = chunks.iter().map(|c| c.len() as u64).sum();
-        Self { chunks, left }
+        Self {
+            whole: None,
+            chunks,
+            left,
+        }
     }
 }
 
@@ -161,7 +175,10 @@ impl http_body::Body for Chunks {
         mut self: Pin<&mut Self>,
         _: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let next = self.chunks.pop_front();
+        let next = match self.whole.take() {
+            Some(whole) => Some(whole),
+            None => self.chunks.pop_front(),
+        };
         if let Some(chunk) = &next {
             self.left -= chunk.len() as u64;
         }
@@ -169,7 +186,7 @@ impl http_body::Body for Chunks {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.chunks.is_empty()
+        self.whole.is_none() && self.chunks.is_empty()
     }
 
     fn size_hint(&self) -> SizeHint {

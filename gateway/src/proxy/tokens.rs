@@ -17,6 +17,8 @@ use crate::proxy::request_fields::{
 pub use crate::config::Encoding;
 
 impl Encoding {
+    /// The tokenizer, built on its first use: a replica whose pools use one encoding never
+    /// holds the other (each is tens of MiB), and an idle replica holds none.
     fn bpe(self) -> &'static CoreBPE {
         match self {
             Self::O200kBase => tiktoken_rs::o200k_base_singleton(),
@@ -71,12 +73,6 @@ fn counts() -> &'static quick_cache::sync::Cache<CountKey, u64> {
     static COUNTS: std::sync::OnceLock<quick_cache::sync::Cache<CountKey, u64>> =
         std::sync::OnceLock::new();
     COUNTS.get_or_init(|| quick_cache::sync::Cache::new(REMEMBERED_COUNTS))
-}
-
-/// Build the tokenizers now rather than on the first request (it takes a moment).
-pub fn warm_up() {
-    Encoding::O200kBase.count("warm up");
-    Encoding::Cl100kBase.count("warm up");
 }
 
 /// Texts are counted in pieces of at most this many bytes: tiktoken's merge keeps ~48 bytes
