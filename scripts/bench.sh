@@ -10,6 +10,9 @@
 #   BASE=/path/to/old/spillway scripts/bench.sh   # also that build's two arms (base-embedded,
 #                                                  # base-redis), interleaved: a before/after
 #                                                  # comparison measured in the same run
+#   INSTRUCTIONS=0 scripts/bench.sh                # without the instruction counts
+# Then (unless INSTRUCTIONS=0) the instructions per request of this build, and of BASE when
+# given, by scripts/instructions.sh: the figure that holds on any machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/mock-azure.sh
@@ -120,3 +123,7 @@ for arm in "${arms[@]}"; do
   awk -v arm="$arm" -v a="$m50" -v b="$m99" -v r="$r" -v q="$q" \
     'BEGIN { printf "%-14s %14.0f %14.0f %12.0f %9.2fx\n", arm, a, b, r, q }'
 done
+if [ "${INSTRUCTIONS:-1}" != 0 ]; then
+  BIN="$bin" scripts/instructions.sh
+  if [ -n "${BASE:-}" ]; then BIN="$BASE" TOP=0 scripts/instructions.sh; fi
+fi

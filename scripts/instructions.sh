@@ -99,7 +99,7 @@ def send(n):
         assert stream != "true" or text.rstrip().endswith(b"data: [DONE]"), text
 def counting(on):
     subprocess.run(["callgrind_control", "-i", "on" if on else "off", pid], check=True,
-                   stdout=subprocess.DEVNULL)
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 send(warmup)
 counting(True)
 send(requests)
@@ -107,7 +107,7 @@ counting(False)
 EOF
   kill -TERM "$gateway"; wait "$gateway" || true
   local total
-  total=$(awk '/^(summary|totals):/ { print $2; exit }' "$work/callgrind.$arm")
+  total=$(awk '/^totals:/ { print $2; exit }' "$work/callgrind.$arm")
   echo $(( total / REQUESTS ))
 }
 
@@ -121,16 +121,23 @@ if [ -n "${per[stream]:-}" ] && [ -n "${per[stream-41]:-}" ]; then
   printf '%-10s %9s instructions per SSE event relayed\n' "per event" $(( (per[stream-41] - per[stream]) / 40 ))
 fi
 first=${ARMS%% *}
+# A function list from callgrind_annotate, per request: its count over REQUESTS, its share.
+per_request() {
+  awk -v n="$REQUESTS" -v top="$TOP" '
+    /^-+$/ { rule++; next }
+    rule >= 3 && $1 ~ /^[0-9,]+$/ && $0 !~ /PROGRAM TOTALS/ && shown < top {
+      count = $1; gsub(",", "", count)
+      share = match($0, /\( *[0-9.]+%\)/) ? substr($0, RSTART + 1, RLENGTH - 2) : ""; gsub(" ", "", share)
+      name = $0; sub(/^ *[0-9,]+ +(\( *[0-9.]+%\) +)?/, "", name); sub(/ \[[^]]*\]$/, "", name)
+      sub(/^\?\?\?:/, "", name)
+      if (length(name) > 100) name = substr(name, 1, 97) "..."
+      printf "%9d %9s  %s\n", count / n, share, name; shown++
+    }'
+}
 if [ "$TOP" -gt 0 ]; then
-  echo "# where the $first arm's instructions go: the top $TOP functions by inclusive cost, per request"
-  callgrind_annotate --inclusive=yes --threshold=100 "$work/callgrind.$first" 2>/dev/null |
-    awk -v n="$REQUESTS" -v top="$TOP" '
-      /^-+$/ { rule++; next }
-      rule >= 3 && $1 ~ /^[0-9,]+$/ && shown < top {
-        count = $1; gsub(",", "", count); $1 = ""; $2 = $2
-        name = $0; sub(/^ +/, "", name); sub(/ \[[^]]*\]$/, "", name)
-        if (length(name) > 110) name = substr(name, 1, 107) "..."
-        printf "%9d  %s\n", count / n, name; shown++
-      }'
+  echo "# where the $first arm's instructions go, per request: the top $TOP functions by inclusive cost"
+  callgrind_annotate --inclusive=yes "$work/callgrind.$first" 2>/dev/null | per_request
+  echo "# and by their own (exclusive) cost"
+  callgrind_annotate "$work/callgrind.$first" 2>/dev/null | per_request
 fi
 if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$work"/callgrind.* "$KEEP"/; fi

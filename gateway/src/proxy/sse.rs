@@ -7,10 +7,15 @@
 //! (`eventsource-stream`, `sse-stream`) yield parsed events and would re-encode what the
 //! client is owed.
 
-/// Cuts a byte stream into whole events.
+use std::borrow::Cow;
+
+use bytes::{Bytes, BytesMut};
+
+/// Cuts a byte stream into whole events. Events are handed out as shared slices of what was
+/// received (no copy, and no shifting of what is held when many events come in one chunk).
 #[derive(Debug, Default)]
 pub struct EventSplitter {
-    buf: Vec<u8>,
+    buf: BytesMut,
     /// Where the current line starts, and how far the buffer has been scanned.
     line_start: usize,
     scanned: usize,
@@ -27,18 +32,15 @@ impl EventSplitter {
     }
 
     /// Take the held bytes (the stream ended, or holding is given up).
-    pub fn take_rest(&mut self) -> Vec<u8> {
+    pub fn take_rest(&mut self) -> Bytes {
         self.line_start = 0;
         self.scanned = 0;
-        std::mem::take(&mut self.buf)
+        self.buf.split().freeze()
     }
 
     /// The next whole event, terminating empty line included.
-    pub fn next_event(&mut self) -> Option<Vec<u8>> {
-        while let Some(offset) = self.buf[self.scanned..]
-            .iter()
-            .position(|&b| b == b'\n' || b == b'\r')
-        {
+    pub fn next_event(&mut self) -> Option<Bytes> {
+        while let Some(offset) = memchr::memchr2(b'\n', b'\r', &self.buf[self.scanned..]) {
             let at = self.scanned + offset;
             let len = match self.buf[at] {
                 b'\n' => 1,
@@ -51,7 +53,7 @@ impl EventSplitter {
             self.scanned = at + len;
             self.line_start = self.scanned;
             if empty_line {
-                let event: Vec<u8> = self.buf.drain(..self.scanned).collect();
+                let event = self.buf.split_to(self.scanned).freeze();
                 self.scanned = 0;
                 self.line_start = 0;
                 return Some(event);
@@ -63,26 +65,34 @@ impl EventSplitter {
 }
 
 /// The `data` of one event's raw bytes: its `data:` lines joined with LF (`None` when it
-/// has none, e.g. a comment or a keep-alive).
-pub fn event_data(event: &[u8]) -> Option<String> {
-    let text = std::str::from_utf8(event).ok()?;
-    let mut data: Option<String> = None;
-    // Split on CR and LF alike: a CRLF yields an extra empty piece, skipped as blank.
-    for line in text.split(['\n', '\r']) {
-        if line.is_empty() || line.starts_with(':') {
+/// has none, e.g. a comment or a keep-alive). Borrowed when the event has one `data:` line,
+/// as streamed answers' events do.
+pub fn event_data(event: &[u8]) -> Option<Cow<'_, [u8]>> {
+    let mut data: Option<Cow<'_, [u8]>> = None;
+    let mut rest = event;
+    while !rest.is_empty() {
+        // Lines end in CR or LF alike: a CRLF leaves an empty line, skipped as blank.
+        let end = memchr::memchr2(b'\n', b'\r', rest).unwrap_or(rest.len());
+        let line = &rest[..end];
+        rest = &rest[(end + 1).min(rest.len())..];
+        if line.is_empty() || line[0] == b':' {
             continue; // blank, or a comment
         }
-        let (field, value) = line.split_once(':').unwrap_or((line, ""));
-        if field != "data" {
+        let (field, value) = match memchr::memchr(b':', line) {
+            Some(at) => (&line[..at], &line[at + 1..]),
+            None => (line, &line[line.len()..]),
+        };
+        if field != b"data" {
             continue; // event, id, retry and unknown fields carry no data
         }
-        let value = value.strip_prefix(' ').unwrap_or(value);
+        let value = value.strip_prefix(b" ").unwrap_or(value);
         match &mut data {
             Some(d) => {
-                d.push('\n');
-                d.push_str(value);
+                let d = d.to_mut();
+                d.push(b'\n');
+                d.extend_from_slice(value);
             }
-            None => data = Some(value.to_owned()),
+            None => data = Some(Cow::Borrowed(value)),
         }
     }
     data
@@ -92,7 +102,7 @@ pub fn event_data(event: &[u8]) -> Option<String> {
 mod tests {
     use super::*;
 
-    fn events(input: &[u8]) -> (Vec<Vec<u8>>, Vec<u8>) {
+    fn events(input: &[u8]) -> (Vec<Bytes>, Bytes) {
         let mut s = EventSplitter::default();
         s.push(input);
         let mut out = Vec::new();
@@ -109,8 +119,8 @@ mod tests {
             let stream = format!("data: a{sep}{sep}data: b{sep}{sep}:");
             let (got, rest) = events(stream.as_bytes());
             assert_eq!(got.len(), 2, "{sep:?}");
-            assert_eq!(rest, b":");
-            assert_eq!(event_data(&got[1]).as_deref(), Some("b"));
+            assert_eq!(&rest[..], b":");
+            assert_eq!(event_data(&got[1]).as_deref(), Some(&b"b"[..]));
         }
     }
 
@@ -120,13 +130,13 @@ mod tests {
         s.push(b"data: a\r\n\r");
         assert_eq!(s.next_event(), None, "the CR may start a CRLF");
         s.push(b"\n");
-        assert_eq!(s.next_event().unwrap(), b"data: a\r\n\r\n");
+        assert_eq!(s.next_event().unwrap(), &b"data: a\r\n\r\n"[..]);
     }
 
     #[test]
     fn data_lines_join_and_other_fields_carry_none() {
         let event = b": keep-alive\r\nevent: message\r\nid: 7\r\ndata:{\"a\":\r\ndata: 1}\r\nretry: 10\r\n\r\n";
-        assert_eq!(event_data(event).as_deref(), Some("{\"a\":\n1}"));
+        assert_eq!(event_data(event).as_deref(), Some(&b"{\"a\":\n1}"[..]));
         assert_eq!(event_data(b": just a comment\n\n"), None);
     }
 }

@@ -1,7 +1,10 @@
 //! Reading what a response really used: `usage` from a JSON body or from an SSE stream's
 //! usage chunk, and the content deltas of a stream that carries no usage. Pure: fed bytes.
 
-use bytes::Bytes;
+use std::sync::LazyLock;
+
+use bytes::{Bytes, BytesMut};
+use memchr::memmem::Finder;
 use serde::Deserialize;
 
 use super::json_fields::{JsonFields, Path};
@@ -70,10 +73,10 @@ impl UsageMeter {
             return chunk;
         }
         self.events.push(&chunk);
-        let mut out = Vec::with_capacity(chunk.len());
+        let mut out = BytesMut::new();
         while let Some(event) = self.events.next_event() {
             if !self.observe_event(&event) {
-                out.extend_from_slice(&without_null_usage(&event));
+                without_null_usage(&event, &mut out);
             }
         }
         if self.events.held() > MAX_HELD_BYTES {
@@ -82,7 +85,7 @@ impl UsageMeter {
             self.overflow = true;
             out.extend_from_slice(&self.events.take_rest());
         }
-        Bytes::from(out)
+        out.freeze()
     }
 
     /// Bytes still held when the upstream ends (an unterminated event): metered, and sent on
@@ -95,11 +98,7 @@ impl UsageMeter {
         if !self.overflow && !rest.is_empty() {
             self.observe_event(&rest);
         }
-        if self.strip {
-            Bytes::from(rest)
-        } else {
-            Bytes::new()
-        }
+        if self.strip { rest } else { Bytes::new() }
     }
 
     fn observe(&mut self, chunk: &[u8]) {
@@ -134,12 +133,18 @@ impl UsageMeter {
         let Some(data) = event_data(event) else {
             return false;
         };
-        if data.trim() == "[DONE]" {
+        if data.trim_ascii() == b"[DONE]" {
+            return false;
+        }
+        if self.model.is_some()
+            && let Some(deltas) = plain_chunk(&data)
+        {
+            self.content_deltas += deltas;
             return false;
         }
         // Typed, borrowing reads: only `usage` and the deltas' content are looked at; the
         // rest of the event is skipped without building it.
-        let Ok(event) = serde_json::from_str::<StreamEvent<'_>>(&data) else {
+        let Ok(event) = serde_json::from_slice::<StreamEvent<'_>>(&data) else {
             return false;
         };
         let mut usage_only = false;
@@ -236,16 +241,75 @@ impl UsageMeter {
     }
 }
 
-/// The event without the `"usage":null` field that asking for usage adds to every chunk.
-fn without_null_usage(event: &[u8]) -> Vec<u8> {
-    for field in [&b",\"usage\":null"[..], &b"\"usage\":null,"[..]] {
-        if let Some(at) = find(event, field) {
-            let mut out = event[..at].to_vec();
-            out.extend_from_slice(&event[at + field.len()..]);
-            return out;
+/// The byte strings the relay looks for in every event, each searcher built once.
+struct Needles {
+    null_usage_after: Finder<'static>,
+    null_usage_before: Finder<'static>,
+    kind: Finder<'static>,
+    response: Finder<'static>,
+    usage: Finder<'static>,
+    content: Finder<'static>,
+}
+
+fn needles() -> &'static Needles {
+    static NEEDLES: LazyLock<Needles> = LazyLock::new(|| Needles {
+        null_usage_after: Finder::new(b",\"usage\":null"),
+        null_usage_before: Finder::new(b"\"usage\":null,"),
+        kind: Finder::new(b"\"type\""),
+        response: Finder::new(b"\"response\""),
+        usage: Finder::new(b"\"usage\""),
+        content: Finder::new(b"\"content\""),
+    });
+    &NEEDLES
+}
+
+/// The event, without the `"usage":null` field that asking for usage adds to every chunk,
+/// appended to `out`.
+fn without_null_usage(event: &[u8], out: &mut BytesMut) {
+    let n = needles();
+    for field in [&n.null_usage_after, &n.null_usage_before] {
+        if let Some(at) = field.find(event) {
+            out.extend_from_slice(&event[..at]);
+            out.extend_from_slice(&event[at + field.needle().len()..]);
+            return;
         }
     }
-    event.to_vec()
+    out.extend_from_slice(event);
+}
+
+/// A chat chunk that carries nothing but content: no usage (or `"usage":null`), no `type`
+/// (Responses API events, tool calls) and no `response`. Its non-empty `content` strings are
+/// counted where they stand, without parsing the event (the relay's cost per event is
+/// mostly this check). `None`: the event needs reading in full.
+fn plain_chunk(data: &[u8]) -> Option<u64> {
+    let n = needles();
+    if n.kind.find(data).is_some() || n.response.find(data).is_some() {
+        return None;
+    }
+    for at in n.usage.find_iter(data) {
+        if !value_after_key(data, at + n.usage.needle().len()).starts_with(b"null") {
+            return None;
+        }
+    }
+    let deltas = n
+        .content
+        .find_iter(data)
+        .filter(|&at| {
+            let value = value_after_key(data, at + n.content.needle().len());
+            // A string that is not empty (`""` is no content).
+            value.first() == Some(&b'"') && value.get(1).is_some_and(|&b| b != b'"')
+        })
+        .count();
+    Some(deltas as u64)
+}
+
+/// What follows a key ending at `end`: past the blanks, the colon and the blanks after it.
+fn value_after_key(data: &[u8], end: usize) -> &[u8] {
+    let rest = data[end..].trim_ascii_start();
+    match rest.strip_prefix(b":") {
+        Some(value) => value.trim_ascii_start(),
+        None => &[],
+    }
 }
 
 /// A JSON answer: only its `usage` is read (a `usage` that is not an object reads as none),
@@ -349,10 +413,6 @@ where
     // Borrowed raw text, read again as `T`: no intermediate `Value` tree to allocate.
     let raw = <&serde_json::value::RawValue>::deserialize(deserializer)?;
     Ok(serde_json::from_str(raw.get()).ok())
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 #[cfg(test)]
@@ -486,6 +546,54 @@ mod tests {
         upstream.push_str(&done);
         client.push_str(&done);
         (upstream, client)
+    }
+
+    /// The content deltas serde counts in one event (the full reading).
+    fn parsed_deltas(data: &[u8]) -> u64 {
+        let event: StreamEvent<'_> = serde_json::from_slice(data).unwrap();
+        event.choices.map_or(0, |choices| {
+            choices
+                .iter()
+                .filter(|c| {
+                    c.delta
+                        .as_ref()
+                        .and_then(|d| d.content.as_deref())
+                        .is_some_and(|s| !s.is_empty())
+                })
+                .count() as u64
+        })
+    }
+
+    #[test]
+    fn a_plain_chunk_is_counted_as_the_full_reading_counts_it_or_read_in_full() {
+        let read_in_full = [
+            r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4}}"#,
+            r#"{"choices":[], "usage" : { "prompt_tokens":3}}"#,
+            r#"{"type":"response.output_text.delta","delta":"Hi"}"#,
+            r#"{"response":{"id":"resp_1"}}"#,
+            r#"{"choices":[{"delta":{"tool_calls":[{"type":"function"}]}}]}"#,
+            r#"{"choices":[{"delta":{"content":"usage"}}]}"#,
+        ];
+        for data in read_in_full {
+            assert_eq!(plain_chunk(data.as_bytes()), None, "{data}");
+        }
+        let counted = [
+            r#"{"choices":[{"delta":{"content":"Hi"}}],"usage":null}"#,
+            r#"{"choices":[{"delta":{"content":""}}],"usage":null}"#,
+            r#"{"choices":[{"delta":{"content":null}}]}"#,
+            r#"{"choices":[{"delta":{"role":"assistant","content":"content"}}]}"#,
+            r#"{"choices":[{"delta":{"content" : "\"usage\": {1}"}}]}"#,
+            r#"{"choices":[{"delta":{"content":"a"}},{"delta":{"content":"b"}}]}"#,
+            r#"{"choices":[{"delta":{},"finish_reason":"stop","content_filter_results":{}}]}"#,
+            r#"{"choices":[{"delta":{"content":"x"},"logprobs":{"content":[]}}], "usage": null}"#,
+        ];
+        for data in counted {
+            assert_eq!(
+                plain_chunk(data.as_bytes()),
+                Some(parsed_deltas(data.as_bytes())),
+                "{data}"
+            );
+        }
     }
 
     /// Relay `chunks` through a meter; the client's bytes and what was metered.
