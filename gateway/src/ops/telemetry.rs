@@ -85,6 +85,7 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, String> {
             .with_span_list(false)
             .with_writer(std::io::stdout)
             .with_filter(Targets::new().with_target(crate::ops::access_log::TARGET, Level::INFO))
+            .boxed()
     });
 
     let provider = tracer_provider(config)?;
@@ -101,12 +102,15 @@ pub fn init(config: &TelemetryConfig) -> Result<Telemetry, String> {
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("spillway"))
             .with_filter(traced)
+            .boxed()
     });
 
+    // Only the layers in use: an absent (`None`) layer would declare an interest in every
+    // span and event, and the request's spans would be built, recorded and closed on every
+    // request for nobody.
+    let layers: Vec<_> = [Some(fmt), access, otel].into_iter().flatten().collect();
     tracing_subscriber::registry()
-        .with(fmt)
-        .with(access)
-        .with(otel)
+        .with(layers)
         .try_init()
         .map_err(|e| format!("cannot install the log subscriber: {e}"))?;
     TRACES_EXPORTED.store(provider.is_some(), std::sync::atomic::Ordering::Relaxed);
