@@ -16,6 +16,8 @@ pub struct Backend {
     /// Base URL, e.g. `https://contoso.openai.azure.com`; upstream paths are built on it
     /// segment by segment (`proxy::upstream_path`).
     pub base_url: url::Url,
+    /// The base URL split once into what every upstream request's URI is built from.
+    pub upstream: UpstreamBase,
     pub region: Option<String>,
     pub priority: u32,
     pub weight: u32,
@@ -25,6 +27,36 @@ pub struct Backend {
     pub rpm: Option<u64>,
     /// Provisioned (PTU): cached prompt tokens are not charged to its budget.
     pub provisioned: bool,
+}
+
+/// A backend's base URL as an upstream request needs it: scheme and authority (shared,
+/// never parsed again) and the path prefix the API paths go under (no trailing `/`).
+#[derive(Clone, Debug)]
+pub struct UpstreamBase {
+    pub scheme: axum::http::uri::Scheme,
+    pub authority: axum::http::uri::Authority,
+    pub path: String,
+}
+
+impl UpstreamBase {
+    /// Split a validated http(s) backend URL.
+    pub fn of(url: &url::Url) -> Self {
+        let scheme = if url.scheme() == "https" {
+            axum::http::uri::Scheme::HTTPS
+        } else {
+            axum::http::uri::Scheme::HTTP
+        };
+        let authority = url::Position::BeforeHost..url::Position::AfterPort;
+        let path = url.path();
+        Self {
+            scheme,
+            authority: url[authority]
+                .parse()
+                .expect("a validated backend URL has a host"),
+            // As the `url` crate's segment API does: one trailing empty segment dropped.
+            path: path.strip_suffix('/').unwrap_or(path).to_owned(),
+        }
+    }
 }
 
 /// A backend serving a pool under its own deployment name.
@@ -94,9 +126,11 @@ impl RoutingTable {
     pub fn build(config: &Config, credentials: Vec<BackendCredential>) -> Self {
         let mut pools: BTreeMap<String, Vec<Member>> = BTreeMap::new();
         for (b, credential) in config.backends.iter().zip(credentials) {
+            let base_url = url::Url::parse(&b.url).expect("backend URLs are validated");
             let backend = Arc::new(Backend {
                 id: BackendId::new(&b.id),
-                base_url: url::Url::parse(&b.url).expect("backend URLs are validated"),
+                upstream: UpstreamBase::of(&base_url),
+                base_url,
                 region: b.region.clone(),
                 priority: b.priority,
                 weight: b.weight,

@@ -4,7 +4,7 @@
 use std::pin::Pin;
 use std::time::Duration;
 
-use axum::http::{HeaderMap, Request, StatusCode, Uri};
+use axum::http::{HeaderMap, Request, StatusCode};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use http_body_util::BodyDataStream;
@@ -12,7 +12,7 @@ use http_body_util::BodyDataStream;
 use super::admit::{ProxyRequest, Route};
 use super::outgoing_body::Chunks;
 use super::upstream_client::{self, SendError, UpstreamClient};
-use super::upstream_path::{UpstreamApi, upstream_url};
+use super::upstream_path::{UpstreamApi, upstream_uri};
 use crate::routing_table::Member;
 
 pub type BodyStream = Pin<Box<dyn Stream<Item = Result<Bytes, hyper::Error>> + Send>>;
@@ -68,7 +68,7 @@ pub async fn send(
                     kind: FailureKind::Credential,
                     detail,
                 })?;
-        let mut outgoing = build(member, request, span)?;
+        let mut outgoing = build(member, request, span);
         if let Some((name, value)) = credential {
             outgoing.headers_mut().insert(name, value);
         }
@@ -101,27 +101,19 @@ pub async fn send(
 }
 
 /// The request for `member`: its URL, the client's forwarded headers and this member's body.
-fn build(
-    member: &Member,
-    request: &ProxyRequest,
-    span: &tracing::Span,
-) -> Result<Request<Chunks>, TransportFailure> {
-    let base = &member.backend.base_url;
-    let url = match &request.route {
-        Route::Deployment { operation } => upstream_url(
+fn build(member: &Member, request: &ProxyRequest, span: &tracing::Span) -> Request<Chunks> {
+    let base = &member.backend.upstream;
+    let uri = match &request.route {
+        Route::Deployment { operation } => upstream_uri(
             base,
             UpstreamApi::Deployment(&member.deployment),
             operation,
             &request.query,
         ),
         Route::V1 { operation, api } | Route::Stored { operation, api } => {
-            upstream_url(base, *api, operation, &request.query)
+            upstream_uri(base, *api, operation, &request.query)
         }
     };
-    let uri = Uri::try_from(url.as_str()).map_err(|e| TransportFailure {
-        kind: FailureKind::Connection,
-        detail: format!("request failed: the upstream URL is not a URI: {e}"),
-    })?;
     // The shared body bytes, with this member's deployment as `model` on the v1 route.
     let mut outgoing = Request::new(request.body.for_member(&member.deployment));
     *outgoing.method_mut() = request.method.clone();
@@ -130,7 +122,7 @@ fn build(
     let headers = outgoing.headers_mut();
     headers.clone_from(&request.headers);
     super::trace::inject(span, headers);
-    Ok(outgoing)
+    outgoing
 }
 
 fn transport(e: SendError) -> TransportFailure {

@@ -121,6 +121,9 @@ mod tests {
             backend: Arc::new(Backend {
                 id: BackendId::new(id),
                 base_url: url::Url::parse("http://127.0.0.1:1").unwrap(),
+                upstream: crate::routing_table::UpstreamBase::of(
+                    &url::Url::parse("http://127.0.0.1:1").unwrap(),
+                ),
                 region: Some(region.into()),
                 priority,
                 weight,

@@ -5,9 +5,12 @@
 //! Each segment passes `path_segment::check_segment` (the one rule, shared with the
 //! configuration's deployment names).
 
+use axum::http::Uri;
+use axum::http::uri::{Parts, PathAndQuery};
 use url::Url;
 
 use crate::path_segment::{MAX_SEGMENTS, PathRejection, check_segment};
+use crate::routing_table::UpstreamBase;
 
 /// The operation part of a request path (`chat/completions`, `embeddings`, ...), validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -171,10 +174,12 @@ pub enum UpstreamApi<'a> {
     Preview,
 }
 
-/// The upstream URL: `base` + the API prefix + validated segments + re-encoded query.
-/// Segments go through the `url` crate's segment API, which percent-encodes anything that
-/// is not plain, so a deployment name from configuration cannot add segments either.
-pub fn upstream_url(
+/// The upstream URL: `base` + the API prefix + validated segments + re-encoded query, as the
+/// `url` crate's segment API builds it (percent-encoding anything that is not plain, so a
+/// deployment name from configuration cannot add segments either): the reference
+/// [`upstream_uri`] is tested against.
+#[cfg(test)]
+fn upstream_url(
     base: &Url,
     api: UpstreamApi<'_>,
     operation: &OperationPath,
@@ -205,6 +210,57 @@ pub fn upstream_url(
         url.query_pairs_mut().extend_pairs(&query.0);
     }
     url
+}
+
+/// The upstream URI of an attempt, as [`upstream_url`] writes it, built as one string on the
+/// backend's split base (the hot path: no URL parsed or re-serialized per request).
+pub fn upstream_uri(
+    base: &UpstreamBase,
+    api: UpstreamApi<'_>,
+    operation: &OperationPath,
+    query: &QueryPairs,
+) -> Uri {
+    let mut path = String::with_capacity(base.path.len() + 96);
+    path.push_str(&base.path);
+    match api {
+        UpstreamApi::Deployment(deployment) => {
+            path.push_str("/openai/deployments/");
+            push_segment(&mut path, deployment);
+        }
+        UpstreamApi::V1 => path.push_str("/openai/v1"),
+        UpstreamApi::Preview => path.push_str("/openai"),
+    }
+    for segment in operation.segments() {
+        path.push('/');
+        push_segment(&mut path, segment);
+    }
+    if !query.0.is_empty() {
+        path.push('?');
+        let start = path.len();
+        path = url::form_urlencoded::Serializer::for_suffix(path, start)
+            .extend_pairs(&query.0)
+            .finish();
+    }
+    let mut parts = Parts::default();
+    parts.scheme = Some(base.scheme.clone());
+    parts.authority = Some(base.authority.clone());
+    parts.path_and_query =
+        Some(PathAndQuery::try_from(path).expect("segments and the query are percent-encoded"));
+    Uri::from_parts(parts).expect("scheme, authority and path are all set")
+}
+
+/// A segment, percent-encoded but for RFC 3986's unreserved characters (validated
+/// segments and deployment names have no others, so they go as they are).
+fn push_segment(path: &mut String, segment: &str) {
+    for b in segment.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            path.push(b as char);
+        } else {
+            path.push('%');
+            path.push(char::from(b"0123456789ABCDEF"[usize::from(b >> 4)]));
+            path.push(char::from(b"0123456789ABCDEF"[usize::from(b & 15)]));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -277,8 +333,49 @@ mod tests {
         assert_eq!(v1.as_str(), "http://127.0.0.1:9/openai/v1/chat/completions");
     }
 
+    proptest! {
+        /// The hot path's URI is the URL the `url` crate builds, for any valid operation,
+        /// deployment, base path and query.
+        #[test]
+        fn the_uri_is_the_url(
+            base in prop::sample::select(vec![
+                "http://127.0.0.1:9", "http://127.0.0.1:9/", "https://contoso.openai.azure.com/prefix",
+                "https://contoso.openai.azure.com/prefix/", "https://[::1]:8443/a/b",
+            ]),
+            deployment in "[A-Za-z0-9_~-]{1,12}",
+            operation in prop::sample::select(vec![
+                "chat/completions", "embeddings", "responses/resp_1/input_items",
+            ]),
+            api in 0u8..3,
+            query in prop::collection::vec(("[ -~]{0,8}", "[ -~\u{e9}]{0,8}"), 0..4),
+        ) {
+            let base = Url::parse(base).unwrap();
+            let operation = OperationPath::parse(operation).unwrap();
+            let api = match api {
+                0 => UpstreamApi::Deployment(&deployment),
+                1 => UpstreamApi::V1,
+                _ => UpstreamApi::Preview,
+            };
+            let query = QueryPairs(query);
+            let uri = upstream_uri(&UpstreamBase::of(&base), api, &operation, &query);
+            prop_assert_eq!(uri.to_string(), upstream_url(&base, api, &operation, &query).to_string());
+        }
+    }
+
     #[test]
     fn a_deployment_name_cannot_add_segments() {
+        let op = OperationPath::parse("embeddings").unwrap();
+        let uri = upstream_uri(
+            &UpstreamBase::of(&base()),
+            UpstreamApi::Deployment("a/../b"),
+            &op,
+            &QueryPairs::default(),
+        );
+        assert_eq!(uri.path(), "/openai/deployments/a%2F..%2Fb/embeddings");
+    }
+
+    #[test]
+    fn a_deployment_name_cannot_add_segments_to_the_url() {
         let op = OperationPath::parse("embeddings").unwrap();
         let url = upstream_url(
             &base(),
