@@ -111,7 +111,17 @@ struct Book {
     /// Bumped whenever a lease in the pool is revoked or ended: a refill sent before lands
     /// given back whole, not handed out.
     epochs: HashMap<PoolName, u64>,
+    /// How much more than the admissions counted a pool's leases are sized for (1 to
+    /// [`MAX_GROWTH`]): admissions wait while a lease is dry, so they undercount what the
+    /// requests would take. Doubled each time a lease runs dry, less one at each refill that
+    /// lands before it does.
+    growth: HashMap<PoolName, u32>,
+    /// Pools whose lease ran dry since their last grant (it grows once per dry spell).
+    dried: std::collections::HashSet<PoolName>,
 }
+
+/// The most a pool's leases grow past its counted demand.
+const MAX_GROWTH: u32 = 8;
 
 /// This replica's leases, by pool member.
 pub struct Leases {
@@ -235,10 +245,11 @@ impl Leases {
         let mut book = self.book.lock().expect("lease book");
         let demand = book.demand.entry(pool.clone()).or_default();
         demand.roll(now, self.policy.ttl);
-        let recent = demand.per_period(now, self.policy.ttl);
-        if recent < 2 {
+        let counted = demand.per_period(now, self.policy.ttl);
+        if counted < 2 {
             return 0;
         }
+        let recent = counted.saturating_mul(Self::growth_of(&book, pool));
         let ttl = self.policy.ttl.as_secs_f64();
         let periods = self.horizon(round_trip).as_secs_f64() / ttl;
         // The cap never makes a replica wait: a lease may hold twice what demand takes until
@@ -270,22 +281,37 @@ impl Leases {
         if book.refilling.contains(pool) {
             return false;
         }
-        let recent = book
+        let counted = book
             .demand
             .get(pool)
             .map_or(0, |d| d.per_period(now, self.policy.ttl));
         let Some(lease) = book.leases.get(&(pool.clone(), backend.clone())) else {
             return false;
         };
-        if recent < 2 {
+        if counted < 2 {
             return false;
         }
+        let recent = counted.saturating_mul(Self::growth_of(&book, pool));
         let low = self.low_water(recent, round_trip) as u64;
         let due = lease.requests <= low || lease.expires <= now + 2 * round_trip + REFILL_MARGIN;
         if due {
             book.refilling.insert(pool.clone());
         }
         due
+    }
+
+    /// A request found `pool`'s lease spent before its refill landed (or with none coming):
+    /// size the pool's next leases for more than the admissions counted.
+    pub fn ran_dry(&self, pool: &PoolName) {
+        let mut book = self.book.lock().expect("lease book");
+        if book.dried.insert(pool.clone()) {
+            let growth = book.growth.entry(pool.clone()).or_insert(1);
+            *growth = (*growth * 2).min(MAX_GROWTH);
+        }
+    }
+
+    fn growth_of(book: &Book, pool: &PoolName) -> u32 {
+        book.growth.get(pool).copied().unwrap_or(1)
     }
 
     /// `pool`'s revocation count: a refill notes it when sent, and its grant is kept only if
@@ -344,6 +370,7 @@ impl Leases {
         if leased == 0 {
             return None;
         }
+        book.dried.remove(pool);
         let expires = now + horizon;
         for skipped in passed_over {
             book.passed_over
@@ -359,6 +386,12 @@ impl Leases {
             expires,
         };
         let replaced = book.leases.insert(key.clone(), lease);
+        if !caller && replaced.as_ref().is_some_and(|l| l.requests > 0) {
+            // The refill landed before the lease ran dry: grow less.
+            if let Some(growth) = book.growth.get_mut(pool) {
+                *growth = (*growth - 1).max(1);
+            }
+        }
         replaced.and_then(|l| l.unused(&key))
     }
 

@@ -1,9 +1,10 @@
 //! What distance to Redis costs a request: the same three-replica fleet next to Redis, 80 ms
 //! from it (a proxy adding 40 ms each way) and at mixed distances (one near, two far), on
 //! default settings. Each round offers twice the PTU's budget (the PTU fills, PAYG takes the
-//! rest), then as much again with the PTU full (the steady state), 12 requests in flight;
-//! arms interleaved, ROUNDS rounds (default 3), medians reported. Client-side latency of
-//! each request, p50 and p99, and the difference to the near arm of the same round.
+//! rest), then as much again with the PTU full (the load jumps: answers no longer wait for
+//! the PTU's edge), then five times as much (the steady state), 12 requests in flight; arms
+//! interleaved, ROUNDS rounds (default 3), medians reported. Client-side latency of each
+//! request, p50 and p99, and the difference to the near arm of the same round.
 //!
 //! Run: `cargo bench -p spillway-tests --bench distance` (ROUNDS=5 for more).
 
@@ -60,6 +61,7 @@ struct Phase {
 #[derive(Clone, Copy, Default)]
 struct Round {
     fill: Phase,
+    jump: Phase,
     steady: Phase,
     ptu_share: f64,
     alone: u64,
@@ -70,13 +72,15 @@ async fn round(one_way: [Duration; 3]) -> Round {
     let fleet = fleet_at(one_way, Some(PTU_TPM)).await;
     let offered = 2 * PTU_REQUESTS as usize;
     let mut fill = timed_load(&fleet.replicas, offered).await;
-    let mut steady = timed_load(&fleet.replicas, offered).await;
+    let mut jump = timed_load(&fleet.replicas, offered).await;
+    let mut steady = timed_load(&fleet.replicas, 5 * offered).await;
     let phase = |s: &mut Vec<Duration>| Phase {
         p50: quantile(s, 0.5),
         p99: quantile(s, 0.99),
     };
     Round {
         fill: phase(&mut fill),
+        jump: phase(&mut jump),
         steady: phase(&mut steady),
         ptu_share: fleet.sim.stats("ptu", "gpt-4o").total_tokens as f64 / PTU_TPM as f64,
         alone: fleet.states.iter().map(|s| s.fallback_calls()).sum(),
@@ -115,14 +119,17 @@ async fn main() {
         }
     }
     println!(
-        "# cargo bench -p spillway-tests --bench distance: 3 replicas, defaults, {} requests offered twice (PTU filling, then full), {IN_FLIGHT} in flight; medians of {rounds} interleaved rounds",
-        2 * PTU_REQUESTS
+        "# cargo bench -p spillway-tests --bench distance: 3 replicas, defaults, {} requests (PTU filling), {} more (load jump), then {} (steady), {IN_FLIGHT} in flight; medians of {rounds} interleaved rounds",
+        2 * PTU_REQUESTS,
+        2 * PTU_REQUESTS,
+        10 * PTU_REQUESTS
     );
     println!(
-        "{:<22} {:>10} {:>10} {:>12} {:>12} {:>9} {:>7} {:>7} {:>14} {:>14}",
+        "{:<22} {:>10} {:>10} {:>10} {:>12} {:>12} {:>9} {:>7} {:>7} {:>14} {:>14}",
         "arm",
         "fill p50",
         "fill p99",
+        "jump p99",
         "steady p50",
         "steady p99",
         "PTU",
@@ -144,10 +151,11 @@ async fn main() {
             sorted[sorted.len() / 2]
         };
         println!(
-            "{:<22} {:>8.1}ms {:>8.1}ms {:>10.1}ms {:>10.1}ms {:>8.2}x {:>7} {:>7} {:>12.1}ms {:>12.1}ms",
+            "{:<22} {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>10.1}ms {:>10.1}ms {:>8.2}x {:>7} {:>7} {:>12.1}ms {:>12.1}ms",
             name,
             ms(median_of(rounds, |r| r.fill.p50)),
             ms(median_of(rounds, |r| r.fill.p99)),
+            ms(median_of(rounds, |r| r.jump.p99)),
             ms(median_of(rounds, |r| r.steady.p50)),
             ms(median_of(rounds, |r| r.steady.p99)),
             median_of(rounds, |r| r.ptu_share),
