@@ -154,21 +154,12 @@ impl UsageMeter {
         {
             self.model = Some(model.as_str().to_owned());
         }
+        self.content_deltas += event.content_deltas();
         if let Some(usage) = event.usage {
             self.usage = Some(usage.into());
             usage_only = event.choices.as_ref().is_none_or(|c| c.is_empty());
         }
-        if let Some(choices) = &event.choices {
-            self.content_deltas += choices
-                .iter()
-                .filter(|c| {
-                    c.delta
-                        .as_ref()
-                        .and_then(|d| d.content.as_deref())
-                        .is_some_and(|s| !s.is_empty())
-                })
-                .count() as u64;
-        }
+
         // Responses API events: text deltas, and the usage of the final event's response.
         if let Some(response) = event.response {
             if let Some(usage) = response.usage {
@@ -380,6 +371,23 @@ struct StreamEvent<'a> {
     model: Lenient<Text<'a>>,
 }
 
+impl StreamEvent<'_> {
+    /// Its choices whose delta carries content (an empty string is none).
+    fn content_deltas(&self) -> u64 {
+        self.choices.as_ref().map_or(0, |choices| {
+            choices
+                .iter()
+                .filter(|c| {
+                    c.delta
+                        .as_ref()
+                        .and_then(|d| d.content.as_deref())
+                        .is_some_and(|s| !s.is_empty())
+                })
+                .count() as u64
+        })
+    }
+}
+
 /// The response object a Responses API event carries: its id and usage are read.
 #[derive(Deserialize)]
 struct ResponseObject {
@@ -551,17 +559,7 @@ mod tests {
     /// The content deltas serde counts in one event (the full reading).
     fn parsed_deltas(data: &[u8]) -> u64 {
         let event: StreamEvent<'_> = serde_json::from_slice(data).unwrap();
-        event.choices.map_or(0, |choices| {
-            choices
-                .iter()
-                .filter(|c| {
-                    c.delta
-                        .as_ref()
-                        .and_then(|d| d.content.as_deref())
-                        .is_some_and(|s| !s.is_empty())
-                })
-                .count() as u64
-        })
+        event.content_deltas()
     }
 
     #[test]
