@@ -47,11 +47,11 @@ impl RedisState {
                 return Ok(Acquired::local(admission));
             }
             if let Some(refill) = self.leases.refill_lock(pool) {
-                // Leases are being granted here: a refill on its way is waited for (once),
-                // and whoever finds none on its way is the refill the others wait for.
                 // Leases are being granted, yet this request found none to admit it: the
                 // pool's leases are too small for what its requests take.
                 self.leases.ran_dry(pool);
+                // A refill on its way is waited for (once), and whoever finds none on its
+                // way is the refill the others wait for.
                 match refill.clone().try_lock_owned() {
                     Ok(_refilling) => {
                         return self
