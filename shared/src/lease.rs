@@ -102,10 +102,9 @@ struct Book {
     /// Members a lease-granting acquire passed over: not asked again before this instant.
     passed_over: HashMap<Key, Instant>,
     demand: HashMap<PoolName, Demand>,
-    /// Pools whose last acquire granted a lease: requests that find it spent wait for one
-    /// refill instead of each asking Redis for a lease of their own.
+    /// Per pool, the lock a refill holds: requests that find no lease to admit them wait for
+    /// the refill on its way instead of each asking Redis for a lease of their own.
     refills: HashMap<PoolName, Arc<tokio::sync::Mutex<()>>>,
-    leasing: HashMap<PoolName, bool>,
     /// Pools with a refill ahead of demand in flight.
     refilling: std::collections::HashSet<PoolName>,
     /// Bumped whenever a lease in the pool is revoked or ended: a refill sent before lands
@@ -154,6 +153,9 @@ pub enum Local {
     Admitted(Reservation),
     /// Passed over by a recent lease-granting acquire: skip it.
     PassedOver,
+    /// Its lease is live but spent (or holds too little for this request): ask Redis; the
+    /// pool's leases ran dry.
+    Dry,
     /// Ask Redis.
     Ask,
 }
@@ -187,8 +189,10 @@ impl Leases {
     ) -> (Local, Option<Unused>) {
         let key = (pool.clone(), backend.clone());
         let mut book = self.book.lock().expect("lease book");
+        let mut spent = false;
         if let Some(lease) = book.leases.get_mut(&key) {
             if lease.expires > now {
+                spent = true;
                 if lease.requests >= 1 && lease.tokens >= tokens {
                     lease.requests -= 1;
                     lease.tokens -= tokens;
@@ -212,7 +216,10 @@ impl Leases {
                 return (self.passed_over(&mut book, key, now), unused);
             }
         }
-        (self.passed_over(&mut book, key, now), None)
+        match self.passed_over(&mut book, key, now) {
+            Local::Ask if spent => (Local::Dry, None),
+            local => (local, None),
+        }
     }
 
     fn passed_over(&self, book: &mut Book, key: Key, now: Instant) -> Local {
@@ -226,11 +233,16 @@ impl Leases {
         }
     }
 
-    /// While `pool`'s leases are being granted, one refill at a time: the lock to hold around
+    /// While `pool`'s demand asks for leases, one refill at a time: the lock to hold around
     /// the acquire (and to take the lease again under, in case another request refilled it).
-    pub fn refill_lock(&self, pool: &PoolName) -> Option<Arc<tokio::sync::Mutex<()>>> {
+    /// None below that demand: requests then ask Redis each for itself, none waits for another.
+    pub fn refill_lock(
+        &self,
+        pool: &PoolName,
+        now: Instant,
+    ) -> Option<Arc<tokio::sync::Mutex<()>>> {
         let mut book = self.book.lock().expect("lease book");
-        if !book.leasing.get(pool).copied().unwrap_or(false) {
+        if self.demand(&mut book, pool, now) < 2 {
             return None;
         }
         Some(book.refills.entry(pool.clone()).or_default().clone())
@@ -243,9 +255,7 @@ impl Leases {
             return 0;
         }
         let mut book = self.book.lock().expect("lease book");
-        let demand = book.demand.entry(pool.clone()).or_default();
-        demand.roll(now, self.policy.ttl);
-        let counted = demand.per_period(now, self.policy.ttl);
+        let counted = self.demand(&mut book, pool, now);
         if counted < 2 {
             return 0;
         }
@@ -258,6 +268,13 @@ impl Leases {
         let bridge = self.low_water(recent, round_trip);
         let cap = (f64::from(self.policy.max_requests) * periods).max(2.0 * bridge) as u32;
         ((f64::from(recent) * periods).ceil() as u32).min(cap)
+    }
+
+    /// Admissions in `pool` per `ttl` lately.
+    fn demand(&self, book: &mut Book, pool: &PoolName, now: Instant) -> u32 {
+        let demand = book.demand.entry(pool.clone()).or_default();
+        demand.roll(now, self.policy.ttl);
+        demand.per_period(now, self.policy.ttl)
     }
 
     /// What `recent` admissions per `ttl` take in two round trips and [`REFILL_MARGIN`]: the
@@ -300,8 +317,8 @@ impl Leases {
         due
     }
 
-    /// A request found `pool`'s lease spent before its refill landed (or with none coming):
-    /// size the pool's next leases for more than the admissions counted.
+    /// A request found `pool`'s lease spent ([`Local::Dry`]) before its refill landed (or with
+    /// none coming): size the pool's next leases for more than the admissions counted.
     pub fn ran_dry(&self, pool: &PoolName) {
         let mut book = self.book.lock().expect("lease book");
         if book.dried.insert(pool.clone()) {
@@ -364,9 +381,6 @@ impl Leases {
         } else {
             requests
         };
-        if caller || leased > 0 {
-            book.leasing.insert(pool.clone(), leased > 0);
-        }
         if leased == 0 {
             return None;
         }
@@ -575,7 +589,10 @@ mod tests {
             assert_eq!((r.bucket_ms, r.tokens, r.ledger, r.id), (1000, 10, 7, 0));
             assert!(unused.is_none());
         }
-        assert!(matches!(leases.take(&pool, &ptu, 10, now).0, Local::Ask));
+        assert!(
+            matches!(leases.take(&pool, &ptu, 10, now).0, Local::Dry),
+            "spent: ask Redis, the lease ran dry"
+        );
     }
 
     #[test]
@@ -584,7 +601,7 @@ mod tests {
         let leases = Leases::new(policy());
         let now = Instant::now();
         leases.admitted(grant(&pool, &ptu, &first(10), 9, 3, &[]), now, HORIZON);
-        assert!(matches!(leases.take(&pool, &ptu, 25, now).0, Local::Ask));
+        assert!(matches!(leases.take(&pool, &ptu, 25, now).0, Local::Dry));
         assert!(matches!(
             leases.take(&pool, &ptu, 20, now).0,
             Local::Admitted(_)
@@ -642,6 +659,52 @@ mod tests {
         let unused = leases.revoke(&pool, &payg).unwrap();
         assert_eq!((unused.id, unused.requests), (10, 3));
         assert!(matches!(leases.take(&pool, &ptu, 10, now).0, Local::Ask));
+    }
+
+    #[test]
+    fn requests_wait_for_a_refill_while_demand_asks_for_leases_whatever_the_last_grant() {
+        let (pool, ptu, payg) = names();
+        let leases = Leases::new(policy());
+        let now = Instant::now();
+        assert!(leases.refill_lock(&pool, now).is_none(), "no demand yet");
+        leases.admitted(grant(&pool, &payg, &first(10), 1, 4, &[]), now, HORIZON);
+        assert!(
+            leases.refill_lock(&pool, now).is_none(),
+            "one request is no demand"
+        );
+        // A second caller admitted alone (the PTU's last eighth goes one request at a time):
+        // the pool's demand still asks for leases, so the next requests that find none wait
+        // for one refill rather than each asking Redis.
+        leases.admitted(grant(&pool, &ptu, &first(10), 2, 1, &[]), now, HORIZON);
+        assert!(leases.refill_lock(&pool, now).is_some());
+        assert!(
+            leases
+                .refill_lock(&pool, now + Duration::from_millis(250))
+                .is_none(),
+            "after two idle periods, no demand"
+        );
+    }
+
+    #[test]
+    fn only_a_spent_lease_is_dry() {
+        let (pool, ptu, payg) = names();
+        let leases = Leases::new(policy());
+        let now = Instant::now();
+        leases.admitted(grant(&pool, &payg, &first(10), 1, 2, &[]), now, HORIZON);
+        assert!(
+            matches!(leases.take(&pool, &ptu, 10, now).0, Local::Ask),
+            "no lease"
+        );
+        assert!(matches!(
+            leases.take(&pool, &payg, 10, now).0,
+            Local::Admitted(_)
+        ));
+        assert!(matches!(leases.take(&pool, &payg, 10, now).0, Local::Dry));
+        let later = now + HORIZON;
+        assert!(
+            matches!(leases.take(&pool, &payg, 10, later).0, Local::Ask),
+            "expired"
+        );
     }
 
     #[test]

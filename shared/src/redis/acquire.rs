@@ -12,6 +12,15 @@ use crate::lease::{Grant, Local};
 use crate::scripts::{AcquireArgs, CandidateArgs, LeaseArgs, Limit};
 use crate::store::{Admission, BackendId, Candidate, PoolName, Reservation, StateError};
 
+/// What this replica's leases say about a request.
+enum OnLease {
+    Admitted(Admission),
+    /// No lease admits it, and one it would have taken from is spent.
+    Dry,
+    /// No lease admits it: ask Redis.
+    Ask,
+}
+
 impl RedisState {
     /// `acquire`, with the reservation id the caller chose (to release it if it gives up).
     pub async fn acquire_with_id(
@@ -42,14 +51,18 @@ impl RedisState {
             }));
         }
         if self.leases.policy().enabled() {
-            if let Some(admission) = self.admit_on_lease(pool, candidates, estimated_tokens) {
-                self.refill_ahead(pool, candidates, estimated_tokens, &admission);
-                return Ok(Acquired::local(admission));
+            match self.admit_on_lease(pool, candidates, estimated_tokens) {
+                OnLease::Admitted(admission) => {
+                    self.refill_ahead(pool, candidates, estimated_tokens, &admission);
+                    return Ok(Acquired::local(admission));
+                }
+                // The lease this request would take from is spent: the pool's leases are too
+                // small for what its requests take.
+                OnLease::Dry => self.leases.ran_dry(pool),
+                OnLease::Ask => {}
             }
-            if let Some(refill) = self.leases.refill_lock(pool) {
-                // Leases are being granted, yet this request found none to admit it: the
-                // pool's leases are too small for what its requests take.
-                self.leases.ran_dry(pool);
+            let now = tokio::time::Instant::now();
+            if let Some(refill) = self.leases.refill_lock(pool, now) {
                 // A refill on its way is waited for (once), and whoever finds none on its
                 // way is the refill the others wait for.
                 match refill.clone().try_lock_owned() {
@@ -64,7 +77,9 @@ impl RedisState {
                         drop(refill.lock().await);
                     }
                 }
-                if let Some(admission) = self.admit_on_lease(pool, candidates, estimated_tokens) {
+                if let OnLease::Admitted(admission) =
+                    self.admit_on_lease(pool, candidates, estimated_tokens)
+                {
                     self.refill_ahead(pool, candidates, estimated_tokens, &admission);
                     return Ok(Acquired::local(admission));
                 }
@@ -97,7 +112,7 @@ impl RedisState {
         // then waits for this refill to land.
         let Some(refilling) = self
             .leases
-            .refill_lock(pool)
+            .refill_lock(pool, now)
             .and_then(|lock| lock.try_lock_owned().ok())
         else {
             // A request is fetching a lease right now: that is the refill.
@@ -127,10 +142,10 @@ impl RedisState {
         pool: &PoolName,
         candidates: &[Candidate],
         estimated_tokens: u64,
-    ) -> Option<Admission> {
+    ) -> OnLease {
         let now = tokio::time::Instant::now();
         let mut ended = Vec::new();
-        let mut admitted = None;
+        let mut admitted = OnLease::Ask;
         let mut asking_tier = None;
         for c in candidates {
             if asking_tier.is_some_and(|tier| tier != c.tier) {
@@ -140,13 +155,17 @@ impl RedisState {
             ended.extend(unused);
             match local {
                 Local::Admitted(reservation) => {
-                    admitted = Some(Admission::Admitted {
+                    admitted = OnLease::Admitted(Admission::Admitted {
                         backend: c.backend.clone(),
                         reservation,
                     });
                     break;
                 }
                 Local::PassedOver => continue,
+                Local::Dry => {
+                    admitted = OnLease::Dry;
+                    asking_tier = Some(c.tier);
+                }
                 Local::Ask => asking_tier = Some(c.tier),
             }
         }
