@@ -1,8 +1,9 @@
 //! What admission's token estimate costs per request as prompts grow: a chat body parsed as
-//! JSON and counted with tiktoken (o200k), at 40 bytes (what `scripts/bench.sh` sends),
+//! JSON and counted (o200k), at 40 bytes (what `scripts/bench.sh` sends),
 //! 4 KiB and 40 KiB of prompt text. `first_count` is a prompt never seen (each iteration a
 //! new one); `parse_and_count` the same prompt again, as a chat client resends its history
-//! (remembered counts). Run: `cargo bench -p spillway-tests --bench estimate`.
+//! (remembered counts); `first_count_tiktoken_rs` counts the same new prompts with
+//! tiktoken-rs, the counter used before, for the ratio. Run: `cargo bench -p spillway-tests --bench estimate`.
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use serde_json::json;
@@ -58,6 +59,26 @@ fn estimates(c: &mut Criterion) {
                         text
                     },
                     |text| Encoding::O200kBase.count(&text),
+                    criterion::BatchSize::SmallInput,
+                );
+            },
+        );
+        // The reference: tiktoken-rs, the counter before (the simulator's), on the same prompts.
+        let reference = tiktoken_rs::o200k_base_singleton();
+        group.bench_with_input(
+            BenchmarkId::new("first_count_tiktoken_rs", bytes),
+            &bytes,
+            |b, &bytes| {
+                b.iter_batched(
+                    || {
+                        seed += 1;
+                        let mut text = prose(bytes);
+                        let tag = format!("{seed:016x} ");
+                        let n = tag.len().min(text.len());
+                        text.replace_range(..n, &tag[..n]);
+                        text
+                    },
+                    |text| reference.encode_with_special_tokens(&text).len(),
                     criterion::BatchSize::SmallInput,
                 );
             },

@@ -1,9 +1,9 @@
-//! Token counts as the service counts them (tiktoken, o200k for the gpt-4o family), and the
-//! up-front estimate a request is charged against budgets before it is sent.
+//! Token counts as the service counts them (tiktoken's encodings, o200k for the gpt-4o
+//! family, counted by the `tiktoken` crate: the vocabulary in half tiktoken-rs's memory and
+//! counts without building the token list), and the up-front estimate a request is charged
+//! against budgets before it is sent.
 
 use std::hash::{Hash, Hasher};
-
-use tiktoken_rs::CoreBPE;
 
 use std::ops::ControlFlow;
 
@@ -19,11 +19,12 @@ pub use crate::config::Encoding;
 impl Encoding {
     /// The tokenizer, built on its first use: a replica whose pools use one encoding never
     /// holds the other (each is tens of MiB), and an idle replica holds none.
-    fn bpe(self) -> &'static CoreBPE {
-        match self {
-            Self::O200kBase => tiktoken_rs::o200k_base_singleton(),
-            Self::Cl100kBase => tiktoken_rs::cl100k_base_singleton(),
-        }
+    fn bpe(self) -> &'static tiktoken::CoreBpe {
+        let name = match self {
+            Self::O200kBase => "o200k_base",
+            Self::Cl100kBase => "cl100k_base",
+        };
+        tiktoken::get_encoding(name).expect("the encodings are built in (Cargo.toml features)")
     }
 
     /// Tokens of `text`. Long texts are remembered: a chat client resends its system prompt
@@ -51,7 +52,7 @@ impl Encoding {
     }
 
     fn count_uncached(self, text: &str) -> u64 {
-        self.bpe().encode_with_special_tokens(text).len() as u64
+        self.bpe().count_with_special_tokens(text) as u64
     }
 }
 
@@ -75,9 +76,10 @@ fn counts() -> &'static quick_cache::sync::Cache<CountKey, u64> {
     COUNTS.get_or_init(|| quick_cache::sync::Cache::new(REMEMBERED_COUNTS))
 }
 
-/// Texts are counted in pieces of at most this many bytes: tiktoken's merge keeps ~48 bytes
-/// of state per byte of one piece, so a 14 MiB word would take 670 MB. A cut costs at most
-/// a token or two per piece (cut at whitespace where one is near).
+/// Texts are counted in pieces of at most this many bytes: a BPE merge keeps state per byte
+/// of one piece (tiktoken-rs's ~48 bytes: a 14 MiB word took 670 MB), so a piece bounds it
+/// whatever the counter. A cut costs at most a token or two per piece (cut at whitespace
+/// where one is near).
 const COUNT_PIECE_BYTES: usize = 16 * 1024;
 
 impl Encoding {
