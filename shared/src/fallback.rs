@@ -83,6 +83,55 @@ struct Owed {
 }
 
 impl FallbackState {
+    /// `acquire` by a call to Redis (or, when it cannot answer in time, decided alone).
+    async fn acquire_by_call(
+        &self,
+        pool: &PoolName,
+        candidates: &[Candidate],
+        tokens: u64,
+    ) -> Result<Admission, StateError> {
+        let id = self.primary.next_reservation_id();
+        let answered = std::sync::atomic::AtomicBool::new(false);
+        let shared = async {
+            let acquired = self
+                .primary
+                .acquire_charging(pool, candidates, tokens, id)
+                .await;
+            answered.store(true, Ordering::Relaxed);
+            let acquired = acquired?;
+            // An admission on a lease charged nothing new: the lease was noted when granted.
+            if let (Admission::Admitted { backend, .. }, (tokens, requests @ 1..)) =
+                (&acquired.admission, acquired.charged)
+            {
+                self.view.note_admitted(pool, backend, tokens, requests);
+            }
+            Ok(acquired.admission)
+        };
+        let local = async {
+            let shares = self.view.shares(
+                pool,
+                candidates,
+                self.live_replicas(),
+                self.primary.windows().budget,
+            );
+            self.local.acquire(pool, &shares, tokens).await
+        };
+        let tried_shared = !self.health.is_degraded(pool);
+        // It may wait for a lease on its way (a round trip), then make its own call.
+        let within = 2 * self.call_timeout();
+        let admission = self.decide_within(pool, within, shared, local).await;
+        if tried_shared && !answered.load(Ordering::Relaxed) {
+            // Given up on here, the script may still run in Redis: release what it reserves.
+            tokio::spawn(release_abandoned(
+                self.primary.clone(),
+                pool.clone(),
+                candidates.to_vec(),
+                id,
+            ));
+        }
+        admission
+    }
+
     /// Wrap `primary`; must be called inside a tokio runtime (it starts the probe and the
     /// heartbeat tasks).
     pub fn new(primary: RedisState, local: EmbeddedState, budget: Duration) -> Arc<Self> {
@@ -464,46 +513,14 @@ impl FleetState for FallbackState {
         candidates: &[Candidate],
         tokens: u64,
     ) -> Result<Admission, StateError> {
-        let id = self.primary.next_reservation_id();
-        let answered = std::sync::atomic::AtomicBool::new(false);
-        let shared = async {
-            let acquired = self
-                .primary
-                .acquire_charging(pool, candidates, tokens, id)
-                .await;
-            answered.store(true, Ordering::Relaxed);
-            let acquired = acquired?;
-            // An admission on a lease charged nothing new: the lease was noted when granted.
-            if let (Admission::Admitted { backend, .. }, (tokens, requests @ 1..)) =
-                (&acquired.admission, acquired.charged)
-            {
-                self.view.note_admitted(pool, backend, tokens, requests);
-            }
-            Ok(acquired.admission)
-        };
-        let local = async {
-            let shares = self.view.shares(
-                pool,
-                candidates,
-                self.live_replicas(),
-                self.primary.windows().budget,
-            );
-            self.local.acquire(pool, &shares, tokens).await
-        };
-        let tried_shared = !self.health.is_degraded(pool);
-        // It may wait for a lease on its way (a round trip), then make its own call.
-        let within = 2 * self.call_timeout();
-        let admission = self.decide_within(pool, within, shared, local).await;
-        if tried_shared && !answered.load(Ordering::Relaxed) {
-            // Given up on here, the script may still run in Redis: release what it reserves.
-            tokio::spawn(release_abandoned(
-                self.primary.clone(),
-                pool.clone(),
-                candidates.to_vec(),
-                id,
-            ));
+        // Most requests are admitted on a lease: no round trip, and none of the (large)
+        // future that asks Redis or decides alone is built or moved for them.
+        if !self.health.is_degraded(pool)
+            && let Some(admission) = self.primary.acquire_on_lease(pool, candidates, tokens)
+        {
+            return Ok(admission);
         }
-        admission
+        Box::pin(self.acquire_by_call(pool, candidates, tokens)).await
     }
 
     /// A reservation is settled in the store that issued it: an embedded one never touches

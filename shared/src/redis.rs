@@ -259,8 +259,9 @@ impl RedisState {
         args: Vec<String>,
     ) -> Result<Value, StateError> {
         let started = tokio::time::Instant::now();
-        let value = script
-            .evalsha_with_reload(&self.client, keys, args)
+        // Boxed: fred's call is a large future, and every future awaiting it (then boxed or
+        // spawned) would otherwise carry and copy it whole.
+        let value = Box::pin(script.evalsha_with_reload(&self.client, keys, args))
             .await
             .map_err(script_error)?;
         self.round_trips.record(started.elapsed());
@@ -372,7 +373,8 @@ impl RedisState {
         .to_args();
         let (client, script) = (self.client.clone(), self.scripts.release.clone());
         async move {
-            let given: Result<Value, _> = script.evalsha_with_reload(&client, keys, args).await;
+            let given: Result<Value, _> =
+                Box::pin(script.evalsha_with_reload(&client, keys, args)).await;
             if let Err(e) = given {
                 tracing::warn!(error = %e, "fleet state: could not give back an unused lease");
             }

@@ -1,5 +1,6 @@
 //! Receipts on their way to `settle.lua`. One task sends them: whatever queued while its
-//! previous call was on the wire goes in the next call (one per pool, in queue order). On
+//! previous call was on the wire goes in the next call (one per pool, in queue order), and
+//! lease admissions' receipts wait up to [`LINGER`] for more. On
 //! the way, the completed requests of a member's lease are summed into one record (token
 //! corrections per bucket, histogram counts, outcomes, the newest hints), so what a batch
 //! costs Redis grows with the members it touches, not with the requests it carries.
@@ -7,6 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use fred::prelude::*;
 use fred::types::scripts::Script;
@@ -38,6 +40,13 @@ pub(crate) struct SettleJob {
     pub done: oneshot::Sender<Result<(), StateError>>,
 }
 
+impl SettleJob {
+    /// Whether this receipt may wait [`LINGER`] for company.
+    fn may_wait(&self) -> bool {
+        matches!(self.work, Work::Summable(_))
+    }
+}
+
 /// What the sending task needs of its store.
 pub(crate) struct Batcher {
     pub client: Client,
@@ -63,15 +72,16 @@ pub(crate) fn clock(clock_ms: &AtomicU64) -> String {
     }
 }
 
+/// How long a batch of lease admissions' receipts waits for more before it is sent. They
+/// only correct estimates Redis charged at admission (by the difference with the real usage),
+/// so Redis's view of a member lags by at most this; one call then settles every request a
+/// member completed meanwhile. A receipt that must not wait (a failure, a backoff, a
+/// reservation by id) sends the batch at once.
+const LINGER: Duration = Duration::from_millis(5);
+
 pub(crate) async fn run(batcher: Batcher, mut queue: mpsc::UnboundedReceiver<SettleJob>) {
     while let Some(first) = queue.recv().await {
-        let mut jobs = vec![first];
-        while jobs.len() < MAX_JOBS {
-            match queue.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
-            }
-        }
+        let jobs = gather(first, &mut queue).await;
         // One call per pool (its keys share one hash slot), each in queue order.
         let mut by_pool: Vec<(PoolName, Vec<SettleJob>)> = Vec::new();
         for job in jobs {
@@ -86,6 +96,39 @@ pub(crate) async fn run(batcher: Batcher, mut queue: mpsc::UnboundedReceiver<Set
             .map(|(pool, jobs)| batcher.call(pool, jobs));
         futures_util::future::join_all(calls).await;
     }
+}
+
+/// The batch `first` starts: whatever is queued behind it, and while every receipt in it may
+/// wait, whatever arrives within [`LINGER`] (until one that may not).
+async fn gather(
+    first: SettleJob,
+    queue: &mut mpsc::UnboundedReceiver<SettleJob>,
+) -> Vec<SettleJob> {
+    let mut jobs = vec![first];
+    while jobs.len() < MAX_JOBS {
+        match queue.try_recv() {
+            Ok(job) => jobs.push(job),
+            Err(_) => break,
+        }
+    }
+    if !jobs.iter().all(SettleJob::may_wait) {
+        return jobs;
+    }
+    let deadline = tokio::time::Instant::now() + LINGER;
+    while jobs.len() < MAX_JOBS {
+        match tokio::time::timeout_at(deadline, queue.recv()).await {
+            Ok(Some(job)) => {
+                let urgent = !job.may_wait();
+                jobs.push(job);
+                if urgent {
+                    break;
+                }
+            }
+            // Stopping (the store is gone) or waited long enough.
+            Ok(None) | Err(_) => break,
+        }
+    }
+    jobs
 }
 
 impl Batcher {
@@ -122,10 +165,9 @@ impl Batcher {
         for (backend, sum) in &sums {
             self.push_sum(&pool, backend, sum, &mut keys, &mut args);
         }
-        let result: Result<Value, _> = self
-            .script
-            .evalsha_with_reload(&self.client, keys, args)
-            .await;
+        // Boxed, like `RedisState::run`'s: fred's call is a large future.
+        let result: Result<Value, _> =
+            Box::pin(self.script.evalsha_with_reload(&self.client, keys, args)).await;
         let result = result.map(|_| ()).map_err(crate::redis::script_error);
         for caller in done {
             let _ = caller.send(result.clone());
@@ -258,5 +300,86 @@ impl Sum {
             prompt_tokens: self.prompt,
             cached_tokens: self.cached,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scripts::ReceiptRecord;
+    use crate::store::{Issuer, Reservation};
+
+    fn job(work: Work) -> SettleJob {
+        SettleJob {
+            pool: PoolName::new("p"),
+            backend: BackendId::new("ptu"),
+            work,
+            done: oneshot::channel().0,
+        }
+    }
+
+    fn on_lease() -> SettleJob {
+        job(Work::Summable(Receipt {
+            reservation: Reservation {
+                bucket_ms: 0,
+                tokens: 10,
+                ledger: 0,
+                admitted_ms: 0,
+                issuer: Issuer::Redis,
+                id: 0,
+            },
+            tokens: 9,
+            latency: None,
+            hints: UpstreamHints::default(),
+            backoff: None,
+        }))
+    }
+
+    fn failure() -> SettleJob {
+        job(Work::Record(ReceiptRecord::default()))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lease_receipts_wait_for_company_then_go() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let sender = tokio::spawn(async move {
+            for _ in 0..3 {
+                tx.send(on_lease()).ok().unwrap();
+                tokio::time::sleep(LINGER / 5).await;
+            }
+            // Too late for the batch: the next one's.
+            tokio::time::sleep(LINGER).await;
+            tx.send(on_lease()).ok().unwrap();
+        });
+        let started = tokio::time::Instant::now();
+        let first = rx.recv().await.unwrap();
+        let batch = gather(first, &mut rx).await;
+        assert_eq!(batch.len(), 3);
+        assert_eq!(started.elapsed(), LINGER, "sent when the linger ended");
+        sender.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failure_sends_the_batch_at_once() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        tx.send(on_lease()).ok().unwrap();
+        let started = tokio::time::Instant::now();
+        let sender = tokio::spawn(async move {
+            tokio::time::sleep(LINGER / 5).await;
+            tx.send(failure()).ok().unwrap();
+            tx.send(on_lease()).ok().unwrap();
+        });
+        let first = rx.recv().await.unwrap();
+        let batch = gather(first, &mut rx).await;
+        assert_eq!(batch.len(), 2, "the failure ends the batch");
+        assert_eq!(started.elapsed(), LINGER / 5);
+        sender.await.unwrap();
+
+        // Alone, a failure never waits.
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        tx.send(failure()).ok().unwrap();
+        let started = tokio::time::Instant::now();
+        let batch = gather(rx.recv().await.unwrap(), &mut rx).await;
+        assert_eq!((batch.len(), started.elapsed()), (1, Duration::ZERO));
     }
 }

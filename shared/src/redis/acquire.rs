@@ -51,15 +51,8 @@ impl RedisState {
             }));
         }
         if self.leases.policy().enabled() {
-            match self.admit_on_lease(pool, candidates, estimated_tokens) {
-                OnLease::Admitted(admission) => {
-                    self.refill_ahead(pool, candidates, estimated_tokens, &admission);
-                    return Ok(Acquired::local(admission));
-                }
-                // The lease this request would take from is spent: the pool's leases are too
-                // small for what its requests take.
-                OnLease::Dry => self.leases.ran_dry(pool),
-                OnLease::Ask => {}
+            if let Some(admission) = self.acquire_on_lease(pool, candidates, estimated_tokens) {
+                return Ok(Acquired::local(admission));
             }
             let now = tokio::time::Instant::now();
             if let Some(refill) = self.leases.refill_lock(pool, now) {
@@ -77,16 +70,39 @@ impl RedisState {
                         drop(refill.lock().await);
                     }
                 }
-                if let OnLease::Admitted(admission) =
-                    self.admit_on_lease(pool, candidates, estimated_tokens)
-                {
-                    self.refill_ahead(pool, candidates, estimated_tokens, &admission);
+                if let Some(admission) = self.acquire_on_lease(pool, candidates, estimated_tokens) {
                     return Ok(Acquired::local(admission));
                 }
             }
         }
         self.acquire_from_redis(pool, candidates, estimated_tokens, id, None)
             .await
+    }
+
+    /// An admission on this replica's leases, with no round trip, if one admits the request
+    /// (refilling them in the background when they run low).
+    pub fn acquire_on_lease(
+        &self,
+        pool: &PoolName,
+        candidates: &[Candidate],
+        estimated_tokens: u64,
+    ) -> Option<Admission> {
+        if !self.leases.policy().enabled() {
+            return None;
+        }
+        match self.admit_on_lease(pool, candidates, estimated_tokens) {
+            OnLease::Admitted(admission) => {
+                self.refill_ahead(pool, candidates, estimated_tokens, &admission);
+                Some(admission)
+            }
+            // The lease this request would take from is spent: the pool's leases are too
+            // small for what its requests take.
+            OnLease::Dry => {
+                self.leases.ran_dry(pool);
+                None
+            }
+            OnLease::Ask => None,
+        }
     }
 
     /// After an admission on a lease: when the lease runs low, refill the pool's leases in
