@@ -52,6 +52,7 @@ pub fn handle() -> &'static PrometheusHandle {
             .expect("bucket lists are not empty")
             .build_recorder();
         let handle = prometheus.handle();
+        keep_up(handle.clone());
         let otlp = ALSO_OTLP.lock().expect("recorder lock").take();
         match otlp {
             Some(otlp) => {
@@ -67,6 +68,26 @@ pub fn handle() -> &'static PrometheusHandle {
         }
         handle
     })
+}
+
+/// How often histograms' recorded samples are folded into their buckets.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A histogram keeps every sample recorded until it is rendered or upkept: with no scrape
+/// (no Prometheus, OTLP only, a laptop), memory grew by about 90 bytes a request (a
+/// 5-minute soak at 2,000 requests/s, `scripts/memory.sh`). One thread folds them in.
+fn keep_up(handle: PrometheusHandle) {
+    let started = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_EVERY);
+                handle.run_upkeep();
+            }
+        });
+    if let Err(e) = started {
+        tracing::warn!(error = %e, "metrics: no upkeep thread; histograms grow until scraped");
+    }
 }
 
 /// One client request answered (`backend`: the last member tried, if any).
