@@ -11,6 +11,10 @@
 #                                                  # base-redis), interleaved: a before/after
 #                                                  # comparison measured in the same run
 #   INSTRUCTIONS=0 scripts/bench.sh                # without the instruction counts
+#   PEER=0 scripts/bench.sh                        # without the LiteLLM arm
+# The peer arm: LiteLLM's proxy (`pip install 'litellm[proxy]'`, its router on the same
+# Redis) in front of the same nginx answer, when the `litellm` command is there (skipped
+# with a message when not). Writes $OUT/latency.csv (default target/bench) for charts.
 # Then (unless INSTRUCTIONS=0) the instructions per request of this build, and of BASE when
 # given, by scripts/instructions.sh: the figure that holds on any machine.
 set -euo pipefail
@@ -19,6 +23,7 @@ cd "$(dirname "$0")/.."
 
 ROUNDS=${ROUNDS:-3}
 SECONDS_PER_RUN=${SECONDS_PER_RUN:-5}
+OUT=${OUT:-target/bench}
 
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need wrk || ! need nginx || ! need redis-server; then
@@ -78,13 +83,44 @@ done = function(summary, latency, requests)
     summary.requests / (summary.duration / 1e6)))
 end
 EOF
-path="/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
-declare -A rps
+azure_path="/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+declare -A rps path script
 run() { # arm, port, connections -> "p50 p99 rps"
-  wrk -t1 -c"$3" -d"${SECONDS_PER_RUN}s" -s "$work/post.lua" "http://127.0.0.1:$2$path" | awk '/^RESULT/ {print $2, $3, $4}'
+  wrk -t1 -c"$3" -d"${SECONDS_PER_RUN}s" -s "${script[$1]:-$work/post.lua}" \
+    "http://127.0.0.1:$2${path[$1]:-$azure_path}" | awk '/^RESULT/ {print $2, $3, $4}'
 }
 arms=(direct nginx embedded redis)
 declare -A port=([direct]=$backend [nginx]=$proxy [embedded]=$embedded [redis]=$on_redis)
+if [ "${PEER:-1}" != 0 ]; then
+  if need litellm; then
+    # LiteLLM's proxy: the OpenAI route, a master key (it refuses to start without one), its
+    # router on the same Redis; the Azure deployment is the same nginx answer.
+    litellm_port=$(free_port)
+    key="sk-spillway-bench-$(date +%s)"
+    printf '%s\n' "model_list:" "  - model_name: gpt-4o" "    litellm_params:" \
+      "      model: azure/gpt-4o" "      api_base: http://127.0.0.1:$backend" \
+      "      api_key: not-a-real-key" "      api_version: \"2024-10-21\"" \
+      "router_settings:" "  routing_strategy: usage-based-routing-v2" \
+      "  redis_host: 127.0.0.1" "  redis_port: $redis_port" \
+      "general_settings:" "  master_key: $key" >"$work/litellm.yaml"
+    litellm --config "$work/litellm.yaml" --host 127.0.0.1 --port "$litellm_port" >"$work/litellm.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 120); do (echo >"/dev/tcp/127.0.0.1/$litellm_port") 2>/dev/null && break; sleep 0.5; done
+    body='{"model":"gpt-4o","messages":[{"role":"user","content":"Hello there"}],"max_tokens":1}'
+    { grep -v '^wrk.body' "$work/post.lua"
+      echo "wrk.body = '$body'"
+      echo "wrk.headers[\"Authorization\"] = \"Bearer $key\""; } >"$work/litellm.lua"
+    if curl -fs -o /dev/null -H "authorization: Bearer $key" -H 'content-type: application/json' \
+      -d "$body" "http://127.0.0.1:$litellm_port/v1/chat/completions"; then
+      arms+=(litellm)
+      port[litellm]=$litellm_port; path[litellm]=/v1/chat/completions; script[litellm]=$work/litellm.lua
+    else
+      echo "# LiteLLM did not answer (its log ends: $(tail -1 "$work/litellm.log")); peer arm skipped" >&2
+    fi
+  else
+    echo "# litellm not installed (pip install 'litellm[proxy]'); peer arm skipped" >&2
+  fi
+fi
 if [ -n "${BASE:-}" ]; then
   # The base build's gateways share the Redis server under their own key prefix.
   port[base-embedded]=$(start_gateway base-embedded "" "$BASE")
@@ -117,11 +153,14 @@ echo "# scripts/bench.sh: ${ROUNDS} interleaved rounds of ${SECONDS_PER_RUN}s pe
 echo "# per-round figures: latency with 1 connection (added over direct), throughput with 32"
 echo "# (ratio to the nginx arm of the same round)"
 printf '%-14s %14s %14s %12s %10s\n' arm "added p50 µs" "added p99 µs" "requests/s" "vs nginx"
+mkdir -p "$OUT"
+echo "arm,added_p50_us,added_p99_us,requests_per_s,vs_nginx" >"$OUT/latency.csv"
 for arm in "${arms[@]}"; do
   m50=$(echo "${added50[$arm]}" | median); m99=$(echo "${added99[$arm]}" | median)
   r=$(echo "${rps[$arm]}" | median); q=$(echo "${ratio[$arm]}" | median)
   awk -v arm="$arm" -v a="$m50" -v b="$m99" -v r="$r" -v q="$q" \
     'BEGIN { printf "%-14s %14.0f %14.0f %12.0f %9.2fx\n", arm, a, b, r, q }'
+  [ "$arm" = direct ] || echo "$arm,$m50,$m99,$r,$q" >>"$OUT/latency.csv"
 done
 if [ "${INSTRUCTIONS:-1}" != 0 ]; then
   BIN="$bin" scripts/instructions.sh

@@ -173,13 +173,15 @@ pub async fn chat(replica: &Replica, pool: &str, body: &Value) -> reqwest::Respo
         .expect("gateway answers")
 }
 
+/// Pool `gpt-4o`'s chat completions URL on a gateway at `base`.
+pub fn chat_url(base: &str) -> String {
+    format!("{base}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21")
+}
+
 /// [`chat`] to pool `gpt-4o` with a client key in `api-key`.
 pub async fn chat_as(gw: &Replica, key: &str) -> reqwest::Result<reqwest::Response> {
     client()
-        .post(format!(
-            "{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
-            gw.url
-        ))
+        .post(chat_url(&gw.url))
         .header("api-key", key)
         .json(&chat_body(false))
         .send()
@@ -367,12 +369,7 @@ pub async fn offer_load(replicas: &[&Replica], count: usize, concurrency: usize)
 pub async fn offer_load_to(bases: &[String], count: usize, concurrency: usize) -> Vec<u16> {
     use futures_util::StreamExt;
     let http = client();
-    let urls: Vec<String> = bases
-        .iter()
-        .map(|base| {
-            format!("{base}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21")
-        })
-        .collect();
+    let urls: Vec<String> = bases.iter().map(|base| chat_url(base)).collect();
     futures_util::stream::iter(0..count)
         .map(|i| {
             let (http, url) = (http.clone(), urls[i % urls.len()].clone());

@@ -39,6 +39,11 @@ pub mod fuzz_access {
     pub use super::upstream_path::OperationPath;
     pub use super::usage::UsageMeter;
 }
+/// The pure steps the micro-benchmarks (`tests/benches`) time.
+#[doc(hidden)]
+pub mod bench_access {
+    pub use super::select::{Preferences, candidate_order};
+}
 pub use crate::path_segment::{PathRejection, check_segment};
 pub use gateway::{ConsumerHeaderNames, Gateway};
 pub use request_body::BodyLimits;

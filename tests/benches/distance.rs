@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use spillway_tests::far_fleet::{PTU_REQUESTS, PTU_TPM, fleet_at};
-use spillway_tests::{Replica, chat_body, client};
+use spillway_tests::{Replica, chat_body, chat_url, client};
 
 const NEAR: Duration = Duration::ZERO;
 const FAR: Duration = Duration::from_millis(40);
@@ -21,15 +21,7 @@ const IN_FLIGHT: usize = 12;
 /// Send `count` requests over `replicas`, `IN_FLIGHT` at a time; each one's latency.
 async fn timed_load(replicas: &[Replica], count: usize) -> Vec<Duration> {
     let http = client();
-    let urls: Vec<String> = replicas
-        .iter()
-        .map(|r| {
-            format!(
-                "{}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21",
-                r.url
-            )
-        })
-        .collect();
+    let urls: Vec<String> = replicas.iter().map(|r| chat_url(&r.url)).collect();
     futures_util::stream::iter(0..count)
         .map(|i| {
             let (http, url) = (http.clone(), urls[i % urls.len()].clone());
