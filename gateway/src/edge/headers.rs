@@ -140,10 +140,23 @@ pub fn client_response_headers(upstream: &HeaderMap, backend_host: Option<&str>)
 /// Whether `haystack` contains `needle`, ASCII case ignored (no allocation: this runs for
 /// every header of every response).
 pub(crate) fn contains_ignoring_case(haystack: &[u8], needle: &[u8]) -> bool {
-    needle.is_empty()
-        || haystack
-            .windows(needle.len())
-            .any(|w| w.eq_ignore_ascii_case(needle))
+    let Some((&first, rest)) = needle.split_first() else {
+        return true;
+    };
+    let Some(last_start) = haystack.len().checked_sub(needle.len()) else {
+        return false;
+    };
+    // Candidates are found by the first byte in either case (memchr), then compared.
+    let (lower, upper) = (first.to_ascii_lowercase(), first.to_ascii_uppercase());
+    let mut from = 0;
+    while let Some(i) = memchr::memchr2(lower, upper, &haystack[from..=last_start]) {
+        let at = from + i;
+        if haystack[at + 1..at + needle.len()].eq_ignore_ascii_case(rest) {
+            return true;
+        }
+        from = at + 1;
+    }
+    false
 }
 
 /// Header names listed in `Connection` (lower case).
@@ -160,6 +173,25 @@ fn connection_named(headers: &HeaderMap) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// The memchr search finds exactly what comparing every window finds.
+        #[test]
+        fn contains_ignoring_case_is_the_window_scan(
+            haystack in "[a-cA-C.:/]{0,24}",
+            needle in "[a-cA-C.]{0,4}",
+        ) {
+            let windows = needle.is_empty()
+                || haystack
+                    .as_bytes()
+                    .windows(needle.len())
+                    .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()));
+            proptest::prop_assert_eq!(
+                contains_ignoring_case(haystack.as_bytes(), needle.as_bytes()),
+                windows
+            );
+        }
+    }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
