@@ -83,7 +83,8 @@ struct Owed {
 }
 
 impl FallbackState {
-    /// `acquire` by a call to Redis (or, when it cannot answer in time, decided alone).
+    /// `acquire` by a call to Redis (or, when it cannot answer in time, decided alone), for a
+    /// request this replica's leases did not admit.
     async fn acquire_by_call(
         &self,
         pool: &PoolName,
@@ -95,7 +96,7 @@ impl FallbackState {
         let shared = async {
             let acquired = self
                 .primary
-                .acquire_charging(pool, candidates, tokens, id)
+                .acquire_past_lease(pool, candidates, tokens, id)
                 .await;
             answered.store(true, Ordering::Relaxed);
             let acquired = acquired?;

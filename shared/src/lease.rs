@@ -298,10 +298,7 @@ impl Leases {
         if book.refilling.contains(pool) {
             return false;
         }
-        let counted = book
-            .demand
-            .get(pool)
-            .map_or(0, |d| d.per_period(now, self.policy.ttl));
+        let counted = self.demand(&mut book, pool, now);
         let Some(lease) = book.leases.get(&(pool.clone(), backend.clone())) else {
             return false;
         };

@@ -16,6 +16,15 @@ fn prose(bytes: usize) -> String {
     sentence.repeat(bytes / sentence.len() + 1)[..bytes].to_string()
 }
 
+/// [`prose`] never counted before: its first bytes are `seed`'s.
+fn new_prose(bytes: usize, seed: u64) -> String {
+    let mut text = prose(bytes);
+    let tag = format!("{seed:016x} ");
+    let n = tag.len().min(text.len());
+    text.replace_range(..n, &tag[..n]);
+    text
+}
+
 fn body(bytes: usize) -> Vec<u8> {
     let value = json!({
         "messages": [
@@ -50,13 +59,8 @@ fn estimates(c: &mut Criterion) {
             |b, &bytes| {
                 b.iter_batched(
                     || {
-                        // A prompt never counted before: its first bytes differ each time.
                         seed += 1;
-                        let mut text = prose(bytes);
-                        let tag = format!("{seed:016x} ");
-                        let n = tag.len().min(text.len());
-                        text.replace_range(..n, &tag[..n]);
-                        text
+                        new_prose(bytes, seed)
                     },
                     |text| Encoding::O200kBase.count(&text),
                     criterion::BatchSize::SmallInput,
@@ -72,11 +76,7 @@ fn estimates(c: &mut Criterion) {
                 b.iter_batched(
                     || {
                         seed += 1;
-                        let mut text = prose(bytes);
-                        let tag = format!("{seed:016x} ");
-                        let n = tag.len().min(text.len());
-                        text.replace_range(..n, &tag[..n]);
-                        text
+                        new_prose(bytes, seed)
                     },
                     |text| reference.encode_with_special_tokens(&text).len(),
                     criterion::BatchSize::SmallInput,

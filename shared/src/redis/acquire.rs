@@ -44,6 +44,22 @@ impl RedisState {
         estimated_tokens: u64,
         id: u64,
     ) -> Result<Acquired, StateError> {
+        if let Some(admission) = self.acquire_on_lease(pool, candidates, estimated_tokens) {
+            return Ok(Acquired::local(admission));
+        }
+        self.acquire_past_lease(pool, candidates, estimated_tokens, id)
+            .await
+    }
+
+    /// `acquire_charging` for a request no lease admitted just now: it waits for a refill on
+    /// its way (once) and takes the lease again, else makes one `acquire.lua` call.
+    pub async fn acquire_past_lease(
+        &self,
+        pool: &PoolName,
+        candidates: &[Candidate],
+        estimated_tokens: u64,
+        id: u64,
+    ) -> Result<Acquired, StateError> {
         if candidates.is_empty() {
             return Ok(Acquired::local(Admission::Exhausted {
                 retry_after: Duration::ZERO,
@@ -51,9 +67,6 @@ impl RedisState {
             }));
         }
         if self.leases.policy().enabled() {
-            if let Some(admission) = self.acquire_on_lease(pool, candidates, estimated_tokens) {
-                return Ok(Acquired::local(admission));
-            }
             let now = tokio::time::Instant::now();
             if let Some(refill) = self.leases.refill_lock(pool, now) {
                 // A refill on its way is waited for (once), and whoever finds none on its
