@@ -38,6 +38,7 @@ fn ptu(tokens: Option<u64>) -> [Candidate; 1] {
         requests_per_window: None,
         spill_utilization: None,
         tier: 0,
+        ceiling: None,
     }]
 }
 

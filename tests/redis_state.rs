@@ -93,6 +93,7 @@ fn capped(tokens: u64) -> [Candidate; 1] {
         requests_per_window: None,
         spill_utilization: None,
         tier: 0,
+        ceiling: None,
     }]
 }
 
@@ -175,10 +176,10 @@ async fn malformed_arguments_are_rejected_by_the_script() {
         .map(|k| format!("spillway-test:{{p}}:{k}"))
         .collect();
     // estimate, bucket ms, window ms, clock, hint ttl ms, probe ms, reservation id; then
-    // token, request and spill limits; then the lease wanted.
+    // token, request and spill limits and the class ceiling; then the lease wanted.
     let args = |tokens: &str| -> Vec<String> {
         [
-            tokens, "100", "1000", "", "1000", "5000", "", "-1", "-1", "-1", "0",
+            tokens, "100", "1000", "", "1000", "5000", "", "-1", "-1", "-1", "-1", "0",
         ]
         .iter()
         .map(|s| s.to_string())

@@ -91,6 +91,7 @@ impl Pool {
             requests_per_window: member.backend.rpm,
             spill_utilization: Some(self.spill_utilization),
             tier: member.backend.priority,
+            ceiling: None,
         }
     }
 

@@ -119,6 +119,7 @@ checks! {
     a_failed_probe_reopens_a_breaker_the_failure_rate_opened(store, clock) with rate_breaker_windows;
     after_a_429_backoff_one_request_probes_before_the_fleet_resumes(store, clock);
     a_budget_frees_when_its_bucket_leaves_the_window(store, clock);
+    a_lower_class_is_admitted_only_below_its_line(store);
 }
 
 fn pool(name: &str) -> PoolName {
@@ -146,6 +147,7 @@ fn budget(name: &str, tokens: u64, requests: Option<u64>) -> Candidate {
         requests_per_window: requests,
         spill_utilization: None,
         tier: 0,
+        ceiling: None,
     }
 }
 
@@ -885,4 +887,50 @@ macro_rules! fleet_state_contract {
             $crate::contract::run_all($make).await;
         }
     };
+}
+
+async fn a_lower_class_is_admitted_only_below_its_line(store: &dyn FleetState) {
+    let p = pool("ceiling");
+    let ptu = budget("ptu", 100, None);
+    let below_line = |c: &Candidate| Candidate {
+        ceiling: Some(80),
+        ..c.clone()
+    };
+    let lower = [below_line(&ptu), open("payg")];
+    // Below the line the lower class is served by the PTU, then it overflows.
+    assert_eq!(
+        admitted(store, &p, &lower, 50).await.unwrap().0.as_str(),
+        "ptu"
+    );
+    assert_eq!(
+        admitted(store, &p, &lower, 30).await.unwrap().0.as_str(),
+        "ptu"
+    );
+    assert_eq!(
+        admitted(store, &p, &lower, 1).await.unwrap().0.as_str(),
+        "payg"
+    );
+    // With nowhere else to go it is refused as throttled, while the top class still gets
+    // the reserve above the line.
+    match store.acquire(&p, &lower[..1], 1).await.unwrap() {
+        Admission::Exhausted { throttled, .. } => assert!(throttled),
+        other => panic!("a lower class above its line was admitted: {other:?}"),
+    }
+    assert_eq!(
+        admitted(store, &p, std::slice::from_ref(&ptu), 20)
+            .await
+            .unwrap()
+            .0
+            .as_str(),
+        "ptu"
+    );
+    assert!(
+        admitted(store, &p, &[ptu], 1).await.is_none(),
+        "the budget itself is spent"
+    );
+    // No exception for an empty window: an oversized lower-class request never takes the
+    // reserve.
+    let empty = pool("ceiling-empty");
+    let big = [below_line(&budget("ptu", 100, None))];
+    assert!(admitted(store, &empty, &big, 81).await.is_none());
 }

@@ -106,6 +106,8 @@ impl LastView {
                 Candidate {
                     tokens_per_window: tokens,
                     requests_per_window: requests,
+                    // A lower class's line is shared the same way.
+                    ceiling: c.ceiling.map(|line| share(line, tokens_used)),
                     ..c.clone()
                 }
             })

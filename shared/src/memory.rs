@@ -118,10 +118,10 @@ impl FleetState for EmbeddedState {
                 throttled = true;
                 wait
             } else {
-                let (tpm, rpm) = (c.tokens_per_window, c.requests_per_window);
+                let limits = crate::window::Limits::of(c);
                 match member
                     .usage
-                    .try_reserve(now, &self.windows, estimated_tokens, tpm, rpm)
+                    .try_reserve(now, &self.windows, estimated_tokens, limits)
                 {
                     Ok(mut reservation) => {
                         member.admitted_tokens += estimated_tokens;
@@ -408,6 +408,7 @@ mod tests {
             requests_per_window: None,
             spill_utilization: None,
             tier: 0,
+            ceiling: None,
         }];
         assert!(matches!(
             store.acquire(&pool, &c, 100).await.unwrap(),

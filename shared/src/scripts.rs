@@ -119,6 +119,8 @@ records! {
         requests_per_window: Limit<u64>,
         /// The utilization (share) above which it is skipped.
         spill_utilization: Limit<f64>,
+        /// A lower class's line: admitted only while the window's tokens stay at or below.
+        ceiling: Limit<u64>,
     }
 
     /// `acquire.lua`: after the candidates, the lease the replica would like.

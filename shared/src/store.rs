@@ -113,6 +113,11 @@ pub struct Candidate {
     /// tier is used only once every earlier one refused; inside a tier the order is advice,
     /// so a replica may admit on any member of the tier it holds a lease for.
     pub tier: u32,
+    /// A lower traffic class's line on this member: admitted only while the window's
+    /// tokens, this request's included, stay at or below it (a PTU's `budget × (1 −
+    /// reserve)`, the rest kept for the top class). Decided in the same atomic step that
+    /// admits; never on a lease. `None`: no line.
+    pub ceiling: Option<u64>,
 }
 
 impl Candidate {
@@ -123,6 +128,7 @@ impl Candidate {
             requests_per_window: None,
             spill_utilization: None,
             tier: 0,
+            ceiling: None,
         }
     }
 }

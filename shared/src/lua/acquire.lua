@@ -18,7 +18,10 @@
 --                        the others are held back this long while it probes
 --   reservation_id       "" none; an id already released admits nothing
 --   candidate: tokens_per_window, requests_per_window, and the utilization (share) above
---              which it is skipped, spill_utilization; -1: none
+--              which it is skipped, spill_utilization; -1: none. ceiling: a lower traffic
+--              class's line: admitted only while the window's tokens, this request's
+--              included, stay at or below it (no exception for an empty window, and never
+--              a lease); -1: none
 --   lease: wanted        how many requests like this one the replica would like to admit on
 --                        its own (0 or 1: this request only). See "Leases" below.
 -- Returns {1, i, bucket_start_ms, ledger, now_ms, n}  candidate i admits n requests (the
@@ -45,7 +48,7 @@
 -- decided here, one by one. The replica gives back what it did not use (release.lua).
 
 local ACQUIRE = fields{'estimate', 'bucket_ms', 'window_ms', 'clock', 'hint_ttl_ms', 'probe_ms', 'reservation_id'}
-local CANDIDATE = fields{'tokens_per_window', 'requests_per_window', 'spill_utilization'}
+local CANDIDATE = fields{'tokens_per_window', 'requests_per_window', 'spill_utilization', 'ceiling'}
 local LEASE = fields{'wanted'}
 
 local args = read(ACQUIRE, 1)
@@ -77,10 +80,11 @@ local probe = tonumber(args.probe_ms) or 0
 
 local now = clock_ms(args.clock)
 
-local function fits(used_tokens, used_requests, tpm, rpm)
+local function fits(used_tokens, used_requests, tpm, rpm, ceiling)
   local tokens_ok = tpm < 0 or used_tokens + estimate <= tpm or used_tokens == 0
   local requests_ok = rpm < 0 or used_requests < rpm
-  return tokens_ok and requests_ok
+  local below_line = ceiling < 0 or used_tokens + estimate <= ceiling
+  return tokens_ok and requests_ok and below_line
 end
 
 local earliest = -1
@@ -171,6 +175,7 @@ for i = 1, candidates do
   local limits = read(CANDIDATE, ACQUIRE.length + CANDIDATE.length * (i - 1) + 1)
   local tpm, rpm = tonumber(limits.tokens_per_window), tonumber(limits.requests_per_window)
   local spill = tonumber(limits.spill_utilization)
+  local ceiling = tonumber(limits.ceiling)
   local wait
   local backoff = redis.call('HMGET', backoff_key, 'until_ms', 'reason', 'opened', 'failures')
   local until_ms = tonumber(backoff[1])
@@ -184,11 +189,11 @@ for i = 1, candidates do
     throttled = 1
   else
     local used_tokens, used_requests, oldest = window_usage(usage_key)
-    if fits(used_tokens, used_requests, tpm, rpm) then
+    if fits(used_tokens, used_requests, tpm, rpm, ceiling) then
       local probing = probe_hint or (tonumber(backoff[3]) or 0) > 0 or backoff[2] == 'throttled'
         or backoff[2] == 'probing' or (tonumber(backoff[4]) or 0) > 0
       local n = 1
-      if wanted > 1 and not probing then
+      if wanted > 1 and not probing and ceiling < 0 then
         n = math.min(wanted, hinted_cap(hints_key, spill))
         if tpm >= 0 and estimate > 0 then n = math.min(n, math.floor((tpm - used_tokens) / 8 / estimate)) end
         if rpm >= 0 then n = math.min(n, math.floor((rpm - used_requests) / 8)) end
@@ -241,7 +246,7 @@ for i = 1, candidates do
       local v = redis.call('HMGET', usage_key, 'tokens:' .. fmt(start), 'requests:' .. fmt(start))
       used_tokens = used_tokens - (tonumber(v[1]) or 0)
       used_requests = used_requests - (tonumber(v[2]) or 0)
-      if fits(used_tokens, used_requests, tpm, rpm) then
+      if fits(used_tokens, used_requests, tpm, rpm, ceiling) then
         wait = math.max(start + bucket + window - now, 1)
         break
       end

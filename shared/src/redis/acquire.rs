@@ -12,6 +12,11 @@ use crate::lease::{Grant, Local};
 use crate::scripts::{AcquireArgs, CandidateArgs, LeaseArgs, Limit};
 use crate::store::{Admission, BackendId, Candidate, PoolName, Reservation, StateError};
 
+/// A lower traffic class's request: some candidate has a line ([`Candidate::ceiling`]).
+fn under_ceiling(candidates: &[Candidate]) -> bool {
+    candidates.iter().any(|c| c.ceiling.is_some())
+}
+
 /// What this replica's leases say about a request.
 enum OnLease {
     Admitted(Admission),
@@ -66,7 +71,7 @@ impl RedisState {
                 throttled: false,
             }));
         }
-        if self.leases.policy().enabled() {
+        if self.leases.policy().enabled() && !under_ceiling(candidates) {
             let now = tokio::time::Instant::now();
             if let Some(refill) = self.leases.refill_lock(pool, now) {
                 // A refill on its way is waited for (once), and whoever finds none on its
@@ -100,7 +105,8 @@ impl RedisState {
         candidates: &[Candidate],
         estimated_tokens: u64,
     ) -> Option<Admission> {
-        if !self.leases.policy().enabled() {
+        // A lower class's line is only ever checked in Redis, against the whole fleet's use.
+        if !self.leases.policy().enabled() || under_ceiling(candidates) {
             return None;
         }
         match self.admit_on_lease(pool, candidates, estimated_tokens) {
@@ -239,11 +245,18 @@ impl RedisState {
                 tokens_per_window: Limit(c.tokens_per_window),
                 requests_per_window: Limit(c.requests_per_window),
                 spill_utilization: Limit(c.spill_utilization),
+                ceiling: Limit(c.ceiling),
             }
             .push_to(&mut args);
         }
+        // A lower class below its line is decided one request at a time.
+        let wanted = if under_ceiling(candidates) {
+            0
+        } else {
+            self.leases.wanted(pool, now, round_trip)
+        };
         LeaseArgs {
-            wanted: u64::from(self.leases.wanted(pool, now, round_trip)),
+            wanted: u64::from(wanted),
         }
         .push_to(&mut args);
         let reply = array(self.run(&self.scripts.acquire, keys, args).await?)?;
