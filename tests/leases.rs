@@ -443,3 +443,34 @@ async fn a_lease_serves_its_whole_tier_but_never_jumps_a_tier() {
     );
     assert_eq!(store.acquires_waited(), waited + 1);
 }
+
+/// A lower traffic class's line is decided in Redis, one request at a time: it never takes
+/// from a lease the busy top class holds, nor is granted one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_below_a_line_is_never_admitted_on_a_lease() {
+    let server = RedisServer::start();
+    let store = ready(leasing(&server, Duration::from_secs(30))).await;
+    let pool = PoolName::new("lined");
+    let top = ptu(Some(1_000_000));
+    let below_line = [Candidate {
+        ceiling: Some(500_000),
+        ..top[0].clone()
+    }];
+    // The top class gets busy enough to hold a lease.
+    admit_all(&store, &pool, &top, 100, 10).await;
+    let waited = store.acquires_waited();
+    admit_all(&store, &pool, &top, 1, 10).await;
+    assert_eq!(
+        store.acquires_waited(),
+        waited,
+        "the top class admits on its lease"
+    );
+
+    server.reset_stats();
+    admit_all(&store, &pool, &below_line, 20, 10).await;
+    assert_eq!(
+        server.calls("evalsha"),
+        20,
+        "each lower-class request is one acquire.lua call"
+    );
+}

@@ -55,6 +55,8 @@ async fn identify(
                 latency: started.elapsed(),
                 time_to_first_token: None,
                 error: Some(refusal.code()),
+                class: None,
+                shadow: None,
             });
             // Like every data-plane answer: which backend (none) after how many attempts.
             let mut response = refusal.into_response();

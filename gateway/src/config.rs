@@ -8,6 +8,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 mod backends;
+mod classes;
 mod consumers;
 mod headers;
 pub mod quota_period;
@@ -17,6 +18,7 @@ mod state;
 mod telemetry;
 
 pub use backends::{BackendAuthConfig, BackendConfig, BackendKind, Encoding, PoolConfig};
+pub use classes::{ClassConfig, Overflow, default_classes};
 pub use consumers::{AuthConfig, ConsumerConfig, JwtConfig};
 pub use headers::{HeadersConfig, NEVER_FORWARDED};
 pub use routing::RoutingConfig;
@@ -48,6 +50,9 @@ pub struct Config {
     /// Per-pool settings, by pool name: `[pools.gpt-4o]`.
     #[serde(default)]
     pub pools: BTreeMap<String, PoolConfig>,
+    /// Traffic classes (`interactive` and `batch` when none are listed).
+    #[serde(default = "default_classes")]
+    pub classes: Vec<ClassConfig>,
 }
 
 impl Config {
@@ -170,6 +175,7 @@ impl Config {
         self.validate_backends(resolve, &mut bad);
         self.validate_pools(&mut bad);
         self.validate_consumers(resolve, &mut bad);
+        self.validate_classes(&mut bad);
         self.validate_jwt(&mut bad);
         self.validate_anonymous(&mut bad);
         if problems.is_empty() {
@@ -225,6 +231,58 @@ mod tests {
         assert_eq!(cfg.routing.default_backoff_ms, 10_000);
         assert_eq!(cfg.backends[0].priority, 1);
         assert!(matches!(cfg.backends[0].auth, BackendAuthConfig::None));
+    }
+
+    #[test]
+    fn class_and_reserve_mistakes_name_their_key() {
+        let p = problems(
+            r#"
+            [[backends]]
+            id = "ptu"
+            url = "http://127.0.0.1:1"
+            kind = "ptu"
+            reserve = 0.2
+            deployments = { "gpt-4o" = "a" }
+            [[backends]]
+            id = "payg"
+            url = "http://127.0.0.1:2"
+            reserve = 0.2
+            tpm = 1000
+            deployments = { "gpt-4o" = "b" }
+            [[backends]]
+            id = "big"
+            url = "http://127.0.0.1:3"
+            kind = "ptu"
+            tpm = 1000
+            reserve = 1.0
+            deployments = { "gpt-4o" = "c" }
+            [[classes]]
+            name = "interactive"
+            rank = 2
+            [[classes]]
+            name = "interactive"
+            rank = 1
+            [[consumers]]
+            name = "jobs"
+            class = "nightly"
+            key_sha256 = "0c7e232ca6aa55ab05a0287b1c4198c7b4275500bce25c40b5a6aa7d564d3c45"
+        "#,
+        );
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "backends[0].reserve",
+                "backends[1].reserve",
+                "backends[2].reserve",
+                "classes[1].name",
+                "consumers[0].class",
+            ],
+            "{p:?}"
+        );
+        let defaults = Config::from_toml(MINIMAL).unwrap();
+        let names: Vec<&str> = defaults.classes.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["interactive", "batch"]);
     }
 
     #[test]

@@ -73,6 +73,12 @@ pub enum GatewayError {
     NotJson,
     #[error("Every deployment of '{pool}' is rate limited. Please retry after {} seconds.", retry_seconds(*.retry_after))]
     Throttled { pool: String, retry_after: Duration },
+    #[error("The provisioned capacity of '{pool}' has no room for traffic class '{class}' now (its share is below the reserve kept for higher classes). Please retry after {} seconds.", retry_seconds(*.retry_after))]
+    ClassThrottled {
+        pool: String,
+        class: String,
+        retry_after: Duration,
+    },
     #[error("No deployment of '{pool}' is available. Please retry after {} seconds.", retry_seconds(*.retry_after))]
     Unavailable { pool: String, retry_after: Duration },
     #[error("All upstream attempts failed: {0}")]
@@ -103,7 +109,7 @@ impl GatewayError {
             Self::AdminUnauthorized => StatusCode::UNAUTHORIZED,
             Self::AdminHost => StatusCode::FORBIDDEN,
             Self::NotJson => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Throttled { .. } | Self::ClassThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable { .. } | Self::State(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Self::GatewayTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -130,7 +136,7 @@ impl GatewayError {
             Self::AdminUnauthorized => "401",
             Self::AdminHost => "host_not_allowed",
             Self::NotJson => "unsupported_media_type",
-            Self::Throttled { .. } => "429",
+            Self::Throttled { .. } | Self::ClassThrottled { .. } => "429",
             Self::Unavailable { .. } => "no_backend_available",
             Self::BadGateway(_) => "bad_gateway",
             Self::GatewayTimeout(_) => "gateway_timeout",
@@ -141,6 +147,7 @@ impl GatewayError {
     fn retry_after(&self) -> Option<Duration> {
         match self {
             Self::Throttled { retry_after, .. }
+            | Self::ClassThrottled { retry_after, .. }
             | Self::Unavailable { retry_after, .. }
             | Self::OwnerBusy { retry_after, .. }
             | Self::ConsumerThrottled { retry_after }

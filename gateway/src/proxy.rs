@@ -22,9 +22,11 @@ pub mod request_fields;
 pub mod retry_budget;
 mod select;
 mod settlement;
+mod shadow;
 mod sse;
 pub mod tokens;
 mod trace;
+pub mod traffic_class;
 mod upstream_client;
 mod upstream_path;
 mod usage;
@@ -70,6 +72,7 @@ use crate::error::GatewayError;
 use crate::proxy::fleet_view::MemberView;
 use crate::proxy::tokens::{Operation, TokenEstimate};
 use crate::routing_table::{Member, Pool};
+use traffic_class::Class;
 
 /// What survives across attempts of one request (pingora's per-request context).
 #[derive(Default)]
@@ -80,6 +83,10 @@ struct Attempts {
     count: u32,
     last_backend: Option<BackendId>,
     failures: Vec<Failure>,
+    /// Its traffic class, once admission knew it.
+    class: Option<std::sync::Arc<str>>,
+    /// Rules in shadow mode it crossed.
+    marks: std::sync::Arc<shadow::Marks>,
 }
 
 struct Failure {
@@ -101,10 +108,17 @@ pub async fn handle(gateway: &Gateway, inbound: Inbound) -> Response {
         // a refusal is logged and counted with them.
         let mut request = admit(gateway, inbound, &mut attempts).await?;
         trace::record_admission(&tracing::Span::current(), &request);
+        attempts.class = Some(request.class.name.clone());
         let quota = request.quota.take();
-        let budget =
-            consumer_budget::reserve(gateway, request.consumer.as_ref(), request.estimate.total())
-                .await?;
+        let consumer = request.consumer.as_ref();
+        let budget = consumer_budget::reserve(gateway, consumer, request.estimate.total(), || {
+            let name = consumer.map(|c| c.name.as_str());
+            let (pool, class) = (request.pool.name.as_str(), &*request.class.name);
+            attempts
+                .marks
+                .would_refuse(shadow::Rule::Budget, pool, name, class);
+        })
+        .await?;
         // The consumer's spend goes with the attempt that delivers (and is charged when its
         // answer ends); dropped unsettled when none does.
         let spend = ConsumerSpend {
@@ -114,6 +128,7 @@ pub async fn handle(gateway: &Gateway, inbound: Inbound) -> Response {
         let mut send = HttpSend {
             request: &request,
             spend: Some(spend),
+            marks: attempts.marks.clone(),
         };
         let placement = request.placement();
         let mut response = route(gateway, &placement, &mut send, &mut attempts).await?;
@@ -176,6 +191,8 @@ fn log_refusal(refusal: &GatewayError, attempts: &Attempts, received: Instant) {
         latency: received.elapsed(),
         time_to_first_token: None,
         error: Some(refusal.code()),
+        class: attempts.class.as_deref(),
+        shadow: attempts.marks.names().as_deref(),
     });
 }
 
@@ -191,6 +208,10 @@ struct Placement<'a> {
     pub cache_key: Option<u64>,
     pub view: &'a MemberView,
     pub operation: Operation,
+    /// Its traffic class: the members it may use, its line on a PTU.
+    pub class: &'a Class,
+    /// Who sent it (for what shadow mode counts).
+    pub consumer: Option<&'a str>,
 }
 
 /// One upstream attempt on a member `route` reserved: an HTTP send, or a WebSocket
@@ -267,7 +288,7 @@ async fn route<S: Step>(
             &preferences,
             &mut rand::rng(),
         );
-        let open = match reserve(gateway, placement, &order).await? {
+        let open = match reserve(gateway, placement, &order, &attempts.marks).await? {
             Ok(open) => open,
             Err(refused) => {
                 refusal = Some(refused);
@@ -303,11 +324,14 @@ async fn route<S: Step>(
 impl Placement<'_> {
     /// The members it may go to. Data residency: members outside the allowed regions are
     /// never candidates. A pinned request has one: the member holding the response it names.
+    /// Its class decides the rest (priority members, PAYG for a class that stays on PTU).
     fn members(&self) -> Result<Vec<&Member>, GatewayError> {
+        let has_ptu = self.pool.members.iter().any(|m| m.backend.provisioned());
         let members: Vec<&Member> = self
             .pool
             .members_in(self.regions)
             .filter(|m| self.pinned.is_none_or(|p| p.backend == m.backend.id))
+            .filter(|m| self.pinned.is_some() || self.class.may_use(m, has_ptu))
             .collect();
         if members.is_empty() {
             return Err(GatewayError::NoMemberInRegions {
@@ -324,13 +348,57 @@ async fn reserve(
     gateway: &Gateway,
     placement: &Placement<'_>,
     order: &[&Member],
+    marks: &shadow::Marks,
 ) -> Result<Result<OpenReservation, Refusal>, GatewayError> {
     let pool = placement.pool;
-    let candidates: Vec<Candidate> = order.iter().map(|m| pool.candidate(m)).collect();
-    let admission = gateway
-        .fleet
-        .acquire(&pool.name, &candidates, placement.estimate.total())
-        .await?;
+    let class = placement.class;
+    let tokens = placement.estimate.total();
+    let with_line = |m: &&Member| Candidate {
+        ceiling: class.ceiling(m),
+        ..pool.candidate(m)
+    };
+    let below_line: Vec<Candidate> = order
+        .iter()
+        .filter(|m| m.backend.provisioned())
+        .map(with_line)
+        .collect();
+    let admission = if class.shadowed() && !below_line.is_empty() {
+        // Shadow mode: the PTU below the line first, exactly as enforcement would ask. When
+        // it has no room, the request is served as the top class would be, and counted when
+        // enforcement would have refused it (`overflow = "refuse"`) or when only the
+        // reserve admitted it on the PTU (enforcement would have sent it to PAYG).
+        match gateway
+            .fleet
+            .acquire(&pool.name, &below_line, tokens)
+            .await?
+        {
+            admitted @ Admission::Admitted { .. } => admitted,
+            Admission::Exhausted { .. } => {
+                let candidates: Vec<Candidate> = order.iter().map(|m| pool.candidate(m)).collect();
+                let admission = gateway
+                    .fleet
+                    .acquire(&pool.name, &candidates, tokens)
+                    .await?;
+                let on_ptu = matches!(&admission, Admission::Admitted { backend, .. }
+                    if pool.member(backend).is_some_and(|m| m.backend.provisioned()));
+                if class.overflow == crate::config::Overflow::Refuse || on_ptu {
+                    marks.would_refuse(
+                        shadow::Rule::Reserve,
+                        pool.name.as_str(),
+                        placement.consumer,
+                        &class.name,
+                    );
+                }
+                admission
+            }
+        }
+    } else {
+        let candidates: Vec<Candidate> = order.iter().map(with_line).collect();
+        gateway
+            .fleet
+            .acquire(&pool.name, &candidates, tokens)
+            .await?
+    };
     Ok(match admission {
         Admission::Admitted {
             backend,
@@ -370,6 +438,8 @@ impl ProxyRequest {
             cache_key: self.cache_key,
             view: &self.view,
             operation: self.operation,
+            class: &self.class,
+            consumer: self.consumer.as_ref().map(|c| c.name.as_str()),
         }
     }
 }
@@ -456,6 +526,13 @@ fn exhausted(request: &Placement, attempts: &Attempts, refusal: Option<Refusal>)
         .iter()
         .any(|f| f.reason == BackoffReason::Throttled)
         || refusal.is_some_and(|r| r.throttled);
+    if throttled && request.class.stays_on_ptu() {
+        return GatewayError::ClassThrottled {
+            pool: name,
+            class: request.class.name.to_string(),
+            retry_after,
+        };
+    }
     if throttled {
         return GatewayError::Throttled {
             pool: name,

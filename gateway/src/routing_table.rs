@@ -7,7 +7,7 @@ use std::sync::Arc;
 use spillway_shared::{BackendId, Candidate, PoolName};
 
 use crate::auth::credentials::BackendCredential;
-use crate::config::Config;
+use crate::config::{BackendKind, Config};
 
 /// One Azure OpenAI resource the gateway may send traffic to.
 #[derive(Debug)]
@@ -25,8 +25,17 @@ pub struct Backend {
     /// Budget per deployment per window (`state.window_ms`, a minute by default).
     pub tpm: Option<u64>,
     pub rpm: Option<u64>,
+    /// PTU, standard PAYG or priority processing.
+    pub kind: BackendKind,
+    /// PTU: the share of `tpm` kept for the highest-ranked traffic class.
+    pub reserve: f64,
+}
+
+impl Backend {
     /// Provisioned (PTU): cached prompt tokens are not charged to its budget.
-    pub provisioned: bool,
+    pub fn provisioned(&self) -> bool {
+        self.kind == BackendKind::Ptu
+    }
 }
 
 /// A backend's base URL as an upstream request needs it: scheme and authority (shared,
@@ -138,7 +147,8 @@ impl RoutingTable {
                 credential,
                 tpm: b.tpm,
                 rpm: b.rpm,
-                provisioned: b.kind == crate::config::BackendKind::Ptu,
+                kind: b.kind,
+                reserve: b.reserve,
             });
             for (pool, deployment) in &b.deployments {
                 pools.entry(pool.clone()).or_default().push(Member {

@@ -11,6 +11,7 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use spillway_gateway::auth::credentials::BackendCredential;
+use spillway_gateway::config::BackendKind;
 use spillway_gateway::proxy::bench_access::{Preferences, candidate_order};
 use spillway_gateway::routing_table::{Backend, Member, UpstreamBase};
 use spillway_shared::{BackendId, LatencyHistograms, MemberSnapshot, UpstreamHints};
@@ -35,7 +36,12 @@ fn member(i: usize, priority: u32) -> Member {
             credential: BackendCredential::None,
             tpm: None,
             rpm: None,
-            provisioned: priority == 1,
+            kind: if priority == 1 {
+                BackendKind::Ptu
+            } else {
+                BackendKind::Payg
+            },
+            reserve: 0.0,
         }),
         deployment: "gpt-4o".into(),
     }

@@ -115,6 +115,10 @@ pub(super) async fn chat(
         Charge::Throttled(response) => return response,
     };
     deployment.record(|s| s.cached_tokens += cached);
+    let tier = service_tier(request, prompt);
+    if tier == Some("priority") {
+        deployment.record(|s| s.priority += 1);
+    }
     let finish_reason = if cut { "length" } else { "stop" };
     let pieces = text::reply_pieces(n);
     let id = format!("chatcmpl-sim{id:08}");
@@ -143,14 +147,32 @@ pub(super) async fn chat(
         tokio::time::sleep(per_token * n).await;
     }
     record_served(deployment, prompt, u64::from(n));
-    let body = json!({
+    let mut body = json!({
         "id": id, "object": "chat.completion", "created": created(), "model": deployment.spec.model,
         "system_fingerprint": "fp_spillway_sim", "prompt_filter_results": filter_results(),
         "choices": [{ "index": 0, "finish_reason": finish_reason, "logprobs": null,
             "message": { "role": "assistant", "content": pieces.concat(), "refusal": null } }],
         "usage": chat_usage(prompt, u64::from(n), cached),
     });
+    if let Some(tier) = tier {
+        body["service_tier"] = json!(tier);
+    }
     with_headers(Json(body).into_response(), headers)
+}
+
+/// Prompts above this many tokens are served at the standard tier even when priority
+/// processing is asked for (Azure's documented downgrade of long-context requests).
+pub const PRIORITY_PROMPT_LIMIT: u64 = 128_000;
+
+/// The tier that served a request that named one (`None`: it named none, and the answer
+/// says nothing): `priority` when asked and the prompt is within the limit, else `default`.
+fn service_tier(request: &Value, prompt: u64) -> Option<&'static str> {
+    let asked = request.get("service_tier")?.as_str()?;
+    Some(if asked == "priority" && prompt <= PRIORITY_PROMPT_LIMIT {
+        "priority"
+    } else {
+        "default"
+    })
 }
 
 /// A chat completion streamed as Azure does: a prompt-filter event, a role event, one event

@@ -76,6 +76,9 @@ pub struct DeploymentStats {
     pub spilled_tokens: u64,
     /// Prompt tokens served from the prompt cache (also counted in `prompt_tokens`).
     pub cached_tokens: u64,
+    /// Chat completions served with priority processing (`service_tier = "priority"`,
+    /// prompt within the priority limit).
+    pub priority: u64,
 }
 
 /// PAYG deployments count a sliding window; PTU ones fill a leaky bucket.

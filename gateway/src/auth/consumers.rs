@@ -59,6 +59,10 @@ pub struct Consumer {
     pub rpm: Option<u64>,
     /// Fleet-wide tokens per calendar period.
     pub token_quota: Option<(u64, QuotaPeriod)>,
+    /// Its traffic class (`None`: the highest-ranked).
+    pub class: Option<String>,
+    /// `false`: its budgets and quota are in shadow mode (counted, never refused).
+    pub enforce: bool,
 }
 
 impl Consumer {
@@ -88,6 +92,8 @@ impl Consumers {
                     token_quota: c
                         .token_quota
                         .map(|quota| (quota, c.token_quota_period.unwrap_or_default())),
+                    class: c.class.clone(),
+                    enforce: c.enforce.unwrap_or(true),
                 };
                 Ok((consumer, key_hash_of(c)?))
             })
@@ -200,6 +206,8 @@ mod tests {
             tpm: None,
             rpm: None,
             token_quota: None,
+            class: None,
+            enforce: true,
         };
         Consumers {
             keys: vec![

@@ -56,10 +56,17 @@ pub struct BackendConfig {
     pub tpm: Option<u64>,
     #[serde(default)]
     pub rpm: Option<u64>,
-    /// `ptu` (provisioned) or `payg` (standard, the default). Cached prompt tokens cost a
-    /// provisioned deployment nothing, so they are not charged to a `ptu` member's budget.
+    /// `ptu` (provisioned), `payg` (standard, the default) or `priority` (Azure priority
+    /// processing: standard deployments called with `service_tier = "priority"`, billed
+    /// above standard, reached only by classes with `priority_tier`). Cached prompt tokens
+    /// cost a provisioned deployment nothing, so they are not charged to a `ptu` member's
+    /// budget.
     #[serde(default)]
     pub kind: BackendKind,
+    /// `ptu` only: the share of its `tpm` kept for the highest-ranked traffic class; lower
+    /// classes are admitted only while the window's use stays below `tpm × (1 − reserve)`.
+    #[serde(default)]
+    pub reserve: f64,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -68,6 +75,17 @@ pub enum BackendKind {
     Ptu,
     #[default]
     Payg,
+    Priority,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ptu => "ptu",
+            Self::Payg => "payg",
+            Self::Priority => "priority",
+        }
+    }
 }
 
 fn one() -> u32 {
@@ -200,6 +218,25 @@ impl BackendConfig {
         }
         if b.weight == 0 {
             bad(at("weight"), "must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&b.reserve) {
+            bad(
+                at("reserve"),
+                "must be a share from 0 up to (not including) 1 (0.2 = 20 %)".into(),
+            );
+        } else if b.reserve > 0.0 && b.kind != BackendKind::Ptu {
+            bad(
+                at("reserve"),
+                format!(
+                    "applies to kind = \"ptu\" members only (this one is {:?})",
+                    b.kind.as_str()
+                ),
+            );
+        } else if b.reserve > 0.0 && b.tpm.is_none() {
+            bad(
+                at("reserve"),
+                "needs tpm: the line lower classes stop at is a share of it".into(),
+            );
         }
         if b.deployments.is_empty() {
             bad(

@@ -89,6 +89,14 @@ pub struct ConsumerConfig {
     /// `hourly`, `daily`, `weekly` (from Monday) or `monthly` (the default), in UTC.
     #[serde(default)]
     pub token_quota_period: Option<crate::config::quota_period::QuotaPeriod>,
+    /// Its traffic class (`[[classes]]`; the highest-ranked one when not set). A request
+    /// may lower its own class, never raise it.
+    #[serde(default)]
+    pub class: Option<String>,
+    /// `false`: shadow mode for its budgets and quota (`tpm`, `rpm`, `token_quota`): what
+    /// they would refuse is counted (metrics, access log, span) and served. Default `true`.
+    #[serde(default)]
+    pub enforce: Option<bool>,
 }
 
 impl Config {

@@ -22,6 +22,10 @@ pub struct AccessRecord<'a> {
     pub time_to_first_token: Option<Duration>,
     /// The gateway's error code, for a request it answered itself.
     pub error: Option<&'a str>,
+    /// Its traffic class, once admission knew it.
+    pub class: Option<&'a str>,
+    /// Rules in shadow mode that would have refused it (comma-separated).
+    pub shadow: Option<&'a str>,
 }
 
 pub fn write(r: &AccessRecord<'_>) {
@@ -39,6 +43,8 @@ pub fn write(r: &AccessRecord<'_>) {
         latency_ms = ms(r.latency),
         time_to_first_token_ms = r.time_to_first_token.map(ms),
         error = r.error,
+        class = r.class,
+        shadow = r.shadow,
         "request"
     );
 }

@@ -167,6 +167,8 @@ pub struct AnswerLabels {
     pub backend: BackendId,
     pub tier: u32,
     pub consumer: Option<String>,
+    /// The request's traffic class.
+    pub class: std::sync::Arc<str>,
 }
 
 #[derive(Clone)]
@@ -199,6 +201,7 @@ pub fn answer_finished(
                 ("backend", labels.backend.as_str().to_owned()),
                 ("tier", labels.tier.to_string()),
                 ("consumer", consumer.clone()),
+                ("class", labels.class.to_string()),
                 ("direction", direction.to_owned()),
             ];
             metrics::counter!("spillway_tokens_total", &labels)
@@ -272,6 +275,17 @@ pub fn upstream_failure(pool: &str, backend: &str, reason: &str) {
         ("reason", reason.to_owned()),
     ];
     metrics::counter!("spillway_upstream_failures_total", &labels).increment(1);
+}
+
+/// A rule in shadow mode would have refused a request (which was served).
+pub fn shadow_refusal(pool: &str, consumer: &str, class: &str, rule: &'static str) {
+    let labels = [
+        ("pool", pool.to_owned()),
+        ("consumer", consumer.to_owned()),
+        ("class", class.to_owned()),
+        ("rule", rule.to_owned()),
+    ];
+    metrics::counter!("spillway_shadow_refusals_total", &labels).increment(1);
 }
 
 /// A request refused at once because the replica was at `server.max_concurrent_requests`.

@@ -10,6 +10,8 @@ use spillway_shared::{BackendId, QuotaCounter, ResponseOwner};
 
 use super::outgoing_body::OutgoingBody;
 use super::request_body::{self, BodyPermit};
+use super::shadow::{Marks, Rule};
+use super::traffic_class::Class;
 use super::upstream_path::{OperationPath, QueryPairs, QueryRule, UpstreamApi};
 use super::{Attempts, cache_affinity, consumer_budget, consumer_quota};
 use crate::auth::consumers::Consumer;
@@ -105,6 +107,8 @@ pub struct ProxyRequest {
     pub view: Arc<MemberView>,
     /// When the request arrived (its time to first token counts from here).
     pub received: tokio::time::Instant,
+    /// Its traffic class.
+    pub class: Arc<Class>,
 }
 
 /// Admission as a straight line of steps, each computed once and handed on by value: the
@@ -161,9 +165,10 @@ pub async fn admit(
     let target = match addressed {
         Addressed::Stored { pool, pinned } => {
             let view = gateway.view.get(&gateway.fleet, &pool);
+            let own = consumer.as_ref().and_then(|c| c.class.as_deref());
+            let class = gateway.classes.of_request(own, &headers, None)?;
             Ok(Admitted::stored(
-                pool,
-                view,
+                (pool, view, class),
                 pinned,
                 operation,
                 api,
@@ -241,6 +246,12 @@ async fn read_and_ask(
         }
     };
     let view = gateway.view.get(&gateway.fleet, &pool);
+    let service_tier = fields.as_ref().and_then(RequestFields::service_tier);
+    let class = gateway.classes.of_request(
+        consumer.and_then(|c| c.class.as_deref()),
+        headers,
+        service_tier.as_ref().map(|t| t.as_str()),
+    )?;
     let operation = match &route {
         Route::Deployment { operation }
         | Route::V1 { operation, .. }
@@ -249,8 +260,7 @@ async fn read_and_ask(
     let asked = ask(
         gateway,
         consumer,
-        &pool,
-        &view,
+        (&pool, &view, class, &attempts.marks),
         (operation, fields.as_ref(), body),
     )
     .await?;
@@ -273,6 +283,8 @@ struct Asked {
     previous: Option<String>,
     /// A stream that did not ask for its usage: the gateway asks (and hides it).
     add_stream_usage: bool,
+    /// Its traffic class.
+    class: Arc<Class>,
 }
 
 /// Read what the request asks for and check it against the consumer's allowances: its
@@ -281,13 +293,16 @@ struct Asked {
 async fn ask(
     gateway: &Gateway,
     consumer: Option<&Consumer>,
-    pool: &Pool,
-    view: &MemberView,
+    (pool, view, class, marks): (&Pool, &MemberView, Arc<Class>, &Marks),
     (operation, fields, body): (&OperationPath, Option<&RequestFields<'_>>, &Bytes),
 ) -> Result<Asked, GatewayError> {
     let kind = Operation::of(operation.segments());
     let creates_response = kind == Operation::Responses && operation.segments().len() == 1;
-    let quota = consumer_quota::check(gateway, consumer).await?;
+    let quota = consumer_quota::check(gateway, consumer, || {
+        let name = consumer.map(|c| c.name.as_str());
+        marks.would_refuse(Rule::Quota, pool.name.as_str(), name, &class.name);
+    })
+    .await?;
     consumer_budget::check_spent(gateway, consumer, body.len()).await?;
     // A request that names no output cap is charged what the pool's answers really take
     // (learned fleet-wide, from its first answers on; see `fleet_view::output_reserve`).
@@ -327,6 +342,7 @@ async fn ask(
         add_stream_usage: stream
             && kind == Operation::ChatCompletions
             && fields.is_some_and(|f| !f.asks_stream_usage()),
+        class,
     })
 }
 
@@ -381,14 +397,14 @@ impl Admitted {
             estimate: asked.estimate,
             consumer,
             received: envelope.received,
+            class: asked.class,
         }
     }
 
     /// A request on a stored response's own path: forwarded as sent (method and body) to
     /// the member holding it; it generates nothing.
     fn stored(
-        pool: Arc<Pool>,
-        view: Arc<MemberView>,
+        (pool, view, class): (Arc<Pool>, Arc<MemberView>, Arc<Class>),
         pinned: Pinned,
         operation: OperationPath,
         api: UpstreamApi<'static>,
@@ -407,6 +423,7 @@ impl Admitted {
             remember_response: false,
             previous: None,
             add_stream_usage: false,
+            class,
         };
         Self {
             pool,
@@ -437,6 +454,7 @@ impl Admitted {
                     _ => OutgoingBody::unchanged(body.clone()),
                 };
                 let strip_usage = asked.add_stream_usage && out.request_stream_usage(fields);
+                out.mark_service_tier(fields);
                 (out, strip_usage)
             }
             None => (OutgoingBody::unchanged(body.clone()), false),

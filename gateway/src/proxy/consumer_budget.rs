@@ -60,12 +60,15 @@ impl ConsumerSpend {
     }
 }
 
-/// Reserve `tokens` and one request on the consumer's budget: `None` for a consumer without
-/// one, 429 when it is spent.
+/// Reserve the request's estimate and one request on its consumer's budget: `None` for a
+/// consumer without one, 429 when it is spent. In shadow mode a spent budget is counted and
+/// the request served uncharged, so the budget goes on counting exactly what enforcement
+/// would have admitted.
 pub async fn reserve(
     gateway: &Gateway,
     consumer: Option<&Consumer>,
     tokens: u64,
+    shadow: impl FnOnce(),
 ) -> Result<Option<OpenReservation>, GatewayError> {
     let Some(budget) = consumer.and_then(Budget::of) else {
         return Ok(None);
@@ -88,6 +91,10 @@ pub async fn reserve(
             backend,
             reservation,
         ))),
+        Admission::Exhausted { .. } if consumer.is_some_and(|c| !c.enforce) => {
+            shadow();
+            Ok(None)
+        }
         Admission::Exhausted { retry_after, .. } => Err(GatewayError::ConsumerThrottled {
             retry_after: retry_after.max(Duration::from_millis(1)),
         }),
@@ -105,7 +112,8 @@ pub async fn check_spent(
     consumer: Option<&Consumer>,
     body_bytes: usize,
 ) -> Result<(), GatewayError> {
-    match consumer.filter(|_| body_bytes >= CHECK_BEFORE_COUNTING_BYTES) {
+    // In shadow mode the reservation counts what a spent budget would have refused.
+    match consumer.filter(|c| c.enforce && body_bytes >= CHECK_BEFORE_COUNTING_BYTES) {
         Some(consumer) if spent(gateway, consumer).await => Err(GatewayError::ConsumerThrottled {
             retry_after: Duration::from_secs(1),
         }),

@@ -31,10 +31,12 @@ fn counter(consumer: &Consumer, now: SystemTime) -> Option<(u64, QuotaCounter, O
 }
 
 /// 403 when the consumer's quota for this period is spent; else the counter the request's
-/// tokens go to (`None` without a quota).
+/// tokens go to (`None` without a quota). In shadow mode a spent quota is counted (`shadow`
+/// is told) and the request served uncounted, as enforcement would have left the counter.
 pub async fn check(
     gateway: &Gateway,
     consumer: Option<&Consumer>,
+    shadow: impl FnOnce(),
 ) -> Result<Option<QuotaCounter>, GatewayError> {
     let now = SystemTime::now();
     let Some((quota, counter, end)) = consumer.and_then(|c| counter(c, now)) else {
@@ -43,6 +45,10 @@ pub async fn check(
     let used = gateway.fleet.spend_quota(&counter, 0).await?;
     if used < quota {
         return Ok(Some(counter));
+    }
+    if consumer.is_some_and(|c| !c.enforce) {
+        shadow();
+        return Ok(None);
     }
     let period = consumer.and_then(|c| c.token_quota).map(|(_, p)| p);
     let until_end = end.unix_timestamp_nanos().saturating_sub(

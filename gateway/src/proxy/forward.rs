@@ -114,8 +114,10 @@ fn build(member: &Member, request: &ProxyRequest, span: &tracing::Span) -> Reque
             upstream_uri(base, *api, operation, &request.query)
         }
     };
-    // The shared body bytes, with this member's deployment as `model` on the v1 route.
-    let mut outgoing = Request::new(request.body.for_member(&member.deployment));
+    // The shared body bytes, with this member's deployment as `model` on the v1 route, and
+    // priority processing asked of a priority member.
+    let priority = member.backend.kind == crate::config::BackendKind::Priority;
+    let mut outgoing = Request::new(request.body.for_member(&member.deployment, priority));
     *outgoing.method_mut() = request.method.clone();
     *outgoing.uri_mut() = uri;
     // The backend continues the attempt's trace (the client's, when it is not exported).

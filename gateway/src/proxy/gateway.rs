@@ -43,6 +43,8 @@ pub struct Gateway {
     pub config: Config,
     /// Stopping: /readyz says so, so load balancers send no more.
     pub draining: std::sync::atomic::AtomicBool,
+    /// Traffic classes.
+    pub classes: super::traffic_class::Classes,
 }
 
 pub struct ConsumerHeaderNames {
@@ -126,6 +128,7 @@ impl Gateway {
             },
             config: config.clone(),
             draining: Default::default(),
+            classes: super::traffic_class::Classes::from_config(&config.classes),
         })
     }
 }

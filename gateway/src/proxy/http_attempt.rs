@@ -23,6 +23,8 @@ use crate::routing_table::Member;
 pub(super) struct HttpSend<'a> {
     pub request: &'a ProxyRequest,
     pub spend: Option<ConsumerSpend>,
+    /// Rules in shadow mode this request crossed.
+    pub marks: std::sync::Arc<super::shadow::Marks>,
 }
 
 impl Step for HttpSend<'_> {
@@ -53,7 +55,7 @@ impl Step for HttpSend<'_> {
                 member,
                 answer,
                 policy,
-                self.spend.take(),
+                (self.spend.take(), self.marks.names()),
             )),
             Outcome::Failed(failure) => Outcome::Failed(failure),
         })
@@ -143,7 +145,7 @@ fn deliver(
     member: &Member,
     answer: Answer,
     policy: BackoffPolicy,
-    consumer: Option<ConsumerSpend>,
+    (consumer, shadow): (Option<ConsumerSpend>, Option<String>),
 ) -> Response {
     let Answer {
         open,
@@ -178,7 +180,7 @@ fn deliver(
             .consumer
             .as_ref()
             .map(|c| crate::auth::consumers::owner_tag(&c.name)),
-        provisioned: member.backend.provisioned,
+        provisioned: member.backend.provisioned(),
         consumer,
         spans,
         labels: crate::ops::metrics::AnswerLabels {
@@ -186,7 +188,9 @@ fn deliver(
             backend: member.backend.id.clone(),
             tier: member.backend.priority,
             consumer: request.consumer.as_ref().map(|c| c.name.clone()),
+            class: request.class.name.clone(),
         },
+        shadow,
     };
     relay::to_client(
         upstream,

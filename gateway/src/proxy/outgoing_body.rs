@@ -21,6 +21,9 @@ pub struct OutgoingBody {
     model: Option<Range<usize>>,
     /// Fixed edits, in body order and not overlapping: replace the range with the text.
     edits: Vec<(Range<usize>, &'static str)>,
+    /// The edit that asks a priority member for priority processing (`service_tier`), for
+    /// JSON bodies the gateway read.
+    priority: Option<(Range<usize>, &'static str)>,
 }
 
 impl OutgoingBody {
@@ -39,8 +42,29 @@ impl OutgoingBody {
         Self {
             bytes,
             model,
-            edits: Vec::new(),
+            ..Self::default()
         }
+    }
+
+    /// Where a priority member's attempt writes `"service_tier":"priority"`: over the
+    /// client's value, else first in the object. `fields` were read from this body.
+    pub fn mark_service_tier(&mut self, fields: &RequestFields) {
+        self.priority = match fields.service_tier {
+            Some(raw) => Some((span_in(&self.bytes, raw), r#""priority""#)),
+            None => self.bytes.iter().position(|&b| b == b'{').map(|at| {
+                let rest = &self.bytes[at + 1..];
+                let empty = rest
+                    .iter()
+                    .find(|b| !b.is_ascii_whitespace())
+                    .is_none_or(|&b| b == b'}');
+                let text = if empty {
+                    r#""service_tier":"priority""#
+                } else {
+                    r#""service_tier":"priority","#
+                };
+                (at + 1..at + 1, text)
+            }),
+        };
     }
 
     /// Ask for a stream's usage chunk (`stream_options.include_usage = true`); false when
@@ -85,9 +109,11 @@ impl OutgoingBody {
     }
 
     /// The bytes for one attempt: `deployment` written as `model` when the body's model is
-    /// rewritten. Shares the body's bytes (no copy).
-    pub fn for_member(&self, deployment: &str) -> Chunks {
-        if self.model.is_none() && self.edits.is_empty() {
+    /// rewritten, and `service_tier = "priority"` for a `priority` member. Shares the body's
+    /// bytes (no copy).
+    pub fn for_member(&self, deployment: &str, priority: bool) -> Chunks {
+        let priority = self.priority.clone().filter(|_| priority);
+        if self.model.is_none() && self.edits.is_empty() && priority.is_none() {
             return Chunks::one(self.bytes.clone());
         }
         let model = self.model.clone().map(|range| {
@@ -97,6 +123,7 @@ impl OutgoingBody {
         let mut edits: Vec<(Range<usize>, Bytes)> = self
             .edits
             .iter()
+            .chain(&priority)
             .map(|(range, text)| (range.clone(), Bytes::from_static(text.as_bytes())))
             .chain(model)
             .collect();
@@ -115,12 +142,13 @@ impl OutgoingBody {
 
     /// The body as one contiguous copy, as an attempt sends it (tests).
     #[cfg(test)]
-    pub fn to_vec(&self, deployment: &str) -> Vec<u8> {
+    pub fn to_vec(&self, deployment: &str, priority: bool) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.bytes.len() + 64);
         let mut at = 0;
         let mut edits: Vec<(Range<usize>, Vec<u8>)> = self
             .edits
             .iter()
+            .chain(self.priority.iter().filter(|_| priority))
             .map(|(r, t)| (r.clone(), t.as_bytes().to_vec()))
             .chain(self.model.clone().map(|r| {
                 (
@@ -207,7 +235,7 @@ mod tests {
             OutgoingBody::unchanged(bytes.clone())
         };
         let asked = usage && out.request_stream_usage(&fields);
-        let text = String::from_utf8(out.to_vec("gpt-4o-east")).unwrap();
+        let text = String::from_utf8(out.to_vec("gpt-4o-east", false)).unwrap();
         serde_json::from_str::<serde_json::Value>(&text).expect("still JSON");
         (text, asked)
     }
@@ -282,6 +310,31 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_priority_member_is_asked_for_priority_processing_and_others_get_the_body_as_sent() {
+        let cases = [
+            (
+                r#"{"messages":[]}"#,
+                r#"{"service_tier":"priority","messages":[]}"#,
+            ),
+            (
+                r#"{"service_tier" : "auto","messages":[]}"#,
+                r#"{"service_tier" : "priority","messages":[]}"#,
+            ),
+            (r#"{ }"#, r#"{"service_tier":"priority" }"#),
+        ];
+        for (body, expected) in cases {
+            let bytes = Bytes::copy_from_slice(body.as_bytes());
+            let fields = RequestFields::parse(&bytes).unwrap();
+            let mut out = OutgoingBody::unchanged(bytes.clone());
+            out.mark_service_tier(&fields);
+            let priority = String::from_utf8(out.to_vec("d", true)).unwrap();
+            assert_eq!(priority, expected);
+            serde_json::from_str::<serde_json::Value>(&priority).expect("still JSON");
+            assert_eq!(out.to_vec("d", false), body.as_bytes(), "a standard member");
+        }
+    }
+
     #[tokio::test]
     async fn an_attempt_sends_the_edited_bytes_with_their_length() {
         use http_body_util::BodyExt;
@@ -289,8 +342,8 @@ mod tests {
         let fields = RequestFields::parse(&bytes).unwrap();
         let mut out = OutgoingBody::with_model(bytes.clone(), &fields);
         out.request_stream_usage(&fields);
-        let expected = out.to_vec("deployment");
-        let body = out.for_member("deployment");
+        let expected = out.to_vec("deployment", false);
+        let body = out.for_member("deployment", false);
         assert_eq!(
             http_body::Body::size_hint(&body).exact(),
             Some(expected.len() as u64)

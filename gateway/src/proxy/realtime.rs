@@ -125,8 +125,16 @@ pub async fn handle(
     } = request;
     let mut attempts = Attempts::default();
     let opened = async {
-        let mut admitted =
-            admit_session(&gateway, v1, query.as_deref(), &headers, consumer).await?;
+        let own = consumer.as_ref().and_then(|c| c.class.as_deref());
+        let class = gateway.classes.of_request(own, &headers, None)?;
+        let mut admitted = admit_session(
+            &gateway,
+            v1,
+            query.as_deref(),
+            &headers,
+            (consumer, &class.name),
+        )
+        .await?;
         let placement = Placement {
             pool: &admitted.pool,
             regions: admitted.regions.as_deref(),
@@ -136,6 +144,8 @@ pub async fn handle(
             cache_key: None,
             view: &admitted.view,
             operation: Operation::Other,
+            class: &class,
+            consumer: None,
         };
         let opened =
             super::route(&gateway, &placement, &mut admitted.handshake, &mut attempts).await?;
@@ -211,7 +221,7 @@ async fn admit_session(
     v1: bool,
     query: Option<&str>,
     headers: &HeaderMap,
-    consumer: Option<Consumer>,
+    (consumer, class): (Option<Consumer>, &str),
 ) -> Result<AdmittedSession, GatewayError> {
     let query = QueryPairs::parse(query);
     let named = if v1 { "model" } else { "deployment" };
@@ -224,8 +234,26 @@ async fn admit_session(
         GatewayError::InvalidPath(crate::path_segment::PathRejection::DeploymentName)
     })?;
     let pool = super::admit::lookup(gateway, consumer.as_ref(), name)?;
-    let quota = consumer_quota::check(gateway, consumer.as_ref()).await?;
-    drop(consumer_budget::reserve(gateway, consumer.as_ref(), 0).await?);
+    let (pool_name, consumer_name) = (
+        pool.name.as_str(),
+        consumer.as_ref().map(|c| c.name.as_str()),
+    );
+    let shadow = |rule: super::shadow::Rule| {
+        move || super::shadow::Marks::default().would_refuse(rule, pool_name, consumer_name, class)
+    };
+    let quota = consumer_quota::check(
+        gateway,
+        consumer.as_ref(),
+        shadow(super::shadow::Rule::Quota),
+    )
+    .await?;
+    let budget = consumer_budget::reserve(
+        gateway,
+        consumer.as_ref(),
+        0,
+        shadow(super::shadow::Rule::Budget),
+    );
+    drop(budget.await?);
     let regions = super::admit::allowed_regions(
         pool.regions.as_deref(),
         consumer.as_ref().and_then(|c| c.regions.as_deref()),

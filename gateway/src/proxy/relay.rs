@@ -42,6 +42,8 @@ pub struct Settlement {
     pub spans: super::trace::AnswerSpans,
     /// Who served it, for the metrics its end records.
     pub labels: crate::ops::metrics::AnswerLabels,
+    /// Rules in shadow mode that would have refused it, for its access log line.
+    pub shadow: Option<String>,
 }
 
 /// `backend_host`: response headers naming it are not relayed.
@@ -216,6 +218,8 @@ impl Metered {
             latency,
             time_to_first_token: Some(first_token),
             error: None,
+            class: Some(&s.labels.class),
+            shadow: s.shadow.as_deref(),
         });
         let (tokens, output_tokens) = match (self.success, usage) {
             (false, _) => (0, 0),

@@ -78,6 +78,10 @@ pub struct RequestFields<'a> {
     /// Legacy completions prompt (read with [`input_tokens`]).
     #[serde(default, borrow)]
     pub prompt: Option<&'a RawValue>,
+    /// `auto`, `default`, `flex`, `priority`, ...: `flex` lowers the request's traffic
+    /// class; a priority member's attempt sets it to `priority` (its place in the body).
+    #[serde(default, borrow)]
+    pub service_tier: Option<&'a RawValue>,
     /// `model` read as text (set by [`RequestFields::parse`]).
     #[serde(skip)]
     model_name: Option<Text<'a>>,
@@ -108,6 +112,12 @@ impl<'a> RequestFields<'a> {
 
     pub fn model(&self) -> Option<&str> {
         self.model_name.as_ref().map(Text::as_str)
+    }
+
+    /// `service_tier` when it is a string.
+    pub fn service_tier(&self) -> Option<Text<'a>> {
+        self.service_tier
+            .and_then(|raw| serde_json::from_str::<Text<'a>>(raw.get()).ok())
     }
 
     pub fn stream(&self) -> bool {

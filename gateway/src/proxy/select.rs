@@ -130,7 +130,8 @@ mod tests {
                 credential: BackendCredential::None,
                 tpm: None,
                 rpm: None,
-                provisioned: false,
+                kind: crate::config::BackendKind::Payg,
+                reserve: 0.0,
             }),
             deployment: "d".into(),
         }

@@ -47,6 +47,8 @@ pub fn request_span(method: &Method, headers: &HeaderMap) -> Span {
         gen_ai.usage.output_tokens = Empty,
         spillway.pool = Empty,
         spillway.consumer = Empty,
+        spillway.class = Empty,
+        spillway.shadow = Empty,
         spillway.stream = Empty,
         spillway.backend = Empty,
         spillway.tier = Empty,
@@ -84,6 +86,7 @@ pub fn record_admission(span: &Span, request: &ProxyRequest) {
     span.record("gen_ai.request.model", request.pool.name.as_str());
     span.record("spillway.pool", request.pool.name.as_str());
     span.record("spillway.stream", request.stream);
+    span.record("spillway.class", &*request.class.name);
     if let Some(max) = request.max_tokens {
         span.record(
             "gen_ai.request.max_tokens",

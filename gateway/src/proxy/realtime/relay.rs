@@ -214,7 +214,7 @@ async fn admit_event(
     // Unreachable fleet state is no refusal: the response is served (and charged when
     // done), as an HTTP request would be on the replica's own share.
     if let Err(GatewayError::QuotaExceeded { .. }) =
-        consumer_quota::check(gateway, Some(consumer)).await
+        consumer_quota::check(gateway, Some(consumer), || {}).await
     {
         return Err(refuse(
             "quota_exceeded",
