@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use crate::store::{
     Admission, BackendId, Backoff, BackoffReason, Candidate, ClockControl, FleetState,
-    LatencySample, PoolName, Receipt, UpstreamHints, Windows,
+    LatencySample, PoolName, Receipt, Ticket, UpstreamHints, Windows,
 };
 
 /// A store under test: its state and its clock.
@@ -120,6 +120,8 @@ checks! {
     after_a_429_backoff_one_request_probes_before_the_fleet_resumes(store, clock);
     a_budget_frees_when_its_bucket_leaves_the_window(store, clock);
     a_lower_class_is_admitted_only_below_its_line(store);
+    tickets_are_admitted_oldest_first_and_leave_when_admitted_or_gone(store);
+    a_ticket_not_renewed_in_time_stops_holding_its_place(store, clock);
 }
 
 fn pool(name: &str) -> PoolName {
@@ -933,4 +935,78 @@ async fn a_lower_class_is_admitted_only_below_its_line(store: &dyn FleetState) {
     let empty = pool("ceiling-empty");
     let big = [below_line(&budget("ptu", 100, None))];
     assert!(admitted(store, &empty, &big, 81).await.is_none());
+}
+
+fn ticket(id: &str) -> Ticket {
+    Ticket {
+        id: format!("{id}-{}", rand_suffix()),
+        alive: Duration::from_secs(2),
+    }
+}
+
+async fn in_turn(
+    store: &dyn FleetState,
+    p: &PoolName,
+    c: &[Candidate],
+    tokens: u64,
+    t: &Ticket,
+) -> bool {
+    matches!(
+        store
+            .acquire_in_turn(p, c, tokens, t)
+            .await
+            .expect("acquire in turn"),
+        Admission::Admitted { .. }
+    )
+}
+
+async fn tickets_are_admitted_oldest_first_and_leave_when_admitted_or_gone(store: &dyn FleetState) {
+    let p = pool("queue");
+    let c = [budget("ptu", 100, None)];
+    let (_, first) = admitted(store, &p, &c, 80).await.unwrap();
+    let (a, b, d) = (ticket("a"), ticket("b"), ticket("d"));
+    assert!(!in_turn(store, &p, &c, 30, &a).await, "30 more do not fit");
+    // 10 would fit alone, but not behind the 30 queued ahead of it.
+    assert!(!in_turn(store, &p, &c, 10, &b).await);
+    // The first answer used 50 of its 80: room for both, in turn.
+    store
+        .settle(&p, &c[0].backend, receipt(first, 50))
+        .await
+        .unwrap();
+    assert!(
+        in_turn(store, &p, &c, 10, &b).await,
+        "b fits with a's 30 counted ahead"
+    );
+    assert!(
+        in_turn(store, &p, &c, 30, &a).await,
+        "a still fits: b counted it"
+    );
+    // Admitted tickets left the queue: a newcomer counts nothing ahead of it.
+    assert!(in_turn(store, &p, &c, 10, &d).await);
+    // A ticket that leaves holds nothing back.
+    let (e, f) = (ticket("e"), ticket("f"));
+    assert!(!in_turn(store, &p, &c, 100, &e).await);
+    store.leave_queue(&p, &e).await.unwrap();
+    assert!(
+        in_turn(store, &p, &c, 0, &f).await,
+        "nothing is queued ahead of f"
+    );
+}
+
+async fn a_ticket_not_renewed_in_time_stops_holding_its_place(
+    store: &dyn FleetState,
+    clock: &dyn ClockControl,
+) {
+    let p = pool("queue-alive");
+    let c = [budget("ptu", 100, None)];
+    let (a, b) = (ticket("a"), ticket("b"));
+    admitted(store, &p, &c, 90).await.unwrap();
+    assert!(!in_turn(store, &p, &c, 50, &a).await);
+    // Renewed, a holds its place: b's 10 fit the room, not the room behind a.
+    assert!(!in_turn(store, &p, &c, 10, &b).await);
+    clock.advance_clock(Duration::from_millis(1_500));
+    assert!(!in_turn(store, &p, &c, 10, &b).await, "a is alive for 2 s");
+    // a's holder stopped asking (its replica died): after its alive time b goes first.
+    clock.advance_clock(Duration::from_millis(1_000));
+    assert!(in_turn(store, &p, &c, 10, &b).await);
 }

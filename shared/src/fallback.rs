@@ -37,7 +37,8 @@ use crate::redis::RedisState;
 use crate::round_trip::CEILING;
 use crate::store::{
     Admission, BackendId, Backoff, Candidate, ClockControl, FleetState, Issuer, PoolName,
-    PoolSnapshot, QuotaCounter, Receipt, Reservation, ResponseOwner, StateError, UpstreamHints,
+    PoolSnapshot, QuotaCounter, Receipt, Reservation, ResponseOwner, StateError, Ticket,
+    UpstreamHints,
 };
 
 pub use crate::health::{ENTER_AFTER, LEAVE_AFTER};
@@ -85,19 +86,29 @@ struct Owed {
 impl FallbackState {
     /// `acquire` by a call to Redis (or, when it cannot answer in time, decided alone), for a
     /// request this replica's leases did not admit.
+    /// `turn`: a request waiting in turn, with its ticket.
     async fn acquire_by_call(
         &self,
         pool: &PoolName,
         candidates: &[Candidate],
         tokens: u64,
+        turn: Option<&Ticket>,
     ) -> Result<Admission, StateError> {
         let id = self.primary.next_reservation_id();
         let answered = std::sync::atomic::AtomicBool::new(false);
         let shared = async {
-            let acquired = self
-                .primary
-                .acquire_past_lease(pool, candidates, tokens, id)
-                .await;
+            let acquired = match turn {
+                Some(ticket) => {
+                    self.primary
+                        .acquire_in_turn_charging(pool, candidates, tokens, (id, ticket))
+                        .await
+                }
+                None => {
+                    self.primary
+                        .acquire_past_lease(pool, candidates, tokens, id)
+                        .await
+                }
+            };
             answered.store(true, Ordering::Relaxed);
             let acquired = acquired?;
             // An admission on a lease charged nothing new: the lease was noted when granted.
@@ -115,7 +126,14 @@ impl FallbackState {
                 self.live_replicas(),
                 self.primary.windows().budget,
             );
-            self.local.acquire(pool, &shares, tokens).await
+            match turn {
+                Some(ticket) => {
+                    self.local
+                        .acquire_in_turn(pool, &shares, tokens, ticket)
+                        .await
+                }
+                None => self.local.acquire(pool, &shares, tokens).await,
+            }
         };
         let tried_shared = !self.health.is_degraded(pool);
         // It may wait for a lease on its way (a round trip), then make its own call.
@@ -521,7 +539,28 @@ impl FleetState for FallbackState {
         {
             return Ok(admission);
         }
-        Box::pin(self.acquire_by_call(pool, candidates, tokens)).await
+        Box::pin(self.acquire_by_call(pool, candidates, tokens, None)).await
+    }
+
+    async fn acquire_in_turn(
+        &self,
+        pool: &PoolName,
+        candidates: &[Candidate],
+        tokens: u64,
+        ticket: &Ticket,
+    ) -> Result<Admission, StateError> {
+        Box::pin(self.acquire_by_call(pool, candidates, tokens, Some(ticket))).await
+    }
+
+    /// Left in both queues: a ticket taken while Redis was away lives in the embedded one.
+    async fn leave_queue(&self, pool: &PoolName, ticket: &Ticket) -> Result<(), StateError> {
+        let _ = self.local.leave_queue(pool, ticket).await;
+        self.decide_batched(
+            pool,
+            self.primary.leave_queue(pool, ticket),
+            std::future::ready(Ok(())),
+        )
+        .await
     }
 
     /// A reservation is settled in the store that issued it: an embedded one never touches

@@ -33,6 +33,16 @@ impl KeySchema {
         format!("{}:{{{}}}:pending", self.prefix, pool)
     }
 
+    /// A pool's queue of requests waiting in turn (a sorted set: ticket id by arrival).
+    pub fn queue(&self, pool: &PoolName) -> String {
+        format!("{}:{{{}}}:queue", self.prefix, pool)
+    }
+
+    /// The queue's tickets (a hash: id → `<estimate>|<alive until ms>`, `#next` → arrivals).
+    pub fn tickets(&self, pool: &PoolName) -> String {
+        format!("{}:{{{}}}:tickets", self.prefix, pool)
+    }
+
     /// The member holding a stored Responses API object (a hash: `pool`, `backend`; expires).
     pub fn response(&self, response_id: &str) -> String {
         format!("{}:response:{}", self.prefix, response_id)

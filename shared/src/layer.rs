@@ -9,7 +9,7 @@ use tokio::time::Instant;
 
 use crate::store::{
     Admission, BackendId, Backoff, Candidate, FleetState, PoolName, PoolSnapshot, QuotaCounter,
-    Receipt, Reservation, ResponseOwner, StateError, StoreHealth, UpstreamHints,
+    Receipt, Reservation, ResponseOwner, StateError, StoreHealth, Ticket, UpstreamHints,
 };
 
 /// A call that ended, as a layer sees it.
@@ -20,6 +20,7 @@ pub enum Call {
         admitted: bool,
     },
     Settle,
+    LeaveQueue,
     Observe,
     Backoff,
     Snapshot,
@@ -38,6 +39,7 @@ impl Call {
         match self {
             Call::Acquire { .. } => "acquire",
             Call::Settle => "settle",
+            Call::LeaveQueue => "leave_queue",
             Call::Observe => "observe",
             Call::Backoff => "backoff",
             Call::Snapshot => "snapshot",
@@ -84,6 +86,27 @@ impl<L: FleetLayer> FleetState for L {
             admitted: matches!(result, Ok(Admission::Admitted { .. })),
         })
         .await
+    }
+
+    async fn acquire_in_turn(
+        &self,
+        pool: &PoolName,
+        candidates: &[Candidate],
+        estimated_tokens: u64,
+        ticket: &Ticket,
+    ) -> Result<Admission, StateError> {
+        let call = self
+            .inner()
+            .acquire_in_turn(pool, candidates, estimated_tokens, ticket);
+        watched(self, call, |result| Call::Acquire {
+            admitted: matches!(result, Ok(Admission::Admitted { .. })),
+        })
+        .await
+    }
+
+    async fn leave_queue(&self, pool: &PoolName, ticket: &Ticket) -> Result<(), StateError> {
+        let call = self.inner().leave_queue(pool, ticket);
+        watched(self, call, |_| Call::LeaveQueue).await
     }
 
     async fn settle(

@@ -68,7 +68,7 @@ pub use memory::{EmbeddedState, ms_per_output_token};
 pub use store::{
     Admission, BackendId, Backoff, BackoffReason, Candidate, FleetState, Histogram, Issuer,
     LATENCY_BOUNDS_MS, LatencyHistograms, LatencySample, MAX_QUOTA_NAME_BYTES,
-    MAX_RESPONSE_ID_BYTES, MemberSnapshot, PoolName, PoolSnapshot, QuotaCounter, Receipt,
-    Reservation, ResponseOwner, StateError, UpstreamHints, Windows,
+    MAX_RESPONSE_ID_BYTES, MAX_TICKET_ID_BYTES, MemberSnapshot, PoolName, PoolSnapshot,
+    QuotaCounter, Receipt, Reservation, ResponseOwner, StateError, Ticket, UpstreamHints, Windows,
 };
 pub use store::{ClockControl, ReplicaDistance, StoreHealth};

@@ -10,11 +10,13 @@ use tokio::time::Instant;
 use crate::store::{
     Admission, BackendId, Backoff, BackoffReason, Candidate, FleetState, MAX_QUOTA_NAME_BYTES,
     MAX_RESPONSE_ID_BYTES, MemberSnapshot, PoolName, PoolSnapshot, QuotaCounter, Receipt,
-    ResponseOwner, StateError, UpstreamHints, Windows,
+    ResponseOwner, StateError, Ticket, UpstreamHints, Windows,
 };
 mod member;
+mod queue;
 
 use member::Member;
+use queue::Queue;
 
 /// Fleet state held in this process. Replicas in one process that share one
 /// `Arc<EmbeddedState>` (the demo) agree exactly as a Redis-backed fleet would.
@@ -32,6 +34,8 @@ pub struct EmbeddedState {
     quotas: Mutex<HashMap<String, (u64, u64)>>,
     /// Reservation ids, as in Redis: a settle corrects usage once, while its id is open.
     next_id: std::sync::atomic::AtomicU64,
+    /// Each pool's queue of requests waiting in turn. Locked before `members`.
+    queues: Mutex<HashMap<PoolName, Queue>>,
 }
 
 /// Quota counters kept at most; when full, expired ones are dropped first.
@@ -57,6 +61,7 @@ impl EmbeddedState {
             responses: Mutex::new(HashMap::new()),
             quotas: Mutex::new(HashMap::new()),
             next_id: std::sync::atomic::AtomicU64::new(1),
+            queues: Mutex::new(HashMap::new()),
         }
     }
 
@@ -93,14 +98,15 @@ impl crate::store::ClockControl for EmbeddedState {
     }
 }
 
-#[async_trait]
-impl FleetState for EmbeddedState {
-    async fn acquire(
+impl EmbeddedState {
+    /// `acquire`, with `ahead` tokens queued before the request counted as used.
+    fn admit(
         &self,
         pool: &PoolName,
         candidates: &[Candidate],
         estimated_tokens: u64,
-    ) -> Result<Admission, StateError> {
+        ahead: u64,
+    ) -> Admission {
         let now = self.now_ms();
         let mut members = self.members.lock().expect("embedded state lock poisoned");
         let mut earliest: Option<std::time::Duration> = None;
@@ -118,7 +124,10 @@ impl FleetState for EmbeddedState {
                 throttled = true;
                 wait
             } else {
-                let limits = crate::window::Limits::of(c);
+                let limits = crate::window::Limits {
+                    ahead,
+                    ..crate::window::Limits::of(c)
+                };
                 match member
                     .usage
                     .try_reserve(now, &self.windows, estimated_tokens, limits)
@@ -150,10 +159,10 @@ impl FleetState for EmbeddedState {
                             };
                             member.set_backoff(now, probe);
                         }
-                        return Ok(Admission::Admitted {
+                        return Admission::Admitted {
                             backend: c.backend.clone(),
                             reservation,
-                        });
+                        };
                     }
                     Err(wait) => {
                         throttled = true;
@@ -163,10 +172,50 @@ impl FleetState for EmbeddedState {
             };
             earliest = Some(earliest.map_or(wait, |e| e.min(wait)));
         }
-        Ok(Admission::Exhausted {
+        Admission::Exhausted {
             retry_after: earliest.unwrap_or_default(),
             throttled,
-        })
+        }
+    }
+}
+
+#[async_trait]
+impl FleetState for EmbeddedState {
+    async fn acquire(
+        &self,
+        pool: &PoolName,
+        candidates: &[Candidate],
+        estimated_tokens: u64,
+    ) -> Result<Admission, StateError> {
+        Ok(self.admit(pool, candidates, estimated_tokens, 0))
+    }
+
+    async fn acquire_in_turn(
+        &self,
+        pool: &PoolName,
+        candidates: &[Candidate],
+        estimated_tokens: u64,
+        ticket: &Ticket,
+    ) -> Result<Admission, StateError> {
+        if ticket.id.len() > crate::store::MAX_TICKET_ID_BYTES {
+            return Err(StateError::Protocol("ticket id too long".into()));
+        }
+        let mut queues = self.queues.lock().expect("embedded state lock poisoned");
+        let queue = queues.entry(pool.clone()).or_default();
+        let ahead = queue.renew(ticket, estimated_tokens, self.now_ms());
+        let admission = self.admit(pool, candidates, estimated_tokens, ahead);
+        if matches!(admission, Admission::Admitted { .. }) {
+            queue.leave(&ticket.id);
+        }
+        Ok(admission)
+    }
+
+    async fn leave_queue(&self, pool: &PoolName, ticket: &Ticket) -> Result<(), StateError> {
+        let mut queues = self.queues.lock().expect("embedded state lock poisoned");
+        if let Some(queue) = queues.get_mut(pool) {
+            queue.leave(&ticket.id);
+        }
+        Ok(())
     }
 
     async fn settle(

@@ -19,14 +19,14 @@ use crate::lease::{LeasePolicy, Leases, Unused};
 use crate::memory::ms_per_output_token;
 use crate::round_trip::RoundTrips;
 use crate::scripts::{
-    ChargeArgs, HeartbeatArgs, PinArgs, QuotaArgs, ReceiptRecord, ReleaseArgs, RestoreArgs,
-    Scripts, SnapshotArgs, UsageArgs,
+    ChargeArgs, HeartbeatArgs, LeaveArgs, PinArgs, QuotaArgs, ReceiptRecord, ReleaseArgs,
+    RestoreArgs, Scripts, SnapshotArgs, UsageArgs,
 };
 use crate::settle_batch::{Batcher, SettleJob, Work, label};
 use crate::store::{
     Admission, BackendId, Backoff, Candidate, FleetState, MAX_QUOTA_NAME_BYTES,
     MAX_RESPONSE_ID_BYTES, MemberSnapshot, PoolName, PoolSnapshot, QuotaCounter, Receipt,
-    Reservation, ResponseOwner, StateError, UpstreamHints, Windows,
+    Reservation, ResponseOwner, StateError, Ticket, UpstreamHints, Windows,
 };
 
 /// Cheap to clone: one store, shared by the tasks it starts (lease refills, give-backs).
@@ -563,6 +563,29 @@ impl FleetState for RedisState {
         let id = self.next_reservation_id();
         self.acquire_with_id(pool, candidates, estimated_tokens, id)
             .await
+    }
+
+    async fn acquire_in_turn(
+        &self,
+        pool: &PoolName,
+        candidates: &[Candidate],
+        estimated_tokens: u64,
+        ticket: &Ticket,
+    ) -> Result<Admission, StateError> {
+        let id = self.next_reservation_id();
+        let acquired = self
+            .acquire_in_turn_charging(pool, candidates, estimated_tokens, (id, ticket))
+            .await?;
+        Ok(acquired.admission)
+    }
+
+    async fn leave_queue(&self, pool: &PoolName, ticket: &Ticket) -> Result<(), StateError> {
+        let keys = vec![self.keys.queue(pool), self.keys.tickets(pool)];
+        let args = LeaveArgs {
+            ticket: ticket.id.clone(),
+        }
+        .to_args();
+        self.run(&self.scripts.leave, keys, args).await.map(|_| ())
     }
 
     async fn settle(

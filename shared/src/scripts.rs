@@ -129,6 +129,18 @@ records! {
         wanted: u64,
     }
 
+    /// `acquire.lua`: with the queue keys, the request's ticket.
+    QueueArgs = "QUEUE" in "acquire.lua" {
+        ticket: String,
+        /// How long the ticket holds its place unless asked again, ms.
+        alive_ms: u64,
+    }
+
+    /// `leave.lua`.
+    LeaveArgs = "LEAVE" in "leave.lua" {
+        ticket: String,
+    }
+
     /// `settle.lua`: one receipt (kind "r"): what became of one admitted request, or a
     /// backoff, or hints alone.
     ReceiptRecord = "RECEIPT" in "settle.lua" {
@@ -284,6 +296,7 @@ pub(crate) struct Scripts {
     pub release: Script,
     pub pin_response: Script,
     pub spend_quota: Script,
+    pub leave: Script,
 }
 
 impl Scripts {
@@ -307,6 +320,7 @@ impl Scripts {
             release: script(include_str!("lua/release.lua")),
             pin_response: script(include_str!("lua/pin_response.lua")),
             spend_quota: script(include_str!("lua/spend_quota.lua")),
+            leave: script(include_str!("lua/leave.lua")),
         }
     }
 }
@@ -326,6 +340,7 @@ mod tests {
             "release.lua" => include_str!("lua/release.lua"),
             "pin_response.lua" => include_str!("lua/pin_response.lua"),
             "spend_quota.lua" => include_str!("lua/spend_quota.lua"),
+            "leave.lua" => include_str!("lua/leave.lua"),
             other => panic!("no script {other}"),
         }
     }

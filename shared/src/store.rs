@@ -398,6 +398,21 @@ pub struct QuotaCounter {
     pub expires_at_ms: u64,
 }
 
+/// A request's place in its pool's queue: requests of a class that waits for the PTU are
+/// admitted oldest first, fleet-wide ([`FleetState::acquire_in_turn`]).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Ticket {
+    /// Unique in the fleet (the replica's id and a counter); at most
+    /// [`MAX_TICKET_ID_BYTES`].
+    pub id: String,
+    /// The ticket stops holding its place this long after its holder last asked: a replica
+    /// that died, or a client that left without a word, blocks no one for longer.
+    pub alive: Duration,
+}
+
+/// Ticket ids longer than this are refused (they become members of a shared queue).
+pub const MAX_TICKET_ID_BYTES: usize = 128;
+
 /// Quota counter names longer than this are refused (they become keys).
 pub const MAX_QUOTA_NAME_BYTES: usize = 512;
 
@@ -416,6 +431,22 @@ pub trait FleetState: Send + Sync + 'static {
         candidates: &[Candidate],
         estimated_tokens: u64,
     ) -> Result<Admission, StateError>;
+
+    /// `acquire` in turn: the request holds `ticket` in the pool's queue (joining it at the
+    /// end on its first call, kept alive by every call) and is admitted only when each
+    /// candidate's room also covers the estimates of the live tickets ahead of it, counted as
+    /// used. Admitted, the ticket leaves the queue; refused, it keeps its place. Tickets not
+    /// renewed within their `alive` time leave by themselves. Never on a lease.
+    async fn acquire_in_turn(
+        &self,
+        pool: &PoolName,
+        candidates: &[Candidate],
+        estimated_tokens: u64,
+        ticket: &Ticket,
+    ) -> Result<Admission, StateError>;
+
+    /// Take `ticket` out of the pool's queue (its client left, or it stopped waiting).
+    async fn leave_queue(&self, pool: &PoolName, ticket: &Ticket) -> Result<(), StateError>;
 
     /// Replace a reservation by the real outcome; record latency and hints; optionally back off.
     async fn settle(

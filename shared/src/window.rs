@@ -22,6 +22,9 @@ pub struct Limits {
     pub requests: Option<u64>,
     /// A lower class's line ([`crate::Candidate::ceiling`]).
     pub ceiling: Option<u64>,
+    /// Tokens queued ahead of this request ([`crate::FleetState::acquire_in_turn`]),
+    /// counted as used.
+    pub ahead: u64,
 }
 
 impl Limits {
@@ -30,6 +33,7 @@ impl Limits {
             tokens: candidate.tokens_per_window,
             requests: candidate.requests_per_window,
             ceiling: candidate.ceiling,
+            ahead: 0,
         }
     }
 }
@@ -38,6 +42,7 @@ impl Limits {
 /// whole budget is admitted into an empty window, else it could never be served; a lower
 /// class's line has no such exception (the top class may still use the room above it).
 pub fn fits(used_tokens: u64, used_requests: u64, tokens: u64, limits: Limits) -> bool {
+    let used_tokens = used_tokens + limits.ahead;
     let tokens_ok = limits
         .tokens
         .is_none_or(|limit| used_tokens + tokens <= limit || used_tokens == 0);

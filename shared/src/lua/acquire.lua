@@ -8,8 +8,13 @@
 --   KEYS[3i]    {prefix}:{pool}:usage:<backend>    hash tokens:<bucket_start_ms>, requests:<bucket_start_ms>
 --   KEYS[3i+1]  {prefix}:{pool}:hints:<backend>    hash remaining_tokens, utilization, updated_ms,
 --                                                  admitted_tokens (running count)
+-- then, for a request waiting in turn (FleetState::acquire_in_turn), two more:
+--   {prefix}:{pool}:queue    sorted set  ticket id, scored by arrival (oldest first)
+--   {prefix}:{pool}:tickets  hash        ticket id -> "<estimate>|<alive until ms>";
+--                                        '#next' -> the arrival counter
 -- ARGV: an ACQUIRE record, a CANDIDATE record per candidate (in the keys' order), a LEASE
--- record (scripts.rs AcquireArgs, CandidateArgs, LeaseArgs):
+-- record, and with the queue keys a QUEUE record (scripts.rs AcquireArgs, CandidateArgs,
+-- LeaseArgs, QueueArgs):
 --   estimate             estimated tokens of the request (whole number >= 0)
 --   bucket_ms, window_ms budget bucket and window lengths
 --   clock                "" to take the time from Redis TIME; a time in ms only in tests
@@ -24,6 +29,11 @@
 --              a lease); -1: none
 --   lease: wanted        how many requests like this one the replica would like to admit on
 --                        its own (0 or 1: this request only). See "Leases" below.
+--   queue: ticket, alive_ms  the request's ticket (joining the queue on its first call) and
+--                        how long it holds its place unless asked again. The estimates of
+--                        the live tickets ahead of it count as used on every candidate, so
+--                        it is admitted only when those would be too: oldest first, fleet-
+--                        wide. Admitted, the ticket leaves the queue.
 -- Returns {1, i, bucket_start_ms, ledger, now_ms, n}  candidate i admits n requests (the
 --                                      estimate n times and n requests are charged to its
 --                                      bucket starting at bucket_start_ms; n > 1 is a lease);
@@ -50,6 +60,7 @@
 local ACQUIRE = fields{'estimate', 'bucket_ms', 'window_ms', 'clock', 'hint_ttl_ms', 'probe_ms', 'reservation_id'}
 local CANDIDATE = fields{'tokens_per_window', 'requests_per_window', 'spill_utilization', 'ceiling'}
 local LEASE = fields{'wanted'}
+local QUEUE = fields{'ticket', 'alive_ms'}
 
 local args = read(ACQUIRE, 1)
 local estimate = tonumber(args.estimate)
@@ -61,12 +72,15 @@ end
 if bucket == nil or bucket < 1 or window == nil or window < 1 then
   return fail('bucket and window lengths must be >= 1 ms')
 end
-local candidates = (#KEYS - 1) / 3
-if #KEYS < 4 or (#KEYS - 1) % 3 ~= 0
-    or #ARGV ~= ACQUIRE.length + candidates * CANDIDATE.length + LEASE.length then
-  return fail('expected the pending key, then 3 keys and 3 limits per candidate, then the lease')
+local queued = #KEYS >= 6 and (#KEYS - 3) % 3 == 0
+local queue_keys = queued and 2 or 0
+local candidates = (#KEYS - 1 - queue_keys) / 3
+local queue_args = queued and QUEUE.length or 0
+if #KEYS < 4 or (#KEYS - 1 - queue_keys) % 3 ~= 0
+    or #ARGV ~= ACQUIRE.length + candidates * CANDIDATE.length + LEASE.length + queue_args then
+  return fail('expected the pending key, then 3 keys and 4 limits per candidate, then the lease (and the queue)')
 end
-local wanted = tonumber(read(LEASE, #ARGV - LEASE.length + 1).wanted)
+local wanted = tonumber(read(LEASE, ACQUIRE.length + candidates * CANDIDATE.length + 1).wanted)
 if wanted == nil or wanted < 0 or wanted ~= math.floor(wanted) then
   return fail('the lease must be a whole number of requests >= 0')
 end
@@ -80,7 +94,45 @@ local probe = tonumber(args.probe_ms) or 0
 
 local now = clock_ms(args.clock)
 
+-- In turn: join the queue (or renew this ticket's place) and count the live tickets ahead.
+-- A ticket not renewed in time leaves when it is next met (its holder died or left).
+local ahead = 0
+local queue_key, tickets_key, ticket
+if queued then
+  queue_key, tickets_key = KEYS[#KEYS - 1], KEYS[#KEYS]
+  local q = read(QUEUE, #ARGV - QUEUE.length + 1)
+  ticket = q.ticket
+  local alive = tonumber(q.alive_ms)
+  if ticket == '' or alive == nil or alive < 1 then
+    return fail('a ticket needs an id and an alive time >= 1 ms')
+  end
+  if redis.call('ZSCORE', queue_key, ticket) == false then
+    redis.call('ZADD', queue_key, redis.call('HINCRBY', tickets_key, '#next', 1), ticket)
+  end
+  redis.call('HSET', tickets_key, ticket, fmt(estimate) .. '|' .. fmt(now + alive))
+  local keep = math.max(2 * alive, 2 * window)
+  redis.call('PEXPIRE', queue_key, keep)
+  redis.call('PEXPIRE', tickets_key, keep)
+  local rank = redis.call('ZRANK', queue_key, ticket)
+  -- Bounded work: a ticket with more than 1,000 ahead waits (counted as a full window).
+  local before = {}
+  if rank > 0 then before = redis.call('ZRANGE', queue_key, 0, math.min(rank, 1000) - 1) end
+  for _, other in ipairs(before) do
+    local held = redis.call('HGET', tickets_key, other)
+    local tokens, until_ms
+    if held then tokens, until_ms = string.match(held, '^(%d+)|(%d+)$') end
+    if tokens == nil or tonumber(until_ms) <= now then
+      redis.call('ZREM', queue_key, other)
+      redis.call('HDEL', tickets_key, other)
+    else
+      ahead = ahead + tonumber(tokens)
+    end
+  end
+  if rank > 1000 then ahead = math.huge end
+end
+
 local function fits(used_tokens, used_requests, tpm, rpm, ceiling)
+  used_tokens = used_tokens + ahead
   local tokens_ok = tpm < 0 or used_tokens + estimate <= tpm or used_tokens == 0
   local requests_ok = rpm < 0 or used_requests < rpm
   local below_line = ceiling < 0 or used_tokens + estimate <= ceiling
@@ -193,7 +245,7 @@ for i = 1, candidates do
       local probing = probe_hint or (tonumber(backoff[3]) or 0) > 0 or backoff[2] == 'throttled'
         or backoff[2] == 'probing' or (tonumber(backoff[4]) or 0) > 0
       local n = 1
-      if wanted > 1 and not probing and ceiling < 0 then
+      if wanted > 1 and not probing and ceiling < 0 and not queued then
         n = math.min(wanted, hinted_cap(hints_key, spill))
         if tpm >= 0 and estimate > 0 then n = math.min(n, math.floor((tpm - used_tokens) / 8 / estimate)) end
         if rpm >= 0 then n = math.min(n, math.floor((rpm - used_requests) / 8)) end
@@ -234,6 +286,10 @@ for i = 1, candidates do
         -- for its outcome.
         redis.call('HSET', backoff_key, 'until_ms', fmt(now + probe), 'reason', 'probing')
         redis.call('PEXPIRE', backoff_key, math.max(redis.call('PTTL', backoff_key), probe))
+      end
+      if queued then
+        redis.call('ZREM', queue_key, ticket)
+        redis.call('HDEL', tickets_key, ticket)
       end
       return {1, i, start, ledger, now, n}
     end

@@ -9,12 +9,23 @@ use fred::prelude::*;
 use super::reply::{array, int};
 use super::{Acquired, RedisState};
 use crate::lease::{Grant, Local};
-use crate::scripts::{AcquireArgs, CandidateArgs, LeaseArgs, Limit};
-use crate::store::{Admission, BackendId, Candidate, PoolName, Reservation, StateError};
+use crate::scripts::{AcquireArgs, CandidateArgs, LeaseArgs, Limit, QueueArgs};
+use crate::store::{Admission, BackendId, Candidate, PoolName, Reservation, StateError, Ticket};
 
 /// A lower traffic class's request: some candidate has a line ([`Candidate::ceiling`]).
 fn under_ceiling(candidates: &[Candidate]) -> bool {
     candidates.iter().any(|c| c.ceiling.is_some())
+}
+
+/// Who asks `acquire.lua`.
+#[derive(Clone, Copy)]
+enum Asker<'a> {
+    /// A request, for itself (and a lease when its replica's demand is high).
+    Request,
+    /// A refill of the pool's leases ahead of demand, sent at this lease epoch.
+    Refill(u64),
+    /// A request waiting in turn, with its ticket (never a lease).
+    InTurn(&'a Ticket),
 }
 
 /// What this replica's leases say about a request.
@@ -79,7 +90,13 @@ impl RedisState {
                 match refill.clone().try_lock_owned() {
                     Ok(_refilling) => {
                         return self
-                            .acquire_from_redis(pool, candidates, estimated_tokens, id, None)
+                            .acquire_from_redis(
+                                pool,
+                                candidates,
+                                estimated_tokens,
+                                id,
+                                Asker::Request,
+                            )
                             .await;
                     }
                     Err(_) => {
@@ -93,8 +110,29 @@ impl RedisState {
                 }
             }
         }
-        self.acquire_from_redis(pool, candidates, estimated_tokens, id, None)
+        self.acquire_from_redis(pool, candidates, estimated_tokens, id, Asker::Request)
             .await
+    }
+
+    /// `acquire_in_turn` on Redis: one `acquire.lua` call with the pool's queue.
+    pub async fn acquire_in_turn_charging(
+        &self,
+        pool: &PoolName,
+        candidates: &[Candidate],
+        estimated_tokens: u64,
+        (id, ticket): (u64, &Ticket),
+    ) -> Result<Acquired, StateError> {
+        if ticket.id.len() > crate::store::MAX_TICKET_ID_BYTES {
+            return Err(StateError::Protocol("ticket id too long".into()));
+        }
+        self.acquire_from_redis(
+            pool,
+            candidates,
+            estimated_tokens,
+            id,
+            Asker::InTurn(ticket),
+        )
+        .await
     }
 
     /// An admission on this replica's leases, with no round trip, if one admits the request
@@ -159,7 +197,13 @@ impl RedisState {
         tokio::spawn(async move {
             let id = store.next_reservation_id();
             let refilled = store
-                .acquire_from_redis(&pool, &candidates, estimated_tokens, id, Some(sent_at))
+                .acquire_from_redis(
+                    &pool,
+                    &candidates,
+                    estimated_tokens,
+                    id,
+                    Asker::Refill(sent_at),
+                )
                 .await;
             if let Err(e) = refilled {
                 tracing::debug!(error = %e, "fleet state: a lease refill failed");
@@ -217,8 +261,12 @@ impl RedisState {
         candidates: &[Candidate],
         estimated_tokens: u64,
         id: u64,
-        refill: Option<u64>,
+        asker: Asker<'_>,
     ) -> Result<Acquired, StateError> {
+        let refill = match asker {
+            Asker::Refill(sent_at) => Some(sent_at),
+            _ => None,
+        };
         let caller = refill.is_none();
         let now = tokio::time::Instant::now();
         let round_trip = self.round_trip().unwrap_or_default();
@@ -249,8 +297,8 @@ impl RedisState {
             }
             .push_to(&mut args);
         }
-        // A lower class below its line is decided one request at a time.
-        let wanted = if under_ceiling(candidates) {
+        // A lower class below its line, and a request in turn, are decided one at a time.
+        let wanted = if under_ceiling(candidates) || matches!(asker, Asker::InTurn(_)) {
             0
         } else {
             self.leases.wanted(pool, now, round_trip)
@@ -259,6 +307,14 @@ impl RedisState {
             wanted: u64::from(wanted),
         }
         .push_to(&mut args);
+        if let Asker::InTurn(ticket) = asker {
+            keys.extend([self.keys.queue(pool), self.keys.tickets(pool)]);
+            QueueArgs {
+                ticket: ticket.id.clone(),
+                alive_ms: (ticket.alive.as_millis() as u64).max(1),
+            }
+            .push_to(&mut args);
+        }
         let reply = array(self.run(&self.scripts.acquire, keys, args).await?)?;
         let (flag, a, b, ledger, admitted, granted) = match reply.as_slice() {
             [flag, a, b] => (flag, a, b, None, None, None),
