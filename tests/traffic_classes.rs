@@ -15,6 +15,7 @@ use futures_util::StreamExt;
 use serde_json::Value;
 use spillway_gateway::auth::consumers::key_sha256_hex;
 use spillway_gateway::sim::{DeploymentKind, SimHandle};
+use spillway_shared::FleetState;
 use spillway_tests::redis_server::RedisServer;
 use spillway_tests::*;
 
@@ -184,13 +185,19 @@ async fn only_classes_allowed_the_priority_tier_reach_it_and_it_is_asked_for_pri
     let (r1, _) = start_on_redis(&config).await;
     let (r2, _) = start_on_redis(&config).await;
 
-    // Fill the PTU: 100 interactive requests use its whole budget.
-    let filled = load(&[&r1, &r2], &["app-key"; 100]).await;
-    assert_eq!(served_by(&filled).get("a"), Some(&100));
-
+    // Fill the PTU with interactive requests until one spills (to the priority tier).
+    let mut spilled = None;
+    for i in 0..200 {
+        let answer = send(&[&r1, &r2][i % 2].url, "app-key").await;
+        assert_eq!(answer.status, 200, "{answer:?}");
+        if answer.backend != "a" {
+            spilled = Some(answer);
+            break;
+        }
+    }
+    let interactive = spilled.expect("the PTU's budget fills");
     // Interactive now spills to the priority tier, asking for priority processing (and
     // the answer says it got it); batch skips that tier for standard PAYG.
-    let interactive = send(&r1.url, "app-key").await;
     assert_eq!(interactive.backend, "p", "{interactive:?}");
     assert_eq!(interactive.service_tier.as_deref(), Some("priority"));
     let batch = send(&r2.url, "jobs-key").await;
@@ -252,4 +259,179 @@ fn shadow_count(consumer: &str, rule: &str) -> u64 {
         .filter(|l| l.contains(&format!("rule=\"{rule}\"")))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
+}
+
+/// A PTU answering after 300 ms (so requests stay in flight), its line at 10 requests
+/// estimated at 509 tokens (9 prompt + `max_tokens` 500) that use 33 (24 output).
+async fn slow_ptu() -> SimHandle {
+    let ptu = spillway_gateway::sim::DeploymentSpec {
+        ttft_ms: 300,
+        ms_per_token: 0,
+        jitter: 0.0,
+        ..spillway_gateway::sim::DeploymentSpec::new("gpt-4o", DeploymentKind::Ptu, 10_000_000)
+    };
+    start_sim(vec![
+        resource("a", vec![ptu]),
+        resource(
+            "p",
+            vec![instant_deployment(
+                "gpt-4o",
+                DeploymentKind::Payg,
+                10_000_000,
+            )],
+        ),
+        resource(
+            "b",
+            vec![instant_deployment(
+                "gpt-4o",
+                DeploymentKind::Payg,
+                10_000_000,
+            )],
+        ),
+    ])
+    .await
+}
+
+const WAIT_ESTIMATE: u64 = 509;
+
+fn waiting_config(sim: &SimHandle, redis: &str, max_wait_ms: u64) -> String {
+    // tpm = 20 estimates, reserve 0.5: the line holds 10.
+    config(
+        sim,
+        redis,
+        &format!("overflow = \"wait\"\nmax_wait_ms = {max_wait_ms}"),
+        false,
+        "",
+    )
+    .replacen(
+        &format!("tpm = {PTU_TPM}"),
+        &format!("tpm = {}", 20 * WAIT_ESTIMATE),
+        1,
+    )
+    .replacen("reserve = 0.75", "reserve = 0.5", 1)
+}
+
+/// A batch request with `max_tokens` 500 to `base`; its status when its answer is whole.
+async fn send_waiting(base: String) -> u16 {
+    let body = serde_json::json!({
+        "messages": [{ "role": "user", "content": "Hello there" }], "max_tokens": 500
+    });
+    let response = client()
+        .post(chat_url(&base))
+        .header("api-key", "jobs-key")
+        .json(&body)
+        .send()
+        .await
+        .expect("gateway answers");
+    let status = response.status().as_u16();
+    response.bytes().await.expect("the whole answer");
+    status
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_requests_are_served_oldest_first_across_replicas_and_a_dead_replica_blocks_no_one()
+{
+    let sim = slow_ptu().await;
+    let redis = RedisServer::start();
+    let config = waiting_config(&sim, &redis.url(), 60_000);
+    let (r1, _) = start_on_redis(&config).await;
+    let (r2, _) = start_on_redis(&config).await;
+    let (r3, _) = start_on_redis(&config).await;
+
+    // A replica that took two tickets at the head of the queue and died: it never asks
+    // again, so its tickets stop holding their place after their alive time.
+    let dead = redis_fleet(&config).await;
+    let pool = spillway_shared::PoolName::new("gpt-4o");
+    // A line of 0: refused whatever the window holds (no empty-window exception).
+    let full = [spillway_shared::Candidate {
+        ceiling: Some(0),
+        ..spillway_shared::Candidate::unlimited(spillway_shared::BackendId::new("a"))
+    }];
+    for id in ["dead-1", "dead-2"] {
+        let ticket = spillway_shared::Ticket {
+            id: id.into(),
+            alive: std::time::Duration::from_secs(2),
+        };
+        let refused = dead
+            .acquire_in_turn(&pool, &full, WAIT_ESTIMATE * 10, &ticket)
+            .await
+            .unwrap();
+        assert!(matches!(
+            refused,
+            spillway_shared::Admission::Exhausted { .. }
+        ));
+    }
+
+    // 30 requests, 20 ms apart, round robin over the live replicas; each one's completion
+    // time, in arrival order.
+    let started = tokio::time::Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let base = [&r1, &r2, &r3][i % 3].url.clone();
+        tasks.push(tokio::spawn(async move {
+            let status = send_waiting(base).await;
+            (status, started.elapsed())
+        }));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut done = Vec::new();
+    for task in tasks {
+        done.push(task.await.unwrap());
+    }
+    assert!(done.iter().all(|(status, _)| *status == 200), "{done:?}");
+    // Oldest first: the line holds 10, so the first 10 arrivals are whole before any of the
+    // last 10 is admitted, whichever replica holds them.
+    let first = done[..10].iter().map(|(_, t)| *t).max().unwrap();
+    let last = done[20..].iter().map(|(_, t)| *t).min().unwrap();
+    assert!(first < last, "arrival order kept: {done:?}");
+    // No request was overtaken by more than the line's worth of later ones.
+    for (i, (_, t)) in done.iter().enumerate() {
+        let overtaken_by = done[i + 1..].iter().filter(|(_, u)| u < t).count();
+        assert!(
+            overtaken_by <= 10,
+            "request {i} overtaken by {overtaken_by}: {done:?}"
+        );
+    }
+    assert_eq!(sim.stats("a", "gpt-4o").requests, 30, "all on the PTU");
+    assert_eq!(sim.stats("b", "gpt-4o").requests, 0, "none on PAYG");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_waits_past_max_wait_gets_429_and_leaves_the_queue() {
+    let sim = slow_ptu().await;
+    let redis = RedisServer::start();
+    let config = waiting_config(&sim, &redis.url(), 100);
+    let (r1, fleet) = start_on_redis(&config).await;
+
+    // 12 at once: 10 fit the line, 2 wait 100 ms for a turn that comes after 300 ms.
+    let answers: Vec<u16> =
+        futures_util::future::join_all((0..12).map(|_| send_waiting(r1.url.clone()))).await;
+    let refused = answers.iter().filter(|s| **s == 429).count();
+    assert_eq!(refused, 2, "{answers:?}");
+    // Their tickets left with them (in the background): a newcomer on a member of its own,
+    // room for 1 token, soon finds nothing queued ahead of it.
+    let pool = spillway_shared::PoolName::new("gpt-4o");
+    let empty = [spillway_shared::Candidate {
+        tokens_per_window: Some(1),
+        ..spillway_shared::Candidate::unlimited(spillway_shared::BackendId::new("empty"))
+    }];
+    let probe = spillway_shared::Ticket {
+        id: "probe".into(),
+        alive: std::time::Duration::from_secs(1),
+    };
+    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let admission = fleet
+            .acquire_in_turn(&pool, &empty, 1, &probe)
+            .await
+            .unwrap();
+        if matches!(admission, spillway_shared::Admission::Admitted { .. }) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the refused tickets never left"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }

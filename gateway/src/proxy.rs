@@ -15,6 +15,7 @@ mod gateway;
 mod http_attempt;
 mod json_fields;
 mod outgoing_body;
+mod queue_wait;
 mod realtime;
 mod relay;
 mod request_body;
@@ -288,7 +289,7 @@ async fn route<S: Step>(
             &preferences,
             &mut rand::rng(),
         );
-        let open = match reserve(gateway, placement, &order, &attempts.marks).await? {
+        let open = match reserve(gateway, placement, &order, (&attempts.marks, deadline)).await? {
             Ok(open) => open,
             Err(refused) => {
                 refusal = Some(refused);
@@ -348,7 +349,7 @@ async fn reserve(
     gateway: &Gateway,
     placement: &Placement<'_>,
     order: &[&Member],
-    marks: &shadow::Marks,
+    (marks, deadline): (&shadow::Marks, Instant),
 ) -> Result<Result<OpenReservation, Refusal>, GatewayError> {
     let pool = placement.pool;
     let class = placement.class;
@@ -392,6 +393,19 @@ async fn reserve(
                 admission
             }
         }
+    } else if class.waits() && !below_line.is_empty() {
+        // Its members are the PTU's (`Class::may_use`): wait in the pool's queue for room.
+        let mut waiting = queue_wait::Waiting::new(gateway.fleet.clone(), pool.name.clone());
+        let until = deadline.min(Instant::now() + class.max_wait);
+        let admission = waiting.admit(&below_line, tokens, until).await?;
+        let admitted = matches!(admission, Admission::Admitted { .. });
+        crate::ops::metrics::queue_wait(
+            pool.name.as_str(),
+            &class.name,
+            waiting.waited(),
+            admitted,
+        );
+        admission
     } else {
         let candidates: Vec<Candidate> = order.iter().map(with_line).collect();
         gateway

@@ -14,6 +14,9 @@ pub struct ClassConfig {
     /// Where a lower class's request goes when the PTU has no room for it.
     #[serde(default)]
     pub overflow: Overflow,
+    /// `overflow = "wait"`: the longest a request waits for its turn (then 429).
+    #[serde(default = "default_max_wait_ms")]
+    pub max_wait_ms: u64,
     /// May use `kind = "priority"` members (Azure priority processing, billed above
     /// standard).
     #[serde(default)]
@@ -33,6 +36,9 @@ pub enum Overflow {
     Payg,
     /// Nowhere: 429 with `retry-after` for when the PTU frees up.
     Refuse,
+    /// Into the pool's fleet-wide queue: the oldest waiting request gets the PTU's next
+    /// room below the line, whichever replica holds it; after `max_wait_ms`, 429.
+    Wait,
 }
 
 impl Overflow {
@@ -40,12 +46,17 @@ impl Overflow {
         match self {
             Self::Payg => "payg",
             Self::Refuse => "refuse",
+            Self::Wait => "wait",
         }
     }
 }
 
 fn enforced() -> bool {
     true
+}
+
+fn default_max_wait_ms() -> u64 {
+    60_000
 }
 
 /// With no `[[classes]]`: `interactive` (the default class, keeps the reserve, may use the
@@ -56,6 +67,7 @@ pub fn default_classes() -> Vec<ClassConfig> {
             name: "interactive".into(),
             rank: 100,
             overflow: Overflow::Payg,
+            max_wait_ms: default_max_wait_ms(),
             priority_tier: true,
             enforce: true,
         },
@@ -63,6 +75,7 @@ pub fn default_classes() -> Vec<ClassConfig> {
             name: "batch".into(),
             rank: 10,
             overflow: Overflow::Payg,
+            max_wait_ms: default_max_wait_ms(),
             priority_tier: false,
             enforce: true,
         },
@@ -91,7 +104,19 @@ impl Config {
                         c.name
                     ),
                 );
-            } else if !names.insert(c.name.as_str()) {
+            }
+            if c.overflow == Overflow::Wait
+                && !(1..=self.routing.request_timeout_ms).contains(&c.max_wait_ms)
+            {
+                bad(
+                    format!("classes[{i}].max_wait_ms"),
+                    format!(
+                        "must be at least 1 and at most routing.request_timeout_ms ({})",
+                        self.routing.request_timeout_ms
+                    ),
+                );
+            }
+            if plain && !names.insert(c.name.as_str()) {
                 bad(
                     format!("classes[{i}].name"),
                     format!("{:?} is used by another class", c.name),

@@ -277,6 +277,19 @@ pub fn upstream_failure(pool: &str, backend: &str, reason: &str) {
     metrics::counter!("spillway_upstream_failures_total", &labels).increment(1);
 }
 
+/// A request of a waiting class left the pool's queue: admitted, or given up on.
+pub fn queue_wait(pool: &str, class: &str, waited: Duration, admitted: bool) {
+    let labels = [
+        ("pool", pool.to_owned()),
+        ("class", class.to_owned()),
+        (
+            "outcome",
+            if admitted { "admitted" } else { "gave_up" }.to_owned(),
+        ),
+    ];
+    metrics::histogram!("spillway_queue_wait_seconds", &labels).record(waited.as_secs_f64());
+}
+
 /// A rule in shadow mode would have refused a request (which was served).
 pub fn shadow_refusal(pool: &str, consumer: &str, class: &str, rule: &'static str) {
     let labels = [

@@ -22,6 +22,8 @@ pub struct Class {
     /// The highest rank: keeps the PTU reserve.
     pub keeps_reserve: bool,
     pub overflow: Overflow,
+    /// `overflow = "wait"`: the longest a request waits for its turn.
+    pub max_wait: std::time::Duration,
     pub priority_tier: bool,
     /// `false`: shadow mode (its rules are counted, not applied).
     pub enforce: bool,
@@ -45,6 +47,7 @@ impl Classes {
                     rank: c.rank,
                     keeps_reserve: c.rank == top,
                     overflow: c.overflow,
+                    max_wait: std::time::Duration::from_millis(c.max_wait_ms),
                     priority_tier: c.priority_tier,
                     enforce: c.enforce,
                 })
@@ -125,7 +128,12 @@ impl Class {
 
     /// A lower class whose rule keeps it off PAYG.
     pub fn stays_on_ptu(&self) -> bool {
-        self.enforce && !self.keeps_reserve && self.overflow == Overflow::Refuse
+        self.enforce && !self.keeps_reserve && self.overflow != Overflow::Payg
+    }
+
+    /// A lower class that waits in the pool's queue for the PTU's room.
+    pub fn waits(&self) -> bool {
+        self.stays_on_ptu() && self.overflow == Overflow::Wait
     }
 
     /// This class's line on `member`: `tpm × (1 − reserve)` on a PTU member with a reserve,
@@ -158,6 +166,7 @@ mod tests {
             name: "backfill".into(),
             rank: 1,
             overflow: Overflow::Refuse,
+            max_wait_ms: 1_000,
             priority_tier: false,
             enforce: true,
         });
