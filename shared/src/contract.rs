@@ -122,6 +122,7 @@ checks! {
     a_lower_class_is_admitted_only_below_its_line(store);
     tickets_are_admitted_oldest_first_and_leave_when_admitted_or_gone(store);
     a_ticket_not_renewed_in_time_stops_holding_its_place(store, clock);
+    the_cost_ledger_adds_up_each_hour_apart(store);
 }
 
 fn pool(name: &str) -> PoolName {
@@ -1009,4 +1010,67 @@ async fn a_ticket_not_renewed_in_time_stops_holding_its_place(
     // a's holder stopped asking (its replica died): after its alive time b goes first.
     clock.advance_clock(Duration::from_millis(1_000));
     assert!(in_turn(store, &p, &c, 10, &b).await);
+}
+
+async fn the_cost_ledger_adds_up_each_hour_apart(store: &dyn FleetState) {
+    use crate::ledger::{HOUR_MS, SpendCounts, SpendKey};
+    let p = pool("ledger");
+    let line = |consumer: &str| SpendKey {
+        pool: p.to_string(),
+        class: "batch".into(),
+        backend: "ptu".into(),
+        tier: "ptu".into(),
+        consumer: consumer.into(),
+    };
+    let counts = |input, output| SpendCounts {
+        input,
+        cached: 1,
+        output,
+        requests: 1,
+    };
+    let expires = 4_102_444_800_000; // 2100
+    // An hour of its own (in 2020), so other checks' lines never mix in.
+    let hour = (1_577_836_800_000 / HOUR_MS + rand_suffix() % 10_000) * HOUR_MS;
+    let (a, b) = (line("a"), line("b|c"));
+    store
+        .record_spend(
+            hour,
+            expires,
+            &[(a.clone(), counts(10, 5)), (b.clone(), counts(3, 1))],
+        )
+        .await
+        .unwrap();
+    store
+        .record_spend(hour, expires, &[(a.clone(), counts(20, 7))])
+        .await
+        .unwrap();
+    store
+        .record_spend(hour + HOUR_MS, expires, &[(a.clone(), counts(1, 1))])
+        .await
+        .unwrap();
+    let hours = store.spend_between(hour, hour + HOUR_MS).await.unwrap();
+    assert_eq!(hours.len(), 2, "{hours:?}");
+    assert_eq!(hours[0].0, hour);
+    assert_eq!(
+        hours[0].1[&a],
+        SpendCounts {
+            input: 30,
+            cached: 2,
+            output: 12,
+            requests: 2
+        }
+    );
+    assert_eq!(
+        hours[0].1[&b],
+        counts(3, 1),
+        "a consumer name with '|' reads back"
+    );
+    assert_eq!(hours[1].1[&a], counts(1, 1));
+    assert!(
+        store
+            .spend_between(hour + 2 * HOUR_MS, hour + 5 * HOUR_MS)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 }

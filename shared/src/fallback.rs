@@ -32,6 +32,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use crate::ledger::{HourLedger, SpendCounts, SpendKey};
 use crate::memory::EmbeddedState;
 use crate::redis::RedisState;
 use crate::round_trip::CEILING;
@@ -730,6 +731,32 @@ impl FleetState for FallbackState {
 
     /// On Redis; while it is away, the last total Redis gave plus what this replica spent
     /// since (owed to Redis, added when it answers).
+    /// Recorded in Redis when it answers, else kept in this replica's embedded ledger (read
+    /// by `spend_between` only while Redis is away).
+    async fn record_spend(
+        &self,
+        hour_ms: u64,
+        expires_at_ms: u64,
+        lines: &[(SpendKey, SpendCounts)],
+    ) -> Result<(), StateError> {
+        let shared = self.primary.record_spend(hour_ms, expires_at_ms, lines);
+        match tokio::time::timeout(self.call_timeout(), shared).await {
+            Ok(Ok(())) => Ok(()),
+            _ => self.local.record_spend(hour_ms, expires_at_ms, lines).await,
+        }
+    }
+
+    async fn spend_between(
+        &self,
+        from_hour_ms: u64,
+        to_hour_ms: u64,
+    ) -> Result<Vec<HourLedger>, StateError> {
+        match self.primary.spend_between(from_hour_ms, to_hour_ms).await {
+            Ok(hours) => Ok(hours),
+            Err(_) => self.local.spend_between(from_hour_ms, to_hour_ms).await,
+        }
+    }
+
     async fn spend_quota(&self, counter: &QuotaCounter, tokens: u64) -> Result<u64, StateError> {
         let pool = PoolName::new(format!("quota:{}", counter.name));
         let shared = async {

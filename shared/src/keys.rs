@@ -43,6 +43,11 @@ impl KeySchema {
         format!("{}:{{{}}}:tickets", self.prefix, pool)
     }
 
+    /// The cost ledger's hour starting at `hour_ms` (a hash; its own cluster slot).
+    pub fn spend(&self, hour_ms: u64) -> String {
+        format!("{}:spend:{{{hour_ms}}}", self.prefix)
+    }
+
     /// The member holding a stored Responses API object (a hash: `pool`, `backend`; expires).
     pub fn response(&self, response_id: &str) -> String {
         format!("{}:response:{}", self.prefix, response_id)

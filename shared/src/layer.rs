@@ -5,6 +5,8 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+
+use crate::ledger::{HourLedger, SpendCounts, SpendKey};
 use tokio::time::Instant;
 
 use crate::store::{
@@ -21,6 +23,7 @@ pub enum Call {
     },
     Settle,
     LeaveQueue,
+    RecordSpend,
     Observe,
     Backoff,
     Snapshot,
@@ -40,6 +43,7 @@ impl Call {
             Call::Acquire { .. } => "acquire",
             Call::Settle => "settle",
             Call::LeaveQueue => "leave_queue",
+            Call::RecordSpend => "record_spend",
             Call::Observe => "observe",
             Call::Backoff => "backoff",
             Call::Snapshot => "snapshot",
@@ -107,6 +111,24 @@ impl<L: FleetLayer> FleetState for L {
     async fn leave_queue(&self, pool: &PoolName, ticket: &Ticket) -> Result<(), StateError> {
         let call = self.inner().leave_queue(pool, ticket);
         watched(self, call, |_| Call::LeaveQueue).await
+    }
+
+    async fn record_spend(
+        &self,
+        hour_ms: u64,
+        expires_at_ms: u64,
+        lines: &[(SpendKey, SpendCounts)],
+    ) -> Result<(), StateError> {
+        let call = self.inner().record_spend(hour_ms, expires_at_ms, lines);
+        watched(self, call, |_| Call::RecordSpend).await
+    }
+
+    async fn spend_between(
+        &self,
+        from_hour_ms: u64,
+        to_hour_ms: u64,
+    ) -> Result<Vec<HourLedger>, StateError> {
+        self.inner().spend_between(from_hour_ms, to_hour_ms).await
     }
 
     async fn settle(

@@ -50,6 +50,7 @@ mod keys;
 mod last_view;
 mod layer;
 pub mod lease;
+pub mod ledger;
 mod memory;
 mod redis;
 pub mod round_trip;

@@ -1,7 +1,7 @@
 //! `EmbeddedState`: the in-process store, the default when no Redis is configured, and the
 //! fallback while Redis is unreachable.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
@@ -15,6 +15,7 @@ use crate::store::{
 mod member;
 mod queue;
 
+use crate::ledger::{HourLedger, SpendCounts, SpendKey};
 use member::Member;
 use queue::Queue;
 
@@ -36,7 +37,12 @@ pub struct EmbeddedState {
     next_id: std::sync::atomic::AtomicU64,
     /// Each pool's queue of requests waiting in turn. Locked before `members`.
     queues: Mutex<HashMap<PoolName, Queue>>,
+    /// The cost ledger: hour start (unix ms) → its expiry and lines.
+    spend: Mutex<BTreeMap<u64, (u64, Lines)>>,
 }
+
+/// One hour's ledger lines.
+type Lines = BTreeMap<SpendKey, SpendCounts>;
 
 /// Quota counters kept at most; when full, expired ones are dropped first.
 const MAX_QUOTA_COUNTERS: usize = 100_000;
@@ -62,6 +68,7 @@ impl EmbeddedState {
             quotas: Mutex::new(HashMap::new()),
             next_id: std::sync::atomic::AtomicU64::new(1),
             queues: Mutex::new(HashMap::new()),
+            spend: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -368,6 +375,37 @@ impl FleetState for EmbeddedState {
             }
             None => Ok(None),
         }
+    }
+
+    async fn record_spend(
+        &self,
+        hour_ms: u64,
+        expires_at_ms: u64,
+        lines: &[(SpendKey, SpendCounts)],
+    ) -> Result<(), StateError> {
+        let now = self.unix_ms();
+        let mut spend = self.spend.lock().expect("embedded state lock poisoned");
+        spend.retain(|_, (expires, _)| *expires > now);
+        let (expires, hour) = spend.entry(hour_ms).or_default();
+        *expires = expires_at_ms;
+        for (key, counts) in lines {
+            hour.entry(key.clone()).or_default().add(*counts);
+        }
+        Ok(())
+    }
+
+    async fn spend_between(
+        &self,
+        from_hour_ms: u64,
+        to_hour_ms: u64,
+    ) -> Result<Vec<HourLedger>, StateError> {
+        let now = self.unix_ms();
+        let spend = self.spend.lock().expect("embedded state lock poisoned");
+        Ok(spend
+            .range(from_hour_ms..=to_hour_ms)
+            .filter(|(_, (expires, _))| *expires > now)
+            .map(|(hour, (_, lines))| (*hour, lines.clone()))
+            .collect())
     }
 
     async fn spend_quota(&self, counter: &QuotaCounter, tokens: u64) -> Result<u64, StateError> {

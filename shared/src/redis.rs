@@ -16,11 +16,12 @@ use reply::{array, int, parse_member};
 
 use crate::keys::{KeySchema, MemberKeys};
 use crate::lease::{LeasePolicy, Leases, Unused};
+use crate::ledger::{HourLedger, SpendCounts, SpendKey};
 use crate::memory::ms_per_output_token;
 use crate::round_trip::RoundTrips;
 use crate::scripts::{
     ChargeArgs, HeartbeatArgs, LeaveArgs, PinArgs, QuotaArgs, ReceiptRecord, ReleaseArgs,
-    RestoreArgs, Scripts, SnapshotArgs, UsageArgs,
+    RestoreArgs, Scripts, SnapshotArgs, SpendArgs, SpendEntry, UsageArgs,
 };
 use crate::settle_batch::{Batcher, SettleJob, Work, label};
 use crate::store::{
@@ -753,6 +754,58 @@ impl FleetState for RedisState {
             }),
             _ => None,
         })
+    }
+
+    async fn record_spend(
+        &self,
+        hour_ms: u64,
+        expires_at_ms: u64,
+        lines: &[(SpendKey, SpendCounts)],
+    ) -> Result<(), StateError> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let mut args = SpendArgs {
+            expires_at_ms: expires_at_ms.max(1),
+        }
+        .to_args();
+        for (key, counts) in lines {
+            SpendEntry {
+                line: key.line(),
+                input: counts.input,
+                cached: counts.cached,
+                output: counts.output,
+                requests: counts.requests,
+            }
+            .push_to(&mut args);
+        }
+        let keys = vec![self.keys.spend(hour_ms)];
+        self.run(&self.scripts.spend, keys, args).await.map(|_| ())
+    }
+
+    async fn spend_between(
+        &self,
+        from_hour_ms: u64,
+        to_hour_ms: u64,
+    ) -> Result<Vec<HourLedger>, StateError> {
+        let mut hours = Vec::new();
+        let mut hour = crate::ledger::hour_of(from_hour_ms);
+        while hour <= to_hour_ms {
+            let fields: std::collections::HashMap<String, u64> = self
+                .client
+                .hgetall(self.keys.spend(hour))
+                .await
+                .map_err(unavailable)?;
+            if !fields.is_empty() {
+                let mut lines = std::collections::BTreeMap::new();
+                for (field, value) in &fields {
+                    crate::ledger::read_field(&mut lines, field, *value);
+                }
+                hours.push((hour, lines));
+            }
+            hour += crate::ledger::HOUR_MS;
+        }
+        Ok(hours)
     }
 
     async fn spend_quota(&self, counter: &QuotaCounter, tokens: u64) -> Result<u64, StateError> {

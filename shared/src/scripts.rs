@@ -136,6 +136,22 @@ records! {
         alive_ms: u64,
     }
 
+    /// `spend.lua`: the hour's expiry, before its entries.
+    SpendArgs = "SPEND" in "spend.lua" {
+        /// When the hour is forgotten: unix time, ms.
+        expires_at_ms: u64,
+    }
+
+    /// `spend.lua`: one ledger line and what to add to it.
+    SpendEntry = "ENTRY" in "spend.lua" {
+        /// `<pool>|<class>|<backend>|<tier>|<consumer>`.
+        line: String,
+        input: u64,
+        cached: u64,
+        output: u64,
+        requests: u64,
+    }
+
     /// `leave.lua`.
     LeaveArgs = "LEAVE" in "leave.lua" {
         ticket: String,
@@ -297,6 +313,7 @@ pub(crate) struct Scripts {
     pub pin_response: Script,
     pub spend_quota: Script,
     pub leave: Script,
+    pub spend: Script,
 }
 
 impl Scripts {
@@ -321,6 +338,7 @@ impl Scripts {
             pin_response: script(include_str!("lua/pin_response.lua")),
             spend_quota: script(include_str!("lua/spend_quota.lua")),
             leave: script(include_str!("lua/leave.lua")),
+            spend: script(include_str!("lua/spend.lua")),
         }
     }
 }
@@ -341,6 +359,7 @@ mod tests {
             "pin_response.lua" => include_str!("lua/pin_response.lua"),
             "spend_quota.lua" => include_str!("lua/spend_quota.lua"),
             "leave.lua" => include_str!("lua/leave.lua"),
+            "spend.lua" => include_str!("lua/spend.lua"),
             other => panic!("no script {other}"),
         }
     }

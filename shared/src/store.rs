@@ -503,6 +503,23 @@ pub trait FleetState: Send + Sync + 'static {
     /// The member holding `response_id`, while remembered.
     async fn response_owner(&self, response_id: &str) -> Result<Option<ResponseOwner>, StateError>;
 
+    /// Add served usage to the cost ledger's hour starting at `hour_ms` (unix ms), kept
+    /// until `expires_at_ms`.
+    async fn record_spend(
+        &self,
+        hour_ms: u64,
+        expires_at_ms: u64,
+        lines: &[(crate::ledger::SpendKey, crate::ledger::SpendCounts)],
+    ) -> Result<(), StateError>;
+
+    /// The cost ledger's hours from `from_hour_ms` to `to_hour_ms` (unix ms, inclusive),
+    /// those that hold anything.
+    async fn spend_between(
+        &self,
+        from_hour_ms: u64,
+        to_hour_ms: u64,
+    ) -> Result<Vec<crate::ledger::HourLedger>, StateError>;
+
     /// Add `tokens` to a quota counter and return its total; 0 tokens reads it.
     async fn spend_quota(&self, counter: &QuotaCounter, tokens: u64) -> Result<u64, StateError>;
 
