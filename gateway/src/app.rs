@@ -153,6 +153,7 @@ pub fn admin_live(live: Arc<Live>) -> Router {
             }),
         )
         .route("/admin/state", get(admin_state))
+        .route("/admin/cost", get(admin_cost))
         .route(
             "/admin/config",
             get(
@@ -224,6 +225,24 @@ async fn admin_reload(State(live): State<Arc<Live>>, headers: HeaderMap) -> Resp
             })),
         )
             .into_response(),
+    }
+}
+
+/// `GET /admin/cost?since=24h`: `spillway cost --json`, from this replica's fleet state.
+async fn admin_cost(
+    Current(gateway): Current,
+    axum::extract::Query(query): axum::extract::Query<std::collections::HashMap<String, String>>,
+) -> Response {
+    let since = match query.get("since").map(|s| humantime::parse_duration(s)) {
+        None => std::time::Duration::from_secs(24 * 3600),
+        Some(Ok(since)) => since,
+        Some(Err(e)) => {
+            return GatewayError::BadRequest(format!("since: {e} (e.g. 24h, 7d)")).into_response();
+        }
+    };
+    match crate::cost::report::read(&*gateway.fleet, &gateway.prices, since).await {
+        Ok(report) => axum::Json(report).into_response(),
+        Err(e) => GatewayError::from(e).into_response(),
     }
 }
 

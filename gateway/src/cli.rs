@@ -1,6 +1,7 @@
 //! The `spillway` command line: what each subcommand does, one file each under `cli/`.
 
 mod check_config;
+mod cost;
 mod fleet_state;
 mod hash_key;
 mod healthcheck;
@@ -51,6 +52,18 @@ pub enum Command {
         #[arg(long, env = "SPILLWAY_CONFIG")]
         config: PathBuf,
         /// JSON (the same as `GET /admin/state`) instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// What every token cost: per consumer, pool, class and tier, from the fleet's cost
+    /// ledger and `[[prices]]`; PTU reservations shared by their users' tokens, and what
+    /// the PTU saved against PAYG prices.
+    Cost {
+        #[arg(long, env = "SPILLWAY_CONFIG")]
+        config: PathBuf,
+        /// How far back (whole hours, the current one included).
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        since: Duration,
         #[arg(long)]
         json: bool,
     },
@@ -120,6 +133,11 @@ pub async fn run(command: Command) -> CliResult {
         Command::CheckConfig { config, offline } => check_config::run(&config, offline),
         Command::State { config, json } => fleet_state::print(&config, json).await,
         Command::Top { config, redis } => fleet_state::watch(&config, redis).await,
+        Command::Cost {
+            config,
+            since,
+            json,
+        } => cost::print(&config, since, json).await,
         Command::Healthcheck { url, timeout } => healthcheck::run(&url, timeout).await,
         Command::HashKey => hash_key::run(),
         #[cfg(feature = "simulator")]

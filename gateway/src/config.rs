@@ -11,6 +11,7 @@ mod backends;
 mod classes;
 mod consumers;
 mod headers;
+mod prices;
 pub mod quota_period;
 mod routing;
 mod server;
@@ -21,6 +22,7 @@ pub use backends::{BackendAuthConfig, BackendConfig, BackendKind, Encoding, Pool
 pub use classes::{ClassConfig, Overflow, default_classes};
 pub use consumers::{AuthConfig, ConsumerConfig, JwtConfig};
 pub use headers::{HeadersConfig, NEVER_FORWARDED};
+pub use prices::{HOURS_PER_MONTH, PriceConfig};
 pub use routing::RoutingConfig;
 pub use server::{ServerConfig, TlsConfig};
 pub use state::StateConfig;
@@ -53,6 +55,9 @@ pub struct Config {
     /// Traffic classes (`interactive` and `batch` when none are listed).
     #[serde(default = "default_classes")]
     pub classes: Vec<ClassConfig>,
+    /// What tokens and PTU reservations cost (the cost ledger's money).
+    #[serde(default)]
+    pub prices: Vec<PriceConfig>,
 }
 
 impl Config {
@@ -176,6 +181,7 @@ impl Config {
         self.validate_pools(&mut bad);
         self.validate_consumers(resolve, &mut bad);
         self.validate_classes(&mut bad);
+        self.validate_prices(&mut bad);
         self.validate_jwt(&mut bad);
         self.validate_anonymous(&mut bad);
         if problems.is_empty() {

@@ -51,6 +51,16 @@ pub enum GatewayError {
         renews_at: String,
         retry_after: Duration,
     },
+    #[error(
+        "This key's spending limit of {limit_usd:.2} USD per {unit} is used up. It renews at {renews_at}."
+    )]
+    SpendExceeded {
+        limit_usd: f64,
+        unit: &'static str,
+        /// RFC 3339, UTC.
+        renews_at: String,
+        retry_after: Duration,
+    },
     #[error("Request body is larger than the {limit_bytes}-byte limit of this gateway.")]
     BodyTooLarge { limit_bytes: usize },
     #[error("The request body did not arrive within {timeout_ms} ms.")]
@@ -94,7 +104,9 @@ impl GatewayError {
         match self {
             Self::BadRequest(_) | Self::InvalidPath(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
-            Self::NoMemberInRegions { .. } | Self::QuotaExceeded { .. } => StatusCode::FORBIDDEN,
+            Self::NoMemberInRegions { .. }
+            | Self::QuotaExceeded { .. }
+            | Self::SpendExceeded { .. } => StatusCode::FORBIDDEN,
             Self::UnknownPool(_) | Self::NotFound | Self::UnknownResponse(_) => {
                 StatusCode::NOT_FOUND
             }
@@ -128,6 +140,7 @@ impl GatewayError {
             Self::UnknownResponse(_) => "response_not_found",
             Self::OwnerBusy { .. } | Self::ConsumerThrottled { .. } => "429",
             Self::QuotaExceeded { .. } => "quota_exceeded",
+            Self::SpendExceeded { .. } => "spend_limit_exceeded",
             Self::MethodNotAllowed { .. } => "405",
             Self::UpgradeRequired => "upgrade_required",
             Self::BodyTooLarge { .. } => "request_too_large",
@@ -151,7 +164,8 @@ impl GatewayError {
             | Self::Unavailable { retry_after, .. }
             | Self::OwnerBusy { retry_after, .. }
             | Self::ConsumerThrottled { retry_after }
-            | Self::QuotaExceeded { retry_after, .. } => Some(*retry_after),
+            | Self::QuotaExceeded { retry_after, .. }
+            | Self::SpendExceeded { retry_after, .. } => Some(*retry_after),
             Self::Overloaded | Self::BodiesInFlight => Some(Duration::from_secs(1)),
             _ => None,
         }

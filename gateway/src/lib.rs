@@ -9,7 +9,8 @@
 pub mod app; // the router and the `Gateway` every request reads
 pub mod auth; // who calls (consumers, keys, Entra clients) and how the gateway calls Azure
 pub mod cli; // the subcommands of `spillway`
-pub mod config; // the configuration, one file per section, each with its validation
+pub mod config;
+pub mod cost; // what every token cost: the ledger's book, prices, `spillway cost` // the configuration, one file per section, each with its validation
 #[cfg(feature = "simulator")]
 pub mod demo; // `spillway demo`: simulated deployments, a fleet and a load ramp
 pub mod edge; // listeners, TLS, connection and request limits, header policy

@@ -111,6 +111,7 @@ pub async fn handle(gateway: &Gateway, inbound: Inbound) -> Response {
         trace::record_admission(&tracing::Span::current(), &request);
         attempts.class = Some(request.class.name.clone());
         let quota = request.quota.take();
+        let spend_cap = request.spend_cap.take();
         let consumer = request.consumer.as_ref();
         let budget = consumer_budget::reserve(gateway, consumer, request.estimate.total(), || {
             let name = consumer.map(|c| c.name.as_str());
@@ -125,6 +126,7 @@ pub async fn handle(gateway: &Gateway, inbound: Inbound) -> Response {
         let spend = ConsumerSpend {
             budget,
             quota: quota.map(|counter| (gateway.fleet.clone(), counter)),
+            spend_cap: spend_cap.map(|counter| (gateway.fleet.clone(), counter)),
         };
         let mut send = HttpSend {
             request: &request,

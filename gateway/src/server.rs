@@ -195,12 +195,19 @@ pub async fn serve(
     };
     tokio::join!(
         data_plane,
-        http_server::serve(admin_listener, admin_live(live), limits, stop_accepting()),
+        http_server::serve(
+            admin_listener,
+            admin_live(live.clone()),
+            limits,
+            stop_accepting()
+        ),
     );
     // Answers that ended settle in tasks of their own: let them land before leaving.
     if !crate::proxy::all_settled(Duration::from_secs(5)).await {
         warn!("some settlements were still running at exit");
     }
+    // The cost ledger's open page, before the store closes.
+    live.get().spend.flush().await;
     fleet.close().await;
     info!("spillway stopped");
     Ok(())

@@ -59,6 +59,8 @@ pub struct Consumer {
     pub rpm: Option<u64>,
     /// Fleet-wide tokens per calendar period.
     pub token_quota: Option<(u64, QuotaPeriod)>,
+    /// Spending limit per period, in micro-USD.
+    pub max_spend: Option<(u64, QuotaPeriod)>,
     /// Its traffic class (`None`: the highest-ranked).
     pub class: Option<String>,
     /// `false`: its budgets and quota are in shadow mode (counted, never refused).
@@ -92,6 +94,10 @@ impl Consumers {
                     token_quota: c
                         .token_quota
                         .map(|quota| (quota, c.token_quota_period.unwrap_or_default())),
+                    max_spend: c.max_spend_usd.map(|usd| {
+                        let micro = (usd * 1e6).round() as u64;
+                        (micro, c.max_spend_period.unwrap_or_default())
+                    }),
                     class: c.class.clone(),
                     enforce: c.enforce.unwrap_or(true),
                 };
@@ -206,6 +212,7 @@ mod tests {
             tpm: None,
             rpm: None,
             token_quota: None,
+            max_spend: None,
             class: None,
             enforce: true,
         };

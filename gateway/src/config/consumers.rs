@@ -89,6 +89,14 @@ pub struct ConsumerConfig {
     /// `hourly`, `daily`, `weekly` (from Monday) or `monthly` (the default), in UTC.
     #[serde(default)]
     pub token_quota_period: Option<crate::config::quota_period::QuotaPeriod>,
+    /// USD this consumer may spend per `max_spend_period` (the `[[prices]]` of what it was
+    /// served; PTU tokens at the reservation's price per token at full use), fleet-wide
+    /// (spent: 403 until the period ends).
+    #[serde(default)]
+    pub max_spend_usd: Option<f64>,
+    /// `hourly`, `daily`, `weekly` or `monthly` (the default), in UTC.
+    #[serde(default)]
+    pub max_spend_period: Option<crate::config::quota_period::QuotaPeriod>,
     /// Its traffic class (`[[classes]]`; the highest-ranked one when not set). A request
     /// may lower its own class, never raise it.
     #[serde(default)]
@@ -146,6 +154,25 @@ impl Config {
                     format!("consumers[{i}]"),
                     "needs exactly one of key_sha256 and key_env (or only a client_id)".into(),
                 ),
+            }
+            if c.max_spend_period.is_some() && c.max_spend_usd.is_none() {
+                bad(
+                    format!("consumers[{i}].max_spend_period"),
+                    "is set without max_spend_usd".into(),
+                );
+            }
+            if c.max_spend_usd
+                .is_some_and(|usd| !(usd.is_finite() && usd > 0.0))
+            {
+                bad(
+                    format!("consumers[{i}].max_spend_usd"),
+                    "must be an amount in USD above 0".into(),
+                );
+            } else if c.max_spend_usd.is_some() && self.prices.is_empty() {
+                bad(
+                    format!("consumers[{i}].max_spend_usd"),
+                    "needs [[prices]] to know what its tokens cost".into(),
+                );
             }
             if c.token_quota_period.is_some() && c.token_quota.is_none() {
                 bad(

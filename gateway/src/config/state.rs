@@ -30,6 +30,9 @@ pub struct StateConfig {
     /// How long a lease, and a PTU's "full" seen by it, is trusted without asking Redis, plus
     /// two measured round trips to Redis.
     pub lease_ms: u64,
+    /// The cost ledger's hours are kept this long (`spillway cost --since` reaches back
+    /// this far).
+    pub cost_retention_hours: u64,
 }
 
 impl StateConfig {
@@ -56,6 +59,8 @@ impl Default for StateConfig {
             // Measured (scripts/bench.sh, README): Redis arm 0.27x nginx without leases.
             lease_requests: 32,
             lease_ms: 100,
+            // A quarter and a bit: last month, whole, until the next one ends.
+            cost_retention_hours: 24 * 92,
         }
     }
 }

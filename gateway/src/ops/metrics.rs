@@ -277,6 +277,21 @@ pub fn upstream_failure(pool: &str, backend: &str, reason: &str) {
     metrics::counter!("spillway_upstream_failures_total", &labels).increment(1);
 }
 
+/// What an answer cost (its tier: `ptu`, `priority`, `payg`). A gauge that only grows:
+/// the metrics facade counts whole numbers, money is not one.
+pub fn cost(labels: &AnswerLabels, tier: &'static str, usd: f64) {
+    let labels = [
+        (
+            "consumer",
+            labels.consumer.clone().unwrap_or_else(|| "none".into()),
+        ),
+        ("pool", labels.pool.as_str().to_owned()),
+        ("class", labels.class.to_string()),
+        ("tier", tier.to_owned()),
+    ];
+    metrics::gauge!("spillway_cost_usd_total", &labels).increment(usd);
+}
+
 /// A request of a waiting class left the pool's queue: admitted, or given up on.
 pub fn queue_wait(pool: &str, class: &str, waited: Duration, admitted: bool) {
     let labels = [

@@ -92,6 +92,8 @@ pub struct ProxyRequest {
     pub _body_permit: BodyPermit,
     /// The consumer's quota counter for this period, when it has a quota (checked not spent).
     pub quota: Option<QuotaCounter>,
+    /// The consumer's spending counter for this period, when it has a limit (checked).
+    pub spend_cap: Option<QuotaCounter>,
     pub stream: bool,
     /// What it asks for (chat, embeddings, ...), and the output cap it names.
     pub operation: Operation,
@@ -276,6 +278,7 @@ struct Asked {
     estimate: TokenEstimate,
     /// The consumer's quota counter for this period (checked, not spent).
     quota: Option<QuotaCounter>,
+    spend_cap: Option<QuotaCounter>,
     cache_key: Option<u64>,
     /// A Responses API create that stores its response.
     remember_response: bool,
@@ -301,6 +304,11 @@ async fn ask(
     let quota = consumer_quota::check(gateway, consumer, || {
         let name = consumer.map(|c| c.name.as_str());
         marks.would_refuse(Rule::Quota, pool.name.as_str(), name, &class.name);
+    })
+    .await?;
+    let spend_cap = consumer_quota::check_spend(gateway, consumer, || {
+        let name = consumer.map(|c| c.name.as_str());
+        marks.would_refuse(Rule::Spend, pool.name.as_str(), name, &class.name);
     })
     .await?;
     consumer_budget::check_spent(gateway, consumer, body.len()).await?;
@@ -329,6 +337,7 @@ async fn ask(
         max_tokens: fields.and_then(RequestFields::output_cap),
         estimate,
         quota,
+        spend_cap,
         cache_key: fields.and_then(|f| cache_affinity::cache_key(f, estimate.prompt)),
         // Responses API: a create that stores its response is remembered once answered; a
         // follow-up goes to the member holding what it continues.
@@ -390,6 +399,7 @@ impl Admitted {
             body,
             _body_permit: envelope.body_permit,
             quota: asked.quota,
+            spend_cap: asked.spend_cap,
             stream: asked.stream,
             operation: asked.operation,
             max_tokens: asked.max_tokens,
@@ -419,6 +429,7 @@ impl Admitted {
                 output: 0,
             },
             quota: None,
+            spend_cap: None,
             cache_key: None,
             remember_response: false,
             previous: None,

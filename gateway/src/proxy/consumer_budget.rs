@@ -42,16 +42,27 @@ impl Budget {
 pub struct ConsumerSpend {
     pub budget: Option<OpenReservation>,
     pub quota: Option<(Arc<dyn FleetState>, QuotaCounter)>,
+    /// Its spending limit's counter (micro-USD), when it has one.
+    pub spend_cap: Option<(Arc<dyn FleetState>, QuotaCounter)>,
 }
 
 impl ConsumerSpend {
-    pub fn settle(self, served_tokens: u64) {
+    /// Settle with the tokens served and what they cost (`None`: no price known).
+    pub fn settle(self, served_tokens: u64, cost_usd: Option<f64>) {
+        let micro_usd = cost_usd.map_or(0, |usd| (usd * 1e6).round() as u64);
+        if let Some((fleet, counter)) = self.spend_cap.filter(|_| micro_usd > 0) {
+            super::settlement::spawn_tracked(async move {
+                if let Err(e) = fleet.spend_quota(&counter, micro_usd).await {
+                    warn!(error = %e, counter = counter.name, "spend not counted on a consumer's limit");
+                }
+            });
+        }
         if let Some(budget) = self.budget {
             let receipt = budget.receipt(served_tokens);
             drop(budget.settle(receipt));
         }
         if let Some((fleet, counter)) = self.quota.filter(|_| served_tokens > 0) {
-            tokio::spawn(async move {
+            super::settlement::spawn_tracked(async move {
                 if let Err(e) = fleet.spend_quota(&counter, served_tokens).await {
                     warn!(error = %e, quota = counter.name, "tokens not counted on a consumer's quota");
                 }

@@ -30,6 +30,62 @@ fn counter(consumer: &Consumer, now: SystemTime) -> Option<(u64, QuotaCounter, O
     Some((quota, counter, end))
 }
 
+/// The spending counter of `consumer`'s current period (micro-USD), when it has a limit.
+fn spend_counter(
+    consumer: &Consumer,
+    now: SystemTime,
+) -> Option<(u64, QuotaCounter, OffsetDateTime)> {
+    let (limit, period) = consumer.max_spend?;
+    let (start, end) = period.span(OffsetDateTime::from(now));
+    let counter = QuotaCounter {
+        name: format!(
+            "spend:{}:{}:{}",
+            consumer.name,
+            period.as_str(),
+            start.unix_timestamp()
+        ),
+        expires_at_ms: (end.unix_timestamp_nanos() / 1_000_000) as u64,
+    };
+    Some((limit, counter, end))
+}
+
+/// 403 when the consumer's spending limit for this period is used up; else the counter
+/// (micro-USD) its answers' cost goes to (`None` without a limit). Shadow mode as `check`.
+pub async fn check_spend(
+    gateway: &Gateway,
+    consumer: Option<&Consumer>,
+    shadow: impl FnOnce(),
+) -> Result<Option<QuotaCounter>, GatewayError> {
+    let now = SystemTime::now();
+    let Some((limit, counter, end)) = consumer.and_then(|c| spend_counter(c, now)) else {
+        return Ok(None);
+    };
+    let spent_micro = gateway.fleet.spend_quota(&counter, 0).await?;
+    if spent_micro < limit {
+        return Ok(Some(counter));
+    }
+    if consumer.is_some_and(|c| !c.enforce) {
+        shadow();
+        return Ok(None);
+    }
+    let period = consumer.and_then(|c| c.max_spend).map(|(_, p)| p);
+    Err(GatewayError::SpendExceeded {
+        limit_usd: limit as f64 / 1e6,
+        unit: period.map_or("period", |p| p.unit()),
+        renews_at: end.format(&Rfc3339).unwrap_or_default(),
+        retry_after: until(end, now),
+    })
+}
+
+/// The time from `now` to `end`.
+fn until(end: OffsetDateTime, now: SystemTime) -> Duration {
+    let left = end.unix_timestamp_nanos().saturating_sub(
+        now.duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128),
+    );
+    Duration::from_nanos(left.max(0) as u64)
+}
+
 /// 403 when the consumer's quota for this period is spent; else the counter the request's
 /// tokens go to (`None` without a quota). In shadow mode a spent quota is counted (`shadow`
 /// is told) and the request served uncounted, as enforcement would have left the counter.
@@ -51,14 +107,10 @@ pub async fn check(
         return Ok(None);
     }
     let period = consumer.and_then(|c| c.token_quota).map(|(_, p)| p);
-    let until_end = end.unix_timestamp_nanos().saturating_sub(
-        now.duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as i128),
-    );
     Err(GatewayError::QuotaExceeded {
         quota,
         unit: period.map_or("period", |p| p.unit()),
         renews_at: end.format(&Rfc3339).unwrap_or_default(),
-        retry_after: Duration::from_nanos(until_end.max(0) as u64),
+        retry_after: until(end, now),
     })
 }

@@ -45,6 +45,9 @@ pub struct Gateway {
     pub draining: std::sync::atomic::AtomicBool,
     /// Traffic classes.
     pub classes: super::traffic_class::Classes,
+    /// `[[prices]]`, and the book answers' tokens go to (the fleet's cost ledger).
+    pub prices: Arc<crate::cost::PriceTable>,
+    pub spend: Arc<crate::cost::SpendBook>,
 }
 
 pub struct ConsumerHeaderNames {
@@ -106,9 +109,12 @@ impl Gateway {
             return Err(ConfigError::Invalid(problems));
         };
         crate::ops::metrics::handle(); // install the recorder before anything is counted
+        let fleet: Arc<dyn FleetState> = Arc::new(crate::ops::timed_fleet::TimedFleet::new(fleet));
+        let retention = Duration::from_secs(config.state.cost_retention_hours * 3600);
         Ok(Self {
             table: RoutingTable::build(config, credentials),
-            fleet: Arc::new(crate::ops::timed_fleet::TimedFleet::new(fleet)),
+            spend: crate::cost::SpendBook::new(fleet.clone(), retention),
+            fleet,
             http,
             consumers,
             routing: config.routing.clone(),
@@ -129,6 +135,7 @@ impl Gateway {
             config: config.clone(),
             draining: Default::default(),
             classes: super::traffic_class::Classes::from_config(&config.classes),
+            prices: Arc::new(crate::cost::PriceTable::from_config(config)),
         })
     }
 }

@@ -51,6 +51,7 @@ impl Step for HttpSend<'_> {
         let outcome = send(gateway, self.request, member, open, timeout, policy, traced).await?;
         Ok(match outcome {
             Outcome::Delivered(answer) => Outcome::Delivered(deliver(
+                gateway,
                 self.request,
                 member,
                 answer,
@@ -141,6 +142,7 @@ struct Answer {
 
 /// Hand an answer to the relay, which settles the reservation when its body ends.
 fn deliver(
+    gateway: &Gateway,
     request: &ProxyRequest,
     member: &Member,
     answer: Answer,
@@ -191,6 +193,11 @@ fn deliver(
             class: request.class.name.clone(),
         },
         shadow,
+        costing: crate::cost::Costing {
+            book: gateway.spend.clone(),
+            prices: gateway.prices.clone(),
+            tier: member.backend.kind,
+        },
     };
     relay::to_client(
         upstream,

@@ -11,6 +11,7 @@ use axum::http::header;
 use axum::response::Response;
 use bytes::Bytes;
 use futures_util::Stream;
+use spillway_shared::ledger::SpendCounts;
 use spillway_shared::{Backoff, BackoffReason, LatencySample, Receipt, UpstreamHints};
 
 use super::forward::{BodyStream, Upstream};
@@ -44,6 +45,8 @@ pub struct Settlement {
     pub labels: crate::ops::metrics::AnswerLabels,
     /// Rules in shadow mode that would have refused it, for its access log line.
     pub shadow: Option<String>,
+    /// Where its tokens are counted, and at what price.
+    pub costing: crate::cost::Costing,
 }
 
 /// `backend_host`: response headers naming it are not relayed.
@@ -234,12 +237,32 @@ impl Metered {
             ),
             (true, None) => (s.estimate.total(), 0),
         };
+        // What was served, as the cost ledger counts it.
+        let served = match (self.success, usage) {
+            (false, _) => None,
+            (true, Some(u)) => Some(SpendCounts {
+                input: u.prompt_tokens,
+                cached: u.cached_tokens,
+                output: u.completion_tokens,
+                requests: 1,
+            }),
+            (true, None) => Some(SpendCounts {
+                input: tokens - output_tokens,
+                cached: 0,
+                output: output_tokens,
+                requests: 1,
+            }),
+        };
+        let cost = served.and_then(|counts| s.costing.count(&s.labels, s.spilled, counts));
+        if let Some(usd) = cost {
+            s.spans.request.record("spillway.cost_usd", usd);
+        }
         if let Some(consumer) = s.consumer {
             let served = match usage {
                 Some(u) if self.success => u.total_tokens,
                 _ => tokens,
             };
-            consumer.settle(served);
+            consumer.settle(served, cost);
         }
         let tokens = if s.spilled { 0 } else { tokens };
         let completed = self.success && ending == Ending::Completed && !s.spilled;

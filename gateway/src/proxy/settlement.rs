@@ -181,6 +181,16 @@ impl Drop for Running {
     }
 }
 
+/// Run `work` (a count owed to the fleet state) in a task of its own that a stopping
+/// replica waits for, like a settlement.
+pub fn spawn_tracked(work: impl Future<Output = ()> + Send + 'static) {
+    let running = Running::start();
+    tokio::spawn(async move {
+        work.await;
+        drop(running);
+    });
+}
+
 /// Wait, at most `within`, until no settlement is running; false if some still were.
 pub async fn all_settled(within: std::time::Duration) -> bool {
     tokio::time::timeout(within, async {

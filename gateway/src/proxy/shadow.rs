@@ -12,18 +12,21 @@ pub enum Rule {
     Budget,
     /// The consumer's `token_quota`.
     Quota,
+    /// The consumer's `max_spend_usd`.
+    Spend,
     /// A lower class's line on a PTU (with `overflow = "refuse"`, or a PTU admission only
     /// the reserve made possible).
     Reserve,
 }
 
 impl Rule {
-    const ALL: [Rule; 3] = [Rule::Budget, Rule::Quota, Rule::Reserve];
+    const ALL: [Rule; 4] = [Rule::Budget, Rule::Quota, Rule::Spend, Rule::Reserve];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Budget => "budget",
             Self::Quota => "quota",
+            Self::Spend => "spend",
             Self::Reserve => "reserve",
         }
     }

@@ -49,6 +49,7 @@ pub fn request_span(method: &Method, headers: &HeaderMap) -> Span {
         spillway.consumer = Empty,
         spillway.class = Empty,
         spillway.shadow = Empty,
+        spillway.cost_usd = Empty,
         spillway.stream = Empty,
         spillway.backend = Empty,
         spillway.tier = Empty,

@@ -1,0 +1,93 @@
+//! The replica's open page of the cost ledger: answers add their tokens here (a map update,
+//! no store call), and the page goes to the fleet state once a second, one call per hour.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use spillway_shared::FleetState;
+use spillway_shared::ledger::{HOUR_MS, SpendCounts, SpendKey, hour_of};
+
+/// How often the page is written.
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+type Page = HashMap<(u64, SpendKey), SpendCounts>;
+
+pub struct SpendBook {
+    fleet: Arc<dyn FleetState>,
+    /// How long the ledger keeps an hour.
+    retention: Duration,
+    page: Mutex<Page>,
+    flusher: OnceLock<()>,
+}
+
+impl SpendBook {
+    pub fn new(fleet: Arc<dyn FleetState>, retention: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            fleet,
+            retention,
+            page: Mutex::new(HashMap::new()),
+            flusher: OnceLock::new(),
+        })
+    }
+
+    /// Count an answer's tokens in this hour (written within a second).
+    pub fn add(self: &Arc<Self>, key: SpendKey, counts: SpendCounts) {
+        let hour = hour_of(unix_ms());
+        self.page
+            .lock()
+            .expect("spend book lock")
+            .entry((hour, key))
+            .or_default()
+            .add(counts);
+        self.flusher.get_or_init(|| {
+            tokio::spawn(flush_every_second(Arc::downgrade(self)));
+        });
+    }
+
+    /// Write what the page holds now.
+    pub async fn flush(&self) {
+        let page = std::mem::take(&mut *self.page.lock().expect("spend book lock"));
+        write(&*self.fleet, page, self.retention).await;
+    }
+}
+
+impl Drop for SpendBook {
+    /// A replaced configuration's book: its last page is written in the background.
+    fn drop(&mut self) {
+        let page = std::mem::take(self.page.get_mut().expect("spend book lock"));
+        if page.is_empty() || tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let (fleet, retention) = (self.fleet.clone(), self.retention);
+        tokio::spawn(async move { write(&*fleet, page, retention).await });
+    }
+}
+
+async fn flush_every_second(book: Weak<SpendBook>) {
+    loop {
+        tokio::time::sleep(FLUSH_EVERY).await;
+        let Some(book) = book.upgrade() else { return };
+        book.flush().await;
+    }
+}
+
+/// One `record_spend` per hour on the page.
+async fn write(fleet: &dyn FleetState, page: Page, retention: Duration) {
+    let mut hours: HashMap<u64, Vec<(SpendKey, SpendCounts)>> = HashMap::new();
+    for ((hour, key), counts) in page {
+        hours.entry(hour).or_default().push((key, counts));
+    }
+    for (hour, lines) in hours {
+        let expires = hour + HOUR_MS + retention.as_millis() as u64;
+        if let Err(e) = fleet.record_spend(hour, expires, &lines).await {
+            tracing::warn!(error = %e, lines = lines.len(), "cost ledger lines not written");
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
