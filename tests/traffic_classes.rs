@@ -435,3 +435,16 @@ async fn a_request_that_waits_past_max_wait_gets_429_and_leaves_the_queue() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// `spillway demo --classes` runs to its cost table (a short run, embedded state).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_classes_demo_runs_to_its_cost_table() {
+    spillway_gateway::demo::run(spillway_gateway::demo::DemoOptions {
+        duration: std::time::Duration::from_secs(3),
+        replicas: 2,
+        redis: None,
+        classes: true,
+    })
+    .await
+    .expect("the demo runs");
+}

@@ -115,6 +115,10 @@ pub enum Command {
         /// Share the fleet state through this Redis (e.g. redis://127.0.0.1:6379).
         #[arg(long)]
         redis: Option<String>,
+        /// Traffic classes: interactive waves and a batch job filling the PTU's valleys,
+        /// then what every token cost.
+        #[arg(long)]
+        classes: bool,
     },
 }
 
@@ -147,11 +151,13 @@ pub async fn run(command: Command) -> CliResult {
             duration,
             replicas,
             redis,
+            classes,
         } => {
             crate::demo::run(crate::demo::DemoOptions {
                 duration,
                 replicas,
                 redis,
+                classes,
             })
             .await
         }

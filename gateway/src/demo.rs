@@ -1,6 +1,7 @@
 //! `spillway demo`: simulated PTU and PAYG deployments, a fleet of gateway replicas sharing
 //! one state store, and a load ramp past PTU capacity, reported second by second.
 
+mod classes;
 mod load;
 mod report;
 
@@ -23,6 +24,8 @@ pub struct DemoOptions {
     pub replicas: usize,
     /// Share state through this Redis instead of one in-process store.
     pub redis: Option<String>,
+    /// Show traffic classes (interactive waves, batch filling the valleys) and the cost.
+    pub classes: bool,
 }
 
 /// Budgets are per 10-second window in the demo (a minute in Azure) so that a short run
@@ -65,7 +68,12 @@ pub async fn run(options: DemoOptions) -> Result<(), Box<dyn std::error::Error>>
         return Err("--replicas must be at least 1".into());
     }
     let sim = sim::start(demo_sim()).await?;
-    let config = Config::from_toml(&gateway_config(&sim, options.redis.as_deref()))?;
+    let text = if options.classes {
+        classes::gateway_config(&sim, options.redis.as_deref())
+    } else {
+        gateway_config(&sim, options.redis.as_deref())
+    };
+    let config = Config::from_toml(&text)?;
     let embedded: Arc<dyn FleetState> = Arc::new(EmbeddedState::new(config.windows()));
     let mut replicas = Vec::new();
     for _ in 0..options.replicas {
@@ -85,6 +93,10 @@ pub async fn run(options: DemoOptions) -> Result<(), Box<dyn std::error::Error>>
         "spillway demo: {} gateway replicas sharing {shared}, 2 PTU + 2 PAYG simulated deployments",
         options.replicas
     );
+    if options.classes {
+        let gateways = replicas.iter().map(|r| r.gateway.clone()).collect();
+        return classes::run(&config, &replicas, gateways, options.duration).await;
+    }
     println!(
         "PTU budget {PTU_TOKENS_PER_WINDOW} tokens per {}s window each; load ramps from 1 to {MAX_WORKERS} clients over {}s\n",
         WINDOW_MS / 1000,
@@ -167,6 +179,7 @@ fn gateway_config(sim: &SimHandle, redis: Option<&str>) -> String {
 
 struct Replica {
     url: String,
+    gateway: Arc<Gateway>,
     _task: tokio::task::JoinHandle<()>,
 }
 
@@ -180,11 +193,15 @@ async fn start_replica(
     let limits = crate::edge::http_server::ConnectionLimits::from_config(&config.server);
     let task = tokio::spawn(crate::edge::http_server::serve(
         listener,
-        app(gateway),
+        app(gateway.clone()),
         limits,
         std::future::pending(),
     ));
-    Ok(Replica { url, _task: task })
+    Ok(Replica {
+        url,
+        gateway,
+        _task: task,
+    })
 }
 
 fn backend_rows(sim: &SimHandle) -> Vec<BackendRow> {
