@@ -54,9 +54,21 @@ pub async fn watch(config: &Path, redis: Option<String>) -> CliResult {
                         .map_err(|e| e.to_string())?;
                     connected.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
-                state_table::collect(&gateway.table, &*redis, window_ms)
+                let mut report = state_table::collect(&gateway.table, &*redis, window_ms)
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| e.to_string())?;
+                // With prices, what this hour cost so far (a footnote: never fails the view).
+                if !gateway.prices.is_empty()
+                    && let Ok(cost) = crate::cost::report::read(
+                        &*redis,
+                        &gateway.prices,
+                        Duration::from_secs(3600),
+                    )
+                    .await
+                {
+                    report.cost_this_hour = Some(state_table::CostSummary::of(&cost));
+                }
+                Ok(report)
             }
         },
         Duration::from_secs(1),

@@ -19,6 +19,45 @@ pub struct FleetReport {
     /// store).
     pub replicas: Vec<ReplicaReport>,
     pub pools: Vec<PoolReport>,
+    /// What this hour cost so far (`spillway top`, with `[[prices]]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cost_this_hour: Option<CostSummary>,
+}
+
+/// An hour's cost in one line: the total, per class, and what the PTU saved.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CostSummary {
+    pub total_usd: f64,
+    pub by_class_usd: Vec<(String, f64)>,
+    pub saved_by_ptu_usd: f64,
+}
+
+impl CostSummary {
+    pub fn of(report: &crate::cost::report::CostReport) -> Self {
+        let mut by_class: std::collections::BTreeMap<String, f64> = Default::default();
+        for row in &report.rows {
+            *by_class.entry(row.class.clone()).or_default() += row.cost_usd.unwrap_or(0.0);
+        }
+        Self {
+            total_usd: report.total_usd,
+            by_class_usd: by_class.into_iter().collect(),
+            saved_by_ptu_usd: report.saved_by_ptu_usd,
+        }
+    }
+
+    pub fn line(&self) -> String {
+        let classes: Vec<String> = self
+            .by_class_usd
+            .iter()
+            .map(|(class, usd)| format!("{class} ${usd:.2}"))
+            .collect();
+        format!(
+            "cost this hour ${:.2} ({}), saved by PTU ${:.2}",
+            self.total_usd,
+            classes.join(", "),
+            self.saved_by_ptu_usd
+        )
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -152,6 +191,7 @@ pub async fn collect(
         budget_window_s: window_ms / 1000,
         replicas,
         pools,
+        cost_this_hour: None,
     })
 }
 

@@ -28,7 +28,8 @@ const BAR_CELLS: usize = 10;
 /// Draw the view (pure: tested with ratatui's test backend).
 pub fn draw(frame: &mut Frame, view: &TopView) {
     let report = &view.report;
-    let header_lines = 2 + u16::from(!report.replicas.is_empty());
+    let header_lines =
+        2 + u16::from(!report.replicas.is_empty()) + u16::from(report.cost_this_hour.is_some());
     let heights: Vec<Constraint> = std::iter::once(Constraint::Length(header_lines))
         .chain(
             report
@@ -48,6 +49,9 @@ pub fn draw(frame: &mut Frame, view: &TopView) {
     ])];
     if let Some(distances) = report.distances() {
         header.push(Line::raw(distances));
+    }
+    if let Some(cost) = &report.cost_this_hour {
+        header.push(Line::raw(cost.line()));
     }
     if let Some(error) = &view.error {
         header.push(Line::styled(
@@ -357,6 +361,7 @@ mod tests {
                         round_trip_ms: 84.1,
                     },
                 ],
+                cost_this_hour: None,
                 pools: vec![PoolReport {
                     name: "gpt-4o".into(),
                     members: vec![
@@ -404,11 +409,23 @@ mod tests {
                 budget_window_s: 60,
                 replicas: vec![],
                 pools: vec![],
+                cost_this_hour: Some(crate::ops::state_table::CostSummary {
+                    total_usd: 12.5,
+                    by_class_usd: vec![("batch".into(), 2.5), ("interactive".into(), 10.0)],
+                    saved_by_ptu_usd: 3.0,
+                }),
             },
             read_at: "12:00:01".into(),
             error: Some("Redis unavailable".into()),
         };
-        assert!(screen(&view).contains("last read failed: Redis unavailable"));
+        let screen = screen(&view);
+        assert!(screen.contains("last read failed: Redis unavailable"));
+        assert!(
+            screen.contains(
+                "cost this hour $12.50 (batch $2.50, interactive $10.00), saved by PTU $3.00"
+            ),
+            "{screen}"
+        );
     }
 
     #[test]
