@@ -173,8 +173,35 @@ async fn a_class_that_refuses_overflow_gets_429_naming_its_class_and_never_reach
         0,
         "batch never reached PAYG"
     );
-    // Interactive still has the reserve.
+    // Interactive still has the reserve; an interactive key lowering its own request to
+    // batch gets batch's rule; a batch key cannot raise its request.
     assert_eq!(send(&r1.url, "app-key").await.backend, "a");
+    let lowered = client()
+        .post(chat_url(&r2.url))
+        .header("api-key", "app-key")
+        .header("x-spillway-class", "batch")
+        .json(&chat_body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lowered.status(), 429);
+    let raised = client()
+        .post(chat_url(&r3.url))
+        .header("api-key", "jobs-key")
+        .header("x-spillway-class", "interactive")
+        .json(&chat_body(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(raised.status(), 400);
+    let body: Value = raised.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("only lower"),
+        "{body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
