@@ -6,6 +6,7 @@
 
 mod admit;
 mod cache_affinity;
+mod class_rules;
 mod classify;
 mod consumer_budget;
 mod consumer_quota;
@@ -58,7 +59,7 @@ use std::time::Duration;
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
 use settlement::OpenReservation;
-use spillway_shared::{Admission, BackendId, BackoffReason, Candidate, Receipt, UpstreamHints};
+use spillway_shared::{Admission, BackendId, BackoffReason, Receipt, UpstreamHints};
 use tokio::time::Instant;
 use tracing::{Instrument, warn};
 
@@ -354,67 +355,7 @@ async fn reserve(
     (marks, deadline): (&shadow::Marks, Instant),
 ) -> Result<Result<OpenReservation, Refusal>, GatewayError> {
     let pool = placement.pool;
-    let class = placement.class;
-    let tokens = placement.estimate.total();
-    let with_line = |m: &&Member| Candidate {
-        ceiling: class.ceiling(m),
-        ..pool.candidate(m)
-    };
-    let below_line: Vec<Candidate> = order
-        .iter()
-        .filter(|m| m.backend.provisioned())
-        .map(with_line)
-        .collect();
-    let admission = if class.shadowed() && !below_line.is_empty() {
-        // Shadow mode: the PTU below the line first, exactly as enforcement would ask. When
-        // it has no room, the request is served as the top class would be, and counted when
-        // enforcement would have refused it (`overflow = "refuse"`) or when only the
-        // reserve admitted it on the PTU (enforcement would have sent it to PAYG).
-        match gateway
-            .fleet
-            .acquire(&pool.name, &below_line, tokens)
-            .await?
-        {
-            admitted @ Admission::Admitted { .. } => admitted,
-            Admission::Exhausted { .. } => {
-                let candidates: Vec<Candidate> = order.iter().map(|m| pool.candidate(m)).collect();
-                let admission = gateway
-                    .fleet
-                    .acquire(&pool.name, &candidates, tokens)
-                    .await?;
-                let on_ptu = matches!(&admission, Admission::Admitted { backend, .. }
-                    if pool.member(backend).is_some_and(|m| m.backend.provisioned()));
-                if class.overflow == crate::config::Overflow::Refuse || on_ptu {
-                    marks.would_refuse(
-                        shadow::Rule::Reserve,
-                        pool.name.as_str(),
-                        placement.consumer,
-                        &class.name,
-                    );
-                }
-                admission
-            }
-        }
-    } else if class.waits() && !below_line.is_empty() {
-        // Its members are the PTU's (`Class::may_use`): wait in the pool's queue for room.
-        let mut waiting = queue_wait::Waiting::new(gateway.fleet.clone(), pool.name.clone());
-        let until = deadline.min(Instant::now() + class.max_wait);
-        let admission = waiting.admit(&below_line, tokens, until).await?;
-        let admitted = matches!(admission, Admission::Admitted { .. });
-        crate::ops::metrics::queue_wait(
-            pool.name.as_str(),
-            &class.name,
-            waiting.waited(),
-            admitted,
-        );
-        admission
-    } else {
-        let candidates: Vec<Candidate> = order.iter().map(with_line).collect();
-        gateway
-            .fleet
-            .acquire(&pool.name, &candidates, tokens)
-            .await?
-    };
+    let admission = class_rules::acquire(gateway, placement, order, (marks, deadline)).await?;
     Ok(match admission {
         Admission::Admitted {
             backend,
