@@ -14,7 +14,7 @@ pub use prices::PriceTable;
 
 use std::sync::Arc;
 
-use spillway_shared::ledger::{SpendCounts, SpendKey};
+use spillway_shared::ledger::SpendCounts;
 
 use crate::config::BackendKind;
 use crate::ops::metrics::AnswerLabels;
@@ -41,17 +41,13 @@ impl Costing {
             BackendKind::Priority if counts.input > PRIORITY_PROMPT_LIMIT => BackendKind::Payg,
             tier => tier,
         };
-        let key = SpendKey {
-            pool: labels.pool.to_string(),
-            class: labels.class.to_string(),
-            backend: labels.backend.to_string(),
-            tier: tier.as_str().to_owned(),
-            consumer: labels.consumer.clone().unwrap_or_default(),
-        };
-        let cost = self
-            .prices
-            .answer_cost(tier, &key.pool, &key.backend, &counts);
-        self.book.add(key, counts);
+        let cost = (!self.prices.is_empty())
+            .then(|| {
+                let (pool, backend) = (labels.pool.as_str(), labels.backend.as_str());
+                self.prices.answer_cost(tier, pool, backend, &counts)
+            })
+            .flatten();
+        self.book.add(labels, tier.as_str(), counts);
         if let Some(usd) = cost {
             crate::ops::metrics::cost(labels, tier.as_str(), usd);
         }

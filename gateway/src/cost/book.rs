@@ -8,10 +8,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use spillway_shared::FleetState;
 use spillway_shared::ledger::{HOUR_MS, SpendCounts, SpendKey, hour_of};
 
+use crate::ops::metrics::AnswerLabels;
+
 /// How often the page is written.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
-type Page = HashMap<(u64, SpendKey), SpendCounts>;
+/// The page: by hour, the answer's labels (shared names, cloned cheaply) and its tier;
+/// turned into ledger lines only when written.
+type Page = HashMap<(u64, AnswerLabels, &'static str), SpendCounts>;
 
 pub struct SpendBook {
     fleet: Arc<dyn FleetState>,
@@ -31,13 +35,13 @@ impl SpendBook {
         })
     }
 
-    /// Count an answer's tokens in this hour (written within a second).
-    pub fn add(self: &Arc<Self>, key: SpendKey, counts: SpendCounts) {
-        let hour = hour_of(unix_ms());
+    /// Count an answer's tokens in this hour (written within a second), at `tier`.
+    pub fn add(self: &Arc<Self>, labels: &AnswerLabels, tier: &'static str, counts: SpendCounts) {
+        let key = (hour_of(unix_ms()), labels.clone(), tier);
         self.page
             .lock()
             .expect("spend book lock")
-            .entry((hour, key))
+            .entry(key)
             .or_default()
             .add(counts);
         self.flusher.get_or_init(|| {
@@ -75,7 +79,14 @@ async fn flush_every_second(book: Weak<SpendBook>) {
 /// One `record_spend` per hour on the page.
 async fn write(fleet: &dyn FleetState, page: Page, retention: Duration) {
     let mut hours: HashMap<u64, Vec<(SpendKey, SpendCounts)>> = HashMap::new();
-    for ((hour, key), counts) in page {
+    for ((hour, labels, tier), counts) in page {
+        let key = SpendKey {
+            pool: labels.pool.to_string(),
+            class: labels.class.to_string(),
+            backend: labels.backend.to_string(),
+            tier: tier.to_owned(),
+            consumer: labels.consumer.unwrap_or_default(),
+        };
         hours.entry(hour).or_default().push((key, counts));
     }
     for (hour, lines) in hours {

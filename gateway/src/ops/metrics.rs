@@ -4,7 +4,7 @@ use std::sync::OnceLock;
 
 use std::time::Duration;
 
-use metrics::{Counter, Histogram};
+use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use spillway_shared::{BackendId, BackoffReason, FleetState, PoolName};
 
@@ -280,16 +280,26 @@ pub fn upstream_failure(pool: &str, backend: &str, reason: &str) {
 /// What an answer cost (its tier: `ptu`, `priority`, `payg`). A gauge that only grows:
 /// the metrics facade counts whole numbers, money is not one.
 pub fn cost(labels: &AnswerLabels, tier: &'static str, usd: f64) {
-    let labels = [
-        (
-            "consumer",
-            labels.consumer.clone().unwrap_or_else(|| "none".into()),
-        ),
-        ("pool", labels.pool.as_str().to_owned()),
-        ("class", labels.class.to_string()),
-        ("tier", tier.to_owned()),
-    ];
-    metrics::gauge!("spillway_cost_usd_total", &labels).increment(usd);
+    static GAUGES: OnceLock<quick_cache::sync::Cache<(AnswerLabels, &'static str), Gauge>> =
+        OnceLock::new();
+    let cache = GAUGES.get_or_init(|| quick_cache::sync::Cache::new(4096));
+    let register = || {
+        handle();
+        let labels = [
+            (
+                "consumer",
+                labels.consumer.clone().unwrap_or_else(|| "none".into()),
+            ),
+            ("pool", labels.pool.as_str().to_owned()),
+            ("class", labels.class.to_string()),
+            ("tier", tier.to_owned()),
+        ];
+        Ok::<_, std::convert::Infallible>(metrics::gauge!("spillway_cost_usd_total", &labels))
+    };
+    match cache.get_or_insert_with(&(labels.clone(), tier), register) {
+        Ok(gauge) => gauge.increment(usd),
+        Err(never) => match never {},
+    }
 }
 
 /// A request of a waiting class left the pool's queue: admitted, or given up on.

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderName};
 
 use crate::config::{BackendKind, ClassConfig, Overflow};
 use crate::error::GatewayError;
@@ -13,6 +13,7 @@ use crate::routing_table::Member;
 
 /// The request header that lowers a request's class.
 pub const CLASS_HEADER: &str = "x-spillway-class";
+const CLASS_HEADER_NAME: HeaderName = HeaderName::from_static(CLASS_HEADER);
 
 /// One traffic class.
 #[derive(Debug, PartialEq)]
@@ -90,7 +91,7 @@ impl Classes {
         if matches!(service_tier, Some("flex" | "batch")) {
             class = lower(class, self.lowest());
         }
-        if let Some(asked) = headers.get(CLASS_HEADER) {
+        if let Some(asked) = headers.get(CLASS_HEADER_NAME) {
             let asked = asked.to_str().unwrap_or("");
             let Some(named) = self.named(asked) else {
                 return Err(GatewayError::BadRequest(format!(
