@@ -205,13 +205,19 @@ impl RoutingTable {
                 }
                 let _ = writeln!(
                     out,
-                    "    {:<id_width$}  deployment={:<deployment_width$}  weight={:<3} region={:<region_width$}  tpm={:<8} rpm={:<6} auth={} url={}",
+                    "    {:<id_width$}  deployment={:<deployment_width$}  kind={:<8} weight={:<3} region={:<region_width$}  tpm={:<8} rpm={:<6} {}auth={} url={}",
                     b.id.as_str(),
                     m.deployment,
+                    b.kind.as_str(),
                     b.weight,
                     b.region.as_deref().unwrap_or("-"),
                     b.tpm.map_or("-".into(), |v| v.to_string()),
                     b.rpm.map_or("-".into(), |v| v.to_string()),
+                    if b.reserve > 0.0 {
+                        format!("reserve={} ", b.reserve)
+                    } else {
+                        String::new()
+                    },
                     b.credential.kind(),
                     b.base_url
                 );

@@ -14,8 +14,9 @@ use crate::ops::metrics::AnswerLabels;
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
 /// The page: by hour, the answer's labels (shared names, cloned cheaply) and its tier;
-/// turned into ledger lines only when written.
-type Page = HashMap<(u64, AnswerLabels, &'static str), SpendCounts>;
+/// turned into ledger lines only when written. Hashed with foldhash: the keys are the
+/// configuration's names, and SipHash's flooding resistance buys nothing here.
+type Page = HashMap<(u64, AnswerLabels, &'static str), SpendCounts, foldhash::fast::RandomState>;
 
 pub struct SpendBook {
     fleet: Arc<dyn FleetState>,
@@ -30,7 +31,7 @@ impl SpendBook {
         Arc::new(Self {
             fleet,
             retention,
-            page: Mutex::new(HashMap::new()),
+            page: Mutex::new(Page::default()),
             flusher: OnceLock::new(),
         })
     }
