@@ -9,23 +9,13 @@
 use std::collections::HashMap;
 
 use spillway_gateway::auth::consumers::key_sha256_hex;
-use spillway_gateway::sim::{DeploymentKind, SimHandle};
+use spillway_gateway::sim::SimHandle;
 use spillway_tests::redis_server::RedisServer;
 use spillway_tests::*;
 
 const PROMPT: f64 = 9.0;
 const OUTPUT: f64 = 8.0;
 const PTU_PER_HOUR: f64 = 100.0;
-
-async fn three_tiers() -> SimHandle {
-    let deployment = |kind| instant_deployment("gpt-4o", kind, 10_000_000);
-    start_sim(vec![
-        resource("a", vec![deployment(DeploymentKind::Ptu)]),
-        resource("p", vec![deployment(DeploymentKind::Payg)]),
-        resource("b", vec![deployment(DeploymentKind::Payg)]),
-    ])
-    .await
-}
 
 fn config(sim: &SimHandle, redis: &str) -> String {
     format!(

@@ -104,6 +104,19 @@ pub async fn tiers_a_and_b() -> SimHandle {
     .await
 }
 
+/// Pool `gpt-4o` on three tiers' worth of instant deployments: `a` (PTU), `p` and `b`
+/// (standard deployments: a priority-processing member and PAYG in the traffic-class and
+/// cost tests); the simulator's own quotas never bind.
+pub async fn three_tiers() -> SimHandle {
+    let deployment = |kind| instant_deployment("gpt-4o", kind, 10_000_000);
+    start_sim(vec![
+        resource("a", vec![deployment(DeploymentKind::Ptu)]),
+        resource("p", vec![deployment(DeploymentKind::Payg)]),
+        resource("b", vec![deployment(DeploymentKind::Payg)]),
+    ])
+    .await
+}
+
 /// `[[backends]]` table for a simulated resource serving pool `gpt-4o` as deployment `gpt-4o`.
 pub fn backend(sim: &SimHandle, id: &str, priority: u32) -> String {
     backend_at(id, &sim.url(id), priority)

@@ -23,18 +23,6 @@ const TOKENS_PER_REQUEST: u64 = 17;
 const PTU_TPM: u64 = 100 * TOKENS_PER_REQUEST;
 const LINE_REQUESTS: usize = 25;
 
-/// PTU `a` (kind ptu, priority 1), priority-processing `p` (priority 2) and PAYG `b`
-/// (priority 3), each serving pool `gpt-4o`; the simulator's own quotas never bind.
-async fn three_tiers() -> SimHandle {
-    let deployment = |kind| instant_deployment("gpt-4o", kind, 10_000_000);
-    start_sim(vec![
-        resource("a", vec![deployment(DeploymentKind::Ptu)]),
-        resource("p", vec![deployment(DeploymentKind::Payg)]),
-        resource("b", vec![deployment(DeploymentKind::Payg)]),
-    ])
-    .await
-}
-
 /// The configuration: the PTU with `reserve`, PAYG, optionally the priority member, two
 /// classes (batch's `overflow` and `enforce` given), consumers `app` (interactive) and
 /// `jobs` (batch), and `extra` (more consumers).
