@@ -176,3 +176,62 @@ async fn a_consumer_past_its_spending_limit_gets_403_until_the_period_ends() {
     }
     assert_eq!(statuses, [200, 200, 403, 403]);
 }
+
+/// A Realtime session's responses are in the cost ledger too, with their input and output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn realtime_responses_are_in_the_cost_ledger() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    away_from_the_hour_boundary().await;
+    let sim = three_tiers().await;
+    let redis = RedisServer::start();
+    let (gw, _) = start_on_redis(&config(&sim, &redis.url())).await;
+    let url = format!(
+        "{}/openai/realtime?api-version=2024-10-01-preview&deployment=gpt-4o",
+        gw.url.replacen("http://", "ws://", 1)
+    );
+    let mut request = url.as_str().into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("api-key", "jobs-key".parse().unwrap());
+    let (mut session, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("the session opens");
+    for event in [
+        r#"{"type":"conversation.item.create","item":{"type":"message","role":"user","content":[{"type":"input_text","text":"Hello there"}]}}"#,
+        r#"{"type":"response.create"}"#,
+    ] {
+        session.send(Message::Text(event.into())).await.unwrap();
+    }
+    let usage = loop {
+        let frame = session.next().await.unwrap().unwrap();
+        let event: serde_json::Value = serde_json::from_str(frame.to_text().unwrap()).unwrap();
+        if event["type"] == "response.done" {
+            break event["response"]["usage"].clone();
+        }
+    };
+    gw.gateway.spend.flush().await;
+    let report = spillway_gateway::cost::report::read(
+        &*gw.gateway.fleet,
+        &gw.gateway.prices,
+        std::time::Duration::from_secs(3600),
+    )
+    .await
+    .unwrap();
+    let row = report
+        .rows
+        .iter()
+        .find(|r| r.consumer == "jobs")
+        .expect("the session's response is in the ledger");
+    assert_eq!((row.class.as_str(), row.tier.as_str()), ("batch", "ptu"));
+    assert_eq!(row.requests, 1);
+    assert_eq!(
+        (row.input_tokens, row.output_tokens),
+        (
+            usage["input_tokens"].as_u64().unwrap(),
+            usage["output_tokens"].as_u64().unwrap()
+        )
+    );
+}

@@ -67,18 +67,32 @@ struct Charges {
     consumer_budget: Option<(PoolName, BackendId)>,
     /// The consumer's quota counter (of the period the session began in).
     consumer_quota: Option<QuotaCounter>,
+    /// Where each response's tokens go in the cost ledger.
+    costing: Option<(Arc<crate::cost::Costing>, crate::ops::metrics::AnswerLabels)>,
 }
 
 impl Charges {
     /// Charge a response's tokens to the member, and to the consumer's budget and quota, in
-    /// a task of its own (the relay does not wait for the fleet state).
-    fn charge(&self, tokens: u64) {
+    /// a task of its own (the relay does not wait for the fleet state); count them in the
+    /// cost ledger.
+    fn charge(&self, usage: relay::ResponseUsage) {
+        if let Some((costing, labels)) = &self.costing {
+            let counts = spillway_shared::ledger::SpendCounts {
+                input: usage.input,
+                cached: usage.cached,
+                output: usage.output,
+                requests: 1,
+            };
+            costing.count(labels, false, counts);
+        }
+        let tokens = usage.total;
         let Charges {
             fleet,
             pool,
             backend,
             consumer_budget,
             consumer_quota,
+            costing: _,
         } = self.clone();
         tokio::spawn(async move {
             if let Err(e) = fleet.charge(&pool, &backend, tokens, 1).await {
@@ -149,17 +163,34 @@ pub async fn handle(
         };
         let opened =
             super::route(&gateway, &placement, &mut admitted.handshake, &mut attempts).await?;
-        Ok::<_, GatewayError>((opened, admitted))
+        Ok::<_, GatewayError>((opened, admitted, class))
     }
     .await;
     let (session, backend) = match opened {
-        Ok((Opened::Session(upstream, backend), admitted)) => {
+        Ok((Opened::Session(upstream, backend), admitted, class)) => {
+            let member = admitted.pool.member(&backend);
+            let costing = member.map(|member| {
+                let costing = crate::cost::Costing {
+                    book: gateway.spend.clone(),
+                    prices: gateway.prices.clone(),
+                    tier: member.backend.kind,
+                };
+                let labels = crate::ops::metrics::AnswerLabels {
+                    pool: admitted.pool.name.clone(),
+                    backend: backend.clone(),
+                    tier: member.backend.priority,
+                    consumer: admitted.consumer.as_ref().map(|c| c.name.clone()),
+                    class: class.name.clone(),
+                };
+                (Arc::new(costing), labels)
+            });
             let charges = Charges {
                 fleet: gateway.fleet.clone(),
                 pool: admitted.pool.name.clone(),
                 backend: backend.clone(),
                 consumer_budget: consumer_budget::charge_target(admitted.consumer.as_ref()),
                 consumer_quota: admitted.quota,
+                costing,
             };
             let session = Session {
                 upstream: *upstream,
@@ -168,7 +199,7 @@ pub async fn handle(
             };
             (session, backend)
         }
-        Ok((Opened::Refused(response), _)) => return with_attempts(response, &attempts),
+        Ok((Opened::Refused(response), _, _)) => return with_attempts(response, &attempts),
         Err(refusal) => return with_attempts(refusal.into_response(), &attempts),
     };
     // The session holds its request slot until it ends (it counts in max_concurrent_requests).

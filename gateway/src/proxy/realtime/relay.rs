@@ -94,9 +94,9 @@ pub(super) async fn relay(
     let upstream_to_client = async move {
         while let Some(Ok(message)) = from_upstream.next().await {
             if let Message::Text(text) = &message
-                && let Some(tokens) = response_done_tokens(text.as_str())
+                && let Some(usage) = response_done_usage(text.as_str())
             {
-                charges.charge(tokens);
+                charges.charge(usage);
             }
             let Some(message) = client_message(message) else {
                 continue;
@@ -255,8 +255,17 @@ fn refusal_event(
     ws::Message::Text(event.to_string().into())
 }
 
-/// The usage of a `response.done` event (its total tokens), read without building the event.
-fn response_done_tokens(text: &str) -> Option<u64> {
+/// A completed Realtime response's tokens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct ResponseUsage {
+    pub total: u64,
+    pub input: u64,
+    pub cached: u64,
+    pub output: u64,
+}
+
+/// The usage of a `response.done` event, read without building the event.
+fn response_done_usage(text: &str) -> Option<ResponseUsage> {
     #[derive(Deserialize)]
     struct Event {
         #[serde(rename = "type")]
@@ -270,12 +279,32 @@ fn response_done_tokens(text: &str) -> Option<u64> {
     #[derive(Deserialize)]
     struct Usage {
         total_tokens: u64,
+        #[serde(default)]
+        input_tokens: u64,
+        #[serde(default)]
+        output_tokens: u64,
+        #[serde(default)]
+        input_token_details: Option<Details>,
+    }
+    #[derive(Deserialize)]
+    struct Details {
+        #[serde(default)]
+        cached_tokens: u64,
     }
     if !text.contains("response.done") {
         return None;
     }
     let event: Event = serde_json::from_str(text).ok()?;
-    (event.kind == "response.done").then_some(event.response?.usage?.total_tokens)
+    let usage = event
+        .response?
+        .usage
+        .filter(|_| event.kind == "response.done")?;
+    Some(ResponseUsage {
+        total: usage.total_tokens,
+        input: usage.input_tokens,
+        cached: usage.input_token_details.map_or(0, |d| d.cached_tokens),
+        output: usage.output_tokens,
+    })
 }
 
 fn upstream_message(message: ws::Message) -> Message {
