@@ -137,6 +137,7 @@ pub(super) async fn chat(
             pieces,
             finish_reason,
             include_usage,
+            service_tier: tier,
         };
         return with_headers(stream.into_response(), headers);
     }
@@ -185,6 +186,8 @@ struct ChatStream {
     pieces: Vec<&'static str>,
     finish_reason: &'static str,
     include_usage: bool,
+    /// The tier that serves it, when the request named one (every chunk says it).
+    service_tier: Option<&'static str>,
 }
 
 impl ChatStream {
@@ -194,6 +197,9 @@ impl ChatStream {
         // With include_usage, every chunk but the last carries `"usage": null` (as OpenAI documents).
         if self.include_usage {
             chunk["usage"] = Value::Null;
+        }
+        if let Some(tier) = self.service_tier {
+            chunk["service_tier"] = json!(tier);
         }
         format!("data: {chunk}\n\n")
     }
@@ -236,6 +242,9 @@ impl ChatStream {
             let mut chunk = json!({ "id": self.id, "object": "chat.completion.chunk", "created": created(),
                 "model": deployment.spec.model, "choices": [], "usage": chat_usage(self.prompt, completion, self.cached) });
             chunk["system_fingerprint"] = json!("fp_spillway_sim");
+            if let Some(tier) = self.service_tier {
+                chunk["service_tier"] = json!(tier);
+            }
             events.push(format!("data: {chunk}\n\n"));
         }
         events.push("data: [DONE]\n\n".into());
