@@ -404,3 +404,60 @@ async fn a_replica_started_before_redis_joins_the_fleet_when_it_answers() {
     assert_eq!(chat(&gw, "gpt-4o", &chat_body(false)).await.status(), 200);
     assert!(redis.calls("evalsha") > 0, "the decision was Redis's");
 }
+
+/// Tokens served while Redis was away are in the replica's own ledger meanwhile, and in
+/// Redis's once it is back (written before the replica counts itself back on shared state).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cost_ledger_written_while_redis_was_away_reaches_it_when_it_is_back() {
+    let mut redis = RedisServer::start();
+    let sim = tiers_a_and_b().await;
+    let config = backend(&sim, "a", 1) + &redis_section(&redis.url(), "");
+    let (gw, fleet) = start_on_redis(&config).await;
+    let served = |n| {
+        let gw = &gw;
+        async move {
+            for _ in 0..n {
+                assert_eq!(chat(gw, "gpt-4o", &chat_body(false)).await.status(), 200);
+            }
+            assert!(spillway_gateway::proxy::all_settled(EVENT_TIMEOUT).await);
+            gw.gateway.spend.flush().await;
+        }
+    };
+    let requests = |hours: &[spillway_shared::ledger::HourLedger]| -> u64 {
+        hours
+            .iter()
+            .flat_map(|(_, lines)| lines.values())
+            .map(|c| c.requests)
+            .sum()
+    };
+    let now = spillway_shared::ledger::hour_of(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64,
+    );
+    let hours = (
+        now - spillway_shared::ledger::HOUR_MS,
+        now + spillway_shared::ledger::HOUR_MS,
+    );
+
+    served(2).await;
+    redis.kill();
+    served(spillway_shared::fallback::ENTER_AFTER as usize + 3).await;
+    tokio::time::timeout(EVENT_TIMEOUT, fleet.wait_degraded())
+        .await
+        .expect("degraded");
+    let local = fleet.spend_between(hours.0, hours.1).await.unwrap();
+    assert!(
+        requests(&local) >= 3,
+        "kept by the replica meanwhile: {local:?}"
+    );
+
+    redis.restart();
+    tokio::time::timeout(EVENT_TIMEOUT, fleet.wait_shared())
+        .await
+        .expect("back on Redis");
+    // Redis lost everything with its restart: what it holds now is what was owed.
+    let shared = fleet.spend_between(hours.0, hours.1).await.unwrap();
+    assert_eq!(requests(&shared), requests(&local), "{shared:?}");
+}

@@ -82,6 +82,25 @@ struct Owed {
     backoffs: HashSet<MemberKey>,
     /// Quota tokens spent while Redis was away.
     quotas: HashMap<QuotaCounter, u64>,
+    /// Cost ledger lines written while Redis was away: (hour, line) → (expiry, counts).
+    spend: HashMap<(u64, SpendKey), (u64, SpendCounts)>,
+}
+
+impl Owed {
+    fn is_empty(&self) -> bool {
+        self.usage.is_empty()
+            && self.backoffs.is_empty()
+            && self.quotas.is_empty()
+            && self.spend.is_empty()
+    }
+
+    fn owe_spend(&mut self, hour_ms: u64, expires_at_ms: u64, lines: &[(SpendKey, SpendCounts)]) {
+        for (key, counts) in lines {
+            let owed = self.spend.entry((hour_ms, key.clone())).or_default();
+            owed.0 = owed.0.max(expires_at_ms);
+            owed.1.add(*counts);
+        }
+    }
 }
 
 impl FallbackState {
@@ -360,7 +379,27 @@ impl FallbackState {
             usage,
             backoffs,
             quotas,
+            spend,
         } = std::mem::take(&mut *self.owed.lock().expect("lock"));
+        let mut hours: HashMap<u64, (u64, Vec<(SpendKey, SpendCounts)>)> = HashMap::new();
+        for ((hour, key), (expires, counts)) in spend {
+            let entry = hours.entry(hour).or_default();
+            entry.0 = entry.0.max(expires);
+            entry.1.push((key, counts));
+        }
+        for (hour, (expires, lines)) in hours {
+            let written = tokio::time::timeout(
+                SNAPSHOT_BUDGET,
+                self.primary.record_spend(hour, expires, &lines),
+            )
+            .await;
+            if !matches!(written, Ok(Ok(()))) {
+                self.owed
+                    .lock()
+                    .expect("lock")
+                    .owe_spend(hour, expires, &lines);
+            }
+        }
         for (counter, tokens) in quotas {
             let spent =
                 tokio::time::timeout(SNAPSHOT_BUDGET, self.primary.spend_quota(&counter, tokens))
@@ -405,8 +444,7 @@ impl FallbackState {
                 self.owe_backoff(&pool, &backend);
             }
         }
-        let owed = self.owed.lock().expect("lock");
-        restored && owed.usage.is_empty() && owed.backoffs.is_empty() && owed.quotas.is_empty()
+        restored && self.owed.lock().expect("lock").is_empty()
     }
 
     /// Announce this replica now (it also does every second); returns the live count.
@@ -510,7 +548,7 @@ async fn heartbeat(state: Weak<FallbackState>) {
         // Usage owed from single slow calls is repaid on the healthy path too.
         let owes = {
             let owed = state.owed.lock().expect("lock");
-            !owed.usage.is_empty() || !owed.quotas.is_empty()
+            !owed.usage.is_empty() || !owed.quotas.is_empty() || !owed.spend.is_empty()
         };
         if owes {
             let _ = state.repay().await;
@@ -731,18 +769,26 @@ impl FleetState for FallbackState {
 
     /// On Redis; while it is away, the last total Redis gave plus what this replica spent
     /// since (owed to Redis, added when it answers).
-    /// Recorded in Redis when it answers, else kept in this replica's embedded ledger (read
-    /// by `spend_between` only while Redis is away).
+    /// Recorded in Redis when it answers; else kept in this replica's embedded ledger (read
+    /// by `spend_between` while Redis is away) and owed to Redis, written when it is back.
     async fn record_spend(
         &self,
         hour_ms: u64,
         expires_at_ms: u64,
         lines: &[(SpendKey, SpendCounts)],
     ) -> Result<(), StateError> {
+        // Off the request path (a replica's page, once a second): it may wait longer than a
+        // decision, which makes a line written late and also repaid (counted twice) rarer.
         let shared = self.primary.record_spend(hour_ms, expires_at_ms, lines);
-        match tokio::time::timeout(self.call_timeout(), shared).await {
+        match tokio::time::timeout(SNAPSHOT_BUDGET, shared).await {
             Ok(Ok(())) => Ok(()),
-            _ => self.local.record_spend(hour_ms, expires_at_ms, lines).await,
+            _ => {
+                self.owed
+                    .lock()
+                    .expect("fallback lock")
+                    .owe_spend(hour_ms, expires_at_ms, lines);
+                self.local.record_spend(hour_ms, expires_at_ms, lines).await
+            }
         }
     }
 
