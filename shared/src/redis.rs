@@ -788,22 +788,31 @@ impl FleetState for RedisState {
         from_hour_ms: u64,
         to_hour_ms: u64,
     ) -> Result<Vec<HourLedger>, StateError> {
+        // A week of hours per pipelined round trip.
+        let starts: Vec<u64> = (crate::ledger::hour_of(from_hour_ms)..=to_hour_ms)
+            .step_by(crate::ledger::HOUR_MS as usize)
+            .collect();
         let mut hours = Vec::new();
-        let mut hour = crate::ledger::hour_of(from_hour_ms);
-        while hour <= to_hour_ms {
-            let fields: std::collections::HashMap<String, u64> = self
-                .client
-                .hgetall(self.keys.spend(hour))
-                .await
-                .map_err(unavailable)?;
-            if !fields.is_empty() {
+        for week in starts.chunks(168) {
+            let pipeline = self.client.pipeline();
+            for hour in week {
+                let () = pipeline
+                    .hgetall(self.keys.spend(*hour))
+                    .await
+                    .map_err(unavailable)?;
+            }
+            let read: Vec<std::collections::HashMap<String, u64>> =
+                pipeline.all().await.map_err(unavailable)?;
+            for (hour, fields) in week.iter().zip(read) {
+                if fields.is_empty() {
+                    continue;
+                }
                 let mut lines = std::collections::BTreeMap::new();
                 for (field, value) in &fields {
                     crate::ledger::read_field(&mut lines, field, *value);
                 }
-                hours.push((hour, lines));
+                hours.push((*hour, lines));
             }
-            hour += crate::ledger::HOUR_MS;
         }
         Ok(hours)
     }

@@ -150,10 +150,12 @@ pub fn build(
         })
         .collect();
     let reservations: Vec<ReservationRow> = reservations.into_values().collect();
-    let rows_total: f64 = rows.iter().filter_map(|r| r.cost_usd).sum();
-    let idle: f64 = reservations.iter().map(|r| r.idle_usd).sum();
-    let payg_equivalent: f64 = rows.iter().filter_map(|r| r.payg_equivalent_usd).sum();
-    let ptu_cost: f64 = reservations.iter().map(|r| r.cost_usd).sum();
+    // Folded from +0.0: an empty float sum is -0.0, which would print as "-0.00".
+    let sum = |values: &mut dyn Iterator<Item = f64>| values.fold(0.0, |a, b| a + b);
+    let rows_total = sum(&mut rows.iter().filter_map(|r| r.cost_usd));
+    let idle = sum(&mut reservations.iter().map(|r| r.idle_usd));
+    let payg_equivalent = sum(&mut rows.iter().filter_map(|r| r.payg_equivalent_usd));
+    let ptu_cost = sum(&mut reservations.iter().map(|r| r.cost_usd));
     CostReport {
         from_unix_ms: from_hour,
         to_unix_ms: to_hour + HOUR_MS,
@@ -356,5 +358,12 @@ mod tests {
         // PTU tokens at PAYG: 900 input × 2.5 + 300 output × 10, per 1M; less 6 USD.
         let at_payg = (900.0 * 2.5 + 300.0 * 10.0) / 1e6;
         assert!((report.saved_by_ptu_usd - (at_payg - 6.0)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn an_empty_ledger_costs_nothing_and_says_so_without_a_minus() {
+        let report = build(&PriceTable::default(), &[], (0, 0));
+        assert!(report.rows.is_empty());
+        assert!(render(&report).contains("total 0.00 USD; saved by PTU 0.00 USD"));
     }
 }
