@@ -357,11 +357,13 @@ async fn receipts_summed_on_the_way_leave_the_same_state() {
     let mut settles = Vec::new();
     for (i, (backend, reservation)) in admitted.into_iter().enumerate() {
         let (store, pool) = (store.clone(), pool.clone());
-        // Observed in order: the last one (utilization 0.199) is the newest.
+        // Observed in order, 5 ms apart: the last one (utilization 0.199) is the newest.
+        // Redis places a hint by its age, sent in whole milliseconds: hints 1 ms apart are at
+        // that resolution, and two calls' could swap.
         let hints = UpstreamHints {
             remaining_tokens: None,
             utilization: Some(i as f64 / 1000.0),
-            observed: Some(start - Duration::from_millis(200 - i as u64)),
+            observed: Some(start - Duration::from_millis(5 * (200 - i as u64))),
         };
         settles.push(tokio::spawn(async move {
             let receipt = Receipt {

@@ -316,6 +316,7 @@ impl RedisState {
             backend: backend.clone(),
             work,
             done,
+            queued: tokio::time::Instant::now(),
         };
         queue
             .send(job)

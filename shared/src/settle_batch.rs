@@ -38,6 +38,9 @@ pub(crate) struct SettleJob {
     pub backend: BackendId,
     pub work: Work,
     pub done: oneshot::Sender<Result<(), StateError>>,
+    /// When it was queued: a record's hints grow older by the time it waits to be sent
+    /// (a sum's are aged when it is written), so Redis places every hint at its real time.
+    pub queued: tokio::time::Instant,
 }
 
 impl SettleJob {
@@ -151,7 +154,8 @@ impl Batcher {
                         sums.push((job.backend, sum));
                     }
                 },
-                Work::Record(record) => {
+                Work::Record(mut record) => {
+                    record.hints_age_ms += job.queued.elapsed().as_millis() as u64;
                     if let Some(at) = sums.iter().position(|(b, _)| *b == job.backend) {
                         let (backend, sum) = sums.remove(at);
                         self.push_sum(&pool, &backend, &sum, &mut keys, &mut args);
@@ -315,6 +319,7 @@ mod tests {
             backend: BackendId::new("ptu"),
             work,
             done: oneshot::channel().0,
+            queued: tokio::time::Instant::now(),
         }
     }
 
