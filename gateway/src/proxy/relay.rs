@@ -246,8 +246,10 @@ impl Metered {
                 output: u.completion_tokens,
                 requests: 1,
             }),
+            // No usage reported: the prompt as estimated and the pieces relayed (the budget
+            // keeps the whole estimate; the ledger counts no output it did not see).
             (true, None) => Some(SpendCounts {
-                input: tokens - output_tokens,
+                input: s.estimate.prompt,
                 cached: 0,
                 output: output_tokens,
                 requests: 1,
